@@ -1,0 +1,70 @@
+"""One typed configuration for the daemon and its engine, validated when built."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", "torch", "triton")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or malformed."""
+
+
+def parse_size(text: str | int) -> int:
+    """'512MiB', '2G', '1.5GB', '1048576' -> bytes (K/M/G/T are powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"not a size: {text!r} (examples: 512MiB, 2GiB, 1073741824)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** "kmgt".find(unit) * 1024) if unit else int(number)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str | None = None  # local checkpoint folder or GGUF file; None = default SmolLM2
+    device: str = "auto"
+    dtype: str = "auto"  # auto = float32 on CPU (exactness), bfloat16 on CUDA
+    kv_cache_memory: int = 512 * 1024**2  # bytes of the device KV pool
+    block_size: int = 16
+    max_model_len: int | None = None  # None = the model's own context length
+    max_num_seqs: int = 32  # sequences in the running batch
+    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
+    policy: str = "lru"
+    kernels: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choose("device", self.device, DEVICES)
+        _choose("dtype", self.dtype, DTYPES)
+        _choose("kernels", self.kernels, KERNELS)
+        for name in ("kv_cache_memory", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8400
+    log_level: str = "info"
+    served_model_name: str | None = None  # None = derived from the checkpoint
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+
+
+def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

@@ -1,0 +1,95 @@
+"""The seam between the server and the engine: what a request asks for and what comes back.
+
+The server sees the engine only through `EngineClient`; nothing reaches through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from kvrt.runtime.model.tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises to its callers; the server maps them to HTTP."""
+
+
+class RequestRejected(EngineError):
+    """The request can never be served as asked (e.g. prompt + max_tokens exceed the context or
+    the KV pool). Raised at submission, before anything is queued."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Which run and agent a call belongs to (the `kvrt` body object or X-Kvrt-* headers)."""
+
+    run: str | None = None
+    agent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    salt: bytes = b""  # tenant salt, set by the server, never from the body
+    attribution: Attribution = field(default_factory=Attribution)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateOutput:
+    """One increment of a request's output. The last one has `finish_reason` set."""
+
+    token_ids: list[int]  # new tokens since the previous output
+    text: str  # new text since the previous output (stop strings already cut)
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens served from the prefix cache
+    completion_tokens: int  # total so far
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_in_use: int  # referenced by live requests
+    kv_blocks_cached: int  # unreferenced but still indexed (evictable)
+    prefix_queries_tokens: int  # counters since start
+    prefix_hits_tokens: int
+    prompt_tokens: int
+    generation_tokens: int
+    preemptions: int
+
+
+class EngineClient(Protocol):
+    model_name: str
+    max_model_len: int
+    tokenizer: "Tokenizer"  # kvrt.runtime.model.tokenizer.Tokenizer: chat template, encode, decode
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Streams the request's output. Raises RequestRejected before yielding if the request
+        can never be served. Closing the iterator early (client gone) aborts the request and
+        frees its KV."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    def is_alive(self) -> bool: ...
