@@ -1,0 +1,149 @@
+"""Runs the engine on its own thread and gives the asyncio side an async interface.
+
+The event loop never runs torch. Commands (add, abort) go to the engine thread through a queue;
+outputs come back with `call_soon_threadsafe`, one asyncio.Queue per live request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kvrt.runtime.config import EngineConfig
+from kvrt.runtime.engine.engine import Emitted, Engine
+from kvrt.runtime.engine.factory import build_engine
+from kvrt.runtime.engine.protocol import EngineError, EngineStats, GenerateOutput, GenerateRequest
+
+log = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+class AsyncEngine:
+    """Implements `EngineClient` (runtime/engine/protocol.py)."""
+
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self.tokenizer = engine.tokenizer
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[GenerateOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._idle = threading.Event()
+
+    @classmethod
+    def create(cls, config: EngineConfig, served_model_name: str | None = None) -> "AsyncEngine":
+        """Loads the model and builds the engine (blocking: call it off the event loop)."""
+        engine, checkpoint = build_engine(config)
+        return cls(engine, served_model_name or checkpoint.name)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kvrt-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:
+        """Waits until the engine thread has no work and has handled every command sent."""
+        self._idle.clear()
+        self._inbox.put(("ping", None))
+        await asyncio.get_running_loop().run_in_executor(None, self._idle.wait, timeout)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        if not self.is_alive():
+            raise EngineError("the engine is not running")
+        self.engine.validate(request)  # rejects before anything is queued
+        stream: asyncio.Queue[GenerateOutput | BaseException] = asyncio.Queue()
+        self._streams[request.request_id] = stream
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:  # the consumer went away (client disconnect): free the KV
+                self._inbox.put(("abort", request.request_id))
+
+    # -- engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._handle_commands(block=not self.engine.has_work())
+            if self.engine.has_work():
+                self._step()
+        for request_id in self.engine.fail_all():
+            self._deliver_error(request_id, EngineError("the engine is shutting down"))
+
+    def _handle_commands(self, block: bool) -> None:
+        try:
+            command = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*command)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+        if not self.engine.has_work():
+            self._idle.set()
+
+    def _apply(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            try:
+                self.engine.add(payload)
+            except EngineError as error:
+                self._deliver_error(payload.request_id, error)
+        elif kind == "abort":
+            self.engine.abort(payload)
+
+    def _step(self) -> None:
+        try:
+            emitted = self.engine.step()
+        except Exception as error:  # one bad step must not take the engine down
+            log.exception("engine step failed; failing the requests in flight")
+            for request_id in self.engine.fail_all():
+                self._deliver_error(request_id, EngineError(f"engine step failed: {error}"))
+            return
+        if emitted:
+            self._loop_call(self._deliver, emitted)
+        if not self.engine.has_work():
+            self._idle.set()
+
+    def _loop_call(self, fn, *args) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop closed under us during shutdown
+            pass
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        self._loop_call(self._deliver, [(request_id, error)])
+
+    def _deliver(self, emitted: list[Emitted] | list[tuple[str, BaseException]]) -> None:
+        for request_id, item in emitted:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put_nowait(item)

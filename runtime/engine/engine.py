@@ -1,0 +1,160 @@
+"""The engine: one step is schedule -> execute -> sample and emit. Single-threaded by design.
+
+The engine owns the model and the KV pool; `AsyncEngine` runs it on its own thread. Time comes
+from an injected clock, so the same engine can run under a simulated clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvrt.runtime.engine.executor import Executor
+from kvrt.runtime.engine.output import OutputText
+from kvrt.runtime.engine.protocol import (
+    EngineStats,
+    GenerateOutput,
+    GenerateRequest,
+    RequestRejected,
+)
+from kvrt.runtime.engine.sampler import Sampler
+from kvrt.runtime.engine.scheduler import BatchScheduler, Chunk
+from kvrt.runtime.engine.sequence import Sequence
+from kvrt.runtime.kv.manager import BlockTable, KVManager
+from kvrt.runtime.model.tokenizer import Tokenizer
+
+Emitted = tuple[str, GenerateOutput]  # (request id, output increment)
+
+
+@dataclass(slots=True)
+class _Live:
+    seq: Sequence
+    text: OutputText
+
+
+class Engine:
+    def __init__(self, executor: Executor, kv: KVManager, scheduler: BatchScheduler,
+                 sampler: Sampler, tokenizer: Tokenizer, max_model_len: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.executor, self.kv, self.scheduler = executor, kv, scheduler
+        self.sampler, self.tokenizer = sampler, tokenizer
+        self.max_model_len = max_model_len
+        self.clock = clock
+        self.vocab_size = executor.model.config.vocab_size
+        self._live: dict[str, _Live] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    def validate(self, request: GenerateRequest) -> None:
+        """Raises RequestRejected for a request that can never be served; queues nothing."""
+        prompt = request.prompt_token_ids
+        max_tokens = request.params.max_tokens
+        if not prompt:
+            raise RequestRejected("the prompt is empty")
+        if max_tokens < 1:
+            raise RequestRejected(f"max_tokens must be at least 1, got {max_tokens}")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})")
+        total = len(prompt) + max_tokens
+        if total > self.max_model_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{total} were requested ({len(prompt)} in the prompt, {max_tokens} to generate)"
+            )
+        blocks = self.kv.blocks_for(total)
+        if blocks > self.kv.pool.num_blocks:
+            raise RequestRejected(
+                f"the request needs {blocks} KV blocks ({total} tokens) but the KV pool holds "
+                f"{self.kv.pool.num_blocks}; start the server with a larger --kv-cache-memory"
+            )
+
+    def add(self, request: GenerateRequest) -> None:
+        self.validate(request)
+        if request.request_id in self._live:
+            raise RequestRejected(f"request id {request.request_id!r} is already live")
+        seq = Sequence(
+            request=request,
+            table=BlockTable(self.kv.block_size),
+            arrival=self.clock(),
+            token_ids=list(request.prompt_token_ids),
+            generator=self.sampler.request_generator(request.params),
+        )
+        text = OutputText(request.params, self.tokenizer.detokenizer(),
+                          self.tokenizer.eos_token_ids)
+        self._live[request.request_id] = _Live(seq, text)
+        self.prompt_tokens += seq.prompt_len
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        live = self._live.pop(request_id, None)
+        if live is None:
+            return False
+        self.scheduler.finish(live.seq)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Emitted]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        logits = self.executor.run(chunks)
+        sampling = [c for c in chunks if c.wants_logits]
+        tokens = self.sampler.sample(
+            logits, [c.seq.request.params for c in sampling], [c.seq.generator for c in sampling]
+        )
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed += chunk.num_tokens
+            self.kv.commit(seq.table, seq.token_ids, seq.num_computed, seq.request.salt)
+        return [self._append(chunk, token) for chunk, token in zip(sampling, tokens)]
+
+    def _append(self, chunk: Chunk, token: int) -> Emitted:
+        seq = chunk.seq
+        live = self._live[seq.request_id]
+        seq.token_ids.append(token)
+        self.generation_tokens += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = self.clock()
+        text, reason = live.text.add_token(token, seq.num_output)
+        if reason is None and len(seq.token_ids) >= self.max_model_len:
+            text, reason = text + live.text.finish_text(), "length"
+        if reason is not None:
+            del self._live[seq.request_id]
+            self.scheduler.finish(seq)
+        output = GenerateOutput(
+            token_ids=[token],
+            text=text,
+            prompt_tokens=seq.prompt_len,
+            cached_tokens=seq.num_cached,
+            completion_tokens=seq.num_output,
+            finish_reason=reason,
+        )
+        return seq.request_id, output
+
+    def fail_all(self) -> list[str]:
+        """Drops every live request (after an engine error); returns their ids."""
+        ids = list(self._live)
+        for request_id in ids:
+            self.abort(request_id)
+        return ids
+
+    def stats(self) -> EngineStats:
+        usage = self.kv.usage()
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=usage.total,
+            kv_blocks_in_use=usage.in_use,
+            kv_blocks_cached=usage.cached,
+            prefix_queries_tokens=self.kv.query_tokens,
+            prefix_hits_tokens=self.kv.hit_tokens,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+            preemptions=self.scheduler.preemptions,
+        )
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()

@@ -1,0 +1,115 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each step: running sequences first (oldest admission first; a decode costs one token, a prefill
+continues with as much of its prompt as the budget allows), preempting by the policy when the
+pool runs dry; then waiting sequences in the policy's admission order, while the budget, the
+sequence limit and the pool allow. Sequences join and leave the batch between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvrt.runtime.engine.sequence import Sequence, Status
+from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.policy.base import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    seq: Sequence
+    num_tokens: int  # tokens of this sequence computed this step, from seq.num_computed on
+
+    @property
+    def wants_logits(self) -> bool:
+        """The chunk reaches the end of the sequence, so its last token samples the next one."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
+
+
+class BatchScheduler:
+    def __init__(self, kv: KVManager, policy: Policy, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.policy = policy
+        self.max_num_seqs = max_num_seqs
+        self.token_budget = max_num_batched_tokens
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.token_budget
+        chunks: list[Chunk] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            count = min(seq.num_pending, budget)
+            if not self._make_room(seq, seq.num_computed + count, chunks):
+                continue
+            chunks.append(Chunk(seq, count))
+            budget -= count
+        self.waiting.sort(key=self.policy.admission_key)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            chunk = self._admit(self.waiting[0], budget)
+            if chunk is None:
+                break
+            self.waiting.pop(0)
+            chunks.append(chunk)
+            budget -= chunk.num_tokens
+        return chunks
+
+    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: list[Chunk]) -> bool:
+        """Grows seq's table, preempting others (never one already in this step's batch)."""
+        while not self.kv.can_grow(seq.table, num_tokens):
+            taken = {id(c.seq) for c in scheduled}
+            candidates = [s for s in self.running if id(s) not in taken and s is not seq]
+            victim = self.policy.victim(candidates) if candidates else seq
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        self.kv.grow(seq.table, num_tokens)
+        return True
+
+    def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
+        match = self.kv.match_prefix(seq.token_ids, seq.request.salt)
+        self.kv.adopt_prefix(seq.table, match)
+        seq.num_computed = len(seq.table.entries) * self.kv.block_size
+        count = min(len(seq.token_ids) - seq.num_computed, budget)
+        if not self.kv.can_grow(seq.table, seq.num_computed + count):
+            self.kv.free(seq.table)
+            seq.num_computed = 0
+            return None
+        self.kv.grow(seq.table, seq.num_computed + count)
+        if not seq.admitted_once:  # prefix-cache statistics count each request once
+            seq.admitted_once = True
+            seq.num_cached = seq.num_computed
+            self.kv.record_query(seq.prompt_len, seq.num_cached)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return Chunk(seq, count)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Gives the sequence's blocks back; it is recomputed later (prompt and output so far)."""
+        self.running.remove(seq)
+        self.kv.free(seq.table)
+        seq.num_computed = 0
+        self.preemptions += 1
+        self.add(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished or aborted sequence wherever it is and frees its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq.table)
+        seq.status = Status.FINISHED

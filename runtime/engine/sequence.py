@@ -1,0 +1,49 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrt.runtime.engine.protocol import FinishReason, GenerateRequest
+from kvrt.runtime.kv.manager import BlockTable
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)  # identity equality: a sequence is one request
+class Sequence:
+    request: GenerateRequest
+    table: BlockTable
+    arrival: float
+    token_ids: list[int] = field(default_factory=list)  # prompt, then generated tokens
+    num_computed: int = 0  # leading tokens whose KV is in the pool
+    num_cached: int = 0  # prompt tokens served from the prefix cache (first admission)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    generator: torch.Generator | None = None  # per-request RNG when the request has a seed
+    admitted_once: bool = False
+    first_token_at: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose KV is still to be computed (the prompt in prefill, one in decode)."""
+        return len(self.token_ids) - self.num_computed

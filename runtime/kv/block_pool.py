@@ -1,0 +1,139 @@
+"""The device tier's block pool: ref counts, the prefix index, and LRU eviction of cached blocks.
+
+Every block is in exactly one state:
+
+    state    ref_count  key       where
+    -------  ---------  --------  -------------------------------------------
+    free     0          None      `_free` (a FIFO of never-keyed or evicted blocks)
+    cached   0          set       `_cached` (LRU order, oldest first) and `_index`
+    in use   > 0        optional  referenced by live sequences; `_index` if keyed
+    moving   -          -         in flight between tiers (later tiers; none yet)
+
+Contract: `allocate` only hands out free blocks, evicting the least recently released cached
+blocks when the free list runs dry (evicting a cached block is always safe: no reader holds it).
+A keyed block is found by `lookup` until it is evicted. `check_integrity()` verifies the table.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+
+class OutOfBlocks(Exception):
+    """Not enough free or evictable blocks for an allocation."""
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    key: bytes | None = None
+    token_ids: tuple[int, ...] = ()  # confirms an index hit (a hash match alone is not trusted)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolUsage:
+    total: int
+    free: int
+    cached: int
+    in_use: int
+    in_flight: int
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError("a block pool needs at least one block")
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: deque[int] = deque(range(num_blocks))
+        self._cached: OrderedDict[int, None] = OrderedDict()
+        self._index: dict[bytes, int] = {}
+        self.evictions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def num_allocatable(self) -> int:
+        return len(self._free) + len(self._cached)
+
+    def allocate(self, count: int) -> list[int]:
+        """Hands out `count` blocks with ref_count 1 and no key."""
+        if count > self.num_allocatable():
+            raise OutOfBlocks(f"need {count} blocks, {self.num_allocatable()} allocatable")
+        taken = []
+        for _ in range(count):
+            if self._free:
+                block_id = self._free.popleft()
+            else:
+                block_id, _ = self._cached.popitem(last=False)
+                self._unkey(self.blocks[block_id])
+                self.evictions += 1
+            self.blocks[block_id].ref_count = 1
+            taken.append(block_id)
+        return taken
+
+    def lookup(self, key: bytes, token_ids: tuple[int, ...]) -> int | None:
+        block_id = self._index.get(key)
+        if block_id is None or self.blocks[block_id].token_ids != token_ids:
+            return None
+        return block_id
+
+    def acquire(self, block_id: int) -> None:
+        """Adds a reader to a keyed block found by `lookup` (takes it out of the LRU if cached)."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._cached[block_id]
+        block.ref_count += 1
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drops one reference from each block. Keyed blocks stay findable until evicted."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count <= 0:
+                raise RuntimeError(f"block {block_id} released more often than acquired")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.key is None:
+                    self._free.append(block_id)
+                else:
+                    self._cached[block_id] = None
+
+    def register(self, block_id: int, key: bytes, token_ids: tuple[int, ...]) -> bool:
+        """Keys a full, in-use block so others can find it. Returns False (and leaves the block
+        unkeyed) when another block already holds the key, e.g. two identical prompts computed
+        in the same step."""
+        block = self.blocks[block_id]
+        assert block.ref_count > 0 and block.key is None, "only fresh in-use blocks get a key"
+        if key in self._index:
+            return False
+        block.key, block.token_ids = key, token_ids
+        self._index[key] = block_id
+        return True
+
+    def usage(self) -> PoolUsage:
+        in_use = sum(1 for b in self.blocks if b.ref_count > 0)
+        return PoolUsage(len(self.blocks), len(self._free), len(self._cached), in_use, 0)
+
+    def check_integrity(self) -> None:
+        """free + cached + in use + in flight == total; the index and LRU agree with the blocks."""
+        usage = self.usage()
+        counted = usage.free + usage.cached + usage.in_use + usage.in_flight
+        assert counted == usage.total, f"{usage} does not add up to {usage.total}"
+        assert len(set(self._free)) == len(self._free), "a block is twice on the free list"
+        for block_id in self._free:
+            block = self.blocks[block_id]
+            assert block.ref_count == 0 and block.key is None, f"free block {block} is not clean"
+        for block_id in self._cached:
+            block = self.blocks[block_id]
+            assert block.ref_count == 0 and block.key is not None, f"cached block {block} is wrong"
+        for key, block_id in self._index.items():
+            assert self.blocks[block_id].key == key, f"index entry for {block_id} is stale"
+        keyed = sum(1 for b in self.blocks if b.key is not None)
+        assert keyed == len(self._index), "a keyed block is missing from the index"
+
+    def _unkey(self, block: Block) -> None:
+        assert block.key is not None
+        del self._index[block.key]
+        block.key, block.token_ids = None, ()

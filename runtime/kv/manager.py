@@ -1,0 +1,131 @@
+"""The KV manager: block tables of sequences over the device block pool, with exact prefix reuse.
+
+The scheduler sees only this interface (`match_prefix / can_grow / grow / commit / free`) and
+`BlockTable`; the executor reads a table's slots and shifts. A block-table entry carries the
+position shift at which its reader sees the block: zero for everything this module creates or
+hits (exact prefix reuse); later reuse modes place cached segments at a shift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrt.runtime.kv.block_pool import BlockPool, PoolUsage
+from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
+
+
+@dataclass(slots=True)
+class BlockTableEntry:
+    block: int
+    shift: int = 0
+
+
+@dataclass(slots=True)
+class BlockTable:
+    """One sequence's view of the pool. `slots` caches slot ids (block * size + row) for every
+    position the table covers, grown as blocks are appended, so building a step's batch costs
+    one copy per sequence, not a Python loop over its context."""
+
+    block_size: int
+    entries: list[BlockTableEntry] = field(default_factory=list)
+    slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    num_keyed: int = 0  # leading full blocks already keyed (registered or hit)
+    last_key: bytes = ROOT_KEY  # key of the last keyed block: the parent of the next one
+
+    @property
+    def capacity(self) -> int:
+        return len(self.entries) * self.block_size
+
+    def append(self, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        self.entries.extend(BlockTableEntry(b) for b in block_ids)
+        rows = torch.arange(self.block_size, dtype=torch.int64)
+        new = (torch.tensor(block_ids, dtype=torch.int64)[:, None] * self.block_size + rows).flatten()
+        self.slots = torch.cat([self.slots, new])
+
+    def block_ids(self) -> list[int]:
+        return [entry.block for entry in self.entries]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    block_ids: list[int]
+    last_key: bytes
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids)
+
+
+class KVManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.query_tokens = 0  # prefix-cache counters, in tokens
+        self.hit_tokens = 0
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def match_prefix(self, token_ids: list[int], salt: bytes) -> PrefixMatch:
+        """Longest run of cached full blocks that prefixes `token_ids`, leaving at least one
+        token to compute (its logits are needed). Found blocks are not yet acquired."""
+        usable = (len(token_ids) - 1) // self.block_size
+        found: list[int] = []
+        parent = ROOT_KEY
+        for index in range(usable):
+            tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
+            key = block_key(parent, salt, tokens)
+            block_id = self.pool.lookup(key, tokens)
+            if block_id is None:
+                break
+            found.append(block_id)
+            parent = key
+        return PrefixMatch(found, parent)
+
+    def adopt_prefix(self, table: BlockTable, match: PrefixMatch) -> None:
+        """Acquires the matched blocks into an empty table."""
+        assert not table.entries, "a prefix is adopted only by an empty table"
+        for block_id in match.block_ids:
+            self.pool.acquire(block_id)
+        table.append(match.block_ids)
+        table.num_keyed, table.last_key = match.num_blocks, match.last_key
+
+    def record_query(self, prompt_tokens: int, hit_tokens: int) -> None:
+        self.query_tokens += prompt_tokens
+        self.hit_tokens += hit_tokens
+
+    def blocks_needed(self, table: BlockTable, num_tokens: int) -> int:
+        return max(0, self.blocks_for(num_tokens) - len(table.entries))
+
+    def can_grow(self, table: BlockTable, num_tokens: int, reserve: int = 0) -> bool:
+        return self.blocks_needed(table, num_tokens) + reserve <= self.pool.num_allocatable()
+
+    def grow(self, table: BlockTable, num_tokens: int) -> None:
+        """Makes the table cover `num_tokens` positions (raises OutOfBlocks if it cannot)."""
+        table.append(self.pool.allocate(self.blocks_needed(table, num_tokens)))
+
+    def commit(self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes) -> None:
+        """Keys every block that became full of computed KV, so later prompts can reuse it."""
+        full = num_computed // self.block_size
+        for index in range(table.num_keyed, full):
+            tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
+            key = block_key(table.last_key, salt, tokens)
+            self.pool.register(table.entries[index].block, key, tokens)
+            table.last_key = key
+        table.num_keyed = max(table.num_keyed, full)
+
+    def free(self, table: BlockTable) -> None:
+        self.pool.release(table.block_ids())
+        table.entries.clear()
+        table.slots = table.slots[:0]
+        table.num_keyed, table.last_key = 0, ROOT_KEY
+
+    def usage(self) -> PoolUsage:
+        return self.pool.usage()
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()

@@ -1,0 +1,48 @@
+"""Drives one engine request for a handler: timing, metrics, and the promise to close.
+
+The engine frees a request's KV when its output iterator is closed early, so every path out of
+a handler (finished, client gone, handler cancelled, write failed, error) must close it:
+`tracked()` closes the engine's iterator in its `finally`, and handlers hold `tracked()` itself
+in `contextlib.aclosing`, which runs that `finally` even when the handler is cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateRequest
+from kvrt.runtime.server.metrics import ServerMetrics
+from kvrt.runtime.server.openai_protocol import PromptTokensDetails, Usage
+
+
+async def tracked(
+    engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float
+) -> AsyncIterator[GenerateOutput]:
+    """The engine's outputs for `request`, observed into `metrics`. `arrival` is the
+    `time.perf_counter()` at which the HTTP request came in."""
+    outputs = engine.generate(request)
+    first = True
+    try:
+        async for output in outputs:
+            now = time.perf_counter()
+            if first:
+                metrics.observe_first_token(now - arrival)
+                first = False
+            # "abort" is the engine's answer to our own close; it is no success to count.
+            if output.finish_reason is not None and output.finish_reason != "abort":
+                metrics.observe_finish(now - arrival, output.finish_reason)
+            yield output
+    finally:
+        aclose = getattr(outputs, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def usage_of(output: GenerateOutput) -> Usage:
+    return Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        total_tokens=output.prompt_tokens + output.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=output.cached_tokens),
+    )

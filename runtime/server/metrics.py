@@ -1,0 +1,107 @@
+"""Prometheus text exposition (format 0.0.4) of the engine's state and the server's requests.
+
+Written by hand to keep the daemon's dependencies small. Gauges and token counters are read
+from `engine.stats()` at scrape time (the engine counts them once, in one place); latencies and
+finish reasons are observed here, per request, since only the server sees a request's wall
+clock from arrival to last byte. Names carry the `kvrt:` prefix, as vLLM's carry `vllm:`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Sequence
+
+from kvrt.runtime.engine.protocol import EngineStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class Histogram:
+    """Cumulative-bucket histogram; `counts[i]` counts observations <= buckets[i] alone."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out, cumulative = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts):
+            cumulative += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'{name}_bucket{{{labels},le="{le}"}} {cumulative}')
+        out.append(f"{name}_sum{{{labels}}} {self.sum!r}")
+        out.append(f"{name}_count{{{labels}}} {self.count}")
+        return out
+
+
+class ServerMetrics:
+    """Per-request observations. Lives on the event loop thread only, so no lock."""
+
+    def __init__(self) -> None:
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+        self.finished: Counter[str] = Counter()
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def observe_finish(self, seconds: float, finish_reason: str) -> None:
+        self.e2e.observe(seconds)
+        self.finished[finish_reason] += 1
+
+    def render(self, stats: EngineStats, model_name: str) -> str:
+        labels = f'model_name="{_escape(model_name)}"'
+        usage = stats.kv_blocks_in_use / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
+            out.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
+
+        def one(name: str, kind: str, help_text: str, value: float) -> None:
+            family(name, kind, help_text, [f"{name}{{{labels}}} {value!r}"])
+
+        one("kvrt:num_requests_running", "gauge", "Requests in the running batch.",
+            stats.running)
+        one("kvrt:num_requests_waiting", "gauge", "Requests waiting to be scheduled.",
+            stats.waiting)
+        one("kvrt:kv_cache_usage_perc", "gauge",
+            "Fraction of device KV blocks referenced by live requests (1 = full).", usage)
+        one("kvrt:kv_cache_cached_blocks", "gauge",
+            "Device KV blocks unreferenced but still indexed (evictable).", stats.kv_blocks_cached)
+        one("kvrt:prefix_cache_queries_total", "counter",
+            "Prompt tokens looked up in the prefix cache.", stats.prefix_queries_tokens)
+        one("kvrt:prefix_cache_hits_total", "counter",
+            "Prompt tokens found in the prefix cache.", stats.prefix_hits_tokens)
+        one("kvrt:prompt_tokens_total", "counter", "Prompt tokens processed.",
+            stats.prompt_tokens)
+        one("kvrt:generation_tokens_total", "counter", "Tokens generated.",
+            stats.generation_tokens)
+        one("kvrt:num_preemptions_total", "counter", "Requests preempted.", stats.preemptions)
+        family("kvrt:request_success_total", "counter", "Requests finished, by finish reason.", [
+            f'kvrt:request_success_total{{{labels},finished_reason="{_escape(reason)}"}} {n}'
+            for reason, n in sorted(self.finished.items())
+        ])
+        family("kvrt:time_to_first_token_seconds", "histogram",
+               "Seconds from a request's arrival to its first generated token.",
+               self.ttft.lines("kvrt:time_to_first_token_seconds", labels))
+        family("kvrt:e2e_request_latency_seconds", "histogram",
+               "Seconds from a request's arrival to its last generated token.",
+               self.e2e.lines("kvrt:e2e_request_latency_seconds", labels))
+        return "\n".join(out) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,190 @@
+"""OpenAI wire schemas (chat completions, completions, models) as msgspec Structs.
+
+Requests ignore unknown fields, since OpenAI clients send many we do not use, but a known field
+of the wrong type or out of range fails decoding with msgspec's path (`$.messages[0].role`).
+Constraints live in the types so that /openapi.json, generated from these Structs, shows them.
+Responses follow OpenAI's shapes field for field; `UNSET` fields are left out of the JSON
+(OpenAI sends `usage` in stream chunks only when `include_usage` is asked for).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from kvrt.runtime.server.errors import ErrorResponse
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+PositiveInt = Annotated[int, Meta(ge=1)]
+TokenId = Annotated[int, Meta(ge=0)]
+
+
+# ---- requests ------------------------------------------------------------------------------
+
+
+class StreamOptions(Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class KvrtOptions(Struct, kw_only=True):
+    """Which run and agent of a multi-agent application the call belongs to (wins over the
+    X-Kvrt-Run / X-Kvrt-Agent headers)."""
+
+    run: str | None = None
+    agent: str | None = None
+
+
+class SamplingRequest(Struct, kw_only=True):
+    """Fields shared by chat and text completions. top_k, stop_token_ids and ignore_eos are
+    extensions; n must be 1 for now."""
+
+    model: str | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None  # 0 or -1 disables it
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    n: PositiveInt = 1
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    kvrt: KvrtOptions | None = None
+
+
+class ContentPart(Struct, kw_only=True):
+    type: str  # only "text" is served; others are rejected with a clear 400
+    text: str | None = None
+
+
+class ChatMessage(Struct, kw_only=True):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingRequest, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None  # OpenAI's newer name; wins if both given
+
+
+class CompletionRequest(SamplingRequest, kw_only=True):
+    """`prompt` is one string or one list of token ids; a batch of prompts is rejected."""
+
+    prompt: str | list[int | str | list[int]]
+
+
+# ---- responses -----------------------------------------------------------------------------
+
+
+class PromptTokensDetails(Struct, kw_only=True):
+    cached_tokens: int
+
+
+class Usage(Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class AssistantMessage(Struct, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(Struct, kw_only=True):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: None = None
+
+
+class Delta(Struct, kw_only=True):
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(Struct, kw_only=True):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None | UnsetType = UNSET
+    system_fingerprint: None = None
+
+
+class CompletionChoice(Struct, kw_only=True):
+    text: str
+    index: int = 0
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(Struct, kw_only=True):
+    """A text completion, and also each chunk of a streamed one (OpenAI uses one shape)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None | UnsetType = UNSET
+    system_fingerprint: None = None
+
+
+class ModelCard(Struct, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kvrt"
+    max_model_len: int  # extension, as vLLM reports it
+
+
+class ModelList(Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(Struct, kw_only=True):
+    status: Literal["ok"] = "ok"
+
+
+# Decoders are built once: msgspec compiles the type into a fast validator.
+chat_request_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+completion_request_decoder = msgspec.json.Decoder(CompletionRequest)
+
+# For /openapi.json: every Struct the OpenAI routes read or write.
+SCHEMA_TYPES = (
+    ChatCompletionRequest,
+    ChatCompletion,
+    ChatCompletionChunk,
+    CompletionRequest,
+    Completion,
+    ModelList,
+    Health,
+    ErrorResponse,
+)

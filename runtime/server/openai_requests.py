@@ -1,0 +1,188 @@
+"""From a decoded OpenAI request to the engine's GenerateRequest.
+
+Everything a request can get wrong is checked here, before the engine sees it, so a bad request
+is answered at once with a 400 and never queued (a prompt longer than the context included).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+
+from kvrt.runtime.engine.protocol import (
+    Attribution,
+    EngineClient,
+    GenerateRequest,
+    SamplingParams,
+)
+from kvrt.runtime.server.errors import APIError, bad_request
+from kvrt.runtime.server.openai_protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    KvrtOptions,
+    SamplingRequest,
+)
+
+RUN_HEADER = "X-Kvrt-Run"
+AGENT_HEADER = "X-Kvrt-Agent"
+
+# OpenAI's legacy completions endpoint generates 16 tokens unless told otherwise; chat runs to
+# the end of the context, as OpenAI and vLLM do.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_common(body: SamplingRequest, engine: EngineClient) -> None:
+    """Checks that do not need the prompt: the model name and unsupported options."""
+    if body.model is not None and body.model != engine.model_name:
+        raise APIError(
+            404,
+            f"The model `{body.model}` does not exist; this server serves `{engine.model_name}`",
+            param="model",
+            code="model_not_found",
+        )
+    if body.n != 1:
+        raise bad_request(f"n={body.n} is not supported yet; send n=1 (or leave it out)", param="n")
+
+
+def chat_prompt_ids(body: ChatCompletionRequest, engine: EngineClient) -> list[int]:
+    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+    return list(engine.tokenizer.encode_chat(messages))
+
+
+def _message_dict(index: int, message: ChatMessage) -> dict[str, str]:
+    # "developer" is OpenAI's new name for the system role; chat templates know only "system".
+    role = "system" if message.role == "developer" else message.role
+    content = message.content
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    else:
+        parts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise bad_request(
+                    f"only text content parts are served; messages[{index}].content[{j}] "
+                    f"has type {part.type!r}",
+                    param=f"messages[{index}].content[{j}].type",
+                )
+            parts.append(part.text)
+        text = "".join(parts)
+    return {"role": role, "content": text}
+
+
+def completion_prompt_ids(body: CompletionRequest, engine: EngineClient) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)  # type: ignore[arg-type]
+    elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        ids = prompt[0] if isinstance(prompt[0], list) else engine.tokenizer.encode(prompt[0])
+    elif isinstance(prompt, list):
+        raise bad_request(
+            "prompt must be one string or one list of token ids; batches of prompts are not "
+            "supported, send one request per prompt",
+            param="prompt",
+        )
+    else:
+        ids = engine.tokenizer.encode(prompt)
+    if not ids:
+        raise bad_request("prompt is empty", param="prompt")
+    return list(ids)
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int,
+                       default: int | None, prompt_param: str) -> int:
+    """The number of tokens to generate, or a 400 if prompt + max_tokens cannot fit."""
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{prompt_len} tokens, leaving no room to generate. Shorten the prompt.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{prompt_len} tokens and max_tokens asks for {requested}, so at most {room} "
+            "can be generated. Lower max_tokens or shorten the prompt.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def sampling_params(body: SamplingRequest, max_tokens: int) -> SamplingParams:
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if any(not s for s in stop):
+        raise bad_request("stop strings must not be empty", param="stop")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),  # vLLM clients send -1 for "off"; the engine uses 0
+        seed=body.seed,
+        stop=stop,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+    )
+
+
+def attribution(options: KvrtOptions | None, headers: Mapping[str, str]) -> Attribution:
+    """The body's `kvrt` object wins over the headers, field by field."""
+    run = options.run if options is not None and options.run is not None else None
+    agent = options.agent if options is not None and options.agent is not None else None
+    return Attribution(
+        run=run if run is not None else headers.get(RUN_HEADER),
+        agent=agent if agent is not None else headers.get(AGENT_HEADER),
+    )
+
+
+def build_request(
+    request_id: str,
+    body: SamplingRequest,
+    prompt_ids: list[int],
+    max_tokens: int | None,
+    engine: EngineClient,
+    headers: Mapping[str, str],
+    *,
+    default_max_tokens: int | None,
+    prompt_param: str,
+) -> GenerateRequest:
+    resolved = resolve_max_tokens(
+        max_tokens, len(prompt_ids), engine.max_model_len, default_max_tokens, prompt_param
+    )
+    return GenerateRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt_ids,
+        params=sampling_params(body, resolved),
+        attribution=attribution(body.kvrt, headers),
+    )
+
+
+def chat_generate_request(
+    body: ChatCompletionRequest, engine: EngineClient, headers: Mapping[str, str]
+) -> GenerateRequest:
+    check_common(body, engine)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return build_request(
+        new_request_id("chatcmpl"), body, chat_prompt_ids(body, engine), max_tokens, engine,
+        headers, default_max_tokens=None, prompt_param="messages",
+    )
+
+
+def completion_generate_request(
+    body: CompletionRequest, engine: EngineClient, headers: Mapping[str, str]
+) -> GenerateRequest:
+    check_common(body, engine)
+    return build_request(
+        new_request_id("cmpl"), body, completion_prompt_ids(body, engine), body.max_tokens,
+        engine, headers, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS, prompt_param="prompt",
+    )

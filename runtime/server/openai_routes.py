@@ -1,0 +1,98 @@
+"""HTTP handlers: decode, hand over, encode. Errors are mapped by `errors.error_middleware`."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from aiohttp import web
+
+from kvrt.runtime.server import keys
+from kvrt.runtime.server.errors import APIError
+from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kvrt.runtime.server.openai_protocol import (
+    Health,
+    ModelCard,
+    ModelList,
+    chat_request_decoder,
+    completion_request_decoder,
+)
+from kvrt.runtime.server.openai_requests import chat_generate_request, completion_generate_request
+from kvrt.runtime.server.openai_serving import (
+    ChatShapes,
+    CompletionShapes,
+    respond_json,
+    respond_stream,
+)
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    arrival = time.perf_counter()
+    body = chat_request_decoder.decode(await _read_json(request))
+    engine = request.app[keys.ENGINE]
+    gen = chat_generate_request(body, engine, request.headers)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    shapes = ChatShapes(gen.request_id, engine.model_name, include_usage)
+    metrics = request.app[keys.METRICS]
+    if body.stream:
+        return await respond_stream(request, engine, gen, metrics, arrival, shapes, include_usage)
+    return await respond_json(engine, gen, metrics, arrival, shapes)
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    arrival = time.perf_counter()
+    body = completion_request_decoder.decode(await _read_json(request))
+    engine = request.app[keys.ENGINE]
+    gen = completion_generate_request(body, engine, request.headers)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    shapes = CompletionShapes(gen.request_id, engine.model_name, include_usage)
+    metrics = request.app[keys.METRICS]
+    if body.stream:
+        return await respond_stream(request, engine, gen, metrics, arrival, shapes, include_usage)
+    return await respond_json(engine, gen, metrics, arrival, shapes)
+
+
+@routes.get("/v1/models")
+async def models(request: web.Request) -> web.Response:
+    engine = request.app[keys.ENGINE]
+    card = ModelCard(
+        id=engine.model_name, created=request.app[keys.STARTED_AT],
+        max_model_len=engine.max_model_len,
+    )
+    return _json(ModelList(data=[card]))
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    if not request.app[keys.ENGINE].is_alive():
+        raise APIError(503, "the engine is not running", code="engine_dead")
+    return _json(Health())
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    engine = request.app[keys.ENGINE]
+    text = request.app[keys.METRICS].render(engine.stats(), engine.model_name)
+    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[keys.OPENAPI_JSON], content_type="application/json")
+
+
+async def _read_json(request: web.Request) -> bytes:
+    # A missing Content-Type is taken as JSON (bare clients); a different one is refused.
+    if "Content-Type" in request.headers:
+        ctype = request.content_type
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise APIError(415, f"Content-Type must be application/json, got {ctype!r}")
+    return await request.read()
+
+
+def _json(value: object) -> web.Response:
+    return web.Response(body=msgspec.json.encode(value), content_type="application/json")
