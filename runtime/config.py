@@ -37,6 +37,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's own context length
     max_num_seqs: int = 32  # sequences in the running batch
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
+    prefix_caching: bool = True  # off: every prompt is computed in full (for comparisons)
     policy: str = "lru"
     kernels: str = "auto"
     seed: int = 0

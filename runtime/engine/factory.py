@@ -66,7 +66,7 @@ def build_engine(config: EngineConfig, clock: Callable[[], float] = time.monoton
         (num_blocks, model_cfg.num_layers, 2, config.block_size, model_cfg.num_kv_heads,
          model_cfg.head_dim), dtype=dtype, device=device,
     )
-    kv = KVManager(num_blocks, config.block_size)
+    kv = KVManager(num_blocks, config.block_size, config.prefix_caching)
     scheduler = BatchScheduler(kv, policy, config.max_num_seqs, config.max_num_batched_tokens)
     engine = Engine(Executor(model, kv_pool), kv, scheduler, Sampler(config.seed, device),
                     checkpoint.tokenizer, max_model_len, clock)

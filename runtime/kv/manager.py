@@ -61,9 +61,10 @@ class PrefixMatch:
 
 
 class KVManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.query_tokens = 0  # prefix-cache counters, in tokens
         self.hit_tokens = 0
 
@@ -73,7 +74,7 @@ class KVManager:
     def match_prefix(self, token_ids: list[int], salt: bytes) -> PrefixMatch:
         """Longest run of cached full blocks that prefixes `token_ids`, leaving at least one
         token to compute (its logits are needed). Found blocks are not yet acquired."""
-        usable = (len(token_ids) - 1) // self.block_size
+        usable = (len(token_ids) - 1) // self.block_size if self.prefix_caching else 0
         found: list[int] = []
         parent = ROOT_KEY
         for index in range(usable):
@@ -110,6 +111,8 @@ class KVManager:
 
     def commit(self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes) -> None:
         """Keys every block that became full of computed KV, so later prompts can reuse it."""
+        if not self.prefix_caching:
+            return
         full = num_computed // self.block_size
         for index in range(table.num_keyed, full):
             tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])

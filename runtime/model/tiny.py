@@ -14,6 +14,8 @@ or a dropped bias must change the output, or no test could notice it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ ARCHS = ("llama", "qwen2", "qwen3")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 INIT_STD = 0.3
 VOCAB_SIZE = 512
+MAX_POSITION = 2048
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -60,23 +63,29 @@ def init_tiny(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> Path:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _write_tokenizer(out)
-    _write_model(out, arch, seed, vocab_size=len(tokenizer))
+    vocab_size = _write_tokenizer(out)
+    _write_model(out, arch, seed, vocab_size)
     return out
 
 
-def _write_tokenizer(out: Path):
-    from transformers import PreTrainedTokenizerFast
-
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
-    hf.save_pretrained(out)
-    return hf
+def _write_tokenizer(out: Path) -> int:
+    """tokenizer.json plus a tokenizer_config.json carrying the chat template, as most HF repos
+    ship them (transformers 5's save_pretrained would put the template in chat_template.jinja
+    and name a tokenizer class older transformers do not know)."""
+    tokenizer = _train_bpe()
+    tokenizer.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "chat_template": CHATML_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MAX_POSITION,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tokenizer.get_vocab_size(with_added_tokens=True)
 
 
 def _train_bpe():
@@ -108,7 +117,7 @@ def _model_config(arch: str, vocab_size: int):
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=2048,
+        max_position_embeddings=MAX_POSITION,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
         initializer_range=INIT_STD,
@@ -140,8 +149,8 @@ def _write_model(out: Path, arch: str, seed: int, vocab_size: int) -> None:
         eos_token_id=config.eos_token_id,
         pad_token_id=SPECIAL_TOKENS.index("<|endoftext|>"),
     )
-    model.save_pretrained(out, safe_serialization=True)
-    _check_files(out)
+    with _quiet_progress():
+        model.save_pretrained(out, safe_serialization=True)
 
 
 def _randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
@@ -154,8 +163,15 @@ def _randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(INIT_STD * torch.randn(param.shape, generator=gen))
 
 
-def _check_files(out: Path) -> None:
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
-        if not (out / name).is_file():
-            raise RuntimeError(f"init_tiny: transformers did not write {name} into {out}")
-    json.loads((out / "config.json").read_text())
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    # save_pretrained draws a progress bar per shard; tests and examples want clean output.
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()

@@ -12,7 +12,6 @@ import re
 
 import msgspec
 from aiohttp import web
-
 from kvrt.runtime.engine.protocol import EngineError, RequestRejected
 
 log = logging.getLogger(__name__)

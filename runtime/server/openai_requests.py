@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 
+from jinja2 import TemplateError
 from kvrt.runtime.engine.protocol import (
     Attribution,
     EngineClient,
@@ -51,7 +52,10 @@ def check_common(body: SamplingRequest, engine: EngineClient) -> None:
 
 def chat_prompt_ids(body: ChatCompletionRequest, engine: EngineClient) -> list[int]:
     messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
-    return list(engine.tokenizer.encode_chat(messages))
+    try:
+        return list(engine.tokenizer.encode_chat(messages))
+    except (ValueError, TemplateError) as exc:  # no template, or the template refuses the turns
+        raise bad_request(f"cannot apply the chat template: {exc}", param="messages") from None
 
 
 def _message_dict(index: int, message: ChatMessage) -> dict[str, str]:

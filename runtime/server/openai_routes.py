@@ -6,7 +6,6 @@ import time
 
 import msgspec
 from aiohttp import web
-
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE

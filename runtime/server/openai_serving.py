@@ -13,8 +13,6 @@ from contextlib import aclosing
 
 import msgspec
 from aiohttp import web
-from msgspec import UNSET
-
 from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateRequest
 from kvrt.runtime.server.errors import APIError, from_exception
 from kvrt.runtime.server.generation import tracked, usage_of
@@ -30,6 +28,7 @@ from kvrt.runtime.server.openai_protocol import (
     Delta,
     Usage,
 )
+from msgspec import UNSET
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ async def respond_stream(
             # The client went away; leaving the `aclosing` block aborts the engine request.
             log.info("client disconnected from %s; request aborted", request.request_id)
             return response
-        except Exception as exc:  # noqa: BLE001 - a started stream cannot change its status
+        except Exception as exc:
             error = from_exception(exc)
             if error.status >= 500:
                 log.exception("stream %s failed", request.request_id)

@@ -1,0 +1,147 @@
+"""`kvrt` command line: `kvrt serve ...`, `kvrt model init-tiny DIR`.
+
+Flags default to the config dataclasses' own defaults, so there is one source of truth; values
+are validated by building the configs, and a bad one is a one-line error with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
+
+from kvrt.runtime.config import (
+    DEVICES,
+    DTYPES,
+    KERNELS,
+    ConfigError,
+    EngineConfig,
+    ServeConfig,
+    parse_size,
+)
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+POLICIES = ("lru",)  # grows as policies land
+ARCHS = ("llama", "qwen2", "qwen3")
+
+log = logging.getLogger("kvrt")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line on stderr (not argparse's usage block) and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    engine, serve = _defaults(EngineConfig), _defaults(ServeConfig)
+    parser = _Parser(prog="kvrt", description="KV-cache runtime for multi-agent LLM serving.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("serve", help="serve a model over the OpenAI API")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="HF checkpoint folder or GGUF file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default=serve["host"], help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=serve["port"],
+                   help="port to bind; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default=engine["device"],
+                   help="default: %(default)s (cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, default=engine["dtype"],
+                   help="default: %(default)s (float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--kv-cache-memory", type=_size, default=engine["kv_cache_memory"],
+                   metavar="SIZE", help="size of the device KV pool, e.g. 512MiB, 2GiB "
+                   "(default: %(default)s bytes)")
+    p.add_argument("--max-model-len", type=int, default=engine["max_model_len"], metavar="N",
+                   help="context length in tokens (default: the model's own)")
+    p.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"], metavar="N",
+                   help="sequences in the running batch (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   default=engine["max_num_batched_tokens"], metavar="N",
+                   help="token budget per engine step (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=engine["block_size"], metavar="N",
+                   help="tokens per KV block (default: %(default)s)")
+    p.add_argument("--policy", choices=POLICIES, default=engine["policy"],
+                   help="KV cache policy (default: %(default)s)")
+    p.add_argument("--kernels", choices=KERNELS, default=engine["kernels"],
+                   help="default: %(default)s (triton on CUDA, torch on CPU)")
+    p.add_argument("--served-model-name", default=serve["served_model_name"], metavar="NAME",
+                   help="model name clients use (default: derived from the checkpoint)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=serve["log_level"],
+                   help="default: %(default)s")
+    p.set_defaults(run=_serve, command_parser=p)
+
+    model = commands.add_parser("model", help="model utilities")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+    tiny = model_commands.add_parser("init-tiny", help="write a tiny random checkpoint "
+                                     "(for tests and demos)")
+    tiny.add_argument("dir", metavar="DIR")
+    tiny.add_argument("--arch", choices=ARCHS, default="llama")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_init_tiny, command_parser=tiny)
+    return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """Raises ConfigError for an out-of-range value."""
+    engine = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype,
+        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, policy=args.policy,
+        kernels=args.kernels,
+    )
+    return ServeConfig(host=args.host, port=args.port, log_level=args.log_level,
+                       served_model_name=args.served_model_name, engine=engine)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = serve_config(args)
+    except ConfigError as exc:
+        args.command_parser.error(str(exc))  # exits 2 with a one-line message
+    from kvrt.runtime.server.serve import run_server  # aiohttp, torch: only when serving
+
+    try:
+        run_server(config)
+    except (OSError, ValueError) as exc:  # port in use, no such model, unsupported checkpoint
+        log.debug("serve failed", exc_info=True)
+        log.error("cannot serve: %s", exc)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+    return 0
+
+
+def _init_tiny(args: argparse.Namespace) -> int:
+    from kvrt.runtime.model.tiny import init_tiny
+
+    path = init_tiny(args.dir, arch=args.arch, seed=args.seed)
+    log.info("wrote a tiny %s checkpoint to %s", args.arch, path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The aiohttp application: `create_app(config, engine)`.
+
+The app owns the engine's lifetime: its cleanup_ctx starts the engine on the app's loop (the
+engine thread hands outputs back to that loop) and stops it on shutdown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+
+from aiohttp import web
+from kvrt.runtime.config import ServeConfig
+from kvrt.runtime.server import keys
+from kvrt.runtime.server.errors import error_middleware
+from kvrt.runtime.server.metrics import ServerMetrics
+from kvrt.runtime.server.openai_routes import routes
+from kvrt.runtime.server.openapi import openapi_json
+
+# Agent prompts carry long histories; aiohttp's default 1 MiB body limit is too small.
+MAX_BODY_BYTES = 64 * 1024**2
+
+
+def create_app(config: ServeConfig, engine: keys.ManagedEngine) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[keys.CONFIG] = config
+    app[keys.ENGINE] = engine
+    app[keys.METRICS] = ServerMetrics()
+    app[keys.STARTED_AT] = int(time.time())
+    app[keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_engine_lifetime)
+    return app
+
+
+async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
+    engine = app[keys.ENGINE]
+    await engine.start()
+    try:
+        yield
+    finally:
+        await engine.stop()
+
+
+def _kvrt_version() -> str:
+    try:
+        return version("kvrt")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -1,0 +1,84 @@
+"""`run_server(config)`: load the engine, serve the app on uvloop until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+
+from aiohttp import web
+from kvrt.runtime.config import ServeConfig
+from kvrt.runtime.server import keys
+from kvrt.runtime.server.app import create_app
+
+log = logging.getLogger(__name__)
+
+# On shutdown, requests still running get this long to finish before they are cancelled
+# (which aborts them in the engine); aiohttp's default of 60 s makes Ctrl-C feel stuck.
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+def run_server(config: ServeConfig) -> None:
+    # Imported here so that `kvrt --help` and the SDK never pay for torch.
+    from kvrt.runtime.engine.async_engine import AsyncEngine
+
+    log.info("loading model %s", config.engine.model or "(default SmolLM2-135M-Instruct)")
+    engine = AsyncEngine.create(config.engine, config.served_model_name)  # no loop yet: may block
+    _run(_serve(config, engine))
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Starts `app` on host:port (0 = any free port); returns the runner and the base URL.
+
+    Handlers are cancelled when their client disconnects, so that a non-streaming request
+    whose client gave up is aborted in the engine instead of running to its end.
+    """
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_host, bound_port = runner.addresses[0][:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return runner, f"http://{shown}:{bound_port}"
+
+
+async def _serve(config: ServeConfig, engine: keys.ManagedEngine) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _on_signal, loop, stop, sig)
+    runner, url = await start_site(create_app(config, engine), config.host, config.port)
+    try:
+        # The one line on stdout: scripts and tests wait for it (and read the port from it).
+        print(f"kvrt ready: serving {engine.model_name} at {url}", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()  # stops the engine through the app's cleanup_ctx
+
+
+def _on_signal(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, sig: signal.Signals) -> None:
+    log.info("received %s", sig.name)
+    # A second signal gets the default behaviour, so a stuck shutdown can still be interrupted.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(s)
+    stop.set()
+
+
+def _run(main: Coroutine[None, None, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop does not exist on Windows
+        asyncio.run(main)
+        return
+    if sys.version_info >= (3, 11):
+        uvloop.run(main)
+    else:
+        uvloop.install()
+        asyncio.run(main)
