@@ -4,8 +4,10 @@
     paged_attention  paged_attention_ref          paged_attention_triton
     kv_store         kv_store_ref                 kv_store_triton
 
-Both versions of an op share one signature (see the op's module). Triton is optional: this
-package imports without it, and `select_kernels` picks the pair the runtime calls.
+Both versions of an op share one signature (see the op's module); the @triton.jit bodies live in
+`_triton_jit`, which is imported only at the first Triton launch. Triton is optional: this package
+imports without it, and `select_kernels` picks the pair the runtime calls. `rotate_by_shift` is
+the torch rotation of stored K by a position shift, for callers that materialise shifted blocks.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
 from kvrt.kernels._triton_support import TRITON_INTERPRET_ENV, interpret_enabled, triton_available
 from kvrt.kernels.kv_store import kv_store_ref, kv_store_triton
-from kvrt.kernels.paged_attention import paged_attention_ref, paged_attention_triton
+from kvrt.kernels.paged_attention import (
+    paged_attention_ref,
+    paged_attention_triton,
+    rotate_by_shift,
+)
 
 __all__ = [
     "Kernels",
@@ -25,6 +30,7 @@ __all__ = [
     "kv_store_triton",
     "paged_attention_ref",
     "paged_attention_triton",
+    "rotate_by_shift",
     "select_kernels",
     "triton_available",
 ]
@@ -44,7 +50,7 @@ _TRITON = Kernels(paged_attention_triton, kv_store_triton, "triton")
 
 
 def select_kernels(choice: str, device: torch.device) -> Kernels:
-    """The kernels for `device`: "auto" is Triton on CUDA when Triton imports, torch otherwise.
+    """The kernels for `device`: "auto" is Triton on CUDA when Triton is installed, else torch.
 
     "triton" is refused, with the reason, where it cannot run: Triton missing, or a non-CUDA
     device outside Triton's interpreter (TRITON_INTERPRET=1, meant for tests).

@@ -10,9 +10,9 @@ written last is unspecified.
 
 from __future__ import annotations
 
+import torch
+from kvrt.kernels._triton_support import check_launch_device, next_power_of_2, triton_kernels
 from torch import Tensor
-
-from kvrt.kernels._triton_support import check_launch_device, jitted, tl, triton
 
 
 def check_kv_store_args(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
@@ -37,44 +37,17 @@ def kv_store_ref(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slots: Tenso
 
 def kv_store_triton(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
     check_kv_store_args(kv_pool, layer, k, v, slots)
+    assert kv_pool.dtype in (torch.float32, torch.float16, torch.bfloat16), "unsupported dtype"
     check_launch_device(kv_pool, k, v, slots)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    kernel = jitted(_kv_store_kernel)
-    kernel[(num_tokens,)](
+    triton_kernels().kv_store_kernel[(num_tokens,)](
         kv_pool, k, v, slots, layer,
         *kv_pool.stride(), *k.stride(), *v.stride(), slots.stride(0),
         BLOCK_SIZE=kv_pool.shape[3],
         NUM_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
-        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
-        DIM_PAD=triton.next_power_of_2(head_dim),
+        HEADS_PAD=next_power_of_2(num_kv_heads),
+        DIM_PAD=next_power_of_2(head_dim),
     )  # fmt: skip
-
-
-if triton is not None:
-
-    def _kv_store_kernel(
-        pool, k, v, slots, layer,
-        s_blk, s_layer, s_kv, s_row, s_head, s_dim,
-        sk_tok, sk_head, sk_dim,
-        sv_tok, sv_head, sv_dim,
-        s_slot,
-        BLOCK_SIZE: tl.constexpr,
-        NUM_HEADS: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        HEADS_PAD: tl.constexpr,
-        DIM_PAD: tl.constexpr,
-    ):  # fmt: skip
-        # One program per token: its [heads, head_dim] K and V rows go to one pool row.
-        tok = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slots + tok * s_slot).to(tl.int64)  # int64: big pools pass 2**31 elements
-        row_base = pool + (slot // BLOCK_SIZE) * s_blk + layer * s_layer + (slot % BLOCK_SIZE) * s_row
-        h = tl.arange(0, HEADS_PAD)[:, None]
-        d = tl.arange(0, DIM_PAD)[None, :]
-        mask = (h < NUM_HEADS) & (d < HEAD_DIM)
-        k_row = tl.load(k + tok * sk_tok + h * sk_head + d * sk_dim, mask=mask)
-        v_row = tl.load(v + tok * sv_tok + h * sv_head + d * sv_dim, mask=mask)
-        tl.store(row_base + h * s_head + d * s_dim, k_row, mask=mask)
-        tl.store(row_base + s_kv + h * s_head + d * s_dim, v_row, mask=mask)

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token budget per engine step (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=engine["block_size"], metavar="N",
                    help="tokens per KV block (default: %(default)s)")
+    p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=engine["prefix_caching"],
+                   help="reuse the KV of shared prompt prefixes (default: on)")
+    p.add_argument("--seed", type=int, default=engine["seed"],
+                   help="sampling seed of requests without their own (default: %(default)s)")
     p.add_argument("--policy", choices=POLICIES, default=engine["policy"],
                    help="KV cache policy (default: %(default)s)")
     p.add_argument("--kernels", choices=KERNELS, default=engine["kernels"],
@@ -101,8 +106,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         model=args.model, device=args.device, dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, policy=args.policy,
-        kernels=args.kernels,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        prefix_caching=args.prefix_caching, policy=args.policy, kernels=args.kernels,
+        seed=args.seed,
     )
     return ServeConfig(host=args.host, port=args.port, log_level=args.log_level,
                        served_model_name=args.served_model_name, engine=engine)
@@ -113,11 +119,15 @@ def _serve(args: argparse.Namespace) -> int:
         config = serve_config(args)
     except ConfigError as exc:
         args.command_parser.error(str(exc))  # exits 2 with a one-line message
-    from kvrt.runtime.server.serve import run_server  # aiohttp, torch: only when serving
+    # aiohttp, torch and transformers load only when serving
+    from kvrt.runtime.model.checkpoint import CheckpointError
+    from kvrt.runtime.server.serve import run_server
 
     try:
         run_server(config)
-    except (OSError, ValueError) as exc:  # port in use, no such model, unsupported checkpoint
+    except ConfigError as exc:  # found while loading: --max-model-len too long, no CUDA, ...
+        args.command_parser.error(str(exc))
+    except (CheckpointError, OSError, ValueError) as exc:  # no such model, port in use, ...
         log.debug("serve failed", exc_info=True)
         log.error("cannot serve: %s", exc)
         return 1

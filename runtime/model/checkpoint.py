@@ -111,7 +111,9 @@ def select_weights(
     names = expected_weight_names(config)
     missing = [n for n in names if n not in tensors]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s): {shown}")
     weights = {}
     for name in names:
@@ -123,3 +125,13 @@ def select_weights(
             )
         weights[name] = tensor.to(dtype)
     return weights
+
+
+def require_chat_template(tokenizer: Tokenizer, source: str) -> None:
+    # kvrt's agents talk through /v1/chat/completions; a checkpoint without a template would
+    # fail on its first chat request instead of at start-up.
+    if tokenizer.chat_template is None:
+        raise CheckpointError(
+            f"{source}: the tokenizer has no chat template (tokenizer_config.json "
+            "'chat_template', chat_template.jinja or GGUF tokenizer.chat_template)"
+        )

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, select_weights
+from .checkpoint import Checkpoint, CheckpointError, require_chat_template, select_weights
 from .config import ModelConfig, ModelConfigError
 from .tokenizer import Tokenizer
 
@@ -16,17 +16,25 @@ SHARD_INDEX = "model.safetensors.index.json"
 
 
 def load_hf_folder(
-    folder: str | Path, dtype: torch.dtype = torch.float32, name: str | None = None
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    name: str | None = None,
+    *,
+    tokenizer_as_saved: bool = False,
 ) -> Checkpoint:
-    """Loads a Hugging Face checkpoint folder; `name` defaults to the folder's name."""
+    """Loads a Hugging Face checkpoint folder; `name` defaults to the folder's name.
+    `tokenizer_as_saved`: see `Tokenizer.from_pretrained` (for folders kvrt wrote)."""
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {folder}")
     config = read_hf_config(folder)
     weights = select_weights(config, read_safetensors(folder), dtype, str(folder))
-    tokenizer = read_tokenizer(folder, config)
+    tokenizer = read_tokenizer(folder, config, as_saved=tokenizer_as_saved)
     return Checkpoint(
-        name=name or folder.name, config=config, weights=weights, tokenizer=tokenizer,
+        name=name or folder.name,
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
         source=str(folder),
     )
 
@@ -67,18 +75,13 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_tokenizer(folder: Path, config: ModelConfig) -> Tokenizer:
+def read_tokenizer(folder: Path, config: ModelConfig, as_saved: bool = False) -> Tokenizer:
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise CheckpointError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)")
     generation = _read_json(folder / "generation_config.json", required=False)
-    tokenizer = Tokenizer.from_pretrained(
-        folder, eos_token_ids=[*config.eos_token_ids, *_as_ids(generation.get("eos_token_id"))]
-    )
-    if tokenizer.chat_template is None:
-        raise CheckpointError(
-            f"{folder}: the tokenizer has no chat template (tokenizer_config.json "
-            "'chat_template' or chat_template.jinja); kvrt serves chat models"
-        )
+    eos_ids = [*config.eos_token_ids, *_as_ids(generation.get("eos_token_id"))]
+    tokenizer = Tokenizer.from_pretrained(folder, eos_ids, as_saved=as_saved)
+    require_chat_template(tokenizer, str(folder))
     return tokenizer
 
 

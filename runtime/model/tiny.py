@@ -109,21 +109,21 @@ def _train_bpe():
 def _model_config(arch: str, vocab_size: int):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=MAX_POSITION,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-        initializer_range=INIT_STD,
-        bos_token_id=SPECIAL_TOKENS.index("<|endoftext|>"),
-        eos_token_id=SPECIAL_TOKENS.index("<|im_end|>"),
-    )
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": MAX_POSITION,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "initializer_range": INIT_STD,
+        "bos_token_id": SPECIAL_TOKENS.index("<|endoftext|>"),
+        "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
+    }
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True)
     if arch == "qwen2":

@@ -22,6 +22,8 @@ class Tokenizer:
     says (Qwen2.5 base models name only `<|endoftext|>`).
     """
 
+    __slots__ = ("bos_token_id", "eos_token_ids", "hf", "vocab_size")
+
     def __init__(self, hf: PreTrainedTokenizerBase, eos_token_ids: Iterable[int] = ()) -> None:
         self.hf = hf
         self.vocab_size: int = len(hf)
@@ -29,10 +31,18 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids) | _own_eos_ids(hf)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
-        from transformers import AutoTokenizer
+    def from_pretrained(
+        cls, folder: str | Path, eos_token_ids: Iterable[int] = (), *, as_saved: bool = False
+    ) -> Tokenizer:
+        """Loads the folder's tokenizer as transformers' AutoTokenizer does, which for some model
+        types rebuilds the pipeline (Qwen2 swaps in its own pre-tokenizer regex) so that kvrt
+        tokenizes exactly as transformers does. `as_saved` loads tokenizer.json as written, for
+        folders kvrt saved itself (the GGUF cache): AutoTokenizer would build the model's config
+        class first, ~2 s of imports on the first call."""
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-        return cls(AutoTokenizer.from_pretrained(str(folder)), eos_token_ids)
+        loader = PreTrainedTokenizerFast if as_saved else AutoTokenizer
+        return cls(loader.from_pretrained(str(folder)), eos_token_ids)
 
     @property
     def chat_template(self) -> str | None:
@@ -44,7 +54,9 @@ class Tokenizer:
         for Llama 3, nothing for ChatML models), as an OpenAI /v1/completions server does."""
         return list(self.hf.encode(text))
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         if self.chat_template is None:
             raise ValueError("this checkpoint's tokenizer has no chat template; use completions")
         return self.hf.apply_chat_template(
@@ -89,7 +101,7 @@ class IncrementalDetokenizer:
     is a decode of a few ids, never of the whole output.
     """
 
-    __slots__ = ("_decode", "_ids", "_prefix_offset", "_read_offset", "_prefix_text")
+    __slots__ = ("_decode", "_ids", "_prefix_offset", "_prefix_text", "_read_offset")
 
     def __init__(self, decode: Callable[[list[int]], str]) -> None:
         self._decode = decode

@@ -82,7 +82,7 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, EngineError):
         return APIError(500, f"engine error: {exc}", code="engine_error")
     if isinstance(exc, web.HTTPException):
-        return APIError(exc.status, exc.reason or exc.text or "")
+        return APIError(exc.status, exc.text or exc.reason or "")
     return APIError(500, "internal server error; see the server log", code="internal_error")
 
 
@@ -98,6 +98,12 @@ def error_response(error: APIError) -> web.Response:
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except web.HTTPNotFound:
+        return error_response(APIError(404, f"no such route: {request.method} {request.path}"))
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{request.method} is not allowed on {request.path}; use {allowed}"
+        return error_response(APIError(405, message))
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and the like pass through untouched
             raise

@@ -18,6 +18,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 PositiveInt = Annotated[int, Meta(ge=1)]
 TokenId = Annotated[int, Meta(ge=0)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # what torch.Generator.manual_seed takes
 
 
 # ---- requests ------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ class SamplingRequest(Struct, kw_only=True):
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
     top_k: Annotated[int, Meta(ge=-1)] | None = None  # 0 or -1 disables it
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     n: PositiveInt = 1

@@ -6,6 +6,7 @@ import time
 
 import msgspec
 from aiohttp import web
+from kvrt.runtime.engine.protocol import GenerateRequest
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -13,6 +14,7 @@ from kvrt.runtime.server.openai_protocol import (
     Health,
     ModelCard,
     ModelList,
+    SamplingRequest,
     chat_request_decoder,
     completion_request_decoder,
 )
@@ -20,6 +22,7 @@ from kvrt.runtime.server.openai_requests import chat_generate_request, completio
 from kvrt.runtime.server.openai_serving import (
     ChatShapes,
     CompletionShapes,
+    Shapes,
     respond_json,
     respond_stream,
 )
@@ -31,28 +34,16 @@ routes = web.RouteTableDef()
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = chat_request_decoder.decode(await _read_json(request))
-    engine = request.app[keys.ENGINE]
-    gen = chat_generate_request(body, engine, request.headers)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    shapes = ChatShapes(gen.request_id, engine.model_name, include_usage)
-    metrics = request.app[keys.METRICS]
-    if body.stream:
-        return await respond_stream(request, engine, gen, metrics, arrival, shapes, include_usage)
-    return await respond_json(engine, gen, metrics, arrival, shapes)
+    gen = chat_generate_request(body, request.app[keys.ENGINE], request.headers)
+    return await _respond(request, body, gen, ChatShapes, arrival)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = completion_request_decoder.decode(await _read_json(request))
-    engine = request.app[keys.ENGINE]
-    gen = completion_generate_request(body, engine, request.headers)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    shapes = CompletionShapes(gen.request_id, engine.model_name, include_usage)
-    metrics = request.app[keys.METRICS]
-    if body.stream:
-        return await respond_stream(request, engine, gen, metrics, arrival, shapes, include_usage)
-    return await respond_json(engine, gen, metrics, arrival, shapes)
+    gen = completion_generate_request(body, request.app[keys.ENGINE], request.headers)
+    return await _respond(request, body, gen, CompletionShapes, arrival)
 
 
 @routes.get("/v1/models")
@@ -86,11 +77,21 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def _read_json(request: web.Request) -> bytes:
     # A missing Content-Type is taken as JSON (bare clients); a different one is refused.
-    if "Content-Type" in request.headers:
+    if request.headers.get("Content-Type"):
         ctype = request.content_type
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise APIError(415, f"Content-Type must be application/json, got {ctype!r}")
     return await request.read()
+
+
+async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateRequest,
+                   shapes_type: type[Shapes], arrival: float) -> web.StreamResponse:
+    engine, metrics = request.app[keys.ENGINE], request.app[keys.METRICS]
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    shapes = shapes_type(gen.request_id, engine.model_name, include_usage)
+    if body.stream:
+        return await respond_stream(request, engine, gen, metrics, arrival, shapes, include_usage)
+    return await respond_json(engine, gen, metrics, arrival, shapes)
 
 
 def _json(value: object) -> web.Response:

@@ -1,0 +1,136 @@
+"""The @triton.jit kernels behind `paged_attention_triton` and `kv_store_triton`.
+
+Imported only through `_triton_support.triton_kernels()`, on the first launch: Triton is optional,
+and importing it fixes interpreted vs compiled mode for the process. The launchers, with their
+layout checks, are beside the torch references in paged_attention.py and kv_store.py.
+"""
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# True when Triton runs in its CPU interpreter. Read off Triton's own library, which it jitted in
+# one mode or the other when it was first imported, whoever imported it.
+INTERPRETED = isinstance(tl.zeros, InterpretedFunction)
+
+
+@triton.jit
+def kv_store_kernel(
+    pool, k, v, slots, layer,
+    s_blk, s_layer, s_kv, s_row, s_head, s_dim,
+    sk_tok, sk_head, sk_dim,
+    sv_tok, sv_head, sv_dim,
+    s_slot,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    # One program per token: its [heads, head_dim] K and V rows go to one pool row.
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots + tok * s_slot).to(tl.int64)  # int64: big pools pass 2**31 elements
+    row_base = pool + (slot // BLOCK_SIZE) * s_blk + layer * s_layer + (slot % BLOCK_SIZE) * s_row
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, DIM_PAD)[None, :]
+    mask = (h < NUM_HEADS) & (d < HEAD_DIM)
+    k_row = tl.load(k + tok * sk_tok + h * sk_head + d * sk_dim, mask=mask)
+    v_row = tl.load(v + tok * sv_tok + h * sv_head + d * sv_dim, mask=mask)
+    tl.store(row_base + h * s_head + d * s_dim, k_row, mask=mask)
+    tl.store(row_base + s_kv + h * s_head + d * s_dim, v_row, mask=mask)
+
+
+@triton.jit
+def paged_attention_kernel(
+    q, pool, out, slots, shifts, inv_freq, kv_lens, q_starts, tile_seq, tile_q0,
+    layer, qk_scale,
+    sq_tok, sq_head, sq_dim,
+    so_tok, so_head, so_dim,
+    sp_blk, sp_layer, sp_kv, sp_row, sp_head, sp_dim,
+    ss_seq, ss_pos,
+    sh_seq, sh_pos,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):  # fmt: skip
+    # One program per (query tile, kv head). Head dims are handled as two halves, x1 and x2,
+    # because the rotate-half RoPE on K mixes exactly those: q.k = q1.k1 + q2.k2.
+    seq = tl.load(tile_seq + tl.program_id(0))
+    if seq < 0:
+        return
+    kv_head = tl.program_id(1)
+    q_first = tl.load(q_starts + seq)
+    q_count = tl.load(q_starts + seq + 1) - q_first
+    kv_len = tl.load(kv_lens + seq)
+    prefix = kv_len - q_count  # KV positions before this sequence's first new token
+
+    q0 = tl.load(tile_q0 + tl.program_id(0))  # the tile's first query index in its sequence
+    m = tl.arange(0, BLOCK_M)
+    tok = q0 + m // GROUP_PAD
+    head = kv_head * GROUP + m % GROUP_PAD
+    row_ok = (tok < q_count) & (m % GROUP_PAD < GROUP)
+    row_limit = prefix + tok + 1  # causal: row sees KV positions j < row_limit
+    d = tl.arange(0, HALF_PAD)
+    d_ok = d < HALF
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q_ptr = q + (q_first + tok)[:, None].to(tl.int64) * sq_tok + head[:, None] * sq_head
+    q1 = tl.load(q_ptr + d[None, :] * sq_dim, mask=q_mask, other=0.0)
+    q2 = tl.load(q_ptr + (d[None, :] + HALF) * sq_dim, mask=q_mask, other=0.0)
+    if DOT_IN_FP32:  # the interpreter's tl.dot misreads bfloat16; every operand follows q1's type
+        q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
+    if HAS_SHIFT:
+        freq = tl.load(inv_freq + d, mask=d_ok, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
+    kv_end = prefix + tl.minimum(q0 + BLOCK_Q, q_count)  # what the tile's last row sees
+    seq64 = seq.to(tl.int64)
+    for start in range(0, kv_end, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        j_ok = j < kv_end
+        # Padding slots are never loaded (masked), so they may hold any value, even -1.
+        slot = tl.load(slots + seq64 * ss_seq + j * ss_pos, mask=j_ok, other=0).to(tl.int64)
+        base = (slot // BLOCK_SIZE) * sp_blk + (slot % BLOCK_SIZE) * sp_row
+        kv_ptr = pool + layer * sp_layer + kv_head * sp_head + base[:, None]
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        k1 = tl.load(kv_ptr + d[None, :] * sp_dim, mask=kv_mask, other=0.0)
+        k2 = tl.load(kv_ptr + (d[None, :] + HALF) * sp_dim, mask=kv_mask, other=0.0)
+        if HAS_SHIFT:  # K stored at canonical p, read at p + shift: rotate by R(shift)
+            shift = tl.load(shifts + seq64 * sh_seq + j * sh_pos, mask=j_ok, other=0)
+            angle = shift.to(tl.float32)[:, None] * freq[None, :]
+            cos, sin = tl.cos(angle), tl.sin(angle)
+            k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
+            k1, k2 = k1f * cos - k2f * sin, k2f * cos + k1f * sin
+        k1, k2 = k1.to(q1.dtype), k2.to(q1.dtype)
+        scores = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
+        scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+        visible = row_ok[:, None] & (j[None, :] < row_limit[:, None])
+        scores = tl.where(visible, scores * qk_scale, float("-inf"))
+
+        # Online softmax (base 2). A row that has seen nothing yet keeps m = -inf; compute
+        # against 0 instead so exp2 gives 0 rather than NaN.
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v1 = tl.load(kv_ptr + sp_kv + d[None, :] * sp_dim, mask=kv_mask, other=0.0)
+        v2 = tl.load(kv_ptr + sp_kv + (d[None, :] + HALF) * sp_dim, mask=kv_mask, other=0.0)
+        v1, v2, p = v1.to(q1.dtype), v2.to(q1.dtype), p.to(q1.dtype)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT_PRECISION)
+        acc2 = acc2 * alpha[:, None] + tl.dot(p, v2, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    o_ptr = out + (q_first + tok)[:, None].to(tl.int64) * so_tok + head[:, None] * so_head
+    tl.store(
+        o_ptr + d[None, :] * so_dim, (acc1 * inv_l[:, None]).to(out.dtype.element_ty), mask=q_mask
+    )
+    tl.store(
+        o_ptr + (d[None, :] + HALF) * so_dim,
+        (acc2 * inv_l[:, None]).to(out.dtype.element_ty),
+        mask=q_mask,
+    )

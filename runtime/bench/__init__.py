@@ -1,0 +1,1 @@
+"""kvrt.runtime.bench: benchmarks anyone can rerun."""

@@ -1,0 +1,194 @@
+"""Engine speed beside transformers' `generate` on the same weights, in one run.
+
+    python -m kvrt.runtime.bench.engine_speed [--dtypes float32,bfloat16] [--repeats 3]
+                                              [--out bench-out/engine_speed.json]
+
+Four figures per dtype, each the median of `--repeats` runs, each beside its transformers twin:
+- single-stream decode tokens/s (one request, time after its first token);
+- aggregate tokens/s of 16 concurrent streams with prompts of different lengths (transformers:
+  one left-padded batched `generate`);
+- prefill tokens/s of a 1,000-token prompt (cache off);
+- TTFT of a repeated 1,000-token prompt with the prefix cache on versus off.
+A benchmark, not a test: the machine is shared and noisy, so read the ratios, measured side by
+side, more than the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kvrt.runtime.config import EngineConfig
+from kvrt.runtime.engine.engine import Engine
+from kvrt.runtime.engine.factory import build_engine
+from kvrt.runtime.engine.protocol import GenerateRequest, SamplingParams
+from kvrt.runtime.model.checkpoint import load_checkpoint
+
+DECODE_TOKENS = 64
+BATCH = 16
+BATCH_TOKENS = 64
+LONG_PROMPT = 1000
+
+
+def _prompt(tokenizer, words: int, salt: str) -> list[int]:
+    text = " ".join(f"{salt}{i % 97}" for i in range(words))
+    return tokenizer.encode_chat([{"role": "user", "content": text}])
+
+
+def _long_prompt(tokenizer, length: int, salt: str) -> list[int]:
+    ids = _prompt(tokenizer, length, salt)
+    return ids[:length]
+
+
+def _median(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+# -- kvrt ------------------------------------------------------------------------------------
+
+def _params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def _drive(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """Runs the prompts to completion; returns (seconds to the first token, total seconds)."""
+    for i, prompt in enumerate(prompts):
+        request_id = f"bench-{time.monotonic_ns()}-{i}"
+        engine.add(GenerateRequest(request_id, prompt, _params(max_tokens)))
+    start = time.perf_counter()
+    first = None
+    while engine.has_work():
+        if engine.step() and first is None:
+            first = time.perf_counter() - start
+    return first or 0.0, time.perf_counter() - start
+
+
+def _kvrt_figures(engine: Engine, cold: Engine, tok, repeats: int) -> dict[str, float]:
+    short = _prompt(tok, 20, "s")
+    batch = [_prompt(tok, 8 + 23 * i, f"b{i}") for i in range(BATCH)]
+
+    def decode() -> float:
+        first, total = _drive(engine, [short], DECODE_TOKENS)
+        return (DECODE_TOKENS - 1) / (total - first)
+
+    def aggregate() -> float:
+        _, total = _drive(engine, batch, BATCH_TOKENS)
+        return BATCH * BATCH_TOKENS / total
+
+    long = _long_prompt(tok, LONG_PROMPT, "p")
+    _drive(cold, [long], 1)  # warm-up
+
+    def prefill() -> float:
+        return LONG_PROMPT / _drive(cold, [long], 1)[0]
+
+    repeated = _long_prompt(tok, LONG_PROMPT, "r")
+    _drive(engine, [repeated], 1)  # computes and caches it once
+    return {
+        "decode_tok_s": _median(decode, repeats),
+        "aggregate_16_tok_s": _median(aggregate, repeats),
+        "prefill_tok_s": _median(prefill, repeats),
+        "ttft_repeated_cache_on_ms": 1000 * _median(lambda: _drive(engine, [repeated], 1)[0], repeats),
+        "ttft_repeated_cache_off_ms": 1000 * _median(lambda: _drive(cold, [repeated], 1)[0], repeats),
+    }
+
+
+# -- transformers ----------------------------------------------------------------------------
+
+def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
+    short = _prompt(tok, 20, "s")
+    pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else 0
+    batch = [_prompt(tok, 8 + 23 * i, f"b{i}") for i in range(BATCH)]
+    width = max(map(len, batch))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+
+    def generate(input_ids, attention_mask, tokens: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids, attention_mask=attention_mask, do_sample=False,
+                           max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad)
+        return time.perf_counter() - start
+
+    one = torch.tensor([short])
+    ones = torch.ones_like(one)
+
+    def decode() -> float:
+        return (DECODE_TOKENS - 1) / (generate(one, ones, DECODE_TOKENS) - generate(one, ones, 1))
+
+    long = torch.tensor([_long_prompt(tok, LONG_PROMPT, "p")])
+
+    def prefill() -> float:
+        return LONG_PROMPT / generate(long, torch.ones_like(long), 1)
+
+    return {
+        "decode_tok_s": _median(decode, repeats),
+        "aggregate_16_tok_s": _median(
+            lambda: BATCH * BATCH_TOKENS / generate(ids, mask, BATCH_TOKENS), repeats),
+        "prefill_tok_s": _median(prefill, repeats),
+    }
+
+
+def run(dtype_name: str, model_path: str | None, repeats: int) -> dict[str, dict[str, float]]:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name)
+    checkpoint = load_checkpoint(model_path, dtype)
+    hf_source = Path(checkpoint.source)
+    if hf_source.suffix == ".gguf":
+        hf = AutoModelForCausalLM.from_pretrained(hf_source.parent, gguf_file=hf_source.name,
+                                                  dtype=dtype)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(hf_source, dtype=dtype)
+    settings = dict(model=model_path, dtype=dtype_name, kv_cache_memory=1024**3,
+                    max_model_len=4096)
+    engine, _ = build_engine(EngineConfig(**settings), checkpoint=checkpoint)
+    cold, _ = build_engine(EngineConfig(**settings, prefix_caching=False))
+    tok = engine.tokenizer
+    return {"kvrt": _kvrt_figures(engine, cold, tok, repeats),
+            "transformers": _hf_figures(hf.eval(), tok, repeats)}
+
+
+def report(results: dict) -> str:
+    lines = ["| dtype | figure | kvrt | transformers | ratio |", "|---|---|---:|---:|---:|"]
+    for dtype, sides in results["dtypes"].items():
+        ours, theirs = sides["kvrt"], sides["transformers"]
+        for name in ("decode_tok_s", "aggregate_16_tok_s", "prefill_tok_s"):
+            ratio = ours[name] / theirs[name]
+            lines.append(f"| {dtype} | {name} | {ours[name]:.1f} | {theirs[name]:.1f} | {ratio:.2f}x |")
+        on, off = ours["ttft_repeated_cache_on_ms"], ours["ttft_repeated_cache_off_ms"]
+        lines.append(f"| {dtype} | ttft_repeated_1000 on / off (ms) | {on:.1f} | {off:.1f} (off) "
+                     f"| {off / on:.1f}x |")
+        lines.append(f"| {dtype} | aggregate_16 / own single stream | | | "
+                     f"{ours['aggregate_16_tok_s'] / ours['decode_tok_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M GGUF)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench-out/engine_speed.json")
+    args = parser.parse_args(argv)
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "repeats": args.repeats,
+        "dtypes": {d: run(d, args.model, args.repeats) for d in args.dtypes.split(",")},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(report(results))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()

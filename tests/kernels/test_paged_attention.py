@@ -1,0 +1,402 @@
+"""paged_attention: the torch reference against a dense attention written here from scratch, and
+the Triton kernel against the reference (interpreted on CPU, compiled on CUDA).
+
+Every case scatters its KV over shuffled blocks of a pool filled with NaN, so any read of a slot
+that is not part of a sequence (padding, the unused rows of a last block, another layer) turns the
+output into NaN and fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+from kvrt.kernels import (
+    _triton_support,
+    paged_attention_ref,
+    paged_attention_triton,
+    triton_available,
+)
+from kvrt.kernels.paged_attention import rotate_by_shift
+from torch import Tensor
+
+LAYERS, LAYER = 3, 1
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+# (kv_len, new tokens) per sequence; the new tokens are the sequence's last positions.
+SCENARIOS = {
+    "decode": [(7, 1), (13, 1), (1, 1), (20, 1)],
+    "prefill": [(9, 9), (40, 20), (12, 5)],  # a fresh prompt, then chunks after cached prefixes
+    "mixed": [(10, 1), (16, 6), (5, 5), (37, 1)],
+}
+
+
+# ------------------------------------------------------------------ independent dense reference
+
+
+def inv_freq_for(head_dim: int) -> Tensor:
+    return 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Hugging Face Llama RoPE in float64: x * cos + rotate_half(x) * sin, x [L, heads, D]."""
+    freqs = positions.double()[:, None] * inv_freq.double()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    x = x.double()
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * emb.cos() + torch.cat((-x2, x1), dim=-1) * emb.sin()
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T) v in float64; q [n, H, D] are the last n of the L positions of k, v."""
+    n, length = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = torch.einsum("nhd,lhd->hnl", q.double(), k) * scale
+    causal = torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return torch.einsum("hnl,lhd->nhd", probs, v)
+
+
+# ------------------------------------------------------------------ building paged cases
+
+
+@dataclass
+class Case:
+    q: Tensor
+    kv_pool: Tensor
+    kv_slots: Tensor
+    kv_lens: Tensor
+    q_starts: Tensor
+    scale: float
+    kv_shifts: Tensor | None
+    inv_freq: Tensor
+    expected: Tensor  # float64, from dense_attention
+
+    def args(self) -> tuple:
+        inv_freq = None if self.kv_shifts is None else self.inv_freq
+        return (
+            self.q,
+            self.kv_pool,
+            LAYER,
+            self.kv_slots,
+            self.kv_lens,
+            self.q_starts,
+            self.scale,
+            self.kv_shifts,
+            inv_freq,
+        )
+
+    def to(self, device: torch.device) -> Case:
+        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
+        return Case(**moved)
+
+
+def new_pool(
+    num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> Tensor:
+    return torch.full(
+        (num_blocks, LAYERS, 2, block_size, kv_heads, head_dim), math.nan, dtype=dtype
+    )
+
+
+def write_kv(pool: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
+    """Test-side store (plain indexing, independent of kv_store)."""
+    block_size = pool.shape[3]
+    for slot, k_row, v_row in zip(slots.tolist(), k, v):
+        pool[slot // block_size, LAYER, 0, slot % block_size] = k_row
+        pool[slot // block_size, LAYER, 1, slot % block_size] = v_row
+
+
+def build_case(
+    specs: list[tuple[int, int]], *, block_size: int = 4, kv_heads: int = 2, group: int = 1,
+    head_dim: int = 32, dtype: torch.dtype = torch.float32, shifted: bool = False,
+    slot_dtype: torch.dtype = torch.int64, pad: int | None = None, seed: int = 0,
+) -> Case:  # fmt: skip
+    """Sequences with KV in shuffled blocks. With `shifted`, K at reader position r was stored
+    rotated at a canonical position r - d and is read with shift d (d random per position)."""
+    gen = torch.Generator().manual_seed(seed)
+    inv_freq = inv_freq_for(head_dim).float()
+    blocks_per_seq = [-(-length // block_size) for length, _ in specs]
+    pool = new_pool(sum(blocks_per_seq) + 3, block_size, kv_heads, head_dim, dtype)
+    order = torch.randperm(pool.shape[0], generator=gen)
+    width = max(length for length, _ in specs) + 3
+    # Padding garbage: by default random values, -1 and far out-of-range slots included.
+    slots = torch.randint(-1, 10**6, (len(specs), width), generator=gen)
+    if pad is not None:
+        slots.fill_(pad)
+    shifts = torch.randint(-(10**4), 10**4, (len(specs), width), generator=gen)
+    qs, expected = [], []
+    for s, (length, n_new) in enumerate(specs):
+        first = sum(blocks_per_seq[:s])
+        blocks = order[first : first + blocks_per_seq[s]]
+        pos = torch.arange(length)
+        slots[s, :length] = blocks[pos // block_size] * block_size + pos % block_size
+        shift = torch.randint(-50, 50, (length,), generator=gen) if shifted else pos * 0
+        shifts[s, :length] = shift
+        reader_pos = pos + 3
+        k_raw = torch.randn(length, kv_heads, head_dim, generator=gen)
+        v = torch.randn(length, kv_heads, head_dim, generator=gen).to(dtype)
+        write_kv(pool, slots[s, :length], rope(k_raw, reader_pos - shift, inv_freq).to(dtype), v)
+        q_raw = torch.randn(n_new, kv_heads * group, head_dim, generator=gen)
+        q = rope(q_raw, reader_pos[length - n_new :], inv_freq).to(dtype)
+        qs.append(q)
+        expected.append(dense_attention(q, rope(k_raw, reader_pos, inv_freq), v, head_dim**-0.5))
+    counts = torch.tensor([0] + [n for _, n in specs])
+    return Case(
+        q=torch.cat(qs), kv_pool=pool, kv_slots=slots.to(slot_dtype),
+        kv_lens=torch.tensor([length for length, _ in specs], dtype=torch.int32),
+        q_starts=counts.cumsum(0).to(torch.int32), scale=head_dim**-0.5,
+        kv_shifts=shifts.to(torch.int32) if shifted else None, inv_freq=inv_freq,
+        expected=torch.cat(expected),
+    )  # fmt: skip
+
+
+def assert_matches(out: Tensor, expected: Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype and out.shape == expected.shape
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double().cpu(), expected.double().cpu(), rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------ torch reference vs dense
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift"])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_ref_matches_dense(scenario, block_size, group, shifted, dtype):
+    case = build_case(
+        SCENARIOS[scenario], block_size=block_size, group=group, shifted=shifted, dtype=dtype
+    )
+    assert_matches(paged_attention_ref(*case.args()), case.expected, dtype)
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_ref_accepts_int32_and_int64_slots(slot_dtype):
+    case = build_case(SCENARIOS["mixed"], slot_dtype=slot_dtype, shifted=True)
+    assert_matches(paged_attention_ref(*case.args()), case.expected, torch.float32)
+
+
+def test_padding_slots_are_never_read():
+    outs = [
+        paged_attention_ref(*build_case(SCENARIOS["mixed"], pad=pad, seed=3).args())
+        for pad in (-1, 0, 10**9)
+    ]
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_zero_shifts_equal_no_shifts():
+    case = build_case(SCENARIOS["mixed"], dtype=torch.bfloat16)
+    plain = paged_attention_ref(*case.args())
+    case.kv_shifts = torch.zeros_like(case.kv_slots, dtype=torch.int32)
+    assert torch.equal(paged_attention_ref(*case.args()), plain)
+
+
+def test_ref_reads_a_strided_pool():
+    case = build_case(SCENARIOS["mixed"], shifted=True)
+    wide = torch.full((*case.kv_pool.shape[:-1], 2 * case.kv_pool.shape[-1]), math.nan)
+    wide[..., ::2] = case.kv_pool
+    contiguous_out = paged_attention_ref(*case.args())
+    case.kv_pool = wide[..., ::2]
+    assert not case.kv_pool.is_contiguous()
+    assert torch.equal(paged_attention_ref(*case.args()), contiguous_out)
+
+
+def test_rotate_by_shift_composes_rope():
+    # K stored rotated at p, then rotated by d, is K rotated at p + d.
+    gen = torch.Generator().manual_seed(1)
+    inv_freq = inv_freq_for(64).float()
+    k_raw = torch.randn(1, 20, 3, 64, generator=gen)
+    p = torch.randint(0, 4000, (20,), generator=gen)
+    d = torch.randint(-300, 300, (20,), generator=gen)
+    stored = rope(k_raw[0], p, inv_freq).float()
+    shifted = rotate_by_shift(stored[None], d[None], inv_freq)[0]
+    torch.testing.assert_close(
+        shifted.double(), rope(k_raw[0], p + d, inv_freq), rtol=1e-4, atol=1e-4
+    )
+
+
+def shared_segment_case() -> Case:
+    """One physical segment read by three sequences at shifts 0, 3 and 20 (the design's
+    position-independent reuse): a shifted reader must see K as if computed at its position."""
+    gen = torch.Generator().manual_seed(7)
+    bs, kv_heads, group, dim = 4, 2, 2, 32
+    inv_freq = inv_freq_for(dim).float()
+    pool = new_pool(16, bs, kv_heads, dim, torch.float32)
+    seg_slots = torch.tensor([5 * bs + r for r in range(4)] + [2 * bs + r for r in range(4)])
+    seg_k = torch.randn(8, kv_heads, dim, generator=gen)
+    seg_v = torch.randn(8, kv_heads, dim, generator=gen)
+    write_kv(pool, seg_slots, rope(seg_k, torch.arange(8), inv_freq).float(), seg_v)
+    # (own tokens before the segment, its reader offset = shift, own tokens after, new tokens)
+    layouts = [(0, 0, 1, 1), (3, 3, 1, 1), (0, 20, 3, 3)]
+    own_blocks = [b for b in range(16) if b not in (2, 5)]
+    free_slots = iter(
+        torch.tensor([b * bs + r for b in own_blocks for r in range(bs)])[
+            torch.randperm(len(own_blocks) * bs, generator=gen)
+        ].tolist()
+    )
+    width = 16
+    slots = torch.full((3, width), -1)
+    shifts = torch.zeros(3, width, dtype=torch.int32)
+    qs, expected = [], []
+    for s, (before, offset, after, n_new) in enumerate(layouts):
+        own = [next(free_slots) for _ in range(before)]
+        tail = [next(free_slots) for _ in range(after)]
+        length = before + 8 + after
+        slots[s, :length] = torch.tensor(own + seg_slots.tolist() + tail)
+        shifts[s, before : before + 8] = offset
+        reader_pos = torch.cat(
+            (torch.arange(before), offset + torch.arange(8), offset + 8 + torch.arange(after))
+        )
+        own_k = torch.randn(before + after, kv_heads, dim, generator=gen)
+        own_v = torch.randn(before + after, kv_heads, dim, generator=gen)
+        own_pos = torch.cat((reader_pos[:before], reader_pos[before + 8 :]))
+        write_kv(
+            pool,
+            torch.tensor(own + tail, dtype=torch.long),
+            rope(own_k, own_pos, inv_freq).float(),
+            own_v,
+        )
+        k_all = torch.cat((own_k[:before], seg_k, own_k[before:]))
+        v_all = torch.cat((own_v[:before], seg_v, own_v[before:]))
+        q = rope(
+            torch.randn(n_new, kv_heads * group, dim, generator=gen),
+            reader_pos[length - n_new :],
+            inv_freq,
+        ).float()
+        qs.append(q)
+        expected.append(dense_attention(q, rope(k_all, reader_pos, inv_freq), v_all, dim**-0.5))
+    return Case(
+        q=torch.cat(qs), kv_pool=pool, kv_slots=slots,
+        kv_lens=torch.tensor([1 + 8 + 0, 3 + 8 + 1, 0 + 8 + 3], dtype=torch.int32),
+        q_starts=torch.tensor([0, 1, 2, 5], dtype=torch.int32), scale=dim**-0.5,
+        kv_shifts=shifts, inv_freq=inv_freq, expected=torch.cat(expected),
+    )  # fmt: skip
+
+
+def test_ref_shifted_shared_segment():
+    case = shared_segment_case()
+    assert_matches(paged_attention_ref(*case.args()), case.expected, torch.float32)
+
+
+# ------------------------------------------------------------------ Triton vs the reference
+
+TRITON_CASES = [
+    pytest.param({"block_size": 4, "shifted": True}, id="bs4-shift"),
+    pytest.param({"block_size": 16, "shifted": False}, id="bs16-noshift"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("layout", TRITON_CASES)
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_triton_matches_ref(triton_device, scenario, layout, group, dtype):
+    case = build_case(SCENARIOS[scenario], group=group, dtype=dtype, **layout).to(triton_device)
+    expected = paged_attention_ref(*case.args())
+    out = paged_attention_triton(*case.args())
+    assert out.dtype == dtype and out.device == triton_device
+    torch.testing.assert_close(out.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("head_dim,group", [(48, 4), (32, 5)])
+def test_triton_odd_head_dim_and_group(triton_device, head_dim, group):
+    # head_dim / 2 = 24 and a group of 5 are not powers of two: padded lanes must stay masked.
+    case = build_case(
+        SCENARIOS["mixed"],
+        head_dim=head_dim,
+        group=group,
+        kv_heads=1,
+        shifted=True,
+        slot_dtype=torch.int32,
+    )
+    assert_matches(
+        paged_attention_triton(*case.to(triton_device).args()), case.expected, torch.float32
+    )
+
+
+def test_triton_strided_q_and_shared_segment(triton_device):
+    case = shared_segment_case().to(triton_device)
+    wide = torch.zeros(case.q.shape[0], case.q.shape[1], 3 * case.q.shape[2], device=triton_device)
+    wide[..., 5 : 5 + case.q.shape[2]] = case.q
+    case.q = wide[..., 5 : 5 + case.q.shape[2]]  # q as a view into a fused projection
+    assert not case.q.is_contiguous()
+    assert_matches(paged_attention_triton(*case.args()), case.expected, torch.float32)
+
+
+def test_triton_refuses_cpu_tensors_when_compiled(monkeypatch):
+    # Compiled Triton cannot take CPU tensors; the launcher must say so before launching.
+    monkeypatch.setattr(
+        _triton_support, "triton_kernels", lambda: SimpleNamespace(INTERPRETED=False)
+    )
+    case = build_case(SCENARIOS["decode"])
+    with pytest.raises(ValueError, match="CUDA"):
+        paged_attention_triton(*case.args())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift"])
+def test_triton_on_cuda_matches_ref(cuda_triton, shifted, dtype):
+    specs = SCENARIOS["mixed"] + [(300, 1)] * 8 + [(700, 130)]
+    case = build_case(
+        specs, block_size=16, kv_heads=3, group=3, head_dim=64, dtype=dtype, shifted=shifted
+    ).to(cuda_triton)
+    out = paged_attention_triton(*case.args())
+    assert out.device.type == "cuda"
+    assert_matches(out, case.expected, dtype)
+    torch.testing.assert_close(
+        out.float(), paged_attention_ref(*case.args()).float(), rtol=TOL[dtype], atol=TOL[dtype]
+    )
+
+
+# Compiles both kernels for an H100 (sm_90) down to a cubin, which needs no GPU: it catches what
+# the interpreter forgives (dot shape limits, types across constexpr branches, loop-carried types).
+# A subprocess, because this process may hold Triton in interpreter mode.
+COMPILE_CHECK = """
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kvrt.kernels._triton_jit as jit
+assert not jit.INTERPRETED
+
+def compile_for_sm90(fn, types, constexprs):
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
+    paths = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=paths), target=GPUTarget("cuda", 90, 32))
+
+for dtype, has_shift in itertools.product(["fp32", "bf16"], [False, True]):
+    ptr = "*" + dtype
+    types = dict(q=ptr, pool=ptr, out=ptr, slots="*i64", shifts="*i32", inv_freq="*fp32",
+                 kv_lens="*i32", q_starts="*i32", tile_seq="*i32", tile_q0="*i32", qk_scale="fp32")
+    constexprs = dict(GROUP=3, GROUP_PAD=4, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=32, BLOCK_SIZE=16,
+                      HALF=32, HALF_PAD=32, HAS_SHIFT=has_shift, DOT_IN_FP32=False,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    compile_for_sm90(jit.paged_attention_kernel, types, constexprs)
+compile_for_sm90(jit.kv_store_kernel, dict(pool="*bf16", k="*bf16", v="*bf16", slots="*i64"),
+                 dict(BLOCK_SIZE=16, NUM_HEADS=3, HEAD_DIM=64, HEADS_PAD=4, DIM_PAD=64))
+print("ok")
+"""
+
+
+def test_triton_kernels_compile_for_cuda(tmp_path):
+    if not triton_available():  # (not importorskip: importing Triton here would fix its mode)
+        pytest.skip("Triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a real compile every run, and no stray cache
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"

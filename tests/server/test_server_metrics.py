@@ -1,0 +1,122 @@
+"""/metrics (Prometheus text, counters that move), /openapi.json, /health."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from tests.server.live_server import LiveServer, good_chat
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*)\})?'
+                     r" (\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> tuple[dict[str, str], dict[tuple[str, frozenset], float]]:
+    """Prometheus text format 0.0.4 -> ({family: type}, {(name, labels): value}); fails on any
+    line that is neither a comment nor a well-formed sample."""
+    types: dict[str, str] = {}
+    samples: dict[tuple[str, frozenset], float] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+        elif line.startswith("# HELP ") or not line:
+            continue
+        else:
+            match = _SAMPLE.match(line)
+            assert match, f"not a Prometheus sample line: {line!r}"
+            name, labels, value = match.groups()
+            key = (name, frozenset(_LABEL.findall(labels or "")))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = float(value)
+    return types, samples
+
+
+def scrape(server: LiveServer):
+    reply = server.request("GET", "/metrics")
+    assert reply.status == 200
+    assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return parse_metrics(reply.body.decode())
+
+
+def value(samples, name: str, **labels: str) -> float:
+    want = frozenset({("model_name", "tiny"), *labels.items()})
+    return samples.get((name, want), 0.0)
+
+
+def test_metrics_expose_the_kvrt_families(server: LiveServer) -> None:
+    types, samples = scrape(server)
+    expected = {
+        "kvrt:num_requests_running": "gauge",
+        "kvrt:num_requests_waiting": "gauge",
+        "kvrt:kv_cache_usage_perc": "gauge",
+        "kvrt:prefix_cache_queries_total": "counter",
+        "kvrt:prefix_cache_hits_total": "counter",
+        "kvrt:prompt_tokens_total": "counter",
+        "kvrt:generation_tokens_total": "counter",
+        "kvrt:request_success_total": "counter",
+        "kvrt:time_to_first_token_seconds": "histogram",
+        "kvrt:e2e_request_latency_seconds": "histogram",
+    }
+    assert expected.items() <= types.items()
+    assert 0.0 <= value(samples, "kvrt:kv_cache_usage_perc") <= 1.0
+    assert value(samples, "kvrt:time_to_first_token_seconds_bucket", le="+Inf") == value(
+        samples, "kvrt:time_to_first_token_seconds_count")
+
+
+def test_counters_move_with_requests(server: LiveServer) -> None:
+    _, before = scrape(server)
+    body = good_chat(max_tokens=5, ignore_eos=True,
+                     messages=[{"role": "system", "content": "You are a helpful assistant. " * 4},
+                               {"role": "user", "content": "What is two plus two?"}])
+    usages = [server.post("/v1/chat/completions", body).json()["usage"] for _ in range(2)]
+    _, after = scrape(server)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("kvrt:prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert delta("kvrt:generation_tokens_total") == 10
+    assert delta("kvrt:prefix_cache_queries_total") >= usages[0]["prompt_tokens"]
+    assert delta("kvrt:prefix_cache_hits_total") >= usages[1]["prompt_tokens_details"][
+        "cached_tokens"] > 0
+    assert delta("kvrt:request_success_total", finished_reason="length") == 2
+    for histogram in ("kvrt:time_to_first_token_seconds", "kvrt:e2e_request_latency_seconds"):
+        assert delta(f"{histogram}_count") == 2
+        assert delta(f"{histogram}_bucket", le="+Inf") == 2
+        assert delta(f"{histogram}_sum") > 0
+    assert value(after, "kvrt:num_requests_running") == 0
+    assert value(after, "kvrt:kv_cache_usage_perc") == 0.0
+
+
+def test_histogram_buckets_are_cumulative(server: LiveServer) -> None:
+    server.post("/v1/completions", {"prompt": "Once", "max_tokens": 2})
+    _, samples = scrape(server)
+    buckets = sorted(
+        (float(dict(labels)["le"]), v) for (name, labels), v in samples.items()
+        if name == "kvrt:e2e_request_latency_seconds_bucket"
+    )
+    assert buckets[-1][0] == math.inf
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts) and counts[-1] >= 1
+
+
+def test_openapi_names_both_endpoints(server: LiveServer) -> None:
+    reply = server.request("GET", "/openapi.json")
+    assert reply.status == 200
+    doc = reply.json()
+    assert doc["openapi"].startswith("3.")
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        name = ref["$ref"].rsplit("/", 1)[1]
+        assert name in doc["components"]["schemas"]
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert {"messages", "max_tokens", "stream", "kvrt"} <= set(chat["properties"])
+    assert "messages" in chat["required"]
+    assert {"/v1/models", "/health", "/metrics"} <= set(doc["paths"])
+
+
+def test_health(server: LiveServer) -> None:
+    reply = server.request("GET", "/health")
+    assert reply.status == 200 and reply.json() == {"status": "ok"}

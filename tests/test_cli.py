@@ -1,0 +1,130 @@
+"""`kvrt` command line: flag parsing and errors, `model init-tiny`, `serve` as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+from kvrt.runtime.cli import build_parser, main, serve_config
+from kvrt.runtime.config import EngineConfig, ServeConfig
+
+READY = re.compile(r"^kvrt ready: serving (\S+) at (http://127\.0\.0\.1:(\d+))$")
+
+
+def test_serve_defaults_come_from_the_configs() -> None:
+    config = serve_config(build_parser().parse_args(["serve"]))
+    assert config == ServeConfig()
+    assert config.engine == EngineConfig()
+
+
+def test_serve_flags_reach_the_config() -> None:
+    args = build_parser().parse_args([
+        "serve", "--model", "/m", "--host", "0.0.0.0", "--port", "0", "--device", "cpu",
+        "--dtype", "bfloat16", "--kv-cache-memory", "2GiB", "--max-model-len", "4096",
+        "--max-num-seqs", "8", "--max-num-batched-tokens", "1024", "--block-size", "32",
+        "--policy", "lru", "--kernels", "torch", "--served-model-name", "m",
+        "--log-level", "debug", "--no-prefix-caching", "--seed", "3",
+    ])
+    assert serve_config(args) == ServeConfig(
+        host="0.0.0.0", port=0, log_level="debug", served_model_name="m",
+        engine=EngineConfig(model="/m", device="cpu", dtype="bfloat16",
+                            kv_cache_memory=2 * 1024**3, block_size=32, max_model_len=4096,
+                            max_num_seqs=8, max_num_batched_tokens=1024, prefix_caching=False,
+                            policy="lru", kernels="torch", seed=3),
+    )
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["serve", "--device", "tpu"], "--device"),
+    (["serve", "--policy", "fifo"], "--policy"),
+    (["serve", "--kv-cache-memory", "lots"], "not a size"),
+    (["serve", "--port", "http"], "--port"),
+    (["serve", "--port", "70000"], "port must be in 0..65535"),
+    (["serve", "--max-num-seqs", "0"], "max_num_seqs must be positive"),
+    (["serve", "--max-model-len", "-1"], "max_model_len must be positive"),
+    (["serve", "--bogus"], "unrecognized arguments"),
+    (["model", "init-tiny"], "DIR"),
+    (["model", "init-tiny", "d", "--arch", "gpt2"], "--arch"),
+    ([], "COMMAND"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_flags_exit_2_with_one_line(argv, words, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvrt") and "error:" in err, err
+    assert words in err
+
+
+def test_init_tiny_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    from kvrt.runtime.model.checkpoint import load_checkpoint
+
+    assert main(["model", "init-tiny", str(tmp_path / "q3"), "--arch", "qwen3", "--seed", "1"]) == 0
+    checkpoint = load_checkpoint(str(tmp_path / "q3"))
+    assert checkpoint.config.arch == "qwen3"
+    assert checkpoint.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from kvrt.runtime.model.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+def kvrt_serve(*flags: str) -> subprocess.Popen:
+    # The installed `kvrt` script is this same entry point; `-m` needs no PATH lookup.
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvrt.runtime.cli", "serve", "--port", "0", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def read_ready_line(proc: subprocess.Popen, timeout: float = 60) -> re.Match:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result or not result[0]:
+        proc.kill()
+        raise AssertionError(f"no ready line; stderr:\n{proc.communicate()[1]}")
+    match = READY.match(result[0].rstrip("\n"))
+    assert match, result[0]
+    return match
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_prints_ready_line_answers_and_exits_cleanly(tiny_dir: Path, sig) -> None:
+    proc = kvrt_serve("--model", str(tiny_dir), "--served-model-name", "tiny-cli",
+                      "--kv-cache-memory", "4MiB", "--max-model-len", "256")
+    try:
+        model, url, _ = read_ready_line(proc).groups()
+        assert model == "tiny-cli"
+        with urllib.request.urlopen(url + "/health", timeout=10) as resp:
+            assert resp.status == 200
+        with urllib.request.urlopen(url + "/v1/models", timeout=10) as resp:
+            assert json.load(resp)["data"][0]["id"] == "tiny-cli"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out == ""  # the ready line is the only thing on stdout
+    assert "Traceback" not in err
+
+
+def test_serve_missing_model_fails_with_one_line(tmp_path: Path) -> None:
+    proc = kvrt_serve("--model", str(tmp_path / "nothing-here"))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert out == "" and "Traceback" not in err
+    assert "nothing-here" in err and len(err.strip().splitlines()) <= 2, err
