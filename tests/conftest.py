@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton fixes its mode (compiled or interpreted) when first imported, and transformers' model
+# classes import it. Without a GPU the kernel tests run in the interpreter, so choose that
+# before any test module imports anything.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

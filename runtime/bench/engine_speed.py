@@ -5,8 +5,9 @@
 
 Four figures per dtype, each the median of `--repeats` runs, each beside its transformers twin:
 - single-stream decode tokens/s (one request, time after its first token);
-- aggregate tokens/s of 16 concurrent streams with prompts of different lengths (transformers:
-  one left-padded batched `generate`);
+- aggregate tokens/s of 16 concurrent streams with prompts and outputs of different lengths
+  (transformers: one left-padded batched `generate`, which runs until its longest member is
+  done), and the same with all outputs 64 tokens long;
 - prefill tokens/s of a 1,000-token prompt (cache off);
 - TTFT of a repeated 1,000-token prompt with the prefix cache on versus off.
 A benchmark, not a test: the machine is shared and noisy, so read the ratios, measured side by
@@ -30,10 +31,13 @@ from kvrt.runtime.engine.engine import Engine
 from kvrt.runtime.engine.factory import build_engine
 from kvrt.runtime.engine.protocol import GenerateRequest, SamplingParams
 from kvrt.runtime.model.checkpoint import load_checkpoint
+from kvrt.runtime.model.gguf_loader import cache_folder
 
 DECODE_TOKENS = 64
 BATCH = 16
 BATCH_TOKENS = 64
+# Streams of different lengths: prompts of 16..196 tokens (below) and outputs of 32..128 tokens.
+OUTPUT_LENGTHS = [32 + (37 * i) % 97 for i in range(BATCH)]
 LONG_PROMPT = 1000
 
 
@@ -43,8 +47,12 @@ def _prompt(tokenizer, words: int, salt: str) -> list[int]:
 
 
 def _long_prompt(tokenizer, length: int, salt: str) -> list[int]:
-    ids = _prompt(tokenizer, length, salt)
-    return ids[:length]
+    return _prompt(tokenizer, length, salt)[:length]
+
+
+def _batch_prompts(tokenizer) -> list[list[int]]:
+    """16 prompts of 16 to 196 tokens: streams of different lengths."""
+    return [_long_prompt(tokenizer, 16 + 12 * i, f"b{i}") for i in range(BATCH)]
 
 
 def _median(fn: Callable[[], float], repeats: int) -> float:
@@ -57,11 +65,13 @@ def _params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def _drive(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+def _drive(engine: Engine, prompts: list[list[int]], max_tokens: int | list[int]
+           ) -> tuple[float, float]:
     """Runs the prompts to completion; returns (seconds to the first token, total seconds)."""
-    for i, prompt in enumerate(prompts):
+    counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    for i, (prompt, count) in enumerate(zip(prompts, counts)):
         request_id = f"bench-{time.monotonic_ns()}-{i}"
-        engine.add(GenerateRequest(request_id, prompt, _params(max_tokens)))
+        engine.add(GenerateRequest(request_id, prompt, _params(count)))
     start = time.perf_counter()
     first = None
     while engine.has_work():
@@ -72,15 +82,14 @@ def _drive(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[f
 
 def _kvrt_figures(engine: Engine, cold: Engine, tok, repeats: int) -> dict[str, float]:
     short = _prompt(tok, 20, "s")
-    batch = [_prompt(tok, 8 + 23 * i, f"b{i}") for i in range(BATCH)]
+    batch = _batch_prompts(tok)
 
     def decode() -> float:
         first, total = _drive(engine, [short], DECODE_TOKENS)
         return (DECODE_TOKENS - 1) / (total - first)
 
-    def aggregate() -> float:
-        _, total = _drive(engine, batch, BATCH_TOKENS)
-        return BATCH * BATCH_TOKENS / total
+    def aggregate(lengths: list[int]) -> Callable[[], float]:
+        return lambda: sum(lengths) / _drive(engine, batch, lengths)[1]
 
     long = _long_prompt(tok, LONG_PROMPT, "p")
     _drive(cold, [long], 1)  # warm-up
@@ -92,7 +101,8 @@ def _kvrt_figures(engine: Engine, cold: Engine, tok, repeats: int) -> dict[str, 
     _drive(engine, [repeated], 1)  # computes and caches it once
     return {
         "decode_tok_s": _median(decode, repeats),
-        "aggregate_16_tok_s": _median(aggregate, repeats),
+        "aggregate_16_tok_s": _median(aggregate(OUTPUT_LENGTHS), repeats),
+        "aggregate_16_same_len_tok_s": _median(aggregate([BATCH_TOKENS] * BATCH), repeats),
         "prefill_tok_s": _median(prefill, repeats),
         "ttft_repeated_cache_on_ms": 1000 * _median(lambda: _drive(engine, [repeated], 1)[0], repeats),
         "ttft_repeated_cache_off_ms": 1000 * _median(lambda: _drive(cold, [repeated], 1)[0], repeats),
@@ -104,10 +114,14 @@ def _kvrt_figures(engine: Engine, cold: Engine, tok, repeats: int) -> dict[str, 
 def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
     short = _prompt(tok, 20, "s")
     pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else 0
-    batch = [_prompt(tok, 8 + 23 * i, f"b{i}") for i in range(BATCH)]
+    batch = _batch_prompts(tok)
     width = max(map(len, batch))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+
+    def aggregate(lengths: list[int]) -> Callable[[], float]:
+        # A static batch runs until its longest member is done; only requested tokens count.
+        return lambda: sum(lengths) / generate(ids, mask, max(lengths))
 
     def generate(input_ids, attention_mask, tokens: int) -> float:
         start = time.perf_counter()
@@ -129,8 +143,8 @@ def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
 
     return {
         "decode_tok_s": _median(decode, repeats),
-        "aggregate_16_tok_s": _median(
-            lambda: BATCH * BATCH_TOKENS / generate(ids, mask, BATCH_TOKENS), repeats),
+        "aggregate_16_tok_s": _median(aggregate(OUTPUT_LENGTHS), repeats),
+        "aggregate_16_same_len_tok_s": _median(aggregate([BATCH_TOKENS] * BATCH), repeats),
         "prefill_tok_s": _median(prefill, repeats),
     }
 
@@ -142,10 +156,10 @@ def run(dtype_name: str, model_path: str | None, repeats: int) -> dict[str, dict
     checkpoint = load_checkpoint(model_path, dtype)
     hf_source = Path(checkpoint.source)
     if hf_source.suffix == ".gguf":
-        hf = AutoModelForCausalLM.from_pretrained(hf_source.parent, gguf_file=hf_source.name,
-                                                  dtype=dtype)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(hf_source, dtype=dtype)
+        # The dequantized Hugging Face copy kvrt made of the GGUF: the same weights, loaded the
+        # ordinary way (transformers' own GGUF path keeps weights packed and computes in fp32).
+        hf_source = cache_folder(hf_source)
+    hf = AutoModelForCausalLM.from_pretrained(hf_source, dtype=dtype)
     settings = dict(model=model_path, dtype=dtype_name, kv_cache_memory=1024**3,
                     max_model_len=4096)
     engine, _ = build_engine(EngineConfig(**settings), checkpoint=checkpoint)
@@ -159,7 +173,8 @@ def report(results: dict) -> str:
     lines = ["| dtype | figure | kvrt | transformers | ratio |", "|---|---|---:|---:|---:|"]
     for dtype, sides in results["dtypes"].items():
         ours, theirs = sides["kvrt"], sides["transformers"]
-        for name in ("decode_tok_s", "aggregate_16_tok_s", "prefill_tok_s"):
+        for name in ("decode_tok_s", "aggregate_16_tok_s", "aggregate_16_same_len_tok_s",
+                     "prefill_tok_s"):
             ratio = ours[name] / theirs[name]
             lines.append(f"| {dtype} | {name} | {ours[name]:.1f} | {theirs[name]:.1f} | {ratio:.2f}x |")
         on, off = ours["ttft_repeated_cache_on_ms"], ours["ttft_repeated_cache_off_ms"]

