@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from kvrt.kernels._triton_support import TRITON_INTERPRET_ENV, interpret_enabled, triton_available
 from kvrt.kernels.kv_store import kv_store_ref, kv_store_triton
 from kvrt.kernels.paged_attention import (

@@ -11,8 +11,9 @@ written last is unspecified.
 from __future__ import annotations
 
 import torch
-from kvrt.kernels._triton_support import check_launch_device, next_power_of_2, triton_kernels
 from torch import Tensor
+
+from kvrt.kernels._triton_support import check_launch_device, next_power_of_2, triton_kernels
 
 
 def check_kv_store_args(kv_pool: Tensor, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kvrt.kernels._triton_support import check_launch_device, next_power_of_2, triton_kernels
 from torch import Tensor
+
+from kvrt.kernels._triton_support import check_launch_device, next_power_of_2, triton_kernels
 
 
 def check_paged_attention_args(

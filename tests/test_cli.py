@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from kvrt.runtime.cli import build_parser, main, serve_config
 from kvrt.runtime.config import EngineConfig, ServeConfig
 

@@ -61,12 +61,14 @@ def _median(fn: Callable[[], float], repeats: int) -> float:
 
 # -- kvrt ------------------------------------------------------------------------------------
 
+
 def _params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def _drive(engine: Engine, prompts: list[list[int]], max_tokens: int | list[int]
-           ) -> tuple[float, float]:
+def _drive(
+    engine: Engine, prompts: list[list[int]], max_tokens: int | list[int]
+) -> tuple[float, float]:
     """Runs the prompts to completion; returns (seconds to the first token, total seconds)."""
     counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     for i, (prompt, count) in enumerate(zip(prompts, counts)):
@@ -104,12 +106,15 @@ def _kvrt_figures(engine: Engine, cold: Engine, tok, repeats: int) -> dict[str, 
         "aggregate_16_tok_s": _median(aggregate(OUTPUT_LENGTHS), repeats),
         "aggregate_16_same_len_tok_s": _median(aggregate([BATCH_TOKENS] * BATCH), repeats),
         "prefill_tok_s": _median(prefill, repeats),
-        "ttft_repeated_cache_on_ms": 1000 * _median(lambda: _drive(engine, [repeated], 1)[0], repeats),
-        "ttft_repeated_cache_off_ms": 1000 * _median(lambda: _drive(cold, [repeated], 1)[0], repeats),
+        "ttft_repeated_cache_on_ms": 1000
+        * _median(lambda: _drive(engine, [repeated], 1)[0], repeats),
+        "ttft_repeated_cache_off_ms": 1000
+        * _median(lambda: _drive(cold, [repeated], 1)[0], repeats),
     }
 
 
 # -- transformers ----------------------------------------------------------------------------
+
 
 def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
     short = _prompt(tok, 20, "s")
@@ -126,8 +131,14 @@ def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
     def generate(input_ids, attention_mask, tokens: int) -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids, attention_mask=attention_mask, do_sample=False,
-                           max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad)
+            model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                do_sample=False,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                pad_token_id=pad,
+            )
         return time.perf_counter() - start
 
     one = torch.tensor([short])
@@ -160,28 +171,39 @@ def run(dtype_name: str, model_path: str | None, repeats: int) -> dict[str, dict
         # ordinary way (transformers' own GGUF path keeps weights packed and computes in fp32).
         hf_source = cache_folder(hf_source)
     hf = AutoModelForCausalLM.from_pretrained(hf_source, dtype=dtype)
-    settings = dict(model=model_path, dtype=dtype_name, kv_cache_memory=1024**3,
-                    max_model_len=4096)
+    settings = dict(model=model_path, dtype=dtype_name, kv_cache_memory=1024**3, max_model_len=4096)
     engine, _ = build_engine(EngineConfig(**settings), checkpoint=checkpoint)
     cold, _ = build_engine(EngineConfig(**settings, prefix_caching=False))
     tok = engine.tokenizer
-    return {"kvrt": _kvrt_figures(engine, cold, tok, repeats),
-            "transformers": _hf_figures(hf.eval(), tok, repeats)}
+    return {
+        "kvrt": _kvrt_figures(engine, cold, tok, repeats),
+        "transformers": _hf_figures(hf.eval(), tok, repeats),
+    }
 
 
 def report(results: dict) -> str:
     lines = ["| dtype | figure | kvrt | transformers | ratio |", "|---|---|---:|---:|---:|"]
     for dtype, sides in results["dtypes"].items():
         ours, theirs = sides["kvrt"], sides["transformers"]
-        for name in ("decode_tok_s", "aggregate_16_tok_s", "aggregate_16_same_len_tok_s",
-                     "prefill_tok_s"):
+        for name in (
+            "decode_tok_s",
+            "aggregate_16_tok_s",
+            "aggregate_16_same_len_tok_s",
+            "prefill_tok_s",
+        ):
             ratio = ours[name] / theirs[name]
-            lines.append(f"| {dtype} | {name} | {ours[name]:.1f} | {theirs[name]:.1f} | {ratio:.2f}x |")
+            lines.append(
+                f"| {dtype} | {name} | {ours[name]:.1f} | {theirs[name]:.1f} | {ratio:.2f}x |"
+            )
         on, off = ours["ttft_repeated_cache_on_ms"], ours["ttft_repeated_cache_off_ms"]
-        lines.append(f"| {dtype} | ttft_repeated_1000 on / off (ms) | {on:.1f} | {off:.1f} (off) "
-                     f"| {off / on:.1f}x |")
-        lines.append(f"| {dtype} | aggregate_16 / own single stream | | | "
-                     f"{ours['aggregate_16_tok_s'] / ours['decode_tok_s']:.2f}x |")
+        lines.append(
+            f"| {dtype} | ttft_repeated_1000 on / off (ms) | {on:.1f} | {off:.1f} (off) "
+            f"| {off / on:.1f}x |"
+        )
+        lines.append(
+            f"| {dtype} | aggregate_16 / own single stream | | | "
+            f"{ours['aggregate_16_tok_s'] / ours['decode_tok_s']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -193,8 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench-out/engine_speed.json")
     args = parser.parse_args(argv)
     results = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "repeats": args.repeats,
         "dtypes": {d: run(d, args.model, args.repeats) for d in args.dtypes.split(",")},
     }

@@ -39,7 +39,7 @@ class AsyncEngine:
         self._idle = threading.Event()
 
     @classmethod
-    def create(cls, config: EngineConfig, served_model_name: str | None = None) -> "AsyncEngine":
+    def create(cls, config: EngineConfig, served_model_name: str | None = None) -> AsyncEngine:
         """Loads the model and builds the engine (blocking: call it off the event loop)."""
         engine, checkpoint = build_engine(config)
         return cls(engine, served_model_name or checkpoint.name)

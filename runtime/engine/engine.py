@@ -34,9 +34,16 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, executor: Executor, kv: KVManager, scheduler: BatchScheduler,
-                 sampler: Sampler, tokenizer: Tokenizer, max_model_len: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        kv: KVManager,
+        scheduler: BatchScheduler,
+        sampler: Sampler,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.executor, self.kv, self.scheduler = executor, kv, scheduler
         self.sampler, self.tokenizer = sampler, tokenizer
         self.max_model_len = max_model_len
@@ -80,8 +87,9 @@ class Engine:
             token_ids=list(request.prompt_token_ids),
             generator=self.sampler.request_generator(request.params),
         )
-        text = OutputText(request.params, self.tokenizer.detokenizer(),
-                          self.tokenizer.eos_token_ids)
+        text = OutputText(
+            request.params, self.tokenizer.detokenizer(), self.tokenizer.eos_token_ids
+        )
         self._live[request.request_id] = _Live(seq, text)
         self.prompt_tokens += seq.prompt_len
         self.scheduler.add(seq)

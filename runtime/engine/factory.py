@@ -38,8 +38,11 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return _DTYPES[choice]
 
 
-def build_engine(config: EngineConfig, clock: Callable[[], float] = time.monotonic,
-                 checkpoint: Checkpoint | None = None) -> tuple[Engine, Checkpoint]:
+def build_engine(
+    config: EngineConfig,
+    clock: Callable[[], float] = time.monotonic,
+    checkpoint: Checkpoint | None = None,
+) -> tuple[Engine, Checkpoint]:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     policy = make_policy(config.policy)
@@ -63,16 +66,37 @@ def build_engine(config: EngineConfig, clock: Callable[[], float] = time.monoton
             f"(one block is {block_bytes} bytes)"
         )
     kv_pool = torch.zeros(
-        (num_blocks, model_cfg.num_layers, 2, config.block_size, model_cfg.num_kv_heads,
-         model_cfg.head_dim), dtype=dtype, device=device,
+        (
+            num_blocks,
+            model_cfg.num_layers,
+            2,
+            config.block_size,
+            model_cfg.num_kv_heads,
+            model_cfg.head_dim,
+        ),
+        dtype=dtype,
+        device=device,
     )
     kv = KVManager(num_blocks, config.block_size, config.prefix_caching)
     scheduler = BatchScheduler(kv, policy, config.max_num_seqs, config.max_num_batched_tokens)
-    engine = Engine(Executor(model, kv_pool), kv, scheduler, Sampler(config.seed, device),
-                    checkpoint.tokenizer, max_model_len, clock)
+    engine = Engine(
+        Executor(model, kv_pool),
+        kv,
+        scheduler,
+        Sampler(config.seed, device),
+        checkpoint.tokenizer,
+        max_model_len,
+        clock,
+    )
     log.info(
         "engine ready in %.1fs: %s on %s/%s, %d KV blocks of %d tokens (%d tokens), kernels %s",
-        time.monotonic() - started, checkpoint.name, device, str(dtype).removeprefix("torch."),
-        num_blocks, config.block_size, num_blocks * config.block_size, kernels.name,
+        time.monotonic() - started,
+        checkpoint.name,
+        device,
+        str(dtype).removeprefix("torch."),
+        num_blocks,
+        config.block_size,
+        num_blocks * config.block_size,
+        kernels.name,
     )
     return engine, checkpoint

@@ -82,7 +82,7 @@ class EngineStats:
 class EngineClient(Protocol):
     model_name: str
     max_model_len: int
-    tokenizer: "Tokenizer"  # kvrt.runtime.model.tokenizer.Tokenizer: chat template, encode, decode
+    tokenizer: Tokenizer  # kvrt.runtime.model.tokenizer.Tokenizer: chat template, encode, decode
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Streams the request's output. Raises RequestRejected before yielding if the request

@@ -18,8 +18,12 @@ class Sampler:
             return None
         return torch.Generator(device=self.device).manual_seed(params.seed)
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> list[int]:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> list[int]:
         """logits: float32 [N, vocab], one row per sequence. Returns one token id per row."""
         greedy = logits.argmax(dim=-1).tolist()
         tokens = []

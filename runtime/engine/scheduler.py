@@ -27,8 +27,9 @@ class Chunk:
 
 
 class BatchScheduler:
-    def __init__(self, kv: KVManager, policy: Policy, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, kv: KVManager, policy: Policy, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
         self.kv = kv
         self.policy = policy
         self.max_num_seqs = max_num_seqs

@@ -43,7 +43,9 @@ class BlockTable:
             return
         self.entries.extend(BlockTableEntry(b) for b in block_ids)
         rows = torch.arange(self.block_size, dtype=torch.int64)
-        new = (torch.tensor(block_ids, dtype=torch.int64)[:, None] * self.block_size + rows).flatten()
+        new = (
+            torch.tensor(block_ids, dtype=torch.int64)[:, None] * self.block_size + rows
+        ).flatten()
         self.slots = torch.cat([self.slots, new])
 
     def block_ids(self) -> list[int]:
@@ -109,7 +111,9 @@ class KVManager:
         """Makes the table cover `num_tokens` positions (raises OutOfBlocks if it cannot)."""
         table.append(self.pool.allocate(self.blocks_needed(table, num_tokens)))
 
-    def commit(self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes) -> None:
+    def commit(
+        self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes
+    ) -> None:
         """Keys every block that became full of computed KV, so later prompts can reuse it."""
         if not self.prefix_caching:
             return

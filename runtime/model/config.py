@@ -44,7 +44,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise ModelConfigError(f"unsupported architecture {self.arch!r}; kvrt serves {ARCHITECTURES}")
+            raise ModelConfigError(
+                f"unsupported architecture {self.arch!r}; kvrt serves {ARCHITECTURES}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
@@ -56,17 +58,20 @@ class ModelConfig:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Builds the config from a Hugging Face config.json dict.
 
         Accepts both spellings of the RoPE settings: `rope_theta` / `rope_scaling` at top level
         (older files) and `rope_parameters: {rope_theta, rope_type, ...}` (transformers 5.x).
         """
         model_type = cfg.get("model_type", "")
-        arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}.get(model_type)
+        arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}.get(
+            model_type
+        )
         if arch is None:
             raise ModelConfigError(
-                f"unsupported model_type {model_type!r}: kvrt serves Llama, Qwen2 and Qwen3 checkpoints"
+                f"unsupported model_type {model_type!r}: "
+                "kvrt serves Llama, Qwen2 and Qwen3 checkpoints"
             )
         try:
             hidden = int(cfg["hidden_size"])
@@ -87,7 +92,9 @@ class ModelConfig:
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
                 qk_norm=arch == "qwen3",
-                eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+                eos_token_ids=tuple(eos)
+                if isinstance(eos, list)
+                else ((eos,) if eos is not None else ()),
                 bos_token_id=cfg.get("bos_token_id"),
             )
         except KeyError as missing:
@@ -101,7 +108,9 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
     theta = merged.get("rope_theta", cfg.get("rope_theta", 10000.0))
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
     if kind not in ("default", "linear", "llama3"):
-        raise ModelConfigError(f"unsupported RoPE type {kind!r}; kvrt supports default, linear, llama3")
+        raise ModelConfigError(
+            f"unsupported RoPE type {kind!r}; kvrt supports default, linear, llama3"
+        )
     return RopeConfig(
         theta=float(theta),
         kind=kind,

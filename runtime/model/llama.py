@@ -45,8 +45,15 @@ class _Layer:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], kernels: Kernels,
-                 device: torch.device, dtype: torch.dtype, max_positions: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        kernels: Kernels,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_positions: int,
+    ) -> None:
         self.config = config
         self.kernels = kernels
         self.device, self.dtype = device, dtype
@@ -59,7 +66,7 @@ class LlamaModel:
         self.rotary = RotaryTable(inv_freq, max_positions, dtype, device)
         self.scale = config.head_dim**-0.5
 
-    def _layer(self, take: "_Taker", i: int) -> _Layer:
+    def _layer(self, take: _Taker, i: int) -> _Layer:
         p = f"model.layers.{i}."
         names = [p + f"self_attn.{x}_proj" for x in "qkv"]
         qkv_bias = None
@@ -97,8 +104,15 @@ class LlamaModel:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             self.kernels.kv_store(kv_pool, index, k, v, batch.store_slots)
             attn = self.kernels.paged_attention(
-                q, kv_pool, index, batch.kv_slots, batch.kv_lens, batch.q_starts, self.scale,
-                batch.kv_shifts, self.rotary.inv_freq if batch.kv_shifts is not None else None,
+                q,
+                kv_pool,
+                index,
+                batch.kv_slots,
+                batch.kv_lens,
+                batch.q_starts,
+                self.scale,
+                batch.kv_shifts,
+                self.rotary.inv_freq if batch.kv_shifts is not None else None,
             )
             hidden = hidden + F.linear(attn.reshape(-1, q_size), layer.o_proj)
             x = _rms_norm(hidden, layer.mlp_norm, cfg.rms_eps)
@@ -118,8 +132,9 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 class _Taker:
     """Moves named weights to the device and dtype, with a clear error for a missing one."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.weights, self.device, self.dtype = weights, device, dtype
 
     def __call__(self, name: str) -> torch.Tensor:

@@ -38,8 +38,9 @@ class RotaryTable:
     """cos/sin for every position up to `max_positions`, computed once in float32 the way
     transformers does (positions x inv_freq, then cos/sin), cast to the model dtype."""
 
-    def __init__(self, inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, inv_freq: torch.Tensor, max_positions: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         angles = torch.cat([freqs, freqs], dim=-1)
         self.inv_freq = inv_freq.to(device)

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kvrt.runtime.engine.sequence import Sequence
 
-_REGISTRY: dict[str, Callable[[], "Policy"]] = {}
+_REGISTRY: dict[str, Callable[[], Policy]] = {}
 
 
 class Policy(ABC):
     name: str
 
     @abstractmethod
-    def admission_key(self, seq: "Sequence") -> tuple: ...
+    def admission_key(self, seq: Sequence) -> tuple: ...
 
     @abstractmethod
-    def victim(self, running: list["Sequence"]) -> "Sequence": ...
+    def victim(self, running: list[Sequence]) -> Sequence: ...
 
 
 def register_policy(name: str):

@@ -12,8 +12,8 @@ if TYPE_CHECKING:
 
 @register_policy("lru")
 class LRUPolicy(Policy):
-    def admission_key(self, seq: "Sequence") -> tuple:
+    def admission_key(self, seq: Sequence) -> tuple:
         return (seq.arrival,)
 
-    def victim(self, running: list["Sequence"]) -> "Sequence":
+    def victim(self, running: list[Sequence]) -> Sequence:
         return max(running, key=lambda s: s.arrival)  # the latest arrival yields first

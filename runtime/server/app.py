@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
 from aiohttp import web
+
 from kvrt.runtime.config import ServeConfig
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.errors import error_middleware

@@ -12,6 +12,7 @@ import re
 
 import msgspec
 from aiohttp import web
+
 from kvrt.runtime.engine.protocol import EngineError, RequestRejected
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from aiohttp import web
+
 from kvrt.runtime.config import ServeConfig
 from kvrt.runtime.engine.protocol import EngineClient
 from kvrt.runtime.server.metrics import ServerMetrics

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
-from kvrt.runtime.server.errors import ErrorResponse
 from msgspec import UNSET, Meta, Struct, UnsetType
+
+from kvrt.runtime.server.errors import ErrorResponse
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 PositiveInt = Annotated[int, Meta(ge=1)]

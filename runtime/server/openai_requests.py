@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Mapping
 
 from jinja2 import TemplateError
+
 from kvrt.runtime.engine.protocol import (
     Attribution,
     EngineClient,

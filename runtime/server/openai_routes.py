@@ -6,6 +6,7 @@ import time
 
 import msgspec
 from aiohttp import web
+
 from kvrt.runtime.engine.protocol import GenerateRequest
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.errors import APIError

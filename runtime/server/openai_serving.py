@@ -13,6 +13,8 @@ from contextlib import aclosing
 
 import msgspec
 from aiohttp import web
+from msgspec import UNSET
+
 from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateRequest
 from kvrt.runtime.server.errors import APIError, from_exception
 from kvrt.runtime.server.generation import tracked, usage_of
@@ -28,7 +30,6 @@ from kvrt.runtime.server.openai_protocol import (
     Delta,
     Usage,
 )
-from msgspec import UNSET
 
 log = logging.getLogger(__name__)
 

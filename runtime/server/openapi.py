@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+
 from kvrt.runtime.server.errors import ErrorResponse
 from kvrt.runtime.server.openai_protocol import (
     SCHEMA_TYPES,

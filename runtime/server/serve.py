@@ -9,6 +9,7 @@ import sys
 from collections.abc import Coroutine
 
 from aiohttp import web
+
 from kvrt.runtime.config import ServeConfig
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.app import create_app

@@ -31,7 +31,9 @@ def greedy(max_tokens: int, **extra) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra)
 
 
-def run(engine: Engine, requests: list[GenerateRequest], max_steps: int = 10_000) -> dict[str, Result]:
+def run(
+    engine: Engine, requests: list[GenerateRequest], max_steps: int = 10_000
+) -> dict[str, Result]:
     results = {r.request_id: Result() for r in requests}
     for request in requests:
         engine.add(request)

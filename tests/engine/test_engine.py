@@ -25,7 +25,9 @@ def _solo(tiny, prompts, max_tokens, **engine_overrides):
     outputs = []
     for i, prompt in enumerate(prompts):
         engine = make_engine(tiny, prefix_caching=False, **engine_overrides)
-        outputs.append(run(engine, [request(f"r{i}", prompt, greedy(max_tokens))])[f"r{i}"].token_ids)
+        outputs.append(
+            run(engine, [request(f"r{i}", prompt, greedy(max_tokens))])[f"r{i}"].token_ids
+        )
     return outputs
 
 
@@ -35,7 +37,7 @@ def test_batched_chunked_prefill_equals_each_request_alone(tiny):
     # A budget of 16 tokens a step forces prompts into chunks and mixes them with decodes.
     engine = make_engine(tiny, max_num_batched_tokens=16, max_num_seqs=5)
     results = run(engine, [request(f"r{i}", p, greedy(12)) for i, p in enumerate(prompts)])
-    for i, prompt in enumerate(prompts):
+    for i in range(len(prompts)):
         assert results[f"r{i}"].token_ids == expected[i], f"prompt {i} differs"
         assert results[f"r{i}"].final.finish_reason == "length"
     assert engine.kv.usage().in_use == 0
@@ -141,12 +143,15 @@ def test_stop_strings_are_cut_from_the_text(tiny):
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny):
-    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7,
-                            ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True
+    )
     prompt = _prompts(1)[0]
     alone = run(make_engine(tiny), [request("a", prompt, params)])["a"].token_ids
-    others = [request(f"o{i}", p, SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True))
-              for i, p in enumerate(_prompts(4, seed=3))]
+    others = [
+        request(f"o{i}", p, SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True))
+        for i, p in enumerate(_prompts(4, seed=3))
+    ]
     batched = run(make_engine(tiny), [request("a", prompt, params), *others])["a"].token_ids
     assert alone == batched
     other_seed = SamplingParams(max_tokens=10, temperature=1.0, seed=8, ignore_eos=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvrt.kernels._triton_support import interpret_enabled, triton_available, triton_kernels
 
 

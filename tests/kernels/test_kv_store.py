@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from kvrt.kernels import kv_store_ref, kv_store_triton
 from torch import Tensor
+
+from kvrt.kernels import kv_store_ref, kv_store_triton
 
 LAYERS, LAYER = 3, 1
 

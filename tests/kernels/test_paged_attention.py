@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import Tensor
+
 from kvrt.kernels import (
     _triton_support,
     paged_attention_ref,
@@ -24,7 +26,6 @@ from kvrt.kernels import (
     triton_available,
 )
 from kvrt.kernels.paged_attention import rotate_by_shift
-from torch import Tensor
 
 LAYERS, LAYER = 3, 1
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -373,7 +374,8 @@ assert not jit.INTERPRETED
 def compile_for_sm90(fn, types, constexprs):
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
     paths = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=paths), target=GPUTarget("cuda", 90, 32))
+    source = ASTSource(fn=fn, signature=sig, constexprs=paths)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
 for dtype, has_shift in itertools.product(["fp32", "bf16"], [False, True]):
     ptr = "*" + dtype

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+
 from kvrt import kernels
 from kvrt.kernels import (
     kv_store_ref,

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from kvrt.runtime.model.checkpoint import CheckpointError, expected_weight_names, load_checkpoint
 from kvrt.runtime.model.config import ModelConfigError
 from kvrt.runtime.model.tiny import ARCHS
-from safetensors.torch import load_file, save_file
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFWriter, TokenType
+
 from kvrt.runtime.model.checkpoint import CheckpointError, load_checkpoint
 from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.model.gguf_loader import cache_folder, hf_tensor_name, load_gguf

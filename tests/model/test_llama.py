@@ -13,8 +13,10 @@ from tests.engine.helpers import greedy, make_engine, request, run
 
 CHATS = [
     [{"role": "user", "content": "What is 12 times 11?"}],
-    [{"role": "system", "content": "You are a terse assistant."},
-     {"role": "user", "content": "Name three primary colours."}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name three primary colours."},
+    ],
     [{"role": "user", "content": "Write one sentence about the sea."}],
 ]
 
@@ -74,8 +76,9 @@ def test_default_model_greedy_equals_transformers(default_model_file):
     results = run(engine, [request(str(i), p, until_eos) for i, p in enumerate(prompts)])
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
-            expected = hf.generate(torch.tensor([prompt]), do_sample=False,
-                                   max_new_tokens=24)[0, len(prompt):].tolist()
+            expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24)[
+                0, len(prompt) :
+            ].tolist()
             assert results[str(i)].token_ids == expected, f"chat {i}"
     text = engine.tokenizer.decode(results["0"].token_ids)
     # A real model, really answering (if not quite right: FACTS.md saw the same with transformers).

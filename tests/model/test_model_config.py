@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kvrt.runtime.model.config import ModelConfig, ModelConfigError, RopeConfig
 from kvrt.runtime.model.gguf_loader import hf_config_dict
 

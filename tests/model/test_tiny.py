@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from kvrt.runtime.model.tiny import init_tiny
 from safetensors.torch import load_file
+
+from kvrt.runtime.model.tiny import init_tiny
 
 FILES = (
     "config.json",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from kvrt.runtime.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from transformers import AutoTokenizer
+
+from kvrt.runtime.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXT_IDS = ["ascii", "emoji", "cjk", "mixed"]
 CHATS = [

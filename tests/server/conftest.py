@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kvrt.runtime.model.tiny import init_tiny
 
+from kvrt.runtime.model.tiny import init_tiny
 from tests.server.live_server import LiveServer, live_server
 
 

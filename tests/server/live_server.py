@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import uvloop
+
 from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.server.app import create_app

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from kvrt.runtime.config import EngineConfig
 
+from kvrt.runtime.config import EngineConfig
 from tests.server.live_server import LiveServer, live_server
 
 pytestmark = pytest.mark.slow

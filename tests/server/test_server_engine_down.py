@@ -10,8 +10,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from kvrt.runtime.config import EngineConfig
 
+from kvrt.runtime.config import EngineConfig
 from tests.server.live_server import (
     LiveServer,
     assert_error_shape,
