@@ -5,9 +5,10 @@
 
 Four figures per dtype, each the median of `--repeats` runs, each beside its transformers twin:
 - single-stream decode tokens/s (one request, time after its first token);
-- aggregate tokens/s of 16 concurrent streams with prompts and outputs of different lengths
-  (transformers: one left-padded batched `generate`, which runs until its longest member is
-  done), and the same with all outputs 64 tokens long;
+- aggregate tokens/s of 16 concurrent streams (clients) with prompts of 16-196 tokens and outputs
+  of 32-128 tokens, each client sending 2 requests back to back (transformers: the clients'
+  r-th requests as one left-padded batched `generate`, which runs until its longest member is
+  done); and of one batch of the same 16 prompts with every output 64 tokens long;
 - prefill tokens/s of a 1,000-token prompt (cache off);
 - TTFT of a repeated 1,000-token prompt with the prefix cache on versus off.
 A benchmark, not a test: the machine is shared and noisy, so read the ratios, measured side by
@@ -38,6 +39,7 @@ BATCH = 16
 BATCH_TOKENS = 64
 # Streams of different lengths: prompts of 16..196 tokens (below) and outputs of 32..128 tokens.
 OUTPUT_LENGTHS = [32 + (37 * i) % 97 for i in range(BATCH)]
+ROUNDS = 2  # each stream sends this many requests, one after the other
 LONG_PROMPT = 1000
 
 
@@ -50,9 +52,13 @@ def _long_prompt(tokenizer, length: int, salt: str) -> list[int]:
     return _prompt(tokenizer, length, salt)[:length]
 
 
-def _batch_prompts(tokenizer) -> list[list[int]]:
+def _batch_prompts(tokenizer, round_: int = 0) -> list[list[int]]:
     """16 prompts of 16 to 196 tokens: streams of different lengths."""
-    return [_long_prompt(tokenizer, 16 + 12 * i, f"b{i}") for i in range(BATCH)]
+    return [_long_prompt(tokenizer, 16 + 12 * i, f"b{round_}x{i}") for i in range(BATCH)]
+
+
+def _round_lengths(round_: int) -> list[int]:
+    return OUTPUT_LENGTHS[round_ * 5 :] + OUTPUT_LENGTHS[: round_ * 5]
 
 
 def _median(fn: Callable[[], float], repeats: int) -> float:
@@ -82,6 +88,31 @@ def _drive(
     return first or 0.0, time.perf_counter() - start
 
 
+def _streams(engine: Engine, rounds: list[list[list[int]]]) -> float:
+    """16 clients, each sending its next request as soon as its previous one is done (request r
+    of client i: prompt rounds[r][i], _round_lengths(r)[i] tokens). Returns tokens/s."""
+    owner: dict[str, int] = {}
+    sent = [0] * BATCH
+
+    def send(client: int) -> None:
+        r = sent[client]
+        request_id = f"stream-{time.monotonic_ns()}-{client}-{r}"
+        params = _params(_round_lengths(r)[client])
+        engine.add(GenerateRequest(request_id, rounds[r][client], params))
+        owner[request_id], sent[client] = client, r + 1
+
+    start = time.perf_counter()
+    for client in range(BATCH):
+        send(client)
+    while engine.has_work():
+        for request_id, output in engine.step():
+            client = owner[request_id]
+            if output.finish_reason is not None and sent[client] < len(rounds):
+                send(client)
+    elapsed = time.perf_counter() - start
+    return sum(sum(_round_lengths(r)) for r in range(len(rounds))) / elapsed
+
+
 def _kvrt_figures(engine: Engine, cold: Engine, tok, repeats: int) -> dict[str, float]:
     short = _prompt(tok, 20, "s")
     batch = _batch_prompts(tok)
@@ -93,6 +124,9 @@ def _kvrt_figures(engine: Engine, cold: Engine, tok, repeats: int) -> dict[str, 
     def aggregate(lengths: list[int]) -> Callable[[], float]:
         return lambda: sum(lengths) / _drive(engine, batch, lengths)[1]
 
+    def streams() -> float:
+        return _streams(engine, [_batch_prompts(tok, r) for r in range(ROUNDS)])
+
     long = _long_prompt(tok, LONG_PROMPT, "p")
     _drive(cold, [long], 1)  # warm-up
 
@@ -103,7 +137,7 @@ def _kvrt_figures(engine: Engine, cold: Engine, tok, repeats: int) -> dict[str, 
     _drive(engine, [repeated], 1)  # computes and caches it once
     return {
         "decode_tok_s": _median(decode, repeats),
-        "aggregate_16_tok_s": _median(aggregate(OUTPUT_LENGTHS), repeats),
+        "aggregate_16_tok_s": _median(streams, repeats),
         "aggregate_16_same_len_tok_s": _median(aggregate([BATCH_TOKENS] * BATCH), repeats),
         "prefill_tok_s": _median(prefill, repeats),
         "ttft_repeated_cache_on_ms": 1000
@@ -120,13 +154,22 @@ def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
     short = _prompt(tok, 20, "s")
     pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else 0
     batch = _batch_prompts(tok)
-    width = max(map(len, batch))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+
+    def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        return ids, torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
     def aggregate(lengths: list[int]) -> Callable[[], float]:
         # A static batch runs until its longest member is done; only requested tokens count.
-        return lambda: sum(lengths) / generate(ids, mask, max(lengths))
+        return lambda: sum(lengths) / generate(*padded(batch), max(lengths))
+
+    def streams() -> float:
+        # The 16 clients' r-th requests as one static batch, round after round.
+        seconds = sum(
+            generate(*padded(_batch_prompts(tok, r)), max(_round_lengths(r))) for r in range(ROUNDS)
+        )
+        return sum(sum(_round_lengths(r)) for r in range(ROUNDS)) / seconds
 
     def generate(input_ids, attention_mask, tokens: int) -> float:
         start = time.perf_counter()
@@ -154,7 +197,7 @@ def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
 
     return {
         "decode_tok_s": _median(decode, repeats),
-        "aggregate_16_tok_s": _median(aggregate(OUTPUT_LENGTHS), repeats),
+        "aggregate_16_tok_s": _median(streams, repeats),
         "aggregate_16_same_len_tok_s": _median(aggregate([BATCH_TOKENS] * BATCH), repeats),
         "prefill_tok_s": _median(prefill, repeats),
     }
