@@ -124,8 +124,6 @@ class Engine:
         live = self._live[seq.request_id]
         seq.token_ids.append(token)
         self.generation_tokens += 1
-        if seq.first_token_at is None:
-            seq.first_token_at = self.clock()
         text, reason = live.text.add_token(token, seq.num_output)
         if reason is None and len(seq.token_ids) >= self.max_model_len:
             text, reason = text + live.text.finish_text(), "length"

@@ -29,7 +29,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # per-request RNG when the request has a seed
     admitted_once: bool = False
-    first_token_at: float | None = None
 
     @property
     def request_id(self) -> str:
