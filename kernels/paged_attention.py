@@ -141,14 +141,19 @@ def _prefill_one(
     k, v = kv[:, :, 0], kv[:, :, 1]
     if kv_shifts is not None:
         k = rotate_by_shift(k, kv_shifts[s : s + 1, :kv_len], inv_freq)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
     mask = None
     if kv_len != n:  # SDPA's is_causal aligns the diagonal top-left; we need bottom-right
         kv_pos = torch.arange(kv_len, device=q.device)
         q_pos = torch.arange(kv_len - n, kv_len, device=q.device)
         mask = kv_pos[None, :] <= q_pos[:, None]
+        # With a mask, CPU SDPA is ~25% slower under enable_gqa than on repeated KV heads
+        # (10.9 vs 8.3 ms a layer for 488 queries over 1,000 positions, 9/3 heads, fp32).
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     attn = F.scaled_dot_product_attention(
-        q[first:last].transpose(0, 1).unsqueeze(0), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+        q[first:last].transpose(0, 1).unsqueeze(0), k, v,
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=mask is None,
     )  # fmt: skip
     out[first:last] = attn[0].transpose(0, 1)
 
