@@ -21,9 +21,9 @@ from kvrt.runtime.config import (
     ServeConfig,
     parse_size,
 )
+from kvrt.runtime.policy import policy_names
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-POLICIES = ("lru",)  # grows as policies land
 ARCHS = ("llama", "qwen2", "qwen3")
 
 log = logging.getLogger("kvrt")
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the KV of shared prompt prefixes (default: on)")
     p.add_argument("--seed", type=int, default=engine["seed"],
                    help="sampling seed of requests without their own (default: %(default)s)")
-    p.add_argument("--policy", choices=POLICIES, default=engine["policy"],
+    p.add_argument("--policy", choices=policy_names(), default=engine["policy"],
                    help="KV cache policy (default: %(default)s)")
     p.add_argument("--kernels", choices=KERNELS, default=engine["kernels"],
                    help="default: %(default)s (triton on CUDA, torch on CPU)")

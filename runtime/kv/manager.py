@@ -104,8 +104,8 @@ class KVManager:
     def blocks_needed(self, table: BlockTable, num_tokens: int) -> int:
         return max(0, self.blocks_for(num_tokens) - len(table.entries))
 
-    def can_grow(self, table: BlockTable, num_tokens: int, reserve: int = 0) -> bool:
-        return self.blocks_needed(table, num_tokens) + reserve <= self.pool.num_allocatable()
+    def can_grow(self, table: BlockTable, num_tokens: int) -> bool:
+        return self.blocks_needed(table, num_tokens) <= self.pool.num_allocatable()
 
     def grow(self, table: BlockTable, num_tokens: int) -> None:
         """Makes the table cover `num_tokens` positions (raises OutOfBlocks if it cannot)."""
