@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from kvrt.runtime.engine.protocol import EngineError, RequestRejected
+from kvrt.sdk.protocol.errors import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +31,6 @@ _TYPES = {
 
 # msgspec ends its messages with "- at `$.messages[0].role`"; the path is the `param`.
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
-
-
-class ErrorBody(msgspec.Struct):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(msgspec.Struct):
-    error: ErrorBody
 
 
 class APIError(Exception):

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateRequest
 from kvrt.runtime.server.metrics import ServerMetrics
-from kvrt.runtime.server.openai_protocol import PromptTokensDetails, Usage
+from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 
 
 async def tracked(

@@ -18,7 +18,7 @@ from kvrt.runtime.engine.protocol import (
     SamplingParams,
 )
 from kvrt.runtime.server.errors import APIError, bad_request
-from kvrt.runtime.server.openai_protocol import (
+from kvrt.sdk.protocol.openai_api import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,

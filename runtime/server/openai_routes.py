@@ -11,14 +11,6 @@ from kvrt.runtime.engine.protocol import GenerateRequest
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from kvrt.runtime.server.openai_protocol import (
-    Health,
-    ModelCard,
-    ModelList,
-    SamplingRequest,
-    chat_request_decoder,
-    completion_request_decoder,
-)
 from kvrt.runtime.server.openai_requests import chat_generate_request, completion_generate_request
 from kvrt.runtime.server.openai_serving import (
     ChatShapes,
@@ -26,6 +18,14 @@ from kvrt.runtime.server.openai_serving import (
     Shapes,
     respond_json,
     respond_stream,
+)
+from kvrt.sdk.protocol.openai_api import (
+    Health,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    chat_request_decoder,
+    completion_request_decoder,
 )
 
 routes = web.RouteTableDef()

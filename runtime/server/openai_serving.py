@@ -19,7 +19,7 @@ from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateR
 from kvrt.runtime.server.errors import APIError, from_exception
 from kvrt.runtime.server.generation import tracked, usage_of
 from kvrt.runtime.server.metrics import ServerMetrics
-from kvrt.runtime.server.openai_protocol import (
+from kvrt.sdk.protocol.openai_api import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,

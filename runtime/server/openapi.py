@@ -6,8 +6,8 @@ from typing import Any
 
 import msgspec
 
-from kvrt.runtime.server.errors import ErrorResponse
-from kvrt.runtime.server.openai_protocol import (
+from kvrt.sdk.protocol.errors import ErrorResponse
+from kvrt.sdk.protocol.openai_api import (
     SCHEMA_TYPES,
     ChatCompletion,
     ChatCompletionChunk,

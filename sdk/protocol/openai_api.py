@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from kvrt.runtime.server.errors import ErrorResponse
+from kvrt.sdk.protocol.errors import ErrorResponse
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 PositiveInt = Annotated[int, Meta(ge=1)]
