@@ -54,12 +54,29 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The control plane's cost model and limits. An agent's expected work in seconds is its
+    expected output tokens times `seconds_per_output_token` plus its tools' expected seconds."""
+
+    seconds_per_output_token: float = 0.02  # a decode step of a small model on one GPU
+    default_output_tokens: int = 256  # for agents that do not declare expected_output_tokens
+    max_live_runs: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.seconds_per_output_token < 0 or self.default_output_tokens < 0:
+            raise ConfigError("the control plane's cost model takes no negative values")
+        if self.max_live_runs < 1:
+            raise ConfigError(f"max_live_runs must be positive, got {self.max_live_runs}")
+
+
+@dataclass(frozen=True, slots=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8400
     log_level: str = "info"
     served_model_name: str | None = None  # None = derived from the checkpoint
     engine: EngineConfig = field(default_factory=EngineConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -13,10 +13,12 @@ from importlib.metadata import PackageNotFoundError, version
 from aiohttp import web
 
 from kvrt.runtime.config import ServeConfig
+from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.server import keys
+from kvrt.runtime.server.control_routes import routes as control_routes
 from kvrt.runtime.server.errors import error_middleware
 from kvrt.runtime.server.metrics import ServerMetrics
-from kvrt.runtime.server.openai_routes import routes
+from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
 
 # Agent prompts carry long histories; aiohttp's default 1 MiB body limit is too small.
@@ -28,9 +30,11 @@ def create_app(config: ServeConfig, engine: keys.ManagedEngine) -> web.Applicati
     app[keys.CONFIG] = config
     app[keys.ENGINE] = engine
     app[keys.METRICS] = ServerMetrics()
+    app[keys.CONTROL] = ControlPlane(config.control)
     app[keys.STARTED_AT] = int(time.time())
     app[keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
-    app.add_routes(routes)
+    app.add_routes(openai_routes)
+    app.add_routes(control_routes)
     app.cleanup_ctx.append(_engine_lifetime)
     return app
 

@@ -13,7 +13,8 @@ import re
 import msgspec
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import EngineError, RequestRejected
+from kvrt.runtime.engine.protocol import EngineError, RequestRejected, RunEnded
+from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound
 from kvrt.sdk.protocol.errors import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ _TYPES = {
     400: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     500: "server_error",
@@ -68,8 +70,16 @@ def from_exception(exc: BaseException) -> APIError:
         return bad_request(text, param=param or None)
     if isinstance(exc, msgspec.DecodeError):
         return bad_request(f"request body is not valid JSON: {exc}", code="invalid_json")
+    if isinstance(exc, GraphError):
+        return bad_request(str(exc), param=exc.param, code="invalid_graph")
+    if isinstance(exc, NotFound):
+        return APIError(404, str(exc), code=f"{exc.kind}_not_found")
+    if isinstance(exc, Conflict):
+        return APIError(409, str(exc), code=exc.code)
     if isinstance(exc, RequestRejected):
         return bad_request(str(exc), code="request_rejected")
+    if isinstance(exc, RunEnded):
+        return APIError(409, str(exc), code="run_ended")
     if isinstance(exc, EngineError):
         return APIError(500, f"engine error: {exc}", code="engine_error")
     if isinstance(exc, web.HTTPException):

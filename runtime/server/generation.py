@@ -10,17 +10,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateRequest
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 
 
+class CallObserver(Protocol):
+    """Follows one model call (the control plane's view of an agent's call)."""
+
+    def produced(self, tokens: int) -> None: ...
+
+    def ended(self) -> None: ...
+
+
 async def tracked(
-    engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float
+    engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float,
+    observer: CallObserver | None = None,
 ) -> AsyncIterator[GenerateOutput]:
-    """The engine's outputs for `request`, observed into `metrics`. `arrival` is the
-    `time.perf_counter()` at which the HTTP request came in."""
+    """The engine's outputs for `request`, observed into `metrics` and `observer`. `arrival` is
+    the `time.perf_counter()` at which the HTTP request came in."""
     outputs = engine.generate(request)
     first = True
     try:
@@ -32,8 +42,12 @@ async def tracked(
             # "abort" is the engine's answer to our own close; it is no success to count.
             if output.finish_reason is not None and output.finish_reason != "abort":
                 metrics.observe_finish(now - arrival, output.finish_reason)
+            if observer is not None:
+                observer.produced(len(output.token_ids))
             yield output
     finally:
+        if observer is not None:
+            observer.ended()
         aclose = getattr(outputs, "aclose", None)
         if aclose is not None:
             await aclose()

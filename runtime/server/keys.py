@@ -8,6 +8,7 @@ from aiohttp import web
 
 from kvrt.runtime.config import ServeConfig
 from kvrt.runtime.engine.protocol import EngineClient
+from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.server.metrics import ServerMetrics
 
 
@@ -22,5 +23,6 @@ class ManagedEngine(EngineClient, Protocol):
 ENGINE = web.AppKey("engine", ManagedEngine)
 CONFIG = web.AppKey("config", ServeConfig)
 METRICS = web.AppKey("metrics", ServerMetrics)
+CONTROL = web.AppKey("control", ControlPlane)  # graphs and live runs
 STARTED_AT = web.AppKey("started_at", int)  # unix seconds; the model card's `created`
 OPENAPI_JSON = web.AppKey("openapi_json", bytes)  # built once from the Structs

@@ -18,6 +18,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+EVENT_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -54,6 +55,8 @@ class ServerMetrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
         self.finished: Counter[str] = Counter()
+        self.event_seconds = Histogram(EVENT_BUCKETS)
+        self.events: Counter[str] = Counter()
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -62,7 +65,12 @@ class ServerMetrics:
         self.e2e.observe(seconds)
         self.finished[finish_reason] += 1
 
-    def render(self, stats: EngineStats, model_name: str) -> str:
+    def observe_event(self, event_type: str, seconds: float) -> None:
+        """A control-plane event handled in `seconds` of server time (decode, apply, encode)."""
+        self.events[event_type] += 1
+        self.event_seconds.observe(seconds)
+
+    def render(self, stats: EngineStats, model_name: str, live_runs: int) -> str:
         labels = f'model_name="{_escape(model_name)}"'
         usage = stats.kv_blocks_in_use / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
         out: list[str] = []
@@ -94,6 +102,14 @@ class ServerMetrics:
             f'kvrt:request_success_total{{{labels},finished_reason="{_escape(reason)}"}} {n}'
             for reason, n in sorted(self.finished.items())
         ])
+        one("kvrt:live_runs", "gauge", "Runs started and not yet ended.", live_runs)
+        family("kvrt:control_events_total", "counter", "Control-plane events applied, by type.", [
+            f'kvrt:control_events_total{{{labels},type="{_escape(kind)}"}} {n}'
+            for kind, n in sorted(self.events.items())
+        ])
+        family("kvrt:control_event_seconds", "histogram",
+               "Server seconds to handle one control-plane event (decode, apply, encode).",
+               self.event_seconds.lines("kvrt:control_event_seconds", labels))
         family("kvrt:time_to_first_token_seconds", "histogram",
                "Seconds from a request's arrival to its first generated token.",
                self.ttft.lines("kvrt:time_to_first_token_seconds", labels))

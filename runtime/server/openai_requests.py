@@ -141,13 +141,19 @@ def sampling_params(body: SamplingRequest, max_tokens: int) -> SamplingParams:
 
 
 def attribution(options: KvrtOptions | None, headers: Mapping[str, str]) -> Attribution:
-    """The body's `kvrt` object wins over the headers, field by field."""
+    """The body's `kvrt` object wins over the headers, field by field. A run needs an agent and
+    an agent a run: a call belongs to one agent of one run, or to none."""
     run = options.run if options is not None and options.run is not None else None
     agent = options.agent if options is not None and options.agent is not None else None
-    return Attribution(
-        run=run if run is not None else headers.get(RUN_HEADER),
-        agent=agent if agent is not None else headers.get(AGENT_HEADER),
-    )
+    run = run if run is not None else headers.get(RUN_HEADER)
+    agent = agent if agent is not None else headers.get(AGENT_HEADER)
+    if (run is None) != (agent is None):
+        missing = "agent" if agent is None else "run"
+        raise bad_request(
+            f"a call attributed to a {'run' if agent is None else 'agent'} must name its "
+            f"{missing} too (kvrt.{missing} or the X-Kvrt-{missing.capitalize()} header)",
+            param=f"kvrt.{missing}")
+    return Attribution(run=run, agent=agent)
 
 
 def build_request(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
-import msgspec
 from aiohttp import web
 
 from kvrt.runtime.engine.protocol import GenerateRequest
+from kvrt.runtime.graph.control_plane import ControlPlane
+from kvrt.runtime.graph.runs import AgentCall
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.errors import APIError
+from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvrt.runtime.server.openai_requests import chat_generate_request, completion_generate_request
 from kvrt.runtime.server.openai_serving import (
@@ -34,7 +37,7 @@ routes = web.RouteTableDef()
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
-    body = chat_request_decoder.decode(await _read_json(request))
+    body = chat_request_decoder.decode(await read_json(request))
     gen = chat_generate_request(body, request.app[keys.ENGINE], request.headers)
     return await _respond(request, body, gen, ChatShapes, arrival)
 
@@ -42,7 +45,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
-    body = completion_request_decoder.decode(await _read_json(request))
+    body = completion_request_decoder.decode(await read_json(request))
     gen = completion_generate_request(body, request.app[keys.ENGINE], request.headers)
     return await _respond(request, body, gen, CompletionShapes, arrival)
 
@@ -54,20 +57,21 @@ async def models(request: web.Request) -> web.Response:
         id=engine.model_name, created=request.app[keys.STARTED_AT],
         max_model_len=engine.max_model_len,
     )
-    return _json(ModelList(data=[card]))
+    return json_response(ModelList(data=[card]))
 
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     if not request.app[keys.ENGINE].is_alive():
         raise APIError(503, "the engine is not running", code="engine_dead")
-    return _json(Health())
+    return json_response(Health())
 
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     engine = request.app[keys.ENGINE]
-    text = request.app[keys.METRICS].render(engine.stats(), engine.model_name)
+    live_runs = len(request.app[keys.CONTROL].runs())
+    text = request.app[keys.METRICS].render(engine.stats(), engine.model_name, live_runs)
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -76,24 +80,27 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[keys.OPENAPI_JSON], content_type="application/json")
 
 
-async def _read_json(request: web.Request) -> bytes:
-    # A missing Content-Type is taken as JSON (bare clients); a different one is refused.
-    if request.headers.get("Content-Type"):
-        ctype = request.content_type
-        if ctype != "application/json" and not ctype.endswith("+json"):
-            raise APIError(415, f"Content-Type must be application/json, got {ctype!r}")
-    return await request.read()
-
-
 async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateRequest,
                    shapes_type: type[Shapes], arrival: float) -> web.StreamResponse:
     engine, metrics = request.app[keys.ENGINE], request.app[keys.METRICS]
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shapes = shapes_type(gen.request_id, engine.model_name, include_usage)
+    gen, call = attribute(request.app[keys.CONTROL], gen)
     if body.stream:
-        return await respond_stream(request, engine, gen, metrics, arrival, shapes, include_usage)
-    return await respond_json(engine, gen, metrics, arrival, shapes)
+        return await respond_stream(request, engine, gen, metrics, arrival, shapes, include_usage,
+                                    call)
+    return await respond_json(engine, gen, metrics, arrival, shapes, call)
 
 
-def _json(value: object) -> web.Response:
-    return web.Response(body=msgspec.json.encode(value), content_type="application/json")
+def attribute(
+    control: ControlPlane, gen: GenerateRequest
+) -> tuple[GenerateRequest, AgentCall | None]:
+    """Ties an attributed call to its run's agent (404 for an unknown run or agent) and stamps
+    the agent's current priority on the request."""
+    found = control.agent_of(gen.attribution)
+    if found is None:
+        return gen, None
+    run, index = found
+    priority = run.priority(index, run.criticality())
+    gen = replace(gen, attribution=replace(gen.attribution, priority=priority))
+    return gen, run.submit_call(index, gen.request_id)

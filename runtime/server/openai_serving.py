@@ -17,7 +17,7 @@ from msgspec import UNSET
 
 from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateRequest
 from kvrt.runtime.server.errors import APIError, from_exception
-from kvrt.runtime.server.generation import tracked, usage_of
+from kvrt.runtime.server.generation import CallObserver, tracked, usage_of
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.sdk.protocol.openai_api import (
     AssistantMessage,
@@ -100,11 +100,11 @@ Shapes = ChatShapes | CompletionShapes
 
 async def respond_json(
     engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float,
-    shapes: Shapes,
+    shapes: Shapes, observer: CallObserver | None,
 ) -> web.Response:
     texts: list[str] = []
     last: GenerateOutput | None = None
-    async with aclosing(tracked(engine, request, metrics, arrival)) as outputs:
+    async with aclosing(tracked(engine, request, metrics, arrival, observer)) as outputs:
         async for last in outputs:
             texts.append(last.text)
     if last is None:
@@ -116,8 +116,9 @@ async def respond_json(
 async def respond_stream(
     http_request: web.Request, engine: EngineClient, request: GenerateRequest,
     metrics: ServerMetrics, arrival: float, shapes: Shapes, include_usage: bool,
+    observer: CallObserver | None,
 ) -> web.StreamResponse:
-    async with aclosing(tracked(engine, request, metrics, arrival)) as outputs:
+    async with aclosing(tracked(engine, request, metrics, arrival, observer)) as outputs:
         first = await anext(outputs, None)  # RequestRejected surfaces here, as a 400
         if first is None:
             raise APIError(500, "the engine returned no output", code="engine_error")

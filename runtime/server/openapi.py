@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 
+from kvrt.sdk.protocol import control
 from kvrt.sdk.protocol.errors import ErrorResponse
 from kvrt.sdk.protocol.openai_api import (
     SCHEMA_TYPES,
@@ -22,8 +23,9 @@ _REF = "#/components/schemas/{name}"
 
 
 def build_openapi(version: str) -> dict[str, Any]:
-    schemas, components = msgspec.json.schema_components(SCHEMA_TYPES, ref_template=_REF)
-    ref = dict(zip(SCHEMA_TYPES, schemas))
+    types = (*SCHEMA_TYPES, *control.SCHEMA_TYPES)
+    schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
+    ref = dict(zip(types, schemas))
     errors = {"default": _body("An error, in OpenAI's shape.", ref[ErrorResponse])}
     return {
         "openapi": "3.1.0",
@@ -43,6 +45,7 @@ def build_openapi(version: str) -> dict[str, Any]:
             "/metrics": {"get": {"summary": "Prometheus metrics (kvrt:*)", "responses": {
                 "200": {"description": "Prometheus text format 0.0.4",
                         "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            **_control_paths(ref, errors),
         },
         "components": {"schemas": components},
     }
@@ -67,6 +70,44 @@ def _generate_op(summary: str, request: dict, response: dict, chunk: dict, error
             **errors,
         },
     }}
+
+
+def _control_paths(ref: dict, errors: dict) -> dict:
+    def op(summary: str, ok: str, response: type, request: type | None = None,
+           params: tuple[str, ...] = ()) -> dict:
+        spec: dict[str, Any] = {"summary": summary,
+                                "responses": {ok: _body(summary, ref[response]), **errors}}
+        if request is not None:
+            spec["requestBody"] = {"required": True,
+                                   "content": {"application/json": {"schema": ref[request]}}}
+        if params:
+            spec["parameters"] = [{"name": p, "in": "path", "required": True,
+                                   "schema": {"type": "string"}} for p in params]
+        return spec
+
+    graph, run = ("graph_id",), ("run_id",)
+    return {
+        "/v1/graphs": {
+            "post": op("Declare an agent graph", "201", control.GraphInfo, control.GraphSpec),
+            "get": op("List graphs", "200", control.GraphList)},
+        "/v1/graphs/{graph_id}": {
+            "get": op("A graph, with its critical path and priorities", "200",
+                      control.GraphInfo, params=graph),
+            "delete": op("Delete a graph without live runs", "200", control.Deleted,
+                         params=graph)},
+        "/v1/runs": {
+            "post": op("Start a run of a graph", "201", control.RunInfo, control.RunSpec),
+            "get": {**op("List live runs", "200", control.RunList), "parameters": [
+                {"name": "graph_id", "in": "query", "required": False,
+                 "schema": {"type": "string"}}]}},
+        "/v1/runs/{run_id}": {
+            "get": op("A run's agents: state, priority, KV residency", "200", control.RunState,
+                      params=run),
+            "delete": op("End a run and release its KV", "200", control.Deleted, params=run)},
+        "/v1/runs/{run_id}/events": {
+            "post": op("Report a tool call or an agent's end (idempotent)", "200",
+                       control.EventAck, control.Event, params=run)},
+    }
 
 
 def _body(description: str, schema: dict) -> dict:

@@ -82,29 +82,41 @@ def test_disconnect_mid_request_frees_kv(long_server: LiveServer) -> None:
 
 
 def live_attributions(server: LiveServer):
-    """The attribution of each request the engine holds, by request id.
-
-    Reads the engine's scheduler queues directly (NOTE for the lead: replace with a public
-    accessor on the engine if one lands); done on the server loop between engine steps' output.
-    """
+    """The attribution of each request the engine holds, by request id (read on the server
+    loop, between the engine's outputs)."""
 
     async def read():
-        scheduler = server.engine.engine.scheduler
-        return {s.request_id: s.request.attribution for s in
-                [*scheduler.running, *scheduler.waiting]}
+        return server.engine.engine.live_attributions()
 
     return server.call(read)
 
 
+@pytest.fixture(scope="module")
+def run_id(long_server: LiveServer) -> str:
+    """A run of planner (3 s of tool work) -> writer (1 s), beside an unconnected `other`
+    (1 s): planner and writer lie on the 4 s critical path, other has 3 s of slack."""
+    graph = long_server.post("/v1/graphs", {"name": "attribution", "agents": [
+        {"name": "planner", "tools": {"search": 3}, "expected_output_tokens": 0},
+        {"name": "writer", "tools": {"check": 1}, "expected_output_tokens": 0},
+        {"name": "other", "tools": {"check": 1}, "expected_output_tokens": 0},
+    ], "edges": [["planner", "writer"]]}).json()
+    return long_server.post("/v1/runs", {"graph_id": graph["id"]}).json()["id"]
+
+
 @pytest.mark.parametrize(("body_kvrt", "headers", "expected"), [
-    ({"run": "run-1", "agent": "planner"}, {}, ("run-1", "planner")),
-    (None, {"X-Kvrt-Run": "run-2", "X-Kvrt-Agent": "writer"}, ("run-2", "writer")),
-    ({"agent": "body-agent"}, {"X-Kvrt-Run": "hdr-run", "X-Kvrt-Agent": "hdr-agent"},
-     ("hdr-run", "body-agent")),
-    (None, {}, (None, None)),
+    ({"run": "RUN", "agent": "planner"}, {}, ("RUN", "planner", 1.0)),
+    (None, {"X-Kvrt-Run": "RUN", "X-Kvrt-Agent": "writer"}, ("RUN", "writer", 1.0)),
+    ({"agent": "other"}, {"X-Kvrt-Run": "RUN", "X-Kvrt-Agent": "writer"},
+     ("RUN", "other", 0.25)),
+    (None, {}, (None, None, 0.0)),
 ], ids=["body", "headers", "body-wins", "none"])
-def test_attribution_reaches_the_engine(long_server: LiveServer, body_kvrt, headers,
-                                        expected) -> None:
+def test_attribution_and_priority_reach_the_engine(long_server: LiveServer, run_id: str,
+                                                   body_kvrt, headers, expected) -> None:
+    def fill(value):
+        return run_id if value == "RUN" else value
+
+    body_kvrt = {k: fill(v) for k, v in body_kvrt.items()} if body_kvrt else None
+    headers = {k: fill(v) for k, v in headers.items()}
     body = long_chat(stream=True) | ({"kvrt": body_kvrt} if body_kvrt else {})
 
     async def look_while_running():
@@ -118,5 +130,6 @@ def test_attribution_reaches_the_engine(long_server: LiveServer, body_kvrt, head
 
     attribution = asyncio.run(look_while_running())
     assert attribution is not None, "the request was no longer live"
-    assert (attribution.run, attribution.agent) == expected
+    got = (attribution.run, attribution.agent, attribution.priority)
+    assert got == (fill(expected[0]), expected[1], pytest.approx(expected[2]))
     wait_until_idle(long_server)

@@ -1,0 +1,1 @@
+"""Agent graphs: declaration and validation, priorities over the graph, runs and their events."""

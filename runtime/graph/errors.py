@@ -1,0 +1,27 @@
+"""The control plane's domain errors; the server maps them to HTTP statuses at its edge."""
+
+from __future__ import annotations
+
+
+class GraphError(ValueError):
+    """A graph declaration that cannot be accepted (400); `param` points at the bad field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class NotFound(LookupError):
+    """No such graph, run or agent (404). `kind` is "graph", "run" or "agent"."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Conflict(RuntimeError):
+    """The request contradicts the current state (409): `code` says how."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

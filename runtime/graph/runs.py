@@ -1,0 +1,181 @@
+"""A run: one execution of an agent graph, with each agent's activity and its remaining work.
+
+An agent's state follows from what is in flight, in this order of precedence:
+
+    generating   a model call of the agent has produced output and not finished
+    queued       a model call was submitted and has produced nothing yet
+    tool_call    a tool call was started (event) and not finished
+    done         the client said agent.done (a later call or tool start revives the agent)
+    idle         none of the above
+
+Events are idempotent. An event with an `id` seen before is a no-op; without an id, a start of
+a tool already running, a finish of a tool already finished (and not restarted), and a done of
+a done agent are no-ops too. Only applied events count in `event_count`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvrt.runtime.graph.critical_path import Criticality, critical_path
+from kvrt.runtime.graph.declaration import Agent, AgentGraph
+from kvrt.runtime.graph.errors import Conflict, NotFound
+from kvrt.runtime.graph.tool_estimates import ToolEstimates
+from kvrt.sdk.protocol.control import (
+    AgentDone,
+    AgentStatus,
+    Event,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+
+_REMEMBERED_EVENT_IDS = 4096  # per run; a retry comes within seconds, not thousands of events
+
+
+@dataclass(slots=True)
+class ToolCall:
+    started: float  # clock seconds
+    predicted: float  # expected seconds of this call
+
+
+@dataclass(slots=True)
+class AgentActivity:
+    queued: set[str] = field(default_factory=set)  # request ids
+    generating: set[str] = field(default_factory=set)
+    tools: dict[str, ToolCall] = field(default_factory=dict)  # running, by tool name
+    finished_tools: set[str] = field(default_factory=set)  # finished and not restarted
+    generated_tokens: int = 0
+    done: bool = False
+
+    @property
+    def state(self) -> AgentStatus:
+        if self.generating:
+            return "generating"
+        if self.queued:
+            return "queued"
+        if self.tools:
+            return "tool_call"
+        return "done" if self.done else "idle"
+
+
+@dataclass(slots=True)
+class CostModel:
+    """What an agent's remaining work costs, in seconds."""
+
+    estimates: ToolEstimates
+    seconds_per_output_token: float
+
+    def work(self, agent: Agent, activity: AgentActivity | None = None, now: float = 0.0) -> float:
+        if activity is None:
+            activity = AgentActivity()
+        elif activity.done:
+            return 0.0
+        tokens = max(agent.expected_output_tokens - activity.generated_tokens, 0)
+        pending = sum(self.estimates.seconds(agent.name, tool) for tool in agent.tools
+                      if tool not in activity.finished_tools and tool not in activity.tools)
+        running = sum(max(call.predicted - (now - call.started), 0.0)
+                      for call in activity.tools.values())
+        return tokens * self.seconds_per_output_token + pending + running
+
+
+@dataclass(slots=True)
+class AgentCall:
+    """One model call of an agent, reported by the server as its output arrives."""
+
+    activity: AgentActivity
+    request_id: str
+
+    def produced(self, tokens: int) -> None:
+        self.activity.queued.discard(self.request_id)
+        self.activity.generating.add(self.request_id)
+        self.activity.generated_tokens += tokens
+
+    def ended(self) -> None:
+        self.activity.queued.discard(self.request_id)
+        self.activity.generating.discard(self.request_id)
+
+
+class Run:
+    def __init__(self, run_id: str, graph_id: str, graph: AgentGraph, costs: CostModel,
+                 created: int, clock: Callable[[], float]) -> None:
+        self.id, self.graph_id, self.graph = run_id, graph_id, graph
+        self.costs, self.created, self.clock = costs, created, clock
+        self.agents = [AgentActivity() for _ in graph.agents]
+        self.event_count = 0
+        self._event_ids: OrderedDict[str, None] = OrderedDict()
+
+    def agent_index(self, name: str) -> int:
+        index = self.graph.index.get(name)
+        if index is None:
+            raise NotFound("agent", f"run {self.id} has no agent {name!r}; its graph "
+                                    f"{self.graph_id} declares {_names(self.graph)}")
+        return index
+
+    def apply(self, event: Event) -> tuple[int, bool]:
+        """Applies an event; returns (agent index, whether it was a duplicate)."""
+        index = self.agent_index(event.agent)
+        if event.id is not None and event.id in self._event_ids:
+            return index, True
+        if not self._apply(index, event):
+            return index, True
+        self.event_count += 1
+        if event.id is not None:
+            self._event_ids[event.id] = None
+            if len(self._event_ids) > _REMEMBERED_EVENT_IDS:
+                self._event_ids.popitem(last=False)
+        return index, False
+
+    def _apply(self, index: int, event: Event) -> bool:
+        activity, name = self.agents[index], event.agent
+        if isinstance(event, ToolCallStarted):
+            if event.tool in activity.tools:
+                return False
+            predicted = (event.expected_duration_s if event.expected_duration_s is not None
+                         else self.costs.estimates.seconds(name, event.tool))
+            activity.tools[event.tool] = ToolCall(self.clock(), predicted)
+            activity.finished_tools.discard(event.tool)
+            activity.done = False
+        elif isinstance(event, ToolCallFinished):
+            call = activity.tools.pop(event.tool, None)
+            if call is None:
+                if event.tool in activity.finished_tools:
+                    return False
+                raise Conflict("tool_not_started", f"agent {name!r} of run {self.id} reports "
+                               f"tool {event.tool!r} finished, but no call of it was started")
+            self.costs.estimates.observe(name, event.tool, self.clock() - call.started)
+            activity.finished_tools.add(event.tool)
+        elif isinstance(event, AgentDone):
+            if activity.done:
+                return False
+            activity.done = True
+        return True
+
+    # -- model calls (the server reports them) -------------------------------------------------
+
+    def submit_call(self, index: int, request_id: str) -> AgentCall:
+        activity = self.agents[index]
+        activity.queued.add(request_id)
+        activity.done = False
+        return AgentCall(activity, request_id)
+
+    # -- priorities ------------------------------------------------------------------------------
+
+    def criticality(self) -> Criticality:
+        """The critical path over the remaining work, as of now."""
+        now = self.clock()
+        work = [self.costs.work(agent, activity, now)
+                for agent, activity in zip(self.graph.agents, self.agents)]
+        return critical_path(self.graph.structure, work)
+
+    def priority(self, index: int, criticality: Criticality) -> float:
+        if self.agents[index].done:
+            return 0.0
+        return self.graph.agents[index].importance * criticality.criticality(index)
+
+
+def _names(graph: AgentGraph) -> str:
+    names = [agent.name for agent in graph.agents]
+    shown = ", ".join(repr(n) for n in names[:10])
+    return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")

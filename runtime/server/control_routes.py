@@ -1,0 +1,92 @@
+"""Control-plane handlers: agent graphs, runs and their events. Thin: decode, act, encode."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from kvrt.runtime.server import keys
+from kvrt.runtime.server.control_views import graph_info, run_info, run_state
+from kvrt.runtime.server.http_io import json_response, read_json
+from kvrt.sdk.protocol.control import (
+    Deleted,
+    EventAck,
+    GraphList,
+    RunList,
+    event_decoder,
+    graph_spec_decoder,
+    run_spec_decoder,
+)
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/graphs")
+async def create_graph(request: web.Request) -> web.Response:
+    spec = graph_spec_decoder.decode(await read_json(request))
+    entry = request.app[keys.CONTROL].create_graph(spec)
+    return json_response(graph_info(entry), status=201)
+
+
+@routes.get("/v1/graphs")
+async def list_graphs(request: web.Request) -> web.Response:
+    entries = request.app[keys.CONTROL].graphs()
+    return json_response(GraphList(data=[graph_info(e) for e in entries]))
+
+
+@routes.get("/v1/graphs/{graph_id}")
+async def get_graph(request: web.Request) -> web.Response:
+    entry = request.app[keys.CONTROL].graph(request.match_info["graph_id"])
+    return json_response(graph_info(entry))
+
+
+@routes.delete("/v1/graphs/{graph_id}")
+async def delete_graph(request: web.Request) -> web.Response:
+    graph_id = request.match_info["graph_id"]
+    request.app[keys.CONTROL].delete_graph(graph_id)
+    return json_response(Deleted(id=graph_id, object="graph"))
+
+
+@routes.post("/v1/runs")
+async def start_run(request: web.Request) -> web.Response:
+    spec = run_spec_decoder.decode(await read_json(request))
+    run = request.app[keys.CONTROL].start_run(spec.graph_id)
+    return json_response(run_info(run), status=201)
+
+
+@routes.get("/v1/runs")
+async def list_runs(request: web.Request) -> web.Response:
+    graph_id = request.query.get("graph_id")
+    runs = request.app[keys.CONTROL].runs(graph_id)
+    return json_response(RunList(data=[run_info(r) for r in runs]))
+
+
+@routes.get("/v1/runs/{run_id}")
+async def get_run(request: web.Request) -> web.Response:
+    run = request.app[keys.CONTROL].run(request.match_info["run_id"])
+    residency = request.app[keys.ENGINE].kv_residency(run.id)
+    return json_response(run_state(run, residency))
+
+
+@routes.post("/v1/runs/{run_id}/events")
+async def post_event(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    body = await read_json(request)
+    run = request.app[keys.CONTROL].run(request.match_info["run_id"])
+    event = event_decoder.decode(body)
+    index, duplicate = run.apply(event)
+    ack = EventAck(run=run.id, agent=event.agent, state=run.agents[index].state,
+                   event_count=run.event_count, duplicate=duplicate)
+    response = json_response(ack)
+    request.app[keys.METRICS].observe_event(event.__struct_config__.tag,
+                                            time.perf_counter() - started)
+    return response
+
+
+@routes.delete("/v1/runs/{run_id}")
+async def end_run(request: web.Request) -> web.Response:
+    run = request.app[keys.CONTROL].end_run(request.match_info["run_id"])
+    # Ended first, so no new call joins the run while its KV is released.
+    await request.app[keys.ENGINE].release_run(run.id)
+    return json_response(Deleted(id=run.id, object="run"))

@@ -1,0 +1,82 @@
+"""Domain objects of the control plane -> its wire Structs (sdk/protocol/control.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from kvrt.runtime.graph.control_plane import GraphEntry
+from kvrt.runtime.graph.runs import Run
+from kvrt.sdk.protocol.control import (
+    AgentInfo,
+    AgentState,
+    Edge,
+    GraphInfo,
+    KVResidency,
+    RunInfo,
+    RunState,
+    ToolEstimate,
+)
+
+
+class Residency(Protocol):
+    device_blocks: int
+    shared_blocks: int
+
+
+def graph_info(entry: GraphEntry) -> GraphInfo:
+    graph, criticality = entry.graph, entry.criticality()
+    agents = [
+        AgentInfo(
+            name=agent.name, system=agent.system, tools=agent.tools,
+            expected_output_tokens=agent.expected_output_tokens, importance=agent.importance,
+            expected_seconds=entry.costs.work(agent),
+            priority=agent.importance * criticality.criticality(i),
+            on_critical_path=criticality.on_critical_path(i),
+        )
+        for i, agent in enumerate(graph.agents)
+    ]
+    edges = [
+        Edge(source=graph.agents[e.source].name, target=graph.agents[e.target].name,
+             in_loop=graph.structure.in_loop(e.source, e.target),
+             expected_iterations=graph.iterations(e))
+        for e in graph.edges
+    ]
+    return GraphInfo(
+        id=entry.id, name=graph.name, created=entry.created, reuse=graph.reuse, agents=agents,
+        edges=edges, critical_path=[graph.agents[i].name for i in criticality.path],
+        critical_path_seconds=criticality.length, live_runs=len(entry.runs),
+    )
+
+
+def run_info(run: Run) -> RunInfo:
+    return RunInfo(id=run.id, graph_id=run.graph_id, created=run.created,
+                   event_count=run.event_count)
+
+
+def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
+    """`residency`: the engine's per-agent KV accounting of this run (agents absent hold none)."""
+    criticality, now = run.criticality(), run.clock()
+    agents = []
+    for i, (agent, activity) in enumerate(zip(run.graph.agents, run.agents)):
+        kv = residency.get(agent.name)
+        agents.append(AgentState(
+            name=agent.name, state=activity.state, priority=run.priority(i, criticality),
+            on_critical_path=not activity.done and criticality.on_critical_path(i),
+            remaining_seconds=run.costs.work(agent, activity, now),
+            requests=len(activity.queued) + len(activity.generating),
+            generated_tokens=activity.generated_tokens,
+            tool=next(iter(activity.tools), None),
+            kv=KVResidency(device_blocks=kv.device_blocks if kv else 0, host_blocks=0,
+                           shared_blocks=kv.shared_blocks if kv else 0),
+        ))
+    tools = [
+        ToolEstimate(agent=agent, tool=tool, declared_seconds=estimate.declared,
+                     observations=estimate.observations, estimate_seconds=estimate.seconds)
+        for (agent, tool), estimate in run.costs.estimates.items()
+    ]
+    path = [run.graph.agents[i].name for i in criticality.path if not run.agents[i].done]
+    return RunState(
+        id=run.id, graph_id=run.graph_id, created=run.created, event_count=run.event_count,
+        critical_path=path, critical_path_seconds=criticality.length, agents=agents, tools=tools,
+    )

@@ -1,0 +1,24 @@
+"""Reading JSON bodies and writing msgspec-encoded responses, shared by every route table."""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from kvrt.runtime.server.errors import APIError
+
+_encoder = msgspec.json.Encoder()
+
+
+async def read_json(request: web.Request) -> bytes:
+    # A missing Content-Type is taken as JSON (bare clients); a different one is refused.
+    if request.headers.get("Content-Type"):
+        ctype = request.content_type
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise APIError(415, f"Content-Type must be application/json, got {ctype!r}")
+    return await request.read()
+
+
+def json_response(value: object, status: int = 200) -> web.Response:
+    return web.Response(body=_encoder.encode(value), status=status,
+                        content_type="application/json")

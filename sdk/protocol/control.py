@@ -1,0 +1,213 @@
+"""Control-plane wire schemas: agent graphs, runs, and the events clients report.
+
+Requests refuse unknown fields (a misspelt `expected_iteration` must not pass silently), and the
+limits below live in the types, so /openapi.json shows them and msgspec names the field that
+breaks one. Checks that need the whole graph (unknown agents in an edge, duplicate names, loops)
+are the daemon's, after decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+# Documented limits of one graph. A graph of 4,096 agents recomputes its priorities in a few
+# milliseconds (see the control-plane benchmark); the limits keep one request from taking more.
+MAX_AGENTS = 4096
+MAX_EDGES = 65536
+MAX_TOOLS_PER_AGENT = 64
+MAX_EXPECTED_ITERATIONS = 1000
+DEFAULT_EXPECTED_ITERATIONS = 2  # of a loop whose edges do not say
+
+# Names travel in X-Kvrt-Agent headers too, so no control characters.
+Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Seconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
+Id = Annotated[str, Meta(min_length=1, max_length=128)]
+
+AgentStatus = Literal["idle", "queued", "generating", "tool_call", "done"]
+Reuse = Literal["exact", "approximate"]
+
+
+# ---- graphs --------------------------------------------------------------------------------
+
+
+class AgentSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One agent. `tools` maps each tool it may call to the seconds a call is expected to take;
+    `expected_output_tokens` and the tools make up the agent's expected work; `importance`
+    scales its priority (0 = never preferred)."""
+
+    name: Name
+    system: str | None = None
+    tools: Annotated[dict[Name, Seconds], Meta(max_length=MAX_TOOLS_PER_AGENT)] = {}
+    expected_output_tokens: Annotated[int, Meta(ge=0, le=1_000_000)] | None = None
+    importance: Annotated[float, Meta(ge=0, le=1000)] = 1.0
+
+
+class EdgeSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    """An edge in object form; `[from, to]` is the short form. `expected_iterations` is only
+    meaningful on an edge of a loop (a cycle), and says how often the loop is expected to run."""
+
+    source: Name = msgspec.field(name="from")
+    target: Name = msgspec.field(name="to")
+    expected_iterations: Annotated[int, Meta(ge=1, le=MAX_EXPECTED_ITERATIONS)] | None = None
+
+
+class GraphSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/graphs. `reuse: "approximate"` is stored now and acted on by a later release."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    agents: Annotated[list[AgentSpec], Meta(min_length=1, max_length=MAX_AGENTS)]
+    edges: Annotated[
+        list[tuple[Name, Name] | EdgeSpec], Meta(max_length=MAX_EDGES)
+    ] = []
+    reuse: Reuse = "exact"
+
+
+class AgentInfo(Struct, kw_only=True):
+    name: str
+    system: str | None
+    tools: dict[str, float]
+    expected_output_tokens: int
+    importance: float
+    expected_seconds: float  # the agent's expected work: generation plus tool calls
+    priority: float  # importance x criticality (1 on the critical path, less with slack)
+    on_critical_path: bool
+
+
+class Edge(Struct, kw_only=True):
+    source: str = msgspec.field(name="from")
+    target: str = msgspec.field(name="to")
+    in_loop: bool
+    expected_iterations: int  # of the edge's loop; 1 for an edge outside any loop
+
+
+class GraphInfo(Struct, kw_only=True):
+    id: str
+    object: Literal["graph"] = "graph"
+    name: str
+    created: int
+    reuse: Reuse
+    agents: list[AgentInfo]
+    edges: list[Edge]
+    critical_path: list[str]
+    critical_path_seconds: float
+    live_runs: int
+
+
+class GraphList(Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[GraphInfo]
+
+
+class Deleted(Struct, kw_only=True):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+# ---- runs ----------------------------------------------------------------------------------
+
+
+class RunSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/runs."""
+
+    graph_id: Id
+
+
+class KVResidency(Struct, kw_only=True):
+    device_blocks: int  # blocks holding the agent's KV in device memory
+    host_blocks: int  # ... offloaded to the host tier
+    shared_blocks: int  # of those, blocks another agent (of any run) holds too
+
+
+class ToolEstimate(Struct, kw_only=True):
+    """The expected duration of one (agent, tool), learned from the graph's runs."""
+
+    agent: str
+    tool: str
+    declared_seconds: float | None  # from the graph declaration
+    observations: int  # finished calls seen, in every run of the graph
+    estimate_seconds: float | None  # what predictions use: learned if observed, else declared
+
+
+class AgentState(Struct, kw_only=True):
+    name: str
+    state: AgentStatus
+    priority: float
+    on_critical_path: bool
+    remaining_seconds: float  # expected work left, from progress and tool estimates
+    requests: int  # model calls in flight
+    generated_tokens: int
+    tool: str | None  # the tool it waits on, in state tool_call
+    kv: KVResidency
+
+
+class RunInfo(Struct, kw_only=True):
+    id: str
+    object: Literal["run"] = "run"
+    graph_id: str
+    created: int
+    event_count: int
+
+
+class RunState(Struct, kw_only=True):
+    id: str
+    object: Literal["run"] = "run"
+    graph_id: str
+    created: int
+    event_count: int
+    critical_path: list[str]
+    critical_path_seconds: float  # remaining
+    agents: list[AgentState]
+    tools: list[ToolEstimate]
+
+
+class RunList(Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[RunInfo]
+
+
+# ---- events --------------------------------------------------------------------------------
+
+
+class _Event(Struct, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
+    """`id`, when given, makes a retried event a no-op (the SDK sets one on every event)."""
+
+    agent: Name
+    id: Id | None = None
+
+
+class ToolCallStarted(_Event, tag="tool_call.started"):
+    tool: Name
+    expected_duration_s: Seconds | None = None  # the client's estimate for this call
+
+
+class ToolCallFinished(_Event, tag="tool_call.finished"):
+    tool: Name
+
+
+class AgentDone(_Event, tag="agent.done"):
+    pass
+
+
+Event = ToolCallStarted | ToolCallFinished | AgentDone
+
+
+class EventAck(Struct, kw_only=True):
+    run: str
+    agent: str
+    state: AgentStatus
+    event_count: int
+    duplicate: bool  # the event repeated one already applied and changed nothing
+
+
+graph_spec_decoder = msgspec.json.Decoder(GraphSpec)
+run_spec_decoder = msgspec.json.Decoder(RunSpec)
+event_decoder = msgspec.json.Decoder(Event)
+
+# For /openapi.json: every Struct the control-plane routes read or write.
+SCHEMA_TYPES = (
+    GraphSpec, GraphInfo, GraphList, Deleted, RunSpec, RunInfo, RunState, RunList, Event, EventAck,
+)

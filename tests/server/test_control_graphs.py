@@ -1,0 +1,165 @@
+"""POST/GET/DELETE /v1/graphs on a live daemon: validation, and the critical path and priorities
+of known graphs against values computed by hand. Agents declare no output tokens, so an agent's
+work is its tools' expected seconds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvrt.sdk.protocol.control import MAX_AGENTS
+from tests.server.live_server import LiveServer, assert_error_shape
+
+
+def agent(name: str, seconds: float = 0, **extra: Any) -> dict[str, Any]:
+    tools = {"work": seconds} if seconds else {}
+    return {"name": name, "tools": tools, "expected_output_tokens": 0, **extra}
+
+
+def declare(server: LiveServer, agents: list, edges: list, **extra: Any) -> dict[str, Any]:
+    reply = server.post("/v1/graphs", {"name": "g", "agents": agents, "edges": edges, **extra})
+    assert reply.status == 201, reply.body
+    return reply.json()
+
+
+def by_name(graph: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {a["name"]: a for a in graph["agents"]}
+
+
+def test_chain(server: LiveServer) -> None:
+    graph = declare(server, [agent("a", 1), agent("b", 2), agent("c", 3)],
+                    [["a", "b"], ["b", "c"]])
+    assert graph["critical_path"] == ["a", "b", "c"]
+    assert graph["critical_path_seconds"] == 6
+    assert all(a["priority"] == 1 and a["on_critical_path"] for a in graph["agents"])
+    assert [a["expected_seconds"] for a in graph["agents"]] == [1, 2, 3]
+
+
+def test_diamond(server: LiveServer) -> None:
+    # a -> b -> d and a -> c -> d: the path through b takes 1 + 5 + 1 = 7 s, through c 4 s.
+    graph = declare(
+        server, [agent("a", 1), agent("b", 5), agent("c", 2), agent("d", 1, importance=0.5)],
+        [["a", "b"], ["a", "c"], ["b", "d"], ["c", "d"]])
+    agents = by_name(graph)
+    assert graph["critical_path"] == ["a", "b", "d"] and graph["critical_path_seconds"] == 7
+    assert agents["a"]["priority"] == 1 and agents["b"]["priority"] == 1
+    assert agents["c"]["priority"] == pytest.approx(4 / 7)
+    assert agents["d"]["priority"] == 0.5  # on the path, at half importance
+    assert [agents[n]["on_critical_path"] for n in "abcd"] == [True, True, False, True]
+
+
+def test_fan_out_of_eight(server: LiveServer) -> None:
+    workers = [agent(f"w{i}", i) for i in range(1, 9)]
+    graph = declare(server, [agent("root", 1), *workers],
+                    [["root", f"w{i}"] for i in range(1, 9)])
+    agents = by_name(graph)
+    assert graph["critical_path"] == ["root", "w8"] and graph["critical_path_seconds"] == 9
+    assert agents["root"]["priority"] == 1
+    for i in range(1, 9):
+        assert agents[f"w{i}"]["priority"] == pytest.approx((1 + i) / 9)
+        assert agents[f"w{i}"]["on_critical_path"] == (i == 8)
+
+
+def test_loop_counts_its_iterations(server: LiveServer) -> None:
+    # plan -> act <-> observe -> answer, the loop expected 3 times: 1 + 3 * (2 + 1) + 1 = 11 s.
+    # plan -> side -> answer bypasses the loop: 1 + 2 + 1 = 4 s.
+    graph = declare(
+        server,
+        [agent("plan", 1), agent("act", 2), agent("observe", 1), agent("answer", 1),
+         agent("side", 2)],
+        [["plan", "act"], ["act", "observe"],
+         {"from": "observe", "to": "act", "expected_iterations": 3}, ["observe", "answer"],
+         ["plan", "side"], ["side", "answer"]])
+    agents = by_name(graph)
+    assert graph["critical_path"] == ["plan", "act", "observe", "answer"]
+    assert graph["critical_path_seconds"] == 11
+    assert agents["side"]["priority"] == pytest.approx(4 / 11)
+    assert all(agents[n]["priority"] == 1 for n in ("plan", "act", "observe", "answer"))
+    loops = {(e["from"], e["to"]): (e["in_loop"], e["expected_iterations"])
+             for e in graph["edges"]}
+    assert loops[("act", "observe")] == (True, 3) and loops[("observe", "act")] == (True, 3)
+    assert loops[("plan", "act")] == (False, 1)
+
+
+def test_self_loop_runs_twice_by_default(server: LiveServer) -> None:
+    # A ReAct agent calling itself: 2 iterations of 2 s, then 1 s.
+    graph = declare(server, [agent("react", 2), agent("final", 1)],
+                    [["react", "react"], ["react", "final"]])
+    assert graph["critical_path"] == ["react", "final"] and graph["critical_path_seconds"] == 5
+
+
+def test_output_tokens_cost_decode_time(server: LiveServer) -> None:
+    per_token = server.config.control.seconds_per_output_token
+    graph = declare(server, [{"name": "solo", "expected_output_tokens": 100,
+                              "tools": {"search": 1.5}}], [])
+    assert graph["agents"][0]["expected_seconds"] == pytest.approx(100 * per_token + 1.5)
+
+
+def test_get_list_delete(server: LiveServer) -> None:
+    created = declare(server, [agent("x", 1)], [], reuse="approximate")
+    assert created["reuse"] == "approximate" and created["id"].startswith("graph-")
+    fetched = server.request("GET", f"/v1/graphs/{created['id']}").json()
+    assert fetched == created
+    listed = server.request("GET", "/v1/graphs").json()
+    assert created["id"] in [g["id"] for g in listed["data"]]
+    deleted = server.request("DELETE", f"/v1/graphs/{created['id']}")
+    assert deleted.json() == {"id": created["id"], "object": "graph", "deleted": True}
+    error = assert_error_shape(server.request("GET", f"/v1/graphs/{created['id']}"), 404)
+    assert error["code"] == "graph_not_found"
+    assert_error_shape(server.request("DELETE", f"/v1/graphs/{created['id']}"), 404)
+
+
+def test_a_graph_with_live_runs_cannot_be_deleted(server: LiveServer) -> None:
+    graph = declare(server, [agent("x", 1)], [])
+    run = server.post("/v1/runs", {"graph_id": graph["id"]}).json()
+    error = assert_error_shape(server.request("DELETE", f"/v1/graphs/{graph['id']}"), 409)
+    assert error["code"] == "graph_in_use"
+    assert server.request("DELETE", f"/v1/runs/{run['id']}").status == 200
+    assert server.request("DELETE", f"/v1/graphs/{graph['id']}").status == 200
+
+
+def many(count: int) -> list[dict[str, Any]]:
+    return [{"name": f"a{i}"} for i in range(count)]
+
+
+@pytest.mark.parametrize(("body", "needle", "param"), [
+    ({"name": "g", "agents": []}, "length >= 1", "agents"),
+    ({"name": "g"}, "missing required field `agents`", None),
+    ({"name": "g", "agents": [{"name": "a"}, {"name": "a"}]}, "'a' is declared twice",
+     "agents[1].name"),
+    ({"name": "g", "agents": [{"name": "a"}], "edges": [["a", "ghost"]]},
+     "unknown agent 'ghost'", "edges[0]"),
+    ({"name": "g", "agents": [{"name": "a"}], "edges": [{"from": "nobody", "to": "a"}]},
+     "unknown agent 'nobody'", "edges[0]"),
+    ({"name": "g", "agents": many(2), "edges": [["a0", "a1"], ["a0", "a1"]]},
+     "repeats the edge a0 -> a1", "edges[1]"),
+    ({"name": "g", "agents": many(2), "edges": [
+        {"from": "a0", "to": "a1", "expected_iterations": 3}]},
+     "not part of a loop", "edges[0].expected_iterations"),
+    ({"name": "g", "agents": many(2), "edges": [
+        {"from": "a0", "to": "a1", "expected_iterations": 0}]},
+     ">= 1", "edges[0].expected_iterations"),
+    ({"name": "g", "agents": [{"name": "a", "tools": {"t": -1}}]}, ">= 0", "agents[0].tools"),
+    ({"name": "g", "agents": [{"name": "a", "importance": -2}]}, ">= 0",
+     "agents[0].importance"),
+    ({"name": "g", "agents": [{"name": "a", "expected_tokens": 5}]}, "unknown field",
+     "agents[0]"),
+    ({"name": "g", "agents": [{"name": ""}]}, "length >= 1", "agents[0].name"),
+    ({"name": "g", "agents": [{"name": "a"}], "reuse": "fuzzy"}, "Invalid enum value 'fuzzy'",
+     "reuse"),
+    ({"name": "g", "agents": many(MAX_AGENTS + 1)}, f"length <= {MAX_AGENTS}", "agents"),
+    ({"name": "g", "agents": [{"name": "a", "tools": {f"t{i}": 1 for i in range(65)}}]},
+     "length <= 64", "agents[0].tools"),
+], ids=["empty", "no-agents", "duplicate-name", "unknown-target", "unknown-source",
+        "duplicate-edge", "iterations-outside-loop", "zero-iterations", "negative-tool-time",
+        "negative-importance", "misspelt-field", "empty-name", "bad-reuse", "too-many-agents",
+        "too-many-tools"])
+def test_bad_graphs_get_a_400_naming_the_problem(server: LiveServer, body, needle,
+                                                 param) -> None:
+    before = len(server.request("GET", "/v1/graphs").json()["data"])
+    error = assert_error_shape(server.post("/v1/graphs", body), 400)
+    assert needle in error["message"], error
+    if param is not None:
+        assert error["param"] is not None and error["param"].startswith(param), error
+    assert len(server.request("GET", "/v1/graphs").json()["data"]) == before
