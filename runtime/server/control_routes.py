@@ -13,6 +13,7 @@ from kvrt.sdk.protocol.control import (
     Deleted,
     EventAck,
     GraphList,
+    RunClosed,
     RunList,
     event_decoder,
     graph_spec_decoder,
@@ -88,5 +89,5 @@ async def post_event(request: web.Request) -> web.Response:
 async def end_run(request: web.Request) -> web.Response:
     run = request.app[keys.CONTROL].end_run(request.match_info["run_id"])
     # Ended first, so no new call joins the run while its KV is released.
-    await request.app[keys.ENGINE].release_run(run.id)
-    return json_response(Deleted(id=run.id, object="run"))
+    released = await request.app[keys.ENGINE].release_run(run.id)
+    return json_response(RunClosed(id=run.id, released_blocks=released))

@@ -103,7 +103,7 @@ def _control_paths(ref: dict, errors: dict) -> dict:
         "/v1/runs/{run_id}": {
             "get": op("A run's agents: state, priority, KV residency", "200", control.RunState,
                       params=run),
-            "delete": op("End a run and release its KV", "200", control.Deleted, params=run)},
+            "delete": op("End a run and release its KV", "200", control.RunClosed, params=run)},
         "/v1/runs/{run_id}/events": {
             "post": op("Report a tool call or an agent's end (idempotent)", "200",
                        control.EventAck, control.Event, params=run)},

@@ -164,6 +164,16 @@ class RunState(Struct, kw_only=True):
     tools: list[ToolEstimate]
 
 
+class RunClosed(Struct, kw_only=True):
+    """DELETE /v1/runs/{id}: the run is over; `released_blocks` KV blocks held by it alone
+    went back to the free list."""
+
+    id: str
+    object: Literal["run"] = "run"
+    deleted: bool = True
+    released_blocks: int
+
+
 class RunList(Struct, kw_only=True):
     object: Literal["list"] = "list"
     data: list[RunInfo]
@@ -209,5 +219,6 @@ event_decoder = msgspec.json.Decoder(Event)
 
 # For /openapi.json: every Struct the control-plane routes read or write.
 SCHEMA_TYPES = (
-    GraphSpec, GraphInfo, GraphList, Deleted, RunSpec, RunInfo, RunState, RunList, Event, EventAck,
+    GraphSpec, GraphInfo, GraphList, Deleted, RunSpec, RunInfo, RunState, RunList, RunClosed,
+    Event, EventAck,
 )
