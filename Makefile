@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup serve test bench-engine lint
+.PHONY: setup serve test bench-engine bench-control lint
 
 $(VENV)/.installed: pyproject.toml setup.py requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ test: setup
 
 bench-engine: setup
 	$(PY) -m kvrt.runtime.bench.engine_speed $(ARGS)
+
+bench-control: setup
+	$(PY) -m kvrt.runtime.bench.control_plane $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check runtime sdk kernels tests

@@ -1,0 +1,221 @@
+"""The control plane's speed: events over loopback, and priorities of a 1,000-agent graph.
+
+    python -m kvrt.runtime.bench.control_plane [--seconds 5] [--concurrency 1,16]
+                                               [--agents 1000] [--out bench-out/control.json]
+
+- Events: a `kvrt serve` subprocess (tiny random model: events never touch the engine) and
+  clients in this process posting tool_call.started / tool_call.finished pairs, each with an
+  id as the SDK sends them, for `--seconds` at each concurrency. Reported: events/s, the
+  client-side round trip p50/p99, and the server's own time per event (decode, apply, encode;
+  from its `kvrt:control_event_seconds` metric).
+- Priorities: the critical path and every agent's priority of a run of a random 1,000-agent
+  graph with loops (the work done on each GET of a run and each attributed call), the same
+  plus the whole run-state view, and building the graph's structure (once per graph).
+A benchmark, not a test: the machine is shared and noisy; figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+from kvrt.runtime.config import ControlConfig
+from kvrt.runtime.graph.control_plane import ControlPlane
+from kvrt.runtime.graph.critical_path import GraphStructure, critical_path
+from kvrt.runtime.model.tiny import init_tiny
+from kvrt.runtime.server.control_views import run_state
+from kvrt.sdk.protocol.control import AgentSpec, EdgeSpec, GraphSpec
+
+
+def random_graph(agents: int, seed: int = 0) -> GraphSpec:
+    """Agents each fed by 1-3 of the 40 before them, a two-agent loop every 50 agents (an agent
+    and its predecessor feeding each other), and a tool on every third agent."""
+    rng = random.Random(seed)
+    names = [f"agent{i}" for i in range(agents)]
+    specs = [AgentSpec(name=n, tools={"tool": rng.uniform(0.1, 5)} if i % 3 == 0 else {},
+                       expected_output_tokens=rng.randint(16, 512)) for i, n in enumerate(names)]
+    edges: set[tuple[int, int]] = set()
+    for i in range(1, agents):
+        for source in rng.sample(range(max(0, i - 40), i), k=min(i, rng.randint(1, 3))):
+            edges.add((source, i))
+    for i in range(50, agents, 50):
+        edges.update({(i - 1, i), (i, i - 1)})
+    return GraphSpec(name="random", agents=specs,
+                     edges=[EdgeSpec(source=names[s], target=names[t]) for s, t in sorted(edges)])
+
+
+def time_priorities(agents: int, repeats: int = 50) -> dict[str, float]:
+    spec = random_graph(agents)
+    control = ControlPlane(ControlConfig())
+    started = time.perf_counter()
+    entry = control.create_graph(spec)
+    create_ms = (time.perf_counter() - started) * 1e3
+    run = control.start_run(entry.id)
+    costs = [entry.costs.work(a) for a in entry.graph.agents]
+
+    def median_ms(fn, times: int = repeats) -> float:
+        samples = []
+        for _ in range(times):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+
+    structure = entry.graph.structure
+    return {
+        "agents": agents,
+        "edges": len(spec.edges),
+        "loops": sum(1 for m in structure.members if len(m) > 1),
+        "critical_path_ms": median_ms(lambda: critical_path(structure, costs)),
+        "run_priorities_ms": median_ms(lambda: [run.priority(i, c) for c in [run.criticality()]
+                                                for i in range(agents)]),
+        "run_state_view_ms": median_ms(lambda: run_state(run, {})),
+        "build_structure_ms": median_ms(
+            lambda: GraphStructure.build(agents, [(e.source, e.target, None)
+                                                  for e in entry.graph.edges]), times=5),
+        "declare_graph_ms": create_ms,
+    }
+
+
+# ---- events over loopback --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "kvrt.runtime.cli", "serve", "--model", str(model),
+               "--port", str(port), "--kv-cache-memory", "4MiB", "--max-model-len", "256"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+
+
+async def wait_healthy(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url + "/health") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"the server at {url} did not come up")
+
+
+async def server_event_seconds(session: aiohttp.ClientSession, url: str) -> tuple[float, int]:
+    """(sum, count) of the server's kvrt:control_event_seconds histogram."""
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("kvrt:control_event_seconds_"):
+            name, value = line.split("{")[0], line.rsplit(" ", 1)[1]
+            values[name] = float(value)
+    return values["kvrt:control_event_seconds_sum"], int(values["kvrt:control_event_seconds_count"])
+
+
+async def drive_events(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        agents = [{"name": f"a{i}", "tools": {"search": 1.0}} for i in range(concurrency)]
+        async with session.post(url + "/v1/graphs", json={"name": "bench", "agents": agents}) as r:
+            graph = await r.json()
+        async with session.post(url + "/v1/runs", json={"graph_id": graph["id"]}) as r:
+            run = (await r.json())["id"]
+        sum_before, count_before = await server_event_seconds(session, url)
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+
+        async def client(agent: str) -> None:
+            kinds = ("tool_call.started", "tool_call.finished")
+            n = 0
+            while time.perf_counter() < deadline:
+                body = {"type": kinds[n % 2], "agent": agent, "tool": "search",
+                        "id": uuid.uuid4().hex}
+                t0 = time.perf_counter()
+                async with session.post(f"{url}/v1/runs/{run}/events", json=body) as resp:
+                    await resp.read()
+                    assert resp.status == 200, resp.status
+                latencies.append(time.perf_counter() - t0)
+                n += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(a["name"]) for a in agents))
+        elapsed = time.perf_counter() - started
+        sum_after, count_after = await server_event_seconds(session, url)
+        await session.delete(f"{url}/v1/runs/{run}")
+    latencies.sort()
+    served = count_after - count_before
+    return {
+        "concurrency": concurrency,
+        "events": len(latencies),
+        "events_per_s": len(latencies) / elapsed,
+        "roundtrip_p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "roundtrip_p99_ms": latencies[int(len(latencies) * 0.99)] * 1e3,
+        "server_us_per_event": (sum_after - sum_before) / served * 1e6,
+    }
+
+
+async def events_benchmark(concurrencies: list[int], seconds: float) -> list[dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = init_tiny(Path(tmp) / "tiny", arch="llama", seed=0)
+        port = _free_port()
+        server = start_server(model, port, Path(tmp) / "server.log")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_healthy(url)
+            return [await drive_events(url, c, seconds) for c in concurrencies]
+        finally:
+            server.terminate()
+            server.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--out", default="bench-out/control_plane.json")
+    args = parser.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    priorities = time_priorities(args.agents)
+    events = asyncio.run(events_benchmark(concurrencies, args.seconds))
+    report = {"machine": f"{platform.machine()} {platform.processor()} "
+                         f"{platform.python_version()}", "priorities": priorities,
+              "events": events}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"priorities of {priorities['agents']} agents, {priorities['edges']} edges, "
+          f"{priorities['loops']} loops:")
+    for key in ("critical_path_ms", "run_priorities_ms", "run_state_view_ms",
+                "build_structure_ms", "declare_graph_ms"):
+        print(f"  {key:22s} {priorities[key]:8.2f}")
+    print("| clients | events/s | round trip p50 (ms) | p99 (ms) | server time/event (us) |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in events:
+        print(f"| {row['concurrency']} | {row['events_per_s']:.0f} | "
+              f"{row['roundtrip_p50_ms']:.2f} | {row['roundtrip_p99_ms']:.2f} | "
+              f"{row['server_us_per_event']:.0f} |")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
