@@ -17,6 +17,7 @@ from kvrt.runtime.config import (
     DTYPES,
     KERNELS,
     ConfigError,
+    ControlConfig,
     EngineConfig,
     ServeConfig,
     parse_size,
@@ -42,6 +43,7 @@ def _defaults(cls) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     engine, serve = _defaults(EngineConfig), _defaults(ServeConfig)
+    control = _defaults(ControlConfig)
     parser = _Parser(prog="kvrt", description="KV-cache runtime for multi-agent LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model name clients use (default: derived from the checkpoint)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default=serve["log_level"],
                    help="default: %(default)s")
+    p.add_argument("--seconds-per-output-token", type=float,
+                   default=control["seconds_per_output_token"], metavar="S",
+                   help="the graph cost model's decode time per token (default: %(default)s)")
+    p.add_argument("--max-live-runs", type=int, default=control["max_live_runs"], metavar="N",
+                   help="runs live at once (default: %(default)s)")
     p.set_defaults(run=_serve, command_parser=p)
 
     model = commands.add_parser("model", help="model utilities")
@@ -110,8 +117,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         prefix_caching=args.prefix_caching, policy=args.policy, kernels=args.kernels,
         seed=args.seed,
     )
+    control = ControlConfig(seconds_per_output_token=args.seconds_per_output_token,
+                            max_live_runs=args.max_live_runs)
     return ServeConfig(host=args.host, port=args.port, log_level=args.log_level,
-                       served_model_name=args.served_model_name, engine=engine)
+                       served_model_name=args.served_model_name, engine=engine, control=control)
 
 
 def _serve(args: argparse.Namespace) -> int:

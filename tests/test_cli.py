@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvrt.runtime.cli import build_parser, main, serve_config
-from kvrt.runtime.config import EngineConfig, ServeConfig
+from kvrt.runtime.config import ControlConfig, EngineConfig, ServeConfig
 
 READY = re.compile(r"^kvrt ready: serving (\S+) at (http://127\.0\.0\.1:(\d+))$")
 
@@ -33,6 +33,7 @@ def test_serve_flags_reach_the_config() -> None:
         "--max-num-seqs", "8", "--max-num-batched-tokens", "1024", "--block-size", "32",
         "--policy", "lru", "--kernels", "torch", "--served-model-name", "m",
         "--log-level", "debug", "--no-prefix-caching", "--seed", "3",
+        "--seconds-per-output-token", "0.05", "--max-live-runs", "10",
     ])
     assert serve_config(args) == ServeConfig(
         host="0.0.0.0", port=0, log_level="debug", served_model_name="m",
@@ -40,6 +41,7 @@ def test_serve_flags_reach_the_config() -> None:
                             kv_cache_memory=2 * 1024**3, block_size=32, max_model_len=4096,
                             max_num_seqs=8, max_num_batched_tokens=1024, prefix_caching=False,
                             policy="lru", kernels="torch", seed=3),
+        control=ControlConfig(seconds_per_output_token=0.05, max_live_runs=10),
     )
 
 
@@ -51,6 +53,7 @@ def test_serve_flags_reach_the_config() -> None:
     (["serve", "--port", "70000"], "port must be in 0..65535"),
     (["serve", "--max-num-seqs", "0"], "max_num_seqs must be positive"),
     (["serve", "--max-model-len", "-1"], "max_model_len must be positive"),
+    (["serve", "--max-live-runs", "0"], "max_live_runs must be positive"),
     (["serve", "--bogus"], "unrecognized arguments"),
     (["model", "init-tiny"], "DIR"),
     (["model", "init-tiny", "d", "--arch", "gpt2"], "--arch"),
