@@ -122,6 +122,15 @@ def good_chat(**extra: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4, **extra}
 
 
+def start_run(server: LiveServer, *agents: str) -> str:
+    """Declares a graph of `agents` (no edges) and starts a run of it; returns the run id."""
+    graph = server.post("/v1/graphs", {"name": "t", "agents": [{"name": a} for a in agents]})
+    assert graph.status == 201, graph.body
+    run = server.post("/v1/runs", {"graph_id": graph.json()["id"]})
+    assert run.status == 201, run.body
+    return run.json()["id"]
+
+
 def assert_error_shape(reply: Reply, status: int) -> dict[str, Any]:
     assert reply.status == status, reply.body
     assert reply.headers["Content-Type"].startswith("application/json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.server.live_server import LiveServer, good_chat
+from tests.server.live_server import LiveServer, good_chat, start_run
 
 # Long enough to span more than one 16-token KV block, so a repeat can hit the prefix cache.
 SYSTEM = ("You are a helpful assistant. The agents share their notes with each other, and each "
@@ -137,7 +137,8 @@ def test_seed_reproducible_with_temperature(server: LiveServer) -> None:
 
 
 def test_kvrt_extensions_accepted(server: LiveServer) -> None:
-    body = good_chat(top_k=5, top_p=0.9, stop_token_ids=[3], user="u", kvrt={"run": "r"},
+    kvrt = {"run": start_run(server, "a"), "agent": "a"}
+    body = good_chat(top_k=5, top_p=0.9, stop_token_ids=[3], user="u", kvrt=kvrt,
                      logit_bias={}, frequency_penalty=0, tools=None, max_completion_tokens=3,
                      ignore_eos=True)
     del body["max_tokens"]
@@ -164,11 +165,12 @@ def test_models_endpoint(server: LiveServer) -> None:
 
 def test_official_openai_client(server: LiveServer) -> None:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    run = start_run(server, "a1")
     assert [m.id for m in client.models.list()] == ["tiny"]
 
     chat = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
-        temperature=0, extra_body={"ignore_eos": True, "kvrt": {"run": "r1", "agent": "a1"}})
+        temperature=0, extra_body={"ignore_eos": True, "kvrt": {"run": run, "agent": "a1"}})
     assert chat.choices[0].finish_reason == "length"
     assert chat.usage.completion_tokens == 4
     assert chat.usage.prompt_tokens_details.cached_tokens >= 0

@@ -1,0 +1,195 @@
+"""A run of an agent graph (`Run`) and one of its agents (`AgentClient`).
+
+An agent's model calls go through `AgentClient.chat` / `.stream`, which attribute them to the run
+and agent; its tool calls are reported with `async with agent.tool_call("search"): ...`, so the
+daemon knows the agent is waiting (and may move its KV out of the way until the tool returns).
+Every event carries a fresh id, so a retried event is applied once.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+from urllib.parse import quote
+
+import msgspec
+
+from kvrt.sdk.chat import ChatReply, ChatStream, Message, chat_body, complete
+from kvrt.sdk.errors import KvrtError
+from kvrt.sdk.http import Transport
+from kvrt.sdk.protocol.control import (
+    AgentDone,
+    Deleted,
+    Event,
+    EventAck,
+    GraphInfo,
+    RunInfo,
+    RunState,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+
+log = logging.getLogger(__name__)
+
+EventType = Literal["tool_call.started", "tool_call.finished", "agent.done"]
+
+_state_decoder = msgspec.json.Decoder(RunState)
+_ack_decoder = msgspec.json.Decoder(EventAck)
+_deleted_decoder = msgspec.json.Decoder(Deleted)
+
+
+class Run:
+    """A handle to one run: `agent(name)` for its agents, `state()`, `close()`. As an async
+    context manager it closes the run on exit."""
+
+    def __init__(self, transport: Transport, info: RunInfo | RunState, graph: GraphInfo) -> None:
+        self._transport = transport
+        self.id = info.id
+        self.graph_id = info.graph_id
+        self.graph = graph
+        self._path = f"/v1/runs/{quote(info.id, safe='')}"
+        self._systems = {agent.name: agent.system for agent in graph.agents}
+        self._agents: dict[str, AgentClient] = {}
+        self._closed = False
+
+    def agent(self, name: str) -> AgentClient:
+        """The client of agent `name` (the daemon answers 404 agent_not_found on its first call
+        if the graph has no such agent)."""
+        if name not in self._agents:
+            self._agents[name] = AgentClient(self, name, self._systems.get(name))
+        return self._agents[name]
+
+    async def state(self) -> RunState:
+        return await self._transport.request("GET", self._path, _state_decoder, idempotent=True)
+
+    async def event(self, event: Event) -> EventAck:
+        """Sends one event (low level; see AgentClient). An event without an id gets a fresh one,
+        so that a retry after a lost answer is recognised by the daemon as a duplicate."""
+        if event.id is None:
+            event = msgspec.structs.replace(event, id=uuid.uuid4().hex)
+        return await self._transport.request(
+            "POST", self._path + "/events", _ack_decoder, body=event, idempotent=True
+        )
+
+    async def close(self) -> None:
+        """Ends the run (DELETE). Closing a closed run is a no-op; a 404 that answers a retry
+        means an earlier attempt closed it."""
+        if self._closed:
+            return
+        try:
+            await self._transport.request("DELETE", self._path, _deleted_decoder, idempotent=True)
+        except KvrtError as exc:
+            if not (exc.status == 404 and exc.attempts > 1):
+                raise
+        self._closed = True
+
+    async def __aenter__(self) -> Run:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            await self.close()
+        except KvrtError:
+            if exc_type is None:
+                raise
+            log.warning("closing run %s failed while an exception propagated", self.id,
+                        exc_info=True)
+
+    def __repr__(self) -> str:
+        return f"Run({self.id!r}, graph_id={self.graph_id!r})"
+
+
+class AgentClient:
+    """One agent of a run. `system` is the system prompt the agent was declared with: `chat` and
+    `stream` put it first when the messages carry no system (or developer) message, so the
+    declared prompt is what the agent's calls actually use."""
+
+    def __init__(self, run: Run, name: str, system: str | None) -> None:
+        self.run = run
+        self.name = name
+        self.system = system
+
+    async def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        **extra: Any,
+    ) -> ChatReply:
+        """One chat completion attributed to this agent. `extra` goes into the body as is (any
+        OpenAI field, or kvrt's extensions such as `ignore_eos`, `top_k`, `seed`)."""
+        return await complete(self.run._transport, self._body(messages, max_tokens, temperature,
+                                                              extra))
+
+    def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        **extra: Any,
+    ) -> ChatStream:
+        """A streamed chat completion attributed to this agent: `async for delta in ...`."""
+        return ChatStream(self.run._transport, self._body(messages, max_tokens, temperature,
+                                                          extra))
+
+    @asynccontextmanager
+    async def tool_call(
+        self, tool: str, expected_duration_s: float | None = None
+    ) -> AsyncIterator[EventAck]:
+        """Reports a tool call around the block: tool_call.started on entry, tool_call.finished
+        on exit, also when the block raises. The block's exception propagates unchanged; if the
+        finish event cannot be sent while it does, the block's exception still wins (the failure
+        is logged). Yields the daemon's acknowledgement of the start."""
+        ack = await self.event("tool_call.started", tool=tool,
+                                     expected_duration_s=expected_duration_s)
+        try:
+            yield ack
+        except BaseException:
+            try:
+                await self.event("tool_call.finished", tool=tool)
+            except Exception:
+                log.warning("could not report the end of %s's %s call", self.name, tool,
+                            exc_info=True)
+            raise
+        await self.event("tool_call.finished", tool=tool)
+
+    async def done(self) -> EventAck:
+        """Reports that the agent has finished its part of the run."""
+        return await self.event("agent.done")
+
+    async def event(
+        self,
+        type: EventType,
+        *,
+        tool: str | None = None,
+        expected_duration_s: float | None = None,
+        id: str | None = None,
+    ) -> EventAck:
+        """Sends one event for this agent (low level). Give `id` to make repeats of the same
+        event collapse into one; without it each call is a new event."""
+        event: Event
+        if type == "agent.done":
+            event = AgentDone(agent=self.name, id=id)
+        elif tool is None:
+            raise TypeError(f"a {type} event needs a tool")
+        elif type == "tool_call.started":
+            event = ToolCallStarted(agent=self.name, tool=tool,
+                                    expected_duration_s=expected_duration_s, id=id)
+        elif type == "tool_call.finished":
+            event = ToolCallFinished(agent=self.name, tool=tool, id=id)
+        else:
+            raise ValueError(f"unknown event type {type!r}")
+        return await self.run.event(event)
+
+    def _body(self, messages: Sequence[Message], max_tokens: int | None,
+              temperature: float | None, extra: dict[str, Any]) -> dict[str, Any]:
+        return chat_body(messages, max_tokens=max_tokens, temperature=temperature, extra=extra,
+                         system=self.system, run=self.run.id, agent=self.name)
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.name!r}, run={self.run.id!r})"
