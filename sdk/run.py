@@ -22,10 +22,10 @@ from kvrt.sdk.errors import KvrtError
 from kvrt.sdk.http import Transport
 from kvrt.sdk.protocol.control import (
     AgentDone,
-    Deleted,
     Event,
     EventAck,
     GraphInfo,
+    RunClosed,
     RunInfo,
     RunState,
     ToolCallFinished,
@@ -38,7 +38,7 @@ EventType = Literal["tool_call.started", "tool_call.finished", "agent.done"]
 
 _state_decoder = msgspec.json.Decoder(RunState)
 _ack_decoder = msgspec.json.Decoder(EventAck)
-_deleted_decoder = msgspec.json.Decoder(Deleted)
+_closed_decoder = msgspec.json.Decoder(RunClosed)
 
 
 class Run:
@@ -74,17 +74,20 @@ class Run:
             "POST", self._path + "/events", _ack_decoder, body=event, idempotent=True
         )
 
-    async def close(self) -> None:
-        """Ends the run (DELETE). Closing a closed run is a no-op; a 404 that answers a retry
-        means an earlier attempt closed it."""
+    async def close(self) -> RunClosed | None:
+        """Ends the run (DELETE) and returns what the daemon released. Closing a closed run is a
+        no-op (None); so is a 404 that answers a retry: an earlier attempt closed it."""
         if self._closed:
-            return
+            return None
+        closed = None
         try:
-            await self._transport.request("DELETE", self._path, _deleted_decoder, idempotent=True)
+            closed = await self._transport.request("DELETE", self._path, _closed_decoder,
+                                                   idempotent=True)
         except KvrtError as exc:
             if not (exc.status == 404 and exc.attempts > 1):
                 raise
         self._closed = True
+        return closed
 
     async def __aenter__(self) -> Run:
         return self

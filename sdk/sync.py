@@ -22,7 +22,15 @@ from typing import Any, TypeVar
 from kvrt.sdk import client as aio
 from kvrt.sdk.chat import ChatReply, ChatStream, ChatUsage, Message
 from kvrt.sdk.graph import Graph
-from kvrt.sdk.protocol.control import Deleted, EventAck, GraphInfo, GraphSpec, RunInfo, RunState
+from kvrt.sdk.protocol.control import (
+    Deleted,
+    EventAck,
+    GraphInfo,
+    GraphSpec,
+    RunClosed,
+    RunInfo,
+    RunState,
+)
 from kvrt.sdk.run import AgentClient as AsyncAgentClient
 from kvrt.sdk.run import EventType
 from kvrt.sdk.run import Run as AsyncRun
@@ -103,8 +111,8 @@ class Run:
     def state(self) -> RunState:
         return self._loop.run(self._run.state())
 
-    def close(self) -> None:
-        self._loop.run(self._run.close())
+    def close(self) -> RunClosed | None:
+        return self._loop.run(self._run.close())
 
     def __enter__(self) -> Run:
         return self

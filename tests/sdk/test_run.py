@@ -221,8 +221,9 @@ def test_close_then_state_is_a_404_and_close_twice_is_fine(server: LiveServer,
             assert (run.graph.id, run.graph.agents[0].system) == (graph.id, PLANNER_SYSTEM)
             assert run.graph.live_runs == 1
             assert run.id in [r.id for r in await client.list_runs(graph_id=graph.id)]
-            await run.close()
-            await run.close()
+            closed = await run.close()
+            assert closed is not None and closed.id == run.id and closed.released_blocks == 0
+            assert await run.close() is None
             with pytest.raises(KvrtError) as caught:
                 await run.state()
             assert (caught.value.status, caught.value.code) == (404, "run_not_found")
