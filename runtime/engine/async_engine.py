@@ -1,7 +1,9 @@
 """Runs the engine on its own thread and gives the asyncio side an async interface.
 
-The event loop never runs torch. Commands (add, abort) go to the engine thread through a queue;
-outputs come back with `call_soon_threadsafe`, one asyncio.Queue per live request.
+The event loop never runs torch. Commands (add, abort, release_run) go to the engine thread
+through a queue; outputs come back with `call_soon_threadsafe`, one asyncio.Queue per live
+request. Once the thread is closing, the inbox is closed under a lock and drained, so no command
+is ever left unanswered.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kvrt.runtime.config import EngineConfig
-from kvrt.runtime.engine.engine import Emitted, Engine
+from kvrt.runtime.engine.engine import Emitted, Engine, RunRelease
 from kvrt.runtime.engine.factory import build_engine
-from kvrt.runtime.engine.protocol import EngineError, EngineStats, GenerateOutput, GenerateRequest
+from kvrt.runtime.engine.protocol import (
+    AgentResidency,
+    EngineError,
+    EngineStats,
+    GenerateOutput,
+    GenerateRequest,
+    RunEnded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,8 @@ class AsyncEngine:
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._inbox_lock = threading.Lock()  # orders "send" against "close and drain"
+        self._inbox_closed = False
         self._streams: dict[str, asyncio.Queue[GenerateOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -60,10 +71,23 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def kv_residency(self, run: str) -> dict[str, AgentResidency]:
+        return self.engine.kv_residency(run)  # the ledger locks: no trip to the engine thread
+
+    async def release_run(self, run: str) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not self._send("release_run", (run, future)):
+            if self._thread is not None:  # closing: let it finish before touching the engine
+                await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            # No engine thread (never started, or gone): nobody else touches the engine now.
+            self._ended(run, self.engine.release_run(run), future)
+        return await future
+
     async def wait_idle(self, timeout: float = 10.0) -> None:
         """Waits until the engine thread has no work and has handled every command sent."""
         self._idle.clear()
-        self._inbox.put(("ping", None))
+        if not self._send("ping", None):
+            return  # no engine thread: nothing is in flight
         await asyncio.get_running_loop().run_in_executor(None, self._idle.wait, timeout)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
@@ -72,19 +96,30 @@ class AsyncEngine:
         self.engine.validate(request)  # rejects before anything is queued
         stream: asyncio.Queue[GenerateOutput | BaseException] = asyncio.Queue()
         self._streams[request.request_id] = stream
-        self._inbox.put(("add", request))
+        if not self._send("add", request):
+            self._streams.pop(request.request_id, None)
+            raise EngineError("the engine is not running")
         finished = False
         try:
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine delivers an error only after dropping the request
                     raise item
                 finished = item.finish_reason is not None
                 yield item
         finally:
             self._streams.pop(request.request_id, None)
             if not finished:  # the consumer went away (client disconnect): free the KV
-                self._inbox.put(("abort", request.request_id))
+                self._send("abort", request.request_id)
+
+    def _send(self, kind: str, payload: Any) -> bool:
+        """Queues a command for the engine thread; False once the thread is closing or gone."""
+        with self._inbox_lock:
+            if self._inbox_closed or not self.is_alive():
+                return False
+            self._inbox.put((kind, payload))
+            return True
 
     # -- engine thread -----------------------------------------------------------------------
 
@@ -98,6 +133,21 @@ class AsyncEngine:
             reason = "is shutting down" if self._stopping.is_set() else "thread failed"
             for request_id in self.engine.fail_all():
                 self._deliver_error(request_id, EngineError(f"the engine {reason}"))
+            self._close_inbox(EngineError(f"the engine {reason}"))
+
+    def _close_inbox(self, error: EngineError) -> None:
+        """Answers the commands sent before the inbox closed: adds fail, releases still run."""
+        with self._inbox_lock:
+            self._inbox_closed = True
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._deliver_error(payload.request_id, error)
+            elif kind == "release_run":
+                self._release_run(*payload)
 
     def _handle_commands(self, block: bool) -> None:
         try:
@@ -124,6 +174,17 @@ class AsyncEngine:
                 self._deliver_error(payload.request_id, error)
         elif kind == "abort":
             self.engine.abort(payload)
+        elif kind == "release_run":
+            self._release_run(*payload)
+
+    def _release_run(self, run: str, future: asyncio.Future[int]) -> None:
+        try:
+            release = self.engine.release_run(run)
+        except Exception as error:  # a failed release must not take the engine thread down
+            log.exception("could not release run %s", run)
+            self._loop_call(_settle, future, EngineError(f"could not release run {run}: {error}"))
+            return
+        self._loop_call(self._ended, run, release, future)
 
     def _step(self) -> None:
         try:
@@ -153,3 +214,17 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.put_nowait(item)
+
+    def _ended(self, run: str, release: RunRelease, future: asyncio.Future[int]) -> None:
+        """On the loop: the run's aborted streams end with RunEnded, then the caller resumes."""
+        self._deliver([(rid, RunEnded(f"run {run} was ended")) for rid in release.aborted])
+        _settle(future, release.freed_blocks)
+
+
+def _settle(future: asyncio.Future[int], outcome: int | BaseException) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.output import OutputText
 from kvrt.runtime.engine.protocol import (
+    AgentResidency,
+    Attribution,
     EngineStats,
     GenerateOutput,
     GenerateRequest,
@@ -25,6 +27,12 @@ from kvrt.runtime.kv.manager import BlockTable, KVManager
 from kvrt.runtime.model.tokenizer import Tokenizer
 
 Emitted = tuple[str, GenerateOutput]  # (request id, output increment)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRelease:
+    aborted: list[str]  # ids of the run's requests that were live, now aborted
+    freed_blocks: int  # cached blocks no other owner held, now free
 
 
 @dataclass(slots=True)
@@ -82,7 +90,7 @@ class Engine:
             raise RequestRejected(f"request id {request.request_id!r} is already live")
         seq = Sequence(
             request=request,
-            table=BlockTable(self.kv.block_size),
+            table=BlockTable(self.kv.block_size, owner=_owner(request.attribution)),
             arrival=self.clock(),
             token_ids=list(request.prompt_token_ids),
             generator=self.sampler.request_generator(request.params),
@@ -100,6 +108,26 @@ class Engine:
             return False
         self.scheduler.finish(live.seq)
         return True
+
+    def release_run(self, run: str) -> RunRelease:
+        """Aborts the run's live requests, then frees the cached blocks only the run held."""
+        aborted = [
+            request_id
+            for request_id, live in self._live.items()
+            if live.seq.request.attribution.run == run
+        ]
+        for request_id in aborted:
+            self.abort(request_id)
+        return RunRelease(aborted, self.kv.release_run(run))
+
+    def kv_residency(self, run: str) -> dict[str, AgentResidency]:
+        """Safe to call from another thread (the ledger locks)."""
+        return self.kv.residency(run)
+
+    def live_attributions(self) -> dict[str, Attribution]:
+        """Request id -> attribution of every live request. Safe to call from another thread:
+        `dict.copy` takes the map in one step under the GIL."""
+        return {rid: live.seq.request.attribution for rid, live in self._live.copy().items()}
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -164,3 +192,10 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+
+
+def _owner(attribution: Attribution) -> tuple[str, str] | None:
+    """KV is owned by (run, agent) only when both are known."""
+    if attribution.run is None or attribution.agent is None:
+        return None
+    return attribution.run, attribution.agent

@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+# Part of this seam (kv_residency's result): the server imports it from here.
+from kvrt.runtime.kv.owners import AgentResidency
+
 if TYPE_CHECKING:
     from kvrt.runtime.model.tokenizer import Tokenizer
 
@@ -22,6 +25,10 @@ class EngineError(Exception):
 class RequestRejected(EngineError):
     """The request can never be served as asked (e.g. prompt + max_tokens exceed the context or
     the KV pool). Raised at submission, before anything is queued."""
+
+
+class RunEnded(EngineError):
+    """The request's run was ended (DELETE /v1/runs/{id}) while it was in flight."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +49,7 @@ class Attribution:
 
     run: str | None = None
     agent: str | None = None
+    priority: float = 0.0  # the agent's graph priority when the call was made (higher first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +101,15 @@ class EngineClient(Protocol):
     def stats(self) -> EngineStats: ...
 
     def is_alive(self) -> bool: ...
+
+    def kv_residency(self, run: str) -> dict[str, AgentResidency]:
+        """Per agent of `run`: the device blocks holding its KV now (in use or cached) and how
+        many of them another owner (another agent, or another run's) also holds. Agents holding
+        no block are absent. Cheap and safe to call from the event loop."""
+        ...
+
+    async def release_run(self, run: str) -> int:
+        """Ends the run: its in-flight requests stop with `RunEnded`, its ownership of blocks is
+        dropped, and every cached block no other owner holds is freed. Returns how many blocks
+        were freed. Blocks a live request of another run still reads stay."""
+        ...

@@ -4,19 +4,30 @@ Every block is in exactly one state:
 
     state    ref_count  key       where
     -------  ---------  --------  -------------------------------------------
-    free     0          None      `_free` (a FIFO of never-keyed or evicted blocks)
+    free     0          None      `_free` (a FIFO of unkeyed, released or dropped blocks)
     cached   0          set       `_cached` (LRU order, oldest first) and `_index`
     in use   > 0        optional  referenced by live sequences; `_index` if keyed
     moving   -          -         in flight between tiers (later tiers; none yet)
 
+    transition                       hook
+    -------------------------------  -------------------------------------------
+    in use -> free   (release)       `on_drop` (an unkeyed block's content is gone)
+    in use -> cached (release)       none (still findable)
+    cached -> in use (acquire)       none (a prefix hit: the content is read)
+    cached -> in use (allocate)      `on_drop` (evicted: the old content is gone)
+    cached -> free   (drop_cached)   `on_drop`
+
 Contract: `allocate` only hands out free blocks, evicting the least recently released cached
 blocks when the free list runs dry (evicting a cached block is always safe: no reader holds it).
-A keyed block is found by `lookup` until it is evicted. `check_integrity()` verifies the table.
+A keyed block is found by `lookup` until it is evicted or dropped. `on_drop(block_id)` (set by
+the KV manager; None by default) fires exactly when a block's content becomes unreachable.
+`check_integrity()` verifies the table.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -50,6 +61,7 @@ class BlockPool:
         self._cached: OrderedDict[int, None] = OrderedDict()
         self._index: dict[bytes, int] = {}
         self.evictions = 0
+        self.on_drop: Callable[[int], None] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -70,6 +82,7 @@ class BlockPool:
                 block_id, _ = self._cached.popitem(last=False)
                 self._unkey(self.blocks[block_id])
                 self.evictions += 1
+                self._dropped(block_id)
             self.blocks[block_id].ref_count = 1
             taken.append(block_id)
         return taken
@@ -97,8 +110,22 @@ class BlockPool:
             if block.ref_count == 0:
                 if block.key is None:
                     self._free.append(block_id)
+                    self._dropped(block_id)
                 else:
                     self._cached[block_id] = None
+
+    def is_cached(self, block_id: int) -> bool:
+        block = self.blocks[block_id]
+        return block.ref_count == 0 and block.key is not None
+
+    def drop_cached(self, block_id: int) -> None:
+        """Unkeys a cached block and returns it to the free list (its owner let it go)."""
+        if not self.is_cached(block_id):
+            raise ValueError(f"block {block_id} is not cached: {self.blocks[block_id]}")
+        del self._cached[block_id]
+        self._unkey(self.blocks[block_id])
+        self._free.append(block_id)
+        self._dropped(block_id)
 
     def register(self, block_id: int, key: bytes, token_ids: tuple[int, ...]) -> bool:
         """Keys a full, in-use block so others can find it. Returns False (and leaves the block
@@ -137,3 +164,7 @@ class BlockPool:
         assert block.key is not None
         del self._index[block.key]
         block.key, block.token_ids = None, ()
+
+    def _dropped(self, block_id: int) -> None:
+        if self.on_drop is not None:
+            self.on_drop(block_id)

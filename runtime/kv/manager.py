@@ -4,6 +4,9 @@ The scheduler sees only this interface (`match_prefix / can_grow / grow / commit
 `BlockTable`; the executor reads a table's slots and shifts. A block-table entry carries the
 position shift at which its reader sees the block: zero for everything this module creates or
 hits (exact prefix reuse); later reuse modes place cached segments at a shift.
+
+A table may name an owner (run, agent); every block that enters it is claimed for that owner in
+the `owners` ledger (runtime/kv/owners.py), which the pool keeps current through `on_drop`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvrt.runtime.kv.block_pool import BlockPool, PoolUsage
+from kvrt.runtime.kv.owners import AgentResidency, BlockOwners, Owner
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
 
 
@@ -33,6 +37,7 @@ class BlockTable:
     slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     num_keyed: int = 0  # leading full blocks already keyed (registered or hit)
     last_key: bytes = ROOT_KEY  # key of the last keyed block: the parent of the next one
+    owner: Owner | None = None  # (run, agent) whose KV this is; None: unattributed
 
     @property
     def capacity(self) -> int:
@@ -67,6 +72,8 @@ class KVManager:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.prefix_caching = prefix_caching
+        self.owners = BlockOwners()
+        self.pool.on_drop = self.owners.drop_block
         self.query_tokens = 0  # prefix-cache counters, in tokens
         self.hit_tokens = 0
 
@@ -95,6 +102,7 @@ class KVManager:
         for block_id in match.block_ids:
             self.pool.acquire(block_id)
         table.append(match.block_ids)
+        self._claim(table, match.block_ids)
         table.num_keyed, table.last_key = match.num_blocks, match.last_key
 
     def record_query(self, prompt_tokens: int, hit_tokens: int) -> None:
@@ -109,7 +117,9 @@ class KVManager:
 
     def grow(self, table: BlockTable, num_tokens: int) -> None:
         """Makes the table cover `num_tokens` positions (raises OutOfBlocks if it cannot)."""
-        table.append(self.pool.allocate(self.blocks_needed(table, num_tokens)))
+        new = self.pool.allocate(self.blocks_needed(table, num_tokens))
+        table.append(new)
+        self._claim(table, new)
 
     def commit(
         self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes
@@ -131,8 +141,32 @@ class KVManager:
         table.slots = table.slots[:0]
         table.num_keyed, table.last_key = 0, ROOT_KEY
 
+    def release_run(self, run: str) -> int:
+        """Drops the run's ownership and frees (unkeys) every cached block no owner holds now;
+        returns how many. Blocks a live request still reads stay, and so do other owners'."""
+        freed = 0
+        for block_id in self.owners.release_run(run):
+            if self.pool.is_cached(block_id):
+                self.pool.drop_cached(block_id)
+                freed += 1
+        return freed
+
+    def residency(self, run: str) -> dict[str, AgentResidency]:
+        """Per agent of `run`: its device blocks and how many of them others hold too.
+        Safe to call from any thread."""
+        return self.owners.residency(run)
+
     def usage(self) -> PoolUsage:
         return self.pool.usage()
 
     def check_integrity(self) -> None:
+        """The pool's table, the ledger's maps, and: the ledger names no free block."""
         self.pool.check_integrity()
+        self.owners.check_integrity()
+        for block_id in self.owners.block_ids():
+            block = self.pool.blocks[block_id]
+            assert block.ref_count > 0 or block.key is not None, f"owned block {block} is free"
+
+    def _claim(self, table: BlockTable, block_ids: list[int]) -> None:
+        if table.owner is not None and block_ids:
+            self.owners.claim(table.owner, block_ids)

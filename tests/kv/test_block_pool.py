@@ -84,3 +84,63 @@ def test_double_release_is_an_error():
     pool.release([a])
     with pytest.raises(RuntimeError):
         pool.release([a])
+
+
+def _recording(pool: BlockPool) -> list[int]:
+    dropped: list[int] = []
+    pool.on_drop = dropped.append
+    return dropped
+
+
+def test_on_drop_fires_for_unkeyed_release_but_not_for_keyed_release():
+    pool = BlockPool(3)
+    dropped = _recording(pool)
+    [a, b, c] = pool.allocate(3)
+    pool.register(b, b"k", (1,))
+    pool.release([a, b, c])
+    assert dropped == [a, c]
+    pool.check_integrity()
+
+
+def test_on_drop_fires_when_allocate_evicts_a_cached_block():
+    pool = BlockPool(2)
+    dropped = _recording(pool)
+    [a, b] = pool.allocate(2)
+    pool.register(a, b"k", (1,))
+    pool.release([a])
+    assert dropped == []
+    assert pool.allocate(1) == [a]
+    assert dropped == [a]
+    pool.check_integrity()
+
+
+def test_drop_cached_unkeys_and_frees_a_cached_block():
+    pool = BlockPool(3)
+    dropped = _recording(pool)
+    [a, b, c] = pool.allocate(3)
+    pool.register(a, b"ka", (1,))
+    pool.register(b, b"kb", (2,))
+    pool.release([a, b])
+    pool.drop_cached(b)
+    assert dropped == [b]
+    assert pool.lookup(b"kb", (2,)) is None
+    assert pool.lookup(b"ka", (1,)) == a
+    assert (pool.usage().free, pool.usage().cached, pool.usage().in_use) == (1, 1, 1)
+    # The dropped block is free now, so it goes before the cached one is evicted.
+    assert pool.allocate(1) == [b]
+    assert pool.evictions == 0
+    pool.check_integrity()
+
+
+def test_drop_cached_refuses_blocks_that_are_not_cached():
+    pool = BlockPool(3)
+    [used, keyed_used, _] = pool.allocate(3)
+    pool.register(keyed_used, b"k", (1,))
+    with pytest.raises(ValueError):
+        pool.drop_cached(used)
+    with pytest.raises(ValueError):
+        pool.drop_cached(keyed_used)  # a reader holds it
+    pool.release([used])
+    with pytest.raises(ValueError):
+        pool.drop_cached(used)  # free already
+    pool.check_integrity()

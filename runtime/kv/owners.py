@@ -1,0 +1,104 @@
+"""Which (run, agent) owns which device blocks: the ledger behind per-agent KV accounting.
+
+An owner's KV is the blocks its requests hold now (in use) plus the keyed blocks its finished
+requests left in the prefix cache (cached, ref_count 0). The ledger is two mirrored maps:
+
+    owner  (run, agent)  ->  {block id, ...}     `_blocks`
+    block id             ->  {owner, ...}        `_owners`
+
+A block is "shared" for an owner when at least one other owner (another agent of the same run,
+or any agent of another run) also holds it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+Owner = tuple[str, str]  # (run, agent)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentResidency:
+    device_blocks: int  # blocks holding the agent's KV on the device pool, in use or cached
+    shared_blocks: int  # of those, blocks at least one other owner also holds
+
+
+class BlockOwners:
+    """The ownership ledger. Contract:
+
+    - The KV manager `claim`s every block that enters an owned block table and calls
+      `drop_block` whenever a block's content becomes unreachable (freed or evicted), so the
+      ledger only ever names blocks that are in use or cached, never free ones.
+    - Ownership outlives the request: a finished request's keyed blocks stay owned while they
+      are cached. Only `drop_block` and `release_run` end it.
+    - `release_run` returns the blocks no owner holds any more; the caller decides which of
+      them to free (only cached ones: an in-use block still has a reader).
+    - Thread-safe: mutations come from the engine thread, `residency` from the event loop. One
+      uncontended lock guards both maps.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: dict[Owner, set[int]] = {}
+        self._owners: dict[int, set[Owner]] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, owner: Owner, block_ids: Iterable[int]) -> None:
+        with self._lock:
+            held = self._blocks.setdefault(owner, set())
+            for block_id in block_ids:
+                held.add(block_id)
+                self._owners.setdefault(block_id, set()).add(owner)
+
+    def drop_block(self, block_id: int) -> None:
+        """The block's content is gone: no owner holds it any more."""
+        with self._lock:
+            for owner in self._owners.pop(block_id, ()):
+                held = self._blocks[owner]
+                held.discard(block_id)
+                if not held:
+                    del self._blocks[owner]
+
+    def residency(self, run: str) -> dict[str, AgentResidency]:
+        """Per agent of `run` (agents holding no block are absent)."""
+        with self._lock:
+            return {
+                agent: AgentResidency(
+                    device_blocks=len(held),
+                    shared_blocks=sum(1 for b in held if len(self._owners[b]) > 1),
+                )
+                for (owner_run, agent), held in self._blocks.items()
+                if owner_run == run
+            }
+
+    def release_run(self, run: str) -> list[int]:
+        """Forgets every owner of `run`; returns (ascending) the blocks no owner holds now."""
+        with self._lock:
+            orphans: set[int] = set()
+            for owner in [o for o in self._blocks if o[0] == run]:
+                for block_id in self._blocks.pop(owner):
+                    owners = self._owners[block_id]
+                    owners.discard(owner)
+                    if not owners:
+                        del self._owners[block_id]
+                        orphans.add(block_id)
+            return sorted(orphans)
+
+    def block_ids(self) -> set[int]:
+        """Every block some owner holds (a snapshot)."""
+        with self._lock:
+            return set(self._owners)
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return not self._owners
+
+    def check_integrity(self) -> None:
+        """The two maps mirror each other and hold no empty sets."""
+        with self._lock:
+            pairs = {(o, b) for o, held in self._blocks.items() for b in held}
+            mirrored = {(o, b) for b, owners in self._owners.items() for o in owners}
+            assert pairs == mirrored, f"owner maps disagree: {pairs ^ mirrored}"
+            assert all(self._blocks.values()), "an owner without blocks is still listed"
+            assert all(self._owners.values()), "a block without owners is still listed"
