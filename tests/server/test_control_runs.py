@@ -251,3 +251,14 @@ def test_state_follows_a_call_in_flight(server: LiveServer) -> None:
     stats = server.stats()
     assert (stats.running, stats.waiting, stats.kv_blocks_in_use) == (0, 0, 0)
     integrity(server)
+
+
+def test_text_completions_are_attributed_too(server: LiveServer) -> None:
+    run = kv_run(server)
+    body = {"prompt": "Once upon a time", "max_tokens": 5, "ignore_eos": True}
+    reply = server.post("/v1/completions", body, headers={"X-Kvrt-Run": run, "X-Kvrt-Agent": "y"})
+    assert reply.status == 200, reply.body
+    by = agents(server, run)
+    assert (by["y"]["generated_tokens"], by["x"]["generated_tokens"]) == (5, 0)
+    assert by["y"]["kv"]["device_blocks"] > 0
+    server.request("DELETE", f"/v1/runs/{run}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from tests.server.live_server import LiveServer, good_chat
+from tests.server.live_server import LiveServer, good_chat, start_run
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*)\})?'
                      r" (\S+)$")
@@ -120,3 +120,33 @@ def test_openapi_names_both_endpoints(server: LiveServer) -> None:
 def test_health(server: LiveServer) -> None:
     reply = server.request("GET", "/health")
     assert reply.status == 200 and reply.json() == {"status": "ok"}
+
+
+def test_control_plane_metrics_move_with_runs_and_events(server: LiveServer) -> None:
+    _, before = scrape(server)
+    run = start_run(server, "a")
+    for kind in ("tool_call.started", "tool_call.finished"):
+        reply = server.post(f"/v1/runs/{run}/events", {"type": kind, "agent": "a", "tool": "t"})
+        assert reply.status == 200
+    _, during = scrape(server)
+    assert value(during, "kvrt:live_runs") == value(before, "kvrt:live_runs") + 1
+    for kind in ("tool_call.started", "tool_call.finished"):
+        assert value(during, "kvrt:control_events_total", type=kind) == value(
+            before, "kvrt:control_events_total", type=kind) + 1
+    count = "kvrt:control_event_seconds_count"
+    assert value(during, count) == value(before, count) + 2
+    assert value(during, "kvrt:control_event_seconds_sum") > 0
+    server.request("DELETE", f"/v1/runs/{run}")
+    assert value(scrape(server)[1], "kvrt:live_runs") == value(before, "kvrt:live_runs")
+
+
+def test_openapi_documents_the_control_plane(server: LiveServer) -> None:
+    doc = server.request("GET", "/openapi.json").json()
+    paths = doc["paths"]
+    assert set(paths["/v1/graphs"]) == {"get", "post"}
+    assert set(paths["/v1/runs/{run_id}"]) == {"get", "delete"}
+    events = paths["/v1/runs/{run_id}/events"]["post"]["requestBody"]["content"]
+    kinds = {ref["$ref"].rsplit("/", 1)[1] for ref in events["application/json"]["schema"]["anyOf"]}
+    assert kinds == {"ToolCallStarted", "ToolCallFinished", "AgentDone"}
+    spec = doc["components"]["schemas"]["GraphSpec"]
+    assert spec["properties"]["agents"]["maxItems"] == 4096
