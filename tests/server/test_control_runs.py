@@ -255,7 +255,8 @@ def test_state_follows_a_call_in_flight(server: LiveServer) -> None:
 
 def test_text_completions_are_attributed_too(server: LiveServer) -> None:
     run = kv_run(server)
-    body = {"prompt": "Once upon a time", "max_tokens": 5, "ignore_eos": True}
+    # Long enough to fill whole blocks: a partial last block is not kept after the call.
+    body = {"prompt": "Once upon a time " * 12, "max_tokens": 5, "ignore_eos": True}
     reply = server.post("/v1/completions", body, headers={"X-Kvrt-Run": run, "X-Kvrt-Agent": "y"})
     assert reply.status == 200, reply.body
     by = agents(server, run)
