@@ -83,7 +83,8 @@ async def main(url: str, max_tokens: int = 64) -> RunState:
             state = await run.state()
             for agent in state.agents:
                 print(f"{agent.name:>8}: {agent.state:<9} generated {agent.generated_tokens:>3} "
-                      f"tokens, priority {agent.priority:.2f}")
+                      f"tokens, priority {agent.priority:.2f}, "
+                      f"{agent.kv.device_blocks} KV blocks ({agent.kv.shared_blocks} shared)")
         await client.delete_graph(graph)
     return state
 
