@@ -82,14 +82,15 @@ class BatchScheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
         match = self.kv.match_prefix(seq.token_ids, seq.request.salt)
-        self.kv.adopt_prefix(seq.table, match)
-        seq.num_computed = len(seq.table.entries) * self.kv.block_size
-        count = min(len(seq.token_ids) - seq.num_computed, budget)
-        if not self.kv.can_grow(seq.table, seq.num_computed + count):
-            self.kv.free(seq.table)
-            seq.num_computed = 0
+        computed = match.num_blocks * self.kv.block_size
+        count = min(len(seq.token_ids) - computed, budget)
+        # Checked before adopting, so a refused admission leaves the cached blocks untouched
+        # (their LRU order and their owners stay as they were).
+        if not self.kv.can_admit(match, computed + count):
             return None
-        self.kv.grow(seq.table, seq.num_computed + count)
+        self.kv.adopt_prefix(seq.table, match)
+        seq.num_computed = computed
+        self.kv.grow(seq.table, computed + count)
         if not seq.admitted_once:  # prefix-cache statistics count each request once
             seq.admitted_once = True
             seq.num_cached = seq.num_computed

@@ -112,6 +112,13 @@ class KVManager:
     def blocks_needed(self, table: BlockTable, num_tokens: int) -> int:
         return max(0, self.blocks_for(num_tokens) - len(table.entries))
 
+    def can_admit(self, match: PrefixMatch, num_tokens: int) -> bool:
+        """Whether an empty table could adopt `match` and then cover `num_tokens` positions.
+        Adopting takes the matched blocks that sit cached out of the allocatable ones."""
+        taken = sum(1 for block_id in match.block_ids if self.pool.is_cached(block_id))
+        needed = self.blocks_for(num_tokens) - match.num_blocks
+        return needed <= self.pool.num_allocatable() - taken
+
     def can_grow(self, table: BlockTable, num_tokens: int) -> bool:
         return self.blocks_needed(table, num_tokens) <= self.pool.num_allocatable()
 

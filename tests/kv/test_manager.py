@@ -144,3 +144,15 @@ def test_release_run_frees_only_cached_blocks_no_other_owner_holds():
     kv.free(reader)
     assert (kv.usage().free, kv.usage().cached, kv.usage().in_use) == (6, 2, 0)
     kv.check_integrity()
+
+
+def test_can_admit_counts_the_cached_blocks_a_match_takes():
+    kv = KVManager(num_blocks=4, block_size=4)
+    tokens = list(range(9))
+    kv.free(_fill(kv, tokens))  # blocks 0, 1 keyed and cached; 2 free (unkeyed); 3 free
+    match = kv.match_prefix(tokens + [50] * 8, b"")
+    assert match.block_ids == [0, 1]
+    # 4 allocatable, but adopting takes the 2 cached ones: 2 more blocks fit, 3 do not.
+    assert kv.can_admit(match, 16)
+    assert not kv.can_admit(match, 17)
+    kv.check_integrity()
