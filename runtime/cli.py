@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs live at once (default: %(default)s)")
     p.set_defaults(run=_serve, command_parser=p)
 
+    from kvrt.runtime.bench.main import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="replay a multi-agent workload under several "
+                                "policies and report latency, prefill work and KV memory")
+    add_bench_arguments(bench)
+    bench.set_defaults(run=_bench, command_parser=bench)
+
     model = commands.add_parser("model", help="model utilities")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     tiny = model_commands.add_parser("init-tiny", help="write a tiny random checkpoint "
@@ -143,6 +150,12 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kvrt.runtime.bench.main import run
+
+    return run(args)
 
 
 def _init_tiny(args: argparse.Namespace) -> int:

@@ -1,0 +1,151 @@
+"""`kvrt bench WORKLOAD`: one workload, several policies side by side, one report.
+
+Each policy gets a fresh engine (same model, same KV memory) and replays the same seeded
+workload through the SDK over loopback; the report (results.json, results.md, summary.png,
+kv_timeline.png) goes to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvrt.runtime.bench.metrics import ideal, summarize
+from kvrt.runtime.bench.report import write_report
+from kvrt.runtime.bench.runner import PolicyRun, run_policy, with_policy
+from kvrt.runtime.bench.workloads import Workload, make_workload, workload_names
+from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig, parse_size
+from kvrt.runtime.policy import policy_names
+
+# Which parameter scales a workload up, for the SLO sweep.
+_SCALE = {"generative-agents": "agents", "map-reduce": "agents", "tool-agents": "runs"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workload", choices=workload_names(), metavar="WORKLOAD",
+                   help=f"one of: {', '.join(workload_names())}")
+    p.add_argument("--policies", default=",".join(policy_names()),
+                   help="comma-separated policies to compare (default: %(default)s)")
+    p.add_argument("--agents", type=int, help="agents (generative-agents) or mappers (map-reduce)")
+    p.add_argument("--rounds", type=int, help="rounds (generative-agents) or tool turns per "
+                                              "worker (tool-agents)")
+    p.add_argument("--runs", type=int, help="concurrent runs (tool-agents, map-reduce)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiplies every tool duration (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a small run (a couple of minutes)")
+    p.add_argument("--out", default=None, help="report folder (default: bench-out/WORKLOAD)")
+    p.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--kv-cache-memory", type=_size, default=parse_size("256MiB"),
+                   help="device KV pool per policy (default: 256MiB)")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--log-level", default="warning",
+                   choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="also sweep the scale for the most agents whose TTFT p99 meets this")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def workload_from(args: argparse.Namespace) -> Workload:
+    return make_workload(args.workload, quick=args.quick, agents=args.agents,
+                         rounds=args.rounds, turns=args.rounds, runs=args.runs, seed=args.seed)
+
+
+def config_from(args: argparse.Namespace) -> ServeConfig:
+    engine = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+                          max_num_seqs=args.max_num_seqs, seed=args.seed)
+    return ServeConfig(served_model_name="bench", engine=engine)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return {"description": f"{cpu}, {os.cpu_count()} cores, {device}", "cpu": cpu,
+            "cores": os.cpu_count(), "device": device, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    workload, config = workload_from(args), config_from(args)
+    from tqdm import tqdm  # the `bench` extra
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    runs: dict[str, PolicyRun] = {}
+    progress = tqdm(policies, desc=args.workload, unit="policy")
+    for policy in progress:
+        progress.set_postfix_str(policy)
+        runs[policy] = await run_policy(workload, with_policy(config, policy), args.time_scale)
+    results = {
+        "workload": args.workload,
+        "params": {**asdict(workload.params), "time_scale": args.time_scale},
+        "machine": machine(),
+        "engine": {k: v for k, v in asdict(config.engine).items() if k != "policy"},
+        "ideal": _ideal(runs),
+        "policies": {p: summarize(run) for p, run in runs.items()},
+    }
+    if args.slo_ttft_ms is not None:
+        for policy in policies:
+            results["policies"][policy]["max_agents_within_slo"] = await _sweep(
+                args, workload, with_policy(config, policy))
+    out = Path(args.out or f"bench-out/{args.workload}")
+    write_report(out, results, {p: _timeline(run) for p, run in runs.items()})
+    print((out / "results.md").read_text())
+    print(f"report: {out}/results.json, results.md, summary.png, kv_timeline.png")
+    return results
+
+
+def _ideal(runs: dict[str, PolicyRun]) -> dict[str, float]:
+    run = next(iter(runs.values()))  # every policy sends the same prompts (greedy, seeded)
+    block_size = EngineConfig().block_size
+    return ideal(run.tokens, run.block_bytes / block_size)
+
+
+def _timeline(run: PolicyRun) -> list[tuple[float, float, float]]:
+    if not run.samples:
+        return []
+    start, mib = run.samples[0].at, run.block_bytes / 2**20
+    return [(s.at - start, s.in_use_blocks * mib, (s.in_use_blocks + s.cached_blocks) * mib)
+            for s in run.samples]
+
+
+async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConfig) -> int | None:
+    """Doubles the workload's scale from 1 while TTFT p99 meets the SLO."""
+    key, best, scale = _SCALE[args.workload], None, 1
+    limit = 2 * getattr(workload.params, key)
+    while scale <= limit:
+        candidate = make_workload(args.workload, **{**asdict(workload.params), key: scale})
+        row = summarize(await run_policy(candidate, config, args.time_scale))
+        if not row["ttft_p99_ms"] <= args.slo_ttft_ms:
+            break
+        best = candidate.params.concurrent_agents
+        scale *= 2
+    return best
+
+
+def run(args: argparse.Namespace) -> int:
+    unknown = set(p.strip() for p in args.policies.split(",")) - set(policy_names())
+    if unknown:
+        raise SystemExit(f"kvrt bench: unknown policies {sorted(unknown)}; "
+                         f"available: {', '.join(policy_names())}")
+    asyncio.run(bench(args))
+    return 0
+

@@ -1,0 +1,102 @@
+"""Writes a benchmark's report: results.json (one documented shape for `kvrt bench` and `kvrt
+sim`), results.md (a Markdown table) and two PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+_COLUMNS = [  # (key, header, scale, format)
+    ("jct_mean_s", "JCT mean (s)", 1, "{:.2f}"),
+    ("jct_p95_s", "JCT p95 (s)", 1, "{:.2f}"),
+    ("ttft_p50_ms", "TTFT p50 (ms)", 1, "{:.0f}"),
+    ("ttft_p99_ms", "TTFT p99 (ms)", 1, "{:.0f}"),
+    ("tpot_ms", "TPOT (ms)", 1, "{:.1f}"),
+    ("prefill_tokens", "prefill tokens", 1, "{:,.0f}"),
+    ("cached_tokens", "cached tokens", 1, "{:,.0f}"),
+    ("kv_peak_bytes", "KV peak (MiB)", 2**-20, "{:.1f}"),
+    ("kv_bytes_per_agent", "KV/agent (MiB)", 2**-20, "{:.2f}"),
+    ("preemptions", "preemptions", 1, "{:.0f}"),
+]
+
+
+def write_report(out: Path, results: dict[str, Any], timelines: dict[str, list[tuple]]) -> None:
+    """`timelines`: per policy, (seconds since start, in-use MiB, resident MiB) samples."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    (out / "results.md").write_text(markdown(results))
+    plot(out, results, timelines)
+
+
+def _json_default(value: Any) -> Any:
+    raise TypeError(f"not JSON: {value!r}")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"# `{results['workload']}` on {results['machine']['description']}", ""]
+    params = ", ".join(f"{k}={v}" for k, v in results["params"].items())
+    lines += [f"Parameters: {params}.", ""]
+    lines.append("| policy | " + " | ".join(h for _, h, _, _ in _COLUMNS) + " |")
+    lines.append("|---|" + "---:|" * len(_COLUMNS))
+    for name, row in results["policies"].items():
+        cells = [_cell(row.get(key), scale, fmt) for key, _, scale, fmt in _COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ideal = results["ideal"]
+    lines += ["", f"Ideal: {ideal['prefill_tokens']:,} prefill tokens (every distinct prompt "
+              f"prefix computed once), {ideal['kv_bytes'] / 2**20:.1f} MiB of distinct KV.", ""]
+    return "\n".join(lines)
+
+
+def _cell(value: Any, scale: float, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value * scale)
+
+
+def plot(out: Path, results: dict[str, Any], timelines: dict[str, list[tuple]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    policies = list(results["policies"])
+    rows = results["policies"]
+    figure, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    panels = [
+        ("JCT (s)", [("mean", "jct_mean_s"), ("p95", "jct_p95_s")], 1),
+        ("TTFT (ms)", [("p50", "ttft_p50_ms"), ("p99", "ttft_p99_ms")], 1),
+        ("prompt tokens", [("computed", "prefill_tokens"), ("cached", "cached_tokens")], 1),
+        ("KV (MiB)", [("peak in use", "kv_peak_bytes"),
+                      ("peak resident", "kv_resident_peak_bytes")], 2**-20),
+    ]
+    width = 0.8 / 2
+    for ax, (title, bars, scale) in zip(axes, panels):
+        for i, (label, key) in enumerate(bars):
+            values = [(rows[p].get(key) or 0) * scale for p in policies]
+            ax.bar([x + i * width for x in range(len(policies))], values, width, label=label)
+        if title == "prompt tokens":
+            ax.axhline(results["ideal"]["prefill_tokens"], color="black", linestyle="--",
+                       linewidth=1, label="ideal prefill")
+        ax.set_xticks([x + width / 2 for x in range(len(policies))], policies)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    figure.suptitle(f"{results['workload']} ({results['machine']['description']})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out / "summary.png", dpi=110)
+    plt.close(figure)
+
+    figure, ax = plt.subplots(figsize=(8, 3.6))
+    for policy, points in timelines.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"{policy} in use")
+            ax.plot([p[0] for p in points], [p[2] for p in points], linestyle=":",
+                    label=f"{policy} resident")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("device KV (MiB)")
+    ax.set_title(f"{results['workload']}: device KV over time")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "kv_timeline.png", dpi=110)
+    plt.close(figure)

@@ -1,0 +1,109 @@
+"""One workload under one policy: the real engine and daemon in this process, on loopback.
+
+The engine is built fresh for each policy (empty KV pool, zeroed counters); the daemon is the
+same aiohttp app `kvrt serve` runs, and the workload talks to it through the SDK. Two things
+are observed from inside, since only the process that holds the engine can see them: every
+request's prompt and output token ids (for the ideal), and the KV pool, sampled while the
+workload runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+
+from kvrt.runtime.bench.session import BenchSession, CallRecord, JobRecord
+from kvrt.runtime.bench.workloads import Workload
+from kvrt.runtime.config import ServeConfig
+from kvrt.runtime.engine.async_engine import AsyncEngine
+from kvrt.runtime.engine.protocol import GenerateOutput, GenerateRequest
+from kvrt.runtime.server import keys
+from kvrt.runtime.server.app import create_app
+from kvrt.runtime.server.serve import start_site
+from kvrt.sdk import Client
+
+SAMPLE_EVERY_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class KVSample:
+    at: float
+    in_use_blocks: int  # referenced by live requests (or pinned)
+    cached_blocks: int  # unreferenced, still indexed
+    agent_blocks: list[int]  # device blocks of each agent holding any, over live runs
+
+
+@dataclass(slots=True)
+class PolicyRun:
+    policy: str
+    block_bytes: int
+    calls: list[CallRecord]
+    jobs: list[JobRecord]
+    samples: list[KVSample]
+    tokens: list[tuple[list[int], list[int]]]  # (prompt, output) ids, in submission order
+    preemptions: int
+    wall_s: float
+    offload_bytes: int = 0  # no host tier yet
+    upload_bytes: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class RecordingEngine:
+    """The engine as the daemon sees it, keeping each request's prompt and output ids."""
+
+    def __init__(self, inner: AsyncEngine) -> None:
+        self._inner = inner
+        self.tokens: list[tuple[list[int], list[int]]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        output: list[int] = []
+        self.tokens.append((list(request.prompt_token_ids), output))
+        async with aclosing(self._inner.generate(request)) as outputs:
+            async for item in outputs:
+                output.extend(item.token_ids)
+                yield item
+
+
+async def run_policy(workload: Workload, config: ServeConfig, time_scale: float) -> PolicyRun:
+    loop = asyncio.get_running_loop()
+    inner = await loop.run_in_executor(None, AsyncEngine.create, config.engine, "bench")
+    engine = RecordingEngine(inner)
+    app = create_app(config, engine)  # type: ignore[arg-type]
+    runner, url = await start_site(app, "127.0.0.1", 0)
+    samples: list[KVSample] = []
+    sampler = asyncio.create_task(_sample(app, inner, samples))
+    started = time.perf_counter()
+    try:
+        async with Client(url, retries=0) as client:
+            session = BenchSession(client, time_scale)
+            await workload.run(session)
+    finally:
+        wall = time.perf_counter() - started
+        sampler.cancel()
+        await runner.cleanup()  # stops the engine
+    pool = inner.engine.executor.kv_pool
+    return PolicyRun(
+        policy=config.engine.policy, block_bytes=pool[0].numel() * pool.element_size(),
+        calls=session.calls, jobs=session.jobs, samples=samples, tokens=engine.tokens,
+        preemptions=inner.stats().preemptions, wall_s=wall)
+
+
+async def _sample(app, engine: AsyncEngine, out: list[KVSample]) -> None:
+    control = app[keys.CONTROL]
+    while True:
+        stats = engine.stats()
+        agents = [r.device_blocks for run in control.runs()
+                  for r in engine.kv_residency(run.id).values()]
+        out.append(KVSample(time.perf_counter(), stats.kv_blocks_in_use,
+                            stats.kv_blocks_cached, agents))
+        await asyncio.sleep(SAMPLE_EVERY_S)
+
+
+def with_policy(config: ServeConfig, policy: str) -> ServeConfig:
+    return replace(config, engine=replace(config.engine, policy=policy))
