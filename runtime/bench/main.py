@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="rounds (generative-agents) or tool turns per "
                                               "worker (tool-agents)")
     p.add_argument("--runs", type=int, help="concurrent runs (tool-agents, map-reduce)")
+    p.add_argument("--trace", default=None, metavar="FILE",
+                   help="the JSONL file the `trace` workload replays (format: README)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiplies every tool duration (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
@@ -62,7 +64,8 @@ def _size(text: str) -> int:
 
 def workload_from(args: argparse.Namespace) -> Workload:
     return make_workload(args.workload, quick=args.quick, agents=args.agents,
-                         rounds=args.rounds, turns=args.rounds, runs=args.runs, seed=args.seed)
+                         rounds=args.rounds, turns=args.rounds, runs=args.runs, seed=args.seed,
+                         path=args.trace)
 
 
 def config_from(args: argparse.Namespace) -> ServeConfig:
@@ -128,8 +131,10 @@ def _timeline(run: PolicyRun) -> list[tuple[float, float, float]]:
 
 
 async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConfig) -> int | None:
-    """Doubles the workload's scale from 1 while TTFT p99 meets the SLO."""
-    key, best, scale = _SCALE[args.workload], None, 1
+    """Doubles the workload's scale from 1 while TTFT p99 meets the SLO (a trace has none)."""
+    key, best, scale = _SCALE.get(args.workload), None, 1
+    if key is None:
+        return None
     limit = 2 * getattr(workload.params, key)
     while scale <= limit:
         candidate = make_workload(args.workload, **{**asdict(workload.params), key: scale})
@@ -142,6 +147,8 @@ async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConf
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.workload == "trace") != (args.trace is not None):
+        raise SystemExit("kvrt bench: --trace FILE goes with the `trace` workload, and only there")
     unknown = set(p.strip() for p in args.policies.split(",")) - set(policy_names())
     if unknown:
         raise SystemExit(f"kvrt bench: unknown policies {sorted(unknown)}; "

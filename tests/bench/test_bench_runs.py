@@ -112,3 +112,35 @@ def test_bench_command_writes_the_documented_report(tiny: Path, tmp_path: Path) 
     assert "| lru |" in (tmp_path / "results.md").read_text()
     for png in ("summary.png", "kv_timeline.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_trace_replays_calls_tools_and_timing(tiny: Path, tmp_path: Path) -> None:
+    lines = [
+        {"kind": "call", "run": "r1", "agent": "a", "at": 0.0, "max_tokens": 3,
+         "messages": [{"role": "user", "content": "one"}]},
+        {"kind": "tool", "run": "r1", "agent": "a", "at": 0.0, "tool": "search",
+         "duration_s": 0.2},
+        {"kind": "call", "run": "r1", "agent": "a", "at": 0.0, "max_tokens": 2,
+         "messages": [{"role": "user", "content": "two"}]},
+        {"kind": "call", "run": "r2", "agent": "b", "at": 1.0, "max_tokens": 4,
+         "messages": [{"role": "user", "content": "late"}]},
+        {"kind": "done", "run": "r2", "agent": "b", "at": 0.0},
+    ]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    run = asyncio.run(run_policy(make_workload("trace", path=str(trace)), config(tiny),
+                                 time_scale=1.0))
+    calls = sorted(run.calls, key=lambda c: c.submitted)
+    assert [(c.agent, c.completion_tokens) for c in calls] == [("a", 3), ("a", 2), ("b", 4)]
+    start = min(j.started for j in run.jobs)
+    assert calls[1].submitted - calls[0].finished >= 0.2  # a's tool call sits between
+    assert calls[2].submitted - start >= 1.0  # b waits for its `at`
+    assert sorted(j.name for j in run.jobs) == ["r1", "r2"]
+
+
+def test_a_bad_trace_line_is_named(tmp_path: Path) -> None:
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text('{"kind": "call", "run": "r", "agent": "a", "max_tokens": 0, '
+                     '"messages": []}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        make_workload("trace", path=str(trace))

@@ -10,6 +10,7 @@ from kvrt.runtime.bench.session import BenchSession
 from kvrt.runtime.bench.workloads.generative_agents import GenerativeAgents, GenerativeAgentsParams
 from kvrt.runtime.bench.workloads.map_reduce import MapReduce, MapReduceParams
 from kvrt.runtime.bench.workloads.tool_agents import ToolAgents, ToolAgentsParams
+from kvrt.runtime.bench.workloads.trace import TraceParams, TraceReplay
 
 
 class Workload(Protocol):
@@ -23,6 +24,7 @@ WORKLOADS: dict[str, tuple[type, Any]] = {
     "generative-agents": (GenerativeAgents, GenerativeAgentsParams),
     "tool-agents": (ToolAgents, ToolAgentsParams),
     "map-reduce": (MapReduce, MapReduceParams),
+    "trace": (TraceReplay, TraceParams),  # --trace FILE
 }
 
 # `--quick`: small enough to finish in a couple of minutes on a 2-core CPU with the default model.
@@ -34,6 +36,7 @@ QUICK: dict[str, dict[str, Any]] = {
                     "min_output_tokens": 16, "max_output_tokens": 32},
     "map-reduce": {"agents": 3, "document_words": 300, "min_output_tokens": 16,
                    "max_output_tokens": 32},
+    "trace": {},
 }
 
 
