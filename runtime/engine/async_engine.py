@@ -1,9 +1,10 @@
 """Runs the engine on its own thread and gives the asyncio side an async interface.
 
-The event loop never runs torch. Commands (add, abort, release_run) go to the engine thread
-through a queue; outputs come back with `call_soon_threadsafe`, one asyncio.Queue per live
+The event loop never runs torch. Commands (add, abort, notify, release_run) go to the engine
+thread through a queue; outputs come back with `call_soon_threadsafe`, one asyncio.Queue per live
 request. Once the thread is closing, the inbox is closed under a lock and drained, so no command
-is ever left unanswered.
+is ever left unanswered. While it has no work, the thread wakes at least every `_IDLE_WAIT_S` and
+ticks the engine, so the policy's timers (pin expiries) run between calls too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.engine import Emitted, Engine, RunRelease
 from kvrt.runtime.engine.factory import build_engine
 from kvrt.runtime.engine.protocol import (
+    AgentEvent,
     AgentResidency,
     EngineError,
     EngineStats,
@@ -74,6 +76,9 @@ class AsyncEngine:
     def kv_residency(self, run: str) -> dict[str, AgentResidency]:
         return self.engine.kv_residency(run)  # the ledger locks: no trip to the engine thread
 
+    def notify(self, event: AgentEvent) -> None:
+        self._send("notify", event)  # with the engine down there is no policy left to tell
+
     async def release_run(self, run: str) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if not self._send("release_run", (run, future)):
@@ -128,7 +133,9 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._handle_commands(block=not self.engine.has_work())
                 if self.engine.has_work():
-                    self._step()
+                    self._step()  # ticks the policy itself
+                else:
+                    self._tick()
         finally:  # stopping, or a bug escaped: no stream may wait forever
             reason = "is shutting down" if self._stopping.is_set() else "thread failed"
             for request_id in self.engine.fail_all():
@@ -174,8 +181,19 @@ class AsyncEngine:
                 self._deliver_error(payload.request_id, error)
         elif kind == "abort":
             self.engine.abort(payload)
+        elif kind == "notify":
+            try:
+                self.engine.notify(payload)
+            except Exception:  # a policy's failure must not take the engine thread down
+                log.exception("the policy failed on %s", payload)
         elif kind == "release_run":
             self._release_run(*payload)
+
+    def _tick(self) -> None:
+        try:
+            self.engine.tick()
+        except Exception:
+            log.exception("the policy failed on a tick")
 
     def _release_run(self, run: str, future: asyncio.Future[int]) -> None:
         try:

@@ -1,7 +1,8 @@
 """The engine: one step is schedule -> execute -> sample and emit. Single-threaded by design.
 
 The engine owns the model and the KV pool; `AsyncEngine` runs it on its own thread. Time comes
-from an injected clock, so the same engine can run under a simulated clock.
+from an injected clock, so the same engine can run under a simulated clock. The policy hears of
+the agents' events (`notify`) and of time passing (`tick`, before each step and while idle).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.output import OutputText
 from kvrt.runtime.engine.protocol import (
+    AgentEvent,
     AgentResidency,
     Attribution,
     EngineStats,
@@ -109,8 +111,18 @@ class Engine:
         self.scheduler.finish(live.seq)
         return True
 
+    def notify(self, event: AgentEvent) -> None:
+        """Hands an agent's control-plane event to the policy, at the clock's time now."""
+        self.scheduler.policy.on_event(event, self.kv, self.clock())
+
+    def tick(self) -> None:
+        """Lets the policy act on the time (expire pins). Each step ticks first; the engine
+        thread also ticks while idle, since an agent waits on its tool with no step running."""
+        self.scheduler.policy.on_step(self.kv, self.clock())
+
     def release_run(self, run: str) -> RunRelease:
-        """Aborts the run's live requests, then frees the cached blocks only the run held."""
+        """Aborts the run's live requests, then drops its agents' pins and frees the cached
+        blocks only the run held."""
         aborted = [
             request_id
             for request_id, live in self._live.items()
@@ -133,8 +145,11 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[Emitted]:
+        self.tick()
         chunks = self.scheduler.schedule()
         if not chunks:
+            if self.scheduler.has_work():  # blocks no sequence reads (pins) hold the pool
+                self.scheduler.policy.on_stall(self.kv, self.clock())
             return []
         logits = self.executor.run(chunks)
         sampling = [c for c in chunks if c.wants_logits]
@@ -188,6 +203,7 @@ class Engine:
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
             preemptions=self.scheduler.preemptions,
+            kv_blocks_pinned=self.kv.num_pinned(),
         )
 
     def check_integrity(self) -> None:

@@ -73,18 +73,34 @@ class GenerateOutput:
     finish_reason: FinishReason | None = None
 
 
+AgentEventKind = Literal["tool_call.started", "tool_call.finished", "agent.done"]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEvent:
+    """A control-plane event of one agent, handed to the engine's policy (`EngineClient.notify`).
+    `predicted_s`: for tool_call.started, the seconds the call is expected to take (None: no
+    prediction; the control plane sends 0 for a tool never declared nor observed)."""
+
+    kind: AgentEventKind
+    run: str
+    agent: str
+    predicted_s: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     running: int
     waiting: int
     kv_blocks_total: int
-    kv_blocks_in_use: int  # referenced by live requests
+    kv_blocks_in_use: int  # referenced by live requests or pinned by the policy
     kv_blocks_cached: int  # unreferenced but still indexed (evictable)
     prefix_queries_tokens: int  # counters since start
     prefix_hits_tokens: int
     prompt_tokens: int
     generation_tokens: int
     preemptions: int
+    kv_blocks_pinned: int = 0  # of the blocks in use, those the policy pins (e.g. `ttl`)
 
 
 class EngineClient(Protocol):
@@ -108,8 +124,14 @@ class EngineClient(Protocol):
         no block are absent. Cheap and safe to call from the event loop."""
         ...
 
+    def notify(self, event: AgentEvent) -> None:
+        """Hands an applied (not duplicate) control-plane event to the engine's policy. Fire and
+        forget: it never blocks the loop; once the engine is down the event is dropped."""
+        ...
+
     async def release_run(self, run: str) -> int:
-        """Ends the run: its in-flight requests stop with `RunEnded`, its ownership of blocks is
-        dropped, and every cached block no other owner holds is freed. Returns how many blocks
-        were freed. Blocks a live request of another run still reads stay."""
+        """Ends the run: its in-flight requests stop with `RunEnded`, its ownership of blocks and
+        its agents' pins are dropped, and every cached block no other owner holds is freed.
+        Returns how many blocks were freed. Blocks a live request of another run still reads
+        stay."""
         ...

@@ -97,6 +97,7 @@ class BatchScheduler:
             self.kv.record_query(seq.prompt_len, seq.num_cached)
         seq.status = Status.RUNNING
         self.running.append(seq)
+        self.policy.on_admit(seq, self.kv)
         return Chunk(seq, count)
 
     def preempt(self, seq: Sequence) -> None:

@@ -7,10 +7,21 @@ hits (exact prefix reuse); later reuse modes place cached segments at a shift.
 
 A table may name an owner (run, agent); every block that enters it is claimed for that owner in
 the `owners` ledger (runtime/kv/owners.py), which the pool keeps current through `on_drop`.
+
+A policy may `pin` an owner's KV (e.g. while the agent waits on a tool): one extra reference on
+each keyed block the owner holds, so none can be evicted, until `unpin` gives exactly those
+references back. A pinned block is "in use" (ref_count > 0) to the pool:
+
+    block state            readers  pins  ref_count  evictable
+    ---------------------  -------  ----  ---------  ---------
+    cached                 0        0     0          yes (LRU)
+    cached, pinned         0        p     p          no
+    in use, maybe pinned   r        p     r + p      no
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +87,8 @@ class KVManager:
         self.pool.on_drop = self.owners.drop_block
         self.query_tokens = 0  # prefix-cache counters, in tokens
         self.hit_tokens = 0
+        self._pins: dict[Owner, list[int]] = {}  # owner -> the blocks it pinned (ascending)
+        self._pin_counts: dict[int, int] = {}  # block -> how many owners pin it
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -148,9 +161,50 @@ class KVManager:
         table.slots = table.slots[:0]
         table.num_keyed, table.last_key = 0, ROOT_KEY
 
+    def pin(self, owner: Owner) -> int:
+        """Takes one extra reference on every keyed block `owner` holds now (in the ledger), so
+        none of them can be evicted; returns how many blocks this call pinned. Pinning a pinned
+        owner pins only the keyed blocks it came to hold since: each block is pinned at most
+        once per owner. Unkeyed blocks are left alone: they are a live request's partial tail,
+        which no later call can find, so pinning them would only hold memory."""
+        have = set(self._pins.get(owner, ()))
+        new = [
+            block_id
+            for block_id in sorted(self._held(owner))
+            if block_id not in have and self.pool.blocks[block_id].key is not None
+        ]
+        for block_id in new:
+            self.pool.acquire(block_id)  # a cached block leaves the LRU: it cannot be evicted
+            self._pin_counts[block_id] = self._pin_counts.get(block_id, 0) + 1
+        if new:
+            self._pins.setdefault(owner, []).extend(new)
+        return len(new)
+
+    def unpin(self, owner: Owner) -> int:
+        """Gives back exactly the references `pin` took for `owner` (none if it holds no pin);
+        returns how many. The blocks keep their keys: one nobody else reads becomes cached
+        again, most recently used, in ascending block order."""
+        block_ids = self._pins.pop(owner, [])
+        for block_id in block_ids:
+            count = self._pin_counts.pop(block_id) - 1
+            if count:
+                self._pin_counts[block_id] = count
+        self.pool.release(block_ids)
+        return len(block_ids)
+
+    def is_pinned(self, owner: Owner) -> bool:
+        return owner in self._pins
+
+    def num_pinned(self) -> int:
+        """Distinct blocks at least one owner pins. Safe to call from any thread."""
+        return len(self._pin_counts)
+
     def release_run(self, run: str) -> int:
-        """Drops the run's ownership and frees (unkeys) every cached block no owner holds now;
-        returns how many. Blocks a live request still reads stay, and so do other owners'."""
+        """Drops the run's pins and ownership and frees (unkeys) every cached block no owner
+        holds now; returns how many. Blocks a live request still reads stay, and so do other
+        owners'."""
+        for owner in [o for o in self._pins if o[0] == run]:
+            self.unpin(owner)
         freed = 0
         for block_id in self.owners.release_run(run):
             if self.pool.is_cached(block_id):
@@ -173,6 +227,24 @@ class KVManager:
         for block_id in self.owners.block_ids():
             block = self.pool.blocks[block_id]
             assert block.ref_count > 0 or block.key is not None, f"owned block {block} is free"
+        self._check_pins()
+
+    def _check_pins(self) -> None:
+        """Pins name keyed blocks their owner holds, once per owner, each counted in its
+        block's ref_count; the per-block counts mirror the per-owner lists."""
+        counted = Counter(b for block_ids in self._pins.values() for b in block_ids)
+        assert counted == Counter(self._pin_counts), "pin counts disagree with the pins"
+        for owner, block_ids in self._pins.items():
+            assert block_ids and len(set(block_ids)) == len(block_ids), f"bad pin of {owner}"
+            assert set(block_ids) <= self._held(owner), f"{owner} pins blocks it does not hold"
+        for block_id, count in self._pin_counts.items():
+            block = self.pool.blocks[block_id]
+            assert block.key is not None and block.ref_count >= count, f"pinned {block} is wrong"
+
+    def _held(self, owner: Owner) -> set[int]:
+        # Reads the ledger's map directly, on the engine thread (its only writer), so without
+        # its lock; a public `BlockOwners.blocks_of(owner)` would be the cleaner seam.
+        return set(self.owners._blocks.get(owner, ()))
 
     def _claim(self, table: BlockTable, block_ids: list[int]) -> None:
         if table.owner is not None and block_ids:

@@ -1,11 +1,12 @@
 """Scheduling policies are plug-ins chosen by name (`--policy`).
 
-A policy decides two orders and nothing else:
+A policy decides two orders:
 - `admission_key(seq)`: waiting sequences are admitted in ascending key order;
 - `victim(running)`: which running sequence gives its blocks back when the pool runs dry
   (preempting a sequence is always safe: it is recomputed later, from cached prefix blocks
   where they survive).
-Eviction of unreferenced cached blocks is LRU inside the block pool.
+Eviction of unreferenced cached blocks is LRU inside the block pool. Between calls, an agent's
+KV is the policy's to keep: the hooks below let it see the agents' tool calls and pin their KV.
 """
 
 from __future__ import annotations
@@ -15,12 +16,41 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from kvrt.runtime.engine.protocol import AgentEvent
     from kvrt.runtime.engine.sequence import Sequence
+    from kvrt.runtime.kv.manager import KVManager
 
 _REGISTRY: dict[str, Callable[[], Policy]] = {}
 
 
 class Policy(ABC):
+    """The orders are abstract; the hooks are optional and do nothing by default (as `lru`).
+
+    hook                       called by the ... when
+    -------------------------  -------------------------------------------------------------
+    on_event(event, kv, now)   engine     the control plane applied an agent's event
+                                          (tool_call.started / .finished, agent.done; never a
+                                          duplicate)
+    on_admit(seq, kv)          scheduler  it admits `seq` (first time, or after a preemption),
+                                          after the sequence adopted its prefix and grew: its
+                                          own references now protect the blocks it reads
+    on_step(kv, now)           engine     before each step, and every ~50 ms while idle (the
+                                          engine thread's idle wait), so expiries happen even
+                                          when no request comes
+    on_stall(kv, now)          engine     it has work but scheduled nothing this step: blocks
+                                          no live sequence reads (pins) hold the pool
+
+    Contract:
+    - Hooks run on the engine thread, between steps. They may `kv.pin` / `kv.unpin` an owner
+      (run, agent); they never allocate or free a sequence's blocks.
+    - Releasing a pin early is always safe (the KV stays cached, merely evictable again). A
+      policy that pins must release at least one pin per `on_stall` while it holds any, or the
+      engine turns over without progress until the pins expire.
+    - Ending a run drops its agents' pins in the KV manager itself (`KVManager.release_run`);
+      a policy that keeps per-pin state sees it there (`kv.is_pinned`), no hook says so.
+    - `now` is the engine's clock in seconds (a simulated one under `kvrt sim`).
+    """
+
     name: str
 
     @abstractmethod
@@ -28,6 +58,18 @@ class Policy(ABC):
 
     @abstractmethod
     def victim(self, running: list[Sequence]) -> Sequence: ...
+
+    def on_event(self, event: AgentEvent, kv: KVManager, now: float) -> None:  # noqa: B027
+        pass
+
+    def on_admit(self, seq: Sequence, kv: KVManager) -> None:  # noqa: B027
+        pass
+
+    def on_step(self, kv: KVManager, now: float) -> None:  # noqa: B027
+        pass
+
+    def on_stall(self, kv: KVManager, now: float) -> None:  # noqa: B027
+        pass
 
 
 def register_policy(name: str):

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 from aiohttp import web
 
+from kvrt.runtime.engine.protocol import AgentEvent, AgentEventKind
+from kvrt.runtime.graph.runs import Run
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.control_views import graph_info, run_info, run_state
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.sdk.protocol.control import (
     Deleted,
+    Event,
     EventAck,
     GraphList,
     RunClosed,
     RunList,
+    ToolCallStarted,
     event_decoder,
     graph_spec_decoder,
     run_spec_decoder,
@@ -77,12 +82,23 @@ async def post_event(request: web.Request) -> web.Response:
     run = request.app[keys.CONTROL].run(request.match_info["run_id"])
     event = event_decoder.decode(body)
     index, duplicate = run.apply(event)
+    if not duplicate:  # the policy hears of each event once
+        request.app[keys.ENGINE].notify(agent_event(run, index, event))
     ack = EventAck(run=run.id, agent=event.agent, state=run.agents[index].state,
                    event_count=run.event_count, duplicate=duplicate)
     response = json_response(ack)
     request.app[keys.METRICS].observe_event(event.__struct_config__.tag,
                                             time.perf_counter() - started)
     return response
+
+
+def agent_event(run: Run, index: int, event: Event) -> AgentEvent:
+    """The engine's view of an applied event; a started tool call carries the run's prediction
+    of its duration (the client's estimate, else the learned or declared one)."""
+    predicted = (run.agents[index].tools[event.tool].predicted
+                 if isinstance(event, ToolCallStarted) else None)
+    kind = cast(AgentEventKind, event.__struct_config__.tag)  # the wire tags are the kinds
+    return AgentEvent(kind, run.id, event.agent, predicted)
 
 
 @routes.delete("/v1/runs/{run_id}")

@@ -156,3 +156,148 @@ def test_can_admit_counts_the_cached_blocks_a_match_takes():
     assert kv.can_admit(match, 16)
     assert not kv.can_admit(match, 17)
     kv.check_integrity()
+
+
+# ---- pins ----------------------------------------------------------------------------------
+
+
+def _owned(kv: KVManager, owner, tokens: list[int]) -> BlockTable:
+    """An owned call of `tokens`, computed and finished: its full blocks stay cached."""
+    table = BlockTable(kv.block_size, owner=owner)
+    kv.grow(table, len(tokens))
+    kv.commit(table, tokens, len(tokens), b"")
+    kv.free(table)
+    return table
+
+
+def _refs(kv: KVManager, block_ids) -> list[int]:
+    return [kv.pool.blocks[b].ref_count for b in block_ids]
+
+
+def test_pin_takes_one_reference_on_each_keyed_block_and_unpin_gives_it_back():
+    kv = KVManager(num_blocks=8, block_size=4)
+    a = ("run-a", "planner")
+    _owned(kv, a, list(range(10)))  # blocks 0, 1 keyed and cached; 2 (two tokens) freed
+    assert kv.owners.block_ids() == {0, 1}
+    assert kv.pin(a) == 2
+    assert _refs(kv, [0, 1]) == [1, 1]
+    assert kv.is_pinned(a) and kv.num_pinned() == 2
+    usage = kv.usage()
+    assert (usage.in_use, usage.cached, usage.free) == (2, 0, 6)
+    kv.check_integrity()
+    # Pinned blocks are still hits; a reader adds its own reference on top of the pin.
+    reader = BlockTable(4)
+    kv.adopt_prefix(reader, kv.match_prefix(list(range(10)), b""))
+    assert reader.block_ids() == [0, 1] and _refs(kv, [0, 1]) == [2, 2]
+    assert kv.unpin(a) == 2
+    assert _refs(kv, [0, 1]) == [1, 1] and not kv.is_pinned(a) and kv.num_pinned() == 0
+    kv.free(reader)
+    assert kv.usage().cached == 2 and kv.match_prefix(list(range(10)), b"").block_ids == [0, 1]
+    assert kv.unpin(a) == 0  # nothing left to give back
+    kv.check_integrity()
+
+
+def test_a_pin_leaves_unkeyed_blocks_and_a_second_pin_takes_only_new_blocks():
+    kv = KVManager(num_blocks=8, block_size=4)
+    a = ("run-a", "coder")
+    live = BlockTable(4, owner=a)
+    tokens = list(range(12))
+    kv.grow(live, 12)
+    kv.commit(live, tokens, 6, b"")  # a live call: block 0 keyed, 1 and 2 not yet
+    assert kv.pin(a) == 1
+    assert _refs(kv, [0, 1, 2]) == [2, 1, 1]
+    kv.commit(live, tokens, 12, b"")  # blocks 1 and 2 become keyed
+    assert kv.pin(a) == 2  # re-pinning takes the new ones, never block 0 twice
+    assert kv.pin(a) == 0
+    assert _refs(kv, [0, 1, 2]) == [2, 2, 2] and kv.num_pinned() == 3
+    kv.free(live)
+    assert _refs(kv, [0, 1, 2]) == [1, 1, 1] and kv.usage().in_use == 3
+    kv.check_integrity()
+    assert kv.unpin(a) == 3
+    assert kv.usage().cached == 3
+    kv.check_integrity()
+
+
+def test_an_owner_holding_no_keyed_block_pins_nothing():
+    kv = KVManager(num_blocks=4, block_size=4)
+    assert kv.pin(("run-a", "nobody")) == 0
+    assert not kv.is_pinned(("run-a", "nobody"))
+    _owned(kv, ("run-a", "short"), [1, 2, 3])  # a partial block only: freed, not owned
+    assert kv.pin(("run-a", "short")) == 0 and kv.num_pinned() == 0
+    kv.check_integrity()
+
+
+def test_two_owners_pinning_a_shared_block_count_it_once():
+    kv = KVManager(num_blocks=8, block_size=4)
+    shared = list(range(8))
+    _owned(kv, ("run-a", "x"), shared + [20, 21, 22, 23])  # blocks 0, 1, 2
+    y = BlockTable(4, owner=("run-a", "y"))
+    kv.adopt_prefix(y, kv.match_prefix(shared + [30], b""))
+    kv.grow(y, 12)
+    kv.commit(y, shared + [30, 31, 32, 33], 12, b"")  # blocks 0, 1 shared; 3 its own
+    kv.free(y)
+    assert (kv.pin(("run-a", "x")), kv.pin(("run-a", "y"))) == (3, 3)
+    assert _refs(kv, [0, 1, 2, 3]) == [2, 2, 1, 1]
+    assert kv.num_pinned() == 4
+    kv.check_integrity()
+    assert kv.unpin(("run-a", "x")) == 3
+    assert _refs(kv, [0, 1, 2, 3]) == [1, 1, 0, 1] and kv.num_pinned() == 3
+    kv.check_integrity()
+
+
+def test_a_pinned_cached_block_is_not_evicted_and_unpinned_it_is_the_newest_cached():
+    kv = KVManager(num_blocks=4, block_size=4)
+    a, b = ("run-a", "planner"), ("run-a", "coder")
+    _owned(kv, a, list(range(4)))  # block 0
+    _owned(kv, b, list(range(100, 104)))  # block 1
+    # LRU order: 0, then 1. Pinning 0 leaves 1 the oldest (and only) evictable cached block.
+    assert kv.pin(a) == 1
+    kv.check_integrity()
+    grabber = BlockTable(4)
+    kv.grow(grabber, 12)  # 2 free blocks (2, 3), then one eviction
+    assert grabber.block_ids() == [2, 3, 1]
+    assert kv.pool.evictions == 1 and kv.residency("run-a") == {
+        "planner": AgentResidency(device_blocks=1, shared_blocks=0)}
+    assert not kv.can_grow(grabber, 13)  # the pinned block is not allocatable
+    kv.check_integrity()
+    assert kv.unpin(a) == 1
+    assert kv.pool.is_cached(0) and kv.can_grow(grabber, 13)
+    kv.free(grabber)  # 2, 3, 1 unkeyed: free; 0 stays cached
+    kv.check_integrity()
+    # Back in the LRU, block 0 goes when a later allocation needs every block.
+    kv.grow(BlockTable(4), 16)
+    assert kv.residency("run-a") == {} and kv.pool.evictions == 2
+    kv.check_integrity()
+
+
+def test_unpinned_blocks_join_the_lru_after_the_blocks_already_cached():
+    kv = KVManager(num_blocks=3, block_size=4)
+    a, b = ("run-a", "planner"), ("run-a", "coder")
+    _owned(kv, a, list(range(4)))  # block 0
+    kv.pin(a)
+    _owned(kv, b, list(range(100, 104)))  # block 1, cached after 0 was pinned
+    kv.unpin(a)  # 0 is now the most recently released
+    taker = BlockTable(4)
+    kv.grow(taker, 8)  # free block 2, then the oldest cached: 1, not 0
+    assert taker.block_ids() == [2, 1]
+    assert kv.pool.is_cached(0)
+    kv.check_integrity()
+
+
+def test_release_run_drops_the_runs_pins_and_frees_what_only_it_held():
+    kv = KVManager(num_blocks=8, block_size=4)
+    a = ("run-a", "planner")
+    _owned(kv, a, list(range(12)))  # blocks 0, 1 cached; block 2 (full, keyed) too
+    other = ("run-b", "planner")
+    _owned(kv, other, list(range(100, 105)))  # block 3 cached; 4 freed
+    assert (kv.pin(a), kv.pin(other)) == (3, 1)
+    assert kv.release_run("run-a") == 3
+    assert not kv.is_pinned(a) and kv.num_pinned() == 1
+    usage = kv.usage()
+    assert (usage.in_use, usage.cached, usage.free) == (1, 0, 7)
+    kv.check_integrity()
+    assert kv.release_run("run-b") == 1
+    usage = kv.usage()
+    assert (usage.in_use, usage.cached, usage.free) == (0, 0, 8)
+    assert kv.owners.is_empty() and kv.num_pinned() == 0
+    kv.check_integrity()
