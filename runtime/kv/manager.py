@@ -170,7 +170,7 @@ class KVManager:
         have = set(self._pins.get(owner, ()))
         new = [
             block_id
-            for block_id in sorted(self._held(owner))
+            for block_id in sorted(self.owners.blocks_of(owner))
             if block_id not in have and self.pool.blocks[block_id].key is not None
         ]
         for block_id in new:
@@ -186,9 +186,10 @@ class KVManager:
         again, most recently used, in ascending block order."""
         block_ids = self._pins.pop(owner, [])
         for block_id in block_ids:
-            count = self._pin_counts.pop(block_id) - 1
-            if count:
-                self._pin_counts[block_id] = count
+            if self._pin_counts[block_id] > 1:
+                self._pin_counts[block_id] -= 1
+            else:
+                del self._pin_counts[block_id]
         self.pool.release(block_ids)
         return len(block_ids)
 
@@ -236,15 +237,11 @@ class KVManager:
         assert counted == Counter(self._pin_counts), "pin counts disagree with the pins"
         for owner, block_ids in self._pins.items():
             assert block_ids and len(set(block_ids)) == len(block_ids), f"bad pin of {owner}"
-            assert set(block_ids) <= self._held(owner), f"{owner} pins blocks it does not hold"
+            held = self.owners.blocks_of(owner)
+            assert set(block_ids) <= held, f"{owner} pins blocks it does not hold"
         for block_id, count in self._pin_counts.items():
             block = self.pool.blocks[block_id]
             assert block.key is not None and block.ref_count >= count, f"pinned {block} is wrong"
-
-    def _held(self, owner: Owner) -> set[int]:
-        # Reads the ledger's map directly, on the engine thread (its only writer), so without
-        # its lock; a public `BlockOwners.blocks_of(owner)` would be the cleaner seam.
-        return set(self.owners._blocks.get(owner, ()))
 
     def _claim(self, table: BlockTable, block_ids: list[int]) -> None:
         if table.owner is not None and block_ids:

@@ -85,6 +85,11 @@ class BlockOwners:
                         orphans.add(block_id)
             return sorted(orphans)
 
+    def blocks_of(self, owner: Owner) -> set[int]:
+        """The blocks `owner` holds (a snapshot)."""
+        with self._lock:
+            return set(self._blocks.get(owner, ()))
+
     def block_ids(self) -> set[int]:
         """Every block some owner holds (a snapshot)."""
         with self._lock:

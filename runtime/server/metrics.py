@@ -87,6 +87,9 @@ class ServerMetrics:
             stats.waiting)
         one("kvrt:kv_cache_usage_perc", "gauge",
             "Fraction of device KV blocks referenced by live requests (1 = full).", usage)
+        one("kvrt:kv_cache_pinned_blocks", "gauge",
+            "Device KV blocks a policy pins for an agent waiting on a tool.",
+            stats.kv_blocks_pinned)
         one("kvrt:kv_cache_cached_blocks", "gauge",
             "Device KV blocks unreferenced but still indexed (evictable).", stats.kv_blocks_cached)
         one("kvrt:prefix_cache_queries_total", "counter",

@@ -51,6 +51,7 @@ def test_metrics_expose_the_kvrt_families(server: LiveServer) -> None:
         "kvrt:num_requests_running": "gauge",
         "kvrt:num_requests_waiting": "gauge",
         "kvrt:kv_cache_usage_perc": "gauge",
+        "kvrt:kv_cache_pinned_blocks": "gauge",
         "kvrt:prefix_cache_queries_total": "counter",
         "kvrt:prefix_cache_hits_total": "counter",
         "kvrt:prompt_tokens_total": "counter",

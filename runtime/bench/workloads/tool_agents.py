@@ -70,7 +70,7 @@ class ToolAgents:
                 tool_outputs=[[text.words(rng, 30) for _ in range(params.turns)]
                               for _ in range(workers)]))
 
-    def graph(self, workers: int) -> Graph:
+    def graph(self, workers: int, time_scale: float = 1.0) -> Graph:
         p = self.params
         mean = (p.min_output_tokens + p.max_output_tokens) // 2
         graph = Graph(f"{self.name}-{workers}")
@@ -78,14 +78,15 @@ class ToolAgents:
         graph.agent("reviewer", system=f"{self.system}\nYou review.", expected_output_tokens=mean)
         for w in range(workers):
             graph.agent(f"worker{w}", system=f"{self.system}\nYou implement.",
-                        tools={"run_tests": p.tool_median_s},
+                        tools={"run_tests": p.tool_median_s * time_scale},
                         expected_output_tokens=mean * (p.turns + 1))
             graph.edge("planner", f"worker{w}").edge(f"worker{w}", "reviewer")
         return graph
 
     async def run(self, session: BenchSession) -> None:
         counts = sorted({plan.workers for plan in self.plans})
-        infos = {n: await session.client.create_graph(self.graph(n)) for n in counts}
+        infos = {n: await session.client.create_graph(self.graph(n, session.time_scale))
+                 for n in counts}
         await asyncio.gather(*(self._run(session, infos[plan.workers], k, plan)
                                for k, plan in enumerate(self.plans)))
         for info in infos.values():
