@@ -1,0 +1,10 @@
+"""kvrt.runtime.sim: the engine's scheduler, KV manager and policies over a GPU cost model.
+
+- hardware.py: named devices (h100, a100, cpu-calibrated) and their efficiency factors
+- model_shapes.py: model shapes without weights; parameter counts, KV bytes per token
+- cost_model.py: a roofline step-time model, one engine step -> seconds; host-link copies
+- measure.py: the real engine's step times over a grid of batches
+- calibrate.py: the cost model's coefficients fitted to those times (`cpu-calibrated`)
+- executor.py: SimExecutor (the Executor's drop-in) and SimClock
+- engine.py: build_sim_engine, the real Engine over a SimExecutor
+"""

@@ -1,0 +1,103 @@
+"""The real Engine, scheduler, KV manager, sampler and policy over a simulated executor.
+
+The KV pool exists only as block ids (the `KVManager`'s bookkeeping); no tensor of KV size is
+allocated, so a 7B model's tens of GB of KV cost nothing here. Its size:
+
+    kv bytes = config.kv_cache_memory, when the user set it (it differs from EngineConfig's
+               default, the CPU daemon's 512 MiB, which means nothing on a simulated GPU);
+               else device memory * (1 - KV_RESERVE) - weight bytes
+    blocks   = kv bytes // (block_size * kv bytes per token)
+
+KV_RESERVE (10%) stands for activations, the CUDA context and allocator slack: vLLM's
+`gpu_memory_utilization` defaults to 0.9 for the same reason. Weights and KV take the device's
+dtype (bf16 on the GPUs). The pool is capped at MAX_BLOCKS (16M tokens of 16-token blocks):
+a small model on an 80 GB device would otherwise get millions of blocks of bookkeeping that no
+workload fills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import cast
+
+import torch
+
+from kvrt.runtime.config import ConfigError, EngineConfig
+from kvrt.runtime.engine.engine import Engine
+from kvrt.runtime.engine.executor import Executor
+from kvrt.runtime.engine.sampler import Sampler
+from kvrt.runtime.engine.scheduler import BatchScheduler
+from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.model.config import ModelConfig
+from kvrt.runtime.model.tokenizer import Tokenizer
+from kvrt.runtime.policy import make_policy
+from kvrt.runtime.sim.cost_model import CostModel
+from kvrt.runtime.sim.executor import SimClock, SimExecutor
+from kvrt.runtime.sim.hardware import Device
+from kvrt.runtime.sim.model_shapes import kv_bytes_per_token, weight_bytes
+
+KV_RESERVE = 0.10
+MAX_BLOCKS = 1 << 20
+LOGIT_WIDTH = 8192  # sampled ids come from the vocabulary's first 8192: see executor.py
+_DEFAULT_KV_MEMORY = next(
+    f.default for f in dataclasses.fields(EngineConfig) if f.name == "kv_cache_memory"
+)
+
+
+def kv_cache_bytes(shape: ModelConfig, device: Device, config: EngineConfig) -> int:
+    if config.kv_cache_memory != _DEFAULT_KV_MEMORY:
+        return config.kv_cache_memory
+    budget = int(device.memory_bytes * (1 - KV_RESERVE)) - weight_bytes(shape, device.dtype_bytes)
+    if budget <= 0:
+        raise ConfigError(
+            f"the model's weights ({weight_bytes(shape, device.dtype_bytes) / 1e9:.1f} GB) leave "
+            f"no room for KV in {device.name}'s {device.memory_bytes / 1e9:.1f} GB"
+        )
+    return budget
+
+
+def sim_kv_blocks(shape: ModelConfig, device: Device, config: EngineConfig) -> int:
+    block_bytes = config.block_size * kv_bytes_per_token(shape, device.dtype_bytes)
+    blocks = kv_cache_bytes(shape, device, config) // block_bytes
+    if blocks < 1:
+        raise ConfigError(f"the KV budget holds no block of {block_bytes} bytes")
+    return min(blocks, MAX_BLOCKS)
+
+
+def build_sim_engine(
+    shape: ModelConfig,
+    device: Device,
+    config: EngineConfig,
+    tokenizer: Tokenizer,
+    clock: SimClock,
+) -> Engine:
+    """`config.model`, `device`, `dtype` and `kernels` are ignored: the shape and the device
+    stand for them. Simulated outputs are drawn from the tokenizer's first LOGIT_WIDTH ids, never
+    its EOS ids, so an output's length is its request's max_tokens."""
+    max_model_len = config.max_model_len or shape.max_position
+    if max_model_len > shape.max_position:
+        raise ConfigError(
+            f"--max-model-len {max_model_len} exceeds the model's context of "
+            f"{shape.max_position} tokens"
+        )
+    kv = KVManager(sim_kv_blocks(shape, device, config), config.block_size, config.prefix_caching)
+    scheduler = BatchScheduler(
+        kv, make_policy(config.policy), config.max_num_seqs, config.max_num_batched_tokens
+    )
+    executor = SimExecutor(
+        CostModel(shape, device),
+        clock,
+        tokenizer.vocab_size,
+        exclude_token_ids=tokenizer.eos_token_ids,
+        seed=config.seed,
+        logit_width=LOGIT_WIDTH,
+    )
+    return Engine(
+        executor=cast(Executor, executor),  # duck-typed: the Engine calls `run` and `model`
+        kv=kv,
+        scheduler=scheduler,
+        sampler=Sampler(config.seed, torch.device("cpu")),
+        tokenizer=tokenizer,
+        max_model_len=max_model_len,
+        clock=clock.now,
+    )
