@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(run=_bench, command_parser=bench)
 
+    from kvrt.runtime.sim.main import add_arguments as add_sim_arguments
+
+    sim = commands.add_parser("sim", help="the same benchmark on a simulated GPU and model shape "
+                              "(roofline cost model, simulated time)")
+    add_sim_arguments(sim)
+    sim.set_defaults(run=_sim, command_parser=sim)
+
     model = commands.add_parser("model", help="model utilities")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     tiny = model_commands.add_parser("init-tiny", help="write a tiny random checkpoint "
@@ -154,6 +161,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from kvrt.runtime.bench.main import run
+
+    return run(args)
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from kvrt.runtime.sim.main import run
 
     return run(args)
 

@@ -19,7 +19,13 @@ import torch
 
 from kvrt.runtime.bench.metrics import ideal, summarize
 from kvrt.runtime.bench.report import write_report
-from kvrt.runtime.bench.runner import PolicyRun, run_policy, with_policy
+from kvrt.runtime.bench.runner import (
+    EngineFactory,
+    PolicyRun,
+    real_engine,
+    run_policy,
+    with_policy,
+)
 from kvrt.runtime.bench.workloads import Workload, make_workload, workload_names
 from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig, parse_size
 from kvrt.runtime.policy import policy_names
@@ -29,6 +35,16 @@ _SCALE = {"generative-agents": "agents", "map-reduce": "agents", "tool-agents": 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_workload_arguments(p)
+    p.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--kv-cache-memory", type=size_argument, default=parse_size("256MiB"),
+                   help="device KV pool per policy (default: 256MiB)")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+
+
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """What `kvrt bench` and `kvrt sim` share: the workload, its scale, the policies, the report."""
     p.add_argument("workload", choices=workload_names(), metavar="WORKLOAD",
                    help=f"one of: {', '.join(workload_names())}")
     p.add_argument("--policies", default=",".join(policy_names()),
@@ -44,18 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a small run (a couple of minutes)")
     p.add_argument("--out", default=None, help="report folder (default: bench-out/WORKLOAD)")
-    p.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    p.add_argument("--kv-cache-memory", type=_size, default=parse_size("256MiB"),
-                   help="device KV pool per policy (default: 256MiB)")
-    p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--slo-ttft-ms", type=float, default=None,
                    help="also sweep the scale for the most agents whose TTFT p99 meets this")
 
 
-def _size(text: str) -> int:
+def size_argument(text: str) -> int:
     try:
         return parse_size(text)
     except ConfigError as exc:
@@ -88,7 +99,13 @@ def machine() -> dict[str, Any]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    workload, config = workload_from(args), config_from(args)
+    return await compare_policies(args, workload_from(args), config_from(args), machine())
+
+
+async def compare_policies(args: argparse.Namespace, workload: Workload, config: ServeConfig,
+                           machine: dict[str, Any], make_engine: EngineFactory = real_engine,
+                           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs the workload once per policy, then the SLO sweep if asked; writes the report."""
     from tqdm import tqdm  # the `bench` extra
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -96,19 +113,21 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     progress = tqdm(policies, desc=args.workload, unit="policy")
     for policy in progress:
         progress.set_postfix_str(policy)
-        runs[policy] = await run_policy(workload, with_policy(config, policy), args.time_scale)
+        runs[policy] = await run_policy(workload, with_policy(config, policy), args.time_scale,
+                                        make_engine)
     results = {
         "workload": args.workload,
         "params": {**asdict(workload.params), "time_scale": args.time_scale},
-        "machine": machine(),
+        "machine": machine,
         "engine": {k: v for k, v in asdict(config.engine).items() if k != "policy"},
         "ideal": _ideal(runs),
         "policies": {p: summarize(run) for p, run in runs.items()},
+        **(extra or {}),
     }
     if args.slo_ttft_ms is not None:
         for policy in policies:
             results["policies"][policy]["max_agents_within_slo"] = await _sweep(
-                args, workload, with_policy(config, policy))
+                args, workload, with_policy(config, policy), make_engine)
     out = Path(args.out or f"bench-out/{args.workload}")
     write_report(out, results, {p: _timeline(run) for p, run in runs.items()})
     print((out / "results.md").read_text())
@@ -130,7 +149,8 @@ def _timeline(run: PolicyRun) -> list[tuple[float, float, float]]:
             for s in run.samples]
 
 
-async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConfig) -> int | None:
+async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConfig,
+                 make_engine: EngineFactory) -> int | None:
     """Doubles the workload's scale from 1 while TTFT p99 meets the SLO (a trace has none)."""
     key, best, scale = _SCALE.get(args.workload), None, 1
     if key is None:
@@ -138,7 +158,7 @@ async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConf
     limit = 2 * getattr(workload.params, key)
     while scale <= limit:
         candidate = make_workload(args.workload, **{**asdict(workload.params), key: scale})
-        row = summarize(await run_policy(candidate, config, args.time_scale))
+        row = summarize(await run_policy(candidate, config, args.time_scale, make_engine))
         if not row["ttft_p99_ms"] <= args.slo_ttft_ms:
             break
         best = candidate.params.concurrent_agents
@@ -146,13 +166,17 @@ async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConf
     return best
 
 
-def run(args: argparse.Namespace) -> int:
+def check_arguments(args: argparse.Namespace, command: str) -> None:
     if (args.workload == "trace") != (args.trace is not None):
-        raise SystemExit("kvrt bench: --trace FILE goes with the `trace` workload, and only there")
+        raise SystemExit(f"{command}: --trace FILE goes with the `trace` workload, and only there")
     unknown = set(p.strip() for p in args.policies.split(",")) - set(policy_names())
     if unknown:
-        raise SystemExit(f"kvrt bench: unknown policies {sorted(unknown)}; "
+        raise SystemExit(f"{command}: unknown policies {sorted(unknown)}; "
                          f"available: {', '.join(policy_names())}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_arguments(args, "kvrt bench")
     asyncio.run(bench(args))
     return 0
 

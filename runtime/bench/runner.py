@@ -10,14 +10,13 @@ workload runs.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from kvrt.runtime.bench.session import BenchSession, CallRecord, JobRecord
 from kvrt.runtime.bench.workloads import Workload
-from kvrt.runtime.config import ServeConfig
+from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.engine.protocol import GenerateOutput, GenerateRequest
 from kvrt.runtime.server import keys
@@ -26,6 +25,7 @@ from kvrt.runtime.server.serve import start_site
 from kvrt.sdk import Client
 
 SAMPLE_EVERY_S = 0.05
+_NO_TIMEOUT_S = 1e9
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,38 +70,49 @@ class RecordingEngine:
                 yield item
 
 
-async def run_policy(workload: Workload, config: ServeConfig, time_scale: float) -> PolicyRun:
+# Builds the engine for a config (blocking: called off the loop) and says its KV block's bytes.
+EngineFactory = Callable[[EngineConfig], tuple[AsyncEngine, int]]
+
+
+def real_engine(config: EngineConfig) -> tuple[AsyncEngine, int]:
+    engine = AsyncEngine.create(config, "bench")
+    pool = engine.engine.executor.kv_pool
+    return engine, pool[0].numel() * pool.element_size()
+
+
+async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
+                     make_engine: EngineFactory = real_engine) -> PolicyRun:
+    """Times are the event loop's clock: real seconds, or simulated ones on kvrt sim's loop."""
     loop = asyncio.get_running_loop()
-    inner = await loop.run_in_executor(None, AsyncEngine.create, config.engine, "bench")
+    inner, block_bytes = await loop.run_in_executor(None, make_engine, config.engine)
     engine = RecordingEngine(inner)
     app = create_app(config, engine)  # type: ignore[arg-type]
     runner, url = await start_site(app, "127.0.0.1", 0)
     samples: list[KVSample] = []
     sampler = asyncio.create_task(_sample(app, inner, samples))
-    started = time.perf_counter()
+    started = loop.time()
     try:
-        async with Client(url, retries=0) as client:
-            session = BenchSession(client, time_scale)
+        # No read timeout: a call may wait long in the queue, and on a simulated clock hours pass.
+        async with Client(url, retries=0, timeout=_NO_TIMEOUT_S) as client:
+            session = BenchSession(client, time_scale, clock=loop.time)
             await workload.run(session)
     finally:
-        wall = time.perf_counter() - started
+        wall = loop.time() - started
         sampler.cancel()
         await runner.cleanup()  # stops the engine
-    pool = inner.engine.executor.kv_pool
     return PolicyRun(
-        policy=config.engine.policy, block_bytes=pool[0].numel() * pool.element_size(),
+        policy=config.engine.policy, block_bytes=block_bytes,
         calls=session.calls, jobs=session.jobs, samples=samples, tokens=engine.tokens,
         preemptions=inner.stats().preemptions, wall_s=wall)
 
 
 async def _sample(app, engine: AsyncEngine, out: list[KVSample]) -> None:
-    control = app[keys.CONTROL]
+    control, clock = app[keys.CONTROL], asyncio.get_running_loop().time
     while True:
         stats = engine.stats()
         agents = [r.device_blocks for run in control.runs()
                   for r in engine.kv_residency(run.id).values()]
-        out.append(KVSample(time.perf_counter(), stats.kv_blocks_in_use,
-                            stats.kv_blocks_cached, agents))
+        out.append(KVSample(clock(), stats.kv_blocks_in_use, stats.kv_blocks_cached, agents))
         await asyncio.sleep(SAMPLE_EVERY_S)
 
 

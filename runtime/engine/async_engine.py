@@ -133,14 +133,19 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._handle_commands(block=not self.engine.has_work())
                 if self.engine.has_work():
-                    self._step()  # ticks the policy itself
+                    emitted = self._step()  # ticks the policy itself
+                    if emitted:
+                        self._loop_call(self._deliver, emitted)
                 else:
                     self._tick()
         finally:  # stopping, or a bug escaped: no stream may wait forever
-            reason = "is shutting down" if self._stopping.is_set() else "thread failed"
-            for request_id in self.engine.fail_all():
-                self._deliver_error(request_id, EngineError(f"the engine {reason}"))
-            self._close_inbox(EngineError(f"the engine {reason}"))
+            self._fail_everything()
+
+    def _fail_everything(self) -> None:
+        reason = "is shutting down" if self._stopping.is_set() else "thread failed"
+        for request_id in self.engine.fail_all():
+            self._deliver_error(request_id, EngineError(f"the engine {reason}"))
+        self._close_inbox(EngineError(f"the engine {reason}"))
 
     def _close_inbox(self, error: EngineError) -> None:
         """Answers the commands sent before the inbox closed: adds fail, releases still run."""
@@ -204,18 +209,18 @@ class AsyncEngine:
             return
         self._loop_call(self._ended, run, release, future)
 
-    def _step(self) -> None:
+    def _step(self) -> list[Emitted]:
+        """One engine step; what it emitted, for the caller to deliver."""
+        emitted: list[Emitted] = []
         try:
             emitted = self.engine.step()
         except Exception as error:  # one bad step must not take the engine down
             log.exception("engine step failed; failing the requests in flight")
             for request_id in self.engine.fail_all():
                 self._deliver_error(request_id, EngineError(f"engine step failed: {error}"))
-            return
-        if emitted:
-            self._loop_call(self._deliver, emitted)
         if not self.engine.has_work():
             self._idle.set()
+        return emitted
 
     def _loop_call(self, fn, *args) -> None:
         assert self._loop is not None

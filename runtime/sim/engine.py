@@ -70,10 +70,12 @@ def build_sim_engine(
     config: EngineConfig,
     tokenizer: Tokenizer,
     clock: SimClock,
+    advance_clock: bool = True,
 ) -> Engine:
     """`config.model`, `device`, `dtype` and `kernels` are ignored: the shape and the device
     stand for them. Simulated outputs are drawn from the tokenizer's first LOGIT_WIDTH ids, never
-    its EOS ids, so an output's length is its request's max_tokens."""
+    its EOS ids, so an output's length is its request's max_tokens. The Engine reads `clock`;
+    each step advances it unless `advance_clock` is False (see SimExecutor)."""
     max_model_len = config.max_model_len or shape.max_position
     if max_model_len > shape.max_position:
         raise ConfigError(
@@ -86,7 +88,7 @@ def build_sim_engine(
     )
     executor = SimExecutor(
         CostModel(shape, device),
-        clock,
+        clock if advance_clock else None,
         tokenizer.vocab_size,
         exclude_token_ids=tokenizer.eos_token_ids,
         seed=config.seed,

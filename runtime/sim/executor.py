@@ -76,14 +76,16 @@ class SimExecutor:
     def __init__(
         self,
         cost_model: CostModel,
-        clock: SimClock,
+        clock: SimClock | None,
         vocab_size: int,
         exclude_token_ids: Iterable[int] = (),
         seed: int = 0,
         logit_width: int | None = None,
     ) -> None:
         """Sampled ids are drawn from [0, logit_width) (default: the whole vocabulary), never
-        from `exclude_token_ids`."""
+        from `exclude_token_ids`. With no clock, a step only records its time
+        (`last_step_seconds`): the caller lets it pass (the sim driver sleeps it on its
+        virtual-time event loop, so requests arriving meanwhile are handled at their time)."""
         self.cost_model, self.clock = cost_model, clock
         self.model = SimModel(VocabConfig(vocab_size), cost_model.shape)
         self.logit_width = min(logit_width or vocab_size, vocab_size)
@@ -99,7 +101,8 @@ class SimExecutor:
         """Float32 logits [chunks that want them, logit_width], in chunk order."""
         parts = step_parts(chunks)
         seconds = self.cost_model.step_time(parts)
-        self.clock.advance(seconds)
+        if self.clock is not None:
+            self.clock.advance(seconds)
         self.last_step_seconds = seconds
         totals = self.totals
         totals.steps += 1

@@ -1,0 +1,196 @@
+"""`kvrt sim WORKLOAD`: `kvrt bench` on a simulated GPU, at a scale this machine cannot serve.
+
+Everything but the model is real: the daemon, the SDK over loopback, the control plane, the
+scheduler, the KV manager and the policies. The executor is SimExecutor (a step's time from the
+roofline cost model of `--device` and `--model-shape`), and the event loop runs on simulated
+time (virtual_loop.py), so a run of hundreds of agents and minutes of tool calls takes seconds.
+Text is tokenized with the default model's tokenizer (`--tokenizer`), whatever the shape.
+
+`--compare RESULTS` replays the workload, parameters and engine settings of a `kvrt bench`
+report and adds, per policy, how far the simulated completion times are from the measured
+ones: with `--device cpu-calibrated` that is the check of the cost model against this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from kvrt.runtime.bench.main import (
+    add_workload_arguments,
+    check_arguments,
+    compare_policies,
+    machine,
+    size_argument,
+    workload_from,
+)
+from kvrt.runtime.bench.runner import EngineFactory
+from kvrt.runtime.bench.workloads import Workload, make_workload
+from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig
+from kvrt.runtime.engine.async_engine import AsyncEngine
+from kvrt.runtime.model.config import ModelConfig
+from kvrt.runtime.model.tokenizer import Tokenizer
+from kvrt.runtime.sim.async_engine import SimAsyncEngine
+from kvrt.runtime.sim.engine import build_sim_engine
+from kvrt.runtime.sim.hardware import CPU_CALIBRATED, Device, device_names, get_device
+from kvrt.runtime.sim.model_shapes import get_shape, kv_bytes_per_token, shape_names
+from kvrt.runtime.sim.virtual_loop import VirtualTimeLoop
+
+GPU_SHAPE, CPU_SHAPE = "qwen2.5-7b", "smollm2-135m"  # the default shapes (the CPU's: measured)
+# The engine settings of a vLLM-class server on one GPU: 256 sequences, 8k-token steps.
+GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS = 256, 8192
+COMPARED = ("jct_mean_s", "jct_p95_s")  # what --compare checks
+TOLERANCE = 0.15  # the issue's bar for cpu-calibrated against the CPU benchmark
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_workload_arguments(p)
+    p.add_argument("--device", default="h100", choices=device_names(),
+                   help="simulated accelerator (default: %(default)s); cpu-calibrated: this "
+                        "machine, fitted to the real engine (measured once, ~2 min, then cached)")
+    p.add_argument("--model-shape", default=None, choices=shape_names(),
+                   help=f"simulated model (default: {GPU_SHAPE}; {CPU_SHAPE} on cpu-calibrated)")
+    p.add_argument("--kv-cache-memory", type=size_argument, default=None,
+                   help="KV pool (default: 90%% of the device's memory less the weights)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"running batch (default: {GPU_MAX_NUM_SEQS}; "
+                        "the CPU engine's on cpu-calibrated)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"tokens per step (default: {GPU_MAX_NUM_BATCHED_TOKENS}; "
+                        "the CPU engine's on cpu-calibrated)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="checkpoint whose tokenizer reads the text (default: SmolLM2)")
+    p.add_argument("--compare", default=None, metavar="RESULTS",
+                   help="a `kvrt bench` results.json: replay its workload and engine settings "
+                        "and report how close the simulated completion times come")
+
+
+def engine_config(args: argparse.Namespace, bench: dict[str, Any] | None) -> EngineConfig:
+    """The bench report's engine settings under --compare (flags given still win); else the
+    GPU serving defaults, or the CPU engine's own on cpu-calibrated."""
+    settings: dict[str, Any] = {}
+    if bench is not None:
+        settings = {k: v for k, v in bench["engine"].items()
+                    if k in ("kv_cache_memory", "block_size", "max_num_seqs",
+                             "max_num_batched_tokens", "prefix_caching", "seed")}
+    elif args.device != CPU_CALIBRATED:
+        settings = {"max_num_seqs": GPU_MAX_NUM_SEQS,
+                    "max_num_batched_tokens": GPU_MAX_NUM_BATCHED_TOKENS}
+    for flag in ("kv_cache_memory", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, flag) is not None:
+            settings[flag] = getattr(args, flag)
+    settings.setdefault("seed", args.seed)
+    return EngineConfig(**settings)
+
+
+def sim_engine_factory(shape: ModelConfig, device: Device, tokenizer: Tokenizer,
+                       loop: VirtualTimeLoop) -> EngineFactory:
+    def make(config: EngineConfig) -> tuple[AsyncEngine, int]:
+        engine = build_sim_engine(shape, device, config, tokenizer, loop.clock,
+                                  advance_clock=False)
+        block_bytes = config.block_size * kv_bytes_per_token(shape, device.dtype_bytes)
+        return SimAsyncEngine(engine, "bench"), block_bytes
+
+    return make
+
+
+def simulated_machine(device: Device, shape_name: str) -> dict[str, Any]:
+    host = machine()
+    return {"description": f"simulated {device.name}, {shape_name} (on {host['cpu']})",
+            "simulated": True, "device": device.name, "model_shape": shape_name,
+            "host": host}
+
+
+def comparison(bench: dict[str, Any], sim: dict[str, Any], source: str) -> dict[str, Any]:
+    """Per policy run in both, each compared metric: measured, simulated, relative error."""
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for policy, simulated in sim["policies"].items():
+        measured = bench["policies"].get(policy)
+        if measured is None:
+            continue
+        rows[policy] = {key: {"bench": measured[key], "sim": simulated[key],
+                              "error": simulated[key] / measured[key] - 1} for key in COMPARED}
+    errors = [abs(m["error"]) for row in rows.values() for m in row.values()]
+    return {"against": source, "bench_machine": bench["machine"]["description"],
+            "policies": rows, "max_abs_error": max(errors, default=float("nan")),
+            "tolerance": TOLERANCE,
+            "within_tolerance": bool(errors) and max(errors) <= TOLERANCE}
+
+
+async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None) -> dict[str, Any]:
+    from kvrt.runtime.model.checkpoint import load_checkpoint
+
+    device = get_device(args.device)
+    shape_name = args.model_shape or (CPU_SHAPE if args.device == CPU_CALIBRATED else GPU_SHAPE)
+    shape = get_shape(shape_name)
+    tokenizer = load_checkpoint(args.tokenizer).tokenizer
+    workload: Workload
+    if bench is not None:
+        params = {k: v for k, v in bench["params"].items() if k != "time_scale"}
+        workload = make_workload(bench["workload"], **params)
+    else:
+        workload = workload_from(args)
+    config = ServeConfig(served_model_name="bench", engine=engine_config(args, bench))
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, VirtualTimeLoop)
+    make_engine = sim_engine_factory(shape, device, tokenizer, loop)
+    extra = {"sim": {"device": device.name, "model_shape": shape_name,
+                     "device_spec": _device_spec(device)}}
+    results = await compare_policies(args, workload, config, simulated_machine(device, shape_name),
+                                     make_engine, extra)
+    if bench is not None:
+        results["comparison"] = comparison(bench, results, args.compare)
+        out = Path(args.out or f"bench-out/{args.workload}")
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(comparison_markdown(results["comparison"]))
+        with (out / "results.md").open("a") as md:
+            md.write(comparison_markdown(results["comparison"]))
+    return results
+
+
+def _device_spec(device: Device) -> dict[str, Any]:
+    return {"peak_tflops": device.peak_flops / 1e12, "flops_efficiency": device.flops_efficiency,
+            "memory_bandwidth_gbs": device.memory_bandwidth / 1e9,
+            "bandwidth_efficiency": device.bandwidth_efficiency,
+            "memory_gib": device.memory_bytes / 2**30,
+            "host_link_gbs": device.host_link_bandwidth / 1e9,
+            "step_overhead_ms": device.step_overhead * 1e3, "dtype_bytes": device.dtype_bytes}
+
+
+def comparison_markdown(comparison: dict[str, Any]) -> str:
+    lines = [f"## Against `{comparison['against']}` ({comparison['bench_machine']})", "",
+             "| policy | metric | bench (s) | sim (s) | error |", "|---|---|---:|---:|---:|"]
+    for policy, row in comparison["policies"].items():
+        for key, m in row.items():
+            lines.append(f"| {policy} | {key} | {m['bench']:.2f} | {m['sim']:.2f} | "
+                         f"{m['error']:+.1%} |")
+    verdict = "within" if comparison["within_tolerance"] else "NOT within"
+    lines += ["", f"Largest error {comparison['max_abs_error']:.1%}: {verdict} "
+              f"{comparison['tolerance']:.0%}.", ""]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    bench = None
+    if args.compare is not None:
+        try:
+            bench = json.loads(Path(args.compare).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"kvrt sim: cannot read --compare {args.compare}: {exc}") from None
+        if bench.get("workload") != args.workload:
+            raise SystemExit(f"kvrt sim: {args.compare} is a `{bench.get('workload')}` report, "
+                             f"not `{args.workload}`")
+        if bench.get("machine", {}).get("simulated"):
+            raise SystemExit(f"kvrt sim: {args.compare} is a simulation; compare against a "
+                             "`kvrt bench` report")
+        args.time_scale = bench["params"].get("time_scale", args.time_scale)
+    check_arguments(args, "kvrt sim")
+    try:
+        with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+            runner.run(simulate(args, bench))
+    except ConfigError as exc:
+        raise SystemExit(f"kvrt sim: {exc}") from None
+    return 0
