@@ -2,14 +2,14 @@
 
 Definitions (the README repeats them):
 - a job is a run of the workload's graph (a round, for generative-agents); JCT is its
-  wall-clock time;
+  wall-clock time (simulated time under `kvrt sim`);
 - TTFT is from submitting a call to its first streamed text; TPOT is the rest of the call per
   further token;
 - prefill tokens are prompt tokens the engine computed (prompt minus cached; recomputation
   after a preemption is counted in `preemptions`, not here);
-- KV bytes are device blocks x bytes per block, sampled every 50 ms: `kv_peak_bytes` and
-  `kv_mean_bytes` count blocks referenced by live requests (or pinned), `kv_resident_peak_bytes`
-  adds the cached ones; `kv_bytes_per_agent` is the mean over samples of the mean device
+- KV bytes are device blocks x bytes per block, sampled every 50 ms (of simulated time under
+  `kvrt sim`): `kv_peak_bytes` and `kv_mean_bytes` count blocks referenced by live requests (or
+  pinned), the peak also at every engine step; `kv_resident_peak_bytes` adds the cached ones; `kv_bytes_per_agent` is the mean over samples of the mean device
   blocks an agent holding KV owns.
 - ideal: prefill tokens if every distinct prompt prefix were computed exactly once (exact reuse
   with unbounded memory, token-granular; generated tokens already have KV), and the KV bytes of
@@ -57,7 +57,7 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "prefill_tokens": prompt - cached,
         "cached_tokens": cached,
         "completion_tokens": sum(c.completion_tokens for c in calls),
-        "kv_peak_bytes": max(in_use) * bb,
+        "kv_peak_bytes": max(*in_use, run.peak_in_use_blocks) * bb,
         "kv_mean_bytes": statistics.fmean(in_use) * bb,
         "kv_resident_peak_bytes": max(resident) * bb,
         "kv_bytes_per_agent": (statistics.fmean(per_agent) if per_agent else 0.0) * bb,

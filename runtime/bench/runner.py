@@ -46,6 +46,7 @@ class PolicyRun:
     tokens: list[tuple[list[int], list[int]]]  # (prompt, output) ids, in submission order
     preemptions: int
     wall_s: float
+    peak_in_use_blocks: int = 0  # the engine's own peak, seen at every step (samples miss some)
     offload_bytes: int = 0  # no host tier yet
     upload_bytes: int = 0
     extra: dict[str, float] = field(default_factory=dict)
@@ -100,10 +101,11 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         wall = loop.time() - started
         sampler.cancel()
         await runner.cleanup()  # stops the engine
+    stats = inner.stats()
     return PolicyRun(
         policy=config.engine.policy, block_bytes=block_bytes,
         calls=session.calls, jobs=session.jobs, samples=samples, tokens=engine.tokens,
-        preemptions=inner.stats().preemptions, wall_s=wall)
+        preemptions=stats.preemptions, wall_s=wall, peak_in_use_blocks=stats.kv_blocks_in_use_peak)
 
 
 async def _sample(app, engine: AsyncEngine, out: list[KVSample]) -> None:

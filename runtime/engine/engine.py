@@ -62,6 +62,7 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.kv_blocks_in_use_peak = 0  # at any step, once scheduled
 
     def validate(self, request: GenerateRequest) -> None:
         """Raises RequestRejected for a request that can never be served; queues nothing."""
@@ -151,6 +152,7 @@ class Engine:
             if self.scheduler.has_work():  # blocks no sequence reads (pins) hold the pool
                 self.scheduler.policy.on_stall(self.kv, self.clock())
             return []
+        self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.kv.usage().in_use)
         logits = self.executor.run(chunks)
         sampling = [c for c in chunks if c.wants_logits]
         tokens = self.sampler.sample(
@@ -204,6 +206,7 @@ class Engine:
             generation_tokens=self.generation_tokens,
             preemptions=self.scheduler.preemptions,
             kv_blocks_pinned=self.kv.num_pinned(),
+            kv_blocks_in_use_peak=self.kv_blocks_in_use_peak,
         )
 
     def check_integrity(self) -> None:

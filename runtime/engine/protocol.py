@@ -101,6 +101,7 @@ class EngineStats:
     generation_tokens: int
     preemptions: int
     kv_blocks_pinned: int = 0  # of the blocks in use, those the policy pins (e.g. `ttl`)
+    kv_blocks_in_use_peak: int = 0  # the most in use at any step since start
 
 
 class EngineClient(Protocol):

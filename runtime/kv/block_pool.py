@@ -140,14 +140,15 @@ class BlockPool:
         return True
 
     def usage(self) -> PoolUsage:
-        in_use = sum(1 for b in self.blocks if b.ref_count > 0)
-        return PoolUsage(len(self.blocks), len(self._free), len(self._cached), in_use, 0)
+        """O(1): every block is free, cached or in use (check_integrity counts them)."""
+        free, cached = len(self._free), len(self._cached)
+        return PoolUsage(len(self.blocks), free, cached, len(self.blocks) - free - cached, 0)
 
     def check_integrity(self) -> None:
         """free + cached + in use + in flight == total; the index and LRU agree with the blocks."""
         usage = self.usage()
-        counted = usage.free + usage.cached + usage.in_use + usage.in_flight
-        assert counted == usage.total, f"{usage} does not add up to {usage.total}"
+        in_use = sum(1 for b in self.blocks if b.ref_count > 0)
+        assert in_use == usage.in_use, f"{in_use} blocks are referenced, not {usage.in_use}"
         assert len(set(self._free)) == len(self._free), "a block is twice on the free list"
         for block_id in self._free:
             block = self.blocks[block_id]

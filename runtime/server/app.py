@@ -6,6 +6,7 @@ engine thread hands outputs back to that loop) and stops it on shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
@@ -30,7 +31,7 @@ def create_app(config: ServeConfig, engine: keys.ManagedEngine) -> web.Applicati
     app[keys.CONFIG] = config
     app[keys.ENGINE] = engine
     app[keys.METRICS] = ServerMetrics()
-    app[keys.CONTROL] = ControlPlane(config.control)
+    app[keys.CONTROL] = ControlPlane(config.control, clock=_loop_time)
     app[keys.STARTED_AT] = int(time.time())
     app[keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
     app.add_routes(openai_routes)
@@ -46,6 +47,12 @@ async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await engine.stop()
+
+
+def _loop_time() -> float:
+    """The serving loop's clock, which tool durations are measured on: time.monotonic on a real
+    loop, simulated time under `kvrt sim`. The control plane is used from the loop only."""
+    return asyncio.get_running_loop().time()
 
 
 def _kvrt_version() -> str:
