@@ -9,8 +9,9 @@ Definitions (the README repeats them):
   after a preemption is counted in `preemptions`, not here);
 - KV bytes are device blocks x bytes per block, sampled every 50 ms (of simulated time under
   `kvrt sim`): `kv_peak_bytes` and `kv_mean_bytes` count blocks referenced by live requests (or
-  pinned), the peak also at every engine step; `kv_resident_peak_bytes` adds the cached ones; `kv_bytes_per_agent` is the mean over samples of the mean device
-  blocks an agent holding KV owns.
+  pinned), the peak also at every engine step; `kv_resident_peak_bytes` adds the cached ones;
+  `kv_bytes_per_agent` is the mean over samples of the mean device blocks an agent holding KV
+  owns.
 - ideal: prefill tokens if every distinct prompt prefix were computed exactly once (exact reuse
   with unbounded memory, token-granular; generated tokens already have KV), and the KV bytes of
   all distinct content.

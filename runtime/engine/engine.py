@@ -63,6 +63,7 @@ class Engine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.kv_blocks_in_use_peak = 0  # at any step, once scheduled
+        self._arrivals = 0
 
     def validate(self, request: GenerateRequest) -> None:
         """Raises RequestRejected for a request that can never be served; queues nothing."""
@@ -95,6 +96,7 @@ class Engine:
             request=request,
             table=BlockTable(self.kv.block_size, owner=_owner(request.attribution)),
             arrival=self.clock(),
+            order=self._arrivals,
             token_ids=list(request.prompt_token_ids),
             generator=self.sampler.request_generator(request.params),
         )
@@ -102,6 +104,7 @@ class Engine:
             request.params, self.tokenizer.detokenizer(), self.tokenizer.eos_token_ids
         )
         self._live[request.request_id] = _Live(seq, text)
+        self._arrivals += 1
         self.prompt_tokens += seq.prompt_len
         self.scheduler.add(seq)
 

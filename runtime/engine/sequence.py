@@ -22,6 +22,8 @@ class Sequence:
     request: GenerateRequest
     table: BlockTable
     arrival: float
+    order: int = 0  # arrivals counted: breaks ties of `arrival` (a simulated clock gives a
+    # burst of requests one time, and FCFS must still know who came first)
     token_ids: list[int] = field(default_factory=list)  # prompt, then generated tokens
     num_computed: int = 0  # leading tokens whose KV is in the pool
     num_cached: int = 0  # prompt tokens served from the prefix cache (first admission)

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 @register_policy("lru")
 class LRUPolicy(Policy):
     def admission_key(self, seq: Sequence) -> tuple:
-        return (seq.arrival,)
+        return (seq.arrival, seq.order)
 
     def victim(self, running: list[Sequence]) -> Sequence:
-        return max(running, key=lambda s: s.arrival)  # the latest arrival yields first
+        return max(running, key=lambda s: (s.arrival, s.order))  # the latest arrival yields first

@@ -26,7 +26,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from kvrt.runtime.sim.cost_model import CostModel, StepPart
 from kvrt.runtime.sim.hardware import CPU_CALIBRATED, Device
 from kvrt.runtime.sim.measure import DEFAULT_GRID, Sample, measure
 
-FORMAT = 1
+FORMAT = 2  # 2: two phases, per-sequence and serving costs
 
 
 class CalibrationError(RuntimeError):
@@ -56,21 +56,23 @@ class Fit:
 def fit(
     samples: Sequence[Sample], shape: ModelConfig, dtype_bytes: int, name: str = CPU_CALIBRATED
 ) -> Fit:
-    """Fits overhead, FLOP/s and bandwidth to the samples; the other Device fields are this
-    machine's (memory: its RAM; host link: a memory copy, read plus write)."""
-    if len(samples) < 3:
-        raise CalibrationError(f"3 samples at least are needed, got {len(samples)}")
-    unit = _unit_device(dtype_bytes)
-    model = CostModel(shape, unit)
-    works = [model.work(s.parts) for s in samples]
-    flops = np.array([w.flops for w in works])
-    nbytes = np.array([w.bytes for w in works])
-    seconds = np.array([s.seconds for s in samples])
-    overhead, per_flop, per_byte = fit_coefficients(flops, nbytes, seconds)
-    if per_flop <= 0 or per_byte <= 0:
+    """Fits the engine's coefficients (overhead, per-sequence cost, the GEMMs' FLOP/s and
+    bandwidth, attention's FLOP/s and KV bandwidth) to the samples; the other Device fields are
+    this machine's (memory: its RAM; host link: a memory copy, read plus write)."""
+    if len(samples) < len(_TERMS):
+        raise CalibrationError(f"{len(_TERMS)} samples at least are needed, got {len(samples)}")
+    terms, seconds = _terms(samples, shape, dtype_bytes)
+    # One model's steps all read the same weights, so a fixed overhead per step and the weight
+    # read (the floor of the GEMMs' roofline) could only be told apart by the kink of the max:
+    # the engine's steps get no fixed overhead here; fit_serving measures one under the daemon.
+    terms[:, 0] = 0.0
+    overhead, per_sequence, per_flop, per_byte, per_attn_flop, per_kv_byte = fit_coefficients(
+        terms, seconds)
+    if min(per_flop, per_byte, per_attn_flop, per_kv_byte) <= 0:
         raise CalibrationError(
-            "the grid has no compute-bound or no memory-bound step: "
-            f"seconds per FLOP {per_flop:g}, per byte {per_byte:g}"
+            "the grid does not bind every phase: seconds per GEMM FLOP "
+            f"{per_flop:g}, per weight byte {per_byte:g}, per attention FLOP {per_attn_flop:g}, "
+            f"per KV byte {per_kv_byte:g}"
         )
     device = Device(
         name=name,
@@ -80,10 +82,35 @@ def fit(
         host_link_bandwidth=0.5 / per_byte,
         flops_efficiency=1.0,
         bandwidth_efficiency=1.0,
+        attention_flops_efficiency=per_flop / per_attn_flop,
+        kv_bandwidth_efficiency=per_byte / per_kv_byte,
         step_overhead=overhead,
+        sequence_overhead=per_sequence,
         host_link_latency=0.0,
         dtype_bytes=dtype_bytes,
     )
+    return _scored(device, shape, samples)
+
+
+def fit_serving(device: Device, shape: ModelConfig, samples: Sequence[Sample]) -> Fit:
+    """Adds what serving costs beyond the engine's own step (the daemon's and its clients' work
+    on the same cores: a fixed part per step and a part per sequence) to a fitted device, from
+    steps timed while the daemon served: their excess over the device's prediction."""
+    if len(samples) < 2:
+        raise CalibrationError(f"2 served steps at least are needed, got {len(samples)}")
+    model = CostModel(shape, device)
+    seconds = np.array([s.seconds for s in samples])
+    excess = seconds - np.array([model.step_time(s.parts) for s in samples])
+    sequences = np.array([model.work(s.parts).sequences for s in samples], dtype=float)
+    design = np.stack([np.ones_like(seconds), sequences], axis=1)
+    weight = 1.0 / seconds
+    per_step, per_sequence = nnls(design * weight[:, None], excess * weight)
+    served = replace(device, step_overhead=device.step_overhead + per_step,
+                     sequence_overhead=device.sequence_overhead + per_sequence)
+    return _scored(served, shape, samples)
+
+
+def _scored(device: Device, shape: ModelConfig, samples: Sequence[Sample]) -> Fit:
     errors = relative_errors(CostModel(shape, device), samples)
     return Fit(device, float(np.median(errors)), float(np.max(errors)), len(samples))
 
@@ -92,45 +119,62 @@ def relative_errors(model: CostModel, samples: Sequence[Sample]) -> np.ndarray:
     return np.array([abs(model.step_time(s.parts) - s.seconds) / s.seconds for s in samples])
 
 
-def fit_coefficients(
-    flops: np.ndarray, nbytes: np.ndarray, seconds: np.ndarray
-) -> tuple[float, float, float]:
-    """(overhead, seconds per FLOP, seconds per byte) minimising the relative squared error of
-    overhead + max(flops * a, bytes * b), all three >= 0."""
+# The raw terms of a step (StepWork's), in the order of the fitted coefficients' pairs.
+_TERMS = ("ones", "sequences", "linear_flops", "weight_bytes", "attention_flops", "kv_bytes")
+
+
+def _terms(samples: Sequence[Sample], shape: ModelConfig, dtype_bytes: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    model = CostModel(shape, _unit_device(dtype_bytes))
+    rows = []
+    for s in samples:
+        w = model.work(s.parts)
+        rows.append([1.0, w.sequences, w.linear_flops, w.weight_bytes, w.attention_flops,
+                     w.kv_bytes])
+    return np.array(rows), np.array([s.seconds for s in samples])
+
+
+def fit_coefficients(terms: np.ndarray, seconds: np.ndarray) -> tuple[float, ...]:
+    """Coefficients (c0..c5) >= 0 of the cost model's form over `terms` (rows of _TERMS),
+    minimising the relative squared error of
+
+        c0 + c1 * sequences + max(c2 * linear FLOPs, c3 * weight bytes)
+                            + max(c4 * attention FLOPs, c5 * KV bytes)
+
+    Each max makes it piecewise linear: given which steps are compute-bound in each phase
+    (those above an arithmetic-intensity threshold), it is a linear non-negative least squares.
+    The fit starts from every pair of thresholds, alternates the two until the split is
+    stable, and keeps the best."""
     weight = 1.0 / seconds
-    intensity = flops / nbytes
-    # Under any coefficients, the compute-bound steps are those above an arithmetic intensity
-    # threshold (b / a): start from every such split, refine each by alternation.
-    thresholds = [-np.inf, *np.sort(intensity)]
+    ones, sequences, lin_f, lin_b, att_f, att_b = terms.T
+    lin_i = lin_f / np.maximum(lin_b, 1e-30)
+    att_i = att_f / np.maximum(att_b, 1e-30)
     best: tuple[float, np.ndarray] | None = None
-    for threshold in thresholds:
-        compute_bound = intensity > threshold
+    for lin_t, att_t in itertools.product([-np.inf, *np.unique(lin_i)],
+                                          [-np.inf, *np.unique(att_i)]):
+        lin_cb, att_cb = lin_i > lin_t, att_i > att_t
         for _ in range(20):
-            design = np.stack(
-                [
-                    np.ones_like(flops),
-                    np.where(compute_bound, flops, 0),
-                    np.where(compute_bound, 0, nbytes),
-                ],
-                axis=1,
-            )
+            design = np.stack([ones, sequences, np.where(lin_cb, lin_f, 0),
+                               np.where(lin_cb, 0, lin_b), np.where(att_cb, att_f, 0),
+                               np.where(att_cb, 0, att_b)], axis=1)
             coef = nnls(design * weight[:, None], seconds * weight)
-            regime = flops * coef[1] >= nbytes * coef[2]
-            if np.array_equal(regime, compute_bound):
+            lin_now = lin_f * coef[2] >= lin_b * coef[3]
+            att_now = att_f * coef[4] >= att_b * coef[5]
+            if np.array_equal(lin_now, lin_cb) and np.array_equal(att_now, att_cb):
                 break
-            compute_bound = regime
-        predicted = coef[0] + np.maximum(flops * coef[1], nbytes * coef[2])
+            lin_cb, att_cb = lin_now, att_now
+        predicted = (coef[0] + coef[1] * sequences + np.maximum(lin_f * coef[2], lin_b * coef[3])
+                     + np.maximum(att_f * coef[4], att_b * coef[5]))
         loss = float(np.sum(((predicted - seconds) * weight) ** 2))
         if best is None or loss < best[0]:
             best = (loss, coef)
     assert best is not None
-    overhead, per_flop, per_byte = best[1]
-    return float(overhead), float(per_flop), float(per_byte)
+    return tuple(float(c) for c in best[1])
 
 
 def nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative least squares for a few columns: every subset of free columns, solved
-    exactly, the best feasible one kept (exact for the 3 columns used here)."""
+    exactly, the best feasible one kept (exact, and quick for the 6 columns used here)."""
     columns = a.shape[1]
     best_x, best_loss = np.zeros(columns), float(np.sum(y**2))
     for size in range(1, columns + 1):
@@ -192,30 +236,32 @@ def cpu_calibrated(refit: bool = False) -> Device:
 
 @dataclass(frozen=True, slots=True)
 class Calibration:
-    fit: Fit
+    engine_fit: Fit  # the engine alone, on the grid
+    fit: Fit  # with what serving adds: the device
     samples: list[Sample]
+    served: list[Sample]
     shape: ModelConfig  # the measured model's
 
 
 def calibrate(model: str | None = None, path: Path | None = None, repeats: int = 2) -> Calibration:
-    """Measures the real engine on the CPU in float32 (`model`: None for the default SmolLM2),
-    fits, and saves the result to `path` when given."""
+    """Measures the real engine on the CPU in float32 (`model`: None for the default SmolLM2)
+    alone on the grid, then serving `kvrt bench`-style workloads with `kvrt bench`'s engine
+    settings; fits both stages, and saves the result to `path` when given."""
     from kvrt.runtime.engine.factory import build_engine
+    from kvrt.runtime.sim.measure_serving import measure_serving
 
-    config = EngineConfig(
-        model=model,
-        device="cpu",
-        dtype="float32",
-        kv_cache_memory=1024**3,
-        max_num_seqs=64,
-        max_num_batched_tokens=4096,
-    )
-    engine, checkpoint = build_engine(config)
+    alone = EngineConfig(model=model, device="cpu", dtype="float32", kv_cache_memory=1024**3,
+                         max_num_seqs=64, max_num_batched_tokens=4096)
+    engine, checkpoint = build_engine(alone)
     samples = measure(engine, DEFAULT_GRID, repeats)
-    result = fit(samples, checkpoint.config, dtype_bytes=4)
+    del engine
+    engine_fit = fit(samples, checkpoint.config, dtype_bytes=4)
+    serving = EngineConfig(model=model, device="cpu", dtype="float32", kv_cache_memory=256 * 2**20)
+    served = measure_serving(serving)
+    result = fit_serving(engine_fit.device, checkpoint.config, served)
     if path is not None:
-        save_calibration(path, result, samples, checkpoint.name)
-    return Calibration(result, samples, checkpoint.config)
+        save_calibration(path, result, engine_fit, samples, served, checkpoint.name)
+    return Calibration(engine_fit, result, samples, served, checkpoint.config)
 
 
 def load_calibration(path: Path) -> Device:
@@ -225,14 +271,20 @@ def load_calibration(path: Path) -> Device:
     return Device(**record["device"])
 
 
-def save_calibration(path: Path, result: Fit, samples: Sequence[Sample], model_name: str) -> None:
+def save_calibration(path: Path, result: Fit, engine_fit: Fit, samples: Sequence[Sample],
+                     served: Sequence[Sample], model_name: str) -> None:
     record = {
         "format": FORMAT,
         "device": asdict(result.device),
-        "fit": {
+        "fit": {  # over the served steps
             "median_rel_error": result.median_rel_error,
             "max_rel_error": result.max_rel_error,
             "num_samples": result.num_samples,
+        },
+        "engine_fit": {  # the engine alone, over the grid
+            "median_rel_error": engine_fit.median_rel_error,
+            "max_rel_error": engine_fit.max_rel_error,
+            "num_samples": engine_fit.num_samples,
             "disturbed_samples": sum(s.disturbed for s in samples),
         },
         "model": model_name,
@@ -243,10 +295,8 @@ def save_calibration(path: Path, result: Fit, samples: Sequence[Sample], model_n
             "torch": torch.__version__,
             "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
-        "samples": [
-            {"parts": [list(p) for p in s.parts], "seconds": s.seconds, "disturbed": s.disturbed}
-            for s in samples
-        ],
+        "samples": _samples_json(samples),
+        "served": _samples_json(served),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
@@ -254,12 +304,19 @@ def save_calibration(path: Path, result: Fit, samples: Sequence[Sample], model_n
     partial.replace(path)  # appears whole or not at all
 
 
+def _samples_json(samples: Sequence[Sample]) -> list[dict]:
+    return [{"parts": [list(p) for p in s.parts], "seconds": s.seconds, "disturbed": s.disturbed}
+            for s in samples]
+
+
 def report(result: Fit, samples: Sequence[Sample], shape: ModelConfig) -> str:
     model = CostModel(shape, result.device)
     d = result.device
     lines = [
-        f"{d.name}: {d.peak_flops / 1e9:.1f} GFLOP/s, {d.memory_bandwidth / 1e9:.2f} GB/s, "
-        f"overhead {d.step_overhead * 1e3:.2f} ms per step",
+        f"{d.name}: GEMMs {d.effective_flops / 1e9:.1f} GFLOP/s, weights "
+        f"{d.effective_bandwidth / 1e9:.2f} GB/s; attention {d.effective_attention_flops / 1e9:.1f}"
+        f" GFLOP/s, KV {d.effective_kv_bandwidth / 1e9:.2f} GB/s; overhead "
+        f"{d.step_overhead * 1e3:.2f} ms per step, {d.sequence_overhead * 1e3:.2f} ms per sequence",
         f"relative error over {result.num_samples} steps: median "
         f"{result.median_rel_error:.1%}, max {result.max_rel_error:.1%}",
         "",
@@ -272,6 +329,23 @@ def report(result: Fit, samples: Sequence[Sample], shape: ModelConfig) -> str:
             f"| {_describe(s.parts)} | {s.seconds * 1e3:.1f} | {predicted * 1e3:.1f} "
             f"| {(predicted - s.seconds) / s.seconds:+.1%} | {'yes' if s.disturbed else ''} |"
         )
+    return "\n".join(lines)
+
+
+def summary(result: Fit, samples: Sequence[Sample], shape: ModelConfig) -> str:
+    """The served steps are many: their errors by kind and batch size."""
+    model = CostModel(shape, result.device)
+    groups: dict[tuple[str, int], list[float]] = {}
+    for s in samples:
+        kind = "decode" if all(p.new_tokens == 1 for p in s.parts) else "with prefill"
+        errors = groups.setdefault((kind, min(len(s.parts), 8)), [])
+        errors.append((model.step_time(s.parts) - s.seconds) / s.seconds)
+    lines = [f"relative error over {result.num_samples} served steps: median "
+             f"{result.median_rel_error:.1%}, max {result.max_rel_error:.1%}", "",
+             "| step | sequences | steps | median error |", "|---|---:|---:|---:|"]
+    for (kind, batch), errors in sorted(groups.items()):
+        lines.append(f"| {kind} | {batch if batch < 8 else '8+'} | {len(errors)} | "
+                     f"{statistics.median(errors):+.1%} |")
     return "\n".join(lines)
 
 
@@ -294,7 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     path = calibration_path()
     done = calibrate(args.model, path, args.repeats)
-    print(report(done.fit, done.samples, done.shape))
+    print("## The engine alone, on the grid\n")
+    print(report(done.engine_fit, done.samples, done.shape))
+    print("\n## Serving (the device): served steps' errors\n")
+    print(summary(done.fit, done.served, done.shape))
     print(f"\nsaved to {path}")
 
 

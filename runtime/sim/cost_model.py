@@ -4,21 +4,31 @@ One step runs every scheduled sequence's new tokens (prefill chunks and decodes 
 one forward, as the real engine batches them. With T = total new tokens, S = sequences that
 sample, and for each sequence n new tokens ending at context c:
 
-    term              formula                                        bound by
+    term              formula                                        phase
     ----------------  ---------------------------------------------  ---------------
-    linear FLOPs      2 * layer_params * T + 2 * vocab * hidden * S  compute
-    attention FLOPs   4 * layers * heads * head_dim * keys           compute
+    linear FLOPs      2 * layer_params * T + 2 * vocab * hidden * S  linear (GEMMs)
+    weight bytes      layer_params (+ the LM head when S > 0), once  linear
+    attention FLOPs   4 * layers * heads * head_dim * keys           attention
                       keys = n*c - n*(n-1)/2 (causal: new token i sees c - n + i + 1)
-    weight bytes      layer_params (+ the LM head when S > 0), once  memory
-    KV read bytes     sum of c * kv_bytes_per_token                  memory
-    KV write bytes    T * kv_bytes_per_token                         memory
+    KV read bytes     sum of c * kv_bytes_per_token                  attention
+    KV write bytes    T * kv_bytes_per_token                         attention
 
-    step time = overhead + max(FLOPs / effective FLOP/s, bytes / effective bandwidth)
+    step time = overhead + per-sequence cost * S
+              + max(linear FLOPs / FLOP/s, weight bytes / bandwidth)            (the GEMMs)
+              + max(attention FLOPs / attention FLOP/s, KV bytes / KV bandwidth) (attention)
+
+The two phases are separate rooflines, added: a layer's GEMMs and its attention are separate
+kernels that run one after the other, and a batch of decodes is bound by reading the weights
+in the first and by reading each sequence's KV in the second (one roofline over the summed
+terms would let a long-context batch's KV reads hide behind its GEMMs). Attention reaches its
+own fractions of peak (FlashAttention-class kernels, paged KV gathers). The per-sequence cost
+is the host's work for each sequence in a step (sampling, detokenizing and streaming its
+token), which a serving CPU pays and a GPU engine overlaps with the device.
 
 Left out, being small next to the terms above at these shapes: activations' memory traffic,
 the embedding rows read, norms and RoPE, and attention's repeated KV reads inside a long
 prefill (a prefill that long is compute-bound anyway). The terms are exposed (`StepWork`) so a
-calibration can fit the three coefficients (overhead, FLOP/s, bandwidth) to measured steps.
+calibration can fit the coefficients to measured steps.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ class StepWork:
     weight_bytes: float
     kv_read_bytes: float
     kv_write_bytes: float
+    sequences: int = 0  # that sample a token
 
     @property
     def flops(self) -> float:
@@ -54,7 +65,11 @@ class StepWork:
 
     @property
     def bytes(self) -> float:
-        return self.weight_bytes + self.kv_read_bytes + self.kv_write_bytes
+        return self.weight_bytes + self.kv_bytes
+
+    @property
+    def kv_bytes(self) -> float:
+        return self.kv_read_bytes + self.kv_write_bytes
 
 
 class CostModel:
@@ -86,13 +101,16 @@ class CostModel:
             ),
             kv_read_bytes=float(self.kv_bytes_per_token * context),
             kv_write_bytes=float(self.kv_bytes_per_token * tokens),
+            sequences=sampling,
         )
 
     def time_of(self, work: StepWork) -> float:
-        device = self.device
-        compute = work.flops / device.effective_flops
-        memory = work.bytes / device.effective_bandwidth
-        return device.step_overhead + max(compute, memory)
+        d = self.device
+        linear = max(work.linear_flops / d.effective_flops,
+                     work.weight_bytes / d.effective_bandwidth)
+        attention = max(work.attention_flops / d.effective_attention_flops,
+                        work.kv_bytes / d.effective_kv_bandwidth)
+        return d.step_overhead + d.sequence_overhead * work.sequences + linear + attention
 
     def step_time(self, parts: Iterable[tuple]) -> float:
         """Seconds for one step of these parts; 0 for an empty step (nothing runs)."""

@@ -14,8 +14,15 @@ Assumptions (not datasheet figures; a calibration replaces them with fitted valu
   bf16 GEMMs run at ~65-75% of peak; a whole step (norms, small GEMMs, attention) somewhat less:
   0.6 on H100, 0.7 on A100 (whose peak is easier to approach).
 - `bandwidth_efficiency`: streaming reads (weights, KV) reach ~80% of HBM peak.
+- `attention_flops_efficiency`: prefill attention's fraction of peak; FlashAttention-2 reaches
+  50-70% of A100's peak in its paper's forward-pass figures, FlashAttention-3 ~75% of H100's
+  with BF16: 0.6 on both.
+- `kv_bandwidth_efficiency`: decode attention gathers paged KV blocks; ~70% of HBM peak.
 - `step_overhead`: the fixed cost of one engine step (scheduling, input preparation, kernel
   launches under CUDA graphs, sampling), ~1.5 ms in a vLLM-class engine.
+- `sequence_overhead`: the host's work per sequence in a step (sampling, detokenizing,
+  streaming); 0 on the GPUs, where a vLLM-class engine overlaps it with the device's work. On
+  the CPU it is real, and the calibration measures it under the serving daemon.
 - `host_link_latency`: a fixed cost per host<->device copy (driver call, DMA set-up).
 """
 
@@ -35,16 +42,21 @@ class Device:
     host_link_bandwidth: float  # bytes/s, achieved host <-> device copy speed (one direction)
     flops_efficiency: float = 0.6
     bandwidth_efficiency: float = 0.8
+    attention_flops_efficiency: float = 0.6
+    kv_bandwidth_efficiency: float = 0.7
     step_overhead: float = 1.5e-3  # seconds per engine step, whatever its size
+    sequence_overhead: float = 0.0  # seconds per sequence sampling in a step
     host_link_latency: float = 10e-6  # seconds per copy
     dtype_bytes: int = 2  # bytes per weight and KV element as served (bf16; 4 on the CPU)
 
     def __post_init__(self) -> None:
         positive = ("peak_flops", "memory_bandwidth", "memory_bytes", "host_link_bandwidth")
-        for name in (*positive, "flops_efficiency", "bandwidth_efficiency", "dtype_bytes"):
+        efficiencies = ("flops_efficiency", "bandwidth_efficiency", "attention_flops_efficiency",
+                        "kv_bandwidth_efficiency")
+        for name in (*positive, *efficiencies, "dtype_bytes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"device {self.name!r}: {name} must be positive")
-        if self.step_overhead < 0 or self.host_link_latency < 0:
+        if min(self.step_overhead, self.sequence_overhead, self.host_link_latency) < 0:
             raise ValueError(f"device {self.name!r}: overheads cannot be negative")
 
     @property
@@ -54,6 +66,14 @@ class Device:
     @property
     def effective_bandwidth(self) -> float:
         return self.memory_bandwidth * self.bandwidth_efficiency
+
+    @property
+    def effective_attention_flops(self) -> float:
+        return self.peak_flops * self.attention_flops_efficiency
+
+    @property
+    def effective_kv_bandwidth(self) -> float:
+        return self.memory_bandwidth * self.kv_bandwidth_efficiency
 
 
 H100 = Device(

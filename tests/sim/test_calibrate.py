@@ -1,5 +1,7 @@
 """The calibration fit recovers known coefficients; the measuring path runs on a tiny model."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from kvrt.runtime.sim.calibrate import (
     calibration_path,
     cpu_calibrated,
     fit,
+    fit_serving,
     nnls,
     save_calibration,
 )
@@ -26,7 +29,10 @@ TRUE = Device(
     host_link_bandwidth=4.5e9,
     flops_efficiency=1.0,
     bandwidth_efficiency=1.0,
-    step_overhead=4e-3,
+    attention_flops_efficiency=0.5,
+    kv_bandwidth_efficiency=0.25,
+    step_overhead=0.0,  # the engine's steps are fitted without one: see fit()
+    sequence_overhead=0.4e-3,
     host_link_latency=0.0,
     dtype_bytes=4,
 )
@@ -51,21 +57,36 @@ def _synthetic(noise: float = 0.0, seed: int = 0) -> list[Sample]:
     ]
 
 
+RATES = ("effective_flops", "effective_bandwidth", "effective_attention_flops",
+         "effective_kv_bandwidth", "sequence_overhead")
+
+
 def test_fit_recovers_known_coefficients():
     result = fit(_synthetic(), SMOLLM2_135M, dtype_bytes=4)
-    device = result.device
-    assert device.effective_flops == pytest.approx(TRUE.effective_flops, rel=0.01)
-    assert device.effective_bandwidth == pytest.approx(TRUE.effective_bandwidth, rel=0.01)
-    assert device.step_overhead == pytest.approx(TRUE.step_overhead, rel=0.01)
+    for rate in RATES:
+        assert getattr(result.device, rate) == pytest.approx(getattr(TRUE, rate), rel=0.01), rate
+    assert result.device.step_overhead == 0.0
     assert result.max_rel_error < 1e-6
     assert result.num_samples == len(_grid_parts())
 
 
 def test_fit_tolerates_noise():
     result = fit(_synthetic(noise=0.02), SMOLLM2_135M, dtype_bytes=4)
-    assert result.device.effective_flops == pytest.approx(TRUE.effective_flops, rel=0.05)
-    assert result.device.effective_bandwidth == pytest.approx(TRUE.effective_bandwidth, rel=0.05)
+    for rate in RATES[:4]:
+        assert getattr(result.device, rate) == pytest.approx(getattr(TRUE, rate), rel=0.05), rate
     assert result.median_rel_error < 0.03
+
+
+def test_serving_adds_its_cost_per_step_and_per_sequence():
+    engine = fit(_synthetic(), SMOLLM2_135M, dtype_bytes=4).device
+    serving = replace(TRUE, step_overhead=6e-3, sequence_overhead=TRUE.sequence_overhead + 2e-3)
+    model = CostModel(SMOLLM2_135M, serving)
+    served = [Sample(parts, model.step_time(parts)) for parts in _grid_parts()]
+    result = fit_serving(engine, SMOLLM2_135M, served)
+    assert result.device.step_overhead == pytest.approx(6e-3, rel=0.01)
+    assert result.device.sequence_overhead == pytest.approx(2.4e-3, rel=0.01)
+    assert result.device.effective_flops == engine.effective_flops  # the engine's terms stay
+    assert result.max_rel_error < 1e-6
 
 
 def test_nnls_clamps_a_negative_coefficient():
@@ -107,7 +128,7 @@ def test_the_device_is_saved_and_reused(tmp_path, monkeypatch):
     result = fit(samples, SMOLLM2_135M, dtype_bytes=4)
     path = calibration_path()
     assert path.parent.parent == tmp_path
-    save_calibration(path, result, samples, "synthetic")
+    save_calibration(path, result, result, samples, samples[:3], "synthetic")
     assert cpu_calibrated() == result.device  # loaded: no measuring
     assert get_device("cpu-calibrated") == result.device
     assert isinstance(result, Fit)

@@ -1,5 +1,7 @@
 """The roofline step-time model, checked by hand on H100 with Llama-3.1-8B."""
 
+from dataclasses import replace
+
 import pytest
 
 from kvrt.runtime.sim.cost_model import CostModel, StepPart
@@ -26,7 +28,8 @@ def test_one_decode_token_is_memory_bound(h100):
     assert work.weight_bytes == weights
     assert work.kv_read_bytes == 128 * 131072
     assert work.flops / H100.effective_flops < work.bytes / H100.effective_bandwidth / 100
-    expected = H100.step_overhead + (weights + 129 * 131072) / (3.35e12 * 0.8)
+    # Two phases: the GEMMs read the weights, attention reads 128 tokens' KV and writes one's.
+    expected = H100.step_overhead + weights / (3.35e12 * 0.8) + 129 * 131072 / (3.35e12 * 0.7)
     assert h100.step_time([(1, 128)]) == pytest.approx(expected, rel=1e-12)
     assert h100.step_time([(1, 128)]) == pytest.approx(7.1e-3, abs=0.1e-3)  # ~7 ms a token
 
@@ -38,7 +41,9 @@ def test_a_4k_prefill_is_compute_bound(h100):
     assert work.attention_flops == 4 * 32 * 32 * 128 * (n * (n + 1) // 2)  # causal keys
     assert work.flops / H100.effective_flops > 10 * work.bytes / H100.effective_bandwidth
     time = h100.step_time([(n, n)])
-    assert time == pytest.approx(H100.step_overhead + work.flops / (989e12 * 0.6), rel=1e-12)
+    # Both phases compute-bound; attention at its own efficiency (0.6 of peak, as the GEMMs).
+    expected = work.linear_flops / (989e12 * 0.6) + work.attention_flops / (989e12 * 0.6)
+    assert time == pytest.approx(H100.step_overhead + expected, rel=1e-12)
     rough = 2 * parameter_count(LLAMA31_8B) * n / H100.effective_flops
     assert time == pytest.approx(rough, rel=0.1)  # ~0.1 s
 
@@ -76,3 +81,16 @@ def test_device_registry():
     assert H100.effective_flops == pytest.approx(989e12 * 0.6)
     with pytest.raises(KeyError):
         get_device("tpu")
+
+
+def test_the_phases_add_and_each_sequence_costs_the_host_its_share():
+    device = replace(H100, sequence_overhead=1e-4)
+    model = CostModel(LLAMA31_8B, device)
+    parts = [(1, 8000)] * 16  # 16 long-context decodes: weight-bound GEMMs, KV-bound attention
+    work = model.work(parts)
+    assert work.sequences == 16
+    weights = work.weight_bytes / device.effective_bandwidth
+    kv = work.kv_bytes / device.effective_kv_bandwidth
+    expected = device.step_overhead + 16 * 1e-4 + weights + kv
+    assert model.step_time(parts) == pytest.approx(expected, rel=1e-12)
+    assert kv > weights  # 128k tokens of KV outweigh 16 GB of weights: both are paid
