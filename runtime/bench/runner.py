@@ -19,7 +19,6 @@ from kvrt.runtime.bench.workloads import Workload
 from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.engine.protocol import GenerateOutput, GenerateRequest
-from kvrt.runtime.server import keys
 from kvrt.runtime.server.app import create_app
 from kvrt.runtime.server.serve import start_site
 from kvrt.sdk import Client
@@ -90,7 +89,7 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
     app = create_app(config, engine)  # type: ignore[arg-type]
     runner, url = await start_site(app, "127.0.0.1", 0)
     samples: list[KVSample] = []
-    sampler = asyncio.create_task(_sample(app, inner, samples))
+    sampler = asyncio.create_task(_sample(inner, samples))
     started = loop.time()
     try:
         # No read timeout: a call may wait long in the queue, and on a simulated clock hours pass.
@@ -108,13 +107,13 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         preemptions=stats.preemptions, wall_s=wall, peak_in_use_blocks=stats.kv_blocks_in_use_peak)
 
 
-async def _sample(app, engine: AsyncEngine, out: list[KVSample]) -> None:
-    control, clock = app[keys.CONTROL], asyncio.get_running_loop().time
+async def _sample(engine: AsyncEngine, out: list[KVSample]) -> None:
+    clock, owners = asyncio.get_running_loop().time, engine.engine.kv.owners
     while True:
         stats = engine.stats()
-        agents = [r.device_blocks for run in control.runs()
-                  for r in engine.kv_residency(run.id).values()]
-        out.append(KVSample(clock(), stats.kv_blocks_in_use, stats.kv_blocks_cached, agents))
+        # Released runs leave the ledger: every owner in it is an agent of a live run.
+        out.append(KVSample(clock(), stats.kv_blocks_in_use, stats.kv_blocks_cached,
+                            owners.held_counts()))
         await asyncio.sleep(SAMPLE_EVERY_S)
 
 

@@ -72,6 +72,12 @@ class BlockOwners:
                 if owner_run == run
             }
 
+    def held_counts(self) -> list[int]:
+        """How many blocks each owner holds, over every run: residency's device_blocks, at the
+        cost of one pass over the owners (a benchmark samples it many times a second)."""
+        with self._lock:
+            return [len(held) for held in self._blocks.values()]
+
     def release_run(self, run: str) -> list[int]:
         """Forgets every owner of `run`; returns (ascending) the blocks no owner holds now."""
         with self._lock:

@@ -97,6 +97,7 @@ def test_blocks_entering_an_owned_table_are_claimed_for_its_owner():
         "planner": AgentResidency(device_blocks=3, shared_blocks=2),
         "coder": AgentResidency(device_blocks=3, shared_blocks=2),
     }
+    assert sorted(kv.owners.held_counts()) == [3, 3]
     unowned = BlockTable(4)
     kv.grow(unowned, 4)
     assert kv.owners.block_ids() == {0, 1, 2, 3}
@@ -134,6 +135,7 @@ def test_release_run_frees_only_cached_blocks_no_other_owner_holds():
     assert kv.match_prefix(shared + [50, 51, 52, 53, 0], b"").block_ids == [0, 1]
     assert kv.residency("run-a") == {}
     assert kv.residency("run-b") == {"planner": AgentResidency(3, 0)}
+    assert kv.owners.held_counts() == [3]  # every owner left, run-a's gone
     assert (kv.usage().free, kv.usage().cached, kv.usage().in_use) == (5, 0, 3)
     kv.free(b_table)
     # Blocks still read by a live unowned table are never freed by a release.
