@@ -125,6 +125,7 @@ async def compare_policies(args: argparse.Namespace, workload: Workload, config:
         **(extra or {}),
     }
     if args.slo_ttft_ms is not None:
+        results["slo_ttft_ms"] = args.slo_ttft_ms
         for policy in policies:
             results["policies"][policy]["max_agents_within_slo"] = await _sweep(
                 args, workload, with_policy(config, policy), make_engine)

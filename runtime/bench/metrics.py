@@ -12,18 +12,21 @@ Definitions (the README repeats them):
   pinned), the peak also at every engine step; `kv_resident_peak_bytes` adds the cached ones;
   `kv_bytes_per_agent` is the mean over samples of the mean device blocks an agent holding KV
   owns.
-- ideal: prefill tokens if every distinct prompt prefix were computed exactly once (exact reuse
-  with unbounded memory, token-granular; generated tokens already have KV), and the KV bytes of
-  all distinct content.
+- ideal: prefill tokens if every distinct text were computed once, wherever it sits in a
+  prompt: only tokens that no run of 16 tokens seen before (in a prompt, or generated) covers,
+  nor an earlier prompt's prefix; and the KV bytes of that distinct content (those tokens plus
+  the generated ones). Beside it, the limit of exact prefix reuse: every distinct prompt prefix
+  computed once (unbounded memory, token-granular), and its KV bytes.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvrt.runtime.bench.runner import PolicyRun
+if TYPE_CHECKING:
+    from kvrt.runtime.bench.runner import PolicyRun
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -73,11 +76,21 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
     }
 
 
-def ideal(tokens: Sequence[tuple[Sequence[int], Sequence[int]]], bytes_per_token: float
-          ) -> dict[str, float]:
-    """Walks every (prompt, output) in submission order through one prefix trie."""
+REUSE_SPAN = 16  # tokens: the shortest run the any-position ideal reuses (one KV block)
+
+
+def ideal(tokens: Sequence[tuple[Sequence[int], Sequence[int]]], bytes_per_token: float,
+          span: int = REUSE_SPAN) -> dict[str, float]:
+    """Walks every (prompt, output) in submission order. Per call:
+    - exact prefix reuse computes the tokens past the longest prefix an earlier sequence
+      shares with it (one prefix trie);
+    - any-position reuse computes only the tokens that neither that prefix nor a run of `span`
+      tokens seen anywhere before (in a prompt, or generated) covers.
+    The last prompt token is always computed; generated tokens have their KV from decoding
+    (all but the very last)."""
     children: dict[tuple[int, int], int] = {}
-    prefill = 0
+    seen: set[int] = set()  # hashes of every run of `span` tokens with KV so far
+    prefix_total = any_total = generated = 0
 
     def walk(ids: Sequence[int]) -> int:
         node, new = 0, 0
@@ -89,7 +102,21 @@ def ideal(tokens: Sequence[tuple[Sequence[int], Sequence[int]]], bytes_per_token
             node = children[key]
         return new
 
+    def runs(ids: Sequence[int]) -> list[int]:
+        return [hash(tuple(ids[i:i + span])) for i in range(len(ids) - span + 1)]
+
     for prompt, output in tokens:
-        prefill += max(walk(prompt), 1)  # the last prompt token is always computed
-        walk([*prompt, *output[:-1]])  # decode gave these their KV (not the very last token)
-    return {"prefill_tokens": prefill, "kv_bytes": len(children) * bytes_per_token}
+        new = walk(prompt)  # the trie's path is unique: the new tokens are a suffix
+        covered = [i < len(prompt) - new for i in range(len(prompt))]
+        for i, run in enumerate(runs(prompt)):
+            if run in seen:
+                covered[i:i + span] = [True] * span
+        prefix_total += max(new, 1)
+        any_total += max(covered.count(False), 1)
+        with_kv = [*prompt, *output[:-1]]
+        walk(with_kv)
+        seen.update(runs(with_kv))
+        generated += max(len(output) - 1, 0)
+    return {"prefill_tokens": any_total, "kv_bytes": (any_total + generated) * bytes_per_token,
+            "prefill_tokens_prefix_reuse": prefix_total,
+            "kv_bytes_prefix_reuse": len(children) * bytes_per_token}

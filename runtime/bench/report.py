@@ -38,14 +38,21 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# `{results['workload']}` on {results['machine']['description']}", ""]
     params = ", ".join(f"{k}={v}" for k, v in results["params"].items())
     lines += [f"Parameters: {params}.", ""]
-    lines.append("| policy | " + " | ".join(h for _, h, _, _ in _COLUMNS) + " |")
-    lines.append("|---|" + "---:|" * len(_COLUMNS))
+    columns = list(_COLUMNS)
+    if results.get("slo_ttft_ms") is not None:
+        columns.append(("max_agents_within_slo",
+                        f"agents within SLO (TTFT p99 <= {results['slo_ttft_ms']:g} ms)", 1,
+                        "{:.0f}"))
+    lines.append("| policy | " + " | ".join(h for _, h, _, _ in columns) + " |")
+    lines.append("|---|" + "---:|" * len(columns))
     for name, row in results["policies"].items():
-        cells = [_cell(row.get(key), scale, fmt) for key, _, scale, fmt in _COLUMNS]
+        cells = [_cell(row.get(key), scale, fmt) for key, _, scale, fmt in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ideal = results["ideal"]
-    lines += ["", f"Ideal: {ideal['prefill_tokens']:,} prefill tokens (every distinct prompt "
-              f"prefix computed once), {ideal['kv_bytes'] / 2**20:.1f} MiB of distinct KV.", ""]
+    lines += ["", f"Ideal: {ideal['prefill_tokens']:,} prefill tokens (every distinct text "
+              f"computed once, wherever it sits), {ideal['kv_bytes'] / 2**20:.1f} MiB of distinct "
+              f"KV; exact prefix reuse at best: {ideal['prefill_tokens_prefix_reuse']:,} prefill "
+              "tokens.", ""]
     return "\n".join(lines)
 
 
@@ -79,6 +86,8 @@ def plot(out: Path, results: dict[str, Any], timelines: dict[str, list[tuple]]) 
         if title == "prompt tokens":
             ax.axhline(results["ideal"]["prefill_tokens"], color="black", linestyle="--",
                        linewidth=1, label="ideal prefill")
+            ax.axhline(results["ideal"]["prefill_tokens_prefix_reuse"], color="grey",
+                       linestyle=":", linewidth=1, label="prefix reuse at best")
         ax.set_xticks([x + width / 2 for x in range(len(policies))], policies)
         ax.set_title(title)
         ax.legend(fontsize=7)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.sim.async_engine import SimAsyncEngine
-from kvrt.runtime.sim.engine import build_sim_engine
+from kvrt.runtime.sim.engine import build_sim_engine, kv_cache_bytes
 from kvrt.runtime.sim.hardware import CPU_CALIBRATED, Device, device_names, get_device
 from kvrt.runtime.sim.model_shapes import get_shape, kv_bytes_per_token, shape_names
 from kvrt.runtime.sim.virtual_loop import VirtualTimeLoop
@@ -138,7 +139,8 @@ async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None) -> di
     assert isinstance(loop, VirtualTimeLoop)
     make_engine = sim_engine_factory(shape, device, tokenizer, loop)
     extra = {"sim": {"device": device.name, "model_shape": shape_name,
-                     "device_spec": _device_spec(device)}}
+                     "kv_cache_bytes": kv_cache_bytes(shape, device, config.engine),
+                     "device_spec": asdict(device)}}
     results = await compare_policies(args, workload, config, simulated_machine(device, shape_name),
                                      make_engine, extra)
     if bench is not None:
@@ -149,15 +151,6 @@ async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None) -> di
         with (out / "results.md").open("a") as md:
             md.write(comparison_markdown(results["comparison"]))
     return results
-
-
-def _device_spec(device: Device) -> dict[str, Any]:
-    return {"peak_tflops": device.peak_flops / 1e12, "flops_efficiency": device.flops_efficiency,
-            "memory_bandwidth_gbs": device.memory_bandwidth / 1e9,
-            "bandwidth_efficiency": device.bandwidth_efficiency,
-            "memory_gib": device.memory_bytes / 2**30,
-            "host_link_gbs": device.host_link_bandwidth / 1e9,
-            "step_overhead_ms": device.step_overhead * 1e3, "dtype_bytes": device.dtype_bytes}
 
 
 def comparison_markdown(comparison: dict[str, Any]) -> str:

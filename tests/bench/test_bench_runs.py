@@ -103,7 +103,9 @@ def test_bench_command_writes_the_documented_report(tiny: Path, tmp_path: Path) 
     asyncio.run(bench(args))
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) >= {"workload", "params", "machine", "ideal", "policies"}
-    assert set(results["ideal"]) == {"prefill_tokens", "kv_bytes"}
+    assert set(results["ideal"]) == {"prefill_tokens", "kv_bytes", "prefill_tokens_prefix_reuse",
+                                     "kv_bytes_prefix_reuse"}
+    assert results["ideal"]["prefill_tokens"] <= results["ideal"]["prefill_tokens_prefix_reuse"]
     row = results["policies"]["lru"]
     assert set(row) >= {"jct_mean_s", "jct_p95_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_ms",
                         "prefill_tokens", "cached_tokens", "kv_peak_bytes", "kv_bytes_per_agent",

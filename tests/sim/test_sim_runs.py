@@ -22,7 +22,11 @@ from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.model.checkpoint import load_checkpoint
 from kvrt.runtime.sim.cost_model import CostModel
 from kvrt.runtime.sim.hardware import A100, H100
-from kvrt.runtime.sim.main import sim_engine_factory
+from kvrt.runtime.sim.main import (
+    GPU_MAX_NUM_BATCHED_TOKENS,
+    GPU_MAX_NUM_SEQS,
+    sim_engine_factory,
+)
 from kvrt.runtime.sim.model_shapes import QWEN25_7B
 from kvrt.runtime.sim.virtual_loop import VirtualTimeLoop
 from kvrt.sdk import Graph
@@ -156,3 +160,30 @@ def test_kvrt_sim_refuses_a_report_of_another_workload_or_a_simulation(tiny, tmp
         main(["sim", "map-reduce", "--tokenizer", str(tiny), "--compare", str(report)])
     with pytest.raises(SystemExit, match="cannot read"):
         main(["sim", "map-reduce", "--compare", str(tmp_path / "missing.json")])
+
+
+def test_the_slo_sweep_finds_the_largest_scale_that_meets_it(tiny, tmp_path) -> None:
+    common = ["sim", "map-reduce", "--agents", "4", "--policies", "lru", "--tokenizer",
+              str(tiny), "--device", "a100", "--kv-cache-memory", "1GiB"]
+
+    def swept(slo_ms: float) -> int | None:
+        out = tmp_path / str(slo_ms)
+        assert main([*common, "--slo-ttft-ms", str(slo_ms), "--out", str(out)]) == 0
+        row = json.loads((out / "results.json").read_text())["policies"]["lru"]
+        assert "agents within SLO" in (out / "results.md").read_text()
+        return row["max_agents_within_slo"]
+
+    assert swept(1e9) == (8 + 1) * 1  # every scale meets it, up to twice --agents (8 mappers)
+    assert swept(1e-3) is None  # none does
+
+    def ttft_p99(mappers: int) -> float:
+        workload = make_workload("map-reduce", agents=mappers)
+        run = simulate(tiny, workload, device=A100, kv_cache_memory=1024**3,
+                       max_num_seqs=GPU_MAX_NUM_SEQS,
+                       max_num_batched_tokens=GPU_MAX_NUM_BATCHED_TOKENS)
+        return summarize(run)["ttft_p99_ms"]
+
+    # Between the TTFT of 2 and of 4 mappers: the sweep (1, 2, 4, ...) stops at 2.
+    low, high = ttft_p99(2), ttft_p99(4)
+    assert low < high
+    assert swept((low + high) / 2) == 2 + 1
