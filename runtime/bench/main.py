@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from kvrt.runtime.bench.runner import (
 from kvrt.runtime.bench.workloads import Workload, make_workload, workload_names
 from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig, parse_size
 from kvrt.runtime.policy import policy_names
+from kvrt.sdk import KvrtError
 
 # Which parameter scales a workload up, for the SLO sweep.
 _SCALE = {"generative-agents": "agents", "map-reduce": "agents", "tool-agents": "runs"}
@@ -178,6 +181,17 @@ def check_arguments(args: argparse.Namespace, command: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_arguments(args, "kvrt bench")
-    asyncio.run(bench(args))
+    with refused_calls_exit("kvrt bench"):
+        asyncio.run(bench(args))
     return 0
+
+
+@contextmanager
+def refused_calls_exit(command: str) -> Iterator[None]:
+    """A call the daemon refuses (a prompt larger than the KV pool, say) ends the run with the
+    daemon's message, not a traceback."""
+    try:
+        yield
+    except KvrtError as exc:
+        raise SystemExit(f"{command}: the daemon refused a call of the workload: {exc}") from None
 

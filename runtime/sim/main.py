@@ -25,6 +25,7 @@ from kvrt.runtime.bench.main import (
     check_arguments,
     compare_policies,
     machine,
+    refused_calls_exit,
     size_argument,
     workload_from,
 )
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         args.time_scale = bench["params"].get("time_scale", args.time_scale)
     check_arguments(args, "kvrt sim")
     try:
-        with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
+        with refused_calls_exit("kvrt sim"), asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
             runner.run(simulate(args, bench))
     except ConfigError as exc:
         raise SystemExit(f"kvrt sim: {exc}") from None

@@ -187,3 +187,9 @@ def test_the_slo_sweep_finds_the_largest_scale_that_meets_it(tiny, tmp_path) -> 
     low, high = ttft_p99(2), ttft_p99(4)
     assert low < high
     assert swept((low + high) / 2) == 2 + 1
+
+
+def test_a_pool_too_small_for_a_prompt_ends_the_run_with_the_daemons_message(tiny) -> None:
+    with pytest.raises(SystemExit, match="kvrt sim: the daemon refused a call.*KV pool holds"):
+        main(["sim", "map-reduce", "--quick", "--policies", "lru", "--tokenizer", str(tiny),
+              "--kv-cache-memory", "4MiB"])
