@@ -1,13 +1,16 @@
-"""kvrt.kernels: the engine's two kernels, each a Triton kernel beside its torch reference.
+"""kvrt.kernels: the engine's kernels, each a Triton kernel beside its torch reference.
 
     op               torch reference (CPU path)   Triton (CUDA path)
     paged_attention  paged_attention_ref          paged_attention_triton
     kv_store         kv_store_ref                 kv_store_triton
+    pack_blocks      pack_blocks_ref              pack_blocks_triton     (module block_copy)
+    unpack_blocks    unpack_blocks_ref            unpack_blocks_triton   (module block_copy)
 
 Both versions of an op share one signature (see the op's module); the @triton.jit bodies live in
 `_triton_jit`, which is imported only at the first Triton launch. Triton is optional: this package
-imports without it, and `select_kernels` picks the pair the runtime calls. `rotate_by_shift` is
-the torch rotation of stored K by a position shift, for callers that materialise shifted blocks.
+imports without it, and `select_kernels` picks the set the runtime calls. `rotate_by_shift` is
+the torch rotation of stored K by a position shift, for callers that materialise shifted blocks;
+`coalesce_runs` groups block ids into runs of adjacent blocks, for one slice copy per run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from kvrt.kernels._triton_support import TRITON_INTERPRET_ENV, interpret_enabled, triton_available
+from kvrt.kernels.block_copy import (
+    coalesce_runs,
+    pack_blocks_ref,
+    pack_blocks_triton,
+    unpack_blocks_ref,
+    unpack_blocks_triton,
+)
 from kvrt.kernels.kv_store import kv_store_ref, kv_store_triton
 from kvrt.kernels.paged_attention import (
     paged_attention_ref,
@@ -27,13 +37,18 @@ from kvrt.kernels.paged_attention import (
 
 __all__ = [
     "Kernels",
+    "coalesce_runs",
     "kv_store_ref",
     "kv_store_triton",
+    "pack_blocks_ref",
+    "pack_blocks_triton",
     "paged_attention_ref",
     "paged_attention_triton",
     "rotate_by_shift",
     "select_kernels",
     "triton_available",
+    "unpack_blocks_ref",
+    "unpack_blocks_triton",
 ]
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
@@ -43,11 +58,25 @@ KERNEL_CHOICES = ("auto", "torch", "triton")
 class Kernels:
     paged_attention: Callable[..., torch.Tensor]
     kv_store: Callable[..., None]
+    pack_blocks: Callable[..., None]
+    unpack_blocks: Callable[..., None]
     name: str  # "torch" or "triton", for logs and reports
 
 
-_TORCH = Kernels(paged_attention_ref, kv_store_ref, "torch")
-_TRITON = Kernels(paged_attention_triton, kv_store_triton, "triton")
+_TORCH = Kernels(
+    paged_attention=paged_attention_ref,
+    kv_store=kv_store_ref,
+    pack_blocks=pack_blocks_ref,
+    unpack_blocks=unpack_blocks_ref,
+    name="torch",
+)
+_TRITON = Kernels(
+    paged_attention=paged_attention_triton,
+    kv_store=kv_store_triton,
+    pack_blocks=pack_blocks_triton,
+    unpack_blocks=unpack_blocks_triton,
+    name="triton",
+)
 
 
 def select_kernels(choice: str, device: torch.device) -> Kernels:

@@ -1,8 +1,9 @@
-"""The @triton.jit kernels behind `paged_attention_triton` and `kv_store_triton`.
+"""The @triton.jit kernels behind `paged_attention_triton`, `kv_store_triton` and the block copies.
 
 Imported only through `_triton_support.triton_kernels()`, on the first launch: Triton is optional,
 and importing it fixes interpreted vs compiled mode for the process. The launchers, with their
-layout checks, are beside the torch references in paged_attention.py and kv_store.py.
+layout checks, are beside the torch references in paged_attention.py, kv_store.py and
+block_copy.py.
 """
 
 import triton
@@ -38,6 +39,28 @@ def kv_store_kernel(
     v_row = tl.load(v + tok * sv_tok + h * sv_head + d * sv_dim, mask=mask)
     tl.store(row_base + h * s_head + d * s_dim, k_row, mask=mask)
     tl.store(row_base + s_kv + h * s_head + d * s_dim, v_row, mask=mask)
+
+
+@triton.jit
+def pack_blocks_kernel(pool, packed, block_ids, block_numel, s_id, CHUNK: tl.constexpr):
+    # One program per (packed block i, chunk): packed[i] = pool[block_ids[i]], as flat runs.
+    i = tl.program_id(0).to(tl.int64)
+    block = tl.load(block_ids + i * s_id).to(tl.int64)  # int64: big pools pass 2**31 elements
+    offs = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < block_numel
+    vals = tl.load(pool + block * block_numel + offs, mask=mask)
+    tl.store(packed + i * block_numel + offs, vals, mask=mask)
+
+
+@triton.jit
+def unpack_blocks_kernel(pool, packed, block_ids, block_numel, s_id, CHUNK: tl.constexpr):
+    # The inverse: pool[block_ids[i]] = packed[i].
+    i = tl.program_id(0).to(tl.int64)
+    block = tl.load(block_ids + i * s_id).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < block_numel
+    vals = tl.load(packed + i * block_numel + offs, mask=mask)
+    tl.store(pool + block * block_numel + offs, vals, mask=mask)
 
 
 @triton.jit

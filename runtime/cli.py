@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", type=_size, default=engine["kv_cache_memory"],
                    metavar="SIZE", help="size of the device KV pool, e.g. 512MiB, 2GiB "
                    "(default: %(default)s bytes)")
+    p.add_argument("--host-cache-memory", type=_size, default=engine["host_cache_memory"],
+                   metavar="SIZE", help="host tier for offloaded KV, e.g. 4GiB (default: 0, none)")
     p.add_argument("--max-model-len", type=int, default=engine["max_model_len"], metavar="N",
                    help="context length in tokens (default: the model's own)")
     p.add_argument("--max-num-seqs", type=int, default=engine["max_num_seqs"], metavar="N",
@@ -125,7 +127,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     """Raises ConfigError for an out-of-range value."""
     engine = EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype,
-        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory, host_cache_memory=args.host_cache_memory,
+        block_size=args.block_size,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         prefix_caching=args.prefix_caching, policy=args.policy, kernels=args.kernels,

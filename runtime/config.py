@@ -33,6 +33,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto = float32 on CPU (exactness), bfloat16 on CUDA
     kv_cache_memory: int = 512 * 1024**2  # bytes of the device KV pool
+    host_cache_memory: int = 0  # bytes of the host tier KV is offloaded to; 0: no host tier
     block_size: int = 16
     max_model_len: int | None = None  # None = the model's own context length
     max_num_seqs: int = 32  # sequences in the running batch
@@ -49,6 +50,8 @@ class EngineConfig:
         for name in ("kv_cache_memory", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.host_cache_memory < 0:
+            raise ConfigError(f"host_cache_memory cannot be negative, got {self.host_cache_memory}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
 

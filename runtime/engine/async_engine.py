@@ -146,6 +146,7 @@ class AsyncEngine:
         for request_id in self.engine.fail_all():
             self._deliver_error(request_id, EngineError(f"the engine {reason}"))
         self._close_inbox(EngineError(f"the engine {reason}"))
+        self.engine.close()
 
     def _close_inbox(self, error: EngineError) -> None:
         """Answers the commands sent before the inbox closed: adds fail, releases still run."""

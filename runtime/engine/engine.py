@@ -25,6 +25,7 @@ from kvrt.runtime.engine.protocol import (
 from kvrt.runtime.engine.sampler import Sampler
 from kvrt.runtime.engine.scheduler import BatchScheduler, Chunk
 from kvrt.runtime.engine.sequence import Sequence
+from kvrt.runtime.engine.tier_moves import TierMoves
 from kvrt.runtime.kv.manager import BlockTable, KVManager
 from kvrt.runtime.model.tokenizer import Tokenizer
 
@@ -53,8 +54,12 @@ class Engine:
         tokenizer: Tokenizer,
         max_model_len: int,
         clock: Callable[[], float] = time.monotonic,
+        moves: TierMoves | None = None,
     ) -> None:
         self.executor, self.kv, self.scheduler = executor, kv, scheduler
+        self.moves = moves  # KV moves to and from the host tier; None without one
+        if moves is not None:
+            scheduler.request_upload = moves.upload
         self.sampler, self.tokenizer = sampler, tokenizer
         self.max_model_len = max_model_len
         self.clock = clock
@@ -120,9 +125,24 @@ class Engine:
         self.scheduler.policy.on_event(event, self.kv, self.clock())
 
     def tick(self) -> None:
-        """Lets the policy act on the time (expire pins). Each step ticks first; the engine
-        thread also ticks while idle, since an agent waits on its tool with no step running."""
+        """Completes the KV moves that have landed and lets the policy act on the time (expire
+        pins). Each step ticks first; the engine thread also ticks while idle, since an agent
+        waits on its tool with no step running."""
+        if self.moves is not None:
+            self.moves.finish_done()
         self.scheduler.policy.on_step(self.kv, self.clock())
+
+    def offload(self, owner: tuple[str, str]) -> int:
+        """Starts moving the owner's cached KV (blocks no request reads) to the host tier;
+        returns how many blocks are on their way (0 without a host tier)."""
+        if self.moves is None:
+            return 0
+        return self.moves.offload(sorted(self.kv.owners.blocks_of(owner)))
+
+    def close(self) -> None:
+        """Lets the KV moves in flight land and stops the mover's thread."""
+        if self.moves is not None:
+            self.moves.close()
 
     def release_run(self, run: str) -> RunRelease:
         """Aborts the run's live requests, then drops its agents' pins and frees the cached
@@ -152,7 +172,8 @@ class Engine:
         self.tick()
         chunks = self.scheduler.schedule()
         if not chunks:
-            if self.scheduler.has_work():  # blocks no sequence reads (pins) hold the pool
+            moving = self.moves is not None and self.moves.in_flight()
+            if self.scheduler.has_work() and not moving:  # pins hold the pool, nothing lands
                 self.scheduler.policy.on_stall(self.kv, self.clock())
             return []
         self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.kv.usage().in_use)
@@ -196,7 +217,7 @@ class Engine:
         return ids
 
     def stats(self) -> EngineStats:
-        usage = self.kv.usage()
+        usage, tiers = self.kv.usage(), self.kv.tiers
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -210,6 +231,8 @@ class Engine:
             preemptions=self.scheduler.preemptions,
             kv_blocks_pinned=self.kv.num_pinned(),
             kv_blocks_in_use_peak=self.kv_blocks_in_use_peak,
+            kv_blocks_offloaded=tiers.offloaded_blocks if tiers else 0,
+            kv_blocks_uploaded=tiers.uploaded_blocks if tiers else 0,
         )
 
     def check_integrity(self) -> None:

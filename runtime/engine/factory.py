@@ -8,13 +8,15 @@ from collections.abc import Callable
 
 import torch
 
-from kvrt.kernels import select_kernels
+from kvrt.kernels import Kernels, select_kernels
 from kvrt.runtime.config import ConfigError, EngineConfig
 from kvrt.runtime.engine.engine import Engine
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.sampler import Sampler
 from kvrt.runtime.engine.scheduler import BatchScheduler
+from kvrt.runtime.engine.tier_moves import TierMoves
 from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.kv.mover import BlockMover
 from kvrt.runtime.model.checkpoint import Checkpoint, load_checkpoint
 from kvrt.runtime.model.llama import LlamaModel
 from kvrt.runtime.policy import make_policy
@@ -77,7 +79,8 @@ def build_engine(
         dtype=dtype,
         device=device,
     )
-    kv = KVManager(num_blocks, config.block_size, config.prefix_caching)
+    host_blocks = config.host_cache_memory // block_bytes
+    kv = KVManager(num_blocks, config.block_size, config.prefix_caching, host_blocks)
     scheduler = BatchScheduler(kv, policy, config.max_num_seqs, config.max_num_batched_tokens)
     engine = Engine(
         Executor(model, kv_pool),
@@ -87,6 +90,7 @@ def build_engine(
         checkpoint.tokenizer,
         max_model_len,
         clock,
+        _tier_moves(kv, kv_pool, host_blocks, kernels),
     )
     log.info(
         "engine ready in %.1fs: %s on %s/%s, %d KV blocks of %d tokens (%d tokens), kernels %s",
@@ -100,3 +104,14 @@ def build_engine(
         kernels.name,
     )
     return engine, checkpoint
+
+
+def _tier_moves(kv: KVManager, kv_pool: torch.Tensor, host_blocks: int, kernels: Kernels
+                ) -> TierMoves | None:
+    """The host tier's KV tensor (pinned on CUDA, for asynchronous copies) and its mover."""
+    if kv.tiers is None:
+        return None
+    host_kv = torch.zeros((host_blocks, *kv_pool.shape[1:]), dtype=kv_pool.dtype,
+                          pin_memory=kv_pool.is_cuda)
+    return TierMoves(kv.tiers, BlockMover(kv_pool, host_kv, kernels.pack_blocks,
+                                          kernels.unpack_blocks))

@@ -102,6 +102,8 @@ class EngineStats:
     preemptions: int
     kv_blocks_pinned: int = 0  # of the blocks in use, those the policy pins (e.g. `ttl`)
     kv_blocks_in_use_peak: int = 0  # the most in use at any step since start
+    kv_blocks_offloaded: int = 0  # moved to the host tier since start
+    kv_blocks_uploaded: int = 0  # moved back from it
 
 
 class EngineClient(Protocol):

@@ -8,6 +8,7 @@ sequence limit and the pool allow. Sequences join and leave the batch between st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvrt.runtime.engine.sequence import Sequence, Status
@@ -37,6 +38,9 @@ class BatchScheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.preemptions = 0
+        # Set by the engine when there is a host tier: starts uploading host blocks, True if
+        # any are on their way.
+        self.request_upload: Callable[[list[int]], bool] | None = None
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -82,6 +86,10 @@ class BatchScheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
         match = self.kv.match_prefix(seq.token_ids, seq.request.salt)
+        if self.request_upload is not None:
+            host = self.kv.match_host(seq.token_ids, seq.request.salt, match)
+            if host.arriving or (host.block_ids and self.request_upload(host.block_ids)):
+                return None  # its KV is on its way up: admitted once it has landed
         computed = match.num_blocks * self.kv.block_size
         count = min(len(seq.token_ids) - computed, budget)
         # Checked before adopting, so a refused admission leaves the cached blocks untouched

@@ -1,21 +1,32 @@
-"""The device tier's block pool: ref counts, the prefix index, and LRU eviction of cached blocks.
+"""A tier's block pool: ref counts, the prefix index, LRU eviction, and moves between tiers.
 
-Every block is in exactly one state:
+The device tier and the host tier (runtime/kv/tiers.py) each keep one. Every block is in
+exactly one state:
 
-    state    ref_count  key       where
-    -------  ---------  --------  -------------------------------------------
-    free     0          None      `_free` (a FIFO of unkeyed, released or dropped blocks)
-    cached   0          set       `_cached` (LRU order, oldest first) and `_index`
-    in use   > 0        optional  referenced by live sequences; `_index` if keyed
-    moving   -          -         in flight between tiers (later tiers; none yet)
+    state      ref_count  key       where
+    ---------  ---------  --------  -------------------------------------------------
+    free       0          None      `_free` (a FIFO of unkeyed, released or dropped blocks)
+    cached     0          set       `_cached` (LRU order, oldest first) and `_index`
+    in use     > 0        optional  referenced by live sequences; `_index` if keyed
+    in flight  0          optional  `_in_flight`: being copied to or from another tier;
+                                    never found, never allocated, never evicted
 
-    transition                       hook
-    -------------------------------  -------------------------------------------
-    in use -> free   (release)       `on_drop` (an unkeyed block's content is gone)
-    in use -> cached (release)       none (still findable)
-    cached -> in use (acquire)       none (a prefix hit: the content is read)
-    cached -> in use (allocate)      `on_drop` (evicted: the old content is gone)
-    cached -> free   (drop_cached)   `on_drop`
+    transition                                 hook
+    -----------------------------------------  ------------------------------------------
+    in use -> free   (release)                 `on_drop` (an unkeyed block's content is gone)
+    in use -> cached (release)                 none (still findable)
+    cached -> in use (acquire)                 none (a prefix hit: the content is read)
+    cached -> in use (allocate)                `on_drop` (evicted: the old content is gone)
+    cached -> free   (drop_cached)             `on_drop`
+    cached -> in flight (begin_move_out)       none (its content is being copied out)
+    in flight -> free (finish_move_out, moved) `on_drop` (the content lives in the other tier)
+    in flight -> cached (.., kept)             none (a failed move, or a copy kept here)
+    free/cached -> in flight (begin_move_in)   `on_drop` for an evicted cached block
+    in flight -> cached (finish_move_in, ok)   none (findable from now on)
+    in flight -> free (finish_move_in, failed) none
+
+A move is two-phase (begin, then finish with success or failure), so a block is never both free
+and in flight, and nothing reads or reuses a block while its content is being copied.
 
 Contract: `allocate` only hands out free blocks, evicting the least recently released cached
 blocks when the free list runs dry (evicting a cached block is always safe: no reader holds it).
@@ -60,6 +71,7 @@ class BlockPool:
         self._free: deque[int] = deque(range(num_blocks))
         self._cached: OrderedDict[int, None] = OrderedDict()
         self._index: dict[bytes, int] = {}
+        self._in_flight: set[int] = set()
         self.evictions = 0
         self.on_drop: Callable[[int], None] | None = None
 
@@ -139,10 +151,65 @@ class BlockPool:
         self._index[key] = block_id
         return True
 
+    # -- moves between tiers: begin, then finish with success or failure -------------------
+
+    def begin_move_out(self, block_id: int) -> None:
+        """A cached block's content starts being copied to another tier. It leaves the LRU and
+        the index (so it is neither evicted nor found) and keeps its key for `finish_move_out`."""
+        if not self.is_cached(block_id):
+            raise ValueError(f"only a cached block can move out: {self.blocks[block_id]}")
+        del self._cached[block_id]
+        del self._index[self.blocks[block_id].key]  # type: ignore[arg-type]
+        self._in_flight.add(block_id)
+
+    def finish_move_out(self, block_id: int, keep: bool) -> None:
+        """`keep`: the block is cached here again (the move failed, or this tier keeps a copy),
+        unless another block took its key meanwhile; else its content is gone from this tier."""
+        block = self._take_in_flight(block_id)
+        assert block.key is not None
+        if keep and block.key not in self._index:
+            self._index[block.key] = block_id
+            self._cached[block_id] = None
+            return
+        block.key, block.token_ids = None, ()
+        self._free.append(block_id)
+        self._dropped(block_id)
+
+    def begin_move_in(self, count: int) -> list[int]:
+        """`count` blocks to receive content from another tier (evicting like `allocate`)."""
+        taken = self.allocate(count)
+        for block_id in taken:
+            self.blocks[block_id].ref_count = 0
+            self._in_flight.add(block_id)
+        return taken
+
+    def finish_move_in(self, block_id: int, key: bytes, token_ids: tuple[int, ...],
+                       ok: bool) -> bool:
+        """On success the block is cached under `key`, findable; returns False (and frees the
+        block) when the move failed or another block holds the key already."""
+        block = self._take_in_flight(block_id)
+        if not ok or key in self._index:
+            self._free.append(block_id)
+            return False
+        block.key, block.token_ids = key, token_ids
+        self._index[key] = block_id
+        self._cached[block_id] = None
+        return True
+
+    def is_in_flight(self, block_id: int) -> bool:
+        return block_id in self._in_flight
+
+    def _take_in_flight(self, block_id: int) -> Block:
+        if block_id not in self._in_flight:
+            raise ValueError(f"block {block_id} is not in flight")
+        self._in_flight.remove(block_id)
+        return self.blocks[block_id]
+
     def usage(self) -> PoolUsage:
-        """O(1): every block is free, cached or in use (check_integrity counts them)."""
-        free, cached = len(self._free), len(self._cached)
-        return PoolUsage(len(self.blocks), free, cached, len(self.blocks) - free - cached, 0)
+        """O(1): every block is free, cached, in flight or in use (check_integrity counts)."""
+        free, cached, moving = len(self._free), len(self._cached), len(self._in_flight)
+        in_use = len(self.blocks) - free - cached - moving
+        return PoolUsage(len(self.blocks), free, cached, in_use, moving)
 
     def check_integrity(self) -> None:
         """free + cached + in use + in flight == total; the index and LRU agree with the blocks."""
@@ -156,9 +223,15 @@ class BlockPool:
         for block_id in self._cached:
             block = self.blocks[block_id]
             assert block.ref_count == 0 and block.key is not None, f"cached block {block} is wrong"
+        for block_id in self._in_flight:
+            block = self.blocks[block_id]
+            assert block.ref_count == 0, f"in-flight block {block} is referenced"
+            assert block_id not in self._cached and block_id not in self._free, f"{block} twice"
         for key, block_id in self._index.items():
             assert self.blocks[block_id].key == key, f"index entry for {block_id} is stale"
-        keyed = sum(1 for b in self.blocks if b.key is not None)
+            assert block_id not in self._in_flight, f"in-flight block {block_id} is findable"
+        keyed = sum(1 for b in self.blocks if b.key is not None and b.block_id not in
+                    self._in_flight)
         assert keyed == len(self._index), "a keyed block is missing from the index"
 
     def _unkey(self, block: Block) -> None:

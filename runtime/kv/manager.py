@@ -29,6 +29,7 @@ import torch
 from kvrt.runtime.kv.block_pool import BlockPool, PoolUsage
 from kvrt.runtime.kv.owners import AgentResidency, BlockOwners, Owner
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
+from kvrt.runtime.kv.tiers import KVTiers
 
 
 @dataclass(slots=True)
@@ -78,9 +79,20 @@ class PrefixMatch:
         return len(self.block_ids)
 
 
+@dataclass(frozen=True, slots=True)
+class HostMatch:
+    """The full blocks that continue a device prefix match on the host tier."""
+
+    block_ids: list[int]  # host blocks, in prefix order, to upload
+    arriving: bool  # the next block is being uploaded already: wait for it
+
+
 class KVManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
+                 host_blocks: int = 0) -> None:
         self.pool = BlockPool(num_blocks)
+        # The host tier: offloaded KV, found again by the same keys (none when 0 blocks).
+        self.tiers = KVTiers(self.pool, BlockPool(host_blocks)) if host_blocks else None
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.owners = BlockOwners()
@@ -108,6 +120,24 @@ class KVManager:
             found.append(block_id)
             parent = key
         return PrefixMatch(found, parent)
+
+    def match_host(self, token_ids: list[int], salt: bytes, match: PrefixMatch) -> HostMatch:
+        """The full blocks after `match` that the host tier holds (the same usable limit as
+        `match_prefix`), up to the first it lacks; `arriving` when that one is being uploaded."""
+        if self.tiers is None or not self.prefix_caching:
+            return HostMatch([], False)
+        usable = (len(token_ids) - 1) // self.block_size
+        found: list[int] = []
+        parent = match.last_key
+        for index in range(match.num_blocks, usable):
+            tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
+            key = block_key(parent, salt, tokens)
+            block_id = self.tiers.host_lookup(key, tokens)
+            if block_id is None:
+                return HostMatch(found, self.tiers.is_arriving(key))
+            found.append(block_id)
+            parent = key
+        return HostMatch(found, False)
 
     def adopt_prefix(self, table: BlockTable, match: PrefixMatch) -> None:
         """Acquires the matched blocks into an empty table."""
@@ -224,6 +254,8 @@ class KVManager:
     def check_integrity(self) -> None:
         """The pool's table, the ledger's maps, and: the ledger names no free block."""
         self.pool.check_integrity()
+        if self.tiers is not None:
+            self.tiers.host.check_integrity()
         self.owners.check_integrity()
         for block_id in self.owners.block_ids():
             block = self.pool.blocks[block_id]

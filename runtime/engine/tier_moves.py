@@ -1,0 +1,69 @@
+"""The engine's KV moves between tiers: planned by KVTiers, copied by the BlockMover on its
+worker thread, completed here on the engine thread (the only thread that touches the pools).
+
+The engine finishes the moves that are done before each step and while idle. A waiting request
+whose prefix is on the host asks for an upload (the scheduler's `request_upload`) and is
+admitted once it has landed; until then the step goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, wait
+
+from kvrt.runtime.kv.mover import BlockMover
+from kvrt.runtime.kv.tiers import KVTiers, Move
+
+log = logging.getLogger(__name__)
+
+
+class TierMoves:
+    def __init__(self, tiers: KVTiers, mover: BlockMover) -> None:
+        self.tiers, self.mover = tiers, mover
+        self._pending: list[tuple[Move, Future[None]]] = []
+        self.failed = 0
+
+    def offload(self, block_ids: list[int]) -> int:
+        """Starts copying these device blocks (the cached ones the host lacks) to the host;
+        returns how many are on their way."""
+        return self._start(self.tiers.prepare_offload(block_ids))
+
+    def upload(self, host_block_ids: list[int]) -> bool:
+        """Starts bringing these host blocks to the device; False if none could go now."""
+        return self._start(self.tiers.prepare_upload(host_block_ids)) > 0
+
+    def in_flight(self) -> bool:
+        return bool(self._pending)
+
+    def finish_done(self) -> int:
+        """Completes every move whose copy has ended; returns how many blocks landed."""
+        landed, still = 0, []
+        for move, future in self._pending:
+            if future.done():
+                landed += self._complete(move, future)
+            else:
+                still.append((move, future))
+        self._pending = still
+        return landed
+
+    def wait(self) -> int:
+        """Waits for every copy in flight, then completes them all."""
+        wait([future for _, future in self._pending])
+        return self.finish_done()
+
+    def close(self) -> None:
+        self.wait()
+        self.mover.close()
+
+    def _start(self, move: Move | None) -> int:
+        if move is None:
+            return 0
+        self._pending.append((move, self.mover.start(move)))
+        return len(move)
+
+    def _complete(self, move: Move, future: Future[None]) -> int:
+        error = future.exception()
+        if error is not None:  # the content stays where it was; the pools stay consistent
+            self.failed += 1
+            log.error("KV %s of %d blocks failed: %s", move.direction.value, len(move), error)
+        return self.tiers.complete(move, ok=error is None)

@@ -1,0 +1,123 @@
+"""The host tier, and the bookkeeping of block moves between it and the device tier.
+
+The host tier is a second BlockPool keyed by the same content keys (prefix keys carry the
+tenant's salt, so a host hit is as safe as a device hit). A move is planned here, its data is
+copied by a BlockMover (runtime/kv/mover.py) off the engine's step loop, and it is completed
+here, on the engine thread, with success or failure:
+
+    move      prepare (both pools)                       complete: ok         failed
+    --------  -----------------------------------------  -------------------  ---------------
+    offload   device: cached -> in flight                device: free         device: cached
+              host: -> in flight (evicting host LRU)     host: cached, keyed  host: free
+    upload    host: cached -> in flight                  host: cached (kept)  host: cached
+              device: -> in flight (evicting LRU)        device: cached,      device: free
+                                                         keyed
+
+The host keeps its copy after an upload (it is inclusive), so offloading that content again
+costs no copy: the device block is simply let go (`drop_on_device`). Only cached blocks move
+(nobody reads them); the block pool guarantees no in-flight block is found, evicted or reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from kvrt.runtime.kv.block_pool import BlockPool
+
+
+class Direction(Enum):
+    OFFLOAD = "offload"  # device -> host
+    UPLOAD = "upload"  # host -> device
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    direction: Direction
+    source: list[int]  # block ids in the tier the content leaves
+    target: list[int]  # block ids in the tier it enters, in the same order
+    keys: list[bytes]
+    token_ids: list[tuple[int, ...]]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+class KVTiers:
+    def __init__(self, device: BlockPool, host: BlockPool) -> None:
+        self.device, self.host = device, host
+        self.offloaded_blocks = self.uploaded_blocks = 0  # completed, since start
+        self._arriving: set[bytes] = set()  # keys an unfinished upload brings to the device
+
+    def is_arriving(self, key: bytes) -> bool:
+        return key in self._arriving
+
+    def host_lookup(self, key: bytes, token_ids: tuple[int, ...]) -> int | None:
+        return self.host.lookup(key, token_ids)
+
+    def prepare_offload(self, block_ids: list[int]) -> Move | None:
+        """Plans copying these device blocks to the host: only cached ones (no reader), only
+        those the host lacks, as many as the host can take. None if there is nothing to copy.
+        Cached blocks whose content the host already holds are dropped from the device now."""
+        moving: list[int] = []
+        for block_id in block_ids:
+            block = self.device.blocks[block_id]
+            if not self.device.is_cached(block_id):
+                continue
+            assert block.key is not None
+            if self.host.lookup(block.key, block.token_ids) is not None:
+                self.device.drop_cached(block_id)
+            else:
+                moving.append(block_id)
+        moving = moving[: self.host.num_allocatable()]
+        if not moving:
+            return None
+        keys = [self.device.blocks[b].key for b in moving]
+        tokens = [self.device.blocks[b].token_ids for b in moving]
+        for block_id in moving:
+            self.device.begin_move_out(block_id)
+        target = self.host.begin_move_in(len(moving))
+        return Move(Direction.OFFLOAD, moving, target, keys, tokens)  # type: ignore[arg-type]
+
+    def prepare_upload(self, host_block_ids: list[int]) -> Move | None:
+        """Plans copying these cached host blocks to the device (as many as it can take now,
+        in order: a prefix stays a prefix). None if nothing can move."""
+        moving = [b for b in host_block_ids if self.host.is_cached(b)]
+        moving = moving[: self.device.num_allocatable()]
+        if not moving:
+            return None
+        keys = [self.host.blocks[b].key for b in moving]
+        tokens = [self.host.blocks[b].token_ids for b in moving]
+        for block_id in moving:
+            self.host.begin_move_out(block_id)
+        target = self.device.begin_move_in(len(moving))
+        self._arriving.update(keys)  # type: ignore[arg-type]
+        return Move(Direction.UPLOAD, moving, target, keys, tokens)  # type: ignore[arg-type]
+
+    def complete(self, move: Move, ok: bool) -> int:
+        """Applies a finished copy (`ok` False leaves the content where it was); returns how
+        many blocks are now findable in the target tier."""
+        source, target = self._pools(move.direction)
+        moved = 0
+        for src, dst, key, tokens in zip(move.source, move.target, move.keys, move.token_ids):
+            landed = target.finish_move_in(dst, key, tokens, ok)
+            moved += landed
+            # An offload lets the device copy go once the host holds it; an upload keeps the
+            # host's copy (inclusive), so the source is kept there in every case.
+            keep = move.direction is Direction.UPLOAD or not landed
+            source.finish_move_out(src, keep=keep)
+        if move.direction is Direction.OFFLOAD:
+            self.offloaded_blocks += moved
+        else:
+            self.uploaded_blocks += moved
+            self._arriving.difference_update(move.keys)
+        return moved
+
+    def _pools(self, direction: Direction) -> tuple[BlockPool, BlockPool]:
+        if direction is Direction.OFFLOAD:
+            return self.device, self.host
+        return self.host, self.device
+
+    def check_integrity(self) -> None:
+        self.device.check_integrity()
+        self.host.check_integrity()

@@ -1,0 +1,146 @@
+"""Moves between the device and host tiers, as bookkeeping: two phases, success and failure, and
+no block ever free and in flight at once, found while in flight, or evicted while in flight."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvrt.runtime.kv.block_pool import BlockPool, OutOfBlocks
+from kvrt.runtime.kv.manager import BlockTable, KVManager
+from kvrt.runtime.kv.tiers import Direction
+
+BLOCK = 4
+
+
+def cached_prefix(kv: KVManager, tokens: list[int]) -> list[int]:
+    """Computes `tokens` in a table, keys its full blocks and frees it: they sit cached."""
+    table = BlockTable(BLOCK, owner=("run", "agent"))
+    kv.grow(table, len(tokens))
+    kv.commit(table, tokens, len(tokens), b"")
+    blocks = table.block_ids()[: len(tokens) // BLOCK]
+    kv.free(table)
+    return blocks
+
+
+def states(pool: BlockPool) -> tuple[int, int, int, int]:
+    u = pool.usage()
+    return u.free, u.cached, u.in_use, u.in_flight
+
+
+def test_an_offload_moves_cached_blocks_to_the_host_in_two_phases() -> None:
+    kv = KVManager(6, BLOCK, host_blocks=4)
+    tokens = list(range(1, 14))  # 3 full blocks and a partial one
+    blocks = cached_prefix(kv, tokens)
+    tiers = kv.tiers
+    assert tiers is not None and kv.match_prefix(tokens, b"").block_ids == blocks
+    move = tiers.prepare_offload(blocks)
+    assert move is not None and move.direction is Direction.OFFLOAD and move.source == blocks
+    # In flight: found nowhere, counted as in flight in both pools.
+    assert kv.match_prefix(tokens, b"").block_ids == []
+    assert kv.match_host(tokens, b"", kv.match_prefix(tokens, b"")).block_ids == []
+    assert states(kv.pool) == (3, 0, 0, 3) and states(tiers.host) == (1, 0, 0, 3)
+    kv.check_integrity()
+    assert tiers.complete(move, ok=True) == 3
+    assert states(kv.pool) == (6, 0, 0, 0) and states(tiers.host) == (1, 3, 0, 0)
+    assert kv.owners.blocks_of(("run", "agent")) == set()  # the device copy is gone
+    host = kv.match_host(tokens, b"", kv.match_prefix(tokens, b""))
+    assert host.block_ids == move.target and not host.arriving
+    assert tiers.offloaded_blocks == 3
+    kv.check_integrity()
+
+
+def test_a_failed_offload_leaves_the_blocks_cached_on_the_device() -> None:
+    kv = KVManager(6, BLOCK, host_blocks=4)
+    tokens = list(range(1, 10))
+    blocks = cached_prefix(kv, tokens)
+    assert kv.tiers is not None
+    move = kv.tiers.prepare_offload(blocks)
+    assert move is not None and kv.tiers.complete(move, ok=False) == 0
+    assert kv.match_prefix(tokens, b"").block_ids == blocks
+    assert states(kv.tiers.host) == (4, 0, 0, 0) and kv.tiers.offloaded_blocks == 0
+    assert kv.owners.blocks_of(("run", "agent")) == set(blocks)
+    kv.check_integrity()
+
+
+def test_a_block_in_flight_is_never_allocated_nor_evicted() -> None:
+    kv = KVManager(4, BLOCK, host_blocks=4)
+    blocks = cached_prefix(kv, list(range(1, 10)))  # 2 cached blocks, 2 free
+    assert kv.tiers is not None
+    move = kv.tiers.prepare_offload(blocks)
+    assert move is not None
+    with pytest.raises(OutOfBlocks):
+        kv.pool.allocate(3)  # only the 2 free ones: the moving blocks are not evictable
+    assert sorted(kv.pool.allocate(2)) == sorted(set(range(4)) - set(blocks))
+    kv.tiers.complete(move, ok=True)
+    kv.check_integrity()
+
+
+def test_only_cached_blocks_move_and_content_the_host_has_is_not_copied_again() -> None:
+    kv = KVManager(8, BLOCK, host_blocks=8)
+    tokens = list(range(1, 10))
+    blocks = cached_prefix(kv, tokens)
+    assert kv.tiers is not None
+    reader = BlockTable(BLOCK)
+    kv.adopt_prefix(reader, kv.match_prefix(tokens, b""))  # a live request reads them
+    assert kv.tiers.prepare_offload(blocks) is None
+    kv.free(reader)
+    move = kv.tiers.prepare_offload(blocks)
+    assert move is not None
+    kv.tiers.complete(move, ok=True)
+    # Upload keeps the host's copy; offloading the same content again drops the device copy.
+    up = kv.tiers.prepare_upload(move.target)
+    assert up is not None and kv.tiers.complete(up, ok=True) == 2
+    assert kv.match_prefix(tokens, b"").block_ids == up.target
+    assert kv.tiers.prepare_offload(up.target) is None
+    assert kv.match_prefix(tokens, b"").block_ids == []
+    assert kv.tiers.host.usage().cached == 2
+    kv.check_integrity()
+
+
+def test_an_upload_lands_findable_and_the_next_block_is_announced_as_arriving() -> None:
+    kv = KVManager(8, BLOCK, host_blocks=8)
+    tokens = list(range(1, 14))
+    blocks = cached_prefix(kv, tokens)
+    assert kv.tiers is not None
+    off = kv.tiers.prepare_offload(blocks)
+    assert off is not None
+    kv.tiers.complete(off, ok=True)
+    up = kv.tiers.prepare_upload(off.target)
+    assert up is not None
+    assert kv.match_host(tokens, b"", kv.match_prefix(tokens, b"")).arriving
+    assert states(kv.tiers.host) == (5, 0, 0, 3)
+    kv.check_integrity()
+    assert kv.tiers.complete(up, ok=True) == 3
+    assert kv.match_prefix(tokens, b"").block_ids == up.target
+    assert states(kv.tiers.host) == (5, 3, 0, 0) and kv.tiers.uploaded_blocks == 3
+    kv.check_integrity()
+
+
+def test_a_failed_upload_frees_the_device_blocks_and_keeps_the_host_copy() -> None:
+    kv = KVManager(8, BLOCK, host_blocks=8)
+    tokens = list(range(1, 10))
+    assert kv.tiers is not None
+    off = kv.tiers.prepare_offload(cached_prefix(kv, tokens))
+    assert off is not None
+    kv.tiers.complete(off, ok=True)
+    up = kv.tiers.prepare_upload(off.target)
+    assert up is not None and kv.tiers.complete(up, ok=False) == 0
+    assert states(kv.pool) == (8, 0, 0, 0)
+    host = kv.match_host(tokens, b"", kv.match_prefix(tokens, b""))
+    assert host.block_ids == off.target and not host.arriving
+    kv.check_integrity()
+
+
+def test_a_key_recomputed_while_its_block_was_away_is_not_indexed_twice() -> None:
+    kv = KVManager(8, BLOCK, host_blocks=8)
+    tokens = list(range(1, 10))
+    blocks = cached_prefix(kv, tokens)
+    assert kv.tiers is not None
+    move = kv.tiers.prepare_offload(blocks)
+    assert move is not None
+    again = cached_prefix(kv, tokens)  # computed again meanwhile: the same keys, new blocks
+    assert set(again).isdisjoint(blocks)
+    kv.tiers.complete(move, ok=False)  # the old copies cannot take their keys back: freed
+    assert kv.match_prefix(tokens, b"").block_ids == again
+    assert states(kv.pool) == (6, 2, 0, 0)
+    kv.check_integrity()
