@@ -1,0 +1,124 @@
+"""The host tier under a real engine (tiny model): offload then upload returns bit-identical KV,
+a request never reads a block in flight, a failed copy loses nothing, and greedy output is the
+same whether the KV came from the device, the host or nowhere."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from kvrt.runtime.engine.protocol import Attribution, GenerateRequest
+from tests.engine.helpers import greedy, make_engine, run
+
+OWNER = ("run-1", "coder")
+HOST = 4 * 1024**2
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint_dir):
+    return tiny_checkpoint_dir()
+
+
+def call(request_id: str, prompt: list[int], max_tokens: int = 4) -> GenerateRequest:
+    return GenerateRequest(request_id, prompt, greedy(max_tokens),
+                           attribution=Attribution(*OWNER))
+
+
+def prompt(length: int = 70) -> list[int]:
+    return torch.randint(3, 200, (length,), generator=torch.Generator().manual_seed(7)).tolist()
+
+
+def test_offload_then_upload_returns_bit_identical_kv_and_the_same_output(tiny) -> None:
+    engine = make_engine(tiny, host_cache_memory=HOST)
+    tokens = prompt()
+    first = run(engine, [call("a", tokens)])["a"]
+    device = sorted(engine.kv.owners.blocks_of(OWNER))
+    keyed = [b for b in device if engine.kv.pool.is_cached(b)]
+    before = engine.executor.kv_pool[keyed].clone()
+    assert engine.offload(OWNER) == len(keyed) > 0
+    assert engine.moves is not None and engine.moves.wait() == len(keyed)
+    assert engine.kv.match_prefix(tokens, b"").block_ids == []  # gone from the device
+    second = run(engine, [call("b", tokens)])["b"]  # admission uploads them first
+    assert second.token_ids == first.token_ids
+    assert second.final.cached_tokens == first.final.cached_tokens + len(keyed) * 16
+    uploaded = engine.kv.match_prefix(tokens, b"").block_ids[: len(keyed)]
+    assert torch.equal(engine.executor.kv_pool[uploaded], before)
+    stats = engine.stats()
+    assert (stats.kv_blocks_offloaded, stats.kv_blocks_uploaded) == (len(keyed), len(keyed))
+    engine.check_integrity()
+    engine.close()
+
+
+def test_a_request_never_reads_blocks_in_flight(tiny) -> None:
+    """A slow copy keeps the prefix in flight while a request with that prompt runs: it must
+    compute the prefix itself (nothing findable), and produce the uncached output."""
+    reference = run(make_engine(tiny, prefix_caching=False), [call("r", prompt())])["r"]
+    engine = make_engine(tiny, host_cache_memory=HOST)
+    run(engine, [call("a", prompt())])
+    assert engine.moves is not None
+    release = threading.Event()
+    pack = engine.moves.mover._pack
+
+    def slow_pack(*args):
+        release.wait(5)
+        pack(*args)
+
+    engine.moves.mover._pack = slow_pack
+    moving = engine.offload(OWNER)
+    assert moving > 0 and engine.kv.usage().in_flight == moving
+    during = run(engine, [call("b", prompt())])["b"]  # finishes while the copy waits
+    assert during.token_ids == reference.token_ids
+    assert during.final.cached_tokens == 0
+    assert engine.moves.in_flight()
+    release.set()
+    engine.moves.wait()
+    engine.check_integrity()
+    engine.close()
+
+
+def test_a_failed_copy_leaves_the_kv_on_the_device(tiny) -> None:
+    engine = make_engine(tiny, host_cache_memory=HOST)
+    tokens = prompt()
+    first = run(engine, [call("a", tokens)])["a"]
+    assert engine.moves is not None
+
+    def broken(*_):
+        raise RuntimeError("copy failed")
+
+    engine.moves.mover._pack = broken
+    cached = len(engine.kv.match_prefix(tokens, b"").block_ids)
+    assert engine.offload(OWNER) > 0
+    engine.moves.wait()
+    assert engine.moves.failed == 1
+    assert len(engine.kv.match_prefix(tokens, b"").block_ids) == cached
+    again = run(engine, [call("b", tokens)])["b"]
+    assert again.token_ids == first.token_ids and again.final.cached_tokens == cached * 16
+    assert engine.stats().kv_blocks_offloaded == 0
+    engine.check_integrity()
+    engine.close()
+
+
+def test_without_a_host_tier_nothing_moves(tiny) -> None:
+    engine = make_engine(tiny)
+    run(engine, [call("a", prompt())])
+    assert engine.moves is None and engine.offload(OWNER) == 0
+    engine.close()
+
+
+def test_moves_run_off_the_engine_thread(tiny) -> None:
+    engine = make_engine(tiny, host_cache_memory=HOST)
+    run(engine, [call("a", prompt())])
+    assert engine.moves is not None
+    seen: list[str] = []
+    pack = engine.moves.mover._pack
+    engine.moves.mover._pack = lambda *a: (seen.append(threading.current_thread().name),
+                                           pack(*a))[1]
+    engine.offload(OWNER)
+    deadline = time.monotonic() + 5
+    while engine.moves.in_flight() and time.monotonic() < deadline:
+        engine.tick()
+    assert seen and seen[0].startswith("kvrt-kv-mover") and not engine.moves.in_flight()
+    engine.close()
