@@ -58,6 +58,7 @@ class Engine:
     ) -> None:
         self.executor, self.kv, self.scheduler = executor, kv, scheduler
         self.moves = moves  # KV moves to and from the host tier; None without one
+        scheduler.policy.moves = moves
         if moves is not None:
             scheduler.request_upload = moves.upload
         self.sampler, self.tokenizer = sampler, tokenizer
@@ -137,7 +138,8 @@ class Engine:
         returns how many blocks are on their way (0 without a host tier)."""
         if self.moves is None:
             return 0
-        return self.moves.offload(sorted(self.kv.owners.blocks_of(owner)))
+        move = self.moves.offload(sorted(self.kv.owners.blocks_of(owner)))
+        return 0 if move is None else len(move)
 
     def close(self) -> None:
         """Lets the KV moves in flight land and stops the mover's thread."""

@@ -23,14 +23,19 @@ class TierMoves:
         self._pending: list[tuple[Move, Future[None]]] = []
         self.failed = 0
 
-    def offload(self, block_ids: list[int]) -> int:
+    def offload(self, block_ids: list[int]) -> Move | None:
         """Starts copying these device blocks (the cached ones the host lacks) to the host;
-        returns how many are on their way."""
+        returns the move on its way, if any."""
         return self._start(self.tiers.prepare_offload(block_ids))
 
     def upload(self, host_block_ids: list[int]) -> bool:
         """Starts bringing these host blocks to the device; False if none could go now."""
-        return self._start(self.tiers.prepare_upload(host_block_ids)) > 0
+        return self._start(self.tiers.prepare_upload(host_block_ids)) is not None
+
+    def bandwidth(self) -> float | None:
+        """Bytes per second the copies so far achieved (None before the first)."""
+        mover = self.mover
+        return mover.bytes_moved / mover.seconds if mover.seconds > 0 else None
 
     def in_flight(self) -> bool:
         return bool(self._pending)
@@ -55,11 +60,10 @@ class TierMoves:
         self.wait()
         self.mover.close()
 
-    def _start(self, move: Move | None) -> int:
-        if move is None:
-            return 0
-        self._pending.append((move, self.mover.start(move)))
-        return len(move)
+    def _start(self, move: Move | None) -> Move | None:
+        if move is not None:
+            self._pending.append((move, self.mover.start(move)))
+        return move
 
     def _complete(self, move: Move, future: Future[None]) -> int:
         error = future.exception()

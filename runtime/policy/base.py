@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from kvrt.runtime.engine.protocol import AgentEvent
     from kvrt.runtime.engine.sequence import Sequence
+    from kvrt.runtime.engine.tier_moves import TierMoves
     from kvrt.runtime.kv.manager import KVManager
 
 _REGISTRY: dict[str, Callable[[], Policy]] = {}
@@ -49,9 +50,12 @@ class Policy(ABC):
     - Ending a run drops its agents' pins in the KV manager itself (`KVManager.release_run`);
       a policy that keeps per-pin state sees it there (`kv.is_pinned`), no hook says so.
     - `now` is the engine's clock in seconds (a simulated one under `kvrt sim`).
+    - `moves` (set by the engine; None without a host tier) lets a policy offload an agent's
+      cached KV to the host and upload it back (runtime/engine/tier_moves.py).
     """
 
     name: str
+    moves: TierMoves | None = None
 
     @abstractmethod
     def admission_key(self, seq: Sequence) -> tuple: ...

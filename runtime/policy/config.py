@@ -1,0 +1,28 @@
+"""The policies' parameters, typed, with their defaults and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TokencakeConfig:
+    # Temporal: offload an agent's KV when its tool call is predicted to outlast the copy there
+    # and back by this factor (predictions are rough, and an upload that lands late stalls the
+    # next call) ...
+    offload_margin: float = 2.0
+    # ... and the device pool is under pressure: fewer than this fraction of its blocks free
+    # (the rest is in use, or cached and about to be evicted by whoever comes next).
+    pressure_free_fraction: float = 0.25
+    # Start the upload this long before the copy must end, so it lands before the tool returns.
+    upload_lead_s: float = 0.05
+    # Copy speed assumed until the first copy is observed (bytes/s; a CPU memcpy is ~5-10 GB/s,
+    # a pinned PCIe copy ~20-50 GB/s) and the fixed cost of one copy.
+    prior_bandwidth: float = 5e9
+    copy_latency_s: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.offload_margin < 1 or not 0 <= self.pressure_free_fraction <= 1:
+            raise ValueError(f"bad tokencake config: {self}")
+        if self.upload_lead_s < 0 or self.prior_bandwidth <= 0 or self.copy_latency_s < 0:
+            raise ValueError(f"bad tokencake config: {self}")

@@ -1,0 +1,114 @@
+"""`tokencake`: the graph-aware policy. Temporal: an agent's KV leaves the device while it waits
+on a long tool and comes back just before the tool returns. Spatial: admission and victims
+follow the agent's graph priority, not arrival alone.
+
+Temporal, on `tool_call.started` (the decision and its reason are counted in `decisions`):
+
+    condition                                              decision
+    -----------------------------------------------------  ----------------------------------
+    no host tier                                           keep: no_host_tier
+    the agent holds no cached KV (nothing idle to move)    keep: nothing_cached
+    free device blocks >= pressure_free_fraction of pool    keep: no_pressure
+    predicted tool time < offload_margin x round trip       keep: short_tool
+    otherwise                                              offload: its cached blocks to host
+
+round trip = 2 x (copy_latency_s + bytes / bandwidth), the bandwidth learned from the copies
+observed so far (their average), `prior_bandwidth` before the first. An offloaded agent's KV is
+uploaded at `started + predicted - upload time - upload_lead_s`, or at `tool_call.finished` if
+the tool returns first; if its next call comes before either, admission uploads it on demand.
+
+Spatial: waiting sequences are admitted by descending graph priority (`Attribution.priority`,
+which the daemon stamps on each call from the run's critical path), then first come first
+served; the victim under pressure is the lowest priority, latest arrival. Parameters:
+runtime/policy/config.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kvrt.runtime.policy.base import Policy, register_policy
+from kvrt.runtime.policy.config import TokencakeConfig
+
+if TYPE_CHECKING:
+    from kvrt.runtime.engine.protocol import AgentEvent
+    from kvrt.runtime.engine.sequence import Sequence
+    from kvrt.runtime.kv.manager import KVManager
+    from kvrt.runtime.kv.owners import Owner
+
+
+@dataclass(slots=True)
+class _Away:
+    host_blocks: list[int]  # where its KV went, in prefix order
+    upload_at: float  # clock time to start bringing it back
+
+
+@register_policy("tokencake")
+class TokencakePolicy(Policy):
+    def __init__(self, config: TokencakeConfig | None = None) -> None:
+        self.config = config or TokencakeConfig()
+        self.away: dict[Owner, _Away] = {}
+        self.decisions: Counter[str] = Counter()
+
+    # -- spatial ------------------------------------------------------------------------------
+
+    def admission_key(self, seq: Sequence) -> tuple:
+        return (-seq.request.attribution.priority, seq.arrival, seq.order)
+
+    def victim(self, running: list[Sequence]) -> Sequence:
+        return min(running, key=lambda s: (s.request.attribution.priority, -s.arrival, -s.order))
+
+    # -- temporal -----------------------------------------------------------------------------
+
+    def on_event(self, event: AgentEvent, kv: KVManager, now: float) -> None:
+        owner = (event.run, event.agent)
+        if event.kind == "tool_call.started":
+            decision = self._decide(owner, event.predicted_s, kv, now)
+            self.decisions[decision] += 1
+        elif event.kind == "tool_call.finished" and owner in self.away:
+            self.away[owner].upload_at = now  # back early, or on time: the next call is near
+            self._upload(owner)
+        elif event.kind == "agent.done":
+            self.away.pop(owner, None)  # its host copy stays, evictable
+
+    def on_step(self, kv: KVManager, now: float) -> None:
+        for owner, away in list(self.away.items()):
+            if away.upload_at <= now:
+                self._upload(owner)
+
+    def round_trip_s(self, num_bytes: int) -> float:
+        return 2 * self.copy_s(num_bytes)
+
+    def copy_s(self, num_bytes: int) -> float:
+        bandwidth = (self.moves.bandwidth() if self.moves else None) or self.config.prior_bandwidth
+        return self.config.copy_latency_s + num_bytes / bandwidth
+
+    def _decide(self, owner: Owner, predicted_s: float | None, kv: KVManager, now: float) -> str:
+        if self.moves is None:
+            return "keep:no_host_tier"
+        cached = [b for b in sorted(kv.owners.blocks_of(owner)) if kv.pool.is_cached(b)]
+        if not cached:
+            return "keep:nothing_cached"
+        usage = kv.usage()
+        if usage.free >= self.config.pressure_free_fraction * usage.total:
+            return "keep:no_pressure"
+        num_bytes = len(cached) * self.moves.mover.block_bytes
+        if (predicted_s or 0.0) < self.config.offload_margin * self.round_trip_s(num_bytes):
+            return "keep:short_tool"
+        move = self.moves.offload(cached)
+        if move is None:
+            return "keep:host_full"
+        upload_at = now + (predicted_s or 0.0) - self.copy_s(num_bytes) - self.config.upload_lead_s
+        self.away[owner] = _Away(move.target, upload_at)
+        return "offload"
+
+    def _upload(self, owner: Owner) -> None:
+        away, moves = self.away.get(owner), self.moves
+        if away is None or moves is None:
+            return
+        if any(moves.tiers.host.is_in_flight(b) for b in away.host_blocks):
+            return  # the offload has not landed yet: tried again at the next step
+        del self.away[owner]
+        moves.upload(away.host_blocks)

@@ -1,0 +1,125 @@
+"""The `tokencake` policy with a fake clock over a KV manager with a host tier and a real mover
+(small CPU tensors): its offload decisions on constructed cases, the predictive upload, and
+priority-ordered admission and victims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrt.runtime.engine.protocol import AgentEvent, Attribution, GenerateRequest, SamplingParams
+from kvrt.runtime.engine.sequence import Sequence
+from kvrt.runtime.engine.tier_moves import TierMoves
+from kvrt.runtime.kv.manager import BlockTable, KVManager
+from kvrt.runtime.kv.mover import BlockMover
+from kvrt.runtime.policy.config import TokencakeConfig
+from kvrt.runtime.policy.tokencake import TokencakePolicy
+
+CODER, OTHER = ("run-a", "coder"), ("run-a", "other")
+BLOCKS, BLOCK = 8, 4
+CONFIG = TokencakeConfig(prior_bandwidth=1e6, copy_latency_s=0.01, upload_lead_s=0.05)
+
+
+def setup(pressure: bool) -> tuple[TokencakePolicy, KVManager, TierMoves]:
+    """The coder holds 2 cached blocks. Under pressure another request holds the other 6."""
+    kv = KVManager(BLOCKS, BLOCK, host_blocks=BLOCKS)
+    assert kv.tiers is not None
+    shape = (1, 2, BLOCK, 1, 8)  # layers, K/V, rows, heads, dim: 256 bytes a block
+    device = torch.randn((BLOCKS, *shape))
+    moves = TierMoves(kv.tiers, BlockMover(device, torch.zeros((BLOCKS, *shape))))
+    table = BlockTable(BLOCK, owner=CODER)
+    tokens = list(range(1, 10))
+    kv.grow(table, len(tokens))
+    kv.commit(table, tokens, len(tokens), b"")
+    kv.free(table)
+    if pressure:
+        kv.grow(BlockTable(BLOCK, owner=OTHER), 6 * BLOCK)
+    policy = TokencakePolicy(CONFIG)
+    policy.moves = moves
+    return policy, kv, moves
+
+
+def started(predicted_s: float | None) -> AgentEvent:
+    return AgentEvent("tool_call.started", *CODER, predicted_s)
+
+
+def test_a_long_tool_under_pressure_offloads_and_the_upload_lands_before_it_returns() -> None:
+    policy, kv, moves = setup(pressure=True)
+    blocks = sorted(kv.owners.blocks_of(CODER))
+    policy.on_event(started(10.0), kv, now=100.0)
+    assert policy.decisions == {"offload": 1}
+    moves.wait()
+    assert kv.owners.blocks_of(CODER) == set() and kv.tiers.host.usage().cached == 2
+    copy = policy.copy_s(2 * moves.mover.block_bytes)
+    upload_at = 100.0 + 10.0 - copy - CONFIG.upload_lead_s
+    policy.on_step(kv, now=upload_at - 0.01)
+    assert not moves.in_flight()  # not yet
+    policy.on_step(kv, now=upload_at)
+    assert moves.in_flight()  # the offload freed two device blocks: room for the upload
+    moves.wait()
+    assert kv.tiers.uploaded_blocks == 2 and len(blocks) == 2
+    assert upload_at + copy <= 110.0 - CONFIG.upload_lead_s + 1e-9  # resident before the return
+    kv.check_integrity()
+
+
+def test_a_short_tool_keeps_its_kv() -> None:
+    policy, kv, moves = setup(pressure=True)
+    # Round trip: 2 x (10 ms + 512 B / 1 MB/s) = 21 ms; the margin wants 2x that.
+    policy.on_event(started(0.03), kv, now=0.0)
+    assert policy.decisions == {"keep:short_tool": 1} and not moves.in_flight()
+    assert len(kv.owners.blocks_of(CODER)) == 2
+
+
+def test_no_pressure_keeps_even_for_a_long_tool() -> None:
+    policy, kv, moves = setup(pressure=False)
+    policy.on_event(started(60.0), kv, now=0.0)
+    assert policy.decisions == {"keep:no_pressure": 1} and not moves.in_flight()
+
+
+def test_an_agent_with_nothing_cached_or_no_host_tier_keeps() -> None:
+    policy, kv, _ = setup(pressure=True)
+    policy.on_event(AgentEvent("tool_call.started", "run-a", "nobody", 60.0), kv, now=0.0)
+    policy.moves = None
+    policy.on_event(started(60.0), kv, now=0.0)
+    assert policy.decisions == {"keep:nothing_cached": 1, "keep:no_host_tier": 1}
+
+
+def test_a_tool_that_returns_early_brings_the_kv_back_at_once() -> None:
+    policy, kv, moves = setup(pressure=True)
+    policy.on_event(started(30.0), kv, now=0.0)
+    moves.wait()
+    policy.on_event(AgentEvent("tool_call.finished", *CODER), kv, now=2.0)
+    moves.wait()
+    assert kv.tiers.uploaded_blocks == 2 and policy.away == {}
+    kv.check_integrity()
+
+
+def test_an_early_return_while_the_offload_is_still_copying_uploads_once_it_lands() -> None:
+    policy, kv, moves = setup(pressure=True)
+    policy.on_event(started(30.0), kv, now=0.0)
+    policy.on_event(AgentEvent("tool_call.finished", *CODER), kv, now=0.001)
+    if moves.in_flight():  # the copy had not landed: the upload waits for the next step
+        moves.wait()
+        policy.on_step(kv, now=0.002)
+    moves.wait()
+    assert kv.tiers.uploaded_blocks == 2 and policy.away == {}
+
+
+def call(priority: float, arrival: float, order: int) -> Sequence:
+    request = GenerateRequest(f"r{order}", [1, 2, 3], SamplingParams(),
+                              attribution=Attribution("run", f"a{order}", priority))
+    return Sequence(request, BlockTable(BLOCK), arrival=arrival, order=order)
+
+
+def test_admission_and_victims_follow_priority_then_arrival() -> None:
+    policy = TokencakePolicy()
+    low_early, high_late, high_later = call(0.2, 1.0, 0), call(1.0, 2.0, 1), call(1.0, 3.0, 2)
+    ordered = sorted([low_early, high_later, high_late], key=policy.admission_key)
+    assert ordered == [high_late, high_later, low_early]
+    assert policy.victim([high_late, low_early, high_later]) is low_early
+    assert policy.victim([high_late, high_later]) is high_later
+
+
+def test_the_config_refuses_nonsense() -> None:
+    with pytest.raises(ValueError):
+        TokencakeConfig(offload_margin=0.5)
