@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--kv-cache-memory", type=size_argument, default=parse_size("256MiB"),
                    help="device KV pool per policy (default: 256MiB)")
+    p.add_argument("--host-cache-memory", type=size_argument, default=parse_size("1GiB"),
+                   help="host tier for policies that offload (default: 1GiB)")
     p.add_argument("--max-num-seqs", type=int, default=32)
 
 
@@ -84,6 +86,7 @@ def workload_from(args: argparse.Namespace) -> Workload:
 
 def config_from(args: argparse.Namespace) -> ServeConfig:
     engine = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+                          host_cache_memory=args.host_cache_memory,
                           max_num_seqs=args.max_num_seqs, seed=args.seed)
     return ServeConfig(served_model_name="bench", engine=engine)
 

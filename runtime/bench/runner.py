@@ -46,7 +46,7 @@ class PolicyRun:
     preemptions: int
     wall_s: float
     peak_in_use_blocks: int = 0  # the engine's own peak, seen at every step (samples miss some)
-    offload_bytes: int = 0  # no host tier yet
+    offload_bytes: int = 0  # moved to the host tier, and back
     upload_bytes: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -104,7 +104,9 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
     return PolicyRun(
         policy=config.engine.policy, block_bytes=block_bytes,
         calls=session.calls, jobs=session.jobs, samples=samples, tokens=engine.tokens,
-        preemptions=stats.preemptions, wall_s=wall, peak_in_use_blocks=stats.kv_blocks_in_use_peak)
+        preemptions=stats.preemptions, wall_s=wall, peak_in_use_blocks=stats.kv_blocks_in_use_peak,
+        offload_bytes=stats.kv_blocks_offloaded * block_bytes,
+        upload_bytes=stats.kv_blocks_uploaded * block_bytes)
 
 
 async def _sample(engine: AsyncEngine, out: list[KVSample]) -> None:

@@ -201,6 +201,7 @@ class Engine:
         if reason is not None:
             del self._live[seq.request_id]
             self.scheduler.finish(seq)
+            self.scheduler.policy.on_finish(seq, self.kv)
         output = GenerateOutput(
             token_ids=[token],
             text=text,

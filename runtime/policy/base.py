@@ -35,6 +35,8 @@ class Policy(ABC):
     on_admit(seq, kv)          scheduler  it admits `seq` (first time, or after a preemption),
                                           after the sequence adopted its prefix and grew: its
                                           own references now protect the blocks it reads
+    on_finish(seq, kv)         engine     `seq` finished and released its blocks (its full
+                                          ones now sit cached)
     on_step(kv, now)           engine     before each step, and every ~50 ms while idle (the
                                           engine thread's idle wait), so expiries happen even
                                           when no request comes
@@ -67,6 +69,9 @@ class Policy(ABC):
         pass
 
     def on_admit(self, seq: Sequence, kv: KVManager) -> None:  # noqa: B027
+        pass
+
+    def on_finish(self, seq: Sequence, kv: KVManager) -> None:  # noqa: B027
         pass
 
     def on_step(self, kv: KVManager, now: float) -> None:  # noqa: B027

@@ -20,9 +20,16 @@ class TokencakeConfig:
     # a pinned PCIe copy ~20-50 GB/s) and the fixed cost of one copy.
     prior_bandwidth: float = 5e9
     copy_latency_s: float = 1e-3
+    # Spatial: agents whose graph priority is at least this (1.0 is on the critical path) keep
+    # their KV reserved between calls, pinned against eviction, within this fraction of the
+    # device pool; under a stall the lowest-priority reservation is lent back first.
+    reserve_priority: float = 0.99
+    reserve_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if self.offload_margin < 1 or not 0 <= self.pressure_free_fraction <= 1:
+            raise ValueError(f"bad tokencake config: {self}")
+        if not 0 <= self.reserve_fraction <= 1:
             raise ValueError(f"bad tokencake config: {self}")
         if self.upload_lead_s < 0 or self.prior_bandwidth <= 0 or self.copy_latency_s < 0:
             raise ValueError(f"bad tokencake config: {self}")

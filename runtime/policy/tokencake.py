@@ -19,8 +19,13 @@ the tool returns first; if its next call comes before either, admission uploads 
 
 Spatial: waiting sequences are admitted by descending graph priority (`Attribution.priority`,
 which the daemon stamps on each call from the run's critical path), then first come first
-served; the victim under pressure is the lowest priority, latest arrival. Parameters:
-runtime/policy/config.py.
+served; the victim under pressure is the lowest priority, latest arrival. Agents of priority
+at least `reserve_priority` (on the critical path) keep their KV reserved between calls: pinned
+when a call finishes, while all pins fit in `reserve_fraction` of the pool, so a burst of
+less important calls cannot evict it. A reservation ends when the agent's next call is
+admitted (its references protect what it reuses), when it goes to the host, at agent.done, and
+under a stall (the lowest priority's first: reserved memory is lent back when the pool is
+needed). Parameters: runtime/policy/config.py.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class TokencakePolicy(Policy):
     def __init__(self, config: TokencakeConfig | None = None) -> None:
         self.config = config or TokencakeConfig()
         self.away: dict[Owner, _Away] = {}
+        self.reserved: dict[Owner, float] = {}  # owner -> priority, its KV pinned between calls
         self.decisions: Counter[str] = Counter()
 
     # -- spatial ------------------------------------------------------------------------------
@@ -60,18 +66,51 @@ class TokencakePolicy(Policy):
     def victim(self, running: list[Sequence]) -> Sequence:
         return min(running, key=lambda s: (s.request.attribution.priority, -s.arrival, -s.order))
 
+    def on_finish(self, seq: Sequence, kv: KVManager) -> None:
+        owner, priority = seq.table.owner, seq.request.attribution.priority
+        if owner is None or priority < self.config.reserve_priority:
+            return
+        keyed = [b for b in kv.owners.blocks_of(owner) if kv.pool.blocks[b].key is not None]
+        budget = self.config.reserve_fraction * kv.usage().total
+        if kv.num_pinned() + len(keyed) <= budget:
+            kv.pin(owner)
+            if kv.is_pinned(owner):
+                self.reserved[owner] = priority
+
+    def on_admit(self, seq: Sequence, kv: KVManager) -> None:
+        if seq.table.owner in self.reserved:
+            self._unreserve(seq.table.owner, kv)
+
+    def on_stall(self, kv: KVManager, now: float) -> None:
+        live = [o for o in self.reserved if kv.is_pinned(o)]  # a run's end drops its pins
+        if live:
+            self._unreserve(min(live, key=self.reserved.__getitem__), kv)
+        self.reserved = {o: p for o, p in self.reserved.items() if kv.is_pinned(o)}
+
+    def _unreserve(self, owner: Owner, kv: KVManager) -> None:
+        self.reserved.pop(owner, None)
+        kv.unpin(owner)
+
     # -- temporal -----------------------------------------------------------------------------
 
     def on_event(self, event: AgentEvent, kv: KVManager, now: float) -> None:
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":
+            priority = self.reserved.get(owner)
+            if priority is not None:  # its cached blocks may go to the host instead
+                self._unreserve(owner, kv)
             decision = self._decide(owner, event.predicted_s, kv, now)
             self.decisions[decision] += 1
+            if priority is not None and decision != "offload":
+                kv.pin(owner)  # kept: reserved again
+                self.reserved[owner] = priority
         elif event.kind == "tool_call.finished" and owner in self.away:
             self.away[owner].upload_at = now  # back early, or on time: the next call is near
             self._upload(owner)
         elif event.kind == "agent.done":
             self.away.pop(owner, None)  # its host copy stays, evictable
+            if owner in self.reserved:
+                self._unreserve(owner, kv)
 
     def on_step(self, kv: KVManager, now: float) -> None:
         for owner, away in list(self.away.items()):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvrt.runtime.engine.protocol import Attribution, GenerateRequest
+from kvrt.runtime.model.checkpoint import load_checkpoint
 from tests.engine.helpers import greedy, make_engine, run
 
 OWNER = ("run-1", "coder")
@@ -25,6 +26,10 @@ def tiny(tiny_checkpoint_dir):
 def call(request_id: str, prompt: list[int], max_tokens: int = 4) -> GenerateRequest:
     return GenerateRequest(request_id, prompt, greedy(max_tokens),
                            attribution=Attribution(*OWNER))
+
+
+def block_bytes(tiny) -> int:
+    return 16 * load_checkpoint(str(tiny)).config.kv_bytes_per_token * 4  # float32
 
 
 def prompt(length: int = 70) -> list[int]:
@@ -122,3 +127,28 @@ def test_moves_run_off_the_engine_thread(tiny) -> None:
         engine.tick()
     assert seen and seen[0].startswith("kvrt-kv-mover") and not engine.moves.in_flight()
     engine.close()
+
+
+def test_a_critical_agents_kv_survives_a_burst_that_evicts_it_under_lru(tiny) -> None:
+    """Priority inversion: the critical-path agent's cached prefix against a burst of
+    low-priority calls that need most of the pool. `lru` evicts it; `tokencake` reserves it."""
+    critical = prompt(64)  # 4 full blocks
+
+    def survives(policy: str) -> int:
+        engine = make_engine(tiny, policy=policy, kv_cache_memory=16 * block_bytes(tiny))
+        first = GenerateRequest("c", critical, greedy(2),
+                                attribution=Attribution("run-1", "critical", priority=1.0))
+        run(engine, [first])
+        burst = [GenerateRequest(f"b{i}", [300 + i] + prompt(47)[1:], greedy(2),
+                                 attribution=Attribution("run-1", f"helper{i}", priority=0.2))
+                 for i in range(5)]
+        # One after another, each leaves 3 blocks cached: the fifth finds none free.
+        for request in burst:
+            run(engine, [request])
+        kept = len(engine.kv.match_prefix(critical, b"").block_ids)
+        engine.check_integrity()
+        engine.close()
+        return kept
+
+    assert survives("lru") == 0  # the oldest cached blocks went first
+    assert survives("tokencake") == 3  # every block the next call can reuse (64 - 1 tokens)

@@ -123,3 +123,42 @@ def test_admission_and_victims_follow_priority_then_arrival() -> None:
 def test_the_config_refuses_nonsense() -> None:
     with pytest.raises(ValueError):
         TokencakeConfig(offload_margin=0.5)
+
+
+def finished(owner, tokens: list[int], priority: float, kv: KVManager) -> Sequence:
+    """A call of `owner` that computed `tokens` and finished: its full blocks sit cached."""
+    request = GenerateRequest("f", tokens, SamplingParams(),
+                              attribution=Attribution(*owner, priority))
+    seq = Sequence(request, BlockTable(BLOCK, owner=owner), arrival=0.0)
+    kv.grow(seq.table, len(tokens))
+    kv.commit(seq.table, tokens, len(tokens), b"")
+    kv.free(seq.table)
+    return seq
+
+
+def test_critical_agents_keep_their_kv_reserved_within_the_budget() -> None:
+    kv = KVManager(16, BLOCK)  # reserve_fraction 0.25: 4 blocks
+    policy = TokencakePolicy()
+    a, b, low = ("run", "a"), ("run", "b"), ("run", "low")
+    policy.on_finish(finished(a, list(range(1, 10)), 1.0, kv), kv)  # 2 keyed blocks
+    policy.on_finish(finished(low, list(range(50, 59)), 0.5, kv), kv)  # not critical
+    policy.on_finish(finished(b, list(range(20, 33)), 1.0, kv), kv)  # 3 more: over budget
+    assert kv.is_pinned(a) and not kv.is_pinned(low) and not kv.is_pinned(b)
+    assert kv.num_pinned() == 2 and policy.reserved == {a: 1.0}
+    kv.check_integrity()
+
+
+def test_a_reservation_ends_at_admission_and_is_lent_under_a_stall() -> None:
+    kv = KVManager(32, BLOCK)
+    policy = TokencakePolicy(TokencakeConfig(reserve_fraction=0.5))
+    a, b = ("run", "a"), ("run", "b")
+    policy.on_finish(finished(a, list(range(1, 10)), 1.0, kv), kv)
+    policy.on_finish(finished(b, list(range(20, 30)), 2.0, kv), kv)  # more important
+    assert kv.is_pinned(a) and kv.is_pinned(b)
+    policy.on_stall(kv, now=0.0)  # the pool is needed: the least important is lent first
+    assert not kv.is_pinned(a) and kv.is_pinned(b) and policy.reserved == {b: 2.0}
+    policy.on_admit(Sequence(GenerateRequest("n", [1], SamplingParams(),
+                                             attribution=Attribution(*b, 2.0)),
+                             BlockTable(BLOCK, owner=b), arrival=1.0), kv)
+    assert not kv.is_pinned(b) and policy.reserved == {}
+    kv.check_integrity()
