@@ -236,6 +236,7 @@ class Engine:
             kv_blocks_in_use_peak=self.kv_blocks_in_use_peak,
             kv_blocks_offloaded=tiers.offloaded_blocks if tiers else 0,
             kv_blocks_uploaded=tiers.uploaded_blocks if tiers else 0,
+            kv_decisions=self.scheduler.policy.kv_decisions(),
         )
 
     def check_integrity(self) -> None:

@@ -91,11 +91,13 @@ class KVManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
                  host_blocks: int = 0) -> None:
         self.pool = BlockPool(num_blocks)
-        # The host tier: offloaded KV, found again by the same keys (none when 0 blocks).
-        self.tiers = KVTiers(self.pool, BlockPool(host_blocks)) if host_blocks else None
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.owners = BlockOwners()
+        # The host tier: offloaded KV, found again by the same keys (none when 0 blocks).
+        self.tiers = None
+        if host_blocks:
+            self.tiers = KVTiers(self.pool, BlockPool(host_blocks), self.owners)
         self.pool.on_drop = self.owners.drop_block
         self.query_tokens = 0  # prefix-cache counters, in tokens
         self.hit_tokens = 0
@@ -241,12 +243,25 @@ class KVManager:
             if self.pool.is_cached(block_id):
                 self.pool.drop_cached(block_id)
                 freed += 1
+        if self.tiers is not None:  # and its host copies no other run owns
+            host = self.tiers.host
+            for block_id in self.tiers.host_owners.release_run(run):
+                if host.is_cached(block_id):
+                    host.drop_cached(block_id)
         return freed
 
     def residency(self, run: str) -> dict[str, AgentResidency]:
         """Per agent of `run`: its device blocks and how many of them others hold too.
         Safe to call from any thread."""
-        return self.owners.residency(run)
+        device = self.owners.residency(run)
+        if self.tiers is None:
+            return device
+        host = self.tiers.host_owners.residency(run)
+        return {agent: AgentResidency(
+            device[agent].device_blocks if agent in device else 0,
+            device[agent].shared_blocks if agent in device else 0,
+            host[agent].device_blocks if agent in host else 0,
+        ) for agent in device.keys() | host.keys()}
 
     def usage(self) -> PoolUsage:
         return self.pool.usage()
@@ -255,7 +270,7 @@ class KVManager:
         """The pool's table, the ledger's maps, and: the ledger names no free block."""
         self.pool.check_integrity()
         if self.tiers is not None:
-            self.tiers.host.check_integrity()
+            self.tiers.check_integrity()
         self.owners.check_integrity()
         for block_id in self.owners.block_ids():
             block = self.pool.blocks[block_id]

@@ -23,6 +23,7 @@ Owner = tuple[str, str]  # (run, agent)
 class AgentResidency:
     device_blocks: int  # blocks holding the agent's KV on the device pool, in use or cached
     shared_blocks: int  # of those, blocks at least one other owner also holds
+    host_blocks: int = 0  # blocks holding its KV on the host tier
 
 
 class BlockOwners:
@@ -50,6 +51,10 @@ class BlockOwners:
             for block_id in block_ids:
                 held.add(block_id)
                 self._owners.setdefault(block_id, set()).add(owner)
+
+    def owners_of(self, block_id: int) -> set[Owner]:
+        with self._lock:
+            return set(self._owners.get(block_id, ()))
 
     def drop_block(self, block_id: int) -> None:
         """The block's content is gone: no owner holds it any more."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from kvrt.runtime.kv.block_pool import BlockPool
+from kvrt.runtime.kv.owners import BlockOwners
 
 
 class Direction(Enum):
@@ -44,8 +45,12 @@ class Move:
 
 
 class KVTiers:
-    def __init__(self, device: BlockPool, host: BlockPool) -> None:
+    def __init__(self, device: BlockPool, host: BlockPool, device_owners: BlockOwners) -> None:
+        """Ownership travels with the content: a block's owners on one tier own its copy on the
+        other once the move lands (`host_owners` is the host's ledger, kept like the device's)."""
         self.device, self.host = device, host
+        self.device_owners, self.host_owners = device_owners, BlockOwners()
+        host.on_drop = self.host_owners.drop_block
         self.offloaded_blocks = self.uploaded_blocks = 0  # completed, since start
         self._arriving: set[bytes] = set()  # keys an unfinished upload brings to the device
 
@@ -98,10 +103,17 @@ class KVTiers:
         """Applies a finished copy (`ok` False leaves the content where it was); returns how
         many blocks are now findable in the target tier."""
         source, target = self._pools(move.direction)
+        if move.direction is Direction.OFFLOAD:
+            source_owners, target_owners = self.device_owners, self.host_owners
+        else:
+            source_owners, target_owners = self.host_owners, self.device_owners
         moved = 0
         for src, dst, key, tokens in zip(move.source, move.target, move.keys, move.token_ids):
             landed = target.finish_move_in(dst, key, tokens, ok)
             moved += landed
+            if landed:
+                for owner in source_owners.owners_of(src):
+                    target_owners.claim(owner, [dst])
             # An offload lets the device copy go once the host holds it; an upload keeps the
             # host's copy (inclusive), so the source is kept there in every case.
             keep = move.direction is Direction.UPLOAD or not landed
@@ -121,3 +133,6 @@ class KVTiers:
     def check_integrity(self) -> None:
         self.device.check_integrity()
         self.host.check_integrity()
+        self.host_owners.check_integrity()
+        for block_id in self.host_owners.block_ids():
+            assert self.host.blocks[block_id].key is not None, f"owned host block {block_id} free"

@@ -71,6 +71,10 @@ class Policy(ABC):
     def on_admit(self, seq: Sequence, kv: KVManager) -> None:  # noqa: B027
         pass
 
+    def kv_decisions(self) -> dict[str, int]:
+        """Counts of the policy's decisions on agents' KV (for metrics); none by default."""
+        return {}
+
     def on_finish(self, seq: Sequence, kv: KVManager) -> None:  # noqa: B027
         pass
 

@@ -93,6 +93,9 @@ class TokencakePolicy(Policy):
 
     # -- temporal -----------------------------------------------------------------------------
 
+    def kv_decisions(self) -> dict[str, int]:
+        return dict(self.decisions)  # one C-level copy: safe against the engine thread
+
     def on_event(self, event: AgentEvent, kv: KVManager, now: float) -> None:
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":

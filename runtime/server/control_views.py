@@ -22,6 +22,7 @@ from kvrt.sdk.protocol.control import (
 class Residency(Protocol):
     device_blocks: int
     shared_blocks: int
+    host_blocks: int
 
 
 def graph_info(entry: GraphEntry) -> GraphInfo:
@@ -67,7 +68,8 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
             requests=len(activity.queued) + len(activity.generating),
             generated_tokens=activity.generated_tokens,
             tool=next(iter(activity.tools), None),
-            kv=KVResidency(device_blocks=kv.device_blocks if kv else 0, host_blocks=0,
+            kv=KVResidency(device_blocks=kv.device_blocks if kv else 0,
+                           host_blocks=kv.host_blocks if kv else 0,
                            shared_blocks=kv.shared_blocks if kv else 0),
         ))
     tools = [

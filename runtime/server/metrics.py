@@ -101,6 +101,15 @@ class ServerMetrics:
         one("kvrt:generation_tokens_total", "counter", "Tokens generated.",
             stats.generation_tokens)
         one("kvrt:num_preemptions_total", "counter", "Requests preempted.", stats.preemptions)
+        one("kvrt:kv_offloaded_blocks_total", "counter",
+            "KV blocks moved from the device to the host tier.", stats.kv_blocks_offloaded)
+        one("kvrt:kv_uploaded_blocks_total", "counter",
+            "KV blocks moved from the host tier back to the device.", stats.kv_blocks_uploaded)
+        family("kvrt:kv_tier_decisions_total", "counter",
+               "The policy's decisions at tool calls: offload, or keep and why.", [
+                   f'kvrt:kv_tier_decisions_total{{{labels},decision="{_escape(d)}"}} {n}'
+                   for d, n in sorted(stats.kv_decisions.items())
+               ])
         family("kvrt:request_success_total", "counter", "Requests finished, by finish reason.", [
             f'kvrt:request_success_total{{{labels},finished_reason="{_escape(reason)}"}} {n}'
             for reason, n in sorted(self.finished.items())

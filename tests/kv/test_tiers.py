@@ -7,6 +7,7 @@ import pytest
 
 from kvrt.runtime.kv.block_pool import BlockPool, OutOfBlocks
 from kvrt.runtime.kv.manager import BlockTable, KVManager
+from kvrt.runtime.kv.owners import AgentResidency
 from kvrt.runtime.kv.tiers import Direction
 
 BLOCK = 4
@@ -143,4 +144,23 @@ def test_a_key_recomputed_while_its_block_was_away_is_not_indexed_twice() -> Non
     kv.tiers.complete(move, ok=False)  # the old copies cannot take their keys back: freed
     assert kv.match_prefix(tokens, b"").block_ids == again
     assert states(kv.pool) == (6, 2, 0, 0)
+    kv.check_integrity()
+
+
+def test_ownership_travels_with_the_content_and_a_run_release_frees_both_tiers() -> None:
+    kv = KVManager(8, BLOCK, host_blocks=8)
+    tokens = list(range(1, 10))
+    assert kv.tiers is not None
+    off = kv.tiers.prepare_offload(cached_prefix(kv, tokens))
+    assert off is not None
+    kv.tiers.complete(off, ok=True)
+    assert kv.residency("run") == {"agent": AgentResidency(0, 0, host_blocks=2)}
+    up = kv.tiers.prepare_upload(off.target)
+    assert up is not None
+    kv.tiers.complete(up, ok=True)
+    assert kv.residency("run") == {"agent": AgentResidency(2, 0, host_blocks=2)}
+    kv.check_integrity()
+    kv.release_run("run")
+    assert kv.residency("run") == {}
+    assert kv.usage().cached == 0 and kv.tiers.host.usage().cached == 0
     kv.check_integrity()

@@ -1,0 +1,97 @@
+"""A live daemon under `--policy tokencake` with a host tier: an agent that starts a long tool
+while the device pool is under pressure has its KV moved to the host, visible in the run's
+state and the metrics, and brought back when the tool returns, for its next call to reuse."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvrt.runtime.config import EngineConfig
+from kvrt.runtime.model.checkpoint import load_checkpoint
+from tests.server.live_server import LiveServer, live_server
+from tests.server.test_server_metrics import parse_metrics
+
+SYSTEM = "You are one of many agents. " * 12  # a prompt of several full KV blocks
+POOL_BLOCKS = 48
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path) -> Iterator[LiveServer]:
+    block_bytes = 16 * load_checkpoint(str(tiny_model)).config.kv_bytes_per_token * 4
+    config = EngineConfig(kv_cache_memory=POOL_BLOCKS * block_bytes,
+                          host_cache_memory=4 * POOL_BLOCKS * block_bytes,
+                          max_model_len=512, max_num_seqs=8, policy="tokencake")
+    yield from live_server(tiny_model, config)
+
+
+def chat(server: LiveServer, run: str, agent: str, system: str, user: str) -> dict[str, Any]:
+    body = {"messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": user}],
+            "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "kvrt": {"run": run, "agent": agent}}
+    reply = server.post("/v1/chat/completions", body)
+    assert reply.status == 200, reply.body
+    return reply.json()["usage"]
+
+
+def event(server: LiveServer, run: str, **body: Any) -> None:
+    reply = server.post(f"/v1/runs/{run}/events", body)
+    assert reply.status == 200, reply.body
+
+
+def stats(server: LiveServer):
+    async def settled():
+        await server.engine.wait_idle()
+        return server.engine.stats()
+
+    return server.call(settled)
+
+
+def until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def kv_of(server: LiveServer, run: str, agent: str) -> dict[str, int]:
+    agents = server.request("GET", f"/v1/runs/{run}").json()["agents"]
+    return {a["name"]: a["kv"] for a in agents}[agent]
+
+
+def test_a_long_tool_under_pressure_sends_the_kv_to_the_host_and_back(server) -> None:
+    graph = server.post("/v1/graphs", {"name": "tc", "agents": [
+        {"name": "coder", "tools": {"tests": 60}}, {"name": "helper"}]}).json()
+    run = server.post("/v1/runs", {"graph_id": graph["id"]}).json()["id"]
+    first = chat(server, run, "coder", SYSTEM, "Write the parser.")
+    held = kv_of(server, run, "coder")["device_blocks"]
+    assert held > 0
+    for i in range(20):  # other work fills the pool with cached KV: under pressure
+        now = stats(server)
+        if now.kv_blocks_total - now.kv_blocks_in_use - now.kv_blocks_cached < POOL_BLOCKS / 4:
+            break
+        chat(server, run, "helper", f"Helper number {i} remembers: " + "facts " * 60, "Go.")
+    event(server, run, type="tool_call.started", agent="coder", tool="tests")
+    until(lambda: stats(server).kv_blocks_offloaded >= held)
+    state = kv_of(server, run, "coder")
+    assert (state["device_blocks"], state["host_blocks"]) == (0, held)
+    _, samples = parse_metrics(server.request("GET", "/metrics").body.decode())
+    labels = frozenset({("model_name", "tiny"), ("decision", "offload")})
+    assert samples[("kvrt:kv_tier_decisions_total", labels)] == 1
+    assert samples[("kvrt:kv_offloaded_blocks_total", frozenset({("model_name", "tiny")}))] == held
+
+    event(server, run, type="tool_call.finished", agent="coder", tool="tests")
+    until(lambda: stats(server).kv_blocks_uploaded >= held)
+    assert kv_of(server, run, "coder")["device_blocks"] == held
+    # Its next call reuses what came back: the whole system prompt's full blocks.
+    again = chat(server, run, "coder", SYSTEM, "Fix the failing test.")
+    system_tokens = len(server.engine.tokenizer.encode_chat([
+        {"role": "system", "content": SYSTEM}]))
+    assert again["prompt_tokens_details"]["cached_tokens"] >= (system_tokens - 16) // 16 * 16 > 0
+    assert first["prompt_tokens"] > system_tokens
+    server.engine.engine.check_integrity()
