@@ -57,8 +57,9 @@ class TierMoves:
         return self.finish_done()
 
     def close(self) -> None:
-        self.wait()
+        """Stops the mover (which lets its copies in flight end) and completes them."""
         self.mover.close()
+        self.finish_done()
 
     def _start(self, move: Move | None) -> Move | None:
         if move is not None:

@@ -23,6 +23,8 @@ from kvrt.runtime.engine.async_engine import _IDLE_WAIT_S, AsyncEngine
 from kvrt.runtime.engine.engine import Engine
 from kvrt.runtime.sim.executor import SimExecutor
 
+_STALL_RETRY_S = 1e-3  # simulated seconds between steps that schedule nothing under a stall
+
 
 class SimAsyncEngine(AsyncEngine):
     def __init__(self, engine: Engine, model_name: str) -> None:
@@ -65,14 +67,28 @@ class SimAsyncEngine(AsyncEngine):
         try:
             while not self._stopping.is_set():
                 self._handle_commands(block=False)
-                if self.engine.has_work():
-                    emitted = self._step()
+                forwards = self._executor.totals.steps
+                busy = self.engine.has_work()
+                emitted = self._step() if busy else []
+                if self._executor.totals.steps > forwards:  # a forward ran: its time passes
                     await asyncio.sleep(self._executor.last_step_seconds)
                     self._deliver(emitted)
-                else:
+                    continue
+                if not busy:
                     self._tick()
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), _IDLE_WAIT_S)
+                # Nothing ran: idle, waiting calls wait for their KV to land, or pins stall the
+                # pool (a policy lets one go per stalled step). Until a command comes, a move
+                # lands, or the policy's next tick; a stall is retried after a short while.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._idle_wait(busy))
         finally:
             self._fail_everything()
+
+    def _idle_wait(self, busy: bool) -> float:
+        wait = _STALL_RETRY_S if busy else _IDLE_WAIT_S
+        moves = self.engine.moves
+        landing = moves.mover.next_landing() if moves is not None else None  # type: ignore[attr-defined]
+        if landing is not None:
+            wait = min(wait, max(0.0, landing - asyncio.get_running_loop().time()))
+        return wait

@@ -27,7 +27,9 @@ from kvrt.runtime.engine.engine import Engine
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.sampler import Sampler
 from kvrt.runtime.engine.scheduler import BatchScheduler
+from kvrt.runtime.engine.tier_moves import TierMoves
 from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.kv.mover import BlockMover
 from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.policy import make_policy
@@ -35,6 +37,7 @@ from kvrt.runtime.sim.cost_model import CostModel
 from kvrt.runtime.sim.executor import SimClock, SimExecutor
 from kvrt.runtime.sim.hardware import Device
 from kvrt.runtime.sim.model_shapes import kv_bytes_per_token, weight_bytes
+from kvrt.runtime.sim.mover import SimMover
 
 KV_RESERVE = 0.10
 MAX_BLOCKS = 1 << 20
@@ -82,12 +85,19 @@ def build_sim_engine(
             f"--max-model-len {max_model_len} exceeds the model's context of "
             f"{shape.max_position} tokens"
         )
-    kv = KVManager(sim_kv_blocks(shape, device, config), config.block_size, config.prefix_caching)
+    block_bytes = config.block_size * kv_bytes_per_token(shape, device.dtype_bytes)
+    host_blocks = min(config.host_cache_memory // block_bytes, MAX_BLOCKS)
+    kv = KVManager(sim_kv_blocks(shape, device, config), config.block_size, config.prefix_caching,
+                   host_blocks)
+    cost_model = CostModel(shape, device)
+    moves = None
+    if kv.tiers is not None:  # copies over the simulated host link
+        moves = TierMoves(kv.tiers, cast(BlockMover, SimMover(cost_model, block_bytes)))
     scheduler = BatchScheduler(
         kv, make_policy(config.policy), config.max_num_seqs, config.max_num_batched_tokens
     )
     executor = SimExecutor(
-        CostModel(shape, device),
+        cost_model,
         clock if advance_clock else None,
         tokenizer.vocab_size,
         exclude_token_ids=tokenizer.eos_token_ids,
@@ -102,4 +112,5 @@ def build_sim_engine(
         tokenizer=tokenizer,
         max_model_len=max_model_len,
         clock=clock.now,
+        moves=moves,
     )

@@ -44,6 +44,7 @@ from kvrt.runtime.sim.virtual_loop import VirtualTimeLoop
 GPU_SHAPE, CPU_SHAPE = "qwen2.5-7b", "smollm2-135m"  # the default shapes (the CPU's: measured)
 # The engine settings of a vLLM-class server on one GPU: 256 sequences, 8k-token steps.
 GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS = 256, 8192
+GPU_HOST_GIB = 128  # pinned host memory per GPU: a 8-GPU server's 1-2 TB of DRAM, shared
 COMPARED = ("jct_mean_s", "jct_p95_s")  # what --compare checks
 TOLERANCE = 0.15  # the bar for cpu-calibrated against the CPU benchmark
 
@@ -57,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"simulated model (default: {GPU_SHAPE}; {CPU_SHAPE} on cpu-calibrated)")
     p.add_argument("--kv-cache-memory", type=size_argument, default=None,
                    help="KV pool (default: 90%% of the device's memory less the weights)")
+    p.add_argument("--host-cache-memory", type=size_argument, default=None,
+                   help=f"host tier for offloaded KV (default: {GPU_HOST_GIB} GiB on a GPU; "
+                        "the bench's under --compare, 1 GiB on cpu-calibrated)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help=f"running batch (default: {GPU_MAX_NUM_SEQS}; "
                         "the CPU engine's on cpu-calibrated)")
@@ -76,12 +80,16 @@ def engine_config(args: argparse.Namespace, bench: dict[str, Any] | None) -> Eng
     settings: dict[str, Any] = {}
     if bench is not None:
         settings = {k: v for k, v in bench["engine"].items()
-                    if k in ("kv_cache_memory", "block_size", "max_num_seqs",
+                    if k in ("kv_cache_memory", "host_cache_memory", "block_size", "max_num_seqs",
                              "max_num_batched_tokens", "prefix_caching", "seed")}
     elif args.device != CPU_CALIBRATED:
         settings = {"max_num_seqs": GPU_MAX_NUM_SEQS,
-                    "max_num_batched_tokens": GPU_MAX_NUM_BATCHED_TOKENS}
-    for flag in ("kv_cache_memory", "max_num_seqs", "max_num_batched_tokens"):
+                    "max_num_batched_tokens": GPU_MAX_NUM_BATCHED_TOKENS,
+                    "host_cache_memory": GPU_HOST_GIB * 2**30}
+    else:
+        settings = {"host_cache_memory": 2**30}
+    for flag in ("kv_cache_memory", "host_cache_memory", "max_num_seqs",
+                 "max_num_batched_tokens"):
         if getattr(args, flag) is not None:
             settings[flag] = getattr(args, flag)
     settings.setdefault("seed", args.seed)

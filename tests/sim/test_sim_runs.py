@@ -193,3 +193,18 @@ def test_a_pool_too_small_for_a_prompt_ends_the_run_with_the_daemons_message(tin
     with pytest.raises(SystemExit, match="kvrt sim: the daemon refused a call.*KV pool holds"):
         main(["sim", "map-reduce", "--quick", "--policies", "lru", "--tokenizer", str(tiny),
               "--kv-cache-memory", "4MiB"])
+
+
+def test_tokencake_moves_kv_over_the_simulated_host_link(tiny) -> None:
+    """Tool calls under pressure (a small pool): tokencake offloads and uploads, each copy
+    taking the cost model's transfer time; the run is repeatable like any other."""
+    workload = make_workload("tool-agents", runs=6, min_workers=3, max_workers=3, turns=2,
+                             system_words=100, tool_median_s=5.0, tool_p95_s=20.0,
+                             min_output_tokens=8, max_output_tokens=16)
+    settings = {"kv_cache_memory": 120 * 16 * 57344, "host_cache_memory": 2**30}  # 120 blocks
+    runs = [simulate(tiny, workload, policy="tokencake", **settings) for _ in range(2)]
+    rows = [summarize(run) for run in runs]
+    assert rows[0] == rows[1]
+    assert rows[0]["offload_bytes"] > 0 and rows[0]["upload_bytes"] > 0
+    lru = summarize(simulate(tiny, workload, policy="lru", **settings))
+    assert lru["offload_bytes"] == 0

@@ -1,0 +1,50 @@
+"""The simulated host link: BlockMover's interface, with no data and simulated copy times.
+
+A move takes `CostModel.transfer_time(bytes)` of simulated time on the event loop's clock; moves
+share one link, so each starts when the previous one ends (a GPU's copy engine in one direction
+is one queue). The copies overlap the engine's steps, as a side stream does, and cost them
+nothing. The engine completes a move once its future is done, as with the real mover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from concurrent.futures import Future
+
+from kvrt.runtime.kv.tiers import Move
+from kvrt.runtime.sim.cost_model import CostModel
+
+
+class SimMover:
+    def __init__(self, cost_model: CostModel, block_bytes: int) -> None:
+        self.cost_model, self.block_bytes = cost_model, block_bytes
+        self.bytes_moved = 0
+        self.seconds = 0.0
+        self._busy_until = 0.0
+        self._in_flight: deque[tuple[float, Future[None]]] = deque()  # in landing order
+
+    def start(self, move: Move) -> Future[None]:
+        loop = asyncio.get_running_loop()
+        num_bytes = len(move) * self.block_bytes
+        seconds = self.cost_model.transfer_time(num_bytes)
+        self._busy_until = max(self._busy_until, loop.time()) + seconds
+        future: Future[None] = Future()
+        loop.call_at(self._busy_until, self._land)
+        self._in_flight.append((self._busy_until, future))
+        self.bytes_moved += num_bytes
+        self.seconds += seconds
+        return future
+
+    def next_landing(self) -> float | None:
+        """The simulated time the next move in flight lands (None: none in flight)."""
+        return self._in_flight[0][0] if self._in_flight else None
+
+    def _land(self) -> None:
+        if self._in_flight:  # (none left if closed meanwhile)
+            self._in_flight.popleft()[1].set_result(None)
+
+    def close(self) -> None:
+        """Lands every move still in flight at once (the simulation is over)."""
+        while self._in_flight:
+            self._in_flight.popleft()[1].set_result(None)
