@@ -108,6 +108,7 @@ class BlockPool:
     def acquire(self, block_id: int) -> None:
         """Adds a reader to a keyed block found by `lookup` (takes it out of the LRU if cached)."""
         block = self.blocks[block_id]
+        assert block_id not in self._in_flight, f"block {block_id} is in flight"
         if block.ref_count == 0:
             del self._cached[block_id]
         block.ref_count += 1
@@ -127,8 +128,8 @@ class BlockPool:
                     self._cached[block_id] = None
 
     def is_cached(self, block_id: int) -> bool:
-        block = self.blocks[block_id]
-        return block.ref_count == 0 and block.key is not None
+        """Unreferenced, keyed and findable (a block moving out keeps its key but is not)."""
+        return block_id in self._cached
 
     def drop_cached(self, block_id: int) -> None:
         """Unkeys a cached block and returns it to the free list (its owner let it go)."""

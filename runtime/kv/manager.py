@@ -200,10 +200,12 @@ class KVManager:
         once per owner. Unkeyed blocks are left alone: they are a live request's partial tail,
         which no later call can find, so pinning them would only hold memory."""
         have = set(self._pins.get(owner, ()))
+        pool = self.pool
         new = [
             block_id
             for block_id in sorted(self.owners.blocks_of(owner))
-            if block_id not in have and self.pool.blocks[block_id].key is not None
+            if block_id not in have and pool.blocks[block_id].key is not None
+            and not pool.is_in_flight(block_id)  # on its way to the host: nothing to keep here
         ]
         for block_id in new:
             self.pool.acquire(block_id)  # a cached block leaves the LRU: it cannot be evicted

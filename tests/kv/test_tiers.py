@@ -164,3 +164,15 @@ def test_ownership_travels_with_the_content_and_a_run_release_frees_both_tiers()
     assert kv.residency("run") == {}
     assert kv.usage().cached == 0 and kv.tiers.host.usage().cached == 0
     kv.check_integrity()
+
+
+def test_blocks_already_moving_are_neither_moved_again_nor_pinned() -> None:
+    kv = KVManager(8, BLOCK, host_blocks=8)
+    blocks = cached_prefix(kv, list(range(1, 10)))
+    assert kv.tiers is not None
+    move = kv.tiers.prepare_offload(blocks)
+    assert move is not None and not kv.pool.is_cached(blocks[0])
+    assert kv.tiers.prepare_offload(blocks) is None  # in flight already: not cached
+    assert kv.pin(("run", "agent")) == 0 and not kv.is_pinned(("run", "agent"))
+    kv.tiers.complete(move, ok=True)
+    kv.check_integrity()

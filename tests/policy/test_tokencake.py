@@ -48,10 +48,12 @@ def test_a_long_tool_under_pressure_offloads_and_the_upload_lands_before_it_retu
     blocks = sorted(kv.owners.blocks_of(CODER))
     policy.on_event(started(10.0), kv, now=100.0)
     assert policy.decisions == {"offload": 1}
+    # No copy observed yet when it decided: the prior bandwidth priced the upload.
+    copy = CONFIG.copy_latency_s + 2 * moves.mover.block_bytes / CONFIG.prior_bandwidth
+    upload_at = 100.0 + 10.0 - copy - CONFIG.upload_lead_s
+    assert policy.away[CODER].upload_at == pytest.approx(upload_at)
     moves.wait()
     assert kv.owners.blocks_of(CODER) == set() and kv.tiers.host.usage().cached == 2
-    copy = policy.copy_s(2 * moves.mover.block_bytes)
-    upload_at = 100.0 + 10.0 - copy - CONFIG.upload_lead_s
     policy.on_step(kv, now=upload_at - 0.01)
     assert not moves.in_flight()  # not yet
     policy.on_step(kv, now=upload_at)
