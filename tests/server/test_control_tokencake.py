@@ -14,6 +14,8 @@ import pytest
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.model.checkpoint import load_checkpoint
 from tests.server.live_server import LiveServer, live_server
+from tests.server.test_control_ttl import _event as event
+from tests.server.test_control_ttl import _stats as stats
 from tests.server.test_server_metrics import parse_metrics
 
 SYSTEM = "You are one of many agents. " * 12  # a prompt of several full KV blocks
@@ -37,19 +39,6 @@ def chat(server: LiveServer, run: str, agent: str, system: str, user: str) -> di
     reply = server.post("/v1/chat/completions", body)
     assert reply.status == 200, reply.body
     return reply.json()["usage"]
-
-
-def event(server: LiveServer, run: str, **body: Any) -> None:
-    reply = server.post(f"/v1/runs/{run}/events", body)
-    assert reply.status == 200, reply.body
-
-
-def stats(server: LiveServer):
-    async def settled():
-        await server.engine.wait_idle()
-        return server.engine.stats()
-
-    return server.call(settled)
 
 
 def until(condition, seconds: float = 10.0) -> None:
