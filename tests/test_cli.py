@@ -29,18 +29,20 @@ def test_serve_defaults_come_from_the_configs() -> None:
 def test_serve_flags_reach_the_config() -> None:
     args = build_parser().parse_args([
         "serve", "--model", "/m", "--host", "0.0.0.0", "--port", "0", "--device", "cpu",
-        "--dtype", "bfloat16", "--kv-cache-memory", "2GiB", "--max-model-len", "4096",
+        "--dtype", "bfloat16", "--kv-cache-memory", "2GiB", "--host-cache-memory", "8GiB",
+        "--max-model-len", "4096",
         "--max-num-seqs", "8", "--max-num-batched-tokens", "1024", "--block-size", "32",
-        "--policy", "lru", "--kernels", "torch", "--served-model-name", "m",
+        "--policy", "tokencake", "--kernels", "torch", "--served-model-name", "m",
         "--log-level", "debug", "--no-prefix-caching", "--seed", "3",
         "--seconds-per-output-token", "0.05", "--max-live-runs", "10",
     ])
     assert serve_config(args) == ServeConfig(
         host="0.0.0.0", port=0, log_level="debug", served_model_name="m",
         engine=EngineConfig(model="/m", device="cpu", dtype="bfloat16",
-                            kv_cache_memory=2 * 1024**3, block_size=32, max_model_len=4096,
+                            kv_cache_memory=2 * 1024**3, host_cache_memory=8 * 1024**3,
+                            block_size=32, max_model_len=4096,
                             max_num_seqs=8, max_num_batched_tokens=1024, prefix_caching=False,
-                            policy="lru", kernels="torch", seed=3),
+                            policy="tokencake", kernels="torch", seed=3),
         control=ControlConfig(seconds_per_output_token=0.05, max_live_runs=10),
     )
 
@@ -49,6 +51,7 @@ def test_serve_flags_reach_the_config() -> None:
     (["serve", "--device", "tpu"], "--device"),
     (["serve", "--policy", "fifo"], "--policy"),
     (["serve", "--kv-cache-memory", "lots"], "not a size"),
+    (["serve", "--host-cache-memory", "lots"], "not a size"),
     (["serve", "--port", "http"], "--port"),
     (["serve", "--port", "70000"], "port must be in 0..65535"),
     (["serve", "--max-num-seqs", "0"], "max_num_seqs must be positive"),
