@@ -139,9 +139,9 @@ class AsyncEngine:
                 else:
                     self._tick()
         finally:  # stopping, or a bug escaped: no stream may wait forever
-            self._fail_everything()
+            self._shut_down()
 
-    def _fail_everything(self) -> None:
+    def _shut_down(self) -> None:
         reason = "is shutting down" if self._stopping.is_set() else "thread failed"
         for request_id in self.engine.fail_all():
             self._deliver_error(request_id, EngineError(f"the engine {reason}"))

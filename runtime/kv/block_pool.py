@@ -84,6 +84,13 @@ class BlockPool:
 
     def allocate(self, count: int) -> list[int]:
         """Hands out `count` blocks with ref_count 1 and no key."""
+        taken = self._take(count)
+        for block_id in taken:
+            self.blocks[block_id].ref_count = 1
+        return taken
+
+    def _take(self, count: int) -> list[int]:
+        """`count` unkeyed blocks off the free list, evicting the oldest cached ones after."""
         if count > self.num_allocatable():
             raise OutOfBlocks(f"need {count} blocks, {self.num_allocatable()} allocatable")
         taken = []
@@ -95,7 +102,6 @@ class BlockPool:
                 self._unkey(self.blocks[block_id])
                 self.evictions += 1
                 self._dropped(block_id)
-            self.blocks[block_id].ref_count = 1
             taken.append(block_id)
         return taken
 
@@ -178,10 +184,8 @@ class BlockPool:
 
     def begin_move_in(self, count: int) -> list[int]:
         """`count` blocks to receive content from another tier (evicting like `allocate`)."""
-        taken = self.allocate(count)
-        for block_id in taken:
-            self.blocks[block_id].ref_count = 0
-            self._in_flight.add(block_id)
+        taken = self._take(count)
+        self._in_flight.update(taken)
         return taken
 
     def finish_move_in(self, block_id: int, key: bytes, token_ids: tuple[int, ...],

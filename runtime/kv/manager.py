@@ -110,36 +110,34 @@ class KVManager:
     def match_prefix(self, token_ids: list[int], salt: bytes) -> PrefixMatch:
         """Longest run of cached full blocks that prefixes `token_ids`, leaving at least one
         token to compute (its logits are needed). Found blocks are not yet acquired."""
-        usable = (len(token_ids) - 1) // self.block_size if self.prefix_caching else 0
-        found: list[int] = []
-        parent = ROOT_KEY
-        for index in range(usable):
-            tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
-            key = block_key(parent, salt, tokens)
-            block_id = self.pool.lookup(key, tokens)
-            if block_id is None:
-                break
-            found.append(block_id)
-            parent = key
+        found, parent, _ = self._chain(self.pool, token_ids, salt, 0, ROOT_KEY)
         return PrefixMatch(found, parent)
 
     def match_host(self, token_ids: list[int], salt: bytes, match: PrefixMatch) -> HostMatch:
         """The full blocks after `match` that the host tier holds (the same usable limit as
         `match_prefix`), up to the first it lacks; `arriving` when that one is being uploaded."""
-        if self.tiers is None or not self.prefix_caching:
+        if self.tiers is None:
             return HostMatch([], False)
-        usable = (len(token_ids) - 1) // self.block_size
+        found, _, missing = self._chain(self.tiers.host, token_ids, salt, match.num_blocks,
+                                        match.last_key)
+        return HostMatch(found, missing is not None and self.tiers.is_arriving(missing))
+
+    def _chain(self, pool: BlockPool, token_ids: list[int], salt: bytes, start: int,
+               parent: bytes) -> tuple[list[int], bytes, bytes | None]:
+        """Walks the full blocks of `token_ids` from block `start` (whose parent key is
+        `parent`) while `pool` holds each: the blocks found, the last found key, and the key of
+        the first block it lacks (None when the usable blocks ran out first)."""
+        usable = (len(token_ids) - 1) // self.block_size if self.prefix_caching else 0
         found: list[int] = []
-        parent = match.last_key
-        for index in range(match.num_blocks, usable):
+        for index in range(start, usable):
             tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
             key = block_key(parent, salt, tokens)
-            block_id = self.tiers.host_lookup(key, tokens)
+            block_id = pool.lookup(key, tokens)
             if block_id is None:
-                return HostMatch(found, self.tiers.is_arriving(key))
+                return found, parent, key
             found.append(block_id)
             parent = key
-        return HostMatch(found, False)
+        return found, parent, None
 
     def adopt_prefix(self, table: BlockTable, match: PrefixMatch) -> None:
         """Acquires the matched blocks into an empty table."""
@@ -240,17 +238,9 @@ class KVManager:
         owners'."""
         for owner in [o for o in self._pins if o[0] == run]:
             self.unpin(owner)
-        freed = 0
-        for block_id in self.owners.release_run(run):
-            if self.pool.is_cached(block_id):
-                self.pool.drop_cached(block_id)
-                freed += 1
         if self.tiers is not None:  # and its host copies no other run owns
-            host = self.tiers.host
-            for block_id in self.tiers.host_owners.release_run(run):
-                if host.is_cached(block_id):
-                    host.drop_cached(block_id)
-        return freed
+            _drop_orphans(self.tiers.host, self.tiers.host_owners.release_run(run))
+        return _drop_orphans(self.pool, self.owners.release_run(run))
 
     def residency(self, run: str) -> dict[str, AgentResidency]:
         """Per agent of `run`: its device blocks and how many of them others hold too.
@@ -295,3 +285,11 @@ class KVManager:
     def _claim(self, table: BlockTable, block_ids: list[int]) -> None:
         if table.owner is not None and block_ids:
             self.owners.claim(table.owner, block_ids)
+
+
+def _drop_orphans(pool: BlockPool, orphans: list[int]) -> int:
+    """Frees the cached blocks among those no owner holds now; returns how many."""
+    cached = [block_id for block_id in orphans if pool.is_cached(block_id)]
+    for block_id in cached:
+        pool.drop_cached(block_id)
+    return len(cached)

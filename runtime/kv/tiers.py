@@ -57,9 +57,6 @@ class KVTiers:
     def is_arriving(self, key: bytes) -> bool:
         return key in self._arriving
 
-    def host_lookup(self, key: bytes, token_ids: tuple[int, ...]) -> int | None:
-        return self.host.lookup(key, token_ids)
-
     def prepare_offload(self, block_ids: list[int]) -> Move | None:
         """Plans copying these device blocks to the host: only cached ones (no reader), only
         those the host lacks, as many as the host can take. None if there is nothing to copy.
@@ -74,39 +71,34 @@ class KVTiers:
                 self.device.drop_cached(block_id)
             else:
                 moving.append(block_id)
-        moving = moving[: self.host.num_allocatable()]
-        if not moving:
-            return None
-        keys = [self.device.blocks[b].key for b in moving]
-        tokens = [self.device.blocks[b].token_ids for b in moving]
-        for block_id in moving:
-            self.device.begin_move_out(block_id)
-        target = self.host.begin_move_in(len(moving))
-        return Move(Direction.OFFLOAD, moving, target, keys, tokens)  # type: ignore[arg-type]
+        return self._plan(Direction.OFFLOAD, moving)
 
     def prepare_upload(self, host_block_ids: list[int]) -> Move | None:
         """Plans copying these cached host blocks to the device (as many as it can take now,
         in order: a prefix stays a prefix). None if nothing can move."""
-        moving = [b for b in host_block_ids if self.host.is_cached(b)]
-        moving = moving[: self.device.num_allocatable()]
+        move = self._plan(Direction.UPLOAD, [b for b in host_block_ids if self.host.is_cached(b)])
+        if move is not None:
+            self._arriving.update(move.keys)
+        return move
+
+    def _plan(self, direction: Direction, cached: list[int]) -> Move | None:
+        """Puts as many of these cached source blocks as the target can take in flight, with
+        as many target blocks to receive them."""
+        source, _, target, _ = self._sides(direction)
+        moving = cached[: target.num_allocatable()]
         if not moving:
             return None
-        keys = [self.host.blocks[b].key for b in moving]
-        tokens = [self.host.blocks[b].token_ids for b in moving]
+        keys = [source.blocks[b].key for b in moving]
+        tokens = [source.blocks[b].token_ids for b in moving]
         for block_id in moving:
-            self.host.begin_move_out(block_id)
-        target = self.device.begin_move_in(len(moving))
-        self._arriving.update(keys)  # type: ignore[arg-type]
-        return Move(Direction.UPLOAD, moving, target, keys, tokens)  # type: ignore[arg-type]
+            source.begin_move_out(block_id)
+        return Move(direction, moving, target.begin_move_in(len(moving)), keys,  # type: ignore[arg-type]
+                    tokens)
 
     def complete(self, move: Move, ok: bool) -> int:
         """Applies a finished copy (`ok` False leaves the content where it was); returns how
         many blocks are now findable in the target tier."""
-        source, target = self._pools(move.direction)
-        if move.direction is Direction.OFFLOAD:
-            source_owners, target_owners = self.device_owners, self.host_owners
-        else:
-            source_owners, target_owners = self.host_owners, self.device_owners
+        source, source_owners, target, target_owners = self._sides(move.direction)
         moved = 0
         for src, dst, key, tokens in zip(move.source, move.target, move.keys, move.token_ids):
             landed = target.finish_move_in(dst, key, tokens, ok)
@@ -125,10 +117,12 @@ class KVTiers:
             self._arriving.difference_update(move.keys)
         return moved
 
-    def _pools(self, direction: Direction) -> tuple[BlockPool, BlockPool]:
-        if direction is Direction.OFFLOAD:
-            return self.device, self.host
-        return self.host, self.device
+    def _sides(self, direction: Direction
+               ) -> tuple[BlockPool, BlockOwners, BlockPool, BlockOwners]:
+        """(source pool, its owners, target pool, its owners) of a move this way."""
+        device, host = (self.device, self.device_owners), (self.host, self.host_owners)
+        source, target = (device, host) if direction is Direction.OFFLOAD else (host, device)
+        return (*source, *target)
 
     def check_integrity(self) -> None:
         self.device.check_integrity()

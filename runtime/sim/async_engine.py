@@ -83,7 +83,7 @@ class SimAsyncEngine(AsyncEngine):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._idle_wait(busy))
         finally:
-            self._fail_everything()
+            self._shut_down()
 
     def _idle_wait(self, busy: bool) -> float:
         wait = _STALL_RETRY_S if busy else _IDLE_WAIT_S
