@@ -53,33 +53,26 @@ def unpack_blocks_ref(kv_pool: Tensor, block_ids: Tensor, packed: Tensor) -> Non
 
 
 def pack_blocks_triton(kv_pool: Tensor, block_ids: Tensor, out: Tensor) -> None:
-    check_block_copy_args(kv_pool, block_ids, out)
-    grid, block_numel = _launch_grid(kv_pool, block_ids, out)
-    if block_ids.shape[0] == 0:
-        return
-    triton_kernels().pack_blocks_kernel[grid](
-        kv_pool, out, block_ids, block_numel, block_ids.stride(0), CHUNK=CHUNK
-    )
+    _launch("pack_blocks_kernel", kv_pool, block_ids, out)
 
 
 def unpack_blocks_triton(kv_pool: Tensor, block_ids: Tensor, packed: Tensor) -> None:
-    check_block_copy_args(kv_pool, block_ids, packed)
-    grid, block_numel = _launch_grid(kv_pool, block_ids, packed)
-    if block_ids.shape[0] == 0:
-        return
-    triton_kernels().unpack_blocks_kernel[grid](
-        kv_pool, packed, block_ids, block_numel, block_ids.stride(0), CHUNK=CHUNK
-    )
+    _launch("unpack_blocks_kernel", kv_pool, block_ids, packed)
 
 
-def _launch_grid(kv_pool: Tensor, block_ids: Tensor, buffer: Tensor) -> tuple[tuple[int, int], int]:
-    """The Triton-only checks; returns the grid (block, chunk) and the elements per block."""
+def _launch(kernel: str, kv_pool: Tensor, block_ids: Tensor, buffer: Tensor) -> None:
+    """Both kernels take (pool, buffer, ids, ...) over a grid of (block, chunk of a block)."""
+    check_block_copy_args(kv_pool, block_ids, buffer)
     assert kv_pool.dtype in (torch.float32, torch.float16, torch.bfloat16), "unsupported dtype"
     check_launch_device(kv_pool, block_ids, buffer)
     block_numel = math.prod(kv_pool.shape[1:])
     chunks = -(-block_numel // CHUNK)
     assert chunks <= _MAX_GRID_Y, f"a block of {block_numel} elements needs a bigger CHUNK"
-    return (block_ids.shape[0], chunks), block_numel
+    if block_ids.shape[0] == 0:
+        return
+    getattr(triton_kernels(), kernel)[(block_ids.shape[0], chunks)](
+        kv_pool, buffer, block_ids, block_numel, block_ids.stride(0), CHUNK=CHUNK
+    )
 
 
 def coalesce_runs(block_ids: list[int]) -> list[tuple[int, int]]:

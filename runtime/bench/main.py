@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -110,8 +110,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 async def compare_policies(args: argparse.Namespace, workload: Workload, config: ServeConfig,
                            machine: dict[str, Any], make_engine: EngineFactory = real_engine,
-                           extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Runs the workload once per policy, then the SLO sweep if asked; writes the report."""
+                           extra: dict[str, Any] | None = None,
+                           annotate: Callable[[dict[str, Any]], None] | None = None
+                           ) -> dict[str, Any]:
+    """Runs the workload once per policy, then the SLO sweep if asked; `annotate` may add to
+    the results (kvrt sim's comparison) before the report is written."""
     from tqdm import tqdm  # the `bench` extra
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -135,6 +138,8 @@ async def compare_policies(args: argparse.Namespace, workload: Workload, config:
         for policy in policies:
             results["policies"][policy]["max_agents_within_slo"] = await _sweep(
                 args, workload, with_policy(config, policy), make_engine)
+    if annotate is not None:
+        annotate(results)
     out = Path(args.out or f"bench-out/{args.workload}")
     write_report(out, results, {p: _timeline(run) for p, run in runs.items()})
     print((out / "results.md").read_text())

@@ -53,7 +53,23 @@ def markdown(results: dict[str, Any]) -> str:
               f"computed once, wherever it sits), {ideal['kv_bytes'] / 2**20:.1f} MiB of distinct "
               f"KV; exact prefix reuse at best: {ideal['prefill_tokens_prefix_reuse']:,} prefill "
               "tokens.", ""]
+    if "comparison" in results:
+        lines.append(comparison_markdown(results["comparison"]))
     return "\n".join(lines)
+
+
+def comparison_markdown(comparison: dict[str, Any]) -> str:
+    lines = [f"## Against `{comparison['against']}` ({comparison['bench_machine']})", "",
+             "| policy | metric | bench (s) | sim (s) | error |", "|---|---|---:|---:|---:|"]
+    for policy, row in comparison["policies"].items():
+        for key, m in row.items():
+            lines.append(f"| {policy} | {key} | {m['bench']:.2f} | {m['sim']:.2f} | "
+                         f"{m['error']:+.1%} |")
+    verdict = "within" if comparison["within_tolerance"] else "NOT within"
+    lines += ["", f"Largest error {comparison['max_abs_error']:.1%}: {verdict} "
+              f"{comparison['tolerance']:.0%}.", ""]
+    return "\n".join(lines)
+
 
 
 def _cell(value: Any, scale: float, fmt: str) -> str:

@@ -142,6 +142,7 @@ class AsyncEngine:
             self._shut_down()
 
     def _shut_down(self) -> None:
+        """Fails what is in flight, answers what is queued, lets the KV moves land."""
         reason = "is shutting down" if self._stopping.is_set() else "thread failed"
         for request_id in self.engine.fail_all():
             self._deliver_error(request_id, EngineError(f"the engine {reason}"))

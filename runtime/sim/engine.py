@@ -59,8 +59,12 @@ def kv_cache_bytes(shape: ModelConfig, device: Device, config: EngineConfig) -> 
     return budget
 
 
+def sim_block_bytes(shape: ModelConfig, device: Device, config: EngineConfig) -> int:
+    return config.block_size * kv_bytes_per_token(shape, device.dtype_bytes)
+
+
 def sim_kv_blocks(shape: ModelConfig, device: Device, config: EngineConfig) -> int:
-    block_bytes = config.block_size * kv_bytes_per_token(shape, device.dtype_bytes)
+    block_bytes = sim_block_bytes(shape, device, config)
     blocks = kv_cache_bytes(shape, device, config) // block_bytes
     if blocks < 1:
         raise ConfigError(f"the KV budget holds no block of {block_bytes} bytes")
@@ -85,7 +89,7 @@ def build_sim_engine(
             f"--max-model-len {max_model_len} exceeds the model's context of "
             f"{shape.max_position} tokens"
         )
-    block_bytes = config.block_size * kv_bytes_per_token(shape, device.dtype_bytes)
+    block_bytes = sim_block_bytes(shape, device, config)
     host_blocks = min(config.host_cache_memory // block_bytes, MAX_BLOCKS)
     kv = KVManager(sim_kv_blocks(shape, device, config), config.block_size, config.prefix_caching,
                    host_blocks)

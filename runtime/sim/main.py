@@ -36,9 +36,9 @@ from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.sim.async_engine import SimAsyncEngine
-from kvrt.runtime.sim.engine import build_sim_engine, kv_cache_bytes
+from kvrt.runtime.sim.engine import build_sim_engine, kv_cache_bytes, sim_block_bytes
 from kvrt.runtime.sim.hardware import CPU_CALIBRATED, Device, device_names, get_device
-from kvrt.runtime.sim.model_shapes import get_shape, kv_bytes_per_token, shape_names
+from kvrt.runtime.sim.model_shapes import get_shape, shape_names
 from kvrt.runtime.sim.virtual_loop import VirtualTimeLoop
 
 GPU_SHAPE, CPU_SHAPE = "qwen2.5-7b", "smollm2-135m"  # the default shapes (the CPU's: measured)
@@ -101,8 +101,7 @@ def sim_engine_factory(shape: ModelConfig, device: Device, tokenizer: Tokenizer,
     def make(config: EngineConfig) -> tuple[AsyncEngine, int]:
         engine = build_sim_engine(shape, device, config, tokenizer, loop.clock,
                                   advance_clock=False)
-        block_bytes = config.block_size * kv_bytes_per_token(shape, device.dtype_bytes)
-        return SimAsyncEngine(engine, "bench"), block_bytes
+        return SimAsyncEngine(engine, "bench"), sim_block_bytes(shape, device, config)
 
     return make
 
@@ -150,29 +149,13 @@ async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None) -> di
     extra = {"sim": {"device": device.name, "model_shape": shape_name,
                      "kv_cache_bytes": kv_cache_bytes(shape, device, config.engine),
                      "device_spec": asdict(device)}}
-    results = await compare_policies(args, workload, config, simulated_machine(device, shape_name),
-                                     make_engine, extra)
-    if bench is not None:
+
+    def compare(results: dict[str, Any]) -> None:
+        assert bench is not None
         results["comparison"] = comparison(bench, results, args.compare)
-        out = Path(args.out or f"bench-out/{args.workload}")
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(comparison_markdown(results["comparison"]))
-        with (out / "results.md").open("a") as md:
-            md.write(comparison_markdown(results["comparison"]))
-    return results
 
-
-def comparison_markdown(comparison: dict[str, Any]) -> str:
-    lines = [f"## Against `{comparison['against']}` ({comparison['bench_machine']})", "",
-             "| policy | metric | bench (s) | sim (s) | error |", "|---|---|---:|---:|---:|"]
-    for policy, row in comparison["policies"].items():
-        for key, m in row.items():
-            lines.append(f"| {policy} | {key} | {m['bench']:.2f} | {m['sim']:.2f} | "
-                         f"{m['error']:+.1%} |")
-    verdict = "within" if comparison["within_tolerance"] else "NOT within"
-    lines += ["", f"Largest error {comparison['max_abs_error']:.1%}: {verdict} "
-              f"{comparison['tolerance']:.0%}.", ""]
-    return "\n".join(lines)
+    return await compare_policies(args, workload, config, simulated_machine(device, shape_name),
+                                  make_engine, extra, compare if bench is not None else None)
 
 
 def run(args: argparse.Namespace) -> int:
