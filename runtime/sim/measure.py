@@ -59,7 +59,7 @@ class Sample:
     disturbed: bool = False  # other processes used the CPU during the step
 
 
-class _Recorder:
+class StepRecorder:
     """Wraps the engine's executor to note each step's parts."""
 
     def __init__(self, inner) -> None:
@@ -83,7 +83,7 @@ class _Driver:
         self, engine: Engine, repeats: int, max_attempts: int, wait_budget: float, seed: int = 0
     ) -> None:
         self.engine = engine
-        self.recorder = _Recorder(engine.executor)
+        self.recorder = StepRecorder(engine.executor)
         engine.executor = self.recorder  # type: ignore[assignment]
         self.repeats, self.max_attempts, self.wait_budget = repeats, max_attempts, wait_budget
         self.gen = torch.Generator().manual_seed(seed)

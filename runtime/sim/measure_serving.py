@@ -20,7 +20,7 @@ from kvrt.runtime.bench.workloads import make_workload
 from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.engine.engine import Engine
-from kvrt.runtime.sim.measure import Sample, _Recorder
+from kvrt.runtime.sim.measure import Sample, StepRecorder
 
 # Batches of 1 to ~12 sequences, prefills and chunks of 100-600 tokens; tools kept short.
 SERVING_WORKLOADS: list[tuple[str, dict]] = [
@@ -36,7 +36,7 @@ SERVING_WORKLOADS: list[tuple[str, dict]] = [
 
 def record_steps(engine: Engine, out: list[Sample]) -> None:
     """Wraps `engine.step` so that each step that ran a forward appends its parts and time."""
-    recorder = _Recorder(engine.executor)
+    recorder = StepRecorder(engine.executor)
     engine.executor = recorder  # type: ignore[assignment]
     step = engine.step
 
