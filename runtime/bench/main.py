@@ -63,6 +63,9 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiplies every tool duration (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--param", action="append", default=[], type=param_argument,
+                   metavar="KEY=VALUE", help="set any parameter of the workload (repeatable; "
+                   "the names are in the report's params, e.g. tool_output_words=400)")
     p.add_argument("--quick", action="store_true", help="a small run (a couple of minutes)")
     p.add_argument("--out", default=None, help="report folder (default: bench-out/WORKLOAD)")
     p.add_argument("--log-level", default="warning",
@@ -78,10 +81,20 @@ def size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def param_argument(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
 def workload_from(args: argparse.Namespace) -> Workload:
-    return make_workload(args.workload, quick=args.quick, agents=args.agents,
-                         rounds=args.rounds, turns=args.rounds, runs=args.runs, seed=args.seed,
-                         path=args.trace)
+    try:
+        return make_workload(args.workload, quick=args.quick, settings=dict(args.param),
+                             agents=args.agents, rounds=args.rounds, turns=args.rounds,
+                             runs=args.runs, seed=args.seed, path=args.trace)
+    except ValueError as exc:
+        raise SystemExit(f"kvrt: --param: {exc}") from None
 
 
 def config_from(args: argparse.Namespace) -> ServeConfig:

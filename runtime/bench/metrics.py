@@ -67,6 +67,7 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "kv_bytes_per_agent": (statistics.fmean(per_agent) if per_agent else 0.0) * bb,
         "offload_bytes": run.offload_bytes,
         "upload_bytes": run.upload_bytes,
+        "backup_bytes": run.backup_bytes,
         "preemptions": run.preemptions,
         "calls": len(calls),
         "jobs": len(jct),

@@ -48,6 +48,7 @@ class PolicyRun:
     peak_in_use_blocks: int = 0  # the engine's own peak, seen at every step (samples miss some)
     offload_bytes: int = 0  # moved to the host tier, and back
     upload_bytes: int = 0
+    backup_bytes: int = 0  # copied to the host tier and kept on the device
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -106,7 +107,8 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         calls=session.calls, jobs=session.jobs, samples=samples, tokens=engine.tokens,
         preemptions=stats.preemptions, wall_s=wall, peak_in_use_blocks=stats.kv_blocks_in_use_peak,
         offload_bytes=stats.kv_blocks_offloaded * block_bytes,
-        upload_bytes=stats.kv_blocks_uploaded * block_bytes)
+        upload_bytes=stats.kv_blocks_uploaded * block_bytes,
+        backup_bytes=stats.kv_blocks_backed_up * block_bytes)
 
 
 async def _sample(engine: AsyncEngine, out: list[KVSample]) -> None:

@@ -135,11 +135,10 @@ class Engine:
 
     def offload(self, owner: tuple[str, str]) -> int:
         """Starts moving the owner's cached KV (blocks no request reads) to the host tier;
-        returns how many blocks are on their way (0 without a host tier)."""
+        returns how many blocks leave the device (0 without a host tier)."""
         if self.moves is None:
             return 0
-        move = self.moves.offload(sorted(self.kv.owners.blocks_of(owner)))
-        return 0 if move is None else len(move)
+        return len(self.moves.offload(sorted(self.kv.owners.blocks_of(owner))))
 
     def close(self) -> None:
         """Lets the KV moves in flight land and stops the mover's thread."""
@@ -184,10 +183,13 @@ class Engine:
         tokens = self.sampler.sample(
             logits, [c.seq.request.params for c in sampling], [c.seq.generator for c in sampling]
         )
+        keyed: list[int] = []
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed += chunk.num_tokens
-            self.kv.commit(seq.table, seq.token_ids, seq.num_computed, seq.request.salt)
+            keyed += self.kv.commit(seq.table, seq.token_ids, seq.num_computed, seq.request.salt)
+        if keyed:
+            self.scheduler.policy.on_keyed(keyed, self.kv)
         return [self._append(chunk, token) for chunk, token in zip(sampling, tokens)]
 
     def _append(self, chunk: Chunk, token: int) -> Emitted:
@@ -236,6 +238,7 @@ class Engine:
             kv_blocks_in_use_peak=self.kv_blocks_in_use_peak,
             kv_blocks_offloaded=tiers.offloaded_blocks if tiers else 0,
             kv_blocks_uploaded=tiers.uploaded_blocks if tiers else 0,
+            kv_blocks_backed_up=tiers.backed_up_blocks if tiers else 0,
             kv_decisions=self.scheduler.policy.kv_decisions(),
         )
 

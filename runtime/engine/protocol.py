@@ -104,6 +104,7 @@ class EngineStats:
     kv_blocks_in_use_peak: int = 0  # the most in use at any step since start
     kv_blocks_offloaded: int = 0  # moved to the host tier since start
     kv_blocks_uploaded: int = 0  # moved back from it
+    kv_blocks_backed_up: int = 0  # copied to it, and kept on the device
     kv_decisions: dict[str, int] = field(default_factory=dict)  # the policy's, at tool calls
 
 

@@ -88,8 +88,17 @@ class BatchScheduler:
         match = self.kv.match_prefix(seq.token_ids, seq.request.salt)
         if self.request_upload is not None:
             host = self.kv.match_host(seq.token_ids, seq.request.salt, match)
-            if host.arriving or (host.block_ids and self.request_upload(host.block_ids)):
+            if host.arriving:
                 return None  # its KV is on its way up: admitted once it has landed
+            if host.block_ids:
+                # Brought up only if it could then be admitted: uploaded blocks sit cached,
+                # and the growth of the running would evict them again before it is.
+                loaded = (match.num_blocks + len(host.block_ids)) * self.kv.block_size
+                count = min(len(seq.token_ids) - loaded, budget)
+                if not self.kv.can_admit(match, loaded + count):
+                    return None
+                if self.request_upload(host.block_ids):
+                    return None
         computed = match.num_blocks * self.kv.block_size
         count = min(len(seq.token_ids) - computed, budget)
         # Checked before adopting, so a refused admission leaves the cached blocks untouched

@@ -23,10 +23,20 @@ class TierMoves:
         self._pending: list[tuple[Move, Future[None]]] = []
         self.failed = 0
 
-    def offload(self, block_ids: list[int]) -> Move | None:
-        """Starts copying these device blocks (the cached ones the host lacks) to the host;
-        returns the move on its way, if any."""
-        return self._start(self.tiers.prepare_offload(block_ids))
+    def offload(self, block_ids: list[int]) -> list[int]:
+        """Moves these device blocks (the cached ones) to the host: those it holds already
+        leave the device now, the others are copied first. Returns the host blocks that hold,
+        or will hold, their content, in order (in flight until the copy lands)."""
+        copies = self.tiers.host_copies(block_ids)
+        move = self._start(self.tiers.prepare_offload(block_ids))
+        if move is not None:
+            copies.update(zip(move.source, move.target))
+        return [host for host in copies.values() if host is not None]
+
+    def backup(self, block_ids: list[int]) -> Move | None:
+        """Starts copying these keyed device blocks (the ones the host lacks) to the host,
+        leaving them on the device; returns the move on its way, if any."""
+        return self._start(self.tiers.prepare_backup(block_ids))
 
     def upload(self, host_block_ids: list[int]) -> bool:
         """Starts bringing these host blocks to the device; False if none could go now."""

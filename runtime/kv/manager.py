@@ -173,17 +173,21 @@ class KVManager:
 
     def commit(
         self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes
-    ) -> None:
-        """Keys every block that became full of computed KV, so later prompts can reuse it."""
+    ) -> list[int]:
+        """Keys every block that became full of computed KV, so later prompts can reuse it;
+        returns the blocks it keyed."""
         if not self.prefix_caching:
-            return
-        full = num_computed // self.block_size
+            return []
+        full, keyed = num_computed // self.block_size, []
         for index in range(table.num_keyed, full):
             tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
             key = block_key(table.last_key, salt, tokens)
-            self.pool.register(table.entries[index].block, key, tokens)
+            block_id = table.entries[index].block
+            if self.pool.register(block_id, key, tokens):
+                keyed.append(block_id)
             table.last_key = key
         table.num_keyed = max(table.num_keyed, full)
+        return keyed
 
     def free(self, table: BlockTable) -> None:
         self.pool.release(table.block_ids())

@@ -1,7 +1,9 @@
 """Copies a move's KV blocks between the device pool tensor and the host's, off the step loop.
 
-One worker thread runs the copies in order (on CUDA it issues them on a side stream and waits
-for that stream, so the step's kernels on the default stream never wait on a copy). A move is
+One worker thread per direction runs that direction's copies in order (on CUDA each issues
+them on its own side stream and waits for it, so the step's kernels on the default stream never
+wait on a copy, and an upload never queues behind offloads: PCIe and the GPU's copy engines
+work both ways at once). A move is
 one transfer, however scattered its blocks: the source blocks are packed into one contiguous
 staging buffer (kernels/block_copy.py: a Triton gather on the GPU, torch on the CPU), the
 buffer crosses tiers in one copy, and is unpacked into the target blocks.
@@ -13,6 +15,7 @@ else reads or writes them while the worker copies; the engine thread applies the
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,8 +35,11 @@ class BlockMover:
         assert device_kv.shape[1:] == host_kv.shape[1:] and device_kv.dtype == host_kv.dtype
         self.device_kv, self.host_kv = device_kv, host_kv
         self._pack, self._unpack = pack, unpack
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="kvrt-kv-mover")
-        self._stream = torch.cuda.Stream(device_kv.device) if device_kv.is_cuda else None
+        self._workers = {d: ThreadPoolExecutor(1, thread_name_prefix=f"kvrt-kv-{d.value}")
+                         for d in Direction}
+        self._streams = {d: torch.cuda.Stream(device_kv.device) if device_kv.is_cuda else None
+                         for d in Direction}
+        self._lock = threading.Lock()
         self.bytes_moved = 0
         self.seconds = 0.0  # worker time spent copying: with bytes_moved, the observed bandwidth
 
@@ -42,7 +48,7 @@ class BlockMover:
         return self.device_kv[0].numel() * self.device_kv.element_size()
 
     def start(self, move: Move) -> Future[None]:
-        return self._worker.submit(self.copy, move)
+        return self._workers[move.direction].submit(self.copy, move)
 
     def copy(self, move: Move) -> None:
         """Runs on the worker thread (or inline, for tests)."""
@@ -51,16 +57,18 @@ class BlockMover:
             source, target = self.device_kv, self.host_kv
         else:
             source, target = self.host_kv, self.device_kv
-        if self._stream is not None:
+        stream = self._streams[move.direction]
+        if stream is not None:
             # The step that last wrote these blocks ran on the default stream.
-            self._stream.wait_stream(torch.cuda.current_stream(self.device_kv.device))
-            with torch.cuda.stream(self._stream):
+            stream.wait_stream(torch.cuda.current_stream(self.device_kv.device))
+            with torch.cuda.stream(stream):
                 self._transfer(move, source, target)
-            self._stream.synchronize()
+            stream.synchronize()
         else:
             self._transfer(move, source, target)
-        self.bytes_moved += len(move) * self.block_bytes
-        self.seconds += time.perf_counter() - started
+        with self._lock:
+            self.bytes_moved += len(move) * self.block_bytes
+            self.seconds += time.perf_counter() - started
 
     def _transfer(self, move: Move, source: Tensor, target: Tensor) -> None:
         source_ids = torch.tensor(move.source, dtype=torch.int64, device=source.device)
@@ -73,4 +81,5 @@ class BlockMover:
         self._unpack(target, target_ids, staging)
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True)
+        for worker in self._workers.values():
+            worker.shutdown(wait=True)

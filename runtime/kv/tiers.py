@@ -12,10 +12,15 @@ here, on the engine thread, with success or failure:
     upload    host: cached -> in flight                  host: cached (kept)  host: cached
               device: -> in flight (evicting LRU)        device: cached,      device: free
                                                          keyed
+    backup    device: keyed (in use or cached), + 1 ref  device: - 1 ref      device: - 1 ref
+              host: -> in flight (evicting host LRU)     host: cached, keyed  host: free
 
 The host keeps its copy after an upload (it is inclusive), so offloading that content again
-costs no copy: the device block is simply let go (`drop_on_device`). Only cached blocks move
-(nobody reads them); the block pool guarantees no in-flight block is found, evicted or reused.
+costs no copy: the device block is simply let go. Only cached blocks move (nobody reads them);
+the block pool guarantees no in-flight block is found, evicted or reused. A backup copies a
+keyed device block to the host and leaves it where it is, readable (a keyed block is full and
+never written again); the reference it holds while the copy runs keeps it from eviction, and
+once it lands, an eviction on the device drops nothing the host lacks.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Move:
     target: list[int]  # block ids in the tier it enters, in the same order
     keys: list[bytes]
     token_ids: list[tuple[int, ...]]
+    keep_source: bool = False  # a backup: the source stays where it is, referenced meanwhile
 
     def __len__(self) -> int:
         return len(self.source)
@@ -51,7 +57,8 @@ class KVTiers:
         self.device, self.host = device, host
         self.device_owners, self.host_owners = device_owners, BlockOwners()
         host.on_drop = self.host_owners.drop_block
-        self.offloaded_blocks = self.uploaded_blocks = 0  # completed, since start
+        # Completed, since start.
+        self.offloaded_blocks = self.uploaded_blocks = self.backed_up_blocks = 0
         self._arriving: set[bytes] = set()  # keys an unfinished upload brings to the device
 
     def is_arriving(self, key: bytes) -> bool:
@@ -62,21 +69,52 @@ class KVTiers:
         those the host lacks, as many as the host can take. None if there is nothing to copy.
         Cached blocks whose content the host already holds are dropped from the device now."""
         moving: list[int] = []
-        for block_id in block_ids:
-            block = self.device.blocks[block_id]
-            if not self.device.is_cached(block_id):
-                continue
-            assert block.key is not None
-            if self.host.lookup(block.key, block.token_ids) is not None:
+        for block_id, host_id in self.host_copies(block_ids).items():
+            if host_id is not None:
                 self.device.drop_cached(block_id)
+                self.offloaded_blocks += 1
             else:
                 moving.append(block_id)
         return self._plan(Direction.OFFLOAD, moving)
 
+    def host_copies(self, block_ids: list[int]) -> dict[int, int | None]:
+        """Each cached one of these device blocks -> the host block holding its content (None
+        where the host lacks it), in the given order."""
+        copies: dict[int, int | None] = {}
+        for block_id in block_ids:
+            block = self.device.blocks[block_id]
+            if self.device.is_cached(block_id):
+                assert block.key is not None
+                copies[block_id] = self.host.lookup(block.key, block.token_ids)
+        return copies
+
+    def prepare_backup(self, block_ids: list[int]) -> Move | None:
+        """Plans copying these keyed device blocks (in use or cached) to the host, leaving
+        them on the device: those the host lacks, as many as it can take."""
+        device, host = self.device, self.host
+        copying: list[int] = []
+        for block_id in block_ids:
+            block = device.blocks[block_id]
+            if (block.key is None or device.is_in_flight(block_id)
+                    or host.lookup(block.key, block.token_ids) is not None):
+                continue
+            copying.append(block_id)
+        copying = copying[: host.num_allocatable()]
+        if not copying:
+            return None
+        for block_id in copying:
+            device.acquire(block_id)
+        return Move(Direction.OFFLOAD, copying, host.begin_move_in(len(copying)),
+                    [device.blocks[b].key for b in copying],  # type: ignore[misc]
+                    [device.blocks[b].token_ids for b in copying], keep_source=True)
+
     def prepare_upload(self, host_block_ids: list[int]) -> Move | None:
-        """Plans copying these cached host blocks to the device (as many as it can take now,
-        in order: a prefix stays a prefix). None if nothing can move."""
-        move = self._plan(Direction.UPLOAD, [b for b in host_block_ids if self.host.is_cached(b)])
+        """Plans copying these cached host blocks to the device, those it lacks (as many as it
+        can take now, in order: a prefix stays a prefix). None if nothing can move."""
+        host, device = self.host.blocks, self.device
+        wanted = [b for b in host_block_ids if self.host.is_cached(b)
+                  and device.lookup(host[b].key, host[b].token_ids) is None]  # type: ignore[arg-type]
+        move = self._plan(Direction.UPLOAD, wanted)
         if move is not None:
             self._arriving.update(move.keys)
         return move
@@ -106,11 +144,16 @@ class KVTiers:
             if landed:
                 for owner in source_owners.owners_of(src):
                     target_owners.claim(owner, [dst])
+            if move.keep_source:
+                source.release([src])
+                continue
             # An offload lets the device copy go once the host holds it; an upload keeps the
             # host's copy (inclusive), so the source is kept there in every case.
             keep = move.direction is Direction.UPLOAD or not landed
             source.finish_move_out(src, keep=keep)
-        if move.direction is Direction.OFFLOAD:
+        if move.keep_source:
+            self.backed_up_blocks += moved
+        elif move.direction is Direction.OFFLOAD:
             self.offloaded_blocks += moved
         else:
             self.uploaded_blocks += moved

@@ -37,6 +37,8 @@ class Policy(ABC):
                                           own references now protect the blocks it reads
     on_finish(seq, kv)         engine     `seq` finished and released its blocks (its full
                                           ones now sit cached)
+    on_keyed(block_ids, kv)    engine     a step filled these device blocks with computed KV
+                                          and keyed them (findable, never written again)
     on_step(kv, now)           engine     before each step, and every ~50 ms while idle (the
                                           engine thread's idle wait), so expiries happen even
                                           when no request comes
@@ -76,6 +78,9 @@ class Policy(ABC):
         return {}
 
     def on_finish(self, seq: Sequence, kv: KVManager) -> None:  # noqa: B027
+        pass
+
+    def on_keyed(self, block_ids: list[int], kv: KVManager) -> None:  # noqa: B027
         pass
 
     def on_step(self, kv: KVManager, now: float) -> None:  # noqa: B027

@@ -20,6 +20,10 @@ class TokencakeConfig:
     # a pinned PCIe copy ~20-50 GB/s) and the fixed cost of one copy.
     prior_bandwidth: float = 5e9
     copy_latency_s: float = 1e-3
+    # Copy every block to the host as soon as it is computed (off the step loop, in the
+    # background), so that evicting it from the device, or preempting its sequence, loses
+    # nothing: its next reader uploads it instead of computing it again.
+    write_through: bool = True
     # Spatial: agents whose graph priority is at least this (1.0 is on the critical path) keep
     # their KV reserved between calls, pinned against eviction, within this fraction of the
     # device pool; under a stall the lowest-priority reservation is lent back first.

@@ -115,6 +115,10 @@ class TokencakePolicy(Policy):
             if owner in self.reserved:
                 self._unreserve(owner, kv)
 
+    def on_keyed(self, block_ids: list[int], kv: KVManager) -> None:
+        if self.moves is not None and self.config.write_through:
+            self.moves.backup(block_ids)
+
     def on_step(self, kv: KVManager, now: float) -> None:
         for owner, away in list(self.away.items()):
             if away.upload_at <= now:
@@ -139,11 +143,11 @@ class TokencakePolicy(Policy):
         num_bytes = len(cached) * self.moves.mover.block_bytes
         if (predicted_s or 0.0) < self.config.offload_margin * self.round_trip_s(num_bytes):
             return "keep:short_tool"
-        move = self.moves.offload(cached)
-        if move is None:
+        host_blocks = self.moves.offload(cached)
+        if not host_blocks:
             return "keep:host_full"
         upload_at = now + (predicted_s or 0.0) - self.copy_s(num_bytes) - self.config.upload_lead_s
-        self.away[owner] = _Away(move.target, upload_at)
+        self.away[owner] = _Away(host_blocks, upload_at)
         return "offload"
 
     def _upload(self, owner: Owner) -> None:

@@ -105,6 +105,9 @@ class ServerMetrics:
             "KV blocks moved from the device to the host tier.", stats.kv_blocks_offloaded)
         one("kvrt:kv_uploaded_blocks_total", "counter",
             "KV blocks moved from the host tier back to the device.", stats.kv_blocks_uploaded)
+        one("kvrt:kv_backed_up_blocks_total", "counter",
+            "KV blocks copied to the host tier and kept on the device (write-through).",
+            stats.kv_blocks_backed_up)
         family("kvrt:kv_tier_decisions_total", "counter",
                "The policy's decisions at tool calls: offload, or keep and why.", [
                    f'kvrt:kv_tier_decisions_total{{{labels},decision="{_escape(d)}"}} {n}'

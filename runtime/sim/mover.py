@@ -1,18 +1,20 @@
 """The simulated host link: BlockMover's interface, with no data and simulated copy times.
 
-A move takes `CostModel.transfer_time(bytes)` of simulated time on the event loop's clock; moves
-share one link, so each starts when the previous one ends (a GPU's copy engine in one direction
-is one queue). The copies overlap the engine's steps, as a side stream does, and cost them
-nothing. The engine completes a move once its future is done, as with the real mover.
+A move takes `CostModel.transfer_time(bytes)` of simulated time on the event loop's clock; the moves
+of one direction share its link, so each starts when the previous one ends (a GPU's copy engine in
+one direction is one queue; PCIe carries both directions at once). The copies overlap the engine's
+steps, as a side stream does, and cost them nothing. The engine completes a move once its future is
+done, as with the real mover.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import heapq
+import itertools
 from concurrent.futures import Future
 
-from kvrt.runtime.kv.tiers import Move
+from kvrt.runtime.kv.tiers import Direction, Move
 from kvrt.runtime.sim.cost_model import CostModel
 
 
@@ -21,17 +23,19 @@ class SimMover:
         self.cost_model, self.block_bytes = cost_model, block_bytes
         self.bytes_moved = 0
         self.seconds = 0.0
-        self._busy_until = 0.0
-        self._in_flight: deque[tuple[float, Future[None]]] = deque()  # in landing order
+        self._busy_until = {d: 0.0 for d in Direction}
+        self._in_flight: list[tuple[float, int, Future[None]]] = []  # a heap, by landing time
+        self._order = itertools.count()  # ties land in the order they started
 
     def start(self, move: Move) -> Future[None]:
         loop = asyncio.get_running_loop()
         num_bytes = len(move) * self.block_bytes
         seconds = self.cost_model.transfer_time(num_bytes)
-        self._busy_until = max(self._busy_until, loop.time()) + seconds
+        lands = max(self._busy_until[move.direction], loop.time()) + seconds
+        self._busy_until[move.direction] = lands
         future: Future[None] = Future()
-        loop.call_at(self._busy_until, self._land)
-        self._in_flight.append((self._busy_until, future))
+        loop.call_at(lands, self._land)
+        heapq.heappush(self._in_flight, (lands, next(self._order), future))
         self.bytes_moved += num_bytes
         self.seconds += seconds
         return future
@@ -42,9 +46,9 @@ class SimMover:
 
     def _land(self) -> None:
         if self._in_flight:  # (none left if closed meanwhile)
-            self._in_flight.popleft()[1].set_result(None)
+            heapq.heappop(self._in_flight)[2].set_result(None)
 
     def close(self) -> None:
         """Lands every move still in flight at once (the simulation is over)."""
         while self._in_flight:
-            self._in_flight.popleft()[1].set_result(None)
+            heapq.heappop(self._in_flight)[2].set_result(None)

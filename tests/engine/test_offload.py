@@ -125,7 +125,7 @@ def test_moves_run_off_the_engine_thread(tiny) -> None:
     deadline = time.monotonic() + 5
     while engine.moves.in_flight() and time.monotonic() < deadline:
         engine.tick()
-    assert seen and seen[0].startswith("kvrt-kv-mover") and not engine.moves.in_flight()
+    assert seen and seen[0].startswith("kvrt-kv-offload") and not engine.moves.in_flight()
     engine.close()
 
 
@@ -152,3 +152,39 @@ def test_a_critical_agents_kv_survives_a_burst_that_evicts_it_under_lru(tiny) ->
 
     assert survives("lru") == 0  # the oldest cached blocks went first
     assert survives("tokencake") == 3  # every block the next call can reuse (64 - 1 tokens)
+
+
+def test_write_through_brings_an_evicted_prefix_back_from_the_host(tiny) -> None:
+    """`tokencake` copies each block to the host once it is computed. A burst then evicts a
+    helper's prefix from the device (it holds no reservation): its next call uploads the
+    prefix, bit-identical, instead of computing it again, as it must under `lru`."""
+    helper = prompt(64)  # 3 usable full blocks (the last token is always computed)
+
+    def again(policy: str) -> tuple[int, list[int], int]:
+        engine = make_engine(tiny, policy=policy, kv_cache_memory=16 * block_bytes(tiny),
+                             host_cache_memory=HOST)
+        attribution = Attribution("run-1", "helper", priority=0.2)
+        first = run(engine, [GenerateRequest("h", helper, greedy(2), attribution=attribution)])
+        assert engine.moves is not None
+        engine.moves.wait()
+        blocks = engine.kv.match_prefix(helper, b"").block_ids
+        before = engine.executor.kv_pool[blocks].clone()
+        for i in range(5):  # each leaves 3 blocks cached: the helper's go first
+            burst = GenerateRequest(f"b{i}", [300 + i] + prompt(47)[1:], greedy(2),
+                                    attribution=Attribution("run-1", f"other{i}", priority=0.2))
+            run(engine, [burst])
+        engine.moves.wait()
+        assert engine.kv.match_prefix(helper, b"").block_ids == []  # evicted from the device
+        second = run(engine, [GenerateRequest("h2", helper, greedy(2), attribution=attribution)])
+        assert second["h2"].token_ids == first["h"].token_ids
+        blocks = engine.kv.match_prefix(helper, b"").block_ids
+        same = int(torch.equal(engine.executor.kv_pool[blocks], before)) if blocks else 0
+        backed_up = engine.stats().kv_blocks_backed_up
+        engine.check_integrity()
+        engine.close()
+        return second["h2"].final.cached_tokens, same, backed_up
+
+    cached, _, backed_up = again("lru")
+    assert (cached, backed_up) == (0, 0)
+    cached, same, backed_up = again("tokencake")
+    assert cached == 48 and same == 1 and backed_up >= 3 + 5 * 3

@@ -46,3 +46,32 @@ def test_among_equal_arrival_times_the_last_to_arrive_yields() -> None:
     chunks = scheduler.schedule()  # each decode needs a third block: someone must yield
     assert c.status is Status.WAITING and scheduler.preemptions >= 1
     assert a.status is Status.RUNNING and a in [chunk.seq for chunk in chunks]
+
+
+def test_a_prefix_on_the_host_is_uploaded_only_when_the_call_could_then_be_admitted() -> None:
+    """Uploaded blocks sit cached until their call is admitted; brought up into a pool the
+    running sequences are about to fill, they would be evicted again, and uploaded again."""
+    kv = KVManager(6, BLOCK, host_blocks=8)
+    scheduler = BatchScheduler(kv, make_policy("lru"), 8, 64)
+    asked: list[list[int]] = []
+    scheduler.request_upload = lambda blocks: asked.append(blocks) or True
+    host_prefix = list(range(1, 3 * BLOCK + 1))
+    assert kv.tiers is not None
+    table = BlockTable(BLOCK)  # its 3 full blocks computed, then sent to the host
+    kv.grow(table, len(host_prefix))
+    kv.commit(table, host_prefix, len(host_prefix), b"")
+    kv.free(table)
+    move = kv.tiers.prepare_offload(kv.match_prefix(host_prefix + [0], b"").block_ids)
+    assert move is not None and kv.tiers.complete(move, ok=True) == 3
+    runner = sequence("runner", 3 * BLOCK, order=0)
+    runner.token_ids = list(range(100, 100 + 3 * BLOCK))  # unrelated to the host prefix
+    scheduler.add(runner)
+    computed(scheduler.schedule())  # 3 of the 6 device blocks in use
+    waiting = sequence("next", 3 * BLOCK + 2, order=1)  # 3 blocks on the host + 1 to compute
+    scheduler.add(waiting)
+    scheduler.schedule()
+    assert asked == [] and waiting.status is Status.WAITING  # 4 needed, 3 allocatable
+    scheduler.finish(runner)
+    scheduler.schedule()
+    assert asked == [move.target] and waiting.status is Status.WAITING  # admitted once landed
+    kv.check_integrity()

@@ -176,3 +176,45 @@ def test_blocks_already_moving_are_neither_moved_again_nor_pinned() -> None:
     assert kv.pin(("run", "agent")) == 0 and not kv.is_pinned(("run", "agent"))
     kv.tiers.complete(move, ok=True)
     kv.check_integrity()
+
+
+def test_a_backup_copies_keyed_blocks_to_the_host_and_leaves_them_readable() -> None:
+    kv = KVManager(6, BLOCK, host_blocks=8)
+    tokens = list(range(1, 14))
+    table = BlockTable(BLOCK, owner=("run", "agent"))
+    kv.grow(table, len(tokens))
+    kv.commit(table, tokens, len(tokens), b"")
+    keyed = table.block_ids()[:3]  # in use by a running sequence: a backup may copy them
+    assert kv.tiers is not None
+    move = kv.tiers.prepare_backup(table.block_ids())  # the partial block has no key: skipped
+    assert move is not None and move.keep_source and move.source == keyed
+    # During the copy the device blocks stay findable and cannot be evicted (one more reader).
+    assert kv.match_prefix(tokens, b"").block_ids == keyed
+    assert [kv.pool.blocks[b].ref_count for b in keyed] == [2, 2, 2]
+    assert states(kv.tiers.host) == (5, 0, 0, 3)
+    kv.check_integrity()
+    assert kv.tiers.complete(move, ok=True) == 3 and kv.tiers.backed_up_blocks == 3
+    assert [kv.pool.blocks[b].ref_count for b in keyed] == [1, 1, 1]
+    assert kv.tiers.prepare_backup(keyed) is None  # the host has them now
+    kv.free(table)
+    # Evicted from the device, the content is still on the host, owned by the same agent.
+    with pytest.raises(OutOfBlocks):
+        kv.pool.allocate(7)
+    kv.pool.allocate(6)
+    assert kv.match_prefix(tokens, b"").block_ids == []
+    assert kv.match_host(tokens, b"", kv.match_prefix(tokens, b"")).block_ids == move.target
+    assert kv.residency("run")["agent"].host_blocks == 3
+    kv.check_integrity()
+
+
+def test_a_failed_backup_frees_the_host_blocks_and_lets_the_device_ones_go() -> None:
+    kv = KVManager(6, BLOCK, host_blocks=8)
+    tokens = list(range(1, 10))
+    blocks = cached_prefix(kv, tokens)
+    assert kv.tiers is not None
+    move = kv.tiers.prepare_backup(blocks)
+    assert move is not None and states(kv.pool) == (4, 0, 2, 0)  # referenced by the copy
+    assert kv.tiers.complete(move, ok=False) == 0
+    assert states(kv.pool) == (4, 2, 0, 0) and states(kv.tiers.host) == (8, 0, 0, 0)
+    assert kv.match_prefix(tokens, b"").block_ids == blocks
+    kv.check_integrity()

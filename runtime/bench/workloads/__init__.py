@@ -44,12 +44,30 @@ def workload_names() -> list[str]:
     return list(WORKLOADS)
 
 
-def make_workload(name: str, quick: bool = False, **overrides: Any) -> Workload:
-    """Overrides that are None, or that the workload has no parameter for, are ignored."""
+def make_workload(name: str, quick: bool = False, settings: dict[str, str] | None = None,
+                  **overrides: Any) -> Workload:
+    """Overrides that are None, or that the workload has no parameter for, are ignored (the
+    common flags name parameters of some workloads only); `settings` (`--param KEY=VALUE`, text)
+    must each name a parameter of this workload, and win over everything else."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; available: {', '.join(WORKLOADS)}")
     cls, params_cls = WORKLOADS[name]
     known = {f.name for f in fields(params_cls)}
     chosen = {**(QUICK[name] if quick else {}),
-              **{k: v for k, v in overrides.items() if v is not None and k in known}}
+              **{k: v for k, v in overrides.items() if v is not None and k in known},
+              **_parse_settings(params_cls, settings or {})}
     return cls(replace(params_cls(), **chosen))
+
+
+def _parse_settings(params_cls: type, settings: dict[str, str]) -> dict[str, Any]:
+    types = {f.name: type(getattr(params_cls(), f.name)) for f in fields(params_cls)}
+    parsed = {}
+    for key, text in settings.items():
+        if key not in types:
+            raise ValueError(f"{params_cls.__name__} has no parameter {key!r}; "
+                             f"it has: {', '.join(types)}")
+        try:
+            parsed[key] = types[key](text)
+        except ValueError:
+            raise ValueError(f"{key}={text!r}: expected {types[key].__name__}") from None
+    return parsed

@@ -4,8 +4,9 @@ Like a coding or research agent: every agent shares one long system prompt (reus
 agents and runs), the planner splits the task, each worker alternates model calls and tool
 calls over a growing conversation (its next call extends its previous prompt and answer, so
 its KV is worth keeping while the tool runs), and the reviewer reads every worker's result.
-Tool durations are log-normal with the given median and 95th percentile (heavy-tailed), drawn
-in advance from the seed so every policy sees the same ones.
+What a tool returns is `tool_output_words` long (a coding agent's test logs and files make it
+thousands of tokens). Tool durations are log-normal with the given median and 95th percentile
+(heavy-tailed), drawn in advance from the seed so every policy sees the same ones.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class ToolAgentsParams:
     tool_median_s: float = 2.0
     tool_p95_s: float = 10.0
     system_words: int = 250
+    tool_output_words: int = 30  # what each tool returns (a test log, a file, a page)
     min_output_tokens: int = 32
     max_output_tokens: int = 96
     seed: int = 0
@@ -67,7 +69,8 @@ class ToolAgents:
                             for _ in range(params.turns)] for _ in range(workers)],
                 lengths=[rng.randint(params.min_output_tokens, params.max_output_tokens)
                          for _ in range(2 + workers * (params.turns + 1))],
-                tool_outputs=[[text.words(rng, 30) for _ in range(params.turns)]
+                tool_outputs=[[text.words(rng, params.tool_output_words)
+                               for _ in range(params.turns)]
                               for _ in range(workers)]))
 
     def graph(self, workers: int, time_scale: float = 1.0) -> Graph:
