@@ -78,6 +78,7 @@ class TokencakePolicy(Policy):
                 self.reserved[owner] = priority
 
     def on_admit(self, seq: Sequence, kv: KVManager) -> None:
+        self.away.pop(seq.table.owner, None)  # type: ignore[arg-type]  # its KV is back
         if seq.table.owner in self.reserved:
             self._unreserve(seq.table.owner, kv)
 
@@ -109,7 +110,7 @@ class TokencakePolicy(Policy):
                 self.reserved[owner] = priority
         elif event.kind == "tool_call.finished" and owner in self.away:
             self.away[owner].upload_at = now  # back early, or on time: the next call is near
-            self._upload(owner)
+            self._upload(owner, kv)
         elif event.kind == "agent.done":
             self.away.pop(owner, None)  # its host copy stays, evictable
             if owner in self.reserved:
@@ -122,7 +123,7 @@ class TokencakePolicy(Policy):
     def on_step(self, kv: KVManager, now: float) -> None:
         for owner, away in list(self.away.items()):
             if away.upload_at <= now:
-                self._upload(owner)
+                self._upload(owner, kv)
 
     def round_trip_s(self, num_bytes: int) -> float:
         return 2 * self.copy_s(num_bytes)
@@ -150,11 +151,19 @@ class TokencakePolicy(Policy):
         self.away[owner] = _Away(host_blocks, upload_at)
         return "offload"
 
-    def _upload(self, owner: Owner) -> None:
+    def _upload(self, owner: Owner, kv: KVManager) -> None:
+        """Brings the agent's KV back ahead of its next call if the device can spare the room:
+        afterwards, at least `pressure_free_fraction` of the pool must still be free or merely
+        cached, or the upload would take the blocks that running calls grow into (and preempt
+        them) for KV that may wait idle. Tried again at each step meanwhile; once the next call
+        comes, its admission uploads on demand, when the call can run (on_admit ends it)."""
         away, moves = self.away.get(owner), self.moves
         if away is None or moves is None:
             return
         if any(moves.tiers.host.is_in_flight(b) for b in away.host_blocks):
-            return  # the offload has not landed yet: tried again at the next step
+            return  # the offload has not landed yet
+        usage, wanted = kv.usage(), len(away.host_blocks)
+        if usage.free + usage.cached - wanted < self.config.pressure_free_fraction * usage.total:
+            return
         del self.away[owner]
         moves.upload(away.host_blocks)

@@ -20,8 +20,10 @@ BLOCKS, BLOCK = 8, 4
 CONFIG = TokencakeConfig(prior_bandwidth=1e6, copy_latency_s=0.01, upload_lead_s=0.05)
 
 
-def setup(pressure: bool) -> tuple[TokencakePolicy, KVManager, TierMoves]:
-    """The coder holds 2 cached blocks. Under pressure another request holds the other 6."""
+def setup(pressure: bool, running: bool = False
+          ) -> tuple[TokencakePolicy, KVManager, TierMoves, BlockTable]:
+    """The coder holds 2 cached blocks. Under pressure the other 6 hold another agent's KV:
+    cached (idle), or in use by its running call (`running`)."""
     kv = KVManager(BLOCKS, BLOCK, host_blocks=BLOCKS)
     assert kv.tiers is not None
     shape = (1, 2, BLOCK, 1, 8)  # layers, K/V, rows, heads, dim: 256 bytes a block
@@ -32,11 +34,15 @@ def setup(pressure: bool) -> tuple[TokencakePolicy, KVManager, TierMoves]:
     kv.grow(table, len(tokens))
     kv.commit(table, tokens, len(tokens), b"")
     kv.free(table)
+    other = BlockTable(BLOCK, owner=OTHER)
     if pressure:
-        kv.grow(BlockTable(BLOCK, owner=OTHER), 6 * BLOCK)
+        kv.grow(other, 6 * BLOCK)
+        if not running:
+            kv.commit(other, list(range(100, 100 + 6 * BLOCK)), 6 * BLOCK, b"")
+            kv.free(other)
     policy = TokencakePolicy(CONFIG)
     policy.moves = moves
-    return policy, kv, moves
+    return policy, kv, moves, other
 
 
 def started(predicted_s: float | None) -> AgentEvent:
@@ -44,7 +50,7 @@ def started(predicted_s: float | None) -> AgentEvent:
 
 
 def test_a_long_tool_under_pressure_offloads_and_the_upload_lands_before_it_returns() -> None:
-    policy, kv, moves = setup(pressure=True)
+    policy, kv, moves, _ = setup(pressure=True)
     blocks = sorted(kv.owners.blocks_of(CODER))
     policy.on_event(started(10.0), kv, now=100.0)
     assert policy.decisions == {"offload": 1}
@@ -57,15 +63,31 @@ def test_a_long_tool_under_pressure_offloads_and_the_upload_lands_before_it_retu
     policy.on_step(kv, now=upload_at - 0.01)
     assert not moves.in_flight()  # not yet
     policy.on_step(kv, now=upload_at)
-    assert moves.in_flight()  # the offload freed two device blocks: room for the upload
+    assert moves.in_flight()  # the others' KV is idle: room for the upload
     moves.wait()
     assert kv.tiers.uploaded_blocks == 2 and len(blocks) == 2
     assert upload_at + copy <= 110.0 - CONFIG.upload_lead_s + 1e-9  # resident before the return
     kv.check_integrity()
 
 
+def test_the_upload_waits_while_running_calls_need_the_room() -> None:
+    """The other agent's call is running: uploading the coder's KV back into the two blocks
+    the offload freed would leave its growth nothing. The upload waits until there is room."""
+    policy, kv, moves, other = setup(pressure=True, running=True)
+    policy.on_event(started(10.0), kv, now=0.0)
+    assert policy.decisions == {"offload": 1}
+    moves.wait()
+    policy.on_step(kv, now=10.0)
+    assert not moves.in_flight() and CODER in policy.away
+    kv.free(other)  # the other call finished
+    policy.on_step(kv, now=10.1)
+    moves.wait()
+    assert kv.tiers is not None and kv.tiers.uploaded_blocks == 2 and policy.away == {}
+    kv.check_integrity()
+
+
 def test_a_short_tool_keeps_its_kv() -> None:
-    policy, kv, moves = setup(pressure=True)
+    policy, kv, moves, _ = setup(pressure=True)
     # Round trip: 2 x (10 ms + 512 B / 1 MB/s) = 21 ms; the margin wants 2x that.
     policy.on_event(started(0.03), kv, now=0.0)
     assert policy.decisions == {"keep:short_tool": 1} and not moves.in_flight()
@@ -73,13 +95,13 @@ def test_a_short_tool_keeps_its_kv() -> None:
 
 
 def test_no_pressure_keeps_even_for_a_long_tool() -> None:
-    policy, kv, moves = setup(pressure=False)
+    policy, kv, moves, _ = setup(pressure=False)
     policy.on_event(started(60.0), kv, now=0.0)
     assert policy.decisions == {"keep:no_pressure": 1} and not moves.in_flight()
 
 
 def test_an_agent_with_nothing_cached_or_no_host_tier_keeps() -> None:
-    policy, kv, _ = setup(pressure=True)
+    policy, kv, _, _ = setup(pressure=True)
     policy.on_event(AgentEvent("tool_call.started", "run-a", "nobody", 60.0), kv, now=0.0)
     policy.moves = None
     policy.on_event(started(60.0), kv, now=0.0)
@@ -87,7 +109,7 @@ def test_an_agent_with_nothing_cached_or_no_host_tier_keeps() -> None:
 
 
 def test_a_tool_that_returns_early_brings_the_kv_back_at_once() -> None:
-    policy, kv, moves = setup(pressure=True)
+    policy, kv, moves, _ = setup(pressure=True)
     policy.on_event(started(30.0), kv, now=0.0)
     moves.wait()
     policy.on_event(AgentEvent("tool_call.finished", *CODER), kv, now=2.0)
@@ -97,7 +119,7 @@ def test_a_tool_that_returns_early_brings_the_kv_back_at_once() -> None:
 
 
 def test_an_early_return_while_the_offload_is_still_copying_uploads_once_it_lands() -> None:
-    policy, kv, moves = setup(pressure=True)
+    policy, kv, moves, _ = setup(pressure=True)
     policy.on_event(started(30.0), kv, now=0.0)
     policy.on_event(AgentEvent("tool_call.finished", *CODER), kv, now=0.001)
     if moves.in_flight():  # the copy had not landed: the upload waits for the next step
