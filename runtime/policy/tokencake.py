@@ -18,14 +18,20 @@ uploaded at `started + predicted - upload time - upload_lead_s`, or at `tool_cal
 the tool returns first; if its next call comes before either, admission uploads it on demand.
 
 Spatial: waiting sequences are admitted by descending graph priority (`Attribution.priority`,
-which the daemon stamps on each call from the run's critical path), then first come first
-served; the victim under pressure is the lowest priority, latest arrival. Agents of priority
-at least `reserve_priority` (on the critical path) keep their KV reserved between calls: pinned
-when a call finishes, while all pins fit in `reserve_fraction` of the pool, so a burst of
-less important calls cannot evict it. A reservation ends when the agent's next call is
-admitted (its references protect what it reuses), when it goes to the host, at agent.done, and
-under a stall (the lowest priority's first: reserved memory is lent back when the pool is
-needed). Parameters: runtime/policy/config.py.
+which the daemon stamps on each call from the run's critical path) plus `aging_per_s` for each
+second waited, then first come first served; the victim under pressure is the lowest priority,
+latest arrival. Agents of priority at least `reserve_priority` (on the critical path) keep their
+KV reserved between calls: pinned when a call finishes, while all pins fit the budget
+(`reserve_fraction` of what running calls leave of the pool), so a burst of less important
+calls cannot evict it. As running calls grow, the budget shrinks and the least important
+reservations are lent to them; as they end, those are reclaimed (pinned again, whatever is
+left of them). A reservation ends when the agent's next call is admitted (its references
+protect what it reuses), when it goes to the host, at agent.done, and under a stall (the
+lowest priority's first). Parameters: runtime/policy/config.py.
+
+Write-through: every block a step computes is copied to the host in the background (the
+device keeps it), so an eviction or a preemption on the device loses nothing that the next
+call cannot upload instead of computing again.
 """
 
 from __future__ import annotations
@@ -56,12 +62,16 @@ class TokencakePolicy(Policy):
         self.config = config or TokencakeConfig()
         self.away: dict[Owner, _Away] = {}
         self.reserved: dict[Owner, float] = {}  # owner -> priority, its KV pinned between calls
+        self.lent: dict[Owner, float] = {}  # reservations lent to running calls, to reclaim
         self.decisions: Counter[str] = Counter()
+        self._now = 0.0  # the engine's clock at the last step
 
     # -- spatial ------------------------------------------------------------------------------
 
     def admission_key(self, seq: Sequence) -> tuple:
-        return (-seq.request.attribution.priority, seq.arrival, seq.order)
+        waited = max(0.0, self._now - seq.arrival)
+        priority = seq.request.attribution.priority + self.config.aging_per_s * waited
+        return (-priority, seq.arrival, seq.order)
 
     def victim(self, running: list[Sequence]) -> Sequence:
         return min(running, key=lambda s: (s.request.attribution.priority, -s.arrival, -s.order))
@@ -70,17 +80,46 @@ class TokencakePolicy(Policy):
         owner, priority = seq.table.owner, seq.request.attribution.priority
         if owner is None or priority < self.config.reserve_priority:
             return
-        keyed = [b for b in kv.owners.blocks_of(owner) if kv.pool.blocks[b].key is not None]
-        budget = self.config.reserve_fraction * kv.usage().total
-        if kv.num_pinned() + len(keyed) <= budget:
-            kv.pin(owner)
-            if kv.is_pinned(owner):
-                self.reserved[owner] = priority
+        self._reserve(owner, priority, kv)
 
     def on_admit(self, seq: Sequence, kv: KVManager) -> None:
-        self.away.pop(seq.table.owner, None)  # type: ignore[arg-type]  # its KV is back
-        if seq.table.owner in self.reserved:
-            self._unreserve(seq.table.owner, kv)
+        owner = seq.table.owner
+        self.away.pop(owner, None)  # type: ignore[arg-type]  # its KV is back
+        self.lent.pop(owner, None)  # type: ignore[arg-type]
+        if owner in self.reserved:
+            self._unreserve(owner, kv)
+
+    def reserve_budget(self, kv: KVManager) -> float:
+        """Blocks the reservations may pin: `reserve_fraction` of the pool that running calls
+        leave. It shrinks as their demand grows (the lowest priorities are lent to them) and
+        grows back as it falls (the lent ones are reclaimed, highest priority first)."""
+        usage, pinned = kv.usage(), kv.num_pinned()
+        running = max(0, usage.in_use - pinned)
+        return self.config.reserve_fraction * (usage.total - running)
+
+    def _reserve(self, owner: Owner, priority: float, kv: KVManager) -> bool | None:
+        """Pins the owner's KV if it fits the budget; None if it holds nothing to pin."""
+        keyed = sum(1 for b in kv.owners.blocks_of(owner)
+                    if kv.pool.blocks[b].key is not None and not kv.pool.is_in_flight(b))
+        if not keyed:
+            return None
+        if kv.num_pinned() + keyed > self.reserve_budget(kv):
+            return False
+        kv.pin(owner)
+        self.reserved[owner] = priority
+        return True
+
+    def _fit_reservations(self, kv: KVManager) -> None:
+        self.reserved = {o: p for o, p in self.reserved.items() if kv.is_pinned(o)}  # run ends
+        budget = self.reserve_budget(kv)
+        while self.reserved and kv.num_pinned() > budget:
+            owner = min(self.reserved, key=self.reserved.__getitem__)
+            self.lent[owner] = self.reserved[owner]
+            self._unreserve(owner, kv)
+        for owner in sorted(self.lent, key=self.lent.__getitem__, reverse=True):
+            if self._reserve(owner, self.lent[owner], kv) is False:
+                break  # it does not fit yet: the less important wait behind it
+            self.lent.pop(owner)  # reclaimed, or nothing of it is left to reserve
 
     def on_stall(self, kv: KVManager, now: float) -> None:
         live = [o for o in self.reserved if kv.is_pinned(o)]  # a run's end drops its pins
@@ -101,6 +140,7 @@ class TokencakePolicy(Policy):
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":
             priority = self.reserved.get(owner)
+            self.lent.pop(owner, None)
             if priority is not None:  # its cached blocks may go to the host instead
                 self._unreserve(owner, kv)
             decision = self._decide(owner, event.predicted_s, kv, now)
@@ -113,6 +153,7 @@ class TokencakePolicy(Policy):
             self._upload(owner, kv)
         elif event.kind == "agent.done":
             self.away.pop(owner, None)  # its host copy stays, evictable
+            self.lent.pop(owner, None)
             if owner in self.reserved:
                 self._unreserve(owner, kv)
 
@@ -121,6 +162,8 @@ class TokencakePolicy(Policy):
             self.moves.backup(block_ids)
 
     def on_step(self, kv: KVManager, now: float) -> None:
+        self._now = now
+        self._fit_reservations(kv)
         for owner, away in list(self.away.items()):
             if away.upload_at <= now:
                 self._upload(owner, kv)

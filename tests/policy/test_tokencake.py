@@ -144,6 +144,16 @@ def test_admission_and_victims_follow_priority_then_arrival() -> None:
     assert policy.victim([high_late, high_later]) is high_later
 
 
+def test_a_waiting_call_ages_past_more_important_newcomers() -> None:
+    policy = TokencakePolicy(TokencakeConfig(aging_per_s=0.01))
+    old_low = call(0.2, 0.0, 0)
+    policy.on_step(KVManager(4, BLOCK), now=50.0)  # waited 50 s: 0.2 + 0.5
+    assert sorted([call(1.0, 49.0, 1), old_low], key=policy.admission_key)[0] is not old_low
+    policy.on_step(KVManager(4, BLOCK), now=90.0)  # waited 90 s: 0.2 + 0.9 > 1.0 + 0.001
+    newcomer = call(1.0, 89.9, 2)
+    assert sorted([newcomer, old_low], key=policy.admission_key) == [old_low, newcomer]
+
+
 def test_the_config_refuses_nonsense() -> None:
     with pytest.raises(ValueError):
         TokencakeConfig(offload_margin=0.5)
@@ -185,4 +195,26 @@ def test_a_reservation_ends_at_admission_and_is_lent_under_a_stall() -> None:
                                              attribution=Attribution(*b, 2.0)),
                              BlockTable(BLOCK, owner=b), arrival=1.0), kv)
     assert not kv.is_pinned(b) and policy.reserved == {}
+    kv.check_integrity()
+
+
+def test_reservations_are_lent_to_running_calls_and_reclaimed_when_they_end() -> None:
+    """16 blocks, reserve_fraction 0.25: 4 blocks of reservations while nothing runs. A
+    running call taking 8 blocks halves the budget to 2; the less important reservation
+    is lent to it, and reclaimed, pinned again, once the call ends."""
+    kv = KVManager(16, BLOCK)
+    policy = TokencakePolicy()
+    a, b = ("run", "a"), ("run", "b")
+    policy.on_finish(finished(a, list(range(1, 10)), 1.0, kv), kv)  # 2 keyed blocks each
+    policy.on_finish(finished(b, list(range(20, 29)), 2.0, kv), kv)
+    assert policy.reserved == {a: 1.0, b: 2.0} and policy.reserve_budget(kv) == 4
+    running = BlockTable(BLOCK, owner=("run", "worker"))
+    kv.grow(running, 8 * BLOCK)
+    policy.on_step(kv, now=1.0)
+    assert policy.reserve_budget(kv) == 2 and policy.reserved == {b: 2.0}
+    assert policy.lent == {a: 1.0} and not kv.is_pinned(a)
+    kv.check_integrity()
+    kv.free(running)
+    policy.on_step(kv, now=2.0)
+    assert policy.reserved == {a: 1.0, b: 2.0} and policy.lent == {} and kv.is_pinned(a)
     kv.check_integrity()
