@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.output import OutputText
@@ -155,11 +155,17 @@ class Engine:
         ]
         for request_id in aborted:
             self.abort(request_id)
-        return RunRelease(aborted, self.kv.release_run(run))
+        released = self.kv.release_run(run)
+        self.scheduler.policy.on_run_end(run)
+        return RunRelease(aborted, released)
 
     def kv_residency(self, run: str) -> dict[str, AgentResidency]:
-        """Safe to call from another thread (the ledger locks)."""
-        return self.kv.residency(run)
+        """Safe to call from another thread (the ledger locks; the policy copies)."""
+        residency = self.kv.residency(run)
+        for agent, decision in self.scheduler.policy.kv_decisions_of(run).items():
+            residency[agent] = replace(residency.get(agent, AgentResidency(0, 0)),
+                                       decision=decision)
+        return residency
 
     def live_attributions(self) -> dict[str, Attribution]:
         """Request id -> attribution of every live request. Safe to call from another thread:

@@ -24,6 +24,7 @@ class AgentResidency:
     device_blocks: int  # blocks holding the agent's KV on the device pool, in use or cached
     shared_blocks: int  # of those, blocks at least one other owner also holds
     host_blocks: int = 0  # blocks holding its KV on the host tier
+    decision: str | None = None  # the policy's last decision on it at a tool call
 
 
 class BlockOwners:

@@ -42,6 +42,8 @@ class Policy(ABC):
     on_step(kv, now)           engine     before each step, and every ~50 ms while idle (the
                                           engine thread's idle wait), so expiries happen even
                                           when no request comes
+    on_run_end(run)            engine     the run ended: its pins and KV are gone already; forget
+                                          any state kept for its agents
     on_stall(kv, now)          engine     it has work but scheduled nothing this step: blocks
                                           no live sequence reads (pins) hold the pool
 
@@ -77,7 +79,15 @@ class Policy(ABC):
         """Counts of the policy's decisions on agents' KV (for metrics); none by default."""
         return {}
 
+    def kv_decisions_of(self, run: str) -> dict[str, str]:
+        """Agent -> the last decision on its KV (for the run state); none by default. Called
+        from the server's thread."""
+        return {}
+
     def on_finish(self, seq: Sequence, kv: KVManager) -> None:  # noqa: B027
+        pass
+
+    def on_run_end(self, run: str) -> None:  # noqa: B027
         pass
 
     def on_keyed(self, block_ids: list[int], kv: KVManager) -> None:  # noqa: B027

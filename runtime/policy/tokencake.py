@@ -64,6 +64,7 @@ class TokencakePolicy(Policy):
         self.reserved: dict[Owner, float] = {}  # owner -> priority, its KV pinned between calls
         self.lent: dict[Owner, float] = {}  # reservations lent to running calls, to reclaim
         self.decisions: Counter[str] = Counter()
+        self.last_decision: dict[Owner, str] = {}  # per agent, for the run state
         self._now = 0.0  # the engine's clock at the last step
 
     # -- spatial ------------------------------------------------------------------------------
@@ -110,7 +111,6 @@ class TokencakePolicy(Policy):
         return True
 
     def _fit_reservations(self, kv: KVManager) -> None:
-        self.reserved = {o: p for o, p in self.reserved.items() if kv.is_pinned(o)}  # run ends
         budget = self.reserve_budget(kv)
         while self.reserved and kv.num_pinned() > budget:
             owner = min(self.reserved, key=self.reserved.__getitem__)
@@ -136,6 +136,14 @@ class TokencakePolicy(Policy):
     def kv_decisions(self) -> dict[str, int]:
         return dict(self.decisions)  # one C-level copy: safe against the engine thread
 
+    def kv_decisions_of(self, run: str) -> dict[str, str]:
+        return {agent: d for (r, agent), d in self.last_decision.copy().items() if r == run}
+
+    def on_run_end(self, run: str) -> None:
+        for state in (self.away, self.reserved, self.lent, self.last_decision):
+            for owner in [o for o in state if o[0] == run]:
+                del state[owner]  # its pins went with the run (KVManager.release_run)
+
     def on_event(self, event: AgentEvent, kv: KVManager, now: float) -> None:
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":
@@ -145,6 +153,7 @@ class TokencakePolicy(Policy):
                 self._unreserve(owner, kv)
             decision = self._decide(owner, event.predicted_s, kv, now)
             self.decisions[decision] += 1
+            self.last_decision[owner] = decision
             if priority is not None and decision != "offload":
                 kv.pin(owner)  # kept: reserved again
                 self.reserved[owner] = priority

@@ -70,7 +70,8 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
             tool=next(iter(activity.tools), None),
             kv=KVResidency(device_blocks=kv.device_blocks if kv else 0,
                            host_blocks=kv.host_blocks if kv else 0,
-                           shared_blocks=kv.shared_blocks if kv else 0),
+                           shared_blocks=kv.shared_blocks if kv else 0,
+                           decision=kv.decision if kv else None),
         ))
     tools = [
         ToolEstimate(agent=agent, tool=tool, declared_seconds=estimate.declared,

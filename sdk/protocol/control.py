@@ -120,6 +120,9 @@ class KVResidency(Struct, kw_only=True):
     device_blocks: int  # blocks holding the agent's KV in device memory
     host_blocks: int  # ... offloaded to the host tier
     shared_blocks: int  # of those, blocks another agent (of any run) holds too
+    # The policy's last decision on this KV when a tool call started, and why: "offload",
+    # "keep:no_pressure", "keep:short_tool", ... (None: no decision yet, or not this policy).
+    decision: str | None = None
 
 
 class ToolEstimate(Struct, kw_only=True):

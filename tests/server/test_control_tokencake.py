@@ -69,6 +69,7 @@ def test_a_long_tool_under_pressure_sends_the_kv_to_the_host_and_back(server) ->
     until(lambda: stats(server).kv_blocks_offloaded >= held)
     state = kv_of(server, run, "coder")
     assert (state["device_blocks"], state["host_blocks"]) == (0, held)
+    assert state["decision"] == "offload" and kv_of(server, run, "helper")["decision"] is None
     _, samples = parse_metrics(server.request("GET", "/metrics").body.decode())
     labels = frozenset({("model_name", "tiny"), ("decision", "offload")})
     assert samples[("kvrt:kv_tier_decisions_total", labels)] == 1
@@ -84,3 +85,9 @@ def test_a_long_tool_under_pressure_sends_the_kv_to_the_host_and_back(server) ->
     assert again["prompt_tokens_details"]["cached_tokens"] >= (system_tokens - 16) // 16 * 16 > 0
     assert first["prompt_tokens"] > system_tokens
     server.engine.engine.check_integrity()
+    # The run's end takes the policy's memory of its agents with it.
+    policy = server.engine.engine.scheduler.policy
+    assert any(owner[0] == run for owner in policy.last_decision)
+    assert server.request("DELETE", f"/v1/runs/{run}").status == 200
+    assert not any(owner[0] == run for state in (policy.away, policy.reserved, policy.lent,
+                                                policy.last_decision) for owner in state)
