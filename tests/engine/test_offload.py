@@ -155,9 +155,9 @@ def test_a_critical_agents_kv_survives_a_burst_that_evicts_it_under_lru(tiny) ->
 
 
 def test_write_through_brings_an_evicted_prefix_back_from_the_host(tiny) -> None:
-    """`tokencake` copies each block to the host once it is computed. A burst then evicts a
-    helper's prefix from the device (it holds no reservation): its next call uploads the
-    prefix, bit-identical, instead of computing it again, as it must under `lru`."""
+    """`tokencake` and `lru-offload` copy each block to the host once it is computed. A burst
+    then evicts a helper's prefix from the device (it holds no reservation): its next call
+    uploads the prefix, bit-identical, instead of computing it again, as it must under `lru`."""
     helper = prompt(64)  # 3 usable full blocks (the last token is always computed)
 
     def again(policy: str) -> tuple[int, list[int], int]:
@@ -186,5 +186,6 @@ def test_write_through_brings_an_evicted_prefix_back_from_the_host(tiny) -> None
 
     cached, _, backed_up = again("lru")
     assert (cached, backed_up) == (0, 0)
-    cached, same, backed_up = again("tokencake")
-    assert cached == 48 and same == 1 and backed_up >= 3 + 5 * 3
+    for policy in ("tokencake", "lru-offload"):
+        cached, same, backed_up = again(policy)
+        assert cached == 48 and same == 1 and backed_up >= 3 + 5 * 3, policy

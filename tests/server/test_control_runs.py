@@ -58,7 +58,8 @@ def test_a_fresh_run(server: LiveServer) -> None:
     assert first == {"name": "a", "state": "idle", "priority": 1.0, "on_critical_path": True,
                      "remaining_seconds": 1.0, "requests": 0, "generated_tokens": 0,
                      "tool": None,
-                     "kv": {"device_blocks": 0, "host_blocks": 0, "shared_blocks": 0}}
+                     "kv": {"device_blocks": 0, "host_blocks": 0, "shared_blocks": 0,
+                            "decision": None}}
     assert got["event_count"] == 0
 
 

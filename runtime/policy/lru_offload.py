@@ -1,0 +1,21 @@
+"""`lru-offload`: `lru` with every computed block also copied to the host tier, so an eviction
+or a preemption on the device loses nothing the next call cannot upload. This is what a vLLM
+server with a CPU offloading connector (or LMCache) does: the strongest baseline that knows
+nothing of the agent graph. Without a host tier it is `lru`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvrt.runtime.policy.base import register_policy
+from kvrt.runtime.policy.lru import LRUPolicy
+
+if TYPE_CHECKING:
+    from kvrt.runtime.kv.manager import KVManager
+
+
+@register_policy("lru-offload")
+class LRUOffloadPolicy(LRUPolicy):
+    def on_keyed(self, block_ids: list[int], kv: KVManager) -> None:
+        if self.moves is not None:
+            self.moves.backup(block_ids)
