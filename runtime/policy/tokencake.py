@@ -85,8 +85,10 @@ class TokencakePolicy(Policy):
 
     def on_admit(self, seq: Sequence, kv: KVManager) -> None:
         owner = seq.table.owner
-        self.away.pop(owner, None)  # type: ignore[arg-type]  # its KV is back
-        self.lent.pop(owner, None)  # type: ignore[arg-type]
+        if owner is None:
+            return
+        self.away.pop(owner, None)  # its KV is back (or on its way, for this very call)
+        self.lent.pop(owner, None)
         if owner in self.reserved:
             self._unreserve(owner, kv)
 
