@@ -20,6 +20,7 @@ from kvrt.sdk.protocol.control import (
     RunInfo,
     RunState,
 )
+from kvrt.sdk.protocol.rounds import RoundResult
 from kvrt.sdk.run import AgentClient, Run
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Graph",
     "KvrtConnectionError",
     "KvrtError",
+    "RoundResult",
     "Run",
     "RunInfo",
     "RunState",

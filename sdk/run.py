@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 from urllib.parse import quote
@@ -31,6 +31,7 @@ from kvrt.sdk.protocol.control import (
     ToolCallFinished,
     ToolCallStarted,
 )
+from kvrt.sdk.protocol.rounds import RoundResult
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ EventType = Literal["tool_call.started", "tool_call.finished", "agent.done"]
 _state_decoder = msgspec.json.Decoder(RunState)
 _ack_decoder = msgspec.json.Decoder(EventAck)
 _closed_decoder = msgspec.json.Decoder(RunClosed)
+_round_decoder = msgspec.json.Decoder(RoundResult)
 
 
 class Run:
@@ -100,6 +102,38 @@ class Run:
                 raise
             log.warning("closing run %s failed while an exception propagated", self.id,
                         exc_info=True)
+
+    async def round(
+        self,
+        shared: Sequence[Message],
+        agents: Mapping[str, Sequence[Message] | Mapping[str, Sequence[Message]]],
+        *,
+        instruction: Sequence[Message] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        **extra: Any,
+    ) -> RoundResult:
+        """One All-Gather round: each agent reads its own messages, then `shared`, then its
+        `after` messages or the common `instruction`, and generates; all at once. `agents` maps
+        each agent to its messages, or to `{"messages": [...], "after": [...]}`. An agent's
+        declared system prompt goes first, as in `AgentClient.chat`. Never retried."""
+        specs = {}
+        for name, spec in agents.items():
+            own = spec if not isinstance(spec, Mapping) else spec.get("messages", [])
+            body = chat_body(own, max_tokens=None, temperature=None, extra={},
+                             system=self._systems.get(name))
+            specs[name] = {"messages": body["messages"]}
+            if isinstance(spec, Mapping) and spec.get("after") is not None:
+                specs[name]["after"] = list(spec["after"])
+        request: dict[str, Any] = {**extra, "shared": list(shared), "agents": specs}
+        if instruction is not None:
+            request["instruction"] = list(instruction)
+        if max_tokens is not None:
+            request["max_tokens"] = max_tokens
+        if temperature is not None:
+            request["temperature"] = temperature
+        return await self._transport.request("POST", self._path + "/rounds", _round_decoder,
+                                             body=request, idempotent=False)
 
     def __repr__(self) -> str:
         return f"Run({self.id!r}, graph_id={self.graph_id!r})"

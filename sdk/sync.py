@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from kvrt.sdk.protocol.control import (
     RunInfo,
     RunState,
 )
+from kvrt.sdk.protocol.rounds import RoundResult
 from kvrt.sdk.run import AgentClient as AsyncAgentClient
 from kvrt.sdk.run import EventType
 from kvrt.sdk.run import Run as AsyncRun
@@ -110,6 +111,10 @@ class Run:
 
     def state(self) -> RunState:
         return self._loop.run(self._run.state())
+
+    def round(self, shared: Sequence[Message], agents: Mapping[str, Any],
+              **options: Any) -> RoundResult:
+        return self._loop.run(self._run.round(shared, agents, **options))
 
     def close(self) -> RunClosed | None:
         return self._loop.run(self._run.close())

@@ -104,6 +104,7 @@ class Run:
         self.costs, self.created, self.clock = costs, created, clock
         self.agents = [AgentActivity() for _ in graph.agents]
         self.event_count = 0
+        self.rounds = 0  # All-Gather rounds started (POST /v1/runs/{id}/rounds)
         self._event_ids: OrderedDict[str, None] = OrderedDict()
 
     def agent_index(self, name: str) -> int:

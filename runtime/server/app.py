@@ -21,6 +21,7 @@ from kvrt.runtime.server.errors import error_middleware
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
+from kvrt.runtime.server.round_routes import routes as round_routes
 
 # Agent prompts carry long histories; aiohttp's default 1 MiB body limit is too small.
 MAX_BODY_BYTES = 64 * 1024**2
@@ -36,6 +37,7 @@ def create_app(config: ServeConfig, engine: keys.ManagedEngine) -> web.Applicati
     app[keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
     app.add_routes(openai_routes)
     app.add_routes(control_routes)
+    app.add_routes(round_routes)
     app.cleanup_ctx.append(_engine_lifetime)
     return app
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Protocol
 
 from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateRequest
+from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 
@@ -51,6 +53,21 @@ async def tracked(
         aclose = getattr(outputs, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def collect(
+    engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float,
+    observer: CallObserver | None = None,
+) -> tuple[str, GenerateOutput]:
+    """Runs the request to its end: its whole text and its last output."""
+    texts: list[str] = []
+    last: GenerateOutput | None = None
+    async with aclosing(tracked(engine, request, metrics, arrival, observer)) as outputs:
+        async for last in outputs:
+            texts.append(last.text)
+    if last is None:
+        raise APIError(500, "the engine returned no output", code="engine_error")
+    return "".join(texts), last
 
 
 def usage_of(output: GenerateOutput) -> Usage:

@@ -52,14 +52,20 @@ def check_common(body: SamplingRequest, engine: EngineClient) -> None:
 
 
 def chat_prompt_ids(body: ChatCompletionRequest, engine: EngineClient) -> list[int]:
-    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+    return messages_prompt_ids(body.messages, engine, "messages")
+
+
+def messages_prompt_ids(messages: list[ChatMessage], engine: EngineClient,
+                        param: str) -> list[int]:
+    """The templated prompt of these messages; `param` names them in a 400."""
+    turns = [_message_dict(i, m, param) for i, m in enumerate(messages)]
     try:
-        return list(engine.tokenizer.encode_chat(messages))
+        return list(engine.tokenizer.encode_chat(turns))
     except (ValueError, TemplateError) as exc:  # no template, or the template refuses the turns
-        raise bad_request(f"cannot apply the chat template: {exc}", param="messages") from None
+        raise bad_request(f"cannot apply the chat template: {exc}", param=param) from None
 
 
-def _message_dict(index: int, message: ChatMessage) -> dict[str, str]:
+def _message_dict(index: int, message: ChatMessage, param: str) -> dict[str, str]:
     # "developer" is OpenAI's new name for the system role; chat templates know only "system".
     role = "system" if message.role == "developer" else message.role
     content = message.content
@@ -72,9 +78,9 @@ def _message_dict(index: int, message: ChatMessage) -> dict[str, str]:
         for j, part in enumerate(content):
             if part.type != "text" or part.text is None:
                 raise bad_request(
-                    f"only text content parts are served; messages[{index}].content[{j}] "
+                    f"only text content parts are served; {param}[{index}].content[{j}] "
                     f"has type {part.type!r}",
-                    param=f"messages[{index}].content[{j}].type",
+                    param=f"{param}[{index}].content[{j}].type",
                 )
             parts.append(part.text)
         text = "".join(parts)

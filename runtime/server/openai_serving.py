@@ -15,9 +15,9 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET
 
-from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateRequest
+from kvrt.runtime.engine.protocol import EngineClient, GenerateRequest
 from kvrt.runtime.server.errors import APIError, from_exception
-from kvrt.runtime.server.generation import CallObserver, tracked, usage_of
+from kvrt.runtime.server.generation import CallObserver, collect, tracked, usage_of
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.sdk.protocol.openai_api import (
     AssistantMessage,
@@ -102,14 +102,8 @@ async def respond_json(
     engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float,
     shapes: Shapes, observer: CallObserver | None,
 ) -> web.Response:
-    texts: list[str] = []
-    last: GenerateOutput | None = None
-    async with aclosing(tracked(engine, request, metrics, arrival, observer)) as outputs:
-        async for last in outputs:
-            texts.append(last.text)
-    if last is None:
-        raise APIError(500, "the engine returned no output", code="engine_error")
-    body = shapes.full("".join(texts), last.finish_reason, usage_of(last))
+    text, last = await collect(engine, request, metrics, arrival, observer)
+    body = shapes.full(text, last.finish_reason, usage_of(last))
     return web.Response(body=_encoder.encode(body), content_type="application/json")
 
 

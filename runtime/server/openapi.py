@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from kvrt.sdk.protocol import control
+from kvrt.sdk.protocol import control, rounds
 from kvrt.sdk.protocol.errors import ErrorResponse
 from kvrt.sdk.protocol.openai_api import (
     SCHEMA_TYPES,
@@ -23,7 +23,7 @@ _REF = "#/components/schemas/{name}"
 
 
 def build_openapi(version: str) -> dict[str, Any]:
-    types = (*SCHEMA_TYPES, *control.SCHEMA_TYPES)
+    types = (*SCHEMA_TYPES, *control.SCHEMA_TYPES, *rounds.SCHEMA_TYPES)
     schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
     ref = dict(zip(types, schemas))
     errors = {"default": _body("An error, in OpenAI's shape.", ref[ErrorResponse])}
@@ -107,6 +107,10 @@ def _control_paths(ref: dict, errors: dict) -> dict:
         "/v1/runs/{run_id}/events": {
             "post": op("Report a tool call or an agent's end (idempotent)", "200",
                        control.EventAck, control.Event, params=run)},
+        "/v1/runs/{run_id}/rounds": {
+            "post": op("Run one All-Gather round: every agent reads the shared messages and "
+                       "generates", "200", rounds.RoundResult, rounds.RoundRequest,
+                       params=run)},
     }
 
 

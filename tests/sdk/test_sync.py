@@ -33,7 +33,11 @@ def test_sync_client_end_to_end(server: LiveServer) -> None:
                 raise RuntimeError("tool broke")
             state = run.state()
             assert [a.state for a in state.agents] == ["idle", "idle"]
-            assert state.event_count == 4 and b.done().state == "done"
+            assert state.event_count == 4
+            result = run.round(QUESTION, {"a": [], "b": {"after": QUESTION}}, max_tokens=2,
+                               temperature=0, ignore_eos=True)
+            assert result.round == 1 and result.usage.completion_tokens == 4
+            assert b.done().state == "done"
             assert run.id in [r.id for r in client.list_runs(graph.id)]
         with pytest.raises(KvrtError) as caught:
             run.state()

@@ -151,3 +151,9 @@ def test_openapi_documents_the_control_plane(server: LiveServer) -> None:
     assert kinds == {"ToolCallStarted", "ToolCallFinished", "AgentDone"}
     spec = doc["components"]["schemas"]["GraphSpec"]
     assert spec["properties"]["agents"]["maxItems"] == 4096
+    rounds = paths["/v1/runs/{run_id}/rounds"]["post"]
+    assert rounds["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/RoundRequest")
+    request = doc["components"]["schemas"]["RoundRequest"]
+    assert {"shared", "agents"} <= set(request["required"])
+    assert request["properties"]["agents"]["maxProperties"] == 4096

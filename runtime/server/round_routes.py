@@ -1,0 +1,100 @@
+"""`POST /v1/runs/{run_id}/rounds`: one All-Gather round of a run (sdk/protocol/rounds.py).
+
+Every agent's call is checked (agent names, templates, context lengths) before any is queued,
+so a bad round is a 400 or a 404 that starts nothing. The calls then run together as the
+run's agents, each attributed like a chat call; if one fails, or the client goes away, the
+others are cancelled and their KV freed. For now each agent's prompt is prefilled on its own
+(prefix caching reuses what agents share from the start of their prompts); the shared
+messages' reuse at any position is the runtime's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+from aiohttp import web
+
+from kvrt.runtime.engine.protocol import (
+    Attribution,
+    EngineClient,
+    GenerateRequest,
+)
+from kvrt.runtime.graph.runs import AgentCall
+from kvrt.runtime.server import keys
+from kvrt.runtime.server.errors import bad_request
+from kvrt.runtime.server.generation import collect, usage_of
+from kvrt.runtime.server.http_io import json_response, read_json
+from kvrt.runtime.server.metrics import ServerMetrics
+from kvrt.runtime.server.openai_requests import (
+    build_request,
+    check_common,
+    messages_prompt_ids,
+    new_request_id,
+)
+from kvrt.runtime.server.openai_routes import attribute
+from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
+from kvrt.sdk.protocol.rounds import (
+    RoundOutput,
+    RoundRequest,
+    RoundResult,
+    round_request_decoder,
+)
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/runs/{run_id}/rounds")
+async def run_round(request: web.Request) -> web.Response:
+    arrival = time.perf_counter()
+    control, engine = request.app[keys.CONTROL], request.app[keys.ENGINE]
+    run = control.run(request.match_info["run_id"])
+    body = round_request_decoder.decode(await read_json(request))
+    _check_round(body, engine)
+    for name in body.agents:
+        run.agent_index(name)  # 404 for an agent the run's graph lacks, before anything starts
+    gens = []
+    for name, spec in body.agents.items():
+        after = spec.after if spec.after is not None else (body.instruction or [])
+        prompt = messages_prompt_ids([*spec.messages, *body.shared, *after], engine,
+                                     f"agents.{name}")
+        gen = build_request(new_request_id("round"), body, prompt, body.max_tokens, engine, {},
+                            default_max_tokens=None, prompt_param=f"agents.{name}")
+        gens.append(replace(gen, attribution=Attribution(run.id, name)))
+    run.rounds += 1
+    number = run.rounds
+    calls = [attribute(control, gen) for gen in gens]
+    metrics = request.app[keys.METRICS]
+    async with asyncio.TaskGroup() as group:  # one failure cancels the others
+        tasks = [group.create_task(_generate(engine, gen, metrics, arrival, call))
+                 for gen, call in calls]
+    outputs = dict(zip(body.agents, (task.result() for task in tasks)))
+    return json_response(RoundResult(
+        run=run.id, round=number, agents=outputs,
+        usage=_total([output.usage for output in outputs.values()])))
+
+
+def _check_round(body: RoundRequest, engine: EngineClient) -> None:
+    check_common(body, engine)
+    if body.stream:
+        raise bad_request("rounds are not streamed; send stream=false (or leave it out)",
+                          param="stream")
+    if body.kvrt is not None:
+        raise bad_request("a round's run is in its path and its agents are the keys of "
+                          "`agents`; leave `kvrt` out", param="kvrt")
+
+
+async def _generate(engine: EngineClient, gen: GenerateRequest, metrics: ServerMetrics,
+                    arrival: float, call: AgentCall | None) -> RoundOutput:
+    text, last = await collect(engine, gen, metrics, arrival, call)
+    return RoundOutput(content=text, finish_reason=last.finish_reason, usage=usage_of(last))
+
+
+def _total(usages: list[Usage]) -> Usage:
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    cached = sum(u.prompt_tokens_details.cached_tokens for u in usages)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
