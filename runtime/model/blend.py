@@ -1,0 +1,67 @@
+"""Approximate prefill of a prompt `prefix + segment + suffix` whose segment's KV was computed
+in another prompt (the donor), at another position: the reference algorithm.
+
+1. The prefix is computed (in the runtime it is the reader's own cached history).
+2. The segment's cached KV is shifted to the reader's positions (`shift_keys`): with ratio 0
+   that is all ("shift only"). Its tokens never attended to the reader's prefix, which is what
+   the recompute restores.
+3. Selection, CacheBlend-style: the segment is run in the reader's context up to `check_layer`
+   and the `ratio` of its tokens whose K there deviates most from the cached K are chosen (or,
+   EPIC-style, its first `first_k` tokens).
+4. The chosen tokens, the suffix and anything after it run in one pass over the prefix's KV and
+   the rest of the segment's cached KV. A chosen token's fresh KV replaces its cached rows
+   (the reader's diff, in the runtime).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvrt.runtime.model.dense_forward import DenseKV, dense_forward, shift_keys
+from kvrt.runtime.model.llama import LlamaModel
+
+
+@dataclass(frozen=True, slots=True)
+class Blend:
+    logits: Tensor  # [len(suffix), vocab] float32: the suffix's next-token logits
+    recomputed: Tensor  # indices into the segment of the tokens computed again
+
+
+def select_by_deviation(model: LlamaModel, prefix: DenseKV, segment_ids: Tensor,
+                        cached: DenseKV, ratio: float, check_layer: int = 1) -> Tensor:
+    """The `ratio` of the segment's tokens whose K at `check_layer`, computed after the prefix,
+    deviates most (L2 over heads and dims) from the cached K shifted to the same positions."""
+    count = math.ceil(ratio * len(segment_ids))
+    if count == 0:
+        return torch.empty(0, dtype=torch.int64)
+    _, fresh = dense_forward(model, segment_ids, cached.positions, prefix,
+                             num_layers=check_layer + 1)
+    deviation = (fresh.keys[check_layer].float() - cached.keys[check_layer].float())
+    scores = deviation.flatten(1).norm(dim=1)
+    return scores.topk(count).indices.sort().values
+
+
+def blend_prefill(model: LlamaModel, prefix_ids: Tensor, segment_ids: Tensor, donor: DenseKV,
+                  suffix_ids: Tensor, ratio: float = 0.15, check_layer: int = 1,
+                  first_k: int | None = None) -> Blend:
+    """`donor`: the segment's KV where it was computed. `first_k` replaces the deviation
+    selection with the segment's first k tokens."""
+    start = len(prefix_ids)
+    _, prefix = dense_forward(model, prefix_ids, torch.arange(start))
+    cached = shift_keys(donor, start - int(donor.positions[0]), model)
+    if first_k is not None:
+        chosen = torch.arange(min(first_k, len(segment_ids)))
+    else:
+        chosen = select_by_deviation(model, prefix, segment_ids, cached, ratio, check_layer)
+    kept = torch.ones(len(segment_ids), dtype=torch.bool)
+    kept[chosen] = False
+    past = DenseKV.concat([prefix, cached.select(kept.nonzero().flatten())])
+    end = start + len(segment_ids)
+    ids = torch.cat([segment_ids[chosen], suffix_ids])
+    positions = torch.cat([start + chosen, torch.arange(end, end + len(suffix_ids))])
+    logits, _ = dense_forward(model, ids, positions, past)
+    return Blend(logits[len(chosen):], chosen)
