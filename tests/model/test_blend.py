@@ -93,3 +93,20 @@ def test_approximation_error_falls_as_the_ratio_grows(tiny) -> None:
     assert shift_only > some > most > 0
     first = blend_prefill(model, PREFIX, SEGMENT, donor, SUFFIX, first_k=7)
     assert first.recomputed.tolist() == list(range(7))
+
+
+def test_the_quality_measurement_scores_a_donor_reused_in_its_own_prompt_as_exact(
+        tiny_checkpoint_dir) -> None:
+    """The measurement's plumbing (pieces, teacher forcing, row alignment, KL): reusing a
+    persona's shared block in that persona's own prompt is exact under every mode, so every
+    mode must score 1.0 agreement and zero KL; another persona's block must not."""
+    from kvrt.runtime.bench.reuse_quality import measure
+
+    engine = make_engine(tiny_checkpoint_dir())
+    model, tokenizer = engine.executor.model, engine.tokenizer
+    same = measure(model, tokenizer, [(1, 1)])
+    for mode, row in same["modes"].items():
+        assert row["top1_agreement"] == 1.0, mode
+        assert abs(row["first_token_kl"]) < 1e-5, mode
+    other = measure(model, tokenizer, [(0, 1)])["modes"]["ratio 0.0"]
+    assert other["first_token_kl"] > 1e-4

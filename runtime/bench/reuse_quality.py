@@ -1,0 +1,152 @@
+"""How good is approximate reuse? `python -m kvrt.runtime.bench.reuse_quality [--model PATH]`.
+
+Multi-agent round prompts: each persona's system prompt, then one shared message holding every
+agent's words of the last round, then an instruction. For each ordered pair of personas, the
+shared message's KV is taken from the donor's prompt and reused in the reader's at its new
+position (`runtime/model/blend.py`), with each recompute ratio (0: shift only) and EPIC-style
+first-k at the default ratio's token count. Against full prefill of the reader's prompt:
+- top-1 agreement: full prefill's 32 greedy tokens are fed to both paths (teacher forcing) and
+  the argmax compared at each position;
+- KL(full || approximate) of the first generated token's distribution.
+Means over the pairs go to stdout (markdown) and `--out` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvrt.runtime.config import EngineConfig
+from kvrt.runtime.engine.factory import build_engine
+from kvrt.runtime.model.blend import blend_prefill
+from kvrt.runtime.model.dense_forward import dense_forward
+
+PERSONAS = [
+    "You are Mara Quinn, the town's baker. You are warm, practical and worried about the price "
+    "of flour. You speak plainly and like to offer people bread.",
+    "You are Tomas Reyes, a retired sea captain. You are gruff, tell long stories about storms, "
+    "and distrust anything built after 1980.",
+    "You are Ines Kowalski, a young software engineer who moved here last spring. You are "
+    "curious, precise, and you want the town to get faster internet.",
+    "You are Father Adebayo, the parish priest. You are patient, quietly funny, and you try to "
+    "keep the peace between neighbours.",
+]
+SHARED = (
+    "Here is what everyone said at the town meeting:\n"
+    "Mara: The bridge on Mill Road has been closed for a week and my deliveries take twice as "
+    "long. Someone has to talk to the county.\n"
+    "Tomas: In '74 we had the same trouble and we ran a ferry across the river for a month. It "
+    "worked fine, and nobody needed permission.\n"
+    "Ines: The county posted on its website that repairs start next Monday and should take ten "
+    "days. I can print the notice for the café.\n"
+    "Father Adebayo: Then we have ten days to be kind to each other. The parish hall can store "
+    "Mara's flour so she makes fewer trips.\n"
+    "Mayor Lind: I will call the county tomorrow about a temporary footbridge for the school "
+    "children."
+)
+INSTRUCTION = "It is your turn. In two or three sentences, say what you will do this week."
+STEPS = 32  # generated tokens compared, as the issue asks
+RATIOS = (0.0, 0.05, 0.15, 0.3, 0.5)
+DEFAULT_RATIO = 0.15
+
+
+def pieces(tokenizer, persona: str) -> tuple[list[int], list[int], list[int]]:
+    """(prefix, segment, suffix) token ids: the templated prompt split at message boundaries,
+    each piece tokenized alone (what the runtime's segment finder will do)."""
+    system = {"role": "system", "content": persona}
+    shared = {"role": "user", "content": SHARED}
+    instruction = {"role": "user", "content": INSTRUCTION}
+    prefix = tokenizer.render_chat([system], add_generation_prompt=False)
+    with_shared = tokenizer.render_chat([system, shared], add_generation_prompt=False)
+    full = tokenizer.render_chat([system, shared, instruction])
+    assert with_shared.startswith(prefix) and full.startswith(with_shared)
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.hf.encode(text, add_special_tokens=False))
+
+    return (encode(prefix), encode(with_shared[len(prefix):]),
+            encode(full[len(with_shared):]))
+
+
+def greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    logits, past = dense_forward(model, prompt, torch.arange(len(prompt)))
+    tokens = [int(logits[-1].argmax())]
+    for _ in range(steps - 1):
+        position = torch.tensor([len(prompt) + len(tokens) - 1])
+        logits, new = dense_forward(model, torch.tensor(tokens[-1:]), position, past)
+        past = type(past).concat([past, new])
+        tokens.append(int(logits[-1].argmax()))
+    return torch.tensor(tokens)
+
+
+def measure(model, tokenizer, pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    modes = {f"ratio {r}": {"ratio": r} for r in RATIOS}
+    split = {k: pieces(tokenizer, p) for k, p in enumerate(PERSONAS)}
+    k_default = math.ceil(DEFAULT_RATIO * len(split[0][1]))
+    modes[f"first {k_default} tokens"] = {"first_k": k_default}
+    rows: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    for donor_index, reader_index in pairs:
+        d_prefix, segment, _ = (torch.tensor(x) for x in split[donor_index])
+        prefix, segment_r, suffix = (torch.tensor(x) for x in split[reader_index])
+        assert torch.equal(segment, segment_r)  # the same words at another position
+        reference = greedy(model, torch.cat([prefix, segment, suffix]), STEPS)
+        forced = torch.cat([suffix, reference[:-1]])
+        prompt = torch.cat([prefix, segment, forced])
+        full, _ = dense_forward(model, prompt, torch.arange(len(prompt)))
+        full = full[len(prefix) + len(segment) + len(suffix) - 1:]
+        donor_prompt = torch.cat([d_prefix, segment])
+        _, donor_kv = dense_forward(model, donor_prompt, torch.arange(len(donor_prompt)))
+        donor_kv = donor_kv.select(torch.arange(len(d_prefix), len(donor_prompt)))
+        for mode, how in modes.items():
+            blend = blend_prefill(model, prefix, segment, donor_kv, forced, **how)
+            approx = blend.logits[len(suffix) - 1:]
+            agreement = float((approx.argmax(-1) == reference).float().mean())
+            kl = float(F.kl_div(F.log_softmax(approx[0], -1), F.log_softmax(full[0], -1),
+                                log_target=True, reduction="sum"))
+            rows[mode].append((agreement, kl))
+    return {
+        "pairs": len(pairs), "steps": STEPS, "segment_tokens": len(split[0][1]),
+        "prefix_tokens": [len(split[k][0]) for k in split],
+        "modes": {mode: {"top1_agreement": sum(a for a, _ in r) / len(r),
+                         "first_token_kl": sum(k for _, k in r) / len(r),
+                         "min_agreement": min(a for a, _ in r)}
+                  for mode, r in rows.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvrt.runtime.bench.reuse_quality")
+    parser.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M)")
+    parser.add_argument("--out", default=None, help="write the results here (JSON)")
+    args = parser.parse_args(argv)
+    engine, _ = build_engine(EngineConfig(model=args.model, dtype="float32",
+                                          kv_cache_memory=16 * 1024**2))
+    model, tokenizer = engine.executor.model, engine.tokenizer
+    pairs = list(itertools.permutations(range(len(PERSONAS)), 2))
+    started = time.perf_counter()
+    results = measure(model, tokenizer, pairs)
+    results["seconds"] = time.perf_counter() - started
+    print(f"{results['pairs']} donor -> reader pairs; a shared block of "
+          f"{results['segment_tokens']} tokens after private prompts of "
+          f"{results['prefix_tokens']} tokens; {STEPS} teacher-forced tokens each\n")
+    print("| reuse | top-1 agreement (mean / min) | first-token KL |")
+    print("|---|---:|---:|")
+    for mode, row in results["modes"].items():
+        print(f"| {mode} | {row['top1_agreement']:.3f} / {row['min_agreement']:.3f} | "
+              f"{row['first_token_kl']:.4f} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
