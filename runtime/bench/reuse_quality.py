@@ -8,7 +8,9 @@ first-k at the default ratio's token count. Against full prefill of the reader's
 - top-1 agreement: full prefill's 32 greedy tokens are fed to both paths (teacher forcing) and
   the argmax compared at each position;
 - KL(full || approximate) of the first generated token's distribution.
-Means over the pairs go to stdout (markdown) and `--out` (JSON).
+Means over the pairs go to stdout (markdown) and `--out` (JSON). `--memory-words N` adds N
+words of seeded memories to each persona (as `kvrt bench generative-agents` does), so the
+private history the reused block never saw is longer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import itertools
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvrt.runtime.bench.workloads import text
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.factory import build_engine
 from kvrt.runtime.model.blend import blend_prefill
@@ -87,9 +91,16 @@ def greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.tensor(tokens)
 
 
-def measure(model, tokenizer, pairs: list[tuple[int, int]]) -> dict[str, Any]:
+def personas(memory_words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [p if not memory_words else f"{p}\nYou remember: {text.words(rng, memory_words)}"
+            for p in PERSONAS]
+
+
+def measure(model, tokenizer, pairs: list[tuple[int, int]],
+            memory_words: int = 0) -> dict[str, Any]:
     modes = {f"ratio {r}": {"ratio": r} for r in RATIOS}
-    split = {k: pieces(tokenizer, p) for k, p in enumerate(PERSONAS)}
+    split = {k: pieces(tokenizer, p) for k, p in enumerate(personas(memory_words))}
     k_default = math.ceil(DEFAULT_RATIO * len(split[0][1]))
     modes[f"first {k_default} tokens"] = {"first_k": k_default}
     rows: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
@@ -125,6 +136,8 @@ def measure(model, tokenizer, pairs: list[tuple[int, int]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvrt.runtime.bench.reuse_quality")
     parser.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M)")
+    parser.add_argument("--memory-words", type=int, default=0,
+                        help="seeded memory words added to each persona (default: none)")
     parser.add_argument("--out", default=None, help="write the results here (JSON)")
     args = parser.parse_args(argv)
     engine, _ = build_engine(EngineConfig(model=args.model, dtype="float32",
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = engine.executor.model, engine.tokenizer
     pairs = list(itertools.permutations(range(len(PERSONAS)), 2))
     started = time.perf_counter()
-    results = measure(model, tokenizer, pairs)
+    results = measure(model, tokenizer, pairs, args.memory_words)
     results["seconds"] = time.perf_counter() - started
     print(f"{results['pairs']} donor -> reader pairs; a shared block of "
           f"{results['segment_tokens']} tokens after private prompts of "
