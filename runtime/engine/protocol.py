@@ -59,6 +59,9 @@ class GenerateRequest:
     params: SamplingParams
     salt: bytes = b""  # tenant salt, set by the server, never from the body
     attribution: Attribution = field(default_factory=Attribution)
+    # Token spans [start, end) of the prompt that are segments: text whose KV may be reused at
+    # another position (marked messages, or every message of an "approximate" graph's calls).
+    segments: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,10 @@ class Tokenizer:
         for Llama 3, nothing for ChatML models), as an OpenAI /v1/completions server does."""
         return list(self.hf.encode(text))
 
+    def encode_piece(self, text: str) -> list[int]:
+        """Ids for a piece of templated text (special tokens spelt in it, none added)."""
+        return list(self.hf.encode(text, add_special_tokens=False))
+
     def render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:

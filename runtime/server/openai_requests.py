@@ -65,6 +65,33 @@ def messages_prompt_ids(messages: list[ChatMessage], engine: EngineClient,
         raise bad_request(f"cannot apply the chat template: {exc}", param=param) from None
 
 
+def segment_spans(messages: list[ChatMessage], marked: list[bool], prompt_ids: list[int],
+                  engine: EngineClient) -> tuple[tuple[int, int], ...]:
+    """The token spans of the marked messages in `prompt_ids`: each message as the template
+    renders it (its role header included), tokenized on its own. () when the pieces do not
+    add up to the prompt (a template that rewrites earlier turns, or merges tokens across
+    them): the call then reuses KV only by exact prefix."""
+    if not any(marked):
+        return ()
+    tokenizer = engine.tokenizer
+    turns = [_message_dict(i, m, "messages") for i, m in enumerate(messages)]
+    spans, ids, before = [], [], ""
+    for i, is_segment in enumerate(marked):
+        rendered = tokenizer.render_chat(turns[: i + 1], add_generation_prompt=False)
+        if not rendered.startswith(before):
+            return ()
+        start = len(ids)
+        ids += tokenizer.encode_piece(rendered[len(before):])
+        if is_segment:
+            spans.append((start, len(ids)))
+        before = rendered
+    return tuple(spans) if prompt_ids[: len(ids)] == ids else ()
+
+
+def marked_segments(messages: list[ChatMessage]) -> list[bool]:
+    return [m.kvrt is not None and m.kvrt.segment for m in messages]
+
+
 def _message_dict(index: int, message: ChatMessage, param: str) -> dict[str, str]:
     # "developer" is OpenAI's new name for the system role; chat templates know only "system".
     role = "system" if message.role == "developer" else message.role
@@ -172,6 +199,7 @@ def build_request(
     *,
     default_max_tokens: int | None,
     prompt_param: str,
+    segments: tuple[tuple[int, int], ...] = (),
 ) -> GenerateRequest:
     resolved = resolve_max_tokens(
         max_tokens, len(prompt_ids), engine.max_model_len, default_max_tokens, prompt_param
@@ -181,6 +209,7 @@ def build_request(
         prompt_token_ids=prompt_ids,
         params=sampling_params(body, resolved),
         attribution=attribution(body.kvrt, headers),
+        segments=segments,
     )
 
 
@@ -189,9 +218,11 @@ def chat_generate_request(
 ) -> GenerateRequest:
     check_common(body, engine)
     max_tokens = body.max_completion_tokens or body.max_tokens
+    prompt = chat_prompt_ids(body, engine)
     return build_request(
-        new_request_id("chatcmpl"), body, chat_prompt_ids(body, engine), max_tokens, engine,
-        headers, default_max_tokens=None, prompt_param="messages",
+        new_request_id("chatcmpl"), body, prompt, max_tokens, engine, headers,
+        default_max_tokens=None, prompt_param="messages",
+        segments=segment_spans(body.messages, marked_segments(body.messages), prompt, engine),
     )
 
 

@@ -7,14 +7,18 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import GenerateRequest
+from kvrt.runtime.engine.protocol import Attribution, GenerateRequest
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.graph.runs import AgentCall
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from kvrt.runtime.server.openai_requests import chat_generate_request, completion_generate_request
+from kvrt.runtime.server.openai_requests import (
+    chat_generate_request,
+    completion_generate_request,
+    segment_spans,
+)
 from kvrt.runtime.server.openai_serving import (
     ChatShapes,
     CompletionShapes,
@@ -38,7 +42,11 @@ routes = web.RouteTableDef()
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = chat_request_decoder.decode(await read_json(request))
-    gen = chat_generate_request(body, request.app[keys.ENGINE], request.headers)
+    engine = request.app[keys.ENGINE]
+    gen = chat_generate_request(body, engine, request.headers)
+    if approximate_reuse(request.app[keys.CONTROL], gen.attribution):  # every message
+        gen = replace(gen, segments=segment_spans(body.messages, [True] * len(body.messages),
+                                                  gen.prompt_token_ids, engine))
     return await _respond(request, body, gen, ChatShapes, arrival)
 
 
@@ -90,6 +98,12 @@ async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateReq
         return await respond_stream(request, engine, gen, metrics, arrival, shapes, include_usage,
                                     call)
     return await respond_json(engine, gen, metrics, arrival, shapes, call)
+
+
+def approximate_reuse(control: ControlPlane, attribution: Attribution) -> bool:
+    """Whether the call's run declared `reuse: "approximate"` (every message a segment)."""
+    found = control.agent_of(attribution)
+    return found is not None and found[0].graph.reuse == "approximate"
 
 
 def attribute(

@@ -3,9 +3,10 @@
 Every agent's call is checked (agent names, templates, context lengths) before any is queued,
 so a bad round is a 400 or a 404 that starts nothing. The calls then run together as the
 run's agents, each attributed like a chat call; if one fails, or the client goes away, the
-others are cancelled and their KV freed. For now each agent's prompt is prefilled on its own
-(prefix caching reuses what agents share from the start of their prompts); the shared
-messages' reuse at any position is the runtime's next step.
+others are cancelled and their KV freed. Each call carries the token spans of the shared
+messages in its prompt (`GenerateRequest.segments`); for now each agent's prompt is still
+prefilled on its own (prefix caching reuses what agents share from the start of their
+prompts): the shared messages' reuse at any position is the runtime's next step.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.openai_requests import (
     build_request,
     check_common,
+    marked_segments,
     messages_prompt_ids,
     new_request_id,
+    segment_spans,
 )
 from kvrt.runtime.server.openai_routes import attribute
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
@@ -54,13 +57,20 @@ async def run_round(request: web.Request) -> web.Response:
     _check_round(body, engine)
     for name in body.agents:
         run.agent_index(name)  # 404 for an agent the run's graph lacks, before anything starts
+    every = run.graph.reuse == "approximate"
     gens = []
     for name, spec in body.agents.items():
         after = spec.after if spec.after is not None else (body.instruction or [])
-        prompt = messages_prompt_ids([*spec.messages, *body.shared, *after], engine,
-                                     f"agents.{name}")
+        messages = [*spec.messages, *body.shared, *after]
+        prompt = messages_prompt_ids(messages, engine, f"agents.{name}")
+        marked = marked_segments(messages)  # the shared messages are segments by definition
+        marked[len(spec.messages): len(spec.messages) + len(body.shared)] = [True] * len(
+            body.shared)
+        segments = segment_spans(messages, [True] * len(messages) if every else marked, prompt,
+                                 engine)
         gen = build_request(new_request_id("round"), body, prompt, body.max_tokens, engine, {},
-                            default_max_tokens=None, prompt_param=f"agents.{name}")
+                            default_max_tokens=None, prompt_param=f"agents.{name}",
+                            segments=segments)
         gens.append(replace(gen, attribution=Attribution(run.id, name)))
     run.rounds += 1
     number = run.rounds

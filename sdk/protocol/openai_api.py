@@ -62,10 +62,18 @@ class ContentPart(Struct, kw_only=True):
     text: str | None = None
 
 
+class MessageOptions(Struct, kw_only=True, forbid_unknown_fields=True):
+    """kvrt's per-message extension: `segment` marks text other prompts may hold too (a
+    shared block of a round), whose KV the runtime may reuse at another position."""
+
+    segment: bool = False
+
+
 class ChatMessage(Struct, kw_only=True):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    kvrt: MessageOptions | None = None
 
 
 class ChatCompletionRequest(SamplingRequest, kw_only=True):
