@@ -42,6 +42,10 @@ PERSONAS = [
     "curious, precise, and you want the town to get faster internet.",
     "You are Father Adebayo, the parish priest. You are patient, quietly funny, and you try to "
     "keep the peace between neighbours.",
+    "You are Lena Ortiz, who runs the hardware store. You are blunt, busy, and you keep a list "
+    "of everyone who owes you money.",
+    "You are Sam Whitfield, a twelve-year-old who walks to school over the Mill Road bridge. "
+    "You are excited by anything unusual and you ask a lot of questions.",
 ]
 SHARED = (
     "Here is what everyone said at the town meeting:\n"
