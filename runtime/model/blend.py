@@ -11,6 +11,10 @@ in another prompt (the donor), at another position: the reference algorithm.
 4. The chosen tokens, the suffix and anything after it run in one pass over the prefix's KV and
    the rest of the segment's cached KV. A chosen token's fresh KV replaces its cached rows
    (the reader's diff, in the runtime).
+
+Measured on the default model (`python -m kvrt.runtime.bench.reuse_quality`, README): with
+persona-length private histories, the first 15% of a block's tokens restore more than the 15%
+the deviation selects (top-1 agreement 0.926 vs 0.906; shift only 0.905).
 """
 
 from __future__ import annotations
