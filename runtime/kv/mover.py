@@ -3,10 +3,10 @@
 One worker thread per direction runs that direction's copies in order (on CUDA each issues
 them on its own side stream and waits for it, so the step's kernels on the default stream never
 wait on a copy, and an upload never queues behind offloads: PCIe and the GPU's copy engines
-work both ways at once). A move is
-one transfer, however scattered its blocks: the source blocks are packed into one contiguous
-staging buffer (kernels/block_copy.py: a Triton gather on the GPU, torch on the CPU), the
-buffer crosses tiers in one copy, and is unpacked into the target blocks.
+work both ways at once). A move is one transfer, however scattered its blocks: the source
+blocks are packed into one contiguous staging buffer (kernels/block_copy.py: a Triton gather on
+the GPU, torch on the CPU), the buffer crosses tiers in one copy, and is unpacked into the
+target blocks.
 
 The blocks a move touches are in flight in both pools (runtime/kv/block_pool.py), so nothing
 else reads or writes them while the worker copies; the engine thread applies the result
