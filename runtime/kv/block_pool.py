@@ -74,6 +74,9 @@ class BlockPool:
         self._in_flight: set[int] = set()
         self.evictions = 0
         self.on_drop: Callable[[int], None] | None = None
+        # Called with a cached block's key and tokens when it is evicted or dropped (its
+        # content leaves this pool; KVTiers uses it to keep the host's last copies longer).
+        self.on_unkey: Callable[[bytes, tuple[int, ...]], None] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -145,6 +148,12 @@ class BlockPool:
         self._unkey(self.blocks[block_id])
         self._free.append(block_id)
         self._dropped(block_id)
+
+    def set_recency(self, block_id: int, recent: bool) -> None:
+        """Moves a cached block to the most (`recent`) or least recently used end of the LRU:
+        the last or the first to be evicted."""
+        if block_id in self._cached:
+            self._cached.move_to_end(block_id, last=recent)
 
     def register(self, block_id: int, key: bytes, token_ids: tuple[int, ...]) -> bool:
         """Keys a full, in-use block so others can find it. Returns False (and leaves the block
@@ -241,6 +250,8 @@ class BlockPool:
 
     def _unkey(self, block: Block) -> None:
         assert block.key is not None
+        if self.on_unkey is not None:
+            self.on_unkey(block.key, block.token_ids)
         del self._index[block.key]
         block.key, block.token_ids = None, ()
 

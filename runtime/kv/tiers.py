@@ -20,7 +20,9 @@ costs no copy: the device block is simply let go. Only cached blocks move (nobod
 the block pool guarantees no in-flight block is found, evicted or reused. A backup copies a
 keyed device block to the host and leaves it where it is, readable (a keyed block is full and
 never written again); the reference it holds while the copy runs keeps it from eviction, and
-once it lands, an eviction on the device drops nothing the host lacks.
+once it lands, an eviction on the device drops nothing the host lacks. A landed backup is a
+spare copy, so it goes to the front of the host's LRU (evicted first); when the device lets the
+content go, the host copy is its last and moves to the back.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class KVTiers:
         self.device, self.host = device, host
         self.device_owners, self.host_owners = device_owners, BlockOwners()
         host.on_drop = self.host_owners.drop_block
+        device.on_unkey = self._left_device
         # Completed, since start.
         self.offloaded_blocks = self.uploaded_blocks = self.backed_up_blocks = 0
         self._arriving: set[bytes] = set()  # keys an unfinished upload brings to the device
@@ -146,6 +149,8 @@ class KVTiers:
                     target_owners.claim(owner, [dst])
             if move.keep_source:
                 source.release([src])
+                if landed:  # a spare copy while the device holds one: the host's first to go
+                    target.set_recency(dst, recent=False)
                 continue
             # An offload lets the device copy go once the host holds it; an upload keeps the
             # host's copy (inclusive), so the source is kept there in every case.
@@ -159,6 +164,13 @@ class KVTiers:
             self.uploaded_blocks += moved
             self._arriving.difference_update(move.keys)
         return moved
+
+    def _left_device(self, key: bytes, tokens: tuple[int, ...]) -> None:
+        """The device let this content go: the host's copy, if any, is now the only one, and
+        the last the host should evict."""
+        host_id = self.host.lookup(key, tokens)
+        if host_id is not None:
+            self.host.set_recency(host_id, recent=True)
 
     def _sides(self, direction: Direction
                ) -> tuple[BlockPool, BlockOwners, BlockPool, BlockOwners]:

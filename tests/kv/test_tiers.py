@@ -8,6 +8,7 @@ import pytest
 from kvrt.runtime.kv.block_pool import BlockPool, OutOfBlocks
 from kvrt.runtime.kv.manager import BlockTable, KVManager
 from kvrt.runtime.kv.owners import AgentResidency
+from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
 from kvrt.runtime.kv.tiers import Direction
 
 BLOCK = 4
@@ -217,4 +218,40 @@ def test_a_failed_backup_frees_the_host_blocks_and_lets_the_device_ones_go() -> 
     assert kv.tiers.complete(move, ok=False) == 0
     assert states(kv.pool) == (4, 2, 0, 0) and states(kv.tiers.host) == (8, 0, 0, 0)
     assert kv.match_prefix(tokens, b"").block_ids == blocks
+    kv.check_integrity()
+
+
+def test_the_host_evicts_spare_backups_before_last_copies() -> None:
+    """A's blocks live only on the host (offloaded); B's host copies are backups of blocks the
+    device still holds. Making room on the host takes B's spare copy, not A's last one; once
+    the device lets B go, B's host copy is a last copy too, and the oldest last copy goes."""
+    kv = KVManager(16, BLOCK, host_blocks=4)
+    tiers = kv.tiers
+    assert tiers is not None
+    a, b = list(range(1, 10)), list(range(20, 29))  # 2 full blocks each
+    c, d = list(range(40, 45)), list(range(50, 55))  # 1 each
+    off = tiers.prepare_offload(cached_prefix(kv, a))
+    assert off is not None and tiers.complete(off, ok=True) == 2
+    b_device = cached_prefix(kv, b)
+    back = tiers.prepare_backup(b_device)
+    assert back is not None and tiers.complete(back, ok=True) == 2
+    assert states(tiers.host) == (0, 4, 0, 0)
+
+    def on_host(tokens: list[int]) -> int:
+        """How many of the full blocks of `tokens` the host holds (a chain or not)."""
+        held, parent = 0, ROOT_KEY
+        for i in range(len(tokens) // BLOCK):
+            piece = tuple(tokens[i * BLOCK:(i + 1) * BLOCK])
+            parent = block_key(parent, b"", piece)
+            held += tiers.host.lookup(parent, piece) is not None
+        return held
+
+    move = tiers.prepare_offload(cached_prefix(kv, c))  # the host must evict one block
+    assert move is not None and tiers.complete(move, ok=True) == 1
+    assert (on_host(a), on_host(b)) == (2, 1)  # a spare backup went, not A's only copies
+    for block_id in b_device:
+        kv.pool.drop_cached(block_id)  # the device lets B go: the host holds its last copy
+    move = tiers.prepare_offload(cached_prefix(kv, d))
+    assert move is not None and tiers.complete(move, ok=True) == 1
+    assert (on_host(a), on_host(b), on_host(c)) == (1, 1, 1)  # one of A's, the oldest, went
     kv.check_integrity()
