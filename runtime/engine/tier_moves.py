@@ -27,11 +27,9 @@ class TierMoves:
         """Moves these device blocks (the cached ones) to the host: those it holds already
         leave the device now, the others are copied first. Returns the host blocks that hold,
         or will hold, their content, in order (in flight until the copy lands)."""
-        copies = self.tiers.host_copies(block_ids)
-        move = self._start(self.tiers.prepare_offload(block_ids))
-        if move is not None:
-            copies.update(zip(move.source, move.target))
-        return [host for host in copies.values() if host is not None]
+        offload = self.tiers.prepare_offload(block_ids)
+        self._start(offload.move)
+        return offload.host_blocks
 
     def backup(self, block_ids: list[int]) -> Move | None:
         """Starts copying these keyed device blocks (the ones the host lacks) to the host,

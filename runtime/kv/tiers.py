@@ -52,6 +52,12 @@ class Move:
         return len(self.source)
 
 
+@dataclass(frozen=True, slots=True)
+class Offload:
+    move: Move | None  # the copies to make (None: the host held all of it, or had no room)
+    host_blocks: list[int]  # where the content is, or will be once `move` lands, in order
+
+
 class KVTiers:
     def __init__(self, device: BlockPool, host: BlockPool, device_owners: BlockOwners) -> None:
         """Ownership travels with the content: a block's owners on one tier own its copy on the
@@ -67,49 +73,37 @@ class KVTiers:
     def is_arriving(self, key: bytes) -> bool:
         return key in self._arriving
 
-    def prepare_offload(self, block_ids: list[int]) -> Move | None:
-        """Plans copying these device blocks to the host: only cached ones (no reader), only
-        those the host lacks, as many as the host can take. None if there is nothing to copy.
-        Cached blocks whose content the host already holds are dropped from the device now."""
+    def prepare_offload(self, block_ids: list[int]) -> Offload:
+        """Moves these device blocks to the host: only cached ones (no reader). Those whose
+        content the host holds already leave the device now; the others are planned for
+        copying, as many as the host can take."""
+        held: dict[int, int] = {}
         moving: list[int] = []
-        for block_id, host_id in self.host_copies(block_ids).items():
-            if host_id is not None:
+        for block_id in block_ids:
+            if not self.device.is_cached(block_id):
+                continue
+            host_id = self._on_host(block_id)
+            if host_id is None:
+                moving.append(block_id)
+            else:
                 self.device.drop_cached(block_id)
                 self.offloaded_blocks += 1
-            else:
-                moving.append(block_id)
-        return self._plan(Direction.OFFLOAD, moving)
-
-    def host_copies(self, block_ids: list[int]) -> dict[int, int | None]:
-        """Each cached one of these device blocks -> the host block holding its content (None
-        where the host lacks it), in the given order."""
-        copies: dict[int, int | None] = {}
-        for block_id in block_ids:
-            block = self.device.blocks[block_id]
-            if self.device.is_cached(block_id):
-                assert block.key is not None
-                copies[block_id] = self.host.lookup(block.key, block.token_ids)
-        return copies
+                held[block_id] = host_id
+        move = self._plan(Direction.OFFLOAD, moving)
+        if move is not None:
+            held.update(zip(move.source, move.target))
+        return Offload(move, [held[b] for b in block_ids if b in held])
 
     def prepare_backup(self, block_ids: list[int]) -> Move | None:
         """Plans copying these keyed device blocks (in use or cached) to the host, leaving
         them on the device: those the host lacks, as many as it can take."""
-        device, host = self.device, self.host
-        copying: list[int] = []
-        for block_id in block_ids:
-            block = device.blocks[block_id]
-            if (block.key is None or device.is_in_flight(block_id)
-                    or host.lookup(block.key, block.token_ids) is not None):
-                continue
-            copying.append(block_id)
-        copying = copying[: host.num_allocatable()]
-        if not copying:
-            return None
-        for block_id in copying:
-            device.acquire(block_id)
-        return Move(Direction.OFFLOAD, copying, host.begin_move_in(len(copying)),
-                    [device.blocks[b].key for b in copying],  # type: ignore[misc]
-                    [device.blocks[b].token_ids for b in copying], keep_source=True)
+        copying = [b for b in block_ids if self.device.blocks[b].key is not None
+                   and not self.device.is_in_flight(b) and self._on_host(b) is None]
+        return self._plan(Direction.OFFLOAD, copying, keep_source=True)
+
+    def _on_host(self, device_block: int) -> int | None:
+        block = self.device.blocks[device_block]
+        return self.host.lookup(block.key, block.token_ids)  # type: ignore[arg-type]
 
     def prepare_upload(self, host_block_ids: list[int]) -> Move | None:
         """Plans copying these cached host blocks to the device, those it lacks (as many as it
@@ -122,19 +116,24 @@ class KVTiers:
             self._arriving.update(move.keys)
         return move
 
-    def _plan(self, direction: Direction, cached: list[int]) -> Move | None:
-        """Puts as many of these cached source blocks as the target can take in flight, with
-        as many target blocks to receive them."""
+    def _plan(self, direction: Direction, blocks: list[int],
+              keep_source: bool = False) -> Move | None:
+        """Puts as many of these source blocks as the target can take in flight, with as many
+        target blocks to receive them. A move takes cached blocks out of the source's LRU and
+        index; a backup (`keep_source`) only adds a reader, so they stay readable there."""
         source, _, target, _ = self._sides(direction)
-        moving = cached[: target.num_allocatable()]
+        moving = blocks[: target.num_allocatable()]
         if not moving:
             return None
         keys = [source.blocks[b].key for b in moving]
         tokens = [source.blocks[b].token_ids for b in moving]
         for block_id in moving:
-            source.begin_move_out(block_id)
+            if keep_source:
+                source.acquire(block_id)
+            else:
+                source.begin_move_out(block_id)
         return Move(direction, moving, target.begin_move_in(len(moving)), keys,  # type: ignore[arg-type]
-                    tokens)
+                    tokens, keep_source)
 
     def complete(self, move: Move, ok: bool) -> int:
         """Applies a finished copy (`ok` False leaves the content where it was); returns how

@@ -61,7 +61,7 @@ def test_a_prefix_on_the_host_is_uploaded_only_when_the_call_could_then_be_admit
     kv.grow(table, len(host_prefix))
     kv.commit(table, host_prefix, len(host_prefix), b"")
     kv.free(table)
-    move = kv.tiers.prepare_offload(kv.match_prefix(host_prefix + [0], b"").block_ids)
+    move = kv.tiers.prepare_offload(kv.match_prefix(host_prefix + [0], b"").block_ids).move
     assert move is not None and kv.tiers.complete(move, ok=True) == 3
     runner = sequence("runner", 3 * BLOCK, order=0)
     runner.token_ids = list(range(100, 100 + 3 * BLOCK))  # unrelated to the host prefix

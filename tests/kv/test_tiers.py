@@ -35,7 +35,7 @@ def test_an_offload_moves_cached_blocks_to_the_host_in_two_phases() -> None:
     blocks = cached_prefix(kv, tokens)
     tiers = kv.tiers
     assert tiers is not None and kv.match_prefix(tokens, b"").block_ids == blocks
-    move = tiers.prepare_offload(blocks)
+    move = tiers.prepare_offload(blocks).move
     assert move is not None and move.direction is Direction.OFFLOAD and move.source == blocks
     # In flight: found nowhere, counted as in flight in both pools.
     assert kv.match_prefix(tokens, b"").block_ids == []
@@ -56,7 +56,7 @@ def test_a_failed_offload_leaves_the_blocks_cached_on_the_device() -> None:
     tokens = list(range(1, 10))
     blocks = cached_prefix(kv, tokens)
     assert kv.tiers is not None
-    move = kv.tiers.prepare_offload(blocks)
+    move = kv.tiers.prepare_offload(blocks).move
     assert move is not None and kv.tiers.complete(move, ok=False) == 0
     assert kv.match_prefix(tokens, b"").block_ids == blocks
     assert states(kv.tiers.host) == (4, 0, 0, 0) and kv.tiers.offloaded_blocks == 0
@@ -68,7 +68,7 @@ def test_a_block_in_flight_is_never_allocated_nor_evicted() -> None:
     kv = KVManager(4, BLOCK, host_blocks=4)
     blocks = cached_prefix(kv, list(range(1, 10)))  # 2 cached blocks, 2 free
     assert kv.tiers is not None
-    move = kv.tiers.prepare_offload(blocks)
+    move = kv.tiers.prepare_offload(blocks).move
     assert move is not None
     with pytest.raises(OutOfBlocks):
         kv.pool.allocate(3)  # only the 2 free ones: the moving blocks are not evictable
@@ -84,16 +84,16 @@ def test_only_cached_blocks_move_and_content_the_host_has_is_not_copied_again() 
     assert kv.tiers is not None
     reader = BlockTable(BLOCK)
     kv.adopt_prefix(reader, kv.match_prefix(tokens, b""))  # a live request reads them
-    assert kv.tiers.prepare_offload(blocks) is None
+    assert kv.tiers.prepare_offload(blocks).move is None
     kv.free(reader)
-    move = kv.tiers.prepare_offload(blocks)
+    move = kv.tiers.prepare_offload(blocks).move
     assert move is not None
     kv.tiers.complete(move, ok=True)
     # Upload keeps the host's copy; offloading the same content again drops the device copy.
     up = kv.tiers.prepare_upload(move.target)
     assert up is not None and kv.tiers.complete(up, ok=True) == 2
     assert kv.match_prefix(tokens, b"").block_ids == up.target
-    assert kv.tiers.prepare_offload(up.target) is None
+    assert kv.tiers.prepare_offload(up.target).move is None
     assert kv.match_prefix(tokens, b"").block_ids == []
     assert kv.tiers.host.usage().cached == 2
     kv.check_integrity()
@@ -104,7 +104,7 @@ def test_an_upload_lands_findable_and_the_next_block_is_announced_as_arriving() 
     tokens = list(range(1, 14))
     blocks = cached_prefix(kv, tokens)
     assert kv.tiers is not None
-    off = kv.tiers.prepare_offload(blocks)
+    off = kv.tiers.prepare_offload(blocks).move
     assert off is not None
     kv.tiers.complete(off, ok=True)
     up = kv.tiers.prepare_upload(off.target)
@@ -122,7 +122,7 @@ def test_a_failed_upload_frees_the_device_blocks_and_keeps_the_host_copy() -> No
     kv = KVManager(8, BLOCK, host_blocks=8)
     tokens = list(range(1, 10))
     assert kv.tiers is not None
-    off = kv.tiers.prepare_offload(cached_prefix(kv, tokens))
+    off = kv.tiers.prepare_offload(cached_prefix(kv, tokens)).move
     assert off is not None
     kv.tiers.complete(off, ok=True)
     up = kv.tiers.prepare_upload(off.target)
@@ -138,7 +138,7 @@ def test_a_key_recomputed_while_its_block_was_away_is_not_indexed_twice() -> Non
     tokens = list(range(1, 10))
     blocks = cached_prefix(kv, tokens)
     assert kv.tiers is not None
-    move = kv.tiers.prepare_offload(blocks)
+    move = kv.tiers.prepare_offload(blocks).move
     assert move is not None
     again = cached_prefix(kv, tokens)  # computed again meanwhile: the same keys, new blocks
     assert set(again).isdisjoint(blocks)
@@ -152,7 +152,7 @@ def test_ownership_travels_with_the_content_and_a_run_release_frees_both_tiers()
     kv = KVManager(8, BLOCK, host_blocks=8)
     tokens = list(range(1, 10))
     assert kv.tiers is not None
-    off = kv.tiers.prepare_offload(cached_prefix(kv, tokens))
+    off = kv.tiers.prepare_offload(cached_prefix(kv, tokens)).move
     assert off is not None
     kv.tiers.complete(off, ok=True)
     assert kv.residency("run") == {"agent": AgentResidency(0, 0, host_blocks=2)}
@@ -171,9 +171,9 @@ def test_blocks_already_moving_are_neither_moved_again_nor_pinned() -> None:
     kv = KVManager(8, BLOCK, host_blocks=8)
     blocks = cached_prefix(kv, list(range(1, 10)))
     assert kv.tiers is not None
-    move = kv.tiers.prepare_offload(blocks)
+    move = kv.tiers.prepare_offload(blocks).move
     assert move is not None and not kv.pool.is_cached(blocks[0])
-    assert kv.tiers.prepare_offload(blocks) is None  # in flight already: not cached
+    assert kv.tiers.prepare_offload(blocks).move is None  # in flight already: not cached
     assert kv.pin(("run", "agent")) == 0 and not kv.is_pinned(("run", "agent"))
     kv.tiers.complete(move, ok=True)
     kv.check_integrity()
@@ -230,7 +230,7 @@ def test_the_host_evicts_spare_backups_before_last_copies() -> None:
     assert tiers is not None
     a, b = list(range(1, 10)), list(range(20, 29))  # 2 full blocks each
     c, d = list(range(40, 45)), list(range(50, 55))  # 1 each
-    off = tiers.prepare_offload(cached_prefix(kv, a))
+    off = tiers.prepare_offload(cached_prefix(kv, a)).move
     assert off is not None and tiers.complete(off, ok=True) == 2
     b_device = cached_prefix(kv, b)
     back = tiers.prepare_backup(b_device)
@@ -246,12 +246,12 @@ def test_the_host_evicts_spare_backups_before_last_copies() -> None:
             held += tiers.host.lookup(parent, piece) is not None
         return held
 
-    move = tiers.prepare_offload(cached_prefix(kv, c))  # the host must evict one block
+    move = tiers.prepare_offload(cached_prefix(kv, c)).move  # the host must evict one block
     assert move is not None and tiers.complete(move, ok=True) == 1
     assert (on_host(a), on_host(b)) == (2, 1)  # a spare backup went, not A's only copies
     for block_id in b_device:
         kv.pool.drop_cached(block_id)  # the device lets B go: the host holds its last copy
-    move = tiers.prepare_offload(cached_prefix(kv, d))
+    move = tiers.prepare_offload(cached_prefix(kv, d)).move
     assert move is not None and tiers.complete(move, ok=True) == 1
     assert (on_host(a), on_host(b), on_host(c)) == (1, 1, 1)  # one of A's, the oldest, went
     kv.check_integrity()
