@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvrt.runtime.model.llama import LlamaModel, _rms_norm
+from kvrt.runtime.model.llama import LlamaModel
 from kvrt.runtime.model.rope import apply_rotary
 
 
@@ -49,24 +49,14 @@ def dense_forward(model: LlamaModel, token_ids: Tensor, positions: Tensor,
                   ) -> tuple[Tensor, DenseKV]:
     """Runs `token_ids` at `positions` over `past`. Returns float32 logits for every new token
     (or, with `num_layers`, nothing: an empty tensor) and the new tokens' KV of the layers run."""
-    cfg = model.config
     layers = model.layers[: num_layers if num_layers is not None else len(model.layers)]
     hidden = F.embedding(token_ids, model.embed)
     cos, sin = model.rotary.lookup(positions)
-    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     key_positions = positions if past is None else torch.cat([past.positions, positions])
     visible = key_positions[None, :] <= positions[:, None]  # [T, P + T]
     new = DenseKV([], [], positions)
     for index, layer in enumerate(layers):
-        x = _rms_norm(hidden, layer.attn_norm, cfg.rms_eps)
-        q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split([q_size, kv_size, kv_size], -1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        if layer.q_norm is not None:
-            q = _rms_norm(q, layer.q_norm, cfg.rms_eps)
-            k = _rms_norm(k, layer.k_norm, cfg.rms_eps)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = model.attention_inputs(layer, hidden, cos, sin)
         new.keys.append(k)
         new.values.append(v)
         keys = k if past is None else torch.cat([past.keys[index], k])
@@ -74,13 +64,10 @@ def dense_forward(model: LlamaModel, token_ids: Tensor, positions: Tensor,
         attn = F.scaled_dot_product_attention(
             q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
             attn_mask=visible, scale=model.scale, enable_gqa=True)
-        hidden = hidden + F.linear(attn.transpose(0, 1).reshape(-1, q_size), layer.o_proj)
-        x = _rms_norm(hidden, layer.mlp_norm, cfg.rms_eps)
-        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-        hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
+        hidden = model.after_attention(layer, hidden, attn.transpose(0, 1))
     if len(layers) < len(model.layers):
         return torch.empty(0), new
-    return F.linear(_rms_norm(hidden, model.norm, cfg.rms_eps), model.lm_head).float(), new
+    return model.logits(hidden), new
 
 
 def shift_keys(kv: DenseKV, delta: int, model: LlamaModel) -> DenseKV:

@@ -87,21 +87,10 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_pool: torch.Tensor) -> torch.Tensor:
         """Runs the batch, stores its K/V in `kv_pool`, returns float32 logits [N, vocab]."""
-        cfg = self.config
         hidden = F.embedding(batch.token_ids, self.embed)
         cos, sin = self.rotary.lookup(batch.positions)
-        q_size = cfg.num_heads * cfg.head_dim
-        kv_size = cfg.num_kv_heads * cfg.head_dim
         for index, layer in enumerate(self.layers):
-            x = _rms_norm(hidden, layer.attn_norm, cfg.rms_eps)
-            q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split([q_size, kv_size, kv_size], -1)
-            q = q.view(-1, cfg.num_heads, cfg.head_dim)
-            k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-            v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
-            if layer.q_norm is not None:
-                q = _rms_norm(q, layer.q_norm, cfg.rms_eps)
-                k = _rms_norm(k, layer.k_norm, cfg.rms_eps)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k, v = self.attention_inputs(layer, hidden, cos, sin)
             self.kernels.kv_store(kv_pool, index, k, v, batch.store_slots)
             attn = self.kernels.paged_attention(
                 q,
@@ -114,12 +103,39 @@ class LlamaModel:
                 batch.kv_shifts,
                 self.rotary.inv_freq if batch.kv_shifts is not None else None,
             )
-            hidden = hidden + F.linear(attn.reshape(-1, q_size), layer.o_proj)
-            x = _rms_norm(hidden, layer.mlp_norm, cfg.rms_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer.down)
-        last = _rms_norm(hidden[batch.logit_rows], self.norm, cfg.rms_eps)
-        return F.linear(last, self.lm_head).float()
+            hidden = self.after_attention(layer, hidden, attn)
+        return self.logits(hidden[batch.logit_rows])
+
+    # One layer in two halves around attention, and the head: shared with the dense reference
+    # path (runtime/model/dense_forward.py), which attends differently.
+
+    def attention_inputs(self, layer: _Layer, hidden: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, heads, dim], and k, v [T, kv_heads, dim] with RoPE applied to q and k."""
+        cfg = self.config
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        x = _rms_norm(hidden, layer.attn_norm, cfg.rms_eps)
+        q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split([q_size, kv_size, kv_size], -1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        if layer.q_norm is not None:
+            q = _rms_norm(q, layer.q_norm, cfg.rms_eps)
+            k = _rms_norm(k, layer.k_norm, cfg.rms_eps)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def after_attention(self, layer: _Layer, hidden: torch.Tensor,
+                        attn: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the output projection of `attn` [T, heads, dim] and the
+        MLP."""
+        cfg = self.config
+        hidden = hidden + F.linear(attn.reshape(-1, cfg.num_heads * cfg.head_dim), layer.o_proj)
+        x = _rms_norm(hidden, layer.mlp_norm, cfg.rms_eps)
+        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+        return hidden + F.linear(F.silu(gate) * up, layer.down)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms_norm(hidden, self.norm, self.config.rms_eps), self.lm_head).float()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
