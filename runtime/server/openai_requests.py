@@ -88,8 +88,10 @@ def segment_spans(messages: list[ChatMessage], marked: list[bool], prompt_ids: l
     return tuple(spans) if prompt_ids[: len(ids)] == ids else ()
 
 
-def marked_segments(messages: list[ChatMessage]) -> list[bool]:
-    return [m.kvrt is not None and m.kvrt.segment for m in messages]
+def marked_segments(messages: list[ChatMessage], every: bool = False) -> list[bool]:
+    """Which messages are segments: those marked `kvrt.segment`, or all (`every`: the call's
+    graph declared approximate reuse)."""
+    return [every or (m.kvrt is not None and m.kvrt.segment) for m in messages]
 
 
 def _message_dict(index: int, message: ChatMessage, param: str) -> dict[str, str]:
@@ -214,7 +216,8 @@ def build_request(
 
 
 def chat_generate_request(
-    body: ChatCompletionRequest, engine: EngineClient, headers: Mapping[str, str]
+    body: ChatCompletionRequest, engine: EngineClient, headers: Mapping[str, str],
+    every_message_a_segment: bool = False,
 ) -> GenerateRequest:
     check_common(body, engine)
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -222,7 +225,9 @@ def chat_generate_request(
     return build_request(
         new_request_id("chatcmpl"), body, prompt, max_tokens, engine, headers,
         default_max_tokens=None, prompt_param="messages",
-        segments=segment_spans(body.messages, marked_segments(body.messages), prompt, engine),
+        segments=segment_spans(
+            body.messages, marked_segments(body.messages, every_message_a_segment), prompt,
+            engine),
     )
 
 

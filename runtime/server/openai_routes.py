@@ -15,9 +15,9 @@ from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvrt.runtime.server.openai_requests import (
+    attribution,
     chat_generate_request,
     completion_generate_request,
-    segment_spans,
 )
 from kvrt.runtime.server.openai_serving import (
     ChatShapes,
@@ -42,11 +42,8 @@ routes = web.RouteTableDef()
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = chat_request_decoder.decode(await read_json(request))
-    engine = request.app[keys.ENGINE]
-    gen = chat_generate_request(body, engine, request.headers)
-    if approximate_reuse(request.app[keys.CONTROL], gen.attribution):  # every message
-        gen = replace(gen, segments=segment_spans(body.messages, [True] * len(body.messages),
-                                                  gen.prompt_token_ids, engine))
+    every = approximate_reuse(request.app[keys.CONTROL], attribution(body.kvrt, request.headers))
+    gen = chat_generate_request(body, request.app[keys.ENGINE], request.headers, every)
     return await _respond(request, body, gen, ChatShapes, arrival)
 
 
@@ -100,9 +97,9 @@ async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateReq
     return await respond_json(engine, gen, metrics, arrival, shapes, call)
 
 
-def approximate_reuse(control: ControlPlane, attribution: Attribution) -> bool:
+def approximate_reuse(control: ControlPlane, call: Attribution) -> bool:
     """Whether the call's run declared `reuse: "approximate"` (every message a segment)."""
-    found = control.agent_of(attribution)
+    found = control.agent_of(call)
     return found is not None and found[0].graph.reuse == "approximate"
 
 

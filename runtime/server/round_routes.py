@@ -63,11 +63,10 @@ async def run_round(request: web.Request) -> web.Response:
         after = spec.after if spec.after is not None else (body.instruction or [])
         messages = [*spec.messages, *body.shared, *after]
         prompt = messages_prompt_ids(messages, engine, f"agents.{name}")
-        marked = marked_segments(messages)  # the shared messages are segments by definition
-        marked[len(spec.messages): len(spec.messages) + len(body.shared)] = [True] * len(
-            body.shared)
-        segments = segment_spans(messages, [True] * len(messages) if every else marked, prompt,
-                                 engine)
+        # The shared messages are segments by definition.
+        marked = [*marked_segments(spec.messages, every), *[True] * len(body.shared),
+                  *marked_segments(after, every)]
+        segments = segment_spans(messages, marked, prompt, engine)
         gen = build_request(new_request_id("round"), body, prompt, body.max_tokens, engine, {},
                             default_max_tokens=None, prompt_param=f"agents.{name}",
                             segments=segments)
