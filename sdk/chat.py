@@ -64,10 +64,7 @@ def chat_body(
 ) -> dict[str, Any]:
     """The JSON body of a chat call. `system` goes first unless the messages carry a system (or
     developer) message already; `run`/`agent` attribute the call (and win over `extra`)."""
-    msgs = list(messages)
-    if system is not None and not any(_role(m) in SYSTEM_ROLES for m in msgs):
-        msgs.insert(0, {"role": "system", "content": system})
-    body: dict[str, Any] = {**extra, "messages": msgs}
+    body: dict[str, Any] = {**extra, "messages": with_system(messages, system)}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     if temperature is not None:
@@ -75,6 +72,14 @@ def chat_body(
     if run is not None:
         body["kvrt"] = {"run": run, "agent": agent}
     return body
+
+
+def with_system(messages: Sequence[Message], system: str | None) -> list[Message]:
+    """`messages`, with `system` first unless they carry a system (or developer) message."""
+    msgs = list(messages)
+    if system is not None and not any(_role(m) in SYSTEM_ROLES for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
 
 
 def _role(message: Message) -> Any:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from kvrt.sdk.chat import ChatReply, ChatStream, Message, chat_body, complete
+from kvrt.sdk.chat import ChatReply, ChatStream, Message, chat_body, complete, with_system
 from kvrt.sdk.errors import KvrtError
 from kvrt.sdk.http import Transport
 from kvrt.sdk.protocol.control import (
@@ -117,12 +117,10 @@ class Run:
         `after` messages or the common `instruction`, and generates; all at once. `agents` maps
         each agent to its messages, or to `{"messages": [...], "after": [...]}`. An agent's
         declared system prompt goes first, as in `AgentClient.chat`. Never retried."""
-        specs = {}
+        specs: dict[str, dict[str, Any]] = {}
         for name, spec in agents.items():
             own = spec if not isinstance(spec, Mapping) else spec.get("messages", [])
-            body = chat_body(own, max_tokens=None, temperature=None, extra={},
-                             system=self._systems.get(name))
-            specs[name] = {"messages": body["messages"]}
+            specs[name] = {"messages": with_system(own, self._systems.get(name))}
             if isinstance(spec, Mapping) and spec.get("after") is not None:
                 specs[name]["after"] = list(spec["after"])
         request: dict[str, Any] = {**extra, "shared": list(shared), "agents": specs}
