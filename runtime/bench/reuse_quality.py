@@ -31,7 +31,7 @@ from kvrt.runtime.bench.workloads import text
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.factory import build_engine
 from kvrt.runtime.model.blend import blend_prefill
-from kvrt.runtime.model.dense_forward import dense_forward
+from kvrt.runtime.model.dense_forward import DenseKV, dense_forward
 
 PERSONAS = [
     "You are Mara Quinn, the town's baker. You are warm, practical and worried about the price "
@@ -90,7 +90,7 @@ def greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     for _ in range(steps - 1):
         position = torch.tensor([len(prompt) + len(tokens) - 1])
         logits, new = dense_forward(model, torch.tensor(tokens[-1:]), position, past)
-        past = type(past).concat([past, new])
+        past = DenseKV.concat([past, new])
         tokens.append(int(logits[-1].argmax()))
     return torch.tensor(tokens)
 

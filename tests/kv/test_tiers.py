@@ -9,7 +9,7 @@ from kvrt.runtime.kv.block_pool import BlockPool, OutOfBlocks
 from kvrt.runtime.kv.manager import BlockTable, KVManager
 from kvrt.runtime.kv.owners import AgentResidency
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
-from kvrt.runtime.kv.tiers import Direction
+from kvrt.runtime.kv.tiers import Direction, Move
 
 BLOCK = 4
 
@@ -22,6 +22,14 @@ def cached_prefix(kv: KVManager, tokens: list[int]) -> list[int]:
     blocks = table.block_ids()[: len(tokens) // BLOCK]
     kv.free(table)
     return blocks
+
+
+def offloaded(kv: KVManager, blocks: list[int]) -> Move:
+    """Offloads these device blocks and lets the copy land; the move that did it."""
+    assert kv.tiers is not None
+    move = kv.tiers.prepare_offload(blocks).move
+    assert move is not None and kv.tiers.complete(move, ok=True) == len(move)
+    return move
 
 
 def states(pool: BlockPool) -> tuple[int, int, int, int]:
@@ -86,9 +94,7 @@ def test_only_cached_blocks_move_and_content_the_host_has_is_not_copied_again() 
     kv.adopt_prefix(reader, kv.match_prefix(tokens, b""))  # a live request reads them
     assert kv.tiers.prepare_offload(blocks).move is None
     kv.free(reader)
-    move = kv.tiers.prepare_offload(blocks).move
-    assert move is not None
-    kv.tiers.complete(move, ok=True)
+    move = offloaded(kv, blocks)
     # Upload keeps the host's copy; offloading the same content again drops the device copy.
     up = kv.tiers.prepare_upload(move.target)
     assert up is not None and kv.tiers.complete(up, ok=True) == 2
@@ -104,9 +110,7 @@ def test_an_upload_lands_findable_and_the_next_block_is_announced_as_arriving() 
     tokens = list(range(1, 14))
     blocks = cached_prefix(kv, tokens)
     assert kv.tiers is not None
-    off = kv.tiers.prepare_offload(blocks).move
-    assert off is not None
-    kv.tiers.complete(off, ok=True)
+    off = offloaded(kv, blocks)
     up = kv.tiers.prepare_upload(off.target)
     assert up is not None
     assert kv.match_host(tokens, b"", kv.match_prefix(tokens, b"")).arriving
@@ -122,9 +126,7 @@ def test_a_failed_upload_frees_the_device_blocks_and_keeps_the_host_copy() -> No
     kv = KVManager(8, BLOCK, host_blocks=8)
     tokens = list(range(1, 10))
     assert kv.tiers is not None
-    off = kv.tiers.prepare_offload(cached_prefix(kv, tokens)).move
-    assert off is not None
-    kv.tiers.complete(off, ok=True)
+    off = offloaded(kv, cached_prefix(kv, tokens))
     up = kv.tiers.prepare_upload(off.target)
     assert up is not None and kv.tiers.complete(up, ok=False) == 0
     assert states(kv.pool) == (8, 0, 0, 0)
@@ -152,9 +154,7 @@ def test_ownership_travels_with_the_content_and_a_run_release_frees_both_tiers()
     kv = KVManager(8, BLOCK, host_blocks=8)
     tokens = list(range(1, 10))
     assert kv.tiers is not None
-    off = kv.tiers.prepare_offload(cached_prefix(kv, tokens)).move
-    assert off is not None
-    kv.tiers.complete(off, ok=True)
+    off = offloaded(kv, cached_prefix(kv, tokens))
     assert kv.residency("run") == {"agent": AgentResidency(0, 0, host_blocks=2)}
     up = kv.tiers.prepare_upload(off.target)
     assert up is not None
@@ -230,8 +230,7 @@ def test_the_host_evicts_spare_backups_before_last_copies() -> None:
     assert tiers is not None
     a, b = list(range(1, 10)), list(range(20, 29))  # 2 full blocks each
     c, d = list(range(40, 45)), list(range(50, 55))  # 1 each
-    off = tiers.prepare_offload(cached_prefix(kv, a)).move
-    assert off is not None and tiers.complete(off, ok=True) == 2
+    assert len(offloaded(kv, cached_prefix(kv, a))) == 2
     b_device = cached_prefix(kv, b)
     back = tiers.prepare_backup(b_device)
     assert back is not None and tiers.complete(back, ok=True) == 2
@@ -246,12 +245,10 @@ def test_the_host_evicts_spare_backups_before_last_copies() -> None:
             held += tiers.host.lookup(parent, piece) is not None
         return held
 
-    move = tiers.prepare_offload(cached_prefix(kv, c)).move  # the host must evict one block
-    assert move is not None and tiers.complete(move, ok=True) == 1
+    assert len(offloaded(kv, cached_prefix(kv, c))) == 1  # the host must evict one block
     assert (on_host(a), on_host(b)) == (2, 1)  # a spare backup went, not A's only copies
     for block_id in b_device:
         kv.pool.drop_cached(block_id)  # the device lets B go: the host holds its last copy
-    move = tiers.prepare_offload(cached_prefix(kv, d)).move
-    assert move is not None and tiers.complete(move, ok=True) == 1
+    assert len(offloaded(kv, cached_prefix(kv, d))) == 1
     assert (on_host(a), on_host(b), on_host(c)) == (1, 1, 1)  # one of A's, the oldest, went
     kv.check_integrity()

@@ -7,13 +7,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.model.checkpoint import load_checkpoint
 from tests.server.live_server import LiveServer, live_server
+from tests.server.test_control_ttl import _chat as chat
 from tests.server.test_control_ttl import _event as event
 from tests.server.test_control_ttl import _stats as stats
 from tests.server.test_server_metrics import parse_metrics
@@ -29,16 +29,6 @@ def server(tiny_model: Path) -> Iterator[LiveServer]:
                           host_cache_memory=4 * POOL_BLOCKS * block_bytes,
                           max_model_len=512, max_num_seqs=8, policy="tokencake")
     yield from live_server(tiny_model, config)
-
-
-def chat(server: LiveServer, run: str, agent: str, system: str, user: str) -> dict[str, Any]:
-    body = {"messages": [{"role": "system", "content": system},
-                         {"role": "user", "content": user}],
-            "max_tokens": 4, "temperature": 0, "ignore_eos": True,
-            "kvrt": {"run": run, "agent": agent}}
-    reply = server.post("/v1/chat/completions", body)
-    assert reply.status == 200, reply.body
-    return reply.json()["usage"]
 
 
 def until(condition, seconds: float = 10.0) -> None:
@@ -57,14 +47,14 @@ def test_a_long_tool_under_pressure_sends_the_kv_to_the_host_and_back(server) ->
     graph = server.post("/v1/graphs", {"name": "tc", "agents": [
         {"name": "coder", "tools": {"tests": 60}}, {"name": "helper"}]}).json()
     run = server.post("/v1/runs", {"graph_id": graph["id"]}).json()["id"]
-    first = chat(server, run, "coder", SYSTEM, "Write the parser.")
+    first = chat(server, run, "coder", "Write the parser.", SYSTEM)
     held = kv_of(server, run, "coder")["device_blocks"]
     assert held > 0
     for i in range(20):  # other work fills the pool with cached KV: under pressure
         now = stats(server)
         if now.kv_blocks_total - now.kv_blocks_in_use - now.kv_blocks_cached < POOL_BLOCKS / 4:
             break
-        chat(server, run, "helper", f"Helper number {i} remembers: " + "facts " * 60, "Go.")
+        chat(server, run, "helper", "Go.", f"Helper number {i} remembers: " + "facts " * 60)
     event(server, run, type="tool_call.started", agent="coder", tool="tests")
     until(lambda: stats(server).kv_blocks_offloaded >= held)
     state = kv_of(server, run, "coder")
@@ -79,7 +69,7 @@ def test_a_long_tool_under_pressure_sends_the_kv_to_the_host_and_back(server) ->
     until(lambda: stats(server).kv_blocks_uploaded >= held)
     assert kv_of(server, run, "coder")["device_blocks"] == held
     # Its next call reuses what came back: the whole system prompt's full blocks.
-    again = chat(server, run, "coder", SYSTEM, "Fix the failing test.")
+    again = chat(server, run, "coder", "Fix the failing test.", SYSTEM)
     system_tokens = len(server.engine.tokenizer.encode_chat([
         {"role": "system", "content": SYSTEM}]))
     assert again["prompt_tokens_details"]["cached_tokens"] >= (system_tokens - 16) // 16 * 16 > 0

@@ -30,8 +30,10 @@ def _run(server: LiveServer) -> str:
     return server.post("/v1/runs", {"graph_id": graph["id"]}).json()["id"]
 
 
-def _chat(server: LiveServer, run: str, agent: str, user: str) -> dict[str, Any]:
-    body = {"messages": [{"role": "system", "content": SYSTEM},
+def _chat(server: LiveServer, run: str, agent: str, user: str,
+          system: str = SYSTEM) -> dict[str, Any]:
+    """One greedy 4-token call of `agent`, attributed to `run`; its usage."""
+    body = {"messages": [{"role": "system", "content": system},
                          {"role": "user", "content": user}],
             "max_tokens": 4, "temperature": 0, "ignore_eos": True,
             "kvrt": {"run": run, "agent": agent}}
