@@ -65,7 +65,7 @@ def unpack_blocks_kernel(pool, packed, block_ids, block_numel, s_id, CHUNK: tl.c
 
 @triton.jit
 def paged_attention_kernel(
-    q, pool, out, slots, shifts, inv_freq, kv_lens, q_starts, tile_seq, tile_q0,
+    q, pool, out, slots, shifts, inv_freq, kv_lens, q_starts, q_pos, tile_seq, tile_q0,
     layer, qk_scale,
     sq_tok, sq_head, sq_dim,
     so_tok, so_head, so_dim,
@@ -75,7 +75,7 @@ def paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):  # fmt: skip
     # One program per (query tile, kv head). Head dims are handled as two halves, x1 and x2,
     # because the rotate-half RoPE on K mixes exactly those: q.k = q1.k1 + q2.k2.
@@ -93,7 +93,13 @@ def paged_attention_kernel(
     tok = q0 + m // GROUP_PAD
     head = kv_head * GROUP + m % GROUP_PAD
     row_ok = (tok < q_count) & (m % GROUP_PAD < GROUP)
-    row_limit = prefix + tok + 1  # causal: row sees KV positions j < row_limit
+    if HAS_POSITIONS:  # the new tokens skip reused spans: each row's position is given
+        row_limit = tl.load(q_pos + q_first + tok, mask=row_ok, other=0) + 1
+        last = tl.minimum(q0 + BLOCK_Q, q_count) - 1
+        kv_end = tl.load(q_pos + q_first + last) + 1  # what the tile's last row sees
+    else:
+        row_limit = prefix + tok + 1  # causal: row sees KV positions j < row_limit
+        kv_end = prefix + tl.minimum(q0 + BLOCK_Q, q_count)
     d = tl.arange(0, HALF_PAD)
     d_ok = d < HALF
     q_mask = row_ok[:, None] & d_ok[None, :]
@@ -109,7 +115,6 @@ def paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
-    kv_end = prefix + tl.minimum(q0 + BLOCK_Q, q_count)  # what the tile's last row sees
     seq64 = seq.to(tl.int64)
     for start in range(0, kv_end, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)

@@ -9,6 +9,11 @@
                              positions; query i of s sees KV positions j < kv_lens[s] - n_s + i + 1
     kv_shifts  [S, max_kv]   K at a KV position is rotated by R(shift) on load (a block stored at
                              canonical position p, read at p + shift); None = all zero, no cost
+    q_positions [T]          each query's position in its sequence, when a sequence's new tokens
+                             are not its last n_s positions (a prefill that skips spans whose KV
+                             it reuses): query i sees KV positions j <= q_positions[i]. None =
+                             the last n_s, as above. A sequence's positions ascend, and its last
+                             one is kv_lens[s] - 1
 
 Grouped-query attention: head h reads kv head h // (heads // kv_heads).
 `paged_attention_ref` (torch, also the CPU runtime path) and `paged_attention_triton` (one kernel
@@ -31,6 +36,7 @@ from kvrt.kernels._triton_support import check_launch_device, next_power_of_2, t
 def check_paged_attention_args(
     q: Tensor, kv_pool: Tensor, layer: int, kv_slots: Tensor, kv_lens: Tensor,
     q_starts: Tensor, kv_shifts: Tensor | None, rope_inv_freq: Tensor | None,
+    q_positions: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Cheap shape/dtype checks (no device sync), shared by both implementations."""
     assert kv_pool.dim() == 6 and kv_pool.shape[2] == 2, f"bad kv_pool shape {tuple(kv_pool.shape)}"
@@ -45,7 +51,10 @@ def check_paged_attention_args(
     assert kv_slots.dtype in (torch.int32, torch.int64), "kv_slots must be int32 or int64"
     assert kv_lens.dim() == 1 and not kv_lens.is_floating_point(), "kv_lens must be [S] int"
     assert q_starts.shape == (num_seqs + 1,), "q_starts must be [S + 1]"
-    others = (kv_pool, kv_slots, kv_lens, q_starts, kv_shifts, rope_inv_freq)
+    if q_positions is not None:
+        assert q_positions.shape == q.shape[:1] and not q_positions.is_floating_point(), \
+            "q_positions must be [T] int"
+    others = (kv_pool, kv_slots, kv_lens, q_starts, kv_shifts, rope_inv_freq, q_positions)
     assert all(t.device == q.device for t in others if t is not None), "tensors on two devices"
     if kv_shifts is not None:
         assert kv_shifts.shape == kv_slots.shape, "kv_shifts must be shaped like kv_slots"
@@ -83,9 +92,10 @@ def paged_attention_ref(
     q: Tensor, kv_pool: Tensor, layer: int, kv_slots: Tensor, kv_lens: Tensor,
     q_starts: Tensor, scale: float,
     kv_shifts: Tensor | None = None, rope_inv_freq: Tensor | None = None,
+    q_positions: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     check_paged_attention_args(
-        q, kv_pool, layer, kv_slots, kv_lens, q_starts, kv_shifts, rope_inv_freq
+        q, kv_pool, layer, kv_slots, kv_lens, q_starts, kv_shifts, rope_inv_freq, q_positions
     )
     plan = _plan(kv_lens, q_starts)
     out = torch.empty_like(q)
@@ -94,7 +104,8 @@ def paged_attention_ref(
             out, q, kv_pool, layer, kv_slots, kv_lens, kv_shifts, rope_inv_freq, scale, plan
         )
     for s in plan.prefill:
-        _prefill_one(out, q, kv_pool, layer, kv_slots, kv_shifts, rope_inv_freq, scale, plan, s)
+        _prefill_one(out, q, kv_pool, layer, kv_slots, kv_shifts, rope_inv_freq, q_positions,
+                     scale, plan, s)
     return out
 
 
@@ -132,7 +143,8 @@ def _decode_batch(
 
 def _prefill_one(
     out: Tensor, q: Tensor, kv_pool: Tensor, layer: int, kv_slots: Tensor,
-    kv_shifts: Tensor | None, inv_freq: Tensor | None, scale: float, plan: _Plan, s: int,
+    kv_shifts: Tensor | None, inv_freq: Tensor | None, q_positions: Tensor | None,
+    scale: float, plan: _Plan, s: int,
 ) -> None:  # fmt: skip
     """One prefill chunk: causal attention whose diagonal is offset by the cached prefix."""
     kv_len, first, last = plan.lens[s], plan.starts[s], plan.starts[s + 1]
@@ -145,7 +157,10 @@ def _prefill_one(
     mask = None
     if kv_len != n:  # SDPA's is_causal aligns the diagonal top-left; we need bottom-right
         kv_pos = torch.arange(kv_len, device=q.device)
-        q_pos = torch.arange(kv_len - n, kv_len, device=q.device)
+        if q_positions is None:
+            q_pos = torch.arange(kv_len - n, kv_len, device=q.device)
+        else:
+            q_pos = q_positions[first:last]
         mask = kv_pos[None, :] <= q_pos[:, None]
         # With a mask, CPU SDPA is ~25% slower under enable_gqa than on repeated KV heads
         # (10.9 vs 8.3 ms a layer for 488 queries over 1,000 positions, 9/3 heads, fp32).
@@ -201,11 +216,12 @@ def paged_attention_triton(
     q: Tensor, kv_pool: Tensor, layer: int, kv_slots: Tensor, kv_lens: Tensor,
     q_starts: Tensor, scale: float,
     kv_shifts: Tensor | None = None, rope_inv_freq: Tensor | None = None,
+    q_positions: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     check_paged_attention_args(
-        q, kv_pool, layer, kv_slots, kv_lens, q_starts, kv_shifts, rope_inv_freq
+        q, kv_pool, layer, kv_slots, kv_lens, q_starts, kv_shifts, rope_inv_freq, q_positions
     )
-    _check_triton_layout(q, kv_pool, kv_lens, q_starts, kv_shifts, rope_inv_freq)
+    _check_triton_layout(q, kv_pool, kv_lens, q_starts, kv_shifts, rope_inv_freq, q_positions)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = kv_pool.shape[4]
     out = torch.empty_like(q)
@@ -221,16 +237,18 @@ def paged_attention_triton(
     has_shift = kv_shifts is not None
     shifts = kv_shifts if has_shift else kv_slots  # a valid pointer the kernel never reads
     inv_freq = rope_inv_freq if has_shift else kv_lens
+    has_positions = q_positions is not None
+    positions = q_positions if has_positions else kv_lens
     half = head_dim // 2
     jit = triton_kernels()
     grid = (tile_seq.shape[0], num_kv_heads)
     jit.paged_attention_kernel[grid](
-        q, kv_pool, out, kv_slots, shifts, inv_freq, kv_lens, q_starts, tile_seq, tile_q0,
-        layer, scale * math.log2(math.e),
+        q, kv_pool, out, kv_slots, shifts, inv_freq, kv_lens, q_starts, positions, tile_seq,
+        tile_q0, layer, scale * math.log2(math.e),
         *q.stride(), *out.stride(), *kv_pool.stride(), *kv_slots.stride(), *shifts.stride(),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
         BLOCK_SIZE=kv_pool.shape[3], HALF=half, HALF_PAD=max(16, next_power_of_2(half)),
-        HAS_SHIFT=has_shift,
+        HAS_SHIFT=has_shift, HAS_POSITIONS=has_positions,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # Triton's interpreter multiplies bfloat16 as raw integers; upcast only there.
         DOT_IN_FP32=jit.INTERPRETED and q.dtype == torch.bfloat16,
@@ -240,13 +258,14 @@ def paged_attention_triton(
 
 def _check_triton_layout(
     q: Tensor, kv_pool: Tensor, kv_lens: Tensor, q_starts: Tensor, kv_shifts: Tensor | None,
-    rope_inv_freq: Tensor | None,
+    rope_inv_freq: Tensor | None, q_positions: Tensor | None,
 ) -> None:  # fmt: skip
     # Strided tensors get their strides passed; these few are indexed as dense vectors.
     assert q.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported {q.dtype}"
     assert kv_lens.is_contiguous() and q_starts.is_contiguous(), "kv_lens, q_starts: contiguous"
     assert kv_shifts is None or kv_shifts.dtype in (torch.int32, torch.int64)
     assert rope_inv_freq is None or rope_inv_freq.is_contiguous(), "rope_inv_freq: contiguous"
+    assert q_positions is None or q_positions.is_contiguous(), "q_positions: contiguous"
     check_launch_device(q)  # the others share its device (check_paged_attention_args)
 
 

@@ -192,8 +192,9 @@ class Engine:
         keyed: list[int] = []
         for chunk in chunks:
             seq = chunk.seq
-            seq.num_computed += chunk.num_tokens
+            seq.num_computed = chunk.end
             keyed += self.kv.commit(seq.table, seq.token_ids, seq.num_computed, seq.request.salt)
+            self.scheduler.collector.on_computed(seq)
         if keyed:
             self.scheduler.policy.on_keyed(keyed, self.kv)
         return [self._append(chunk, token) for chunk, token in zip(sampling, tokens)]
@@ -228,7 +229,7 @@ class Engine:
         return ids
 
     def stats(self) -> EngineStats:
-        usage, tiers = self.kv.usage(), self.kv.tiers
+        usage, tiers, collector = self.kv.usage(), self.kv.tiers, self.scheduler.collector
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -246,6 +247,9 @@ class Engine:
             kv_blocks_uploaded=tiers.uploaded_blocks if tiers else 0,
             kv_blocks_backed_up=tiers.backed_up_blocks if tiers else 0,
             kv_decisions=self.scheduler.policy.kv_decisions(),
+            segment_requests=collector.segment_requests,
+            segment_tokens=collector.segment_tokens,
+            segment_reused_tokens=collector.reused_tokens,
         )
 
     def check_integrity(self) -> None:

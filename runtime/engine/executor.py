@@ -17,28 +17,41 @@ class Executor:
 
     def build_batch(self, chunks: list[Chunk]) -> ForwardBatch:
         tokens: list[int] = []
-        positions, store_slots, kv_slots = [], [], []
+        positions, store_slots, kv_slots, kv_shifts = [], [], [], []
         kv_lens, q_starts, logit_rows = [], [0], []
+        gapped = False  # a chunk steps over spliced positions: queries carry their positions
         for chunk in chunks:
-            seq, start = chunk.seq, chunk.seq.num_computed
-            end = start + chunk.num_tokens
-            tokens.extend(seq.token_ids[start:end])
-            positions.append(torch.arange(start, end, dtype=torch.int64))
-            store_slots.append(seq.table.slots[start:end])
-            kv_slots.append(seq.table.slots[:end])
+            seq, table = chunk.seq, chunk.seq.table
+            runs = table.own_positions(seq.num_computed, chunk.end)
+            gapped |= len(runs) > 1
+            own = torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in runs])
+            end = runs[-1][1]  # the last computed position's successor: what it sees
+            tokens.extend(seq.token_ids[p] for p in own.tolist())
+            positions.append(own)
+            store_slots.append(table.slots[own])
+            kv_slots.append(table.slots[:end])
+            kv_shifts.append(None if table.shifts is None else table.shifts[:end])
             kv_lens.append(end)
             q_starts.append(q_starts[-1] + chunk.num_tokens)
             if chunk.wants_logits:
                 logit_rows.append(q_starts[-1] - 1)
         to = self.device
+        shifts = None
+        if any(s is not None for s in kv_shifts):
+            shifts = pad_sequence(
+                [torch.zeros(len(k), dtype=torch.int32) if s is None else s
+                 for s, k in zip(kv_shifts, kv_slots)], batch_first=True).to(to)
+        all_positions = torch.cat(positions).to(to)
         return ForwardBatch(
             token_ids=torch.tensor(tokens, dtype=torch.int64, device=to),
-            positions=torch.cat(positions).to(to),
+            positions=all_positions,
             store_slots=torch.cat(store_slots).to(to),
             kv_slots=pad_sequence(kv_slots, batch_first=True).to(to),
             kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=to),
             q_starts=torch.tensor(q_starts, dtype=torch.int32, device=to),
             logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=to),
+            kv_shifts=shifts,
+            q_positions=all_positions if gapped else None,
         )
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:

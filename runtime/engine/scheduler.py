@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvrt.runtime.engine.collector import KVCollector
 from kvrt.runtime.engine.sequence import Sequence, Status
+from kvrt.runtime.kv.block_table import next_chunk
 from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.policy.base import Policy
 
@@ -19,12 +21,13 @@ from kvrt.runtime.policy.base import Policy
 @dataclass(frozen=True, slots=True)
 class Chunk:
     seq: Sequence
-    num_tokens: int  # tokens of this sequence computed this step, from seq.num_computed on
+    num_tokens: int  # positions of this sequence computed this step, from seq.num_computed on
+    end: int  # ... up to here: positions in [num_computed, end) that a splice covers are read
 
     @property
     def wants_logits(self) -> bool:
         """The chunk reaches the end of the sequence, so its last token samples the next one."""
-        return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
+        return self.end == len(self.seq.token_ids)
 
 
 class BatchScheduler:
@@ -35,6 +38,7 @@ class BatchScheduler:
         self.policy = policy
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
+        self.collector = KVCollector(kv, policy.reuse)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -57,17 +61,22 @@ class BatchScheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            count = min(seq.num_pending, budget)
-            if not self._make_room(seq, seq.num_computed + count, chunks):
+            end, count = next_chunk(seq.table.splices, seq.num_computed, budget,
+                                    len(seq.token_ids))
+            if not self._make_room(seq, end, chunks):
                 continue
-            chunks.append(Chunk(seq, count))
+            chunks.append(Chunk(seq, count, end))
             budget -= count
         self.waiting.sort(key=self.policy.admission_key)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            chunk = self._admit(self.waiting[0], budget)
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if self.collector.hold(seq):  # its shared text is being computed by another
+                continue
+            chunk = self._admit(seq, budget)
             if chunk is None:
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(seq)
             chunks.append(chunk)
             budget -= chunk.num_tokens
         return chunks
@@ -100,27 +109,32 @@ class BatchScheduler:
                 if self.request_upload(host.block_ids):
                     return None
         computed = match.num_blocks * self.kv.block_size
-        count = min(len(seq.token_ids) - computed, budget)
+        splices = self.collector.plan(seq, computed)
+        end, count = next_chunk(splices, computed, budget, len(seq.token_ids))
         # Checked before adopting, so a refused admission leaves the cached blocks untouched
         # (their LRU order and their owners stay as they were).
-        if not self.kv.can_admit(match, computed + count):
+        if not self.kv.can_admit(match, end, splices):
+            self.collector.forget(seq, finished=False)
             return None
         self.kv.adopt_prefix(seq.table, match)
+        self.kv.splice(seq.table, splices)
         seq.num_computed = computed
-        self.kv.grow(seq.table, computed + count)
+        self.kv.grow(seq.table, end)
         if not seq.admitted_once:  # prefix-cache statistics count each request once
             seq.admitted_once = True
-            seq.num_cached = seq.num_computed
+            reused = self.collector.count_admission(seq, splices)
+            seq.num_cached = seq.num_computed + reused
             self.kv.record_query(seq.prompt_len, seq.num_cached)
         seq.status = Status.RUNNING
         self.running.append(seq)
         self.policy.on_admit(seq, self.kv)
-        return Chunk(seq, count)
+        return Chunk(seq, count, end)
 
     def preempt(self, seq: Sequence) -> None:
         """Gives the sequence's blocks back; it is recomputed later (prompt and output so far)."""
         self.running.remove(seq)
         self.kv.free(seq.table)
+        self.collector.forget(seq, finished=False)
         seq.num_computed = 0
         self.preemptions += 1
         self.add(seq)
@@ -132,4 +146,5 @@ class BatchScheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq.table)
+        self.collector.forget(seq, finished=True)
         seq.status = Status.FINISHED

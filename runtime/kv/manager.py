@@ -1,9 +1,10 @@
-"""The KV manager: block tables of sequences over the device block pool, with exact prefix reuse.
+"""The KV manager: block tables of sequences over the device block pool, with exact prefix reuse
+and spliced segments.
 
-The scheduler sees only this interface (`match_prefix / can_grow / grow / commit / free`) and
-`BlockTable`; the executor reads a table's slots and shifts. A block-table entry carries the
-position shift at which its reader sees the block: zero for everything this module creates or
-hits (exact prefix reuse); later reuse modes place cached segments at a shift.
+The scheduler sees only this interface (`match_prefix / splice / can_grow / grow / commit /
+free`) and `BlockTable`; the executor reads a table's slots and shifts. Exact prefix hits are
+seen at shift zero; a splice (runtime/kv/block_table.py) places another copy of a segment at
+the reader's positions, at a shift.
 
 A table may name an owner (run, agent); every block that enters it is claimed for that owner in
 the `owners` ledger (runtime/kv/owners.py), which the pool keeps current through `on_drop`.
@@ -22,51 +23,14 @@ references back. A pinned block is "in use" (ref_count > 0) to the pool:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass
 
 from kvrt.runtime.kv.block_pool import BlockPool, PoolUsage
+from kvrt.runtime.kv.block_table import BlockTable, BlockTableEntry, Splice
 from kvrt.runtime.kv.owners import AgentResidency, BlockOwners, Owner
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
+from kvrt.runtime.kv.segments import SegmentIndex
 from kvrt.runtime.kv.tiers import KVTiers
-
-
-@dataclass(slots=True)
-class BlockTableEntry:
-    block: int
-    shift: int = 0
-
-
-@dataclass(slots=True)
-class BlockTable:
-    """One sequence's view of the pool. `slots` caches slot ids (block * size + row) for every
-    position the table covers, grown as blocks are appended, so building a step's batch costs
-    one copy per sequence, not a Python loop over its context."""
-
-    block_size: int
-    entries: list[BlockTableEntry] = field(default_factory=list)
-    slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    num_keyed: int = 0  # leading full blocks already keyed (registered or hit)
-    last_key: bytes = ROOT_KEY  # key of the last keyed block: the parent of the next one
-    owner: Owner | None = None  # (run, agent) whose KV this is; None: unattributed
-
-    @property
-    def capacity(self) -> int:
-        return len(self.entries) * self.block_size
-
-    def append(self, block_ids: list[int]) -> None:
-        if not block_ids:
-            return
-        self.entries.extend(BlockTableEntry(b) for b in block_ids)
-        rows = torch.arange(self.block_size, dtype=torch.int64)
-        new = (
-            torch.tensor(block_ids, dtype=torch.int64)[:, None] * self.block_size + rows
-        ).flatten()
-        self.slots = torch.cat([self.slots, new])
-
-    def block_ids(self) -> list[int]:
-        return [entry.block for entry in self.entries]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +62,16 @@ class KVManager:
         self.tiers = None
         if host_blocks:
             self.tiers = KVTiers(self.pool, BlockPool(host_blocks), self.owners)
-        self.pool.on_drop = self.owners.drop_block
+        self.segments = SegmentIndex(block_size)  # copies of segments, by content
+        self.pool.on_drop = self._dropped
         self.query_tokens = 0  # prefix-cache counters, in tokens
         self.hit_tokens = 0
         self._pins: dict[Owner, list[int]] = {}  # owner -> the blocks it pinned (ascending)
         self._pin_counts: dict[int, int] = {}  # block -> how many owners pin it
+
+    def _dropped(self, block_id: int) -> None:
+        self.owners.drop_block(block_id)
+        self.segments.drop_block(block_id)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -144,23 +113,39 @@ class KVManager:
         assert not table.entries, "a prefix is adopted only by an empty table"
         for block_id in match.block_ids:
             self.pool.acquire(block_id)
-        table.append(match.block_ids)
+        table.map_to(match.num_blocks * self.block_size, match.block_ids)
         self._claim(table, match.block_ids)
         table.num_keyed, table.last_key = match.num_blocks, match.last_key
+
+    def splice(self, table: BlockTable, splices: list[Splice]) -> None:
+        """Makes the table read these spans from their copies (positions not mapped yet, in
+        ascending order): it references the copies' blocks from now on, so none is evicted
+        before it is read. Positions are mapped by `grow`, as they are reached."""
+        assert not table.splices and all(s.start >= table.num_mapped for s in splices)
+        for splice in splices:
+            for block_id in splice.block_ids:
+                self.pool.acquire(block_id)
+                table.entries.append(BlockTableEntry(block_id, splice.shift))
+            self._claim(table, list(splice.block_ids))
+        table.splices = list(splices)
 
     def record_query(self, prompt_tokens: int, hit_tokens: int) -> None:
         self.query_tokens += prompt_tokens
         self.hit_tokens += hit_tokens
 
     def blocks_needed(self, table: BlockTable, num_tokens: int) -> int:
-        return max(0, self.blocks_for(num_tokens) - len(table.entries))
+        return self.blocks_for(table.own_rows_needed(num_tokens))
 
-    def can_admit(self, match: PrefixMatch, num_tokens: int) -> bool:
-        """Whether an empty table could adopt `match` and then cover `num_tokens` positions.
-        Adopting takes the matched blocks that sit cached out of the allocatable ones."""
-        taken = sum(1 for block_id in match.block_ids if self.pool.is_cached(block_id))
-        needed = self.blocks_for(num_tokens) - match.num_blocks
-        return needed <= self.pool.num_allocatable() - taken
+    def can_admit(self, match: PrefixMatch, num_tokens: int,
+                  splices: tuple[Splice, ...] | list[Splice] = ()) -> bool:
+        """Whether an empty table could adopt `match`, splice `splices` and then cover
+        `num_tokens` positions. Adopting and splicing take the blocks they reference that sit
+        cached out of the allocatable ones."""
+        referenced = set(match.block_ids).union(*(s.block_ids for s in splices))
+        taken = sum(1 for block_id in referenced if self.pool.is_cached(block_id))
+        spliced = sum(min(s.end, num_tokens) - s.start for s in splices if s.start < num_tokens)
+        own = num_tokens - match.num_blocks * self.block_size - spliced
+        return self.blocks_for(max(0, own)) <= self.pool.num_allocatable() - taken
 
     def can_grow(self, table: BlockTable, num_tokens: int) -> bool:
         return self.blocks_needed(table, num_tokens) <= self.pool.num_allocatable()
@@ -168,21 +153,24 @@ class KVManager:
     def grow(self, table: BlockTable, num_tokens: int) -> None:
         """Makes the table cover `num_tokens` positions (raises OutOfBlocks if it cannot)."""
         new = self.pool.allocate(self.blocks_needed(table, num_tokens))
-        table.append(new)
+        table.map_to(num_tokens, new)
         self._claim(table, new)
 
     def commit(
         self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes
     ) -> list[int]:
         """Keys every block that became full of computed KV, so later prompts can reuse it;
-        returns the blocks it keyed."""
+        returns the blocks it keyed. A spliced table keys only the blocks before its first
+        splice (past it, a block's rows are not one run of the prompt)."""
         if not self.prefix_caching:
             return []
-        full, keyed = num_computed // self.block_size, []
+        limit = table.key_limit
+        full = (num_computed if limit is None else min(num_computed, limit)) // self.block_size
+        keyed: list[int] = []
         for index in range(table.num_keyed, full):
             tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
             key = block_key(table.last_key, salt, tokens)
-            block_id = table.entries[index].block
+            block_id = int(table.slots[index * self.block_size]) // self.block_size
             if self.pool.register(block_id, key, tokens):
                 keyed.append(block_id)
             table.last_key = key
@@ -191,9 +179,7 @@ class KVManager:
 
     def free(self, table: BlockTable) -> None:
         self.pool.release(table.block_ids())
-        table.entries.clear()
-        table.slots = table.slots[:0]
-        table.num_keyed, table.last_key = 0, ROOT_KEY
+        table.clear()
 
     def pin(self, owner: Owner) -> int:
         """Takes one extra reference on every keyed block `owner` holds now (in the ledger), so
@@ -268,6 +254,10 @@ class KVManager:
         if self.tiers is not None:
             self.tiers.check_integrity()
         self.owners.check_integrity()
+        self.segments.check_integrity()
+        for block_id in self.segments.block_ids():
+            block = self.pool.blocks[block_id]
+            assert block.key is not None, f"a segment copy lies in unkeyed block {block}"
         for block_id in self.owners.block_ids():
             block = self.pool.blocks[block_id]
             assert block.ref_count > 0 or block.key is not None, f"owned block {block} is free"

@@ -29,6 +29,7 @@ class ForwardBatch:
     q_starts: torch.Tensor  # [S + 1] int32
     logit_rows: torch.Tensor  # [N] int64, rows of T whose next-token logits are wanted
     kv_shifts: torch.Tensor | None = None  # [S, max_kv] int32, None when every shift is zero
+    q_positions: torch.Tensor | None = None  # `positions`, when a chunk skips spliced spans
 
 
 @dataclass(slots=True)
@@ -102,6 +103,7 @@ class LlamaModel:
                 self.scale,
                 batch.kv_shifts,
                 self.rotary.inv_freq if batch.kv_shifts is not None else None,
+                batch.q_positions,
             )
             hidden = self.after_attention(layer, hidden, attn)
         return self.logits(hidden[batch.logit_rows])

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kvrt.runtime.policy.config import ReuseConfig
+
 if TYPE_CHECKING:
     from kvrt.runtime.engine.protocol import AgentEvent
     from kvrt.runtime.engine.sequence import Sequence
@@ -62,6 +64,7 @@ class Policy(ABC):
 
     name: str
     moves: TierMoves | None = None
+    reuse: ReuseConfig = ReuseConfig()  # position-independent reuse: off unless a policy says
 
     @abstractmethod
     def admission_key(self, seq: Sequence) -> tuple: ...

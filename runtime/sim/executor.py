@@ -68,7 +68,7 @@ class SimTotals:
 def step_parts(chunks: Iterable[Chunk]) -> list[StepPart]:
     """The cost model's view of a step, read before the engine advances `num_computed`."""
     return [
-        StepPart(c.num_tokens, c.seq.num_computed + c.num_tokens, c.wants_logits) for c in chunks
+        StepPart(c.num_tokens, c.end, c.wants_logits) for c in chunks
     ]
 
 
@@ -116,7 +116,7 @@ class SimExecutor:
         return logits
 
     def _next_token(self, chunk: Chunk) -> int:
-        position = chunk.seq.num_computed + chunk.num_tokens - 1
+        position = chunk.end - 1
         token = chunk.seq.token_ids[position]
         key = _mix(_mix(self._seed ^ token) ^ position)
         return self._choices[key % len(self._choices)]

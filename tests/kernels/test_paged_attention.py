@@ -79,6 +79,7 @@ class Case:
     kv_shifts: Tensor | None
     inv_freq: Tensor
     expected: Tensor  # float64, from dense_attention
+    q_positions: Tensor | None = None
 
     def args(self) -> tuple:
         inv_freq = None if self.kv_shifts is None else self.inv_freq
@@ -92,6 +93,7 @@ class Case:
             self.scale,
             self.kv_shifts,
             inv_freq,
+            self.q_positions,
         )
 
     def to(self, device: torch.device) -> Case:
@@ -226,6 +228,27 @@ def test_rotate_by_shift_composes_rope():
     )
 
 
+def gapped_case(shifted: bool = False, dtype: torch.dtype = torch.float32) -> Case:
+    """Prefills whose new tokens skip spans (KV reused, not computed): a full-prefill case with
+    only some query rows kept, each seeing the KV positions up to its own."""
+    lengths = [12, 21, 9]
+    case = build_case([(n, n) for n in lengths], shifted=shifted, dtype=dtype, seed=5)
+    kept = [[0, 1, 5, 6, 7, 11], [3, 4, 12, 13, 14, 15, 16, 20], [8]]
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]]
+    rows = torch.tensor([offset + p for offset, ps in zip(offsets, kept) for p in ps])
+    case.q, case.expected = case.q[rows], case.expected[rows]
+    case.q_starts = torch.tensor([0, *torch.tensor([len(k) for k in kept]).cumsum(0).tolist()],
+                                 dtype=torch.int32)
+    case.q_positions = torch.tensor([p for ps in kept for p in ps])
+    return case
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift"])
+def test_ref_queries_that_skip_reused_spans(shifted):
+    case = gapped_case(shifted)
+    assert_matches(paged_attention_ref(*case.args()), case.expected, torch.float32)
+
+
 def shared_segment_case() -> Case:
     """One physical segment read by three sequences at shifts 0, 3 and 20 (the design's
     position-independent reuse): a shifted reader must see K as if computed at its position."""
@@ -334,6 +357,15 @@ def test_triton_strided_q_and_shared_segment(triton_device):
     assert_matches(paged_attention_triton(*case.args()), case.expected, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_queries_that_skip_reused_spans(triton_device, dtype):
+    case = gapped_case(shifted=True, dtype=dtype).to(triton_device)
+    expected = paged_attention_ref(*case.args())
+    out = paged_attention_triton(*case.args())
+    torch.testing.assert_close(out.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    assert_matches(out, case.expected, dtype)
+
+
 def test_triton_refuses_cpu_tensors_when_compiled(monkeypatch):
     # Compiled Triton cannot take CPU tensors; the launcher must say so before launching.
     monkeypatch.setattr(
@@ -377,12 +409,15 @@ def compile_for_sm90(fn, types, constexprs):
     source = ASTSource(fn=fn, signature=sig, constexprs=paths)
     triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
-for dtype, has_shift in itertools.product(["fp32", "bf16"], [False, True]):
+for dtype, has_shift, has_positions in itertools.product(["fp32", "bf16"], [False, True],
+                                                        [False, True]):
     ptr = "*" + dtype
     types = dict(q=ptr, pool=ptr, out=ptr, slots="*i64", shifts="*i32", inv_freq="*fp32",
-                 kv_lens="*i32", q_starts="*i32", tile_seq="*i32", tile_q0="*i32", qk_scale="fp32")
+                 kv_lens="*i32", q_starts="*i32", q_pos="*i64", tile_seq="*i32", tile_q0="*i32",
+                 qk_scale="fp32")
     constexprs = dict(GROUP=3, GROUP_PAD=4, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=32, BLOCK_SIZE=16,
-                      HALF=32, HALF_PAD=32, HAS_SHIFT=has_shift, DOT_IN_FP32=False,
+                      HALF=32, HALF_PAD=32, HAS_SHIFT=has_shift, HAS_POSITIONS=has_positions,
+                      DOT_IN_FP32=False,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     compile_for_sm90(jit.paged_attention_kernel, types, constexprs)
 compile_for_sm90(jit.kv_store_kernel, dict(pool="*bf16", k="*bf16", v="*bf16", slots="*i64"),

@@ -124,6 +124,11 @@ def test_a_request_longer_than_the_pool_is_rejected(tiny):
         engine.add(request("big", list(range(3, 40)), greedy(1)))
 
 
+def chunk(seq: Sequence, count: int) -> Chunk:
+    """A prefill chunk of `count` tokens from where `seq` is."""
+    return Chunk(seq, count, seq.num_computed + count)
+
+
 def test_sim_executor_logits():
     model = CostModel(LLAMA31_8B, H100)
     clock = SimClock(5.0)
@@ -137,12 +142,12 @@ def test_sim_executor_logits():
             token_ids=list(prompt),
         )
         seqs.append(seq)
-    chunks = [Chunk(seqs[0], 3), Chunk(seqs[1], 2), Chunk(seqs[2], 4)]  # the 2nd samples nothing
+    chunks = [chunk(seqs[0], 3), chunk(seqs[1], 2), chunk(seqs[2], 4)]  # the 2nd samples nothing
     logits = executor.run(chunks)
     assert logits.shape == (2, 50) and logits.dtype == torch.float32
     picks = logits.argmax(-1).tolist()
     assert all(40 <= t < 50 for t in picks)
-    assert picks == executor.run([Chunk(seqs[0], 3), Chunk(seqs[2], 4)]).argmax(-1).tolist()
+    assert picks == executor.run([chunk(seqs[0], 3), chunk(seqs[2], 4)]).argmax(-1).tolist()
     step = model.step_time([(3, 3, True), (2, 2, False), (4, 4, True)])
     assert executor.totals.steps == 2 and clock() == pytest.approx(
         5.0 + step + executor.last_step_seconds

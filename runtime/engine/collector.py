@@ -1,0 +1,157 @@
+"""The KV Collector: position-independent reuse of segments, per request or for a whole round.
+
+A request's segments (`GenerateRequest.segments`: marked messages, or every message of an
+"approximate" graph's calls) are text whose KV may come from another prompt, computed at
+another position. The policy's `ReuseConfig.mode` says how:
+
+    mode         at admission, for each segment past the exact prefix match
+    -----------  -------------------------------------------------------------------------
+    off          nothing: exact prefix reuse only (the default; segments are ignored)
+    per-request  reuse the copy the segment index holds now, if any; else compute it
+    collective   as per-request; and a request whose segment another live request is
+                 computing now is not admitted until that copy is indexed (`hold`)
+
+In an All-Gather round all agents' calls arrive together, each with the same shared segments
+after its own private history. Per request, each misses the segment index (nobody has computed
+the shared text yet) and computes it again. Collectively, the first admitted computes it (its
+copy is the round's master), the others wait, then are admitted together: their recomputes run
+in one batch, and the shared text is computed once per round, whatever the number of agents.
+
+Reuse of a segment of length L at position s, from a copy computed at position c: the reader
+computes its first k = ceil(recompute_ratio * L) tokens itself, in its own context (EPIC-style:
+they restore the attention to the reader's history that the copy never saw), and reads the rest
+of the copy's rows in place, at shift s - c (a splice, runtime/kv/block_table.py). The rows it
+computed are its diff against the master; the rest it shares. The last prompt token is always
+computed (its logits are needed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kvrt.runtime.engine.sequence import Sequence
+from kvrt.runtime.kv.block_table import Splice
+from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.kv.segments import segment_key
+from kvrt.runtime.policy.config import ReuseConfig
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    start: int
+    end: int
+    key: bytes
+    token_ids: tuple[int, ...]
+
+
+class KVCollector:
+    def __init__(self, kv: KVManager, config: ReuseConfig) -> None:
+        self.kv, self.config = kv, config
+        self._segments: dict[Sequence, list[_Segment]] = {}
+        self._producers: dict[bytes, Sequence] = {}  # segment key -> the live seq computing it
+        # Counters since start, over first admissions: tokens in segments, and of those the
+        # ones read from another copy (not computed, not stored again).
+        self.segment_requests = 0
+        self.segment_tokens = 0
+        self.reused_tokens = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.mode != "off"
+
+    def hold(self, seq: Sequence) -> bool:
+        """Collective mode: whether `seq` should wait, because another live request is
+        computing one of its segments that the index does not hold yet."""
+        if self.config.mode != "collective":
+            return False
+        for segment in self._of(seq):
+            producer = self._producers.get(segment.key)
+            if (producer is not None and producer is not seq
+                    and self.kv.segments.find(segment.key, segment.token_ids) is None):
+                return True
+        return False
+
+    def plan(self, seq: Sequence, computed: int) -> list[Splice]:
+        """The splices for `seq`, whose first `computed` positions its exact prefix covers; in
+        collective mode, it becomes the producer of the segments it will compute itself."""
+        if not self.enabled:
+            return []
+        splices = []
+        for segment in self._of(seq):
+            if segment.start < computed:
+                continue
+            splice = self._splice(seq, segment)
+            if splice is not None:
+                splices.append(splice)
+            elif self.config.mode == "collective":
+                self._producers.setdefault(segment.key, seq)
+        return splices
+
+    def _splice(self, seq: Sequence, segment: _Segment) -> Splice | None:
+        copy = self.kv.segments.find(segment.key, segment.token_ids)
+        if copy is None:
+            return None
+        first = math.ceil(self.config.recompute_ratio * (segment.end - segment.start))
+        last = min(copy.length, seq.prompt_len - 1 - segment.start)
+        if last - first < self.config.min_reused_tokens:
+            return None
+        slots = copy.slots[first:last]
+        block_ids = tuple(sorted(set((slots // self.kv.block_size).tolist())))
+        if any(self.kv.pool.is_in_flight(b) for b in block_ids):
+            return None  # on its way to the host
+        return Splice(segment.start + first, segment.start + last, slots,
+                      segment.start - copy.start, block_ids)
+
+    def count_admission(self, seq: Sequence, splices: list[Splice]) -> int:
+        """Counts a first admission; returns the positions its splices cover."""
+        reused = sum(s.end - s.start for s in splices)
+        if self.enabled and self._of(seq):
+            self.segment_requests += 1
+            self.segment_tokens += sum(s.end - s.start for s in self._of(seq))
+            self.reused_tokens += reused
+        return reused
+
+    def on_computed(self, seq: Sequence) -> None:
+        """After a step computed part of `seq`: offers the index the segments it computed in
+        its own context (before its first splice) whose blocks are keyed; once its prompt is
+        computed, it produces nothing more."""
+        if not self.enabled:
+            return
+        table, pool = seq.table, self.kv.pool
+        limit = table.key_limit if table.key_limit is not None else seq.prompt_len
+        keyed_end = min(table.num_keyed * self.kv.block_size, limit)
+        for segment in self._of(seq):
+            if segment.start >= keyed_end:
+                break
+            slots = table.slots[segment.start:min(segment.end, keyed_end)]
+            blocks = (slots // self.kv.block_size).tolist()
+            # A block whose key another block already held was left unkeyed: stop before it.
+            unkeyed = next((i for i, b in enumerate(blocks) if pool.blocks[b].key is None),
+                           len(blocks))
+            self.kv.segments.offer(segment.key, segment.token_ids, segment.start,
+                                   slots[:unkeyed])
+        if seq.num_computed >= seq.prompt_len:
+            self._stop_producing(seq)
+
+    def forget(self, seq: Sequence, finished: bool) -> None:
+        """`seq` was preempted (it will be admitted again) or has finished."""
+        self._stop_producing(seq)
+        if finished:
+            self._segments.pop(seq, None)
+
+    def _stop_producing(self, seq: Sequence) -> None:
+        for segment in self._segments.get(seq, ()):
+            if self._producers.get(segment.key) is seq:
+                del self._producers[segment.key]
+
+    def _of(self, seq: Sequence) -> list[_Segment]:
+        segments = self._segments.get(seq)
+        if segments is None:
+            ids, salt = seq.request.prompt_token_ids, seq.request.salt
+            segments = []
+            for start, end in seq.request.segments:
+                tokens = tuple(ids[start:end])
+                segments.append(_Segment(start, end, segment_key(salt, tokens), tokens))
+            self._segments[seq] = segments
+        return segments

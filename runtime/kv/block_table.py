@@ -1,0 +1,159 @@
+"""A sequence's block table: which pool slot holds the KV of each of its positions, and at which
+position shift its reader sees it.
+
+Own positions (computed by this sequence) take the rows of its own blocks in order. A splice
+makes a span of positions read rows of another sequence's copy of the same text instead (a
+segment reused at another position, runtime/kv/segments.py): those rows stay where they are,
+shared and ref-counted, and are seen at `shift` (the kernel rotates their K). So a table maps
+positions to slots, not blocks to blocks:
+
+    positions  0 .. 37 own | 38 .. 120 spliced (shift 212) | 121 .. own again
+    slots      own rows 0..37 | the copy's rows             | own rows 38.. (the same block
+                                                              goes on filling: no row is lost)
+
+Without splices, position p is own row p (block p // block_size): the prefix index can key the
+table's full blocks, and `grow` maps whole blocks ahead of need. Keying stops at the first
+spliced position (`key_limit`): past it, a block's rows are no longer one run of the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrt.runtime.kv.owners import Owner
+from kvrt.runtime.kv.prefix_hash import ROOT_KEY
+
+
+@dataclass(slots=True)
+class BlockTableEntry:
+    block: int
+    shift: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Splice:
+    """Positions [start, end) read `slots` (one per position) of another copy, at `shift`."""
+
+    start: int
+    end: int
+    slots: torch.Tensor  # [end - start] int64
+    shift: int
+    block_ids: tuple[int, ...]  # the distinct blocks those slots lie in
+
+    def __post_init__(self) -> None:
+        assert self.end - self.start == self.slots.numel() > 0, "a splice maps each position"
+
+
+@dataclass(slots=True)
+class BlockTable:
+    """`slots` caches the slot of every mapped position, so building a step's batch costs one
+    slice per sequence, not a Python loop over its context."""
+
+    block_size: int
+    entries: list[BlockTableEntry] = field(default_factory=list)  # every block referenced
+    slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    shifts: torch.Tensor | None = None  # per mapped position; None while every shift is 0
+    spare: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    splices: list[Splice] = field(default_factory=list)  # ascending, not overlapping
+    num_keyed: int = 0  # leading full blocks already keyed (registered or hit)
+    last_key: bytes = ROOT_KEY  # key of the last keyed block: the parent of the next one
+    owner: Owner | None = None  # (run, agent) whose KV this is; None: unattributed
+
+    @property
+    def num_mapped(self) -> int:
+        return self.slots.numel()
+
+    @property
+    def key_limit(self) -> int | None:
+        """The first spliced position: no block from the one holding it on is keyed."""
+        return self.splices[0].start if self.splices else None
+
+    def block_ids(self) -> list[int]:
+        return [entry.block for entry in self.entries]
+
+    def own_positions(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The runs of positions in [start, end) that no splice covers."""
+        runs = []
+        for splice in self.splices:
+            if splice.end <= start or splice.start >= end:
+                continue
+            if splice.start > start:
+                runs.append((start, splice.start))
+            start = splice.end
+        if start < end:
+            runs.append((start, end))
+        return runs
+
+    def num_own(self, start: int, end: int) -> int:
+        return sum(b - a for a, b in self.own_positions(start, end))
+
+    def next_splice_from(self, position: int) -> Splice | None:
+        return next((s for s in self.splices if s.end > position), None)
+
+    def own_rows_needed(self, end: int) -> int:
+        """Own rows that mapping every position below `end` still has to allocate."""
+        return max(0, self.num_own(self.num_mapped, end) - self.spare.numel())
+
+    def map_to(self, end: int, new_block_ids: list[int]) -> None:
+        """Maps every position below `end` (past the mapped ones): own positions take the spare
+        rows, then the rows of `new_block_ids` (own_rows_needed's worth of blocks, which this
+        table now references); spliced ones their copy's slots. Once no splice lies ahead, all
+        remaining own rows are mapped too, ahead of need, as in a table without splices."""
+        self.entries.extend(BlockTableEntry(b) for b in new_block_ids)
+        rows = torch.arange(self.block_size, dtype=torch.int64)
+        fresh = (torch.tensor(new_block_ids, dtype=torch.int64)[:, None] * self.block_size
+                 + rows).flatten()
+        self.spare = torch.cat([self.spare, fresh])
+        pieces, shifts = [self.slots], []
+        position = self.num_mapped
+        while True:
+            splice = self.next_splice_from(position)
+            if splice is not None and splice.start == position:
+                pieces.append(splice.slots)
+                shifts.append((splice.slots.numel(), splice.shift))
+                position = splice.end
+                continue
+            if position >= end and splice is not None:
+                break
+            take = self.spare.numel() if splice is None else min(end, splice.start) - position
+            pieces.append(self.spare[:take])
+            shifts.append((take, 0))
+            self.spare = self.spare[take:]
+            position += take
+            if splice is None:
+                break
+        self.slots = torch.cat(pieces)
+        if self.shifts is not None or any(shift for _, shift in shifts):
+            self.shifts = torch.cat(
+                [self.shifts if self.shifts is not None
+                 else torch.zeros(self.num_mapped - sum(n for n, _ in shifts), dtype=torch.int32)]
+                + [torch.full((n,), shift, dtype=torch.int32) for n, shift in shifts])
+        assert self.num_mapped >= end, "map_to was given too few blocks"
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.slots = self.slots[:0]
+        self.spare = self.spare[:0]
+        self.shifts = None
+        self.splices = []
+        self.num_keyed, self.last_key = 0, ROOT_KEY
+
+
+def next_chunk(splices: list[Splice], start: int, budget: int, length: int) -> tuple[int, int]:
+    """The next prefill chunk of a sequence of `length` tokens computed up to `start`: (end,
+    count), where the chunk computes `count` own positions (at most `budget`) in [start, end).
+    A chunk that reaches a splice steps over it (its rows are read, not computed)."""
+    end, count = start, 0
+    position = start
+    for splice in [*splices, None]:
+        if splice is not None and splice.end <= position:
+            continue
+        stop = length if splice is None else min(splice.start, length)
+        take = min(max(0, stop - position), budget - count)
+        count, end = count + take, position + take
+        if splice is None or end < splice.start:
+            break
+        end = position = splice.end
+    return end, count

@@ -1,0 +1,90 @@
+"""The segment index: where the KV of a segment (text that may be reused at any position) lies in
+the device pool, found by the segment's content alone.
+
+When a sequence computes a segment in its own context, at the position where the segment sits
+in its prompt, that copy (the master) is indexed under (salt, token ids) as soon as the blocks
+holding it are keyed: full of computed KV, never written again. Another prompt holding the same
+text anywhere reads the copy's rows in place, through a splice in its block table
+(runtime/kv/block_table.py), at a position shift.
+
+A copy covers a prefix of its segment: the rows in keyed blocks (the block holding a segment's
+end may still be filling when the copy is first offered; the copy grows as it fills). It leaves
+the index the moment any of its blocks' content goes (evicted, dropped, moved to the host).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentCopy:
+    token_ids: tuple[int, ...]  # the whole segment (confirms a hit)
+    start: int  # the position of its first token where it was computed
+    slots: torch.Tensor  # the slot of each row it covers, in order: a prefix of the segment
+    block_ids: tuple[int, ...]  # the distinct blocks those rows lie in
+
+    @property
+    def length(self) -> int:
+        return self.slots.numel()
+
+
+def segment_key(salt: bytes, token_ids: tuple[int, ...]) -> bytes:
+    return block_key(ROOT_KEY, salt, token_ids)
+
+
+class SegmentIndex:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self._copies: dict[bytes, SegmentCopy] = {}
+        self._keys_of_block: dict[int, set[bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def find(self, key: bytes, token_ids: tuple[int, ...]) -> SegmentCopy | None:
+        copy = self._copies.get(key)
+        return copy if copy is not None and copy.token_ids == token_ids else None
+
+    def offer(self, key: bytes, token_ids: tuple[int, ...], start: int,
+              slots: torch.Tensor) -> bool:
+        """Indexes the rows `slots` (in keyed blocks) as the copy of the segment computed at
+        `start`, unless the index has one at least as long; True if it took this one."""
+        known = self._copies.get(key)
+        if slots.numel() == 0 or (known is not None and known.length >= slots.numel()):
+            return False
+        if known is not None:
+            self._forget(key, known)
+        block_ids = tuple(sorted(set((slots // self.block_size).tolist())))
+        self._copies[key] = SegmentCopy(token_ids, start, slots, block_ids)
+        for block_id in block_ids:
+            self._keys_of_block.setdefault(block_id, set()).add(key)
+        return True
+
+    def drop_block(self, block_id: int) -> None:
+        """The block's content is gone: every copy with rows in it leaves the index."""
+        for key in self._keys_of_block.pop(block_id, set()):
+            self._forget(key, self._copies[key])
+
+    def _forget(self, key: bytes, copy: SegmentCopy) -> None:
+        del self._copies[key]
+        for block_id in copy.block_ids:
+            keys = self._keys_of_block.get(block_id)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._keys_of_block[block_id]
+
+    def block_ids(self) -> set[int]:
+        return set(self._keys_of_block)
+
+    def check_integrity(self) -> None:
+        """The two maps mirror each other."""
+        for key, copy in self._copies.items():
+            assert all(key in self._keys_of_block[b] for b in copy.block_ids), f"bad copy {key!r}"
+        for block_id, keys in self._keys_of_block.items():
+            assert keys and all(block_id in self._copies[k].block_ids for k in keys)
