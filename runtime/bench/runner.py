@@ -102,13 +102,18 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         sampler.cancel()
         await runner.cleanup()  # stops the engine
     stats = inner.stats()
+    extra = {}
+    if stats.segment_requests:  # the device KV its segments hold per call: masters + diffs
+        held = stats.segment_tokens - stats.segment_reused_tokens
+        extra["shared_kv_bytes_per_agent"] = (
+            held / stats.segment_requests * block_bytes / config.engine.block_size)
     return PolicyRun(
         policy=config.engine.policy, block_bytes=block_bytes,
         calls=session.calls, jobs=session.jobs, samples=samples, tokens=engine.tokens,
         preemptions=stats.preemptions, wall_s=wall, peak_in_use_blocks=stats.kv_blocks_in_use_peak,
         offload_bytes=stats.kv_blocks_offloaded * block_bytes,
         upload_bytes=stats.kv_blocks_uploaded * block_bytes,
-        backup_bytes=stats.kv_blocks_backed_up * block_bytes)
+        backup_bytes=stats.kv_blocks_backed_up * block_bytes, extra=extra)
 
 
 async def _sample(engine: AsyncEngine, out: list[KVSample]) -> None:

@@ -50,8 +50,8 @@ class KVCollector:
         self.kv, self.config = kv, config
         self._segments: dict[Sequence, list[_Segment]] = {}
         self._producers: dict[bytes, Sequence] = {}  # segment key -> the live seq computing it
-        # Counters since start, over first admissions: tokens in segments, and of those the
-        # ones read from another copy (not computed, not stored again).
+        # Counters since start, over first admissions (with reuse off too): tokens in segments,
+        # and of those the ones read from another copy (not computed, not stored again).
         self.segment_requests = 0
         self.segment_tokens = 0
         self.reused_tokens = 0
@@ -106,7 +106,7 @@ class KVCollector:
     def count_admission(self, seq: Sequence, splices: list[Splice]) -> int:
         """Counts a first admission; returns the positions its splices cover."""
         reused = sum(s.end - s.start for s in splices)
-        if self.enabled and self._of(seq):
+        if self._of(seq):  # counted with reuse off too: what full copies cost
             self.segment_requests += 1
             self.segment_tokens += sum(s.end - s.start for s in self._of(seq))
             self.reused_tokens += reused

@@ -41,7 +41,7 @@ def _unattributed() -> Sequence:
 
 
 def test_ttl_is_registered_and_orders_like_lru():
-    assert policy_names() == ["lru", "lru-offload", "tokencake", "ttl"]
+    assert policy_names() == ["kvrt", "kvrt-per-request", "lru", "lru-offload", "tokencake", "ttl"]
     policy = make_policy("ttl")
     assert isinstance(policy, TTLPolicy) and policy.name == "ttl"
     assert make_policy("lru").name == "lru"

@@ -71,7 +71,9 @@ class GenerativeAgents:
                     said: list[str], max_tokens: int) -> str:
         messages = [{"role": "user", "content": f"Round {round_ + 1}. "
                      + ("Last round:" if said else "Nobody has spoken yet.")}]
-        messages += [{"role": "user", "content": f"{speaker}: {words}"}
-                     for speaker, words in zip(self.names, said)]
+        # What everyone said is shared text: marked as segments, reusable at any position by a
+        # policy that reuses them (`kvrt`); the others ignore the mark.
+        messages += [{"role": "user", "content": f"{speaker}: {words}",
+                      "kvrt": {"segment": True}} for speaker, words in zip(self.names, said)]
         messages.append({"role": "user", "content": "Say what you do next, in character."})
         return await session.chat(agent, messages, max_tokens, job=f"round {round_ + 1}")
