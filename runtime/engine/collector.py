@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from kvrt.runtime.engine.sequence import Sequence
 from kvrt.runtime.kv.block_table import Splice
 from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.kv.owners import Owner
 from kvrt.runtime.kv.segments import segment_key
 from kvrt.runtime.policy.config import ReuseConfig
 
@@ -55,6 +56,7 @@ class KVCollector:
         self.segment_requests = 0
         self.segment_tokens = 0
         self.reused_tokens = 0
+        self.by_owner: dict[Owner, tuple[int, int]] = {}  # the same two, per agent of a run
 
     @property
     def enabled(self) -> bool:
@@ -107,10 +109,19 @@ class KVCollector:
         """Counts a first admission; returns the positions its splices cover."""
         reused = sum(s.end - s.start for s in splices)
         if self._of(seq):  # counted with reuse off too: what full copies cost
+            tokens = sum(s.end - s.start for s in self._of(seq))
             self.segment_requests += 1
-            self.segment_tokens += sum(s.end - s.start for s in self._of(seq))
+            self.segment_tokens += tokens
             self.reused_tokens += reused
+            owner = seq.table.owner
+            if owner is not None:  # replaced whole: read from the server's thread
+                before = self.by_owner.get(owner, (0, 0))
+                self.by_owner[owner] = (before[0] + tokens, before[1] + reused)
         return reused
+
+    def on_run_end(self, run: str) -> None:
+        for owner in [o for o in self.by_owner if o[0] == run]:
+            del self.by_owner[owner]
 
     def on_computed(self, seq: Sequence) -> None:
         """After a step computed part of `seq`: offers the index the segments it computed in

@@ -157,6 +157,7 @@ class Engine:
             self.abort(request_id)
         released = self.kv.release_run(run)
         self.scheduler.policy.on_run_end(run)
+        self.scheduler.collector.on_run_end(run)
         return RunRelease(aborted, released)
 
     def kv_residency(self, run: str) -> dict[str, AgentResidency]:
@@ -165,6 +166,10 @@ class Engine:
         for agent, decision in self.scheduler.policy.kv_decisions_of(run).items():
             residency[agent] = replace(residency.get(agent, AgentResidency(0, 0)),
                                        decision=decision)
+        for (of_run, agent), (tokens, reused) in self.scheduler.collector.by_owner.copy().items():
+            if of_run == run:
+                residency[agent] = replace(residency.get(agent, AgentResidency(0, 0)),
+                                           segment_tokens=tokens, segment_reused_tokens=reused)
         return residency
 
     def live_attributions(self) -> dict[str, Attribution]:

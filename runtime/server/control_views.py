@@ -23,6 +23,9 @@ class Residency(Protocol):
     device_blocks: int
     shared_blocks: int
     host_blocks: int
+    decision: str | None
+    segment_tokens: int
+    segment_reused_tokens: int
 
 
 def graph_info(entry: GraphEntry) -> GraphInfo:
@@ -71,7 +74,9 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
             kv=KVResidency(device_blocks=kv.device_blocks if kv else 0,
                            host_blocks=kv.host_blocks if kv else 0,
                            shared_blocks=kv.shared_blocks if kv else 0,
-                           decision=kv.decision if kv else None),
+                           decision=kv.decision if kv else None,
+                           segment_tokens=kv.segment_tokens if kv else 0,
+                           segment_reused_tokens=kv.segment_reused_tokens if kv else 0),
         ))
     tools = [
         ToolEstimate(agent=agent, tool=tool, declared_seconds=estimate.declared,
@@ -79,7 +84,10 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
         for (agent, tool), estimate in run.costs.estimates.items()
     ]
     path = [run.graph.agents[i].name for i in criticality.path if not run.agents[i].done]
+    segment_tokens = sum(a.kv.segment_tokens for a in agents)
+    stored = segment_tokens - sum(a.kv.segment_reused_tokens for a in agents)
     return RunState(
         id=run.id, graph_id=run.graph_id, created=run.created, event_count=run.event_count,
         critical_path=path, critical_path_seconds=criticality.length, agents=agents, tools=tools,
+        segment_kv_compression=segment_tokens / stored if segment_tokens else None,
     )

@@ -108,6 +108,15 @@ class ServerMetrics:
         one("kvrt:kv_backed_up_blocks_total", "counter",
             "KV blocks copied to the host tier and kept on the device (write-through).",
             stats.kv_blocks_backed_up)
+        one("kvrt:segment_tokens_total", "counter",
+            "Prompt tokens in segments (text reusable at any position).", stats.segment_tokens)
+        one("kvrt:segment_reused_tokens_total", "counter",
+            "Segment tokens read from another copy: neither computed nor stored again.",
+            stats.segment_reused_tokens)
+        held = stats.segment_tokens - stats.segment_reused_tokens
+        one("kvrt:segment_kv_compression", "gauge",
+            "Full per-call copies of segments over what reuse stored (masters + diffs).",
+            stats.segment_tokens / held if held else 1.0)
         family("kvrt:kv_tier_decisions_total", "counter",
                "The policy's decisions at tool calls: offload, or keep and why.", [
                    f'kvrt:kv_tier_decisions_total{{{labels},decision="{_escape(d)}"}} {n}'

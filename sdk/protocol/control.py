@@ -123,6 +123,10 @@ class KVResidency(Struct, kw_only=True):
     # The policy's last decision on this KV when a tool call started, and why: "offload",
     # "keep:no_pressure", "keep:short_tool", ... (None: no decision yet, or not this policy).
     decision: str | None = None
+    # Tokens of segments (shared text) in the agent's calls, and of those the ones it read from
+    # another agent's copy instead of computing and storing them (position-independent reuse).
+    segment_tokens: int = 0
+    segment_reused_tokens: int = 0
 
 
 class ToolEstimate(Struct, kw_only=True):
@@ -165,6 +169,9 @@ class RunState(Struct, kw_only=True):
     critical_path_seconds: float  # remaining
     agents: list[AgentState]
     tools: list[ToolEstimate]
+    # Full per-agent copies of the run's segments over what reuse stored (masters + diffs):
+    # 1.0 with no reuse; None when its calls had no segments.
+    segment_kv_compression: float | None = None
 
 
 class RunClosed(Struct, kw_only=True):
