@@ -91,19 +91,27 @@ class KVCollector:
         return splices
 
     def _splice(self, seq: Sequence, segment: _Segment) -> Splice | None:
-        copy = self.kv.segments.find(segment.key, segment.token_ids)
-        if copy is None:
-            return None
-        first = math.ceil(self.config.recompute_ratio * (segment.end - segment.start))
-        last = min(copy.length, seq.prompt_len - 1 - segment.start)
+        """From a copy of the whole segment, else from an earlier call's output inside it (the
+        segment's other tokens, e.g. a message's header, are computed)."""
+        copy, offset, length = self.kv.segments.find(segment.key, segment.token_ids), 0, 0
+        if copy is not None:
+            length = copy.length
+        else:
+            within = self.kv.segments.find_within(seq.request.salt, segment.token_ids)
+            if within is None:
+                return None
+            copy, offset, length = within.copy, within.offset, within.length
+        # Segment offsets [first, last) are read from the copy's rows [first - offset, ...).
+        first = max(offset, math.ceil(self.config.recompute_ratio * len(segment.token_ids)))
+        last = min(offset + length, seq.prompt_len - 1 - segment.start)
         if last - first < self.config.min_reused_tokens:
             return None
-        slots = copy.slots[first:last]
+        slots = copy.slots[first - offset:last - offset]
         block_ids = tuple(sorted(set((slots // self.kv.block_size).tolist())))
         if any(self.kv.pool.is_in_flight(b) for b in block_ids):
             return None  # on its way to the host
         return Splice(segment.start + first, segment.start + last, slots,
-                      segment.start - copy.start, block_ids)
+                      segment.start + offset - copy.start, block_ids)
 
     def count_admission(self, seq: Sequence, splices: list[Splice]) -> int:
         """Counts a first admission; returns the positions its splices cover."""
@@ -144,6 +152,16 @@ class KVCollector:
                                    slots[:unkeyed])
         if seq.num_computed >= seq.prompt_len:
             self._stop_producing(seq)
+
+    def on_finish(self, seq: Sequence) -> None:
+        """`seq` is done, its blocks not yet released: its output (the rows decoding gave KV)
+        becomes a copy, kept cached after the call, for a later prompt that quotes it."""
+        if not self.enabled or seq.num_computed <= seq.prompt_len:
+            return
+        start, end = seq.prompt_len, seq.num_computed
+        slots = self.kv.keep_rows(seq.table, start, end, seq.request.salt)
+        self.kv.segments.offer_output(seq.request.salt, tuple(seq.token_ids[start:end]), start,
+                                      slots)
 
     def forget(self, seq: Sequence, finished: bool) -> None:
         """`seq` was preempted (it will be admitted again) or has finished."""

@@ -145,6 +145,7 @@ class BatchScheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.collector.on_finish(seq)
         self.kv.free(seq.table)
         self.collector.forget(seq, finished=True)
         seq.status = Status.FINISHED

@@ -25,11 +25,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from kvrt.runtime.kv.block_pool import BlockPool, PoolUsage
 from kvrt.runtime.kv.block_table import BlockTable, BlockTableEntry, Splice
 from kvrt.runtime.kv.owners import AgentResidency, BlockOwners, Owner
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
 from kvrt.runtime.kv.segments import SegmentIndex
+
+_KEPT_ROOT = b"\x01" * 32  # the parent of `keep_rows`' keys: never a prefix chain's
 from kvrt.runtime.kv.tiers import KVTiers
 
 
@@ -68,6 +72,7 @@ class KVManager:
         self.hit_tokens = 0
         self._pins: dict[Owner, list[int]] = {}  # owner -> the blocks it pinned (ascending)
         self._pin_counts: dict[int, int] = {}  # block -> how many owners pin it
+        self._kept = 0  # blocks keyed by `keep_rows`
 
     def _dropped(self, block_id: int) -> None:
         self.owners.drop_block(block_id)
@@ -176,6 +181,19 @@ class KVManager:
             table.last_key = key
         table.num_keyed = max(table.num_keyed, full)
         return keyed
+
+    def keep_rows(self, table: BlockTable, start: int, end: int, salt: bytes) -> torch.Tensor:
+        """Keys every unkeyed block holding positions [start, end) of a table about to be freed,
+        so their content stays cached (findable through the segment index, evictable) once it
+        is; returns those positions' slots. The keys are unique (nobody looks them up): such a
+        block's rows are not one run of a prompt."""
+        slots = table.slots[start:end]
+        for block_id in sorted(set((slots // self.block_size).tolist())):
+            if self.pool.blocks[block_id].key is None:
+                self._kept += 1
+                key = block_key(_KEPT_ROOT, salt, (block_id, self._kept))
+                self.pool.register(block_id, key, ())
+        return slots
 
     def free(self, table: BlockTable) -> None:
         self.pool.release(table.block_ids())

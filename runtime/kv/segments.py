@@ -10,6 +10,11 @@ text anywhere reads the copy's rows in place, through a splice in its block tabl
 A copy covers a prefix of its segment: the rows in keyed blocks (the block holding a segment's
 end may still be filling when the copy is first offered; the copy grows as it fills). It leaves
 the index the moment any of its blocks' content goes (evicted, dropped, moved to the host).
+
+A finished call's output is offered too (`offer_output`): its KV exists from decoding, and in an
+All-Gather round the next round's shared text is the agents' outputs, each wrapped in a message
+(a role header, the speaker's name). `find_within` finds such a copy inside a segment, by a
+probe over the first PROBE tokens of each output.
 """
 
 from __future__ import annotations
@@ -27,14 +32,33 @@ class SegmentCopy:
     start: int  # the position of its first token where it was computed
     slots: torch.Tensor  # the slot of each row it covers, in order: a prefix of the segment
     block_ids: tuple[int, ...]  # the distinct blocks those rows lie in
+    probe: int | None = None  # an output's: the hash of (salt, its first PROBE tokens)
 
     @property
     def length(self) -> int:
         return self.slots.numel()
 
 
+PROBE = 8  # tokens an output copy is found by
+
+
 def segment_key(salt: bytes, token_ids: tuple[int, ...]) -> bytes:
     return block_key(ROOT_KEY, salt, token_ids)
+
+
+def _probe(salt: bytes, token_ids: tuple[int, ...]) -> int:
+    # In-process only: Python's hash is enough, and a hit is confirmed by the tokens.
+    return hash((salt, token_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class Within:
+    """A copy found inside a segment: its rows match the segment from `offset` on, for
+    `length` rows."""
+
+    offset: int
+    copy: SegmentCopy
+    length: int
 
 
 class SegmentIndex:
@@ -42,6 +66,7 @@ class SegmentIndex:
         self.block_size = block_size
         self._copies: dict[bytes, SegmentCopy] = {}
         self._keys_of_block: dict[int, set[bytes]] = {}
+        self._outputs: dict[int, set[bytes]] = {}  # probe -> keys of output copies
 
     def __len__(self) -> int:
         return len(self._copies)
@@ -51,7 +76,7 @@ class SegmentIndex:
         return copy if copy is not None and copy.token_ids == token_ids else None
 
     def offer(self, key: bytes, token_ids: tuple[int, ...], start: int,
-              slots: torch.Tensor) -> bool:
+              slots: torch.Tensor, probe: int | None = None) -> bool:
         """Indexes the rows `slots` (in keyed blocks) as the copy of the segment computed at
         `start`, unless the index has one at least as long; True if it took this one."""
         known = self._copies.get(key)
@@ -60,10 +85,31 @@ class SegmentIndex:
         if known is not None:
             self._forget(key, known)
         block_ids = tuple(sorted(set((slots // self.block_size).tolist())))
-        self._copies[key] = SegmentCopy(token_ids, start, slots, block_ids)
+        self._copies[key] = SegmentCopy(token_ids, start, slots, block_ids, probe)
         for block_id in block_ids:
             self._keys_of_block.setdefault(block_id, set()).add(key)
+        if probe is not None:
+            self._outputs.setdefault(probe, set()).add(key)
         return True
+
+    def offer_output(self, salt: bytes, token_ids: tuple[int, ...], start: int,
+                     slots: torch.Tensor) -> bool:
+        """Indexes a call's output (generated at `start`, its rows in keyed blocks)."""
+        if len(token_ids) < PROBE:
+            return False
+        return self.offer(segment_key(salt, token_ids), token_ids, start, slots,
+                          _probe(salt, token_ids[:PROBE]))
+
+    def find_within(self, salt: bytes, token_ids: tuple[int, ...]) -> Within | None:
+        """The output copy matching the most rows of a run inside `token_ids`, if any."""
+        best = None
+        for offset in range(len(token_ids) - PROBE + 1):
+            for key in self._outputs.get(_probe(salt, token_ids[offset:offset + PROBE]), ()):
+                copy = self._copies[key]
+                length = _common_prefix(copy.token_ids[:copy.length], token_ids[offset:])
+                if best is None or length > best.length:
+                    best = Within(offset, copy, length)
+        return best
 
     def drop_block(self, block_id: int) -> None:
         """The block's content is gone: every copy with rows in it leaves the index."""
@@ -72,6 +118,11 @@ class SegmentIndex:
 
     def _forget(self, key: bytes, copy: SegmentCopy) -> None:
         del self._copies[key]
+        if copy.probe is not None:
+            keys = self._outputs[copy.probe]
+            keys.discard(key)
+            if not keys:
+                del self._outputs[copy.probe]
         for block_id in copy.block_ids:
             keys = self._keys_of_block.get(block_id)
             if keys is not None:
@@ -88,3 +139,14 @@ class SegmentIndex:
             assert all(key in self._keys_of_block[b] for b in copy.block_ids), f"bad copy {key!r}"
         for block_id, keys in self._keys_of_block.items():
             assert keys and all(block_id in self._copies[k].block_ids for k in keys)
+        for probe, keys in self._outputs.items():
+            assert keys and all(self._copies[k].probe == probe for k in keys)
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

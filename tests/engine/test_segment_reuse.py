@@ -117,3 +117,17 @@ def test_shift_only_and_the_index_forgets_evicted_copies(folder):
     assert len(engine.kv.segments) == 0
     assert pool.usage().free == pool.num_blocks
     engine.check_integrity()
+
+
+def test_a_later_prompt_quoting_an_output_reads_its_decode_kv(folder):
+    engine = make_engine(folder, policy="kvrt")
+    said = run(engine, [GenerateRequest("speaker", DONOR, greedy(40))])["speaker"].token_ids
+    # The output's KV lies in a spliced or partial block too: kept cached after the call.
+    assert engine.kv.pool.usage().in_use == 0 and len(engine.kv.segments) == 1
+    quoting = [7, 8, 9] + [300, 301] + said + [302] + [11, 12]  # a message quoting it
+    segment = (3, 3 + 2 + len(said) + 1)
+    out = run(engine, [GenerateRequest("reader", quoting, greedy(2), segments=(segment,))])
+    recomputed = max(2, math.ceil(0.15 * (segment[1] - segment[0])))
+    # Its header and first tokens are computed; the rest of the output, but the last token
+    # (sampled, never fed back), is read at its new position.
+    assert out["reader"].final.cached_tokens == 2 + len(said) - 1 - recomputed
