@@ -32,9 +32,9 @@ from kvrt.runtime.kv.block_table import BlockTable, BlockTableEntry, Splice
 from kvrt.runtime.kv.owners import AgentResidency, BlockOwners, Owner
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
 from kvrt.runtime.kv.segments import SegmentIndex
+from kvrt.runtime.kv.tiers import KVTiers
 
 _KEPT_ROOT = b"\x01" * 32  # the parent of `keep_rows`' keys: never a prefix chain's
-from kvrt.runtime.kv.tiers import KVTiers
 
 
 @dataclass(frozen=True, slots=True)
