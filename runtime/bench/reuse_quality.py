@@ -63,25 +63,37 @@ SHARED = (
 INSTRUCTION = "It is your turn. In two or three sentences, say what you will do this week."
 STEPS = 32  # generated tokens compared, as the issue asks
 RATIOS = (0.0, 0.05, 0.15, 0.3, 0.5)
+PER_MESSAGE_RATIOS = (0.05, 0.1, 0.15, 0.25)
 DEFAULT_RATIO = 0.15
 
 
-def pieces(tokenizer, persona: str) -> tuple[list[int], list[int], list[int]]:
-    """(prefix, segment, suffix) token ids: the templated prompt split at message boundaries,
-    each piece tokenized alone (what the runtime's segment finder will do)."""
+def pieces(tokenizer, persona: str, per_message: bool = False
+           ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(prefix, segment, suffix, message lengths) token ids: the templated prompt split at
+    message boundaries, each message tokenized alone (as the runtime's segment finder does).
+    `per_message`: the shared text is one message per line (as `kvrt bench generative-agents`
+    sends it), each a segment."""
     system = {"role": "system", "content": persona}
-    shared = {"role": "user", "content": SHARED}
+    shared = [{"role": "user", "content": line}
+              for line in (SHARED.split("\n") if per_message else [SHARED])]
     instruction = {"role": "user", "content": INSTRUCTION}
-    prefix = tokenizer.render_chat([system], add_generation_prompt=False)
-    with_shared = tokenizer.render_chat([system, shared], add_generation_prompt=False)
-    full = tokenizer.render_chat([system, shared, instruction])
-    assert with_shared.startswith(prefix) and full.startswith(with_shared)
 
     def encode(text: str) -> list[int]:
         return list(tokenizer.hf.encode(text, add_special_tokens=False))
 
-    return (encode(prefix), encode(with_shared[len(prefix):]),
-            encode(full[len(with_shared):]))
+    turns, rendered, ids = [system], tokenizer.render_chat([system], add_generation_prompt=False), []
+    prefix, lengths = encode(rendered), []
+    for message in shared:
+        turns.append(message)
+        longer = tokenizer.render_chat(turns, add_generation_prompt=False)
+        assert longer.startswith(rendered)
+        piece = encode(longer[len(rendered):])
+        ids += piece
+        lengths.append(len(piece))
+        rendered = longer
+    full = tokenizer.render_chat([*turns, instruction])
+    assert full.startswith(rendered)
+    return prefix, ids, encode(full[len(rendered):]), lengths
 
 
 def greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
@@ -101,16 +113,23 @@ def personas(memory_words: int, seed: int = 0) -> list[str]:
             for p in PERSONAS]
 
 
-def measure(model, tokenizer, pairs: list[tuple[int, int]],
-            memory_words: int = 0) -> dict[str, Any]:
-    modes = {f"ratio {r}": {"ratio": r} for r in RATIOS}
-    split = {k: pieces(tokenizer, p) for k, p in enumerate(personas(memory_words))}
-    k_default = math.ceil(DEFAULT_RATIO * len(split[0][1]))
-    modes[f"first {k_default} tokens"] = {"first_k": k_default}
+def measure(model, tokenizer, pairs: list[tuple[int, int]], memory_words: int = 0,
+            per_message: bool = False) -> dict[str, Any]:
+    split = {k: pieces(tokenizer, p, per_message)
+             for k, p in enumerate(personas(memory_words))}
+    if per_message:  # the runtime's selection: the first `ratio` of each message
+        lengths = split[0][3]
+        modes = {"shift only": {"ratio": 0.0, "pieces": lengths}} | {
+            f"first {r:.0%} of each message": {"ratio": r, "pieces": lengths}
+            for r in PER_MESSAGE_RATIOS}
+    else:
+        modes = {f"ratio {r}": {"ratio": r} for r in RATIOS}
+        k_default = math.ceil(DEFAULT_RATIO * len(split[0][1]))
+        modes[f"first {k_default} tokens"] = {"first_k": k_default}
     rows: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     for donor_index, reader_index in pairs:
-        d_prefix, segment, _ = (torch.tensor(x) for x in split[donor_index])
-        prefix, segment_r, suffix = (torch.tensor(x) for x in split[reader_index])
+        d_prefix, segment, _ = (torch.tensor(x) for x in split[donor_index][:3])
+        prefix, segment_r, suffix = (torch.tensor(x) for x in split[reader_index][:3])
         assert torch.equal(segment, segment_r)  # the same words at another position
         reference = greedy(model, torch.cat([prefix, segment, suffix]), STEPS)
         forced = torch.cat([suffix, reference[:-1]])
@@ -129,6 +148,7 @@ def measure(model, tokenizer, pairs: list[tuple[int, int]],
             rows[mode].append((agreement, kl))
     return {
         "pairs": len(pairs), "steps": STEPS, "segment_tokens": len(split[0][1]),
+        "message_tokens": split[0][3],
         "prefix_tokens": [len(split[k][0]) for k in split],
         "modes": {mode: {"top1_agreement": sum(a for a, _ in r) / len(r),
                          "first_token_kl": sum(k for _, k in r) / len(r),
@@ -142,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M)")
     parser.add_argument("--memory-words", type=int, default=0,
                         help="seeded memory words added to each persona (default: none)")
+    parser.add_argument("--per-message", action="store_true",
+                        help="the shared text as one message per speaker, each a segment")
     parser.add_argument("--out", default=None, help="write the results here (JSON)")
     args = parser.parse_args(argv)
     engine, _ = build_engine(EngineConfig(model=args.model, dtype="float32",
@@ -149,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = engine.executor.model, engine.tokenizer
     pairs = list(itertools.permutations(range(len(PERSONAS)), 2))
     started = time.perf_counter()
-    results = measure(model, tokenizer, pairs, args.memory_words)
+    results = measure(model, tokenizer, pairs, args.memory_words, args.per_message)
     results["seconds"] = time.perf_counter() - started
     print(f"{results['pairs']} donor -> reader pairs; a shared block of "
           f"{results['segment_tokens']} tokens after private prompts of "

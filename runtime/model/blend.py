@@ -51,13 +51,20 @@ def select_by_deviation(model: LlamaModel, prefix: DenseKV, segment_ids: Tensor,
 
 def blend_prefill(model: LlamaModel, prefix_ids: Tensor, segment_ids: Tensor, donor: DenseKV,
                   suffix_ids: Tensor, ratio: float = 0.15, check_layer: int = 1,
-                  first_k: int | None = None) -> Blend:
+                  first_k: int | None = None, pieces: list[int] | None = None) -> Blend:
     """`donor`: the segment's KV where it was computed. `first_k` replaces the deviation
-    selection with the segment's first k tokens."""
+    selection with the segment's first k tokens; `pieces` (lengths that add up to the segment:
+    its messages, each a segment to the runtime) with the first `ratio` of each piece, as the
+    runtime's KV Collector recomputes."""
     start = len(prefix_ids)
     _, prefix = dense_forward(model, prefix_ids, torch.arange(start))
     cached = shift_keys(donor, start - int(donor.positions[0]), model)
-    if first_k is not None:
+    if pieces is not None:
+        assert sum(pieces) == len(segment_ids), "pieces must add up to the segment"
+        starts = torch.tensor([0, *pieces]).cumsum(0)[:-1].tolist()
+        chosen = torch.cat([torch.arange(s, s + math.ceil(ratio * n))
+                            for s, n in zip(starts, pieces)]).long()
+    elif first_k is not None:
         chosen = torch.arange(min(first_k, len(segment_ids)))
     else:
         chosen = select_by_deviation(model, prefix, segment_ids, cached, ratio, check_layer)

@@ -93,6 +93,8 @@ def test_approximation_error_falls_as_the_ratio_grows(tiny) -> None:
     assert shift_only > some > most > 0
     first = blend_prefill(model, PREFIX, SEGMENT, donor, SUFFIX, first_k=7)
     assert first.recomputed.tolist() == list(range(7))
+    per_piece = blend_prefill(model, PREFIX, SEGMENT, donor, SUFFIX, ratio=0.2, pieces=[10, 11])
+    assert per_piece.recomputed.tolist() == [0, 1, 10, 11, 12]  # ceil(2.0), ceil(2.2)
 
 
 def test_the_quality_measurement_scores_a_donor_reused_in_its_own_prompt_as_exact(
@@ -110,3 +112,6 @@ def test_the_quality_measurement_scores_a_donor_reused_in_its_own_prompt_as_exac
         assert abs(row["first_token_kl"]) < 1e-5, mode
     other = measure(model, tokenizer, [(0, 1)])["modes"]["ratio 0.0"]
     assert other["first_token_kl"] > 1e-4
+    per_message = measure(model, tokenizer, [(2, 2)], per_message=True)
+    assert len(per_message["message_tokens"]) == 6
+    assert all(row["top1_agreement"] == 1.0 for row in per_message["modes"].values())
