@@ -4,7 +4,8 @@ Definitions (the README repeats them):
 - a job is a run of the workload's graph (a round, for generative-agents); JCT is its
   wall-clock time (simulated time under `kvrt sim`);
 - TTFT is from submitting a call to its first streamed text; TPOT is the rest of the call per
-  further token;
+  further token; a job's prefill time is from its start to the last of its calls' first text
+  (a round's: until every agent has started to answer);
 - prefill tokens are prompt tokens the engine computed (prompt minus cached; recomputation
   after a preemption is counted in `preemptions`, not here);
 - KV bytes are device blocks x bytes per block, sampled every 50 ms (of simulated time under
@@ -43,6 +44,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 def summarize(run: PolicyRun) -> dict[str, Any]:
     calls, bb = run.calls, run.block_bytes
     jct = [j.finished - j.started for j in run.jobs]
+    first_tokens: dict[str, float] = {}
+    for c in calls:
+        first_tokens[c.job] = max(first_tokens.get(c.job, c.first_token), c.first_token)
+    job_prefill = [first_tokens[j.name] - j.started for j in run.jobs if j.name in first_tokens]
     ttft = [(c.first_token - c.submitted) * 1e3 for c in calls]
     tpot = [(c.finished - c.first_token) * 1e3 / (c.completion_tokens - 1)
             for c in calls if c.completion_tokens > 1]
@@ -54,6 +59,7 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
     return {
         "jct_mean_s": statistics.fmean(jct) if jct else float("nan"),
         "jct_p95_s": percentile(jct, 95),
+        "job_prefill_mean_s": statistics.fmean(job_prefill) if job_prefill else float("nan"),
         "ttft_p50_ms": percentile(ttft, 50),
         "ttft_p99_ms": percentile(ttft, 99),
         "tpot_ms": percentile(tpot, 50),

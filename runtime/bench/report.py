@@ -11,6 +11,7 @@ from typing import Any
 _COLUMNS = [  # (key, header, scale, format)
     ("jct_mean_s", "JCT mean (s)", 1, "{:.2f}"),
     ("jct_p95_s", "JCT p95 (s)", 1, "{:.2f}"),
+    ("job_prefill_mean_s", "prefill/job (s)", 1, "{:.2f}"),
     ("ttft_p50_ms", "TTFT p50 (ms)", 1, "{:.0f}"),
     ("ttft_p99_ms", "TTFT p99 (ms)", 1, "{:.0f}"),
     ("tpot_ms", "TPOT (ms)", 1, "{:.1f}"),
@@ -39,6 +40,9 @@ def markdown(results: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in results["params"].items())
     lines += [f"Parameters: {params}.", ""]
     columns = list(_COLUMNS)
+    if any("shared_kv_bytes_per_agent" in row for row in results["policies"].values()):
+        columns.append(("shared_kv_bytes_per_agent", "shared KV/agent (MiB)", 2**-20,
+                        "{:.2f}"))
     if results.get("slo_ttft_ms") is not None:
         columns.append(("max_agents_within_slo",
                         f"agents within SLO (TTFT p99 <= {results['slo_ttft_ms']:g} ms)", 1,

@@ -38,6 +38,12 @@ from kvrt.runtime.kv.segments import segment_key
 from kvrt.runtime.policy.config import ReuseConfig
 
 
+# An output quoted in a message is followed by the message's end (the output's last token, which
+# decoding gave no KV, and the template's end of turn): an output copy covering all the segment
+# but this many last tokens is reused, a shorter match is not.
+_TAIL = 4
+
+
 @dataclass(frozen=True, slots=True)
 class _Segment:
     start: int
@@ -98,8 +104,8 @@ class KVCollector:
             length = copy.length
         else:
             within = self.kv.segments.find_within(seq.request.salt, segment.token_ids)
-            if within is None:
-                return None
+            if within is None or within.offset + within.length < len(segment.token_ids) - _TAIL:
+                return None  # it covers part of the segment: better one whole master copy
             copy, offset, length = within.copy, within.offset, within.length
         # Segment offsets [first, last) are read from the copy's rows [first - offset, ...).
         first = max(offset, math.ceil(self.config.recompute_ratio * len(segment.token_ids)))
@@ -132,17 +138,25 @@ class KVCollector:
             del self.by_owner[owner]
 
     def on_computed(self, seq: Sequence) -> None:
-        """After a step computed part of `seq`: offers the index the segments it computed in
-        its own context (before its first splice) whose blocks are keyed; once its prompt is
-        computed, it produces nothing more."""
+        """After a step computed part of `seq`: offers the index the segments it computed
+        itself. Before its first splice, its rows are a prefix's: a copy covers the rows the
+        prefix index has keyed so far (and grows with them). Past it, the prefix index keys
+        nothing: a segment is offered once computed, its blocks kept (`keep_rows`). Once its
+        prompt is computed, it produces nothing more."""
         if not self.enabled:
             return
-        table, pool = seq.table, self.kv.pool
+        table, pool, salt = seq.table, self.kv.pool, seq.request.salt
         limit = table.key_limit if table.key_limit is not None else seq.prompt_len
         keyed_end = min(table.num_keyed * self.kv.block_size, limit)
         for segment in self._of(seq):
             if segment.start >= keyed_end:
-                break
+                if segment.start < limit or segment.end > seq.num_computed:
+                    continue
+                if table.num_own(segment.start, segment.end) < segment.end - segment.start:
+                    continue  # it reads another copy: nothing of its own to offer
+                slots = self.kv.keep_rows(table, segment.start, segment.end, salt)
+                self.kv.segments.offer(segment.key, segment.token_ids, segment.start, slots)
+                continue
             slots = table.slots[segment.start:min(segment.end, keyed_end)]
             blocks = (slots // self.kv.block_size).tolist()
             # A block whose key another block already held was left unkeyed: stop before it.
