@@ -81,8 +81,9 @@ def pieces(tokenizer, persona: str, per_message: bool = False
     def encode(text: str) -> list[int]:
         return list(tokenizer.hf.encode(text, add_special_tokens=False))
 
-    turns, rendered, ids = [system], tokenizer.render_chat([system], add_generation_prompt=False), []
-    prefix, lengths = encode(rendered), []
+    turns, ids, lengths = [system], [], []
+    rendered = tokenizer.render_chat(turns, add_generation_prompt=False)
+    prefix = encode(rendered)
     for message in shared:
         turns.append(message)
         longer = tokenizer.render_chat(turns, add_generation_prompt=False)

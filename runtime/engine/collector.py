@@ -37,7 +37,6 @@ from kvrt.runtime.kv.owners import Owner
 from kvrt.runtime.kv.segments import segment_key
 from kvrt.runtime.policy.config import ReuseConfig
 
-
 # An output quoted in a message is followed by the message's end (the output's last token, which
 # decoding gave no KV, and the template's end of turn): an output copy covering all the segment
 # but this many last tokens is reused, a shorter match is not.
