@@ -131,3 +131,21 @@ def test_a_later_prompt_quoting_an_output_reads_its_decode_kv(folder):
     # Its header and first tokens are computed; the rest of the output, but the last token
     # (sampled, never fed back), is read at its new position.
     assert out["reader"].final.cached_tokens == 2 + len(said) - 1 - recomputed
+
+
+@pytest.mark.parametrize("policy", ["kvrt", "kvrt-per-request"])
+def test_readers_preempted_in_a_small_pool_still_finish_and_account(folder, policy):
+    # 24 blocks of 16 tokens: six readers of ~80 tokens each growing by 40 cannot all fit.
+    engine = make_engine(folder, policy=policy, kv_cache_memory=24 * 16 * engine_bytes(folder))
+    readers = [call(f"r{i}", list(range(5, 9 + 3 * i)) + SEGMENT + [99, 98], 4 + 3 * i, 40)
+               for i in range(6)]
+    outs = run(engine, readers)
+    assert engine.stats().preemptions > 0
+    assert all(len(outs[r.request_id].token_ids) == 40 for r in readers)
+    assert engine.kv.pool.usage().in_use == 0
+
+
+def engine_bytes(folder) -> int:
+    """KV bytes per token of the tiny model (float32)."""
+    config = make_engine(folder).executor.model.config
+    return config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
