@@ -169,9 +169,13 @@ class KVCollector:
     def on_finish(self, seq: Sequence) -> None:
         """`seq` is done, its blocks not yet released: its output (the rows decoding gave KV)
         becomes a copy, kept cached after the call, for a later prompt that quotes it."""
-        if not self.enabled or seq.num_computed <= seq.prompt_len:
+        if not self.enabled:
             return
-        start, end = seq.prompt_len, seq.num_computed
+        # From the second token: a quote puts other text before the first (a name, a space),
+        # so it rarely tokenizes the same there.
+        start, end = seq.prompt_len + 1, seq.num_computed
+        if end <= start:
+            return
         slots = self.kv.keep_rows(seq.table, start, end, seq.request.salt)
         self.kv.segments.offer_output(seq.request.salt, tuple(seq.token_ids[start:end]), start,
                                       slots)

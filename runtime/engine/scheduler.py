@@ -3,7 +3,9 @@
 Each step: running sequences first (oldest admission first; a decode costs one token, a prefill
 continues with as much of its prompt as the budget allows), preempting by the policy when the
 pool runs dry; then waiting sequences in the policy's admission order, while the budget, the
-sequence limit and the pool allow. Sequences join and leave the batch between steps.
+sequence limit and the pool allow, skipping those the KV Collector holds (their shared text
+is being computed by another). Sequences join and leave the batch between steps. A prefill
+chunk steps over the spans its sequence reads from another copy (splices).
 """
 
 from __future__ import annotations

@@ -43,8 +43,3 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.prompt_len
-
-    @property
-    def num_pending(self) -> int:
-        """Tokens whose KV is still to be computed (the prompt in prefill, one in decode)."""
-        return len(self.token_ids) - self.num_computed
