@@ -59,8 +59,9 @@ def test_a_fresh_run(server: LiveServer) -> None:
                      "remaining_seconds": 1.0, "requests": 0, "generated_tokens": 0,
                      "tool": None,
                      "kv": {"device_blocks": 0, "host_blocks": 0, "shared_blocks": 0,
-                            "decision": None}}
-    assert got["event_count"] == 0
+                            "decision": None, "segment_tokens": 0,
+                            "segment_reused_tokens": 0}}
+    assert got["event_count"] == 0 and got["segment_kv_compression"] is None
 
 
 def test_tool_call_events_change_state_and_learn_durations(server: LiveServer) -> None:
