@@ -1,0 +1,47 @@
+"""Block tables with splices: positions map to own rows in order, spliced spans to the copy's
+slots at their shift, no own row is skipped, and a chunk steps over a splice."""
+
+from __future__ import annotations
+
+import torch
+
+from kvrt.runtime.kv.block_table import BlockTable, Splice, next_chunk
+
+BS = 4
+
+
+def splice(start: int, end: int, first_slot: int, shift: int) -> Splice:
+    slots = torch.arange(first_slot, first_slot + end - start)
+    return Splice(start, end, slots, shift, tuple(sorted(set((slots // BS).tolist()))))
+
+
+def test_own_rows_fill_in_order_around_splices() -> None:
+    table = BlockTable(BS)
+    table.splices = [splice(3, 8, 100, 7), splice(10, 12, 200, -2)]
+    table.map_to(3, [0])  # positions 0-2: own rows 0-2, then the splice that begins there
+    assert table.slots.tolist() == [0, 1, 2, 100, 101, 102, 103, 104]
+    assert table.spare.tolist() == [3]  # the block's last row waits for position 8
+    table.map_to(10, [1])  # 8, 9 own (rows 3, 4), the second splice; past the last splice
+    # every spare row is mapped ahead of need
+    assert table.slots.tolist() == [0, 1, 2, 100, 101, 102, 103, 104, 3, 4, 200, 201, 5, 6, 7]
+    assert table.shifts.tolist() == [0, 0, 0, 7, 7, 7, 7, 7, 0, 0, -2, -2, 0, 0, 0]
+    assert table.spare.numel() == 0
+    assert table.key_limit == 3 and table.num_own(0, 15) == 8
+    assert table.own_positions(0, 15) == [(0, 3), (8, 10), (12, 15)]
+
+
+def test_a_table_without_splices_maps_whole_blocks() -> None:
+    table = BlockTable(BS)
+    table.map_to(5, [3, 1])
+    assert table.slots.tolist() == [12, 13, 14, 15, 4, 5, 6, 7]
+    assert table.shifts is None and table.key_limit is None
+    assert table.own_rows_needed(9) == 1
+
+
+def test_a_chunk_steps_over_a_splice_and_counts_own_positions() -> None:
+    splices = [splice(5, 10, 0, 1), splice(12, 20, 0, 1)]
+    assert next_chunk(splices, 0, 100, 25) == (25, 12)  # 5 + 2 + 5 own positions
+    assert next_chunk(splices, 0, 5, 25) == (10, 5)  # ends at a splice: steps over it
+    assert next_chunk(splices, 0, 6, 25) == (11, 6)
+    assert next_chunk(splices, 10, 2, 25) == (20, 2)
+    assert next_chunk(splices, 20, 4, 25) == (24, 4)
