@@ -99,7 +99,8 @@ class BlockTable:
     def map_to(self, end: int, new_block_ids: list[int]) -> None:
         """Maps every position below `end` (past the mapped ones): own positions take the spare
         rows, then the rows of `new_block_ids` (own_rows_needed's worth of blocks, which this
-        table now references); spliced ones their copy's slots. Once no splice lies ahead, all
+        table now references); spliced ones their copy's slots (a splice that begins where the
+        mapping stops is mapped too: its rows exist already). Once no splice lies ahead, all
         remaining own rows are mapped too, ahead of need, as in a table without splices."""
         self.entries.extend(BlockTableEntry(b) for b in new_block_ids)
         rows = torch.arange(self.block_size, dtype=torch.int64)
