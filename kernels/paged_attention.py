@@ -127,18 +127,64 @@ def _decode_batch(
     # Padding may hold any value: point it at the sequence's first slot, real data it can read.
     kv = _gather_kv(kv_pool, layer, torch.where(valid, slots, slots[:, :1]))
     k, v = kv[:, :, 0], kv[:, :, 1]  # [B, W, kv_heads, D]
-    if shifts is not None:
-        k = rotate_by_shift(k, shifts, inv_freq)
     # With one query token, a kv head's group of query heads can be SDPA's query length:
     # q [B, kv_heads, group, D]. Same result as enable_gqa=True, and in bfloat16 on CPU 7x faster
     # (0.75 vs 5.2 ms for 16 x 320 positions, 9/3 heads, one thread); no slower in float32.
     row_index = torch.tensor(rows, device=q.device)
     num_kv_heads, head_dim = kv_pool.shape[4:]
-    attn = F.scaled_dot_product_attention(
-        q[row_index].view(len(rows), num_kv_heads, -1, head_dim),
-        k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid[:, None, None, :], scale=scale,
-    )  # fmt: skip
-    out[row_index] = attn.view(len(rows), -1, head_dim)
+    q_rows = q[row_index].view(len(rows), num_kv_heads, -1, head_dim)
+    if shifts is not None and _FLASH_CPU is not None and q.device.type == "cpu":
+        attn = _decode_shifted(q_rows, k, v, valid, shifts, inv_freq, scale)
+    else:
+        if shifts is not None:
+            k = rotate_by_shift(k, shifts, inv_freq)
+        attn = F.scaled_dot_product_attention(
+            q_rows, k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid[:, None, None, :],
+            scale=scale,
+        )  # fmt: skip
+    out[row_index] = attn.reshape(len(rows), -1, head_dim)
+
+
+# The CPU flash attention that also returns each row's log-sum-exp (private to torch, hence the
+# fallback), so that two attentions over disjoint keys can be merged.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _decode_shifted(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, shifts: Tensor,
+                    inv_freq: Tensor, scale: float) -> Tensor:
+    """Decode attention where K is seen at shifts, without rotating the context's K.
+
+    q.R(d)k = (R(-d)q).k: rotating the one query by -d costs nothing next to rotating every K.
+    A reader sees its spliced segments at one shift in the common case (its private history is
+    longer or shorter than the master's by the same amount everywhere), so each row attends
+    with q over its unshifted positions and with q rotated by its main shift (its first
+    non-zero one) over the positions at that shift, and the two are merged by their
+    log-sum-exps. K at any other shift is rotated. On this 2-core CPU, 16 sequences x 1,300
+    positions (950 shifted) x 30 layers: 70 ms a step, against 183 ms rotating K first.
+    q [B, kv_heads, group, D], k and v [B, W, kv_heads, D], valid and shifts [B, W]."""
+    first = (shifts != 0).int().argmax(1, keepdim=True)
+    main = shifts.gather(1, first)  # [B, 1]; 0 for a row with no shift
+    at_main = (shifts == main) & (main != 0)
+    others = ~at_main & (shifts != 0)
+    if bool(others.any()):
+        k = rotate_by_shift(k, torch.where(others, shifts, 0), inv_freq)
+    batch, kv_heads, group, dim = q.shape
+    q_main = rotate_by_shift(q.reshape(batch, 1, kv_heads * group, dim), -main, inv_freq)
+    keys, values = k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(query: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~keep, float("-inf"))[:, None, None, :]
+        out, lse = _FLASH_CPU(query, keys, values, 0.0, False, attn_mask=bias, scale=scale)
+        # A row that keeps no key gets output 0 and lse 0 from the op: make it weigh nothing.
+        lse = torch.where(keep.any(1)[:, None, None], lse, float("-inf"))
+        return out.float(), lse[..., None]
+
+    plain, plain_lse = attend(q, valid & ~at_main)
+    shifted, shifted_lse = attend(q_main.view_as(q), valid & at_main)
+    top = torch.maximum(plain_lse, shifted_lse)  # finite: every row sees some key
+    w_plain, w_shifted = (plain_lse - top).exp(), (shifted_lse - top).exp()
+    return ((plain * w_plain + shifted * w_shifted) / (w_plain + w_shifted)).to(q.dtype)
 
 
 def _prefill_one(
