@@ -121,9 +121,12 @@ def build_case(
     specs: list[tuple[int, int]], *, block_size: int = 4, kv_heads: int = 2, group: int = 1,
     head_dim: int = 32, dtype: torch.dtype = torch.float32, shifted: bool = False,
     slot_dtype: torch.dtype = torch.int64, pad: int | None = None, seed: int = 0,
+    one_shift: bool = False,
 ) -> Case:  # fmt: skip
     """Sequences with KV in shuffled blocks. With `shifted`, K at reader position r was stored
-    rotated at a canonical position r - d and is read with shift d (d random per position)."""
+    rotated at a canonical position r - d and is read with shift d (d random per position; with
+    `one_shift`, one d per sequence for a random half of its positions, as a reader of one
+    master copy sees)."""
     gen = torch.Generator().manual_seed(seed)
     inv_freq = inv_freq_for(head_dim).float()
     blocks_per_seq = [-(-length // block_size) for length, _ in specs]
@@ -142,6 +145,9 @@ def build_case(
         pos = torch.arange(length)
         slots[s, :length] = blocks[pos // block_size] * block_size + pos % block_size
         shift = torch.randint(-50, 50, (length,), generator=gen) if shifted else pos * 0
+        if one_shift:
+            half = torch.rand(length, generator=gen) < 0.5
+            shift = torch.where(half, torch.randint(1, 50, (1,), generator=gen), 0)
         shifts[s, :length] = shift
         reader_pos = pos + 3
         k_raw = torch.randn(length, kv_heads, head_dim, generator=gen)
@@ -179,6 +185,14 @@ def test_ref_matches_dense(scenario, block_size, group, shifted, dtype):
     case = build_case(
         SCENARIOS[scenario], block_size=block_size, group=group, shifted=shifted, dtype=dtype
     )
+    assert_matches(paged_attention_ref(*case.args()), case.expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_ref_readers_of_one_copy(scenario, dtype):
+    # One shift a row: decode rotates the query, not K (two attentions merged by log-sum-exp).
+    case = build_case(SCENARIOS[scenario], shifted=True, one_shift=True, group=3, dtype=dtype)
     assert_matches(paged_attention_ref(*case.args()), case.expected, dtype)
 
 
