@@ -28,7 +28,8 @@ computed (its logits are needed).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 from kvrt.runtime.engine.sequence import Sequence
 from kvrt.runtime.kv.block_table import Splice
@@ -61,7 +62,9 @@ class KVCollector:
         self.segment_requests = 0
         self.segment_tokens = 0
         self.reused_tokens = 0
-        self.by_owner: dict[Owner, tuple[int, int]] = {}  # the same two, per agent of a run
+        self.copied_tokens = 0  # of the reused, those copied (stored again) rather than shared
+        # Per agent of a run: segment tokens, and of those the ones shared with another copy.
+        self.by_owner: dict[Owner, tuple[int, int]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -93,6 +96,15 @@ class KVCollector:
                 splices.append(splice)
             elif self.config.mode == "collective":
                 self._producers.setdefault(segment.key, seq)
+        if self.kv.copy_rows is not None and splices:
+            # The torch path reads the rows of one shift in place at no cost (its decode rotates
+            # the query instead), but rows at several shifts only by rotating K at every step:
+            # the most common shift's are shared, the others copied (and rotated) once.
+            by_shift: Counter[int] = Counter()
+            for splice in splices:
+                by_shift[splice.shift] += splice.end - splice.start
+            main = by_shift.most_common(1)[0][0]
+            splices = [s if s.shift == main else replace(s, copied=True) for s in splices]
         return splices
 
     def _splice(self, seq: Sequence, segment: _Segment) -> Splice | None:
@@ -126,10 +138,12 @@ class KVCollector:
             self.segment_requests += 1
             self.segment_tokens += tokens
             self.reused_tokens += reused
+            copied = sum(s.end - s.start for s in splices if s.copied)
+            self.copied_tokens += copied
             owner = seq.table.owner
             if owner is not None:  # replaced whole: read from the server's thread
                 before = self.by_owner.get(owner, (0, 0))
-                self.by_owner[owner] = (before[0] + tokens, before[1] + reused)
+                self.by_owner[owner] = (before[0] + tokens, before[1] + reused - copied)
         return reused
 
     def on_run_end(self, run: str) -> None:

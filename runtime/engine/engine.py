@@ -255,6 +255,7 @@ class Engine:
             segment_requests=collector.segment_requests,
             segment_tokens=collector.segment_tokens,
             segment_reused_tokens=collector.reused_tokens,
+            segment_copied_tokens=collector.copied_tokens,
         )
 
     def check_integrity(self) -> None:

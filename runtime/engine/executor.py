@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from kvrt.kernels import rotate_by_shift
 from kvrt.runtime.engine.scheduler import Chunk
 from kvrt.runtime.model.llama import ForwardBatch, LlamaModel
 
@@ -53,6 +54,16 @@ class Executor:
             kv_shifts=shifts,
             q_positions=all_positions if gapped else None,
         )
+
+    def copy_rows(self, source: torch.Tensor, target: torch.Tensor, shift: int) -> None:
+        """Copies KV rows (slots) of every layer within the pool, K rotated by `shift`: a
+        segment read at another position, rotated once instead of at every step."""
+        block_size = self.kv_pool.shape[3]
+        src = self.kv_pool[source // block_size, :, :, source % block_size]  # [n, L, 2, H, D]
+        keys = src[:, :, 0].transpose(0, 1)  # [layers, n, kv_heads, D]
+        shifts = torch.full(keys.shape[:2], shift, dtype=torch.int32)
+        src[:, :, 0] = rotate_by_shift(keys, shifts, self.model.rotary.inv_freq).transpose(0, 1)
+        self.kv_pool[target // block_size, :, :, target % block_size] = src
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Float32 logits, one row per chunk that wants them, in chunk order."""

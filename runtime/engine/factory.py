@@ -82,8 +82,13 @@ def build_engine(
     host_blocks = config.host_cache_memory // block_bytes
     kv = KVManager(num_blocks, config.block_size, config.prefix_caching, host_blocks)
     scheduler = BatchScheduler(kv, policy, config.max_num_seqs, config.max_num_batched_tokens)
+    executor = Executor(model, kv_pool)
+    if kernels.name == "torch":
+        # Shifted rows read in place would be rotated at every decode step on this path: a
+        # reader copies them once instead (the Triton kernel rotates them in registers).
+        kv.copy_rows = executor.copy_rows
     engine = Engine(
-        Executor(model, kv_pool),
+        executor,
         kv,
         scheduler,
         Sampler(config.seed, device),

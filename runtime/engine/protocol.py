@@ -111,7 +111,8 @@ class EngineStats:
     kv_decisions: dict[str, int] = field(default_factory=dict)  # the policy's, at tool calls
     segment_requests: int = 0  # requests with segments, admitted with reuse on
     segment_tokens: int = 0  # tokens in their segments
-    segment_reused_tokens: int = 0  # of those, read from another copy: not computed, not stored
+    segment_reused_tokens: int = 0  # of those, read from another copy: not computed ...
+    segment_copied_tokens: int = 0  # ... and of those, copied (stored again), not shared
 
 
 class EngineClient(Protocol):

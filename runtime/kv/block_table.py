@@ -34,13 +34,18 @@ class BlockTableEntry:
 
 @dataclass(frozen=True, slots=True)
 class Splice:
-    """Positions [start, end) read `slots` (one per position) of another copy, at `shift`."""
+    """Positions [start, end) read `slots` (one per position) of another copy, at `shift`.
+
+    `copied`: the rows are copied into own rows instead, K rotated by the shift, once, when
+    mapped (the torch path, where rotating shifted K at every decode step costs more than the
+    attention itself): not computed, but stored again."""
 
     start: int
     end: int
     slots: torch.Tensor  # [end - start] int64
     shift: int
     block_ids: tuple[int, ...]  # the distinct blocks those slots lie in
+    copied: bool = False
 
     def __post_init__(self) -> None:
         assert self.end - self.start == self.slots.numel() > 0, "a splice maps each position"
@@ -57,6 +62,8 @@ class BlockTable:
     shifts: torch.Tensor | None = None  # per mapped position; None while every shift is 0
     spare: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     splices: list[Splice] = field(default_factory=list)  # ascending, not overlapping
+    # (splice, own slots) of copied splices mapped but not yet copied (KVManager.grow copies)
+    pending_copies: list[tuple[Splice, torch.Tensor]] = field(default_factory=list)
     num_keyed: int = 0  # leading full blocks already keyed (registered or hit)
     last_key: bytes = ROOT_KEY  # key of the last keyed block: the parent of the next one
     owner: Owner | None = None  # (run, agent) whose KV this is; None: unattributed
@@ -93,8 +100,13 @@ class BlockTable:
         return next((s for s in self.splices if s.end > position), None)
 
     def own_rows_needed(self, end: int) -> int:
-        """Own rows that mapping every position below `end` still has to allocate."""
-        return max(0, self.num_own(self.num_mapped, end) - self.spare.numel())
+        """Own rows that mapping every position below `end` still has to allocate (copied
+        splices included, whole: a chunk steps over them)."""
+        start = self.num_mapped
+        # (One that begins at `end` is mapped with it: see map_to.)
+        copied = sum(s.end - s.start for s in self.splices
+                     if s.copied and s.end > start and s.start <= end)
+        return max(0, self.num_own(start, end) + copied - self.spare.numel())
 
     def map_to(self, end: int, new_block_ids: list[int]) -> None:
         """Maps every position below `end` (past the mapped ones): own positions take the spare
@@ -112,8 +124,15 @@ class BlockTable:
         while True:
             splice = self.next_splice_from(position)
             if splice is not None and splice.start == position:
-                pieces.append(splice.slots)
-                shifts.append((splice.slots.numel(), splice.shift))
+                if splice.copied:
+                    rows, self.spare = self.spare[:splice.slots.numel()], self.spare[
+                        splice.slots.numel():]
+                    self.pending_copies.append((splice, rows))
+                    pieces.append(rows)
+                    shifts.append((rows.numel(), 0))
+                else:
+                    pieces.append(splice.slots)
+                    shifts.append((splice.slots.numel(), splice.shift))
                 position = splice.end
                 continue
             if position >= end and splice is not None:
@@ -139,6 +158,7 @@ class BlockTable:
         self.spare = self.spare[:0]
         self.shifts = None
         self.splices = []
+        self.pending_copies = []
         self.num_keyed, self.last_key = 0, ROOT_KEY
 
 

@@ -23,6 +23,7 @@ references back. A pinned block is "in use" (ref_count > 0) to the pool:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,9 @@ class KVManager:
         self._pins: dict[Owner, list[int]] = {}  # owner -> the blocks it pinned (ascending)
         self._pin_counts: dict[int, int] = {}  # block -> how many owners pin it
         self._kept = 0  # blocks keyed by `keep_rows`
+        # Copies rows (source slots, own slots, shift: K rotated) within the device pool; set by
+        # the engine on the torch path, where splices are copied (Splice.copied).
+        self.copy_rows: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None
 
     def _dropped(self, block_id: int) -> None:
         self.owners.drop_block(block_id)
@@ -131,7 +135,8 @@ class KVManager:
             for block_id in splice.block_ids:
                 self.pool.acquire(block_id)
                 table.entries.append(BlockTableEntry(block_id, splice.shift))
-            self._claim(table, list(splice.block_ids))
+            if not splice.copied:  # a copied one's blocks are held only until copied
+                self._claim(table, list(splice.block_ids))
         table.splices = list(splices)
 
     def record_query(self, prompt_tokens: int, hit_tokens: int) -> None:
@@ -148,7 +153,8 @@ class KVManager:
         cached out of the allocatable ones."""
         referenced = set(match.block_ids).union(*(s.block_ids for s in splices))
         taken = sum(1 for block_id in referenced if self.pool.is_cached(block_id))
-        spliced = sum(min(s.end, num_tokens) - s.start for s in splices if s.start < num_tokens)
+        spliced = sum(min(s.end, num_tokens) - s.start for s in splices
+                      if s.start < num_tokens and not s.copied)
         own = num_tokens - match.num_blocks * self.block_size - spliced
         return self.blocks_for(max(0, own)) <= self.pool.num_allocatable() - taken
 
@@ -160,6 +166,13 @@ class KVManager:
         new = self.pool.allocate(self.blocks_needed(table, num_tokens))
         table.map_to(num_tokens, new)
         self._claim(table, new)
+        for splice, rows in table.pending_copies:  # copied once; the copy is then let go
+            assert self.copy_rows is not None, "a copied splice needs copy_rows"
+            self.copy_rows(splice.slots, rows, splice.shift)
+            for block_id in splice.block_ids:
+                table.entries.remove(BlockTableEntry(block_id, splice.shift))
+            self.pool.release(list(splice.block_ids))
+        table.pending_copies.clear()
 
     def commit(
         self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes

@@ -111,9 +111,11 @@ class ServerMetrics:
         one("kvrt:segment_tokens_total", "counter",
             "Prompt tokens in segments (text reusable at any position).", stats.segment_tokens)
         one("kvrt:segment_reused_tokens_total", "counter",
-            "Segment tokens read from another copy: neither computed nor stored again.",
-            stats.segment_reused_tokens)
-        held = stats.segment_tokens - stats.segment_reused_tokens
+            "Segment tokens read from another copy: not computed.", stats.segment_reused_tokens)
+        one("kvrt:segment_copied_tokens_total", "counter",
+            "Of those, tokens copied (rotated once, stored again) rather than read in place.",
+            stats.segment_copied_tokens)
+        held = stats.segment_tokens - (stats.segment_reused_tokens - stats.segment_copied_tokens)
         one("kvrt:segment_kv_compression", "gauge",
             "Full per-call copies of segments over what reuse stored (masters + diffs).",
             stats.segment_tokens / held if held else 1.0)

@@ -123,8 +123,9 @@ class KVResidency(Struct, kw_only=True):
     # The policy's last decision on this KV when a tool call started, and why: "offload",
     # "keep:no_pressure", "keep:short_tool", ... (None: no decision yet, or not this policy).
     decision: str | None = None
-    # Tokens of segments (shared text) in the agent's calls, and of those the ones it read from
-    # another agent's copy instead of computing and storing them (position-independent reuse).
+    # Tokens of segments (shared text) in the agent's calls, and of those the ones it read in
+    # place from another agent's copy instead of computing and storing them (position-independent
+    # reuse; rows it copied are not counted: they are stored again).
     segment_tokens: int = 0
     segment_reused_tokens: int = 0
 

@@ -149,3 +149,29 @@ def engine_bytes(folder) -> int:
     """KV bytes per token of the tiny model (float32)."""
     config = make_engine(folder).executor.model.config
     return config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
+
+
+def test_rows_at_a_second_shift_are_copied_once_and_read_the_same(folder):
+    """Two segments from two donors sit at two shifts in the reader. The torch path reads the
+    larger one in place and copies the other (K rotated once); reading both in place (K
+    rotated at every step) gives the same logits."""
+    other = list(range(130, 170))
+    donors = [call("a", DONOR, 7),
+              GenerateRequest("b", [3] * 20 + other + [4, 4], greedy(4), segments=((20, 60),))]
+    reader = GenerateRequest("reader", READER[:12] + SEGMENT + other + READER[52:], greedy(6),
+                             segments=((12, 52), (52, 92)))
+    seen, stats = {}, {}
+    for mode in ("copied", "in place"):
+        engine = make_engine(folder, policy="kvrt")
+        if mode == "in place":
+            engine.kv.copy_rows = None
+        logits = recording_logits(engine)
+        run(engine, donors)
+        out = run(engine, [reader])["reader"]
+        seen[mode], stats[mode] = (logits["reader"], out.token_ids), engine.stats()
+        assert out.final.cached_tokens == 2 * (len(SEGMENT) - FIRST_K)
+    assert stats["copied"].segment_copied_tokens == len(SEGMENT) - FIRST_K
+    assert stats["in place"].segment_copied_tokens == 0
+    assert seen["copied"][1] == seen["in place"][1]
+    for a, b in zip(seen["copied"][0], seen["in place"][0]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
