@@ -133,8 +133,8 @@ class KVCollector:
     def count_admission(self, seq: Sequence, splices: list[Splice]) -> int:
         """Counts a first admission; returns the positions its splices cover."""
         reused = sum(s.end - s.start for s in splices)
-        if self._of(seq):  # counted with reuse off too: what full copies cost
-            tokens = sum(s.end - s.start for s in self._of(seq))
+        if seq.request.segments:  # counted with reuse off too: what full copies cost
+            tokens = sum(end - start for start, end in seq.request.segments)
             self.segment_requests += 1
             self.segment_tokens += tokens
             self.reused_tokens += reused
@@ -178,11 +178,14 @@ class KVCollector:
             self.kv.segments.offer(segment.key, segment.token_ids, segment.start,
                                    slots[:unkeyed])
         if seq.num_computed >= seq.prompt_len:
-            self._stop_producing(seq)
+            self.forget(seq)
 
     def on_finish(self, seq: Sequence) -> None:
-        """`seq` is done, its blocks not yet released: its output (the rows decoding gave KV)
-        becomes a copy, kept cached after the call, for a later prompt that quotes it."""
+        """`seq` is done (finished or aborted), its blocks not yet released: its output (the
+        rows decoding gave KV) becomes a copy, kept cached after the call, for a later prompt
+        that quotes it."""
+        self.forget(seq)
+        self._segments.pop(seq, None)
         if not self.enabled:
             return
         # From the second token: a quote puts other text before the first (a name, a space),
@@ -194,13 +197,8 @@ class KVCollector:
         self.kv.segments.offer_output(seq.request.salt, tuple(seq.token_ids[start:end]), start,
                                       slots)
 
-    def forget(self, seq: Sequence, finished: bool) -> None:
-        """`seq` was preempted (it will be admitted again) or has finished."""
-        self._stop_producing(seq)
-        if finished:
-            self._segments.pop(seq, None)
-
-    def _stop_producing(self, seq: Sequence) -> None:
+    def forget(self, seq: Sequence) -> None:
+        """`seq` computes nothing for others any more (preempted, refused, done)."""
         for segment in self._segments.get(seq, ()):
             if self._producers.get(segment.key) is seq:
                 del self._producers[segment.key]

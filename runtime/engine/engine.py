@@ -197,9 +197,12 @@ class Engine:
         keyed: list[int] = []
         for chunk in chunks:
             seq = chunk.seq
+            prefill = seq.num_computed < seq.prompt_len
             seq.num_computed = chunk.end
-            keyed += self.kv.commit(seq.table, seq.token_ids, seq.num_computed, seq.request.salt)
-            self.scheduler.collector.on_computed(seq)
+            new = self.kv.commit(seq.table, seq.token_ids, seq.num_computed, seq.request.salt)
+            if prefill or new:  # a decode step that keys no block grows no segment copy
+                self.scheduler.collector.on_computed(seq)
+            keyed += new
         if keyed:
             self.scheduler.policy.on_keyed(keyed, self.kv)
         return [self._append(chunk, token) for chunk, token in zip(sampling, tokens)]

@@ -25,11 +25,11 @@ class Executor:
             seq, table = chunk.seq, chunk.seq.table
             runs = table.own_positions(seq.num_computed, chunk.end)
             gapped |= len(runs) > 1
-            own = torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in runs])
+            for a, b in runs:
+                tokens.extend(seq.token_ids[a:b])
+                positions.append(torch.arange(a, b, dtype=torch.int64))
+                store_slots.append(table.slots[a:b])
             end = runs[-1][1]  # the last computed position's successor: what it sees
-            tokens.extend(seq.token_ids[p] for p in own.tolist())
-            positions.append(own)
-            store_slots.append(table.slots[own])
             kv_slots.append(table.slots[:end])
             kv_shifts.append(None if table.shifts is None else table.shifts[:end])
             kv_lens.append(end)

@@ -116,7 +116,7 @@ class BatchScheduler:
         # Checked before adopting, so a refused admission leaves the cached blocks untouched
         # (their LRU order and their owners stay as they were).
         if not self.kv.can_admit(match, end, splices):
-            self.collector.forget(seq, finished=False)
+            self.collector.forget(seq)
             return None
         self.kv.adopt_prefix(seq.table, match)
         self.kv.splice(seq.table, splices)
@@ -136,7 +136,7 @@ class BatchScheduler:
         """Gives the sequence's blocks back; it is recomputed later (prompt and output so far)."""
         self.running.remove(seq)
         self.kv.free(seq.table)
-        self.collector.forget(seq, finished=False)
+        self.collector.forget(seq)
         seq.num_computed = 0
         self.preemptions += 1
         self.add(seq)
@@ -149,5 +149,4 @@ class BatchScheduler:
             self.waiting.remove(seq)
         self.collector.on_finish(seq)
         self.kv.free(seq.table)
-        self.collector.forget(seq, finished=True)
         seq.status = Status.FINISHED

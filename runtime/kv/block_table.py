@@ -62,8 +62,6 @@ class BlockTable:
     shifts: torch.Tensor | None = None  # per mapped position; None while every shift is 0
     spare: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     splices: list[Splice] = field(default_factory=list)  # ascending, not overlapping
-    # (splice, own slots) of copied splices mapped but not yet copied (KVManager.grow copies)
-    pending_copies: list[tuple[Splice, torch.Tensor]] = field(default_factory=list)
     num_keyed: int = 0  # leading full blocks already keyed (registered or hit)
     last_key: bytes = ROOT_KEY  # key of the last keyed block: the parent of the next one
     owner: Owner | None = None  # (run, agent) whose KV this is; None: unattributed
@@ -108,26 +106,26 @@ class BlockTable:
                      if s.copied and s.end > start and s.start <= end)
         return max(0, self.num_own(start, end) + copied - self.spare.numel())
 
-    def map_to(self, end: int, new_block_ids: list[int]) -> None:
+    def map_to(self, end: int, new_block_ids: list[int]) -> list[tuple[Splice, torch.Tensor]]:
         """Maps every position below `end` (past the mapped ones): own positions take the spare
         rows, then the rows of `new_block_ids` (own_rows_needed's worth of blocks, which this
         table now references); spliced ones their copy's slots (a splice that begins where the
-        mapping stops is mapped too: its rows exist already). Once no splice lies ahead, all
-        remaining own rows are mapped too, ahead of need, as in a table without splices."""
+        mapping stops is mapped too: its rows exist already), or own rows if copied. Once no
+        splice lies ahead, all remaining own rows are mapped too, ahead of need, as in a table
+        without splices. Returns the copied splices mapped, with the own rows to copy into."""
         self.entries.extend(BlockTableEntry(b) for b in new_block_ids)
-        rows = torch.arange(self.block_size, dtype=torch.int64)
+        block_rows = torch.arange(self.block_size, dtype=torch.int64)
         fresh = (torch.tensor(new_block_ids, dtype=torch.int64)[:, None] * self.block_size
-                 + rows).flatten()
+                 + block_rows).flatten()
         self.spare = torch.cat([self.spare, fresh])
-        pieces, shifts = [self.slots], []
+        pieces, shifts, copies = [self.slots], [], []
         position = self.num_mapped
         while True:
             splice = self.next_splice_from(position)
             if splice is not None and splice.start == position:
                 if splice.copied:
-                    rows, self.spare = self.spare[:splice.slots.numel()], self.spare[
-                        splice.slots.numel():]
-                    self.pending_copies.append((splice, rows))
+                    rows = self._take_spare(splice.slots.numel())
+                    copies.append((splice, rows))
                     pieces.append(rows)
                     shifts.append((rows.numel(), 0))
                 else:
@@ -138,9 +136,8 @@ class BlockTable:
             if position >= end and splice is not None:
                 break
             take = self.spare.numel() if splice is None else min(end, splice.start) - position
-            pieces.append(self.spare[:take])
+            pieces.append(self._take_spare(take))
             shifts.append((take, 0))
-            self.spare = self.spare[take:]
             position += take
             if splice is None:
                 break
@@ -151,6 +148,11 @@ class BlockTable:
                  else torch.zeros(self.num_mapped - sum(n for n, _ in shifts), dtype=torch.int32)]
                 + [torch.full((n,), shift, dtype=torch.int32) for n, shift in shifts])
         assert self.num_mapped >= end, "map_to was given too few blocks"
+        return copies
+
+    def _take_spare(self, count: int) -> torch.Tensor:
+        rows, self.spare = self.spare[:count], self.spare[count:]
+        return rows
 
     def clear(self) -> None:
         self.entries.clear()
@@ -158,7 +160,6 @@ class BlockTable:
         self.spare = self.spare[:0]
         self.shifts = None
         self.splices = []
-        self.pending_copies = []
         self.num_keyed, self.last_key = 0, ROOT_KEY
 
 

@@ -164,15 +164,14 @@ class KVManager:
     def grow(self, table: BlockTable, num_tokens: int) -> None:
         """Makes the table cover `num_tokens` positions (raises OutOfBlocks if it cannot)."""
         new = self.pool.allocate(self.blocks_needed(table, num_tokens))
-        table.map_to(num_tokens, new)
+        copies = table.map_to(num_tokens, new)
         self._claim(table, new)
-        for splice, rows in table.pending_copies:  # copied once; the copy is then let go
+        for splice, rows in copies:  # copied once; the copy is then let go
             assert self.copy_rows is not None, "a copied splice needs copy_rows"
             self.copy_rows(splice.slots, rows, splice.shift)
             for block_id in splice.block_ids:
                 table.entries.remove(BlockTableEntry(block_id, splice.shift))
             self.pool.release(list(splice.block_ids))
-        table.pending_copies.clear()
 
     def commit(
         self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes

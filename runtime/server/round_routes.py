@@ -4,9 +4,8 @@ Every agent's call is checked (agent names, templates, context lengths) before a
 so a bad round is a 400 or a 404 that starts nothing. The calls then run together as the
 run's agents, each attributed like a chat call; if one fails, or the client goes away, the
 others are cancelled and their KV freed. Each call carries the token spans of the shared
-messages in its prompt (`GenerateRequest.segments`); for now each agent's prompt is still
-prefilled on its own (prefix caching reuses what agents share from the start of their
-prompts): the shared messages' reuse at any position is the runtime's next step.
+messages in its prompt (`GenerateRequest.segments`), which a policy that reuses segments
+(`kvrt`) computes once for the round (runtime/engine/collector.py).
 """
 
 from __future__ import annotations
