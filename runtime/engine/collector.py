@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from kvrt.runtime.engine.sequence import Sequence
-from kvrt.runtime.kv.block_table import Splice
+from kvrt.runtime.kv.block_table import Splice, blocks_of
 from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.kv.owners import Owner
 from kvrt.runtime.kv.segments import segment_key
@@ -124,7 +124,7 @@ class KVCollector:
         if last - first < self.config.min_reused_tokens:
             return None
         slots = copy.slots[first - offset:last - offset]
-        block_ids = tuple(sorted(set((slots // self.kv.block_size).tolist())))
+        block_ids = blocks_of(slots, self.kv.block_size)
         if any(self.kv.pool.is_in_flight(b) for b in block_ids):
             return None  # on its way to the host
         return Splice(segment.start + first, segment.start + last, slots,

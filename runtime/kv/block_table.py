@@ -26,6 +26,11 @@ from kvrt.runtime.kv.owners import Owner
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY
 
 
+def blocks_of(slots: torch.Tensor, block_size: int) -> tuple[int, ...]:
+    """The distinct blocks these slots lie in, ascending."""
+    return tuple(sorted(set((slots // block_size).tolist())))
+
+
 @dataclass(slots=True)
 class BlockTableEntry:
     block: int

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrt.runtime.kv.block_pool import BlockPool, PoolUsage
-from kvrt.runtime.kv.block_table import BlockTable, BlockTableEntry, Splice
+from kvrt.runtime.kv.block_table import BlockTable, BlockTableEntry, Splice, blocks_of
 from kvrt.runtime.kv.owners import AgentResidency, BlockOwners, Owner
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
 from kvrt.runtime.kv.segments import SegmentIndex
@@ -200,7 +200,7 @@ class KVManager:
         is; returns those positions' slots. The keys are unique (nobody looks them up): such a
         block's rows are not one run of a prompt."""
         slots = table.slots[start:end]
-        for block_id in sorted(set((slots // self.block_size).tolist())):
+        for block_id in blocks_of(slots, self.block_size):
             if self.pool.blocks[block_id].key is None:
                 self._kept += 1
                 key = block_key(_KEPT_ROOT, salt, (block_id, self._kept))

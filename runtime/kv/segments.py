@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvrt.runtime.kv.block_table import blocks_of
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
 
 
@@ -84,7 +85,7 @@ class SegmentIndex:
             return False
         if known is not None:
             self._forget(key, known)
-        block_ids = tuple(sorted(set((slots // self.block_size).tolist())))
+        block_ids = blocks_of(slots, self.block_size)
         self._copies[key] = SegmentCopy(token_ids, start, slots, block_ids, probe)
         for block_id in block_ids:
             self._keys_of_block.setdefault(block_id, set()).add(key)
@@ -119,16 +120,9 @@ class SegmentIndex:
     def _forget(self, key: bytes, copy: SegmentCopy) -> None:
         del self._copies[key]
         if copy.probe is not None:
-            keys = self._outputs[copy.probe]
-            keys.discard(key)
-            if not keys:
-                del self._outputs[copy.probe]
+            _discard(self._outputs, copy.probe, key)
         for block_id in copy.block_ids:
-            keys = self._keys_of_block.get(block_id)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._keys_of_block[block_id]
+            _discard(self._keys_of_block, block_id, key)
 
     def block_ids(self) -> set[int]:
         return set(self._keys_of_block)
@@ -141,6 +135,15 @@ class SegmentIndex:
             assert keys and all(block_id in self._copies[k].block_ids for k in keys)
         for probe, keys in self._outputs.items():
             assert keys and all(self._copies[k].probe == probe for k in keys)
+
+
+def _discard(keys_of: dict, at: int, key: bytes) -> None:
+    """Removes `key` from the set at `at` (if there), and the set once empty."""
+    keys = keys_of.get(at)
+    if keys is not None:
+        keys.discard(key)
+        if not keys:
+            del keys_of[at]
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
