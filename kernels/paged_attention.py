@@ -133,11 +133,12 @@ def _decode_batch(
     row_index = torch.tensor(rows, device=q.device)
     num_kv_heads, head_dim = kv_pool.shape[4:]
     q_rows = q[row_index].view(len(rows), num_kv_heads, -1, head_dim)
-    if shifts is not None:
+    main = None
+    if shifts is not None and _FLASH_CPU is not None and q.device.type == "cpu":
         shifts = torch.where(valid, shifts, 0)  # padding may hold any value
-    if shifts is not None and _FLASH_CPU is not None and q.device.type == "cpu" and (
-            _one_shift_a_row(shifts)):
-        attn = _decode_shifted(q_rows, k, v, valid, shifts, inv_freq, scale)
+        main = _main_shift(shifts)
+    if main is not None:
+        attn = _decode_shifted(q_rows, k, v, valid, shifts, main, inv_freq, scale)
     else:
         if shifts is not None:
             k = rotate_by_shift(k, shifts, inv_freq)
@@ -153,16 +154,20 @@ def _decode_batch(
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _one_shift_a_row(shifts: Tensor) -> bool:
-    """Whether each row's non-zero shifts are all one value."""
+def _main_shift(shifts: Tensor) -> Tensor | None:
+    """[B, 1]: each row's one non-zero shift (0 for a row with none); None when some row has
+    two."""
     nonzero = shifts != 0
-    high = shifts.masked_fill(~nonzero, torch.iinfo(shifts.dtype).min).amax(1)
-    low = shifts.masked_fill(~nonzero, torch.iinfo(shifts.dtype).max).amin(1)
-    return bool(((high == low) | ~nonzero.any(1)).all())
+    high = shifts.masked_fill(~nonzero, torch.iinfo(shifts.dtype).min).amax(1, keepdim=True)
+    low = shifts.masked_fill(~nonzero, torch.iinfo(shifts.dtype).max).amin(1, keepdim=True)
+    shifted = nonzero.any(1, keepdim=True)
+    if not bool(((high == low) | ~shifted).all()):
+        return None
+    return torch.where(shifted, high, 0)
 
 
 def _decode_shifted(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, shifts: Tensor,
-                    inv_freq: Tensor, scale: float) -> Tensor:
+                    main: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
     """Decode attention where K is seen at shifts, without rotating the context's K.
 
     q.R(d)k = (R(-d)q).k: rotating the one query by -d costs nothing next to rotating every K.
@@ -173,9 +178,8 @@ def _decode_shifted(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, shifts: Tens
     sequences x 1,300 positions (950 shifted) x 30 layers: 171 ms a step, as unshifted
     attention (172), against 318 ms rotating K first. (A reader of several copies, e.g. outputs
     of several speakers, sees several shifts: its K is rotated instead.)
-    q [B, kv_heads, group, D], k and v [B, W, kv_heads, D], valid and shifts [B, W]."""
-    first = (shifts != 0).int().argmax(1, keepdim=True)
-    main = shifts.gather(1, first)  # [B, 1]; 0 for a row with no shift
+    q [B, kv_heads, group, D], k and v [B, W, kv_heads, D], valid and shifts [B, W], main
+    [B, 1] (`_main_shift`)."""
     at_main = (shifts == main) & (main != 0)
     batch, kv_heads, group, dim = q.shape
     q_main = rotate_by_shift(q.reshape(batch, 1, kv_heads * group, dim), -main, inv_freq)
