@@ -104,10 +104,8 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
     stats = inner.stats()
     extra = {}
     if stats.segment_requests:  # the device KV its segments hold per call: masters + diffs
-        shared = stats.segment_reused_tokens - stats.segment_copied_tokens
-        held = stats.segment_tokens - shared
-        extra["shared_kv_bytes_per_agent"] = (
-            held / stats.segment_requests * block_bytes / config.engine.block_size)
+        extra["shared_kv_bytes_per_agent"] = (stats.segment_held_tokens / stats.segment_requests
+                                              * block_bytes / config.engine.block_size)
     return PolicyRun(
         policy=config.engine.policy, block_bytes=block_bytes,
         calls=session.calls, jobs=session.jobs, samples=samples, tokens=engine.tokens,

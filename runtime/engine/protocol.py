@@ -109,10 +109,15 @@ class EngineStats:
     kv_blocks_uploaded: int = 0  # moved back from it
     kv_blocks_backed_up: int = 0  # copied to it, and kept on the device
     kv_decisions: dict[str, int] = field(default_factory=dict)  # the policy's, at tool calls
-    segment_requests: int = 0  # requests with segments, admitted with reuse on
+    segment_requests: int = 0  # requests with segments, admitted (with reuse off too)
     segment_tokens: int = 0  # tokens in their segments
     segment_reused_tokens: int = 0  # of those, read from another copy: not computed ...
     segment_copied_tokens: int = 0  # ... and of those, copied (stored again), not shared
+
+    @property
+    def segment_held_tokens(self) -> int:
+        """Segment tokens the calls holding them store: all but those read in place."""
+        return self.segment_tokens - (self.segment_reused_tokens - self.segment_copied_tokens)
 
 
 class EngineClient(Protocol):

@@ -115,7 +115,7 @@ class ServerMetrics:
         one("kvrt:segment_copied_tokens_total", "counter",
             "Of those, tokens copied (rotated once, stored again) rather than read in place.",
             stats.segment_copied_tokens)
-        held = stats.segment_tokens - (stats.segment_reused_tokens - stats.segment_copied_tokens)
+        held = stats.segment_held_tokens
         one("kvrt:segment_kv_compression", "gauge",
             "Full per-call copies of segments over what reuse stored (masters + diffs).",
             stats.segment_tokens / held if held else 1.0)
