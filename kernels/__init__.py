@@ -5,6 +5,7 @@
     kv_store         kv_store_ref                 kv_store_triton
     pack_blocks      pack_blocks_ref              pack_blocks_triton     (module block_copy)
     unpack_blocks    unpack_blocks_ref            unpack_blocks_triton   (module block_copy)
+    row_change       row_change_ref               row_change_triton
 
 Both versions of an op share one signature (see the op's module); the @triton.jit bodies live in
 `_triton_jit`, which is imported only at the first Triton launch. Triton is optional: this package
@@ -34,6 +35,7 @@ from kvrt.kernels.paged_attention import (
     paged_attention_triton,
     rotate_by_shift,
 )
+from kvrt.kernels.row_change import row_change_ref, row_change_triton
 
 __all__ = [
     "Kernels",
@@ -45,6 +47,8 @@ __all__ = [
     "paged_attention_ref",
     "paged_attention_triton",
     "rotate_by_shift",
+    "row_change_ref",
+    "row_change_triton",
     "select_kernels",
     "triton_available",
     "unpack_blocks_ref",
@@ -60,6 +64,7 @@ class Kernels:
     kv_store: Callable[..., None]
     pack_blocks: Callable[..., None]
     unpack_blocks: Callable[..., None]
+    row_change: Callable[..., torch.Tensor]
     name: str  # "torch" or "triton", for logs and reports
 
 
@@ -68,6 +73,7 @@ _TORCH = Kernels(
     kv_store=kv_store_ref,
     pack_blocks=pack_blocks_ref,
     unpack_blocks=unpack_blocks_ref,
+    row_change=row_change_ref,
     name="torch",
 )
 _TRITON = Kernels(
@@ -75,6 +81,7 @@ _TRITON = Kernels(
     kv_store=kv_store_triton,
     pack_blocks=pack_blocks_triton,
     unpack_blocks=unpack_blocks_triton,
+    row_change=row_change_triton,
     name="triton",
 )
 

@@ -1,9 +1,10 @@
-"""The @triton.jit kernels behind `paged_attention_triton`, `kv_store_triton` and the block copies.
+"""The @triton.jit kernels behind `paged_attention_triton`, `kv_store_triton`, the block copies and
+`row_change_triton`.
 
 Imported only through `_triton_support.triton_kernels()`, on the first launch: Triton is optional,
 and importing it fixes interpreted vs compiled mode for the process. The launchers, with their
-layout checks, are beside the torch references in paged_attention.py, kv_store.py and
-block_copy.py.
+layout checks, are beside the torch references in paged_attention.py, kv_store.py,
+block_copy.py and row_change.py.
 """
 
 import triton
@@ -162,3 +163,48 @@ def paged_attention_kernel(
         (acc2 * inv_l[:, None]).to(out.dtype.element_ty),
         mask=q_mask,
     )
+
+
+@triton.jit
+def row_change_kernel(
+    pool, rows, base, shifts, inv_freq, out,
+    s_blk, s_layer, s_kv, s_row, s_head, s_dim,
+    num_layers,
+    BLOCK_SIZE: tl.constexpr, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+    HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr, TINY: tl.constexpr,
+):  # fmt: skip
+    # One program per row: over every layer, its K and V against its base row's (K rotated by
+    # the shift, in float32, in the two rotate-half halves), relative L2 distances summed.
+    i = tl.program_id(0)
+    row = tl.load(rows + i).to(tl.int64)
+    other = tl.load(base + i).to(tl.int64)
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HALF_PAD)[None, :]
+    mask = (h < NUM_HEADS) & (d < HALF)
+    angle = tl.load(shifts + i).to(tl.float32) * tl.load(inv_freq + d, mask=d < HALF, other=0.0)
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    offsets = h * s_head + d * s_dim
+    mine_base = pool + (row // BLOCK_SIZE) * s_blk + (row % BLOCK_SIZE) * s_row + offsets
+    their_base = pool + (other // BLOCK_SIZE) * s_blk + (other % BLOCK_SIZE) * s_row + offsets
+    total = 0.0
+    for layer in range(num_layers):
+        mine = mine_base + layer * s_layer
+        theirs = their_base + layer * s_layer
+        # K: the base row rotated by R(shift) before comparing.
+        a1 = tl.load(theirs, mask=mask, other=0.0).to(tl.float32)
+        a2 = tl.load(theirs + HALF * s_dim, mask=mask, other=0.0).to(tl.float32)
+        r1, r2 = a1 * cos - a2 * sin, a2 * cos + a1 * sin
+        m1 = tl.load(mine, mask=mask, other=0.0).to(tl.float32)
+        m2 = tl.load(mine + HALF * s_dim, mask=mask, other=0.0).to(tl.float32)
+        k_diff = tl.sum(tl.sum((m1 - r1) * (m1 - r1) + (m2 - r2) * (m2 - r2), 1), 0)
+        k_base = tl.sum(tl.sum(a1 * a1 + a2 * a2, 1), 0)
+        # V: no rotation.
+        b1 = tl.load(theirs + s_kv, mask=mask, other=0.0).to(tl.float32)
+        b2 = tl.load(theirs + s_kv + HALF * s_dim, mask=mask, other=0.0).to(tl.float32)
+        n1 = tl.load(mine + s_kv, mask=mask, other=0.0).to(tl.float32)
+        n2 = tl.load(mine + s_kv + HALF * s_dim, mask=mask, other=0.0).to(tl.float32)
+        v_diff = tl.sum(tl.sum((n1 - b1) * (n1 - b1) + (n2 - b2) * (n2 - b2), 1), 0)
+        v_base = tl.sum(tl.sum(b1 * b1 + b2 * b2, 1), 0)
+        total += tl.sqrt(k_diff) / tl.maximum(tl.sqrt(k_base), TINY)
+        total += tl.sqrt(v_diff) / tl.maximum(tl.sqrt(v_base), TINY)
+    tl.store(out + i, total)

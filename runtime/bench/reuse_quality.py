@@ -4,7 +4,9 @@ Multi-agent round prompts: each persona's system prompt, then one shared message
 agent's words of the last round, then an instruction. For each ordered pair of personas, the
 shared message's KV is taken from the donor's prompt and reused in the reader's at its new
 position (`runtime/model/blend.py`), with each recompute ratio (0: shift only) and EPIC-style
-first-k at the default ratio's token count. Against full prefill of the reader's prompt:
+first-k at the default ratio's token count; with `--per-message`, also the diff encode (after
+the prompt, only a share of the recomputed rows is kept). Against full prefill of the reader's
+prompt:
 - top-1 agreement: full prefill's 32 greedy tokens are fed to both paths (teacher forcing) and
   the argmax compared at each position;
 - KL(full || approximate) of the first generated token's distribution.
@@ -64,6 +66,7 @@ INSTRUCTION = "It is your turn. In two or three sentences, say what you will do 
 STEPS = 32  # generated tokens compared, as the issue asks
 RATIOS = (0.0, 0.05, 0.15, 0.3, 0.5)
 PER_MESSAGE_RATIOS = (0.05, 0.1, 0.15, 0.25)
+DIFF_KEEPS = (0.5, 1 / 3, 0.0)  # of the default ratio's recomputed rows, kept after the prompt
 DEFAULT_RATIO = 0.15
 
 
@@ -122,7 +125,10 @@ def measure(model, tokenizer, pairs: list[tuple[int, int]], memory_words: int = 
         lengths = split[0][3]
         modes = {"shift only": {"ratio": 0.0, "pieces": lengths}} | {
             f"first {r:.0%} of each message": {"ratio": r, "pieces": lengths}
-            for r in PER_MESSAGE_RATIOS}
+            for r in PER_MESSAGE_RATIOS} | {
+            f"first {DEFAULT_RATIO:.0%}, keeping {keep:.0%} of the diff": {
+                "ratio": DEFAULT_RATIO, "pieces": lengths, "diff_keep": keep}
+            for keep in DIFF_KEEPS}
     else:
         modes = {f"ratio {r}": {"ratio": r} for r in RATIOS}
         k_default = math.ceil(DEFAULT_RATIO * len(split[0][1]))
@@ -133,16 +139,18 @@ def measure(model, tokenizer, pairs: list[tuple[int, int]], memory_words: int = 
         prefix, segment_r, suffix = (torch.tensor(x) for x in split[reader_index][:3])
         assert torch.equal(segment, segment_r)  # the same words at another position
         reference = greedy(model, torch.cat([prefix, segment, suffix]), STEPS)
-        forced = torch.cat([suffix, reference[:-1]])
-        prompt = torch.cat([prefix, segment, forced])
+        prompt = torch.cat([prefix, segment, suffix, reference[:-1]])
         full, _ = dense_forward(model, prompt, torch.arange(len(prompt)))
         full = full[len(prefix) + len(segment) + len(suffix) - 1:]
+        decode_at = torch.arange(len(prompt) - STEPS + 1, len(prompt))
         donor_prompt = torch.cat([d_prefix, segment])
         _, donor_kv = dense_forward(model, donor_prompt, torch.arange(len(donor_prompt)))
         donor_kv = donor_kv.select(torch.arange(len(d_prefix), len(donor_prompt)))
         for mode, how in modes.items():
-            blend = blend_prefill(model, prefix, segment, donor_kv, forced, **how)
-            approx = blend.logits[len(suffix) - 1:]
+            # The prompt, then the reference's tokens decoded over the KV the prompt left.
+            blend = blend_prefill(model, prefix, segment, donor_kv, suffix, **how)
+            decoded, _ = dense_forward(model, reference[:-1], decode_at, blend.kv)
+            approx = torch.cat([blend.logits[-1:], decoded])
             agreement = float((approx.argmax(-1) == reference).float().mean())
             kl = float(F.kl_div(F.log_softmax(approx[0], -1), F.log_softmax(full[0], -1),
                                 log_target=True, reduction="sum"))

@@ -31,6 +31,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, replace
 
+import torch
+
 from kvrt.runtime.engine.sequence import Sequence
 from kvrt.runtime.kv.block_table import Splice, blocks_of
 from kvrt.runtime.kv.manager import KVManager
@@ -57,12 +59,15 @@ class KVCollector:
         self.kv, self.config = kv, config
         self._segments: dict[Sequence, list[_Segment]] = {}
         self._producers: dict[bytes, Sequence] = {}  # segment key -> the live seq computing it
+        # seq -> splice start -> the master's slots for the head the seq recomputes before it.
+        self._heads: dict[Sequence, dict[int, torch.Tensor]] = {}
         # Counters since start, over first admissions (with reuse off too): tokens in segments,
         # and of those the ones read from another copy (not computed, not stored again).
         self.segment_requests = 0
         self.segment_tokens = 0
         self.reused_tokens = 0
         self.copied_tokens = 0  # of the reused, those copied (stored again) rather than shared
+        self.dropped_tokens = 0  # recomputed, then found to change too little to keep
         # Per agent of a run: segment tokens, and of those the ones shared with another copy.
         self.by_owner: dict[Owner, tuple[int, int]] = {}
 
@@ -87,15 +92,17 @@ class KVCollector:
         collective mode, it becomes the producer of the segments it will compute itself."""
         if not self.enabled:
             return []
-        splices = []
+        splices, heads = [], {}
         for segment in self._of(seq):
             if segment.start < computed:
                 continue
-            splice = self._splice(seq, segment)
-            if splice is not None:
-                splices.append(splice)
+            found = self._splice(seq, segment)
+            if found is not None:
+                splices.append(found[0])
+                heads[found[0].start] = found[1]
             elif self.config.mode == "collective":
                 self._producers.setdefault(segment.key, seq)
+        self._heads[seq] = heads
         if self.kv.copy_rows is not None and splices:
             # The torch path reads the rows of one shift in place at no cost (its decode rotates
             # the query instead), but rows at several shifts only by rotating K at every step:
@@ -107,9 +114,11 @@ class KVCollector:
             splices = [s if s.shift == main else replace(s, copied=True) for s in splices]
         return splices
 
-    def _splice(self, seq: Sequence, segment: _Segment) -> Splice | None:
+    def _splice(self, seq: Sequence, segment: _Segment) -> tuple[Splice, torch.Tensor] | None:
         """From a copy of the whole segment, else from an earlier call's output inside it (the
-        segment's other tokens, e.g. a message's header, are computed)."""
+        segment's other tokens, e.g. a message's header, are computed). With the splice, the
+        copy's slots for the positions just before it that the reader recomputes (its head):
+        the splice references their blocks too, for `_share_unchanged`."""
         copy, offset, length = self.kv.segments.find(segment.key, segment.token_ids), 0, 0
         if copy is not None:
             length = copy.length
@@ -124,11 +133,12 @@ class KVCollector:
         if last - first < self.config.min_reused_tokens:
             return None
         slots = copy.slots[first - offset:last - offset]
-        block_ids = blocks_of(slots, self.kv.block_size)
+        head = copy.slots[:first - offset]
+        block_ids = blocks_of(torch.cat([head, slots]), self.kv.block_size)
         if any(self.kv.pool.is_in_flight(b) for b in block_ids):
             return None  # on its way to the host
         return Splice(segment.start + first, segment.start + last, slots,
-                      segment.start + offset - copy.start, block_ids)
+                      segment.start + offset - copy.start, block_ids), head
 
     def count_admission(self, seq: Sequence, splices: list[Splice]) -> int:
         """Counts a first admission; returns the positions its splices cover."""
@@ -178,7 +188,48 @@ class KVCollector:
             self.kv.segments.offer(segment.key, segment.token_ids, segment.start,
                                    slots[:unkeyed])
         if seq.num_computed >= seq.prompt_len:
+            self._share_unchanged(seq)
             self.forget(seq)
+
+    def _share_unchanged(self, seq: Sequence) -> None:
+        """Diff encode, once the prompt is computed: of the head rows a reader recomputed
+        before each splice (its diff against the master), it keeps the `diff_keep` share that
+        changed most (`KVManager.row_change`: K and V against the master's rows, over every
+        layer); the others read the master's rows from now on, and their own rows serve the
+        next positions. The recompute has done its work by then: the prompt's last tokens, and
+        so the first output token, saw every recomputed row."""
+        heads = self._heads.get(seq)
+        if not heads or self.config.diff_keep >= 1:
+            return
+        table, block_size, parts = seq.table, self.kv.block_size, []
+        for splice in table.splices:
+            head = heads.get(splice.start)
+            if head is None or not head.numel() or splice.copied:
+                continue
+            start = splice.start - head.numel()
+            own = table.slots[start:splice.start]
+            if self.kv.row_change is not None:
+                change = self.kv.row_change(own, head, splice.shift)
+            else:  # a simulation: no KV to compare, keep the first rows
+                change = -torch.arange(head.numel(), dtype=torch.float32)
+            # A row in a keyed block stays: the block is another prompt's prefix now.
+            keyed = torch.tensor([self.kv.pool.blocks[b].key is not None
+                                  for b in (own // block_size).tolist()])
+            change[keyed] = float("inf")
+            kept = math.ceil(self.config.diff_keep * head.numel())
+            drop = torch.zeros(head.numel(), dtype=torch.bool)
+            drop[change.argsort(descending=True)[kept:]] = True
+            drop &= ~keyed
+            for a, b in _runs(drop):
+                parts.append((start + a, head[a:b], splice.shift))
+        shared = self.kv.share_rows(table, seq.num_computed, parts)
+        if seq.num_output:  # recomputed after a preemption: counted the first time
+            return
+        self.dropped_tokens += shared
+        owner = table.owner
+        if shared and owner is not None:
+            tokens, reused = self.by_owner[owner]
+            self.by_owner[owner] = (tokens, reused + shared)
 
     def on_finish(self, seq: Sequence) -> None:
         """`seq` is done (finished or aborted), its blocks not yet released: its output (the
@@ -199,6 +250,7 @@ class KVCollector:
 
     def forget(self, seq: Sequence) -> None:
         """`seq` computes nothing for others any more (preempted, refused, done)."""
+        self._heads.pop(seq, None)
         for segment in self._segments.get(seq, ()):
             if self._producers.get(segment.key) is seq:
                 del self._producers[segment.key]
@@ -213,3 +265,10 @@ class KVCollector:
                 segments.append(_Segment(start, end, segment_key(salt, tokens), tokens))
             self._segments[seq] = segments
         return segments
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """The [start, end) runs of True in a 1-D bool tensor."""
+    edges = torch.diff(mask.int(), prepend=torch.tensor([0]), append=torch.tensor([0]))
+    return list(zip(torch.nonzero(edges == 1).flatten().tolist(),
+                    torch.nonzero(edges == -1).flatten().tolist()))

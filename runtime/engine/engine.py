@@ -259,6 +259,7 @@ class Engine:
             segment_tokens=collector.segment_tokens,
             segment_reused_tokens=collector.reused_tokens,
             segment_copied_tokens=collector.copied_tokens,
+            segment_dropped_tokens=collector.dropped_tokens,
         )
 
     def check_integrity(self) -> None:

@@ -65,6 +65,22 @@ class Executor:
         src[:, :, 0] = rotate_by_shift(keys, shifts, self.model.rotary.inv_freq).transpose(0, 1)
         self.kv_pool[target // block_size, :, :, target % block_size] = src
 
+    def move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copies KV rows (slots) of every layer within the pool; a target may be another
+        pair's source: every source is read before any target is written."""
+        block_size = self.kv_pool.shape[3]
+        source, target = source.to(self.device), target.to(self.device)
+        self.kv_pool[target // block_size, :, :, target % block_size] = \
+            self.kv_pool[source // block_size, :, :, source % block_size]
+
+    def row_change(self, rows: torch.Tensor, base: torch.Tensor, shift: int) -> torch.Tensor:
+        """How much each row (slot) changed from its base row seen at `shift`, over every
+        layer: float32 [n] on the CPU (kernels/row_change.py)."""
+        shifts = torch.full((rows.numel(),), shift, dtype=torch.int32, device=self.device)
+        return self.model.kernels.row_change(
+            self.kv_pool, rows.to(self.device), base.to(self.device), shifts,
+            self.model.rotary.inv_freq).cpu()
+
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Float32 logits, one row per chunk that wants them, in chunk order."""
         return self.model.forward(self.build_batch(chunks), self.kv_pool)

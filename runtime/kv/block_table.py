@@ -18,6 +18,7 @@ spliced position (`key_limit`): past it, a block's rows are no longer one run of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -154,6 +155,57 @@ class BlockTable:
                 + [torch.full((n,), shift, dtype=torch.int32) for n, shift in shifts])
         assert self.num_mapped >= end, "map_to was given too few blocks"
         return copies
+
+    def share(self, start: int, slots: torch.Tensor, shift: int) -> torch.Tensor:
+        """Own positions [start, start + len(slots)), computed, read `slots` of another copy at
+        `shift` from now on (a splice of them: the blocks holding `slots` must be referenced
+        already); returns the own rows they held, which hold nothing now."""
+        end = start + slots.numel()
+        assert self.num_own(start, end) == end - start, "share takes own positions only"
+        freed = self.slots[start:end].clone()
+        self.slots[start:end] = slots
+        if shift and self.shifts is None:
+            self.shifts = torch.zeros(self.num_mapped, dtype=torch.int32)
+        if self.shifts is not None:
+            self.shifts[start:end] = shift
+        splice = Splice(start, end, slots, shift, blocks_of(slots, self.block_size))
+        self.splices = sorted([*self.splices, splice], key=lambda s: s.start)
+        return freed
+
+    def compact(self, start: int, computed: int, freed: torch.Tensor,
+                movable: Callable[[int], bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Packs the rows this table stores for positions from `start` on (own positions and
+        copied splices, in `movable` blocks) densely again, with the `freed` rows (`share`'s)
+        and the spare ones, in the table's block order: so the next positions (an output
+        that later prompts may quote) fill whole blocks, and the last blocks empty. Returns the
+        rows to copy (from, to) for the computed positions that moved, and the blocks left
+        with no mapped row, which the table no longer references."""
+        shared = torch.zeros(self.num_mapped, dtype=torch.bool)
+        for splice in self.splices:
+            if not splice.copied:
+                shared[splice.start:splice.end] = True
+        shared[:start] = True
+        positions = torch.nonzero(~shared).flatten()
+        blocks = self.slots[positions] // self.block_size
+        positions = positions[torch.tensor([movable(b) for b in blocks.tolist()], dtype=torch.bool)]
+        rows = self.slots[positions]
+        rank = {entry.block: i for i, entry in reversed(list(enumerate(self.entries)))}
+        available = torch.cat([rows, freed, self.spare])
+        order = [rank[b] * self.block_size + r for b, r in zip(
+            (available // self.block_size).tolist(), (available % self.block_size).tolist())]
+        available = available[torch.tensor(order, dtype=torch.int64).argsort()]
+        new = available[:positions.numel()]
+        self.slots[positions] = new
+        self.spare = available[positions.numel():]
+        mapped = set(blocks_of(self.slots, self.block_size))
+        unused = [b for b in blocks_of(self.spare, self.block_size) if b not in mapped]
+        if unused:
+            gone = torch.isin(self.spare // self.block_size, torch.tensor(unused))
+            self.spare = self.spare[~gone]
+            for block_id in unused:
+                self.entries.remove(BlockTableEntry(block_id))
+        moved = (new != rows) & (positions < computed)
+        return rows[moved], new[moved], unused
 
     def _take_spare(self, count: int) -> torch.Tensor:
         rows, self.spare = self.spare[:count], self.spare[count:]

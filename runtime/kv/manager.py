@@ -77,6 +77,12 @@ class KVManager:
         # Copies rows (source slots, own slots, shift: K rotated) within the device pool; set by
         # the engine on the torch path, where splices are copied (Splice.copied).
         self.copy_rows: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None
+        # How much rows (slots) changed from base rows (slots, seen at a shift), over every
+        # layer (kernels/row_change.py); set by the engine, None in a simulation (no KV).
+        self.row_change: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+        # Copies rows (source slots to target slots, all at once) within the device pool; set
+        # by the engine, None in a simulation (no KV to move).
+        self.move_rows: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def _dropped(self, block_id: int) -> None:
         self.owners.drop_block(block_id)
@@ -193,6 +199,24 @@ class KVManager:
             table.last_key = key
         table.num_keyed = max(table.num_keyed, full)
         return keyed
+
+    def share_rows(self, table: BlockTable, computed: int,
+                   parts: list[tuple[int, torch.Tensor, int]]) -> int:
+        """Computed own positions read another copy's rows from now on: each part is (first
+        position, the copy's slots, shift), and the table references their blocks already.
+        The table's rows past the first such position are packed densely again (rows of
+        unkeyed blocks: nobody else reads them), and own blocks left with nothing mapped are
+        released. Returns the positions shared."""
+        if not parts:
+            return 0
+        freed = [table.share(start, slots, shift) for start, slots, shift in parts]
+        source, target, unused = table.compact(
+            min(start for start, _, _ in parts), computed, torch.cat(freed),
+            lambda block_id: self.pool.blocks[block_id].key is None)
+        if source.numel() and self.move_rows is not None:
+            self.move_rows(source, target)
+        self.pool.release(unused)
+        return sum(f.numel() for f in freed)
 
     def keep_rows(self, table: BlockTable, start: int, end: int, salt: bytes) -> torch.Tensor:
         """Keys every unkeyed block holding positions [start, end) of a table about to be freed,

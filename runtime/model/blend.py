@@ -11,6 +11,9 @@ in another prompt (the donor), at another position: the reference algorithm.
 4. The chosen tokens, the suffix and anything after it run in one pass over the prefix's KV and
    the rest of the segment's cached KV. A chosen token's fresh KV replaces its cached rows
    (the reader's diff, in the runtime).
+5. Diff encode (`diff_keep`): of the chosen rows, only the share that changed most from the
+   cached rows (`row_change`) is kept for what comes after the pass; the others are read from
+   the cached copy again.
 
 Measured on the default model (`python -m kvrt.runtime.bench.reuse_quality`, README): with
 persona-length private histories, the first 15% of a block's tokens restore more than the 15%
@@ -33,6 +36,18 @@ from kvrt.runtime.model.llama import LlamaModel
 class Blend:
     logits: Tensor  # [len(suffix), vocab] float32: the suffix's next-token logits
     recomputed: Tensor  # indices into the segment of the tokens computed again
+    kept: Tensor  # of those, the ones whose fresh rows the reader keeps (its diff)
+    kv: DenseKV  # the reader's KV after the pass: prefix, segment (diff encoded), suffix
+
+
+def row_change(fresh: DenseKV, cached: DenseKV) -> Tensor:
+    """[n]: how much each fresh row differs from the cached row at the same position, summed
+    over layers: |K - K'| / |K'| + |V - V'| / |V'| (L2 over heads and dims)."""
+    total = torch.zeros(len(fresh))
+    for pair in (*zip(fresh.keys, cached.keys), *zip(fresh.values, cached.values)):
+        mine, theirs = (x.float().flatten(1) for x in pair)
+        total += (mine - theirs).norm(dim=1) / theirs.norm(dim=1)
+    return total
 
 
 def select_by_deviation(model: LlamaModel, prefix: DenseKV, segment_ids: Tensor,
@@ -51,28 +66,45 @@ def select_by_deviation(model: LlamaModel, prefix: DenseKV, segment_ids: Tensor,
 
 def blend_prefill(model: LlamaModel, prefix_ids: Tensor, segment_ids: Tensor, donor: DenseKV,
                   suffix_ids: Tensor, ratio: float = 0.15, check_layer: int = 1,
-                  first_k: int | None = None, pieces: list[int] | None = None) -> Blend:
+                  first_k: int | None = None, pieces: list[int] | None = None,
+                  diff_keep: float = 1.0) -> Blend:
     """`donor`: the segment's KV where it was computed. `first_k` replaces the deviation
     selection with the segment's first k tokens; `pieces` (lengths that add up to the segment:
     its messages, each a segment to the runtime) with the first `ratio` of each piece, as the
-    runtime's KV Collector recomputes."""
+    runtime's KV Collector recomputes, and then keeps `diff_keep` of each piece's recomputed
+    rows, as its diff encode does."""
     start = len(prefix_ids)
     _, prefix = dense_forward(model, prefix_ids, torch.arange(start))
     cached = shift_keys(donor, start - int(donor.positions[0]), model)
+    groups = None  # how many rows each piece recomputes, for the diff encode
     if pieces is not None:
         assert sum(pieces) == len(segment_ids), "pieces must add up to the segment"
         starts = torch.tensor([0, *pieces]).cumsum(0)[:-1].tolist()
-        chosen = torch.cat([torch.arange(s, s + math.ceil(ratio * n))
-                            for s, n in zip(starts, pieces)]).long()
+        groups = [math.ceil(ratio * n) for n in pieces]
+        chosen = torch.cat([torch.arange(s, s + k) for s, k in zip(starts, groups)]).long()
     elif first_k is not None:
         chosen = torch.arange(min(first_k, len(segment_ids)))
     else:
         chosen = select_by_deviation(model, prefix, segment_ids, cached, ratio, check_layer)
-    kept = torch.ones(len(segment_ids), dtype=torch.bool)
-    kept[chosen] = False
-    past = DenseKV.concat([prefix, cached.select(kept.nonzero().flatten())])
+    unchosen = torch.ones(len(segment_ids), dtype=torch.bool)
+    unchosen[chosen] = False
+    past = DenseKV.concat([prefix, cached.select(unchosen.nonzero().flatten())])
     end = start + len(segment_ids)
     ids = torch.cat([segment_ids[chosen], suffix_ids])
     positions = torch.cat([start + chosen, torch.arange(end, end + len(suffix_ids))])
-    logits, _ = dense_forward(model, ids, positions, past)
-    return Blend(logits[len(chosen):], chosen)
+    logits, new = dense_forward(model, ids, positions, past)
+    fresh = new.select(torch.arange(len(chosen)))
+    change = row_change(fresh, cached.select(chosen))
+    kept = torch.cat([torch.empty(0, dtype=torch.int64)] + [
+        part.argsort(descending=True)[:math.ceil(diff_keep * len(part))] + first
+        for part, first in zip(change.split(groups or [len(chosen)]),
+                               torch.tensor([0, *(groups or [])]).cumsum(0).tolist())
+    ]).sort().values
+    segment = DenseKV([k.clone() for k in cached.keys], [v.clone() for v in cached.values],
+                      cached.positions)
+    for layer in range(len(model.layers)):
+        segment.keys[layer][chosen[kept]] = fresh.keys[layer][kept]
+        segment.values[layer][chosen[kept]] = fresh.values[layer][kept]
+    suffix = new.select(torch.arange(len(chosen), len(ids)))
+    return Blend(logits[len(chosen):], chosen, kept,
+                 DenseKV.concat([prefix, segment, suffix]))

@@ -60,9 +60,13 @@ class ReuseConfig:
     # A reuse shorter than this (in tokens, after the recompute) is computed instead: below a
     # block, a splice saves less than the partial blocks it leaves behind cost.
     min_reused_tokens: int = 16
+    # Of the rows a reader recomputed, the share it keeps as its diff once its prompt is
+    # computed: those that changed most from the master's; the others read the master's rows.
+    diff_keep: float = 1 / 3
 
     def __post_init__(self) -> None:
         if self.mode not in REUSE_MODES:
             raise ValueError(f"reuse mode must be one of {REUSE_MODES}, not {self.mode!r}")
-        if not 0 <= self.recompute_ratio <= 1 or self.min_reused_tokens < 1:
+        if (not 0 <= self.recompute_ratio <= 1 or not 0 <= self.diff_keep <= 1
+                or self.min_reused_tokens < 1):
             raise ValueError(f"bad reuse config: {self}")

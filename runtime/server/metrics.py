@@ -115,6 +115,9 @@ class ServerMetrics:
         one("kvrt:segment_copied_tokens_total", "counter",
             "Of those, tokens copied (rotated once, stored again) rather than read in place.",
             stats.segment_copied_tokens)
+        one("kvrt:segment_dropped_tokens_total", "counter",
+            "Segment tokens recomputed, then read from the master: they changed too little to "
+            "keep as a diff.", stats.segment_dropped_tokens)
         held = stats.segment_held_tokens
         one("kvrt:segment_kv_compression", "gauge",
             "Full per-call copies of segments over what reuse stored (masters + diffs).",

@@ -123,9 +123,10 @@ class KVResidency(Struct, kw_only=True):
     # The policy's last decision on this KV when a tool call started, and why: "offload",
     # "keep:no_pressure", "keep:short_tool", ... (None: no decision yet, or not this policy).
     decision: str | None = None
-    # Tokens of segments (shared text) in the agent's calls, and of those the ones it read in
-    # place from another agent's copy instead of computing and storing them (position-independent
-    # reuse; rows it copied are not counted: they are stored again).
+    # Tokens of segments (shared text) in the agent's calls, and of those the ones it reads in
+    # place from another agent's copy instead of storing them (position-independent reuse: not
+    # computed, or recomputed and then let go by the diff encode; rows it copied are not
+    # counted: they are stored again).
     segment_tokens: int = 0
     segment_reused_tokens: int = 0
 

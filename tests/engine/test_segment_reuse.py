@@ -72,6 +72,47 @@ def test_reader_prefill_equals_the_reference_blend(folder):
     assert engine.stats().segment_reused_tokens == reused
 
 
+def test_after_its_prompt_a_reader_keeps_only_the_most_changed_rows(folder):
+    """Diff encode: once the reader's prompt is computed, it keeps a third of the rows it
+    recomputed (those that changed most from the donor's) and reads the donor's rows for the
+    rest; every later step equals the reference that does the same on dense KV."""
+    reader = list(range(5, 21)) + SEGMENT + list(range(90, 97))  # the segment at a block start
+    donor_kv = None
+    seen, stats = {}, {}
+    for keep in (1.0, 1 / 3):
+        engine = make_engine(folder, policy="kvrt")
+        engine.scheduler.collector.config = ReuseConfig("collective", diff_keep=keep)
+        logits = recording_logits(engine)
+        run(engine, [call("donor", DONOR, 7)])
+        out = run(engine, [call("reader", reader, 16, max_tokens=8)])["reader"]
+        seen[keep], stats[keep] = (logits["reader"], out.token_ids), engine.stats()
+        assert engine.kv.pool.usage().in_use == 0
+        engine.check_integrity()
+        model = engine.executor.model
+        if donor_kv is None:
+            _, kv = dense_forward(model, torch.tensor(DONOR), torch.arange(len(DONOR)))
+            donor_kv = kv.select(torch.arange(7, 7 + len(SEGMENT)))
+        t = torch.tensor
+        blend = blend_prefill(model, t(reader[:16]), t(SEGMENT), donor_kv, t(reader[56:]),
+                              pieces=[len(SEGMENT)], diff_keep=keep)
+        assert len(blend.kept) == math.ceil(keep * FIRST_K)
+        # The reference decodes the engine's tokens over its own (diff encoded) KV.
+        tokens = seen[keep][1]
+        expected, _ = dense_forward(model, t(tokens[:-1]),
+                                    torch.arange(len(reader), len(reader) + len(tokens) - 1),
+                                    blend.kv)
+        got = seen[keep][0]
+        torch.testing.assert_close(got[0], blend.logits[-1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.stack(got[1:]), expected, atol=1e-4, rtol=1e-4)
+    assert stats[1.0].segment_dropped_tokens == 0
+    assert stats[1 / 3].segment_dropped_tokens == FIRST_K - math.ceil(FIRST_K / 3)
+    # What the two calls store of the segment: the donor's master, and the reader's kept rows.
+    assert stats[1 / 3].segment_held_tokens == len(SEGMENT) + math.ceil(FIRST_K / 3)
+    # Keeping fewer rows changed what decoding saw (the test tells the two apart).
+    later = [(a - b).abs().max() for a, b in zip(seen[1.0][0][1:], seen[1 / 3][0][1:])]
+    assert max(later) > 1e-3
+
+
 def test_collective_readers_wait_for_one_master(folder):
     engine = make_engine(folder, policy="kvrt")
     readers = [call(f"r{i}", list(range(5 + i, 12 + 2 * i)) + SEGMENT + [99, 98], 7 + i)
@@ -163,6 +204,8 @@ def test_rows_at_a_second_shift_are_copied_once_and_read_the_same(folder):
     seen, stats = {}, {}
     for mode in ("copied", "in place"):
         engine = make_engine(folder, policy="kvrt")
+        # Every recomputed row kept: the diff encode skips copied rows (they are stored anyway).
+        engine.scheduler.collector.config = ReuseConfig("collective", diff_keep=1.0)
         if mode == "in place":
             engine.kv.copy_rows = None
         logits = recording_logits(engine)

@@ -406,7 +406,7 @@ def test_triton_on_cuda_matches_ref(cuda_triton, shifted, dtype):
     )
 
 
-# Compiles both kernels for an H100 (sm_90) down to a cubin, which needs no GPU: it catches what
+# Compiles the kernels for an H100 (sm_90) down to a cubin, which needs no GPU: it catches what
 # the interpreter forgives (dot shape limits, types across constexpr branches, loop-carried types).
 # A subprocess, because this process may hold Triton in interpreter mode.
 COMPILE_CHECK = """
@@ -436,6 +436,9 @@ for dtype, has_shift, has_positions in itertools.product(["fp32", "bf16"], [Fals
     compile_for_sm90(jit.paged_attention_kernel, types, constexprs)
 compile_for_sm90(jit.kv_store_kernel, dict(pool="*bf16", k="*bf16", v="*bf16", slots="*i64"),
                  dict(BLOCK_SIZE=16, NUM_HEADS=3, HEAD_DIM=64, HEADS_PAD=4, DIM_PAD=64))
+compile_for_sm90(jit.row_change_kernel, dict(pool="*bf16", rows="*i64", base="*i64",
+                                             shifts="*i32", inv_freq="*fp32", out="*fp32"),
+                 dict(BLOCK_SIZE=16, NUM_HEADS=3, HALF=32, HEADS_PAD=4, HALF_PAD=32, TINY=1e-6))
 print("ok")
 """
 

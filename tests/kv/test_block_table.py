@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvrt.runtime.kv.block_table import BlockTable, Splice, next_chunk
+from kvrt.runtime.kv.block_table import BlockTable, BlockTableEntry, Splice, next_chunk
 
 BS = 4
 
@@ -45,3 +45,35 @@ def test_a_chunk_steps_over_a_splice_and_counts_own_positions() -> None:
     assert next_chunk(splices, 0, 6, 25) == (11, 6)
     assert next_chunk(splices, 10, 2, 25) == (20, 2)
     assert next_chunk(splices, 20, 4, 25) == (24, 4)
+
+
+def test_shared_rows_are_packed_away_and_a_block_left_empty_goes() -> None:
+    table = BlockTable(BS)
+    table.splices = [splice(4, 8, 100, 7)]
+    table.entries = [BlockTableEntry(25, 7)]  # the splice's block, referenced at admission
+    table.map_to(4, [0])  # own rows 0-3, then the splice
+    table.map_to(9, [1])  # position 8 on: block 1, mapped ahead to position 11
+    assert table.slots.tolist() == [0, 1, 2, 3, 100, 101, 102, 103, 4, 5, 6, 7]
+    # Positions 0-3 were computed; they turn out to read the copy's rows 96-99 as well.
+    freed = table.share(0, torch.arange(96, 100), 7)
+    assert freed.tolist() == [0, 1, 2, 3]
+    assert table.key_limit == 0 and table.own_positions(0, 12) == [(8, 12)]
+    assert table.shifts[:8].tolist() == [7] * 8
+    # Positions 8-11 move into the freed rows (8, computed, is copied); block 1 empties.
+    source, target, unused = table.compact(0, 9, freed, lambda block: True)
+    assert (source.tolist(), target.tolist(), unused) == ([4], [0], [1])
+    assert table.slots.tolist() == [96, 97, 98, 99, 100, 101, 102, 103, 0, 1, 2, 3]
+    assert table.shifts[8:].tolist() == [0] * 4
+    assert table.spare.numel() == 0
+    assert table.block_ids() == [25, 0]
+
+
+def test_compaction_leaves_rows_of_fixed_blocks_where_they_are() -> None:
+    table = BlockTable(BS)
+    table.map_to(9, [0, 1, 2])  # positions 0-11: rows 0-11
+    freed = table.share(2, torch.tensor([50]), 3)
+    # Block 0 may not move (keyed, say): position 3 keeps row 3; 4-11 shift down by one row.
+    source, target, unused = table.compact(2, 9, freed, lambda block: block != 0)
+    assert table.slots.tolist() == [0, 1, 50, 3, 2, 4, 5, 6, 7, 8, 9, 10]
+    assert (source.tolist(), target.tolist()) == ([4, 5, 6, 7, 8], [2, 4, 5, 6, 7])
+    assert unused == [] and table.spare.tolist() == [11]

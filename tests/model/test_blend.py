@@ -78,6 +78,46 @@ def test_a_segment_cached_after_the_same_prefix_needs_no_recompute(tiny) -> None
     torch.testing.assert_close(blend.logits, full_logits(model), atol=1e-4, rtol=1e-4)
 
 
+def test_the_diff_encode_keeps_the_most_changed_recomputed_rows(tiny) -> None:
+    _, model = tiny
+    donor = donor_kv(model, DONOR_PREFIX)
+    cached = shift_keys(donor, len(PREFIX) - len(DONOR_PREFIX), model)
+    prompt = torch.cat([PREFIX, SEGMENT, SUFFIX])
+    _, full = dense_forward(model, prompt, torch.arange(len(prompt)))
+    every = blend_prefill(model, PREFIX, SEGMENT, donor, SUFFIX, ratio=1.0)
+    # Every row recomputed and kept: the reader's KV is full prefill's.
+    for layer in range(len(model.layers)):
+        torch.testing.assert_close(every.kv.keys[layer], full.keys[layer], atol=1e-4, rtol=1e-4)
+    assert torch.equal(every.kv.positions, full.positions)
+    pieces = [10, 11]  # recomputes rows 0, 1 and 10, 11, 12; keeps 1 of the first, 2 of these
+    some = blend_prefill(model, PREFIX, SEGMENT, donor, SUFFIX, ratio=0.2, pieces=pieces,
+                         diff_keep=0.5)
+    assert len(some.kept) == 3
+    at = slice(len(PREFIX), len(PREFIX) + len(SEGMENT))
+    for layer in range(len(model.layers)):
+        rows = some.kv.keys[layer][at]
+        recomputed = some.recomputed[some.kept]
+        dropped = [i for i in range(len(SEGMENT)) if i not in recomputed.tolist()]
+        torch.testing.assert_close(rows[dropped], cached.keys[layer][dropped])
+        if layer:  # (layer 0's K depends on the token and its position only)
+            assert (rows[recomputed] - cached.keys[layer][recomputed]).abs().max() > 1e-4
+    # Of each piece, the kept rows are the ones that changed most, over all layers, K and V.
+    fresh = blend_prefill(model, PREFIX, SEGMENT, donor, SUFFIX, ratio=0.2, pieces=pieces).kv
+    change = {}
+    for i in some.recomputed.tolist():
+        change[i] = sum(float((mine[len(PREFIX) + i] - theirs[i]).norm() / theirs[i].norm())
+                        for mine, theirs in [*zip(fresh.keys, cached.keys),
+                                             *zip(fresh.values, cached.values)])
+    kept = some.recomputed[some.kept].tolist()
+    assert kept == [max([0, 1], key=change.get),
+                    *sorted(sorted([10, 11, 12], key=change.get)[1:])]
+    none = blend_prefill(model, PREFIX, SEGMENT, donor, SUFFIX, ratio=0.2, pieces=pieces,
+                         diff_keep=0.0)
+    assert len(none.kept) == 0
+    # The pass itself saw every recomputed row: the suffix's logits do not depend on the keep.
+    torch.testing.assert_close(none.logits, some.logits)
+
+
 def test_approximation_error_falls_as_the_ratio_grows(tiny) -> None:
     """From another prompt, shift only is an approximation; recomputing the most deviant
     tokens brings the logits closer to full prefill. (Which selection is better on a real
