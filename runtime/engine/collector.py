@@ -22,7 +22,9 @@ computes its first k = ceil(recompute_ratio * L) tokens itself, in its own conte
 they restore the attention to the reader's history that the copy never saw), and reads the rest
 of the copy's rows in place, at shift s - c (a splice, runtime/kv/block_table.py). The rows it
 computed are its diff against the master; the rest it shares. The last prompt token is always
-computed (its logits are needed).
+computed (its logits are needed). Once its prompt is computed, the reader keeps only the part
+of its diff that changed most from the master (`diff_keep`, `_share_unchanged`): the rest of
+it reads the master's rows too, and its rows are given back.
 """
 
 from __future__ import annotations
