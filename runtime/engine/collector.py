@@ -228,10 +228,9 @@ class KVCollector:
         if seq.num_output:  # recomputed after a preemption: counted the first time
             return
         self.dropped_tokens += shared
-        owner = table.owner
-        if shared and owner is not None:
-            tokens, reused = self.by_owner[owner]
-            self.by_owner[owner] = (tokens, reused + shared)
+        counted = self.by_owner.get(table.owner) if table.owner is not None else None
+        if shared and counted is not None:  # (None: its run has ended meanwhile)
+            self.by_owner[table.owner] = (counted[0], counted[1] + shared)
 
     def on_finish(self, seq: Sequence) -> None:
         """`seq` is done (finished or aborted), its blocks not yet released: its output (the
