@@ -15,7 +15,13 @@ import msgspec
 from kvrt.sdk.errors import error_from_event
 from kvrt.sdk.http import Transport, decode
 from kvrt.sdk.protocol.errors import ErrorResponse
-from kvrt.sdk.protocol.openai_api import ChatCompletion, ChatCompletionChunk, ChatMessage, Usage
+from kvrt.sdk.protocol.openai_api import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessage,
+    ToolCall,
+    Usage,
+)
 
 CHAT_PATH = "/v1/chat/completions"
 SYSTEM_ROLES = ("system", "developer")
@@ -47,9 +53,10 @@ class ChatUsage(msgspec.Struct, frozen=True, kw_only=True):
 
 class ChatReply(msgspec.Struct, frozen=True, kw_only=True):
     id: str
-    content: str
+    content: str  # "" when the reply is only tool calls
     finish_reason: str | None
     usage: ChatUsage
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
 
 
 def chat_body(
@@ -94,9 +101,10 @@ async def complete(transport: Transport, body: dict[str, Any]) -> ChatReply:
     choice = reply.choices[0]
     return ChatReply(
         id=reply.id,
-        content=choice.message.content,
+        content=choice.message.content or "",
         finish_reason=choice.finish_reason,
         usage=ChatUsage.of(reply.usage),
+        tool_calls=choice.message.tool_calls or [],
     )
 
 

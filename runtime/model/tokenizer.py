@@ -6,6 +6,13 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvrt.runtime.model.tool_prompt import (
+    PromptTools,
+    plain_turns,
+    template_uses_tools,
+    with_system_text,
+)
+
 if TYPE_CHECKING:  # transformers takes ~1.5 s to import; only loading a tokenizer needs it
     from transformers import PreTrainedTokenizerBase
 
@@ -59,17 +66,34 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def render_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: PromptTools | None = None,
     ) -> str:
-        if self.chat_template is None:
+        """The prompt text of `messages` (OpenAI-style dicts: assistant `tool_calls` with
+        arguments as objects, `tool` messages). A template that reads `tools` gets the tools and
+        the messages as they are, tool_choice's instruction added to the system message; any
+        other template gets them rewritten by `tool_prompt.plain_turns`."""
+        template = self.chat_template
+        if template is None:
             raise ValueError("this checkpoint's tokenizer has no chat template; use completions")
+        if not template_uses_tools(template):
+            return self.hf.apply_chat_template(
+                plain_turns(messages, tools), tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        if tools is not None and tools.instruction:
+            messages = with_system_text(messages, tools.instruction)
         return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools.specs if tools is not None else None, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: PromptTools | None = None
+    ) -> list[int]:
         # The template writes any BOS itself; adding special tokens again would double it.
-        return list(self.hf.encode(self.render_chat(messages), add_special_tokens=False))
+        text = self.render_chat(messages, tools=tools)
+        return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -6,9 +6,12 @@ is answered at once with a 400 and never queued (a prompt longer than the contex
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
+import msgspec
 from jinja2 import TemplateError
 
 from kvrt.runtime.engine.protocol import (
@@ -17,13 +20,16 @@ from kvrt.runtime.engine.protocol import (
     GenerateRequest,
     SamplingParams,
 )
+from kvrt.runtime.model.tool_prompt import PromptTools
 from kvrt.runtime.server.errors import APIError, bad_request
 from kvrt.sdk.protocol.openai_api import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     KvrtOptions,
+    NamedToolChoice,
     SamplingRequest,
+    ToolCall,
 )
 
 RUN_HEADER = "X-Kvrt-Run"
@@ -51,22 +57,63 @@ def check_common(body: SamplingRequest, engine: EngineClient) -> None:
         raise bad_request(f"n={body.n} is not supported yet; send n=1 (or leave it out)", param="n")
 
 
-def chat_prompt_ids(body: ChatCompletionRequest, engine: EngineClient) -> list[int]:
-    return messages_prompt_ids(body.messages, engine, "messages")
+def chat_tools(body: ChatCompletionRequest) -> PromptTools | None:
+    """The tools the prompt shows, or None (none offered, or tool_choice "none": the reply is
+    then all content). "required" and a named function cannot be enforced without constrained
+    decoding, which kvrt does not have: they become an instruction in the prompt, and the
+    model may still answer in prose."""
+    tools = body.tools or []
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        name = tool.function.name
+        if name in names:
+            raise bad_request(f"two tools are named `{name}`; tool names must be unique",
+                              param=f"tools[{i}].function.name")
+        names.add(name)
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        offered = ", ".join(f"`{n}`" for n in sorted(names)) or "none"
+        raise bad_request(
+            f"tool_choice names the function `{choice.function.name}`, which is not among the "
+            f"request's tools (offered: {offered})", param="tool_choice.function.name")
+    if choice == "required" and not names:
+        raise bad_request('tool_choice "required" needs tools; the request offers none',
+                          param="tool_choice")
+    if not tools or choice == "none":
+        return None
+    return PromptTools([msgspec.to_builtins(t) for t in tools],
+                       _tool_instruction(choice, body.parallel_tool_calls is not False))
 
 
-def messages_prompt_ids(messages: list[ChatMessage], engine: EngineClient,
-                        param: str) -> list[int]:
+def _tool_instruction(choice: str | NamedToolChoice | None, parallel: bool) -> str | None:
+    if isinstance(choice, NamedToolChoice):
+        ask = f"You must call the function `{choice.function.name}` in your reply."
+    elif choice == "required":
+        ask = "You must call at least one of the functions in your reply."
+    else:
+        ask = ""
+    once = "" if parallel else "Call at most one function in your reply."
+    return " ".join(part for part in (ask, once) if part) or None
+
+
+def chat_prompt_ids(body: ChatCompletionRequest, engine: EngineClient,
+                    tools: PromptTools | None = None) -> list[int]:
+    return messages_prompt_ids(body.messages, engine, "messages", tools)
+
+
+def messages_prompt_ids(messages: list[ChatMessage], engine: EngineClient, param: str,
+                        tools: PromptTools | None = None) -> list[int]:
     """The templated prompt of these messages; `param` names them in a 400."""
     turns = [_message_dict(i, m, param) for i, m in enumerate(messages)]
     try:
-        return list(engine.tokenizer.encode_chat(turns))
+        return list(engine.tokenizer.encode_chat(turns, tools))
     except (ValueError, TemplateError) as exc:  # no template, or the template refuses the turns
         raise bad_request(f"cannot apply the chat template: {exc}", param=param) from None
 
 
 def segment_spans(messages: list[ChatMessage], marked: list[bool], prompt_ids: list[int],
-                  engine: EngineClient) -> tuple[tuple[int, int], ...]:
+                  engine: EngineClient,
+                  tools: PromptTools | None = None) -> tuple[tuple[int, int], ...]:
     """The token spans of the marked messages in `prompt_ids`: each message as the template
     renders it (its role header included), tokenized on its own. () when the pieces do not
     add up to the prompt (a template that rewrites earlier turns, or merges tokens across
@@ -77,7 +124,8 @@ def segment_spans(messages: list[ChatMessage], marked: list[bool], prompt_ids: l
     turns = [_message_dict(i, m, "messages") for i, m in enumerate(messages)]
     spans, ids, before = [], [], ""
     for i, is_segment in enumerate(marked):
-        rendered = tokenizer.render_chat(turns[: i + 1], add_generation_prompt=False)
+        rendered = tokenizer.render_chat(turns[: i + 1], add_generation_prompt=False,
+                                         tools=tools)
         if not rendered.startswith(before):
             return ()
         start = len(ids)
@@ -94,9 +142,40 @@ def marked_segments(messages: list[ChatMessage], every: bool = False) -> list[bo
     return [every or (m.kvrt is not None and m.kvrt.segment) for m in messages]
 
 
-def _message_dict(index: int, message: ChatMessage, param: str) -> dict[str, str]:
-    # "developer" is OpenAI's new name for the system role; chat templates know only "system".
+def _message_dict(index: int, message: ChatMessage, param: str) -> dict[str, Any]:
+    """The message as chat templates take it: "developer" is OpenAI's new name for the system
+    role (templates know only "system"), content is text, and a tool call's arguments are an
+    object (Qwen2.5's template writes them with `tojson`), as transformers expects."""
     role = "system" if message.role == "developer" else message.role
+    turn: dict[str, Any] = {"role": role, "content": _message_text(index, message, param)}
+    where = f"{param}[{index}]"
+    if message.tool_calls:
+        if role != "assistant":
+            raise bad_request(f"{where} has tool_calls, which only assistant messages carry",
+                              param=f"{where}.tool_calls")
+        turn["tool_calls"] = [_call_dict(call, f"{where}.tool_calls[{j}]")
+                              for j, call in enumerate(message.tool_calls)]
+    if role == "tool":
+        if not message.tool_call_id:
+            raise bad_request(f"{where} has role 'tool' but no tool_call_id; a tool message "
+                              "answers one tool call by its id", param=f"{where}.tool_call_id")
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
+def _call_dict(call: ToolCall, where: str) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise bad_request(f"{where}.function.arguments must be a JSON object, as text",
+                          param=f"{where}.function.arguments")
+    return {"id": call.id, "type": call.type,
+            "function": {"name": call.function.name, "arguments": arguments}}
+
+
+def _message_text(index: int, message: ChatMessage, param: str) -> str:
     content = message.content
     if content is None:
         text = ""
@@ -113,7 +192,7 @@ def _message_dict(index: int, message: ChatMessage, param: str) -> dict[str, str
                 )
             parts.append(part.text)
         text = "".join(parts)
-    return {"role": role, "content": text}
+    return text
 
 
 def completion_prompt_ids(body: CompletionRequest, engine: EngineClient) -> list[int]:
@@ -217,17 +296,18 @@ def build_request(
 
 def chat_generate_request(
     body: ChatCompletionRequest, engine: EngineClient, headers: Mapping[str, str],
-    every_message_a_segment: bool = False,
+    every_message_a_segment: bool = False, tools: PromptTools | None = None,
 ) -> GenerateRequest:
+    """`tools`: what `chat_tools(body)` returned (the caller also needs it to read the reply)."""
     check_common(body, engine)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    prompt = chat_prompt_ids(body, engine)
+    prompt = chat_prompt_ids(body, engine, tools)
     return build_request(
         new_request_id("chatcmpl"), body, prompt, max_tokens, engine, headers,
         default_max_tokens=None, prompt_param="messages",
         segments=segment_spans(
             body.messages, marked_segments(body.messages, every_message_a_segment), prompt,
-            engine),
+            engine, tools),
     )
 
 

@@ -17,6 +17,7 @@ from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvrt.runtime.server.openai_requests import (
     attribution,
     chat_generate_request,
+    chat_tools,
     completion_generate_request,
 )
 from kvrt.runtime.server.openai_serving import (
@@ -26,6 +27,7 @@ from kvrt.runtime.server.openai_serving import (
     respond_json,
     respond_stream,
 )
+from kvrt.runtime.server.tool_parsers import make_tool_parser
 from kvrt.sdk.protocol.openai_api import (
     Health,
     ModelCard,
@@ -37,22 +39,35 @@ from kvrt.sdk.protocol.openai_api import (
 
 routes = web.RouteTableDef()
 
+# How replies are read for tool calls; the format kvrt's own tool prompt asks for, and Qwen2.5's
+# and Hermes' templates too. (A serve option could choose another registered parser.)
+TOOL_PARSER = "hermes"
+
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = chat_request_decoder.decode(await read_json(request))
+    engine = request.app[keys.ENGINE]
     every = approximate_reuse(request.app[keys.CONTROL], attribution(body.kvrt, request.headers))
-    gen = chat_generate_request(body, request.app[keys.ENGINE], request.headers, every)
-    return await _respond(request, body, gen, ChatShapes, arrival)
+    tools = chat_tools(body)
+    gen = chat_generate_request(body, engine, request.headers, every, tools)
+    shapes = ChatShapes(
+        gen.request_id, engine.model_name, _include_usage(body),
+        tool_parser=make_tool_parser(TOOL_PARSER) if tools is not None else None,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+    )
+    return await _respond(request, body, gen, shapes, arrival)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = completion_request_decoder.decode(await read_json(request))
-    gen = completion_generate_request(body, request.app[keys.ENGINE], request.headers)
-    return await _respond(request, body, gen, CompletionShapes, arrival)
+    engine = request.app[keys.ENGINE]
+    gen = completion_generate_request(body, engine, request.headers)
+    shapes = CompletionShapes(gen.request_id, engine.model_name, _include_usage(body))
+    return await _respond(request, body, gen, shapes, arrival)
 
 
 @routes.get("/v1/models")
@@ -85,15 +100,17 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[keys.OPENAPI_JSON], content_type="application/json")
 
 
+def _include_usage(body: SamplingRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateRequest,
-                   shapes_type: type[Shapes], arrival: float) -> web.StreamResponse:
+                   shapes: Shapes, arrival: float) -> web.StreamResponse:
     engine, metrics = request.app[keys.ENGINE], request.app[keys.METRICS]
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    shapes = shapes_type(gen.request_id, engine.model_name, include_usage)
     gen, call = attribute(request.app[keys.CONTROL], gen)
     if body.stream:
-        return await respond_stream(request, engine, gen, metrics, arrival, shapes, include_usage,
-                                    call)
+        return await respond_stream(request, engine, gen, metrics, arrival, shapes,
+                                    _include_usage(body), call)
     return await respond_json(engine, gen, metrics, arrival, shapes, call)
 
 

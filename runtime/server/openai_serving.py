@@ -3,12 +3,17 @@
 Chat and text completions differ only in their shapes, so each has a small `Shapes` class and
 the two drivers below serve both. The first engine output is awaited before any byte is sent,
 so a request the engine rejects still gets a plain 400 in the error shape, not a broken stream.
+
+A chat that offers tools reads its reply through a tool parser (`tool_parsers`): the whole
+text for a JSON body (`ChatShapes.full`), piece by piece for a stream (`ChatShapes.piece` and
+`ChatShapes.finish`), which then sends each call as one `tool_calls` delta once it is complete.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from contextlib import aclosing
 
 import msgspec
@@ -19,6 +24,7 @@ from kvrt.runtime.engine.protocol import EngineClient, GenerateRequest
 from kvrt.runtime.server.errors import APIError, from_exception
 from kvrt.runtime.server.generation import CallObserver, collect, tracked, usage_of
 from kvrt.runtime.server.metrics import ServerMetrics
+from kvrt.runtime.server.tool_parsers import ParsedCall, StreamEvent, ToolParser
 from kvrt.sdk.protocol.openai_api import (
     AssistantMessage,
     ChatChoice,
@@ -28,6 +34,9 @@ from kvrt.sdk.protocol.openai_api import (
     Completion,
     CompletionChoice,
     Delta,
+    FunctionCall,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 
@@ -36,19 +45,37 @@ log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 class ChatShapes:
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+    """`tool_parser` is None for a chat that offers no tools (or whose tool_choice is "none"):
+    its text is all content. With `parallel_tool_calls` false only the first call of a reply
+    is kept. A reply with calls that ended on its own ("stop") finishes with "tool_calls";
+    one cut short keeps its reason ("length"), so a client sees that it was cut."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool,
+                 tool_parser: ToolParser | None = None, parallel_tool_calls: bool = True) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.usage_field = None if include_usage else UNSET
+        self._parser = tool_parser
+        self._stream = tool_parser.stream() if tool_parser is not None else None
+        self._max_calls = None if parallel_tool_calls else 1
+        self._calls_sent = 0
 
     def head(self) -> ChatCompletionChunk | None:
-        return self._chunk([ChatChunkChoice(delta=Delta(role="assistant", content=""))])
+        return self._chunk(Delta(role="assistant", content=""))
 
-    def piece(self, text: str) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(delta=Delta(content=text))])
+    def piece(self, text: str) -> list[ChatCompletionChunk]:
+        if self._stream is None:
+            return [self._chunk(Delta(content=text))]
+        return self._event_chunks(self._stream.push(text))
 
-    def finish(self, reason: str) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(delta=Delta(), finish_reason=reason)])
+    def finish(self, reason: str) -> list[ChatCompletionChunk]:
+        chunks = [] if self._stream is None else self._event_chunks(self._stream.finish())
+        final = ChatChunkChoice(delta=Delta(), finish_reason=self._reason(reason, self._calls_sent))
+        return [*chunks, self._chunk_of([final])]
 
     def usage(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -56,16 +83,49 @@ class ChatShapes:
         )
 
     def full(self, text: str, reason: str | None, usage: Usage) -> ChatCompletion:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=reason)
+        message = AssistantMessage(content=text)
+        if self._parser is not None:
+            parsed = self._parser.parse(text)
+            calls = parsed.calls[: self._max_calls]
+            if calls:
+                message = AssistantMessage(
+                    content=parsed.content or None,
+                    tool_calls=[ToolCall(id=new_call_id(), function=_function(c)) for c in calls],
+                )
+                reason = self._reason(reason, len(calls))
+        choice = ChatChoice(message=message, finish_reason=reason)
         return ChatCompletion(
             id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage
         )
 
-    def _chunk(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
+    @staticmethod
+    def _reason(reason: str | None, calls: int) -> str | None:
+        return "tool_calls" if calls and reason == "stop" else reason
+
+    def _event_chunks(self, events: list[StreamEvent]) -> list[ChatCompletionChunk]:
+        chunks = []
+        for event in events:
+            if isinstance(event, str):
+                chunks.append(self._chunk(Delta(content=event)))
+            elif self._max_calls is None or self._calls_sent < self._max_calls:
+                call = ToolCallDelta(index=self._calls_sent, id=new_call_id(),
+                                     function=_function(event))
+                chunks.append(self._chunk(Delta(tool_calls=[call])))
+                self._calls_sent += 1
+        return chunks
+
+    def _chunk(self, delta: Delta) -> ChatCompletionChunk:
+        return self._chunk_of([ChatChunkChoice(delta=delta)])
+
+    def _chunk_of(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=choices,
             usage=self.usage_field,
         )
+
+
+def _function(call: ParsedCall) -> FunctionCall:
+    return FunctionCall(name=call.name, arguments=call.arguments)
 
 
 class CompletionShapes:
@@ -76,12 +136,12 @@ class CompletionShapes:
     def head(self) -> Completion | None:
         return None
 
-    def piece(self, text: str) -> Completion:
-        return self._completion([CompletionChoice(text=text)], self.usage_field)
+    def piece(self, text: str) -> list[Completion]:
+        return [self._completion([CompletionChoice(text=text)], self.usage_field)]
 
-    def finish(self, reason: str) -> Completion:
-        return self._completion([CompletionChoice(text="", finish_reason=reason)],
-                                self.usage_field)
+    def finish(self, reason: str) -> list[Completion]:
+        return [self._completion([CompletionChoice(text="", finish_reason=reason)],
+                                 self.usage_field)]
 
     def usage(self, usage: Usage) -> Completion:
         return self._completion([], usage)
@@ -141,9 +201,11 @@ async def _write_events(response, first, outputs, shapes: Shapes, include_usage:
     output = first
     while True:
         if output.text:
-            await _send(response, shapes.piece(output.text))
+            for event in shapes.piece(output.text):
+                await _send(response, event)
         if output.finish_reason is not None:
-            await _send(response, shapes.finish(output.finish_reason))
+            for event in shapes.finish(output.finish_reason):
+                await _send(response, event)
             if include_usage:
                 await _send(response, shapes.usage(usage_of(output)))
             return

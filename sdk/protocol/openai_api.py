@@ -5,11 +5,16 @@ of the wrong type or out of range fails decoding with msgspec's path (`$.message
 Constraints live in the types so that /openapi.json, generated from these Structs, shows them.
 Responses follow OpenAI's shapes field for field; `UNSET` fields are left out of the JSON
 (OpenAI sends `usage` in stream chunks only when `include_usage` is asked for).
+
+Tool calling follows OpenAI's function tools: a request offers `tools` and may steer with
+`tool_choice`; an assistant message carries `tool_calls` (arguments as a JSON string, as OpenAI
+sends them) and a `tool` message answers one by its `tool_call_id`. Checks that span fields
+(a tool_choice naming an unknown tool, duplicate names) are the server's, not the schema's.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -57,6 +62,50 @@ class SamplingRequest(Struct, kw_only=True):
     kvrt: KvrtOptions | None = None
 
 
+# OpenAI's rule for function names; the name is also what the model must spell in its call.
+FunctionName = Annotated[str, Meta(min_length=1, max_length=64, pattern="^[a-zA-Z0-9_-]+$")]
+
+
+class FunctionDefinition(Struct, kw_only=True, omit_defaults=True):
+    """`parameters` is a JSON Schema object, passed to the prompt as given. omit_defaults keeps
+    absent fields out of what a chat template sees (no `"description": null`)."""
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(Struct, kw_only=True):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(Struct, kw_only=True):
+    """One call of a function: in an assistant message of a request, and in a response."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ContentPart(Struct, kw_only=True):
     type: str  # only "text" is served; others are rejected with a clear 400
     text: str | None = None
@@ -70,15 +119,27 @@ class MessageOptions(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ChatMessage(Struct, kw_only=True):
+    """`tool_calls` only on assistant messages (whose content may then be null), and
+    `tool_call_id` on every `tool` message: the server refuses either out of place."""
+
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
     kvrt: MessageOptions | None = None
 
 
 class ChatCompletionRequest(SamplingRequest, kw_only=True):
+    """`tool_choice` "required" and a named function are asked of the model in the prompt,
+    not enforced (kvrt has no constrained decoding); `parallel_tool_calls: false` keeps only
+    the first call of a reply."""
+
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None  # OpenAI's newer name; wins if both given
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" when tools are given
+    parallel_tool_calls: bool | None = None  # None: true
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
@@ -102,9 +163,13 @@ class Usage(Struct, kw_only=True):
 
 
 class AssistantMessage(Struct, kw_only=True):
+    """`content` is null when the reply is only tool calls; `tool_calls` is left out when
+    there are none."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
 
 
 class ChatChoice(Struct, kw_only=True):
@@ -124,9 +189,20 @@ class ChatCompletion(Struct, kw_only=True):
     system_fingerprint: None = None
 
 
+class ToolCallDelta(Struct, kw_only=True):
+    """A streamed tool call. kvrt sends each call whole, in one delta, once its closing tag is
+    read; OpenAI's clients also accept a call spread over several deltas of the same index."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Delta(Struct, kw_only=True):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct, kw_only=True):
