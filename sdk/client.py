@@ -64,10 +64,17 @@ class Client:
         self._transport = Transport(
             base_url, timeout=timeout, retries=retries, backoff=backoff, headers=headers
         )
+        self._headers = dict(headers or {})
 
     @property
     def base_url(self) -> str:
         return self._transport.base_url
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers sent with every request (a copy), for code that must reach the same
+        daemon another way (the LangGraph adapter's calls from synchronous code)."""
+        return dict(self._headers)
 
     async def __aenter__(self) -> Client:
         return self
@@ -100,12 +107,14 @@ class Client:
 
     # ---- runs ----------------------------------------------------------------------------
 
-    async def start_run(self, graph: GraphInfo | str) -> Run:
+    async def start_run(self, graph: GraphInfo | str, key: str | None = None) -> Run:
         """Starts a run of `graph` (a GraphInfo, or a graph id: its GraphInfo is then fetched,
-        for the agents' system prompts)."""
+        for the agents' system prompts). With a `key` (a thread id, say), the graph's live run
+        of that key is returned if there is one: a key names one run until that run is closed."""
         graph_id = _graph_id(graph)
         info = await self._transport.request(
-            "POST", "/v1/runs", _run_decoder, body=RunSpec(graph_id=graph_id), idempotent=False
+            "POST", "/v1/runs", _run_decoder, body=RunSpec(graph_id=graph_id, key=key),
+            idempotent=False,
         )
         if not isinstance(graph, GraphInfo):
             graph = await self.get_graph(graph_id)
@@ -116,8 +125,18 @@ class Client:
         state = await self._get(f"/v1/runs/{_q(run_id)}", _run_state_decoder)
         return Run(self._transport, state, await self.get_graph(state.graph_id))
 
-    async def list_runs(self, graph_id: str | None = None) -> list[RunInfo]:
-        query = "" if graph_id is None else "?" + urlencode({"graph_id": graph_id})
+    def run(self, info: RunInfo | RunState, graph: GraphInfo) -> Run:
+        """A handle to a run known already (from `list_runs`, say), made without a call."""
+        if info.graph_id != graph.id:
+            raise ValueError(f"run {info.id} is of graph {info.graph_id}, not {graph.id}")
+        return Run(self._transport, info, graph)
+
+    async def list_runs(self, graph_id: str | None = None, key: str | None = None
+                        ) -> list[RunInfo]:
+        """The live runs, of one graph and/or one key if given."""
+        filters = {name: value for name, value in (("graph_id", graph_id), ("key", key))
+                   if value is not None}
+        query = "?" + urlencode(filters) if filters else ""
         return (await self._get("/v1/runs" + query, _run_list_decoder)).data
 
     # ---- model calls without attribution -------------------------------------------------

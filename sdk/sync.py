@@ -84,14 +84,14 @@ class Client:
     def delete_graph(self, graph: GraphInfo | str) -> Deleted:
         return self._loop.run(self._client.delete_graph(graph))
 
-    def start_run(self, graph: GraphInfo | str) -> Run:
-        return Run(self._loop, self._loop.run(self._client.start_run(graph)))
+    def start_run(self, graph: GraphInfo | str, key: str | None = None) -> Run:
+        return Run(self._loop, self._loop.run(self._client.start_run(graph, key)))
 
     def get_run(self, run_id: str) -> Run:
         return Run(self._loop, self._loop.run(self._client.get_run(run_id)))
 
-    def list_runs(self, graph_id: str | None = None) -> list[RunInfo]:
-        return self._loop.run(self._client.list_runs(graph_id))
+    def list_runs(self, graph_id: str | None = None, key: str | None = None) -> list[RunInfo]:
+        return self._loop.run(self._client.list_runs(graph_id, key))
 
     def chat(self, messages: Sequence[Message], **options: Any) -> ChatReply:
         return self._loop.run(self._client.chat(messages, **options))

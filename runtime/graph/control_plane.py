@@ -1,4 +1,5 @@
-"""The registry of declared graphs and live runs. Lives on the server's event loop (no locks)."""
+"""The registry of declared graphs and live runs. Lives on the server's event loop (no locks):
+each method runs to its end without yielding, which is what makes `start_run` by key atomic."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class ControlPlane:
         self.clock = clock
         self._graphs: dict[str, GraphEntry] = {}
         self._runs: dict[str, Run] = {}
+        self._keyed: dict[tuple[str, str], str] = {}  # (graph id, key) -> live run id
 
     def create_graph(self, spec: GraphSpec) -> GraphEntry:
         graph = declare_graph(spec, self.config.default_output_tokens)
@@ -63,16 +65,29 @@ class ControlPlane:
                            "end them (DELETE /v1/runs/{id}) before deleting the graph")
         del self._graphs[graph_id]
 
-    def start_run(self, graph_id: str) -> Run:
+    def start_run(self, graph_id: str, key: str | None = None) -> Run:
+        """Starts a run of the graph. With a `key`, the graph's live run of that key is returned
+        instead when there is one, so that two callers starting one key at once (two nodes of
+        one LangGraph thread) share one run."""
         entry = self.graph(graph_id)
+        existing = self.keyed_run(graph_id, key)
+        if existing is not None:
+            return existing
         if len(self._runs) >= self.config.max_live_runs:
             raise Conflict("too_many_runs", f"{len(self._runs)} runs are live, the server's "
                            "limit; end finished runs (DELETE /v1/runs/{id}) first")
         run = Run(_new_id("run"), entry.id, entry.graph, entry.costs, int(time.time()),
-                  self.clock)
+                  self.clock, key)
         self._runs[run.id] = run
         entry.runs.add(run.id)
+        if key is not None:
+            self._keyed[graph_id, key] = run.id
         return run
+
+    def keyed_run(self, graph_id: str, key: str | None) -> Run | None:
+        """The graph's live run started with `key`, if any."""
+        run_id = None if key is None else self._keyed.get((graph_id, key))
+        return None if run_id is None else self._runs[run_id]
 
     def run(self, run_id: str) -> Run:
         run = self._runs.get(run_id)
@@ -80,13 +95,16 @@ class ControlPlane:
             raise NotFound("run", f"no live run with id {run_id!r}")
         return run
 
-    def runs(self, graph_id: str | None = None) -> list[Run]:
-        return [r for r in self._runs.values() if graph_id is None or r.graph_id == graph_id]
+    def runs(self, graph_id: str | None = None, key: str | None = None) -> list[Run]:
+        return [r for r in self._runs.values()
+                if (graph_id is None or r.graph_id == graph_id) and (key is None or r.key == key)]
 
     def end_run(self, run_id: str) -> Run:
         run = self.run(run_id)
         del self._runs[run_id]
         self._graphs[run.graph_id].runs.discard(run_id)
+        if run.key is not None:
+            del self._keyed[run.graph_id, run.key]  # the key's next start begins a new run
         return run
 
     def agent_of(self, attribution: Attribution) -> tuple[Run, int] | None:

@@ -10,7 +10,10 @@ An agent's state follows from what is in flight, in this order of precedence:
 
 Events are idempotent. An event with an `id` seen before is a no-op; without an id, a start of
 a tool already running, a finish of a tool already finished (and not restarted), and a done of
-a done agent are no-ops too. Only applied events count in `event_count`.
+a done agent are no-ops too. Only applied events count in `event_count`. Starts with distinct
+ids of a tool already running are concurrent calls (parallel instances of one node, as a
+LangGraph `Send` fan-out makes): each finish ends the oldest, and the agent is in its tool call
+until the last one ends.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ class ToolCall:
 class AgentActivity:
     queued: set[str] = field(default_factory=set)  # request ids
     generating: set[str] = field(default_factory=set)
-    tools: dict[str, ToolCall] = field(default_factory=dict)  # running, by tool name
+    tools: dict[str, list[ToolCall]] = field(default_factory=dict)  # running, by tool name
     finished_tools: set[str] = field(default_factory=set)  # finished and not restarted
     generated_tokens: int = 0
+    calls: int = 0  # model calls ended (finished, failed or aborted)
+    tool_calls: int = 0  # tool calls started (applied start events)
     done: bool = False
 
     @property
@@ -76,7 +81,7 @@ class CostModel:
         pending = sum(self.estimates.seconds(agent.name, tool) for tool in agent.tools
                       if tool not in activity.finished_tools and tool not in activity.tools)
         running = sum(max(call.predicted - (now - call.started), 0.0)
-                      for call in activity.tools.values())
+                      for calls in activity.tools.values() for call in calls)
         return tokens * self.seconds_per_output_token + pending + running
 
 
@@ -93,14 +98,21 @@ class AgentCall:
         self.activity.generated_tokens += tokens
 
     def ended(self) -> None:
+        was_open = (self.request_id in self.activity.queued
+                    or self.request_id in self.activity.generating)
         self.activity.queued.discard(self.request_id)
         self.activity.generating.discard(self.request_id)
+        if was_open:  # a second ended() of the same call must not count it twice
+            self.activity.calls += 1
 
 
 class Run:
+    """`key`: what the client started it with (a framework's thread id), so that starting the
+    same key again finds this run (see ControlPlane.start_run)."""
+
     def __init__(self, run_id: str, graph_id: str, graph: AgentGraph, costs: CostModel,
-                 created: int, clock: Callable[[], float]) -> None:
-        self.id, self.graph_id, self.graph = run_id, graph_id, graph
+                 created: int, clock: Callable[[], float], key: str | None = None) -> None:
+        self.id, self.graph_id, self.graph, self.key = run_id, graph_id, graph, key
         self.costs, self.created, self.clock = costs, created, clock
         self.agents = [AgentActivity() for _ in graph.agents]
         self.event_count = 0
@@ -131,22 +143,26 @@ class Run:
     def _apply(self, index: int, event: Event) -> bool:
         activity, name = self.agents[index], event.agent
         if isinstance(event, ToolCallStarted):
-            if event.tool in activity.tools:
+            if event.tool in activity.tools and event.id is None:
                 return False
             predicted = (event.expected_duration_s if event.expected_duration_s is not None
                          else self.costs.estimates.seconds(name, event.tool))
-            activity.tools[event.tool] = ToolCall(self.clock(), predicted)
+            activity.tools.setdefault(event.tool, []).append(ToolCall(self.clock(), predicted))
+            activity.tool_calls += 1
             activity.finished_tools.discard(event.tool)
             activity.done = False
         elif isinstance(event, ToolCallFinished):
-            call = activity.tools.pop(event.tool, None)
-            if call is None:
+            calls = activity.tools.get(event.tool)
+            if not calls:
                 if event.tool in activity.finished_tools:
                     return False
                 raise Conflict("tool_not_started", f"agent {name!r} of run {self.id} reports "
                                f"tool {event.tool!r} finished, but no call of it was started")
+            call = calls.pop(0)
+            if not calls:
+                del activity.tools[event.tool]
+                activity.finished_tools.add(event.tool)
             self.costs.estimates.observe(name, event.tool, self.clock() - call.started)
-            activity.finished_tools.add(event.tool)
         elif isinstance(event, AgentDone):
             if activity.done:
                 return False

@@ -57,14 +57,16 @@ async def delete_graph(request: web.Request) -> web.Response:
 @routes.post("/v1/runs")
 async def start_run(request: web.Request) -> web.Response:
     spec = run_spec_decoder.decode(await read_json(request))
-    run = request.app[keys.CONTROL].start_run(spec.graph_id)
-    return json_response(run_info(run), status=201)
+    control = request.app[keys.CONTROL]
+    # No await between the lookup and the start: one key never gets two runs.
+    existing = control.keyed_run(spec.graph_id, spec.key)
+    run = existing or control.start_run(spec.graph_id, spec.key)
+    return json_response(run_info(run), status=200 if existing else 201)
 
 
 @routes.get("/v1/runs")
 async def list_runs(request: web.Request) -> web.Response:
-    graph_id = request.query.get("graph_id")
-    runs = request.app[keys.CONTROL].runs(graph_id)
+    runs = request.app[keys.CONTROL].runs(request.query.get("graph_id"), request.query.get("key"))
     return json_response(RunList(data=[run_info(r) for r in runs]))
 
 
@@ -95,7 +97,7 @@ async def post_event(request: web.Request) -> web.Response:
 def agent_event(run: Run, index: int, event: Event) -> AgentEvent:
     """The engine's view of an applied event; a started tool call carries the run's prediction
     of its duration (the client's estimate, else the learned or declared one)."""
-    predicted = (run.agents[index].tools[event.tool].predicted
+    predicted = (run.agents[index].tools[event.tool][-1].predicted
                  if isinstance(event, ToolCallStarted) else None)
     kind = cast(AgentEventKind, event.__struct_config__.tag)  # the wire tags are the kinds
     return AgentEvent(kind, run.id, event.agent, predicted)

@@ -55,7 +55,7 @@ def graph_info(entry: GraphEntry) -> GraphInfo:
 
 def run_info(run: Run) -> RunInfo:
     return RunInfo(id=run.id, graph_id=run.graph_id, created=run.created,
-                   event_count=run.event_count)
+                   event_count=run.event_count, key=run.key)
 
 
 def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
@@ -69,6 +69,7 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
             on_critical_path=not activity.done and criticality.on_critical_path(i),
             remaining_seconds=run.costs.work(agent, activity, now),
             requests=len(activity.queued) + len(activity.generating),
+            calls=activity.calls, tool_calls=activity.tool_calls,
             generated_tokens=activity.generated_tokens,
             tool=next(iter(activity.tools), None),
             kv=KVResidency(device_blocks=kv.device_blocks if kv else 0,
@@ -88,6 +89,7 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
     stored = segment_tokens - sum(a.kv.segment_reused_tokens for a in agents)
     return RunState(
         id=run.id, graph_id=run.graph_id, created=run.created, event_count=run.event_count,
-        critical_path=path, critical_path_seconds=criticality.length, agents=agents, tools=tools,
+        key=run.key, critical_path=path, critical_path_seconds=criticality.length, agents=agents,
+        tools=tools,
         segment_kv_compression=segment_tokens / stored if segment_tokens else None,
     )

@@ -72,6 +72,11 @@ def _generate_op(summary: str, request: dict, response: dict, chunk: dict, error
     }}
 
 
+def _with_response(spec: dict, status: str, response: dict) -> dict:
+    spec["responses"][status] = response
+    return spec
+
+
 def _control_paths(ref: dict, errors: dict) -> dict:
     def op(summary: str, ok: str, response: type, request: type | None = None,
            params: tuple[str, ...] = ()) -> dict:
@@ -96,7 +101,9 @@ def _control_paths(ref: dict, errors: dict) -> dict:
             "delete": op("Delete a graph without live runs", "200", control.Deleted,
                          params=graph)},
         "/v1/runs": {
-            "post": op("Start a run of a graph", "201", control.RunInfo, control.RunSpec),
+            "post": _with_response(
+                op("Start a run of a graph", "201", control.RunInfo, control.RunSpec), "200",
+                _body("The live run of the graph with the given key", ref[control.RunInfo])),
             "get": {**op("List live runs", "200", control.RunList), "parameters": [
                 {"name": "graph_id", "in": "query", "required": False,
                  "schema": {"type": "string"}}]}},

@@ -111,9 +111,12 @@ class Deleted(Struct, kw_only=True):
 
 
 class RunSpec(Struct, kw_only=True, forbid_unknown_fields=True):
-    """POST /v1/runs."""
+    """POST /v1/runs. With a `key` (a framework's thread id, say), the graph's live run of that
+    key is returned if there is one (200), and a new run is started only if not (201): callers
+    that start the same key at once all get the same run."""
 
     graph_id: Id
+    key: Id | None = None
 
 
 class KVResidency(Struct, kw_only=True):
@@ -148,6 +151,9 @@ class AgentState(Struct, kw_only=True):
     on_critical_path: bool
     remaining_seconds: float  # expected work left, from progress and tool estimates
     requests: int  # model calls in flight
+    # Defaults, so that an SDK can read a daemon older than these fields.
+    calls: int = 0  # model calls finished (or aborted)
+    tool_calls: int = 0  # tool calls reported started (a repeated start is not counted)
     generated_tokens: int
     tool: str | None  # the tool it waits on, in state tool_call
     kv: KVResidency
@@ -159,6 +165,7 @@ class RunInfo(Struct, kw_only=True):
     graph_id: str
     created: int
     event_count: int
+    key: str | None = None  # the key it was started with (RunSpec.key)
 
 
 class RunState(Struct, kw_only=True):
@@ -167,6 +174,7 @@ class RunState(Struct, kw_only=True):
     graph_id: str
     created: int
     event_count: int
+    key: str | None = None
     critical_path: list[str]
     critical_path_seconds: float  # remaining
     agents: list[AgentState]

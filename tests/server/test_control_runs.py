@@ -56,8 +56,8 @@ def test_a_fresh_run(server: LiveServer) -> None:
     assert got["critical_path"] == ["a", "b", "d"] and got["critical_path_seconds"] == 7
     first = got["agents"][0]
     assert first == {"name": "a", "state": "idle", "priority": 1.0, "on_critical_path": True,
-                     "remaining_seconds": 1.0, "requests": 0, "generated_tokens": 0,
-                     "tool": None,
+                     "remaining_seconds": 1.0, "requests": 0, "calls": 0,
+                     "generated_tokens": 0, "tool": None, "tool_calls": 0,
                      "kv": {"device_blocks": 0, "host_blocks": 0, "shared_blocks": 0,
                             "decision": None, "segment_tokens": 0,
                             "segment_reused_tokens": 0}}
@@ -122,6 +122,23 @@ def test_events_are_idempotent(server: LiveServer) -> None:
     last = event(server, run, type="agent.done", agent="b")
     assert last["duplicate"] and last["event_count"] == 3
     assert state(server, run)["event_count"] == 3
+
+
+def test_concurrent_calls_of_one_tool_each_count_until_the_last_ends(server: LiveServer) -> None:
+    # Two instances of one node (a LangGraph Send fan-out) run the same tool at once: events
+    # with distinct ids are two calls, and the agent waits on its tool until both have ended.
+    run = diamond_run(server)
+    call = {"agent": "b", "tool": "work"}
+    for i in (1, 2):
+        assert not event(server, run, type="tool_call.started", id=f"s{i}", **call)["duplicate"]
+    assert not event(server, run, type="tool_call.finished", id="f1", **call)["duplicate"]
+    b = next(a for a in state(server, run)["agents"] if a["name"] == "b")
+    assert (b["state"], b["tool"], b["tool_calls"]) == ("tool_call", "work", 2)
+    assert not event(server, run, type="tool_call.finished", id="f2", **call)["duplicate"]
+    b = next(a for a in state(server, run)["agents"] if a["name"] == "b")
+    assert (b["state"], b["tool"]) == ("idle", None)
+    # A third finish finds the tool finished already: a no-op, as a repeated finish is.
+    assert event(server, run, type="tool_call.finished", id="f3", **call)["duplicate"]
 
 
 @pytest.mark.parametrize(("path", "body", "status", "code"), [

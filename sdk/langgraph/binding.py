@@ -1,0 +1,97 @@
+"""`KvrtCallbacks`: one registered graph's binding, and the LangChain callback handler that
+reports its tool runs.
+
+`register` puts one in the compiled graph's callbacks. Models and `tool_call` find it there
+(see context.py) for the graph's declaration and its runs by thread; as a handler it turns the
+tool runs LangChain reports (a `@tool` invoked in a node, `ToolNode`) into tool-call events of
+the node's agent. It handles tool events only: LangGraph sends every chain and model event to
+every handler, and each would cost a worker-thread hop for nothing.
+
+The handler is synchronous on purpose: LangChain runs a sync handler on a worker thread from
+async code (and waits for it, so a start is sent before the tool runs and before its finish),
+and inline from sync code, so one HTTP path serves `ainvoke` and `invoke` graphs alike. A
+failure to report is logged by LangChain and never fails the tool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from kvrt.sdk.client import Client
+from kvrt.sdk.langgraph.context import locate
+from kvrt.sdk.langgraph.threads import ThreadRuns
+from kvrt.sdk.protocol.control import GraphInfo, ToolCallFinished, ToolCallStarted
+from kvrt.sdk.run import Run
+
+log = logging.getLogger(__name__)
+
+
+class KvrtCallbacks(BaseCallbackHandler):
+    ignore_chain = True
+    ignore_llm = True
+    ignore_chat_model = True
+    ignore_retriever = True
+    ignore_retry = True
+    ignore_custom_event = True
+    # ignore_agent stays False: LangChain files tool events under it.
+
+    def __init__(self, client: Client, graph: GraphInfo) -> None:
+        self.graph = graph
+        self.agents = frozenset(agent.name for agent in graph.agents)
+        self.runs = ThreadRuns(client, graph)
+        self._open: dict[UUID, tuple[Run, str, str]] = {}  # tool run id -> (run, agent, tool)
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    @property
+    def base_url(self) -> str:
+        return self.runs.client.base_url
+
+    def on_tool_start(self, serialized: dict[str, Any], input_str: str, *, run_id: UUID,
+                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        call = locate(metadata, [self])
+        if call is None:
+            return
+        tool = (serialized or {}).get("name") or kwargs.get("name") or "tool"
+        run = self.runs.run_sync(call.thread)
+        self.runs.event_sync(run, ToolCallStarted(agent=call.agent, tool=tool))
+        with self._lock:
+            self._open[run_id] = (run, call.agent, tool)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._finish(run_id)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._finish(run_id)
+
+    def _finish(self, run_id: UUID) -> None:
+        with self._lock:
+            opened = self._open.pop(run_id, None)
+        if opened is not None:
+            run, agent, tool = opened
+            self.runs.event_sync(run, ToolCallFinished(agent=agent, tool=tool))
+
+    def unplaced(self, metadata: Mapping[str, Any], no_thread: bool) -> None:
+        """Warns, once per reason, of calls in the graph that go unattributed."""
+        reason = ("no thread" if no_thread
+                  else f"node {metadata.get('langgraph_node')!r} is not an agent")
+        with self._lock:
+            if reason in self._warned:
+                return
+            self._warned.add(reason)
+        if no_thread:
+            log.warning("graph %s (%s) was invoked without a thread_id: its calls are not "
+                        "attributed to a run; pass {'configurable': {'thread_id': ...}}",
+                        self.graph.name, self.graph.id)
+        else:
+            log.warning("graph %s (%s): %s; its calls are not attributed", self.graph.name,
+                        self.graph.id, reason)
+
+    def __repr__(self) -> str:
+        return f"KvrtCallbacks(graph={self.graph.id!r}, daemon={self.base_url!r})"

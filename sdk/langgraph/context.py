@@ -1,0 +1,84 @@
+"""Where a model or tool call stands: which registered graph, thread and node it runs in.
+
+LangGraph runs each node with a config whose metadata names the node (`langgraph_node`) and the
+thread (`thread_id`, copied from `configurable`); `register` adds the kvrt graph id to that
+metadata and its `KvrtCallbacks` to the callbacks. A call reads both from its callback manager
+(models) or from the run config (code in a node): metadata says which graph, the callbacks hold
+that graph's binding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.callbacks import BaseCallbackManager
+
+if TYPE_CHECKING:
+    from kvrt.sdk.langgraph.binding import KvrtCallbacks
+
+GRAPH_ID_KEY = "kvrt_graph_id"  # in the run config's metadata, set by `register`
+_MAX_KEY = 128  # the daemon's limit on a run key
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCall:
+    binding: KvrtCallbacks
+    thread: str  # the run key
+    agent: str
+
+
+def handlers_of(callbacks: Any) -> list[Any]:
+    """The handlers of a config's `callbacks` (a list, a callback manager, or None)."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, BaseCallbackManager):
+        return list(callbacks.handlers)
+    return list(callbacks)
+
+
+def binding_in(metadata: Mapping[str, Any] | None, handlers: Iterable[Any]
+               ) -> KvrtCallbacks | None:
+    """The binding of the registered graph the metadata names, if its handler is present."""
+    from kvrt.sdk.langgraph.binding import KvrtCallbacks
+
+    graph_id = (metadata or {}).get(GRAPH_ID_KEY)
+    if graph_id is None:
+        return None
+    return next((h for h in handlers
+                 if isinstance(h, KvrtCallbacks) and h.graph.id == graph_id), None)
+
+
+def locate(metadata: Mapping[str, Any] | None, handlers: Iterable[Any]) -> NodeCall | None:
+    """The registered graph, thread and agent of a call; None outside a registered graph, and
+    for a call that cannot be placed (no thread id, or no node that is an agent), which then
+    goes unattributed (the binding warns once)."""
+    binding = binding_in(metadata, handlers)
+    if binding is None or metadata is None:
+        return None
+    thread = metadata.get("thread_id")
+    agent = agent_of(metadata, binding.agents)
+    if thread is None or agent is None:
+        binding.unplaced(metadata, thread is None)
+        return None
+    return NodeCall(binding, run_key(thread), agent)
+
+
+def agent_of(metadata: Mapping[str, Any], agents: Iterable[str]) -> str | None:
+    """The node, if it is an agent; else the top-level node it runs under (a node of a
+    subgraph: the checkpoint namespace starts `outer:task|inner:task`)."""
+    names = set(agents)
+    node = metadata.get("langgraph_node")
+    if node in names:
+        return node
+    namespace = str(metadata.get("langgraph_checkpoint_ns") or "")
+    top = namespace.split("|", 1)[0].split(":", 1)[0]
+    return top if top in names else None
+
+
+def run_key(thread: Any) -> str:
+    """A thread id as a run key; one longer than the daemon takes is hashed (SHA-256)."""
+    key = str(thread)
+    return key if 0 < len(key) <= _MAX_KEY else hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,102 @@
+"""One LangGraph thread is one kvrt run: the live runs of one registered graph, by thread.
+
+A thread's run is started by its first model call or tool event, as `POST /v1/runs {graph_id,
+key: thread}`: the daemon returns the graph's live run of that key if there is one, so nodes of
+one thread that start at once (or other processes) all get the same run. Runs are cached here
+and closed only when asked (`close`): a thread may be resumed later.
+
+Calls come from async code (on the application's loop, through the SDK's `Client`) and from
+synchronous code (a sync node, a sync `invoke`, LangChain's sync callbacks, possibly while
+blocking that loop), which cannot wait on the loop: those go over a small blocking HTTP
+client of their own.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from kvrt.sdk.client import Client
+from kvrt.sdk.errors import KvrtConnectionError, error_from_response
+from kvrt.sdk.protocol.control import Event, EventAck, GraphInfo, RunClosed, RunInfo, RunSpec
+from kvrt.sdk.run import Run
+
+T = TypeVar("T")
+
+_SYNC_TIMEOUT = 30.0  # seconds; control-plane calls answer in milliseconds
+
+
+class ThreadRuns:
+    def __init__(self, client: Client, graph: GraphInfo) -> None:
+        self.client = client
+        self.graph = graph
+        self._runs: dict[str, Run] = {}
+        self._lock = threading.Lock()  # sync callers run on worker threads
+        self._http: httpx.Client | None = None
+
+    def threads(self) -> list[str]:
+        with self._lock:
+            return list(self._runs)
+
+    async def run(self, thread: str) -> Run:
+        """The thread's run, started if it has none (async callers)."""
+        run = self._runs.get(thread)
+        if run is None:
+            run = self._remember(thread, await self.client.start_run(self.graph, key=thread))
+        return run
+
+    def run_sync(self, thread: str) -> Run:
+        """The thread's run, started if it has none (synchronous callers)."""
+        run = self._runs.get(thread)
+        if run is None:
+            spec = RunSpec(graph_id=self.graph.id, key=thread)
+            info = self._post("/v1/runs", spec, RunInfo)
+            run = self._remember(thread, self.client.run(info, self.graph))
+        return run
+
+    def event_sync(self, run: Run, event: Event) -> EventAck:
+        """Sends one event from synchronous code (with a fresh id, as `Run.event` does)."""
+        event = msgspec.structs.replace(event, id=event.id or uuid.uuid4().hex)
+        return self._post(f"/v1/runs/{quote(run.id, safe='')}/events", event, EventAck)
+
+    async def close(self, thread: str) -> RunClosed | None:
+        """Ends the thread's live run, if it has one (known here or found on the daemon)."""
+        with self._lock:
+            run = self._runs.pop(thread, None)
+        if run is None:
+            live = await self.client.list_runs(self.graph.id, key=thread)
+            if not live:
+                return None
+            run = self.client.run(live[0], self.graph)
+        return await run.close()
+
+    def close_http(self) -> None:
+        with self._lock:
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
+
+    def _remember(self, thread: str, run: Run) -> Run:
+        with self._lock:  # the first answer wins; any other is the same run (same key)
+            return self._runs.setdefault(thread, run)
+
+    def _post(self, path: str, body: Any, kind: type[T]) -> T:
+        with self._lock:
+            if self._http is None:
+                self._http = httpx.Client(base_url=self.client.base_url,
+                                          headers=self.client.headers, timeout=_SYNC_TIMEOUT)
+            http = self._http
+        try:
+            reply = http.post(path, content=msgspec.json.encode(body),
+                              headers={"Content-Type": "application/json"})
+        except httpx.HTTPError as exc:
+            raise KvrtConnectionError(f"POST {self.client.base_url}{path} failed: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+        if not 200 <= reply.status_code < 300:
+            raise error_from_response(reply.status_code, reply.content)
+        return msgspec.json.decode(reply.content, type=kind)
