@@ -23,6 +23,7 @@ from kvrt.runtime.config import (
     parse_size,
 )
 from kvrt.runtime.policy import policy_names
+from kvrt.runtime.server.tool_parsers import tool_parser_names
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 ARCHS = ("llama", "qwen2", "qwen3")
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: %(default)s (triton on CUDA, torch on CPU)")
     p.add_argument("--served-model-name", default=serve["served_model_name"], metavar="NAME",
                    help="model name clients use (default: derived from the checkpoint)")
+    p.add_argument("--tool-call-parser", choices=tool_parser_names(),
+                   default=serve["tool_call_parser"],
+                   help="how replies are read for tool calls (default: %(default)s)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default=serve["log_level"],
                    help="default: %(default)s")
     p.add_argument("--seconds-per-output-token", type=float,
@@ -137,7 +141,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     control = ControlConfig(seconds_per_output_token=args.seconds_per_output_token,
                             max_live_runs=args.max_live_runs)
     return ServeConfig(host=args.host, port=args.port, log_level=args.log_level,
-                       served_model_name=args.served_model_name, engine=engine, control=control)
+                       served_model_name=args.served_model_name,
+                       tool_call_parser=args.tool_call_parser, engine=engine, control=control)
 
 
 def _serve(args: argparse.Namespace) -> int:

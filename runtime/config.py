@@ -78,6 +78,8 @@ class ServeConfig:
     port: int = 8400
     log_level: str = "info"
     served_model_name: str | None = None  # None = derived from the checkpoint
+    # How replies are read for tool calls (runtime/server/tool_parsers.py, by name).
+    tool_call_parser: str = "hermes"
     engine: EngineConfig = field(default_factory=EngineConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
 

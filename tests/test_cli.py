@@ -35,9 +35,11 @@ def test_serve_flags_reach_the_config() -> None:
         "--policy", "tokencake", "--kernels", "torch", "--served-model-name", "m",
         "--log-level", "debug", "--no-prefix-caching", "--seed", "3",
         "--seconds-per-output-token", "0.05", "--max-live-runs", "10",
+        "--tool-call-parser", "hermes",
     ])
     assert serve_config(args) == ServeConfig(
         host="0.0.0.0", port=0, log_level="debug", served_model_name="m",
+        tool_call_parser="hermes",
         engine=EngineConfig(model="/m", device="cpu", dtype="bfloat16",
                             kv_cache_memory=2 * 1024**3, host_cache_memory=8 * 1024**3,
                             block_size=32, max_model_len=4096,
@@ -50,6 +52,7 @@ def test_serve_flags_reach_the_config() -> None:
 @pytest.mark.parametrize(("argv", "words"), [
     (["serve", "--device", "tpu"], "--device"),
     (["serve", "--policy", "fifo"], "--policy"),
+    (["serve", "--tool-call-parser", "mistral"], "--tool-call-parser"),
     (["serve", "--kv-cache-memory", "lots"], "not a size"),
     (["serve", "--host-cache-memory", "lots"], "not a size"),
     (["serve", "--port", "http"], "--port"),

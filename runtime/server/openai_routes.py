@@ -39,10 +39,6 @@ from kvrt.sdk.protocol.openai_api import (
 
 routes = web.RouteTableDef()
 
-# How replies are read for tool calls; the format kvrt's own tool prompt asks for, and Qwen2.5's
-# and Hermes' templates too. (A serve option could choose another registered parser.)
-TOOL_PARSER = "hermes"
-
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -54,7 +50,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gen = chat_generate_request(body, engine, request.headers, every, tools)
     shapes = ChatShapes(
         gen.request_id, engine.model_name, _include_usage(body),
-        tool_parser=make_tool_parser(TOOL_PARSER) if tools is not None else None,
+        tool_parser=(make_tool_parser(request.app[keys.CONFIG].tool_call_parser)
+                     if tools is not None else None),
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
     return await _respond(request, body, gen, shapes, arrival)
