@@ -20,7 +20,10 @@ from kvrt.runtime.config import (
     ControlConfig,
     EngineConfig,
     ServeConfig,
+    ServerLimits,
+    parse_api_key,
     parse_size,
+    read_api_keys,
 )
 from kvrt.runtime.policy import policy_names
 from kvrt.runtime.server.tool_parsers import tool_parser_names
@@ -44,7 +47,7 @@ def _defaults(cls) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     engine, serve = _defaults(EngineConfig), _defaults(ServeConfig)
-    control = _defaults(ControlConfig)
+    control, limits = _defaults(ControlConfig), _defaults(ServerLimits)
     parser = _Parser(prog="kvrt", description="KV-cache runtime for multi-agent LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -88,6 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how replies are read for tool calls (default: %(default)s)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default=serve["log_level"],
                    help="default: %(default)s")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY[:TENANT]",
+                   help="require this bearer key (repeatable); its tenant isolates caches, "
+                   "graphs and runs (default tenant: default)")
+    p.add_argument("--api-keys-file", default=None, metavar="PATH",
+                   help="more keys, one KEY[:TENANT] per line")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without a key even when keys are set")
+    p.add_argument("--state-dir", default=serve["state_dir"], metavar="DIR",
+                   help="persist graphs and run metadata here (SQLite; default: none)")
+    p.add_argument("--max-queued-requests", type=int, default=limits["max_queued_requests"],
+                   metavar="N", help="requests waiting for the engine before 429 "
+                   "(default: %(default)s)")
+    p.add_argument("--max-queued-tokens", type=int, default=limits["max_queued_tokens"],
+                   metavar="N", help="their prompt tokens before 429 (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=limits["request_timeout_s"],
+                   metavar="S", help="a request's whole life in seconds; 0: none "
+                   "(default: %(default)s)")
+    p.add_argument("--max-body-size", type=_size, default=limits["max_body_bytes"],
+                   metavar="SIZE", help="largest request body (default: %(default)s bytes)")
+    p.add_argument("--max-messages", type=int, default=limits["max_messages"], metavar="N",
+                   help="messages per chat request or round (default: %(default)s)")
+    p.add_argument("--max-events-per-second", type=float, default=limits["max_events_per_s"],
+                   metavar="R", help="events per run per second (default: %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=limits["shutdown_timeout_s"],
+                   metavar="S", help="seconds in-flight work gets to finish on shutdown "
+                   "(default: %(default)s)")
     p.add_argument("--seconds-per-output-token", type=float,
                    default=control["seconds_per_output_token"], metavar="S",
                    help="the graph cost model's decode time per token (default: %(default)s)")
@@ -140,9 +169,20 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     )
     control = ControlConfig(seconds_per_output_token=args.seconds_per_output_token,
                             max_live_runs=args.max_live_runs)
+    limits = ServerLimits(
+        max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+        request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_size,
+        max_messages=args.max_messages, max_events_per_s=args.max_events_per_second,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+    keys = [parse_api_key(text) for text in args.api_key]
+    if args.api_keys_file is not None:
+        keys += read_api_keys(args.api_keys_file)
     return ServeConfig(host=args.host, port=args.port, log_level=args.log_level,
                        served_model_name=args.served_model_name,
-                       tool_call_parser=args.tool_call_parser, engine=engine, control=control)
+                       tool_call_parser=args.tool_call_parser, api_keys=tuple(keys),
+                       metrics_public=args.metrics_public, state_dir=args.state_dir,
+                       limits=limits, engine=engine, control=control)
 
 
 def _serve(args: argparse.Namespace) -> int:

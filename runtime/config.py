@@ -73,6 +73,54 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What the daemon accepts before it pushes back (runtime/server/admission.py): past the
+    queue bounds a request gets 429 with Retry-After; past the body size 413."""
+
+    max_queued_requests: int = 1024  # requests waiting for the engine
+    max_queued_tokens: int = 4 * 1024**2  # their prompt tokens
+    request_timeout_s: float = 600.0  # a request's whole life, queue included; 0: none
+    max_body_bytes: int = 64 * 1024**2  # agent prompts carry long histories
+    max_messages: int = 4096  # per chat request or round
+    max_events_per_s: float = 500.0  # per run, averaged over a burst of as many
+    shutdown_timeout_s: float = 30.0  # in-flight work finishes within this, then is aborted
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued_requests", "max_queued_tokens", "max_body_bytes",
+                     "max_messages", "max_events_per_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("request_timeout_s", "shutdown_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} cannot be negative, got {getattr(self, name)}")
+
+
+DEFAULT_TENANT = "default"
+
+
+def parse_api_key(text: str) -> tuple[str, str]:
+    """'KEY[:TENANT]' -> (key, tenant); a key without a tenant belongs to the default one."""
+    key, _, tenant = text.strip().partition(":")
+    tenant = tenant or DEFAULT_TENANT
+    if len(key) < 8 or any(c.isspace() for c in key):
+        raise ConfigError("an API key needs at least 8 characters and no spaces")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant):
+        raise ConfigError(f"bad tenant name {tenant!r} (letters, digits, _ . -; at most 64)")
+    return key, tenant
+
+
+def read_api_keys(path: str) -> list[tuple[str, str]]:
+    """A keys file: one KEY[:TENANT] per line; blank lines and # comments are skipped."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the API keys file: {exc}") from None
+    return [parse_api_key(line) for line in lines if line.strip() and not line.lstrip()
+            .startswith("#")]
+
+
+@dataclass(frozen=True, slots=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8400
@@ -80,12 +128,21 @@ class ServeConfig:
     served_model_name: str | None = None  # None = derived from the checkpoint
     # How replies are read for tool calls (runtime/server/tool_parsers.py, by name).
     tool_call_parser: str = "hermes"
+    # Tenants (runtime/server/auth.py): (API key, tenant) pairs. None: no key is asked for,
+    # and every caller is the default tenant.
+    api_keys: tuple[tuple[str, str], ...] = ()
+    metrics_public: bool = False  # /metrics answers without a key even when keys are set
+    state_dir: str | None = None  # graphs and run metadata persist here (SQLite); None: not
+    limits: ServerLimits = field(default_factory=ServerLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        keys = [key for key, _ in self.api_keys]
+        if len(set(keys)) != len(keys):
+            raise ConfigError("an API key is given twice")
 
 
 def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:

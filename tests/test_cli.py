@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvrt.runtime.cli import build_parser, main, serve_config
-from kvrt.runtime.config import ControlConfig, EngineConfig, ServeConfig
+from kvrt.runtime.config import ControlConfig, EngineConfig, ServeConfig, ServerLimits
 
 READY = re.compile(r"^kvrt ready: serving (\S+) at (http://127\.0\.0\.1:(\d+))$")
 
@@ -35,11 +35,20 @@ def test_serve_flags_reach_the_config() -> None:
         "--policy", "tokencake", "--kernels", "torch", "--served-model-name", "m",
         "--log-level", "debug", "--no-prefix-caching", "--seed", "3",
         "--seconds-per-output-token", "0.05", "--max-live-runs", "10",
-        "--tool-call-parser", "hermes",
+        "--tool-call-parser", "hermes", "--api-key", "sk-alpha-123:acme",
+        "--api-key", "sk-beta-4567", "--metrics-public", "--state-dir", "/var/kvrt",
+        "--max-queued-requests", "7", "--max-queued-tokens", "9000", "--request-timeout", "5",
+        "--max-body-size", "1MiB", "--max-messages", "12", "--max-events-per-second", "3",
+        "--shutdown-timeout", "2",
     ])
     assert serve_config(args) == ServeConfig(
         host="0.0.0.0", port=0, log_level="debug", served_model_name="m",
         tool_call_parser="hermes",
+        api_keys=(("sk-alpha-123", "acme"), ("sk-beta-4567", "default")), metrics_public=True,
+        state_dir="/var/kvrt",
+        limits=ServerLimits(max_queued_requests=7, max_queued_tokens=9000, request_timeout_s=5,
+                            max_body_bytes=1024**2, max_messages=12, max_events_per_s=3,
+                            shutdown_timeout_s=2),
         engine=EngineConfig(model="/m", device="cpu", dtype="bfloat16",
                             kv_cache_memory=2 * 1024**3, host_cache_memory=8 * 1024**3,
                             block_size=32, max_model_len=4096,
@@ -53,6 +62,12 @@ def test_serve_flags_reach_the_config() -> None:
     (["serve", "--device", "tpu"], "--device"),
     (["serve", "--policy", "fifo"], "--policy"),
     (["serve", "--tool-call-parser", "mistral"], "--tool-call-parser"),
+    (["serve", "--api-key", "short"], "at least 8 characters"),
+    (["serve", "--api-key", "long-enough-key:bad tenant"], "bad tenant name"),
+    (["serve", "--api-key", "sk-same-key-1", "--api-key", "sk-same-key-1:b"], "given twice"),
+    (["serve", "--api-keys-file", "/nonexistent/keys"], "cannot read the API keys file"),
+    (["serve", "--max-queued-requests", "0"], "max_queued_requests must be positive"),
+    (["serve", "--request-timeout", "-1"], "request_timeout_s cannot be negative"),
     (["serve", "--kv-cache-memory", "lots"], "not a size"),
     (["serve", "--host-cache-memory", "lots"], "not a size"),
     (["serve", "--port", "http"], "--port"),
@@ -138,3 +153,12 @@ def test_serve_missing_model_fails_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert out == "" and "Traceback" not in err
     assert "nothing-here" in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_an_api_keys_file_adds_keys_and_skips_comments(tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# ops\nsk-file-key-1:ops\n\n  sk-file-key-2  \n")
+    args = build_parser().parse_args(["serve", "--api-key", "sk-flag-key-0:acme",
+                                      "--api-keys-file", str(keys)])
+    assert serve_config(args).api_keys == (("sk-flag-key-0", "acme"), ("sk-file-key-1", "ops"),
+                                           ("sk-file-key-2", "default"))

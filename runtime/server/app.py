@@ -16,6 +16,7 @@ from aiohttp import web
 from kvrt.runtime.config import ServeConfig
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.server import keys
+from kvrt.runtime.server.auth import auth_middleware
 from kvrt.runtime.server.control_routes import routes as control_routes
 from kvrt.runtime.server.errors import error_middleware
 from kvrt.runtime.server.metrics import ServerMetrics
@@ -23,12 +24,11 @@ from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
 from kvrt.runtime.server.round_routes import routes as round_routes
 
-# Agent prompts carry long histories; aiohttp's default 1 MiB body limit is too small.
-MAX_BODY_BYTES = 64 * 1024**2
-
 
 def create_app(config: ServeConfig, engine: keys.ManagedEngine) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    # Errors outermost: an auth refusal is an error in OpenAI's shape too.
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
+                          client_max_size=config.limits.max_body_bytes)
     app[keys.CONFIG] = config
     app[keys.ENGINE] = engine
     app[keys.METRICS] = ServerMetrics()

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # OpenAI's `type` strings by status; clients key their exception classes on the status.
 _TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
     409: "invalid_request_error",

@@ -1,0 +1,61 @@
+"""API keys and tenants: who is calling, checked before any handler runs.
+
+With keys configured (`--api-key KEY[:TENANT]`, `--api-keys-file`), every endpoint but
+`/health` (and `/metrics` with `--metrics-public`) needs `Authorization: Bearer KEY`; a missing
+or unknown key is a 401 in OpenAI's error shape. The key's tenant is put on the request
+(`tenant_of`): it salts every cache index (a tenant never hits another's KV) and owns the graphs
+and runs it declares. Without keys, every caller is the default tenant.
+
+Keys are compared in constant time (`hmac.compare_digest` against each configured key, all of
+them every time), so the time a refusal takes says nothing about how close a guess was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from aiohttp import web
+
+from kvrt.runtime.config import DEFAULT_TENANT, ServeConfig
+from kvrt.runtime.server import keys
+from kvrt.runtime.server.errors import APIError
+
+_TENANT = "kvrt.tenant"
+_OPEN_PATHS = frozenset({"/health"})
+
+
+def tenant_of(request: web.Request) -> str:
+    return request.get(_TENANT, DEFAULT_TENANT)
+
+
+def tenant_salt(tenant: str) -> bytes:
+    """The cache salt of a tenant: distinct tenants never share a content key."""
+    return hashlib.sha256(b"kvrt-tenant\0" + tenant.encode()).digest()
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    config: ServeConfig = request.app[keys.CONFIG]
+    if config.api_keys and not _is_open(request.path, config):
+        request[_TENANT] = _tenant_for(request.headers.get("Authorization", ""), config)
+    return await handler(request)
+
+
+def _is_open(path: str, config: ServeConfig) -> bool:
+    return path in _OPEN_PATHS or (config.metrics_public and path == "/metrics")
+
+
+def _tenant_for(header: str, config: ServeConfig) -> str:
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise APIError(401, "this server needs an API key: send Authorization: Bearer KEY",
+                       code="missing_api_key")
+    given_bytes = given.strip().encode()
+    found = None
+    for key, tenant in config.api_keys:  # every key, every time: constant time overall
+        if hmac.compare_digest(given_bytes, key.encode()):
+            found = tenant
+    if found is None:
+        raise APIError(401, "the API key is not valid", code="invalid_api_key")
+    return found
