@@ -141,12 +141,12 @@ def assert_error_shape(reply: Reply, status: int) -> dict[str, Any]:
 
 
 def live_server(model: Path | None, engine_config: EngineConfig = SMALL_ENGINE,
-                served_model_name: str | None = "tiny") -> Iterator[LiveServer]:
+                served_model_name: str | None = "tiny", **serve: Any) -> Iterator[LiveServer]:
     """Body of a module fixture: one engine + daemon for the module (model None: the default
-    SmolLM2)."""
+    SmolLM2). `serve`: more ServeConfig fields (api_keys, limits, state_dir, ...)."""
     engine_config = replace(engine_config, model=None if model is None else str(model))
     config = ServeConfig(host="127.0.0.1", port=0, served_model_name=served_model_name,
-                         engine=engine_config)
+                         engine=engine_config, **serve)
     engine = AsyncEngine.create(config.engine, config.served_model_name)
     server = LiveServer(engine, config).start()
     try:
