@@ -48,7 +48,8 @@ class Client:
     `timeout` bounds connecting and each wait for the daemon's next bytes (seconds); `retries`
     and `backoff` govern idempotent calls only (GET, DELETE, events): after a connection failure
     or a 503 they are sent again up to `retries` more times, waiting `backoff`, 2x, 4x... seconds.
-    `headers` go with every request (an Authorization header, say).
+    `headers` go with every request; `api_key`, for a daemon started with keys, is sent as
+    `Authorization: Bearer KEY` (its tenant then owns the graphs and runs made here).
     Use it as an async context manager, or call `close()` when done.
     """
 
@@ -60,11 +61,14 @@ class Client:
         retries: int = 3,
         backoff: float = 0.1,
         headers: Mapping[str, str] | None = None,
+        api_key: str | None = None,
     ) -> None:
-        self._transport = Transport(
-            base_url, timeout=timeout, retries=retries, backoff=backoff, headers=headers
-        )
         self._headers = dict(headers or {})
+        if api_key is not None:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._transport = Transport(
+            base_url, timeout=timeout, retries=retries, backoff=backoff, headers=self._headers
+        )
 
     @property
     def base_url(self) -> str:
@@ -133,7 +137,8 @@ class Client:
 
     async def list_runs(self, graph_id: str | None = None, key: str | None = None
                         ) -> list[RunInfo]:
-        """The live runs, of one graph and/or one key if given."""
+        """The caller's runs, of one graph and/or one key if given: live ones, and those a
+        daemon restart interrupted (`status` "interrupted": end them with DELETE)."""
         filters = {name: value for name, value in (("graph_id", graph_id), ("key", key))
                    if value is not None}
         query = "?" + urlencode(filters) if filters else ""

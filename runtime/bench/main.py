@@ -29,7 +29,7 @@ from kvrt.runtime.bench.runner import (
     with_policy,
 )
 from kvrt.runtime.bench.workloads import Workload, make_workload, workload_names
-from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig, parse_size
+from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig, ServerLimits, parse_size
 from kvrt.runtime.policy import policy_names
 from kvrt.sdk import KvrtError
 
@@ -97,11 +97,18 @@ def workload_from(args: argparse.Namespace) -> Workload:
         raise SystemExit(f"kvrt: --param: {exc}") from None
 
 
+# A benchmark measures the policies, not the daemon's pushback: every call is queued however
+# many wait (a workload of a thousand agents submits at once), none times out, and a run's
+# events are not rate limited.
+UNBOUNDED = ServerLimits(max_queued_requests=2**62, max_queued_tokens=2**62,
+                         request_timeout_s=0, max_events_per_s=1e12)
+
+
 def config_from(args: argparse.Namespace) -> ServeConfig:
     engine = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                           host_cache_memory=args.host_cache_memory,
                           max_num_seqs=args.max_num_seqs, seed=args.seed)
-    return ServeConfig(served_model_name="bench", engine=engine)
+    return ServeConfig(served_model_name="bench", engine=engine, limits=UNBOUNDED)
 
 
 def machine() -> dict[str, Any]:

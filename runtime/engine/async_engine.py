@@ -5,6 +5,11 @@ thread through a queue; outputs come back with `call_soon_threadsafe`, one async
 request. Once the thread is closing, the inbox is closed under a lock and drained, so no command
 is ever left unanswered. While it has no work, the thread wakes at least every `_IDLE_WAIT_S` and
 ticks the engine, so the policy's timers (pin expiries) run between calls too.
+
+Before each step the thread aborts the requests past their `timeout_s` (RequestTimedOut). A step
+that raises fails the requests of its batch (StepFailed) and the thread goes on; any other
+failure of a step fails every live request. The loop side counts what waits for the engine
+(`load`: queued requests and tokens, the drain rate) for the server's admission control.
 """
 
 from __future__ import annotations
@@ -23,11 +28,15 @@ from kvrt.runtime.engine.protocol import (
     AgentEvent,
     AgentResidency,
     EngineError,
+    EngineLoad,
     EngineStats,
     GenerateOutput,
     GenerateRequest,
+    RequestTimedOut,
     RunEnded,
+    StepFailed,
 )
+from kvrt.runtime.engine.queue_meter import QueueMeter
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,7 @@ class AsyncEngine:
         self._inbox_lock = threading.Lock()  # orders "send" against "close and drain"
         self._inbox_closed = False
         self._streams: dict[str, asyncio.Queue[GenerateOutput | BaseException]] = {}
+        self._queue = QueueMeter()  # touched on the loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -63,15 +73,45 @@ class AsyncEngine:
         self._thread.start()
 
     async def stop(self) -> None:
+        """Stops the thread (failing what is live), then checks and logs that every request's
+        KV was released and the pool is consistent."""
         self._stopping.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._check_released()
+
+    def _check_released(self) -> None:
+        stats = self.engine.stats()
+        held = stats.kv_blocks_in_use - stats.kv_blocks_pinned
+        try:
+            self.engine.check_integrity()
+        except AssertionError as error:
+            log.error("engine stopped; the KV pool is inconsistent: %s", error)
+            return
+        if held:
+            log.error("engine stopped; %d KV blocks are still held by requests", held)
+        else:
+            log.info("engine stopped; all request KV released (%d blocks cached, %d pinned)",
+                     stats.kv_blocks_cached, stats.kv_blocks_pinned)
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def validate(self, request: GenerateRequest) -> None:
+        self.engine.validate(request)  # reads only what never changes: safe off the thread
+
+    def load(self) -> EngineLoad:
+        queue = self._queue
+        return EngineLoad(queue.requests, queue.tokens, len(self._streams), queue.drain_per_s())
+
+    async def abort_all(self, error: EngineError) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not self._send("abort_all", (error, future)):
+            return 0  # no engine thread: its shutdown failed whatever was live
+        return await future
 
     def kv_residency(self, run: str) -> dict[str, AgentResidency]:
         return self.engine.kv_residency(run)  # the ledger locks: no trip to the engine thread
@@ -104,16 +144,20 @@ class AsyncEngine:
         if not self._send("add", request):
             self._streams.pop(request.request_id, None)
             raise EngineError("the engine is not running")
+        self._queue.enter(request.request_id, len(request.prompt_token_ids))
         finished = False
         try:
             while not finished:
                 item = await stream.get()
-                if isinstance(item, BaseException):
+                failed = isinstance(item, BaseException)
+                self._queue.leave(request.request_id, served=not failed)
+                if failed:
                     finished = True  # the engine delivers an error only after dropping the request
                     raise item
                 finished = item.finish_reason is not None
                 yield item
         finally:
+            self._queue.leave(request.request_id, served=False)
             self._streams.pop(request.request_id, None)
             if not finished:  # the consumer went away (client disconnect): free the KV
                 self._send("abort", request.request_id)
@@ -133,6 +177,10 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._handle_commands(block=not self.engine.has_work())
                 if self.engine.has_work():
+                    for request_id in self.engine.expire():
+                        self._deliver_error(request_id, RequestTimedOut(
+                            "the request did not finish within the server's time limit "
+                            "(queue time included) and was aborted"))
                     emitted = self._step()  # ticks the policy itself
                     if emitted:
                         self._loop_call(self._deliver, emitted)
@@ -150,7 +198,8 @@ class AsyncEngine:
         self.engine.close()
 
     def _close_inbox(self, error: EngineError) -> None:
-        """Answers the commands sent before the inbox closed: adds fail, releases still run."""
+        """Answers the commands sent before the inbox closed: adds fail, releases still run,
+        aborts find nothing left."""
         with self._inbox_lock:
             self._inbox_closed = True
         while True:
@@ -162,6 +211,8 @@ class AsyncEngine:
                 self._deliver_error(payload.request_id, error)
             elif kind == "release_run":
                 self._release_run(*payload)
+            elif kind == "abort_all":  # the shutdown failed every live request already
+                self._loop_call(_settle, payload[1], 0)
 
     def _handle_commands(self, block: bool) -> None:
         try:
@@ -195,6 +246,12 @@ class AsyncEngine:
                 log.exception("the policy failed on %s", payload)
         elif kind == "release_run":
             self._release_run(*payload)
+        elif kind == "abort_all":
+            error, future = payload
+            aborted = self.engine.fail_all()
+            for request_id in aborted:
+                self._deliver_error(request_id, error)
+            self._loop_call(_settle, future, len(aborted))
 
     def _tick(self) -> None:
         try:
@@ -216,7 +273,12 @@ class AsyncEngine:
         emitted: list[Emitted] = []
         try:
             emitted = self.engine.step()
-        except Exception as error:  # one bad step must not take the engine down
+        except StepFailed as failure:  # one bad batch must not take the engine down
+            log.error("%s; aborted %s", failure, ", ".join(failure.request_ids),
+                      exc_info=failure.__cause__)
+            for request_id in failure.request_ids:
+                self._deliver_error(request_id, failure)
+        except Exception as error:  # before the batch ran (scheduling): nothing is known good
             log.exception("engine step failed; failing the requests in flight")
             for request_id in self.engine.fail_all():
                 self._deliver_error(request_id, EngineError(f"engine step failed: {error}"))

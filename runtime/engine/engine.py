@@ -3,6 +3,10 @@
 The engine owns the model and the KV pool; `AsyncEngine` runs it on its own thread. Time comes
 from an injected clock, so the same engine can run under a simulated clock. The policy hears of
 the agents' events (`notify`) and of time passing (`tick`, before each step and while idle).
+
+A step that raises after scheduling aborts the requests of its batch and raises StepFailed
+naming them; the engine stays consistent and serves the others. `expire` aborts the requests
+past their `timeout_s`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from kvrt.runtime.engine.protocol import (
     GenerateOutput,
     GenerateRequest,
     RequestRejected,
+    StepFailed,
 )
 from kvrt.runtime.engine.sampler import Sampler
 from kvrt.runtime.engine.scheduler import BatchScheduler, Chunk
@@ -42,6 +47,7 @@ class RunRelease:
 class _Live:
     seq: Sequence
     text: OutputText
+    deadline: float | None  # clock time past which it is aborted (its timeout_s); None: never
 
 
 class Engine:
@@ -109,7 +115,9 @@ class Engine:
         text = OutputText(
             request.params, self.tokenizer.detokenizer(), self.tokenizer.eos_token_ids
         )
-        self._live[request.request_id] = _Live(seq, text)
+        timeout = request.timeout_s
+        deadline = None if timeout is None else seq.arrival + timeout
+        self._live[request.request_id] = _Live(seq, text, deadline)
         self._arrivals += 1
         self.prompt_tokens += seq.prompt_len
         self.scheduler.add(seq)
@@ -120,6 +128,15 @@ class Engine:
             return False
         self.scheduler.finish(live.seq)
         return True
+
+    def expire(self) -> list[str]:
+        """Aborts the live requests past their deadline (their KV freed); returns their ids."""
+        now = self.clock()
+        expired = [request_id for request_id, live in self._live.items()
+                   if live.deadline is not None and live.deadline <= now]
+        for request_id in expired:
+            self.abort(request_id)
+        return expired
 
     def notify(self, event: AgentEvent) -> None:
         """Hands an agent's control-plane event to the policy, at the clock's time now."""
@@ -189,6 +206,19 @@ class Engine:
                 self.scheduler.policy.on_stall(self.kv, self.clock())
             return []
         self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.kv.usage().in_use)
+        try:
+            return self._run(chunks)
+        except Exception as error:
+            # The batch's sequences are in an unknown state (KV half written, a token perhaps
+            # sampled): they are aborted, their blocks freed. The others never saw this step.
+            ids = [chunk.seq.request_id for chunk in chunks]
+            for request_id in ids:
+                self.abort(request_id)
+            raise StepFailed(f"engine step failed: {type(error).__name__}: {error}",
+                             ids) from error
+
+    def _run(self, chunks: list[Chunk]) -> list[Emitted]:
+        """Executes one scheduled batch, keys what it computed and samples."""
         logits = self.executor.run(chunks)
         sampling = [c for c in chunks if c.wants_logits]
         tokens = self.sampler.sample(

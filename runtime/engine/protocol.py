@@ -31,6 +31,23 @@ class RunEnded(EngineError):
     """The request's run was ended (DELETE /v1/runs/{id}) while it was in flight."""
 
 
+class RequestTimedOut(EngineError):
+    """The request outlived its `timeout_s` (queue time included) and was aborted."""
+
+
+class ShuttingDown(EngineError):
+    """The server is shutting down and aborted the request (it did not finish in time)."""
+
+
+class StepFailed(EngineError):
+    """One engine step raised: the requests of its batch were aborted (their KV freed); the
+    others go on. `request_ids` are the aborted ones; the cause is chained."""
+
+    def __init__(self, message: str, request_ids: list[str]) -> None:
+        super().__init__(message)
+        self.request_ids = request_ids
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -62,6 +79,9 @@ class GenerateRequest:
     # Token spans [start, end) of the prompt that are segments: text whose KV may be reused at
     # another position (marked messages, or every message of an "approximate" graph's calls).
     segments: tuple[tuple[int, int], ...] = ()
+    # Seconds the request may live from its arrival at the engine, queue included; past it,
+    # it is aborted with RequestTimedOut. None: no limit.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +142,16 @@ class EngineStats:
                 - self.segment_dropped_tokens)
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """What the engine holds now, seen from the event loop (for admission and draining)."""
+
+    queued_requests: int  # submitted, no output yet (waiting, or in their first prefill)
+    queued_tokens: int  # their prompt tokens
+    in_flight: int  # every live generate() call: queued or producing output
+    drain_per_s: float | None  # requests leaving the queue per second lately; None: unknown
+
+
 class EngineClient(Protocol):
     model_name: str
     max_model_len: int
@@ -131,6 +161,19 @@ class EngineClient(Protocol):
         """Streams the request's output. Raises RequestRejected before yielding if the request
         can never be served. Closing the iterator early (client gone) aborts the request and
         frees its KV."""
+        ...
+
+    def validate(self, request: GenerateRequest) -> None:
+        """Raises RequestRejected for a request that can never be served; queues nothing."""
+        ...
+
+    def load(self) -> EngineLoad:
+        """The queue and the live calls now. Cheap; call it from the event loop."""
+        ...
+
+    async def abort_all(self, error: EngineError) -> int:
+        """Aborts every live request (their KV freed); each call ends with `error`. Returns how
+        many there were."""
         ...
 
     def stats(self) -> EngineStats: ...

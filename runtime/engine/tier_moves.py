@@ -4,6 +4,11 @@ worker thread, completed here on the engine thread (the only thread that touches
 The engine finishes the moves that are done before each step and while idle. A waiting request
 whose prefix is on the host asks for an upload (the scheduler's `request_upload`) and is
 admitted once it has landed; until then the step goes on without it.
+
+A copy that fails, or cannot even start (the mover closed), is completed as failed: the two-phase
+protocol's abort path leaves each block in a known tier (KVTiers.complete). A failed upload also
+drops the host's copy of what it carried (the copy may be what failed), so the request waiting
+for it computes its KV instead of asking for the same upload again at every step.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import logging
 from concurrent.futures import Future, wait
 
 from kvrt.runtime.kv.mover import BlockMover
-from kvrt.runtime.kv.tiers import KVTiers, Move
+from kvrt.runtime.kv.tiers import Direction, KVTiers, Move
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,10 @@ class TierMoves:
         leave the device now, the others are copied first. Returns the host blocks that hold,
         or will hold, their content, in order (in flight until the copy lands)."""
         offload = self.tiers.prepare_offload(block_ids)
-        self._start(offload.move)
+        move = offload.move
+        if move is not None and self._start(move) is None:  # the copy could not start
+            failed = set(move.target)
+            return [b for b in offload.host_blocks if b not in failed]
         return offload.host_blocks
 
     def backup(self, block_ids: list[int]) -> Move | None:
@@ -70,13 +78,32 @@ class TierMoves:
         self.finish_done()
 
     def _start(self, move: Move | None) -> Move | None:
-        if move is not None:
-            self._pending.append((move, self.mover.start(move)))
+        """Hands the move to the mover; None if there was none, or it could not start."""
+        if move is None:
+            return None
+        try:
+            future = self.mover.start(move)
+        except Exception as error:  # e.g. the mover is shut down: the copy never runs
+            self._fail(move, error)
+            return None
+        self._pending.append((move, future))
         return move
 
     def _complete(self, move: Move, future: Future[None]) -> int:
         error = future.exception()
-        if error is not None:  # the content stays where it was; the pools stay consistent
-            self.failed += 1
-            log.error("KV %s of %d blocks failed: %s", move.direction.value, len(move), error)
-        return self.tiers.complete(move, ok=error is None)
+        if error is not None:
+            self._fail(move, error)
+            return 0
+        return self.tiers.complete(move, ok=True)
+
+    def _fail(self, move: Move, error: BaseException) -> None:
+        """Completes a move whose copy failed: the content stays where it was, the pools stay
+        consistent. A failed upload's source (host) copies are dropped."""
+        self.failed += 1
+        log.error("KV %s of %d blocks failed: %s", move.direction.value, len(move), error)
+        self.tiers.complete(move, ok=False)
+        if move.direction is Direction.UPLOAD:
+            host = self.tiers.host
+            for block_id in move.source:
+                if host.is_cached(block_id):
+                    host.drop_cached(block_id)

@@ -1,5 +1,17 @@
-"""The registry of declared graphs and live runs. Lives on the server's event loop (no locks):
-each method runs to its end without yielding, which is what makes `start_run` by key atomic."""
+"""The registry of declared graphs and their runs. Lives on the server's event loop (no locks):
+each method runs to its end without yielding, which is what makes `start_run` by key atomic.
+
+Everything belongs to a tenant (runtime/server/auth.py). Every lookup takes the caller's
+tenant, and another tenant's graph or run is NotFound, exactly as one that does not exist: a
+caller cannot learn that another's id exists. Listings show the caller's only.
+
+With a state store (`--state-dir`, runtime/graph/store.py) graphs and runs are written as they
+are declared, started and ended, before the change is made in memory (a failed write changes
+nothing). Opened on a store, the control plane brings back its graphs (same ids and tenants)
+and, as "interrupted", the runs that were live when the last daemon stopped: they can be read,
+listed and ended, but take no events and no calls (Conflict `run_interrupted`), do not count
+against `max_live_runs`, and no longer hold their key (its next start begins a new run).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +20,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvrt.runtime.config import ControlConfig
+from kvrt.runtime.config import DEFAULT_TENANT, ControlConfig, ServeConfig
 from kvrt.runtime.engine.protocol import Attribution
 from kvrt.runtime.graph.critical_path import Criticality, critical_path
 from kvrt.runtime.graph.declaration import AgentGraph, declare_graph
-from kvrt.runtime.graph.errors import Conflict, NotFound
+from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound
 from kvrt.runtime.graph.runs import CostModel, Run
+from kvrt.runtime.graph.store import SavedGraph, SavedRun, StateError, StateStore
+from kvrt.runtime.graph.token_bucket import TokenBucket
 from kvrt.runtime.graph.tool_estimates import ToolEstimates
 from kvrt.sdk.protocol.control import GraphSpec
 
@@ -21,10 +35,12 @@ from kvrt.sdk.protocol.control import GraphSpec
 @dataclass(slots=True)
 class GraphEntry:
     id: str
+    tenant: str
     graph: AgentGraph
     costs: CostModel  # tool estimates learned from every run of the graph
     created: int  # unix seconds
     runs: set[str] = field(default_factory=set)  # live run ids
+    interrupted: set[str] = field(default_factory=set)  # interrupted run ids, not yet ended
 
     def criticality(self) -> Criticality:
         """The critical path of a fresh run, with what has been learned of the tools so far."""
@@ -33,86 +49,186 @@ class GraphEntry:
 
 
 class ControlPlane:
-    def __init__(self, config: ControlConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    """`max_events_per_s`: each run's events are limited to this rate, in bursts of as many
+    (None: no limit). `store`: where graphs and runs persist (None: in memory only); the
+    control plane loads it and owns it from then on (`close`)."""
+
+    def __init__(self, config: ControlConfig, clock: Callable[[], float] = time.monotonic, *,
+                 store: StateStore | None = None,
+                 max_events_per_s: float | None = None) -> None:
         self.config = config
         self.clock = clock
+        self.max_events_per_s = max_events_per_s
         self._graphs: dict[str, GraphEntry] = {}
-        self._runs: dict[str, Run] = {}
+        self._runs: dict[str, Run] = {}  # live and interrupted
+        self._interrupted = 0
         self._keyed: dict[tuple[str, str], str] = {}  # (graph id, key) -> live run id
+        self._store = store
+        if store is not None:
+            self._load(store)
 
-    def create_graph(self, spec: GraphSpec) -> GraphEntry:
-        graph = declare_graph(spec, self.config.default_output_tokens)
-        declared = {(agent.name, tool): seconds
-                    for agent in graph.agents for tool, seconds in agent.tools.items()}
-        costs = CostModel(ToolEstimates(declared), self.config.seconds_per_output_token)
-        entry = GraphEntry(_new_id("graph"), graph, costs, int(time.time()))
+    @classmethod
+    def open(cls, config: ServeConfig, clock: Callable[[], float] = time.monotonic
+             ) -> ControlPlane:
+        """The daemon's control plane: on `config.state_dir` if it names one (StateError, a
+        ConfigError, if the dir cannot be used), with `config.limits.max_events_per_s`."""
+        store = StateStore.open(config.state_dir) if config.state_dir is not None else None
+        try:
+            return cls(config.control, clock, store=store,
+                       max_events_per_s=config.limits.max_events_per_s)
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
+
+    def close(self) -> None:
+        """Closes the state store (everything in it is written already)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # -- graphs -----------------------------------------------------------------------------
+
+    def create_graph(self, spec: GraphSpec, tenant: str = DEFAULT_TENANT) -> GraphEntry:
+        entry = self._declare(_new_id("graph"), tenant, spec, int(time.time()))
+        if self._store is not None:
+            self._store.add_graph(SavedGraph(entry.id, tenant, entry.created, spec))
         self._graphs[entry.id] = entry
         return entry
 
-    def graph(self, graph_id: str) -> GraphEntry:
+    def graph(self, graph_id: str, tenant: str = DEFAULT_TENANT) -> GraphEntry:
         entry = self._graphs.get(graph_id)
-        if entry is None:
+        if entry is None or entry.tenant != tenant:
             raise NotFound("graph", f"no graph with id {graph_id!r}")
         return entry
 
-    def graphs(self) -> list[GraphEntry]:
-        return list(self._graphs.values())
+    def graphs(self, tenant: str | None = None) -> list[GraphEntry]:
+        """The tenant's graphs (None: every tenant's)."""
+        return [e for e in self._graphs.values() if tenant is None or e.tenant == tenant]
 
-    def delete_graph(self, graph_id: str) -> None:
-        entry = self.graph(graph_id)
-        if entry.runs:
-            raise Conflict("graph_in_use", f"graph {graph_id} has {len(entry.runs)} live run(s); "
-                           "end them (DELETE /v1/runs/{id}) before deleting the graph")
+    def delete_graph(self, graph_id: str, tenant: str = DEFAULT_TENANT) -> None:
+        entry = self.graph(graph_id, tenant)
+        if entry.runs or entry.interrupted:
+            count = len(entry.runs) + len(entry.interrupted)
+            raise Conflict("graph_in_use", f"graph {graph_id} has {count} run(s), live or "
+                           "interrupted; end them (DELETE /v1/runs/{id}) before deleting the "
+                           "graph")
+        if self._store is not None:
+            self._store.remove_graph(graph_id)
         del self._graphs[graph_id]
 
-    def start_run(self, graph_id: str, key: str | None = None) -> Run:
+    # -- runs -------------------------------------------------------------------------------
+
+    def start_run(self, graph_id: str, key: str | None = None,
+                  tenant: str = DEFAULT_TENANT) -> Run:
         """Starts a run of the graph. With a `key`, the graph's live run of that key is returned
         instead when there is one, so that two callers starting one key at once (two nodes of
         one LangGraph thread) share one run."""
-        entry = self.graph(graph_id)
-        existing = self.keyed_run(graph_id, key)
+        entry = self.graph(graph_id, tenant)
+        existing = self.keyed_run(graph_id, key, tenant)
         if existing is not None:
             return existing
-        if len(self._runs) >= self.config.max_live_runs:
-            raise Conflict("too_many_runs", f"{len(self._runs)} runs are live, the server's "
-                           "limit; end finished runs (DELETE /v1/runs/{id}) first")
-        run = Run(_new_id("run"), entry.id, entry.graph, entry.costs, int(time.time()),
-                  self.clock, key)
+        if self.live_run_count() >= self.config.max_live_runs:
+            raise Conflict("too_many_runs", f"{self.live_run_count()} runs are live, the "
+                           "server's limit; end finished runs (DELETE /v1/runs/{id}) first")
+        run = self._new_run(entry, _new_id("run"), int(time.time()), key)
+        if self._store is not None:
+            self._store.add_run(SavedRun(run.id, entry.id, tenant, key, run.created))
         self._runs[run.id] = run
         entry.runs.add(run.id)
         if key is not None:
             self._keyed[graph_id, key] = run.id
         return run
 
-    def keyed_run(self, graph_id: str, key: str | None) -> Run | None:
+    def keyed_run(self, graph_id: str, key: str | None,
+                  tenant: str = DEFAULT_TENANT) -> Run | None:
         """The graph's live run started with `key`, if any."""
+        self.graph(graph_id, tenant)
         run_id = None if key is None else self._keyed.get((graph_id, key))
         return None if run_id is None else self._runs[run_id]
 
-    def run(self, run_id: str) -> Run:
+    def run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
+        """The run, live or interrupted."""
         run = self._runs.get(run_id)
-        if run is None:
-            raise NotFound("run", f"no live run with id {run_id!r}")
+        if run is None or run.tenant != tenant:
+            raise NotFound("run", f"no run with id {run_id!r}")
         return run
 
-    def runs(self, graph_id: str | None = None, key: str | None = None) -> list[Run]:
-        return [r for r in self._runs.values()
-                if (graph_id is None or r.graph_id == graph_id) and (key is None or r.key == key)]
+    def live_run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
+        """The run, for events and calls: Conflict `run_interrupted` if it was interrupted."""
+        run = self.run(run_id, tenant)
+        run.check_live()
+        return run
 
-    def end_run(self, run_id: str) -> Run:
-        run = self.run(run_id)
+    def runs(self, graph_id: str | None = None, key: str | None = None, *,
+             tenant: str | None = None) -> list[Run]:
+        """Runs, live and interrupted, of one graph, key and tenant if given (tenant None:
+        every tenant's)."""
+        return [r for r in self._runs.values()
+                if (graph_id is None or r.graph_id == graph_id) and (key is None or r.key == key)
+                and (tenant is None or r.tenant == tenant)]
+
+    def live_run_count(self) -> int:
+        return len(self._runs) - self._interrupted
+
+    def end_run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
+        run = self.run(run_id, tenant)
+        if self._store is not None:
+            self._store.end_run(run_id, int(time.time()))
         del self._runs[run_id]
-        self._graphs[run.graph_id].runs.discard(run_id)
+        entry = self._graphs[run.graph_id]
+        if run.status == "interrupted":
+            entry.interrupted.discard(run_id)
+            self._interrupted -= 1
+            return run
+        entry.runs.discard(run_id)
         if run.key is not None:
             del self._keyed[run.graph_id, run.key]  # the key's next start begins a new run
         return run
 
-    def agent_of(self, attribution: Attribution) -> tuple[Run, int] | None:
+    def agent_of(self, attribution: Attribution,
+                 tenant: str = DEFAULT_TENANT) -> tuple[Run, int] | None:
         """The run and agent index a model call is attributed to (None if unattributed)."""
         if attribution.run is None or attribution.agent is None:
             return None
-        run = self.run(attribution.run)
+        run = self.live_run(attribution.run, tenant)
         return run, run.agent_index(attribution.agent)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _declare(self, graph_id: str, tenant: str, spec: GraphSpec, created: int) -> GraphEntry:
+        graph = declare_graph(spec, self.config.default_output_tokens)
+        declared = {(agent.name, tool): seconds
+                    for agent in graph.agents for tool, seconds in agent.tools.items()}
+        costs = CostModel(ToolEstimates(declared), self.config.seconds_per_output_token)
+        return GraphEntry(graph_id, tenant, graph, costs, created)
+
+    def _new_run(self, entry: GraphEntry, run_id: str, created: int, key: str | None,
+                 interrupted: bool = False) -> Run:
+        rate = self.max_events_per_s
+        budget = (None if rate is None or interrupted
+                  else TokenBucket.full(rate, max(rate, 1.0), self.clock()))
+        return Run(run_id, entry.id, entry.graph, entry.costs, created, self.clock, key,
+                   tenant=entry.tenant, status="interrupted" if interrupted else "live",
+                   event_budget=budget)
+
+    def _load(self, store: StateStore) -> None:
+        for saved in store.graphs():
+            try:
+                entry = self._declare(saved.id, saved.tenant, saved.spec, saved.created)
+            except GraphError as exc:
+                raise StateError(f"graph {saved.id} in {store.path} is no longer valid: {exc}"
+                                 ) from None
+            self._graphs[entry.id] = entry
+        for saved_run in store.open_runs():
+            entry = self._graphs.get(saved_run.graph_id)
+            if entry is None or entry.tenant != saved_run.tenant:
+                raise StateError(f"run {saved_run.id} in {store.path} names graph "
+                                 f"{saved_run.graph_id}, which is not there")
+            run = self._new_run(entry, saved_run.id, saved_run.created, saved_run.key, True)
+            self._runs[run.id] = run
+            entry.interrupted.add(run.id)
+            self._interrupted += 1
 
 
 def _new_id(kind: str) -> str:

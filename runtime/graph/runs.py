@@ -22,14 +22,17 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvrt.runtime.config import DEFAULT_TENANT
 from kvrt.runtime.graph.critical_path import Criticality, critical_path
 from kvrt.runtime.graph.declaration import Agent, AgentGraph
 from kvrt.runtime.graph.errors import Conflict, NotFound
+from kvrt.runtime.graph.token_bucket import TokenBucket
 from kvrt.runtime.graph.tool_estimates import ToolEstimates
 from kvrt.sdk.protocol.control import (
     AgentDone,
     AgentStatus,
     Event,
+    RunStatus,
     ToolCallFinished,
     ToolCallStarted,
 )
@@ -108,12 +111,18 @@ class AgentCall:
 
 class Run:
     """`key`: what the client started it with (a framework's thread id), so that starting the
-    same key again finds this run (see ControlPlane.start_run)."""
+    same key again finds this run (see ControlPlane.start_run). `tenant`: who started it; no
+    one else sees it. An "interrupted" run (live when the daemon stopped) takes no events and
+    no calls: `apply` and `submit_call` raise Conflict `run_interrupted`. `event_budget`, if
+    any, limits the rate of its events (see `admit_event`)."""
 
     def __init__(self, run_id: str, graph_id: str, graph: AgentGraph, costs: CostModel,
-                 created: int, clock: Callable[[], float], key: str | None = None) -> None:
+                 created: int, clock: Callable[[], float], key: str | None = None, *,
+                 tenant: str = DEFAULT_TENANT, status: RunStatus = "live",
+                 event_budget: TokenBucket | None = None) -> None:
         self.id, self.graph_id, self.graph, self.key = run_id, graph_id, graph, key
         self.costs, self.created, self.clock = costs, created, clock
+        self.tenant, self.status, self.event_budget = tenant, status, event_budget
         self.agents = [AgentActivity() for _ in graph.agents]
         self.event_count = 0
         self.rounds = 0  # All-Gather rounds started (POST /v1/runs/{id}/rounds)
@@ -126,8 +135,20 @@ class Run:
                                     f"{self.graph_id} declares {_names(self.graph)}")
         return index
 
+    def check_live(self) -> None:
+        if self.status == "interrupted":
+            raise Conflict("run_interrupted", f"run {self.id} was interrupted: it was live when "
+                           "the daemon stopped, and takes no events or calls; start a new run "
+                           "(and DELETE this one)")
+
+    def admit_event(self) -> float:
+        """Counts an event against the run's budget: 0.0 if it may be handled, else the
+        seconds until one may."""
+        return 0.0 if self.event_budget is None else self.event_budget.take(self.clock())
+
     def apply(self, event: Event) -> tuple[int, bool]:
         """Applies an event; returns (agent index, whether it was a duplicate)."""
+        self.check_live()
         index = self.agent_index(event.agent)
         if event.id is not None and event.id in self._event_ids:
             return index, True
@@ -172,6 +193,7 @@ class Run:
     # -- model calls (the server reports them) -------------------------------------------------
 
     def submit_call(self, index: int, request_id: str) -> AgentCall:
+        self.check_live()
         activity = self.agents[index]
         activity.queued.add(request_id)
         activity.done = False

@@ -34,6 +34,7 @@ class SegmentCopy:
     slots: torch.Tensor  # the slot of each row it covers, in order: a prefix of the segment
     block_ids: tuple[int, ...]  # the distinct blocks those rows lie in
     probe: int | None = None  # an output's: the hash of (salt, its first PROBE tokens)
+    salt: bytes = b""  # an output's tenant salt: a probe hit of another tenant is no hit
 
     @property
     def length(self) -> int:
@@ -48,7 +49,7 @@ def segment_key(salt: bytes, token_ids: tuple[int, ...]) -> bytes:
 
 
 def _probe(salt: bytes, token_ids: tuple[int, ...]) -> int:
-    # In-process only: Python's hash is enough, and a hit is confirmed by the tokens.
+    # In-process only: Python's hash is enough; a hit is confirmed by the salt and the tokens.
     return hash((salt, token_ids))
 
 
@@ -77,7 +78,7 @@ class SegmentIndex:
         return copy if copy is not None and copy.token_ids == token_ids else None
 
     def offer(self, key: bytes, token_ids: tuple[int, ...], start: int,
-              slots: torch.Tensor, probe: int | None = None) -> bool:
+              slots: torch.Tensor, probe: int | None = None, salt: bytes = b"") -> bool:
         """Indexes the rows `slots` (in keyed blocks) as the copy of the segment computed at
         `start`, unless the index has one at least as long; True if it took this one."""
         known = self._copies.get(key)
@@ -86,7 +87,7 @@ class SegmentIndex:
         if known is not None:
             self._forget(key, known)
         block_ids = blocks_of(slots, self.block_size)
-        self._copies[key] = SegmentCopy(token_ids, start, slots, block_ids, probe)
+        self._copies[key] = SegmentCopy(token_ids, start, slots, block_ids, probe, salt)
         for block_id in block_ids:
             self._keys_of_block.setdefault(block_id, set()).add(key)
         if probe is not None:
@@ -99,7 +100,7 @@ class SegmentIndex:
         if len(token_ids) < PROBE:
             return False
         return self.offer(segment_key(salt, token_ids), token_ids, start, slots,
-                          _probe(salt, token_ids[:PROBE]))
+                          _probe(salt, token_ids[:PROBE]), salt)
 
     def find_within(self, salt: bytes, token_ids: tuple[int, ...]) -> Within | None:
         """The output copy matching the most rows of a run inside `token_ids`, if any."""
@@ -107,6 +108,8 @@ class SegmentIndex:
         for offset in range(len(token_ids) - PROBE + 1):
             for key in self._outputs.get(_probe(salt, token_ids[offset:offset + PROBE]), ()):
                 copy = self._copies[key]
+                if copy.salt != salt:  # a collision of Python's hash across tenants
+                    continue
                 length = _common_prefix(copy.token_ids[:copy.length], token_ids[offset:])
                 if best is None or length > best.length:
                     best = Within(offset, copy, length)

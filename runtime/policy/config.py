@@ -34,6 +34,12 @@ class TokencakeConfig:
     # critical ones (1.0) after 400 s. Faster aging trades mean completion time for the tail
     # (0.01 on the CPU coding-agents run: JCT mean +7%, TTFT p99 -26%).
     aging_per_s: float = 0.002
+    # A reservation ends by itself once its agent has been silent too long, so a tool that
+    # never reports its finish (a crashed client) cannot hold the pool: at a tool call's start,
+    # `tool_deadline_factor` times the predicted tool time, and never less than
+    # `tool_deadline_min_s` (nor, with no tool running, after a call or a tool's finish).
+    tool_deadline_factor: float = 3.0
+    tool_deadline_min_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.offload_margin < 1 or not 0 <= self.pressure_free_fraction <= 1:
@@ -41,6 +47,8 @@ class TokencakeConfig:
         if not 0 <= self.reserve_fraction <= 1 or self.aging_per_s < 0:
             raise ValueError(f"bad tokencake config: {self}")
         if self.upload_lead_s < 0 or self.prior_bandwidth <= 0 or self.copy_latency_s < 0:
+            raise ValueError(f"bad tokencake config: {self}")
+        if self.tool_deadline_factor < 1 or self.tool_deadline_min_s <= 0:
             raise ValueError(f"bad tokencake config: {self}")
 
 

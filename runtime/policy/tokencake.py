@@ -26,8 +26,17 @@ KV reserved between calls: pinned when a call finishes, while all pins fit the b
 calls cannot evict it. As running calls grow, the budget shrinks and the least important
 reservations are lent to them; as they end, those are reclaimed (pinned again, whatever is
 left of them). A reservation ends when the agent's next call is admitted (its references
-protect what it reuses), when it goes to the host, at agent.done, and under a stall (the
-lowest priority's first). Parameters: runtime/policy/config.py.
+protect what it reuses), when it goes to the host, at agent.done, under a stall (the
+lowest priority's first), and at its deadline, so that an agent whose tool never reports back
+does not hold the pool (decision "release:deadline"):
+
+    reservation made or renewed            ends, lent or not, at the latest
+    -------------------------------------  ---------------------------------------------------
+    its call finished                      now + tool_deadline_min_s
+    tool_call.started, predicted p         now + max(tool_deadline_factor x p, tool_deadline_min_s)
+    tool_call.finished                     now + tool_deadline_min_s (the next call is near)
+
+Parameters: runtime/policy/config.py.
 
 Write-through: every block a step computes is copied to the host in the background (the
 device keeps it), so an eviction or a preemption on the device loses nothing that the next
@@ -63,6 +72,7 @@ class TokencakePolicy(Policy):
         self.away: dict[Owner, _Away] = {}
         self.reserved: dict[Owner, float] = {}  # owner -> priority, its KV pinned between calls
         self.lent: dict[Owner, float] = {}  # reservations lent to running calls, to reclaim
+        self.deadlines: dict[Owner, float] = {}  # reserved or lent owner -> when it ends
         self.decisions: Counter[str] = Counter()
         self.last_decision: dict[Owner, str] = {}  # per agent, for the run state
         self._now = 0.0  # the engine's clock at the last step
@@ -81,7 +91,8 @@ class TokencakePolicy(Policy):
         owner, priority = seq.table.owner, seq.request.attribution.priority
         if owner is None or priority < self.config.reserve_priority:
             return
-        self._reserve(owner, priority, kv)
+        if self._reserve(owner, priority, kv):
+            self.deadlines[owner] = self._now + self.config.tool_deadline_min_s
 
     def on_admit(self, seq: Sequence, kv: KVManager) -> None:
         owner = seq.table.owner
@@ -89,6 +100,7 @@ class TokencakePolicy(Policy):
             return
         self.away.pop(owner, None)  # its KV is back (or on its way, for this very call)
         self.lent.pop(owner, None)
+        self.deadlines.pop(owner, None)
         if owner in self.reserved:
             self._unreserve(owner, kv)
 
@@ -123,6 +135,19 @@ class TokencakePolicy(Policy):
                 break  # it does not fit yet: the less important wait behind it
             self.lent.pop(owner)  # reclaimed, or nothing of it is left to reserve
 
+    def _expire(self, now: float, kv: KVManager) -> None:
+        """Ends the reservations (held or lent) past their deadline."""
+        for owner, until in list(self.deadlines.items()):
+            if until > now:
+                continue
+            del self.deadlines[owner]
+            held = owner in self.reserved and kv.is_pinned(owner)
+            if held or self.lent.pop(owner, None) is not None:
+                self.decisions["release:deadline"] += 1
+                self.last_decision[owner] = "release:deadline"
+            if owner in self.reserved:
+                self._unreserve(owner, kv)
+
     def on_stall(self, kv: KVManager, now: float) -> None:
         live = [o for o in self.reserved if kv.is_pinned(o)]  # a run's end drops its pins
         if live:
@@ -142,7 +167,7 @@ class TokencakePolicy(Policy):
         return {agent: d for (r, agent), d in self.last_decision.copy().items() if r == run}
 
     def on_run_end(self, run: str) -> None:
-        for state in (self.away, self.reserved, self.lent, self.last_decision):
+        for state in (self.away, self.reserved, self.lent, self.deadlines, self.last_decision):
             for owner in [o for o in state if o[0] == run]:
                 del state[owner]  # its pins went with the run (KVManager.release_run)
 
@@ -156,15 +181,21 @@ class TokencakePolicy(Policy):
             decision = self._decide(owner, event.predicted_s, kv, now)
             self.decisions[decision] += 1
             self.last_decision[owner] = decision
+            self.deadlines.pop(owner, None)
             if priority is not None and decision != "offload":
-                kv.pin(owner)  # kept: reserved again
+                kv.pin(owner)  # kept: reserved again, until the tool is long overdue
                 self.reserved[owner] = priority
-        elif event.kind == "tool_call.finished" and owner in self.away:
-            self.away[owner].upload_at = now  # back early, or on time: the next call is near
-            self._upload(owner, kv)
+                self.deadlines[owner] = now + self._tool_deadline_s(event.predicted_s)
+        elif event.kind == "tool_call.finished":
+            if owner in self.deadlines:
+                self.deadlines[owner] = now + self.config.tool_deadline_min_s
+            if owner in self.away:
+                self.away[owner].upload_at = now  # back early, or on time: the next call is near
+                self._upload(owner, kv)
         elif event.kind == "agent.done":
             self.away.pop(owner, None)  # its host copy stays, evictable
             self.lent.pop(owner, None)
+            self.deadlines.pop(owner, None)
             if owner in self.reserved:
                 self._unreserve(owner, kv)
 
@@ -172,8 +203,13 @@ class TokencakePolicy(Policy):
         if self.moves is not None and self.config.write_through:
             self.moves.backup(block_ids)
 
+    def _tool_deadline_s(self, predicted_s: float | None) -> float:
+        config = self.config
+        return max(config.tool_deadline_factor * (predicted_s or 0.0), config.tool_deadline_min_s)
+
     def on_step(self, kv: KVManager, now: float) -> None:
         self._now = now
+        self._expire(now, kv)
         self._fit_reservations(kv)
         for owner, away in list(self.away.items()):
             if away.upload_at <= now:

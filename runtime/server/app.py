@@ -1,12 +1,16 @@
-"""The aiohttp application: `create_app(config, engine)`.
+"""The aiohttp application: `create_app(config, engine)`, and `drain(app)`.
 
 The app owns the engine's lifetime: its cleanup_ctx starts the engine on the app's loop (the
-engine thread hands outputs back to that loop) and stops it on shutdown.
+engine thread hands outputs back to that loop), then opens the doors (runtime/server/admission.py)
+and, on shutdown, stops the engine. Shutdown drains first: `kvrt serve` calls `drain` while still
+listening, so new work gets 503 meanwhile; `on_shutdown` calls it again (a no-op by then) for
+anyone who runs `runner.cleanup()` alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
@@ -14,8 +18,10 @@ from importlib.metadata import PackageNotFoundError, version
 from aiohttp import web
 
 from kvrt.runtime.config import ServeConfig
+from kvrt.runtime.engine.protocol import ShuttingDown
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.server import keys
+from kvrt.runtime.server.admission import ADMISSION, Admission, admission_middleware
 from kvrt.runtime.server.auth import auth_middleware
 from kvrt.runtime.server.control_routes import routes as control_routes
 from kvrt.runtime.server.errors import error_middleware
@@ -24,31 +30,65 @@ from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
 from kvrt.runtime.server.round_routes import routes as round_routes
 
+log = logging.getLogger(__name__)
+
+_DRAIN_POLL_S = 0.02
+
 
 def create_app(config: ServeConfig, engine: keys.ManagedEngine) -> web.Application:
     # Errors outermost: an auth refusal is an error in OpenAI's shape too.
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    app = web.Application(middlewares=[error_middleware, auth_middleware, admission_middleware],
                           client_max_size=config.limits.max_body_bytes)
+    app[ADMISSION] = Admission(config.limits)
     app[keys.CONFIG] = config
     app[keys.ENGINE] = engine
     app[keys.METRICS] = ServerMetrics()
-    app[keys.CONTROL] = ControlPlane(config.control, clock=_loop_time)
+    app[keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
     app[keys.STARTED_AT] = int(time.time())
     app[keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
     app.add_routes(openai_routes)
     app.add_routes(control_routes)
     app.add_routes(round_routes)
     app.cleanup_ctx.append(_engine_lifetime)
+    app.on_shutdown.append(drain)
+    app.on_cleanup.append(_close_control)
     return app
+
+
+async def _close_control(app: web.Application) -> None:
+    app[keys.CONTROL].close()
+
+
+async def drain(app: web.Application) -> int:
+    """Stops taking new work (503), lets the engine's calls in flight finish within the
+    shutdown timeout, then aborts the rest: each ends with ShuttingDown (a 503, or an error
+    event in a stream). Returns how many were aborted."""
+    engine, admission = app[keys.ENGINE], app[ADMISSION]
+    admission.begin_drain()
+    timeout = app[keys.CONFIG].limits.shutdown_timeout_s
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    if engine.load().in_flight:
+        log.info("draining: %d requests in flight, %g s to finish", engine.load().in_flight,
+                 timeout)
+    while engine.load().in_flight and loop.time() < deadline:
+        await asyncio.sleep(_DRAIN_POLL_S)
+    aborted = await engine.abort_all(ShuttingDown(
+        f"the server is shutting down and the request did not finish within {timeout:g} s"))
+    if aborted:
+        log.warning("shutdown: aborted %d requests still in flight after %g s", aborted, timeout)
+    return aborted
 
 
 async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
     engine = app[keys.ENGINE]
     await engine.start()
+    app[ADMISSION].open()
     try:
         yield
     finally:
-        await engine.stop()
+        app[ADMISSION].begin_drain()
+        await engine.stop()  # logs whether every request's KV was released
 
 
 def _loop_time() -> float:

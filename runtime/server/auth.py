@@ -3,8 +3,9 @@
 With keys configured (`--api-key KEY[:TENANT]`, `--api-keys-file`), every endpoint but
 `/health` (and `/metrics` with `--metrics-public`) needs `Authorization: Bearer KEY`; a missing
 or unknown key is a 401 in OpenAI's error shape. The key's tenant is put on the request
-(`tenant_of`): it salts every cache index (a tenant never hits another's KV) and owns the graphs
-and runs it declares. Without keys, every caller is the default tenant.
+(`tenant_of`): it salts every cache index (`request_salt`: a tenant never hits another's KV) and
+owns the graphs and runs it declares (another tenant gets 404 for them, as for ids that do not
+exist). Without keys, every caller is the default tenant.
 
 Keys are compared in constant time (`hmac.compare_digest` against each configured key, all of
 them every time), so the time a refusal takes says nothing about how close a guess was.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 from aiohttp import web
 
@@ -21,7 +23,8 @@ from kvrt.runtime.config import DEFAULT_TENANT, ServeConfig
 from kvrt.runtime.server import keys
 from kvrt.runtime.server.errors import APIError
 
-_TENANT = "kvrt.tenant"
+# aiohttp 3.13+ types the keys of request storage (and warns on a str); older ones take a str.
+_TENANT: Any = web.RequestKey("tenant", str) if hasattr(web, "RequestKey") else "kvrt.tenant"
 _OPEN_PATHS = frozenset({"/health"})
 
 
@@ -32,6 +35,16 @@ def tenant_of(request: web.Request) -> str:
 def tenant_salt(tenant: str) -> bytes:
     """The cache salt of a tenant: distinct tenants never share a content key."""
     return hashlib.sha256(b"kvrt-tenant\0" + tenant.encode()).digest()
+
+
+def request_salt(tenant: str, cache_salt: str | None = None) -> bytes:
+    """The salt of a request's KV (`GenerateRequest.salt`): its tenant's, narrowed by the
+    body's `cache_salt` if it sends one (only requests of the same tenant with the same
+    cache_salt share KV). A body can split its tenant's cache, never reach another's."""
+    salt = tenant_salt(tenant)
+    if cache_salt is None:
+        return salt
+    return hashlib.sha256(b"kvrt-cache-salt\0" + salt + cache_salt.encode()).digest()
 
 
 @web.middleware

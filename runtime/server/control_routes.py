@@ -1,7 +1,13 @@
-"""Control-plane handlers: agent graphs, runs and their events. Thin: decode, act, encode."""
+"""Control-plane handlers: agent graphs, runs and their events. Thin: decode, act, encode.
+
+Every handler acts as the caller's tenant (auth.tenant_of): another tenant's graphs and runs
+are 404 and left out of listings. A run's events are limited to `--max-events-per-second`
+(a burst of as many), past which they get 429 with Retry-After.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import cast
 
@@ -10,7 +16,9 @@ from aiohttp import web
 from kvrt.runtime.engine.protocol import AgentEvent, AgentEventKind
 from kvrt.runtime.graph.runs import Run
 from kvrt.runtime.server import keys
+from kvrt.runtime.server.auth import tenant_of
 from kvrt.runtime.server.control_views import graph_info, run_info, run_state
+from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.sdk.protocol.control import (
     Deleted,
@@ -31,48 +39,49 @@ routes = web.RouteTableDef()
 @routes.post("/v1/graphs")
 async def create_graph(request: web.Request) -> web.Response:
     spec = graph_spec_decoder.decode(await read_json(request))
-    entry = request.app[keys.CONTROL].create_graph(spec)
+    entry = request.app[keys.CONTROL].create_graph(spec, tenant_of(request))
     return json_response(graph_info(entry), status=201)
 
 
 @routes.get("/v1/graphs")
 async def list_graphs(request: web.Request) -> web.Response:
-    entries = request.app[keys.CONTROL].graphs()
+    entries = request.app[keys.CONTROL].graphs(tenant_of(request))
     return json_response(GraphList(data=[graph_info(e) for e in entries]))
 
 
 @routes.get("/v1/graphs/{graph_id}")
 async def get_graph(request: web.Request) -> web.Response:
-    entry = request.app[keys.CONTROL].graph(request.match_info["graph_id"])
+    entry = request.app[keys.CONTROL].graph(request.match_info["graph_id"], tenant_of(request))
     return json_response(graph_info(entry))
 
 
 @routes.delete("/v1/graphs/{graph_id}")
 async def delete_graph(request: web.Request) -> web.Response:
     graph_id = request.match_info["graph_id"]
-    request.app[keys.CONTROL].delete_graph(graph_id)
+    request.app[keys.CONTROL].delete_graph(graph_id, tenant_of(request))
     return json_response(Deleted(id=graph_id, object="graph"))
 
 
 @routes.post("/v1/runs")
 async def start_run(request: web.Request) -> web.Response:
     spec = run_spec_decoder.decode(await read_json(request))
-    control = request.app[keys.CONTROL]
+    control, tenant = request.app[keys.CONTROL], tenant_of(request)
     # No await between the lookup and the start: one key never gets two runs.
-    existing = control.keyed_run(spec.graph_id, spec.key)
-    run = existing or control.start_run(spec.graph_id, spec.key)
+    existing = control.keyed_run(spec.graph_id, spec.key, tenant)
+    run = existing or control.start_run(spec.graph_id, spec.key, tenant)
     return json_response(run_info(run), status=200 if existing else 201)
 
 
 @routes.get("/v1/runs")
 async def list_runs(request: web.Request) -> web.Response:
-    runs = request.app[keys.CONTROL].runs(request.query.get("graph_id"), request.query.get("key"))
+    runs = request.app[keys.CONTROL].runs(request.query.get("graph_id"),
+                                          request.query.get("key"), tenant=tenant_of(request))
     return json_response(RunList(data=[run_info(r) for r in runs]))
 
 
 @routes.get("/v1/runs/{run_id}")
 async def get_run(request: web.Request) -> web.Response:
-    run = request.app[keys.CONTROL].run(request.match_info["run_id"])
+    run = request.app[keys.CONTROL].run(request.match_info["run_id"], tenant_of(request))
     residency = request.app[keys.ENGINE].kv_residency(run.id)
     return json_response(run_state(run, residency))
 
@@ -81,7 +90,13 @@ async def get_run(request: web.Request) -> web.Response:
 async def post_event(request: web.Request) -> web.Response:
     started = time.perf_counter()
     body = await read_json(request)
-    run = request.app[keys.CONTROL].run(request.match_info["run_id"])
+    run = request.app[keys.CONTROL].live_run(request.match_info["run_id"], tenant_of(request))
+    wait = run.admit_event()
+    if wait > 0:
+        raise APIError(429, f"run {run.id} sends events faster than this server's limit of "
+                       f"{request.app[keys.CONFIG].limits.max_events_per_s:g} a second "
+                       "(--max-events-per-second); retry after the Retry-After seconds",
+                       code="rate_limit_exceeded", retry_after_s=math.ceil(wait))
     event = event_decoder.decode(body)
     index, duplicate = run.apply(event)
     if not duplicate:  # the policy hears of each event once
@@ -105,7 +120,10 @@ def agent_event(run: Run, index: int, event: Event) -> AgentEvent:
 
 @routes.delete("/v1/runs/{run_id}")
 async def end_run(request: web.Request) -> web.Response:
-    run = request.app[keys.CONTROL].end_run(request.match_info["run_id"])
+    run = request.app[keys.CONTROL].end_run(request.match_info["run_id"], tenant_of(request))
+    if run.status == "interrupted":  # a run of an earlier daemon: this engine holds none of it
+        return json_response(RunClosed(id=run.id, released_blocks=0))
     # Ended first, so no new call joins the run while its KV is released.
     released = await request.app[keys.ENGINE].release_run(run.id)
     return json_response(RunClosed(id=run.id, released_blocks=released))
+

@@ -55,7 +55,7 @@ def graph_info(entry: GraphEntry) -> GraphInfo:
 
 def run_info(run: Run) -> RunInfo:
     return RunInfo(id=run.id, graph_id=run.graph_id, created=run.created,
-                   event_count=run.event_count, key=run.key)
+                   event_count=run.event_count, key=run.key, status=run.status)
 
 
 def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
@@ -89,7 +89,7 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
     stored = segment_tokens - sum(a.kv.segment_reused_tokens for a in agents)
     return RunState(
         id=run.id, graph_id=run.graph_id, created=run.created, event_count=run.event_count,
-        key=run.key, critical_path=path, critical_path_seconds=criticality.length, agents=agents,
-        tools=tools,
+        key=run.key, status=run.status, critical_path=path,
+        critical_path_seconds=criticality.length, agents=agents, tools=tools,
         segment_kv_compression=segment_tokens / stored if segment_tokens else None,
     )

@@ -13,7 +13,13 @@ import re
 import msgspec
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import EngineError, RequestRejected, RunEnded
+from kvrt.runtime.engine.protocol import (
+    EngineError,
+    RequestRejected,
+    RequestTimedOut,
+    RunEnded,
+    ShuttingDown,
+)
 from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound
 from kvrt.sdk.protocol.errors import ErrorBody, ErrorResponse
 
@@ -28,8 +34,10 @@ _TYPES = {
     409: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
+    504: "server_error",
 }
 
 # msgspec ends its messages with "- at `$.messages[0].role`"; the path is the `param`.
@@ -37,16 +45,24 @@ _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
 class APIError(Exception):
-    """A request the server refuses; `status` is the HTTP status it gets."""
+    """A request the server refuses; `status` is the HTTP status it gets. `retry_after_s`, for
+    a 429 or a 503, becomes the Retry-After header (whole seconds)."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s
+
+    def is_fault(self) -> bool:
+        """A failure of the server's own (worth a traceback in the log), not a refusal it meant:
+        503 (starting, draining) and 504 (time limit) are answers, not faults."""
+        return self.status == 500
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(
@@ -81,6 +97,12 @@ def from_exception(exc: BaseException) -> APIError:
         return bad_request(str(exc), code="request_rejected")
     if isinstance(exc, RunEnded):
         return APIError(409, str(exc), code="run_ended")
+    if isinstance(exc, RequestTimedOut):
+        # Not 408, which says the client was too slow to send its request: this one arrived
+        # whole, and the server ran out of the time it allows a request.
+        return APIError(504, str(exc), code="request_timeout")
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), code="shutting_down", retry_after_s=1)
     if isinstance(exc, EngineError):
         return APIError(500, f"engine error: {exc}", code="engine_error")
     if isinstance(exc, web.HTTPException):
@@ -89,10 +111,12 @@ def from_exception(exc: BaseException) -> APIError:
 
 
 def error_response(error: APIError) -> web.Response:
+    headers = {} if error.retry_after_s is None else {"Retry-After": str(error.retry_after_s)}
     return web.Response(
         status=error.status,
         body=msgspec.json.encode(error.body()),
         content_type="application/json",
+        headers=headers,
     )
 
 
@@ -112,6 +136,6 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return error_response(from_exception(exc))
     except Exception as exc:
         error = from_exception(exc)
-        if error.status >= 500:
+        if error.is_fault():
             log.exception("%s %s failed", request.method, request.path)
         return error_response(error)

@@ -72,7 +72,7 @@ class ServerMetrics:
 
     def render(self, stats: EngineStats, model_name: str, live_runs: int) -> str:
         labels = f'model_name="{_escape(model_name)}"'
-        usage = stats.kv_blocks_in_use / stats.kv_blocks_total if stats.kv_blocks_total else 0.0
+        usage = kv_cache_usage(stats)
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
@@ -86,7 +86,8 @@ class ServerMetrics:
         one("kvrt:num_requests_waiting", "gauge", "Requests waiting to be scheduled.",
             stats.waiting)
         one("kvrt:kv_cache_usage_perc", "gauge",
-            "Fraction of device KV blocks referenced by live requests (1 = full).", usage)
+            "Fraction of device KV blocks referenced by live requests (1 = full; 0 when idle). "
+            "Blocks a policy pins are kvrt:kv_cache_pinned_blocks.", usage)
         one("kvrt:kv_cache_pinned_blocks", "gauge",
             "Device KV blocks a policy pins for an agent waiting on a tool.",
             stats.kv_blocks_pinned)
@@ -146,6 +147,16 @@ class ServerMetrics:
                "Seconds from a request's arrival to its last generated token.",
                self.e2e.lines("kvrt:e2e_request_latency_seconds", labels))
         return "\n".join(out) + "\n"
+
+
+def kv_cache_usage(stats: EngineStats) -> float:
+    """The fraction of device blocks live requests hold: 0 on an idle server. The engine's
+    in-use count also holds the blocks a policy pins for agents in tool calls (`ttl`), which
+    no request holds; they are taken out. (A block both pinned and read by a request is then
+    not counted: the engine reports the two sets' sizes, not their overlap.)"""
+    if not stats.kv_blocks_total:
+        return 0.0
+    return max(stats.kv_blocks_in_use - stats.kv_blocks_pinned, 0) / stats.kv_blocks_total
 
 
 def _escape(value: str) -> str:

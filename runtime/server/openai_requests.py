@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 from jinja2 import TemplateError
 
+from kvrt.runtime.config import DEFAULT_TENANT
 from kvrt.runtime.engine.protocol import (
     Attribution,
     EngineClient,
@@ -21,6 +22,7 @@ from kvrt.runtime.engine.protocol import (
     SamplingParams,
 )
 from kvrt.runtime.model.tool_prompt import PromptTools
+from kvrt.runtime.server.auth import request_salt
 from kvrt.runtime.server.errors import APIError, bad_request
 from kvrt.sdk.protocol.openai_api import (
     ChatCompletionRequest,
@@ -55,6 +57,15 @@ def check_common(body: SamplingRequest, engine: EngineClient) -> None:
         )
     if body.n != 1:
         raise bad_request(f"n={body.n} is not supported yet; send n=1 (or leave it out)", param="n")
+
+
+def check_message_count(count: int, max_messages: int | None, param: str,
+                        what: str = "the request") -> None:
+    """A 400 naming `param` if `count` messages exceed the server's `--max-messages`."""
+    if max_messages is not None and count > max_messages:
+        raise bad_request(f"{what} has {count} messages, more than this server's limit of "
+                          f"{max_messages} (--max-messages)", param=param,
+                          code="too_many_messages")
 
 
 def chat_tools(body: ChatCompletionRequest) -> PromptTools | None:
@@ -281,7 +292,9 @@ def build_request(
     default_max_tokens: int | None,
     prompt_param: str,
     segments: tuple[tuple[int, int], ...] = (),
+    tenant: str = DEFAULT_TENANT,
 ) -> GenerateRequest:
+    """`tenant`: the caller's (auth.tenant_of); with the body's cache_salt it makes the salt."""
     resolved = resolve_max_tokens(
         max_tokens, len(prompt_ids), engine.max_model_len, default_max_tokens, prompt_param
     )
@@ -289,6 +302,7 @@ def build_request(
         request_id=request_id,
         prompt_token_ids=prompt_ids,
         params=sampling_params(body, resolved),
+        salt=request_salt(tenant, body.cache_salt),
         attribution=attribution(body.kvrt, headers),
         segments=segments,
     )
@@ -296,10 +310,13 @@ def build_request(
 
 def chat_generate_request(
     body: ChatCompletionRequest, engine: EngineClient, headers: Mapping[str, str],
-    every_message_a_segment: bool = False, tools: PromptTools | None = None,
+    every_message_a_segment: bool = False, tools: PromptTools | None = None, *,
+    tenant: str = DEFAULT_TENANT, max_messages: int | None = None,
 ) -> GenerateRequest:
-    """`tools`: what `chat_tools(body)` returned (the caller also needs it to read the reply)."""
+    """`tools`: what `chat_tools(body)` returned (the caller also needs it to read the reply).
+    `tenant`: the caller's; `max_messages`: the server's limit (ServerLimits)."""
     check_common(body, engine)
+    check_message_count(len(body.messages), max_messages, "messages")
     max_tokens = body.max_completion_tokens or body.max_tokens
     prompt = chat_prompt_ids(body, engine, tools)
     return build_request(
@@ -308,14 +325,17 @@ def chat_generate_request(
         segments=segment_spans(
             body.messages, marked_segments(body.messages, every_message_a_segment), prompt,
             engine, tools),
+        tenant=tenant,
     )
 
 
 def completion_generate_request(
-    body: CompletionRequest, engine: EngineClient, headers: Mapping[str, str]
+    body: CompletionRequest, engine: EngineClient, headers: Mapping[str, str], *,
+    tenant: str = DEFAULT_TENANT,
 ) -> GenerateRequest:
     check_common(body, engine)
     return build_request(
         new_request_id("cmpl"), body, completion_prompt_ids(body, engine), body.max_tokens,
         engine, headers, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS, prompt_param="prompt",
+        tenant=tenant,
     )

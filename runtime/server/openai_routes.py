@@ -7,10 +7,11 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import Attribution, GenerateRequest
-from kvrt.runtime.graph.control_plane import ControlPlane
-from kvrt.runtime.graph.runs import AgentCall
+from kvrt.runtime.engine.protocol import GenerateRequest
 from kvrt.runtime.server import keys
+from kvrt.runtime.server.admission import ADMISSION
+from kvrt.runtime.server.agent_calls import approximate_reuse, attribute
+from kvrt.runtime.server.auth import tenant_of
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -44,10 +45,12 @@ routes = web.RouteTableDef()
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = chat_request_decoder.decode(await read_json(request))
-    engine = request.app[keys.ENGINE]
-    every = approximate_reuse(request.app[keys.CONTROL], attribution(body.kvrt, request.headers))
+    engine, tenant = request.app[keys.ENGINE], tenant_of(request)
+    every = approximate_reuse(request.app[keys.CONTROL], attribution(body.kvrt, request.headers),
+                              tenant)
     tools = chat_tools(body)
-    gen = chat_generate_request(body, engine, request.headers, every, tools)
+    gen = chat_generate_request(body, engine, request.headers, every, tools, tenant=tenant,
+                                max_messages=request.app[keys.CONFIG].limits.max_messages)
     shapes = ChatShapes(
         gen.request_id, engine.model_name, _include_usage(body),
         tool_parser=(make_tool_parser(request.app[keys.CONFIG].tool_call_parser)
@@ -62,7 +65,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = completion_request_decoder.decode(await read_json(request))
     engine = request.app[keys.ENGINE]
-    gen = completion_generate_request(body, engine, request.headers)
+    gen = completion_generate_request(body, engine, request.headers, tenant=tenant_of(request))
     shapes = CompletionShapes(gen.request_id, engine.model_name, _include_usage(body))
     return await _respond(request, body, gen, shapes, arrival)
 
@@ -79,6 +82,10 @@ async def models(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
+    """200 when ready; 503 while starting or draining (the error's code says which)."""
+    refusal = request.app[ADMISSION].unavailable()
+    if refusal is not None:
+        raise refusal
     if not request.app[keys.ENGINE].is_alive():
         raise APIError(503, "the engine is not running", code="engine_dead")
     return json_response(Health())
@@ -87,7 +94,7 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     engine = request.app[keys.ENGINE]
-    live_runs = len(request.app[keys.CONTROL].runs())
+    live_runs = request.app[keys.CONTROL].live_run_count()
     text = request.app[keys.METRICS].render(engine.stats(), engine.model_name, live_runs)
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -104,28 +111,13 @@ def _include_usage(body: SamplingRequest) -> bool:
 async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateRequest,
                    shapes: Shapes, arrival: float) -> web.StreamResponse:
     engine, metrics = request.app[keys.ENGINE], request.app[keys.METRICS]
-    gen, call = attribute(request.app[keys.CONTROL], gen)
+    admission = request.app[ADMISSION]
+    engine.validate(gen)  # a request that can never run is a 400 whatever the load
+    admission.check_queue(engine.load(), len(gen.prompt_token_ids))
+    gen = replace(gen, timeout_s=admission.timeout_s(arrival))
+    gen, call = attribute(request.app[keys.CONTROL], gen, tenant_of(request))
     if body.stream:
         return await respond_stream(request, engine, gen, metrics, arrival, shapes,
                                     _include_usage(body), call)
     return await respond_json(engine, gen, metrics, arrival, shapes, call)
 
-
-def approximate_reuse(control: ControlPlane, call: Attribution) -> bool:
-    """Whether the call's run declared `reuse: "approximate"` (every message a segment)."""
-    found = control.agent_of(call)
-    return found is not None and found[0].graph.reuse == "approximate"
-
-
-def attribute(
-    control: ControlPlane, gen: GenerateRequest
-) -> tuple[GenerateRequest, AgentCall | None]:
-    """Ties an attributed call to its run's agent (404 for an unknown run or agent) and stamps
-    the agent's current priority on the request."""
-    found = control.agent_of(gen.attribution)
-    if found is None:
-        return gen, None
-    run, index = found
-    priority = run.priority(index, run.criticality())
-    gen = replace(gen, attribution=replace(gen.attribution, priority=priority))
-    return gen, run.submit_call(index, gen.request_id)

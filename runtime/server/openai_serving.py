@@ -178,8 +178,8 @@ async def respond_stream(
             raise APIError(500, "the engine returned no output", code="engine_error")
         response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
         response.content_type = "text/event-stream"
-        await response.prepare(http_request)
         try:
+            await response.prepare(http_request)  # the client may be gone already
             await _write_events(response, first, outputs, shapes, include_usage)
         except ConnectionResetError:
             # The client went away; leaving the `aclosing` block aborts the engine request.
@@ -187,7 +187,7 @@ async def respond_stream(
             return response
         except Exception as exc:
             error = from_exception(exc)
-            if error.status >= 500:
+            if error.is_fault():
                 log.exception("stream %s failed", request.request_id)
             await _send_quietly(response, error.body())
         await _send_quietly(response, None)

@@ -6,6 +6,10 @@ run's agents, each attributed like a chat call; if one fails, or the client goes
 others are cancelled and their KV freed. Each call carries the token spans of the shared
 messages in its prompt (`GenerateRequest.segments`), which a policy that reuses segments
 (`kvrt`) computes once for the round (runtime/engine/collector.py).
+
+The run must be the caller's tenant's (404 otherwise) and live (409 if a restart interrupted
+it); the calls are salted by the tenant, and the round's messages, counted over every list in
+the body, are limited by `--max-messages`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from kvrt.runtime.engine.protocol import (
 )
 from kvrt.runtime.graph.runs import AgentCall
 from kvrt.runtime.server import keys
+from kvrt.runtime.server.admission import ADMISSION
+from kvrt.runtime.server.agent_calls import attribute
+from kvrt.runtime.server.auth import tenant_of
 from kvrt.runtime.server.errors import bad_request
 from kvrt.runtime.server.generation import collect, usage_of
 from kvrt.runtime.server.http_io import json_response, read_json
@@ -30,12 +37,12 @@ from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.openai_requests import (
     build_request,
     check_common,
+    check_message_count,
     marked_segments,
     messages_prompt_ids,
     new_request_id,
     segment_spans,
 )
-from kvrt.runtime.server.openai_routes import attribute
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 from kvrt.sdk.protocol.rounds import (
     RoundOutput,
@@ -51,9 +58,10 @@ routes = web.RouteTableDef()
 async def run_round(request: web.Request) -> web.Response:
     arrival = time.perf_counter()
     control, engine = request.app[keys.CONTROL], request.app[keys.ENGINE]
-    run = control.run(request.match_info["run_id"])
+    tenant = tenant_of(request)
+    run = control.live_run(request.match_info["run_id"], tenant)
     body = round_request_decoder.decode(await read_json(request))
-    _check_round(body, engine)
+    _check_round(body, engine, request.app[keys.CONFIG].limits.max_messages)
     for name in body.agents:
         run.agent_index(name)  # 404 for an agent the run's graph lacks, before anything starts
     every = run.graph.reuse == "approximate"
@@ -68,11 +76,17 @@ async def run_round(request: web.Request) -> web.Response:
         segments = segment_spans(messages, marked, prompt, engine)
         gen = build_request(new_request_id("round"), body, prompt, body.max_tokens, engine, {},
                             default_max_tokens=None, prompt_param=f"agents.{name}",
-                            segments=segments)
+                            segments=segments, tenant=tenant)
         gens.append(replace(gen, attribution=Attribution(run.id, name)))
+    # A round is admitted whole, or refused whole: the queue bound counts all its calls.
+    admission = request.app[ADMISSION]
+    for gen in gens:
+        engine.validate(gen)
+    admission.check_queue(engine.load(), sum(len(g.prompt_token_ids) for g in gens))
+    gens = [replace(g, timeout_s=admission.timeout_s(arrival)) for g in gens]
     run.rounds += 1
     number = run.rounds
-    calls = [attribute(control, gen) for gen in gens]
+    calls = [attribute(control, gen, tenant) for gen in gens]
     metrics = request.app[keys.METRICS]
     async with asyncio.TaskGroup() as group:  # one failure cancels the others
         tasks = [group.create_task(_generate(engine, gen, metrics, arrival, call))
@@ -83,14 +97,31 @@ async def run_round(request: web.Request) -> web.Response:
         usage=_total([output.usage for output in outputs.values()])))
 
 
-def _check_round(body: RoundRequest, engine: EngineClient) -> None:
+def _check_round(body: RoundRequest, engine: EngineClient, max_messages: int) -> None:
     check_common(body, engine)
+    _check_messages(body, max_messages)
     if body.stream:
         raise bad_request("rounds are not streamed; send stream=false (or leave it out)",
                           param="stream")
     if body.kvrt is not None:
         raise bad_request("a round's run is in its path and its agents are the keys of "
                           "`agents`; leave `kvrt` out", param="kvrt")
+
+
+def _check_messages(body: RoundRequest, max_messages: int) -> None:
+    """Every message of the body counts against the limit; the 400 names the list in which
+    the count passes it."""
+    lists = [("shared", body.shared), ("instruction", body.instruction or [])]
+    for name, spec in body.agents.items():
+        lists += [(f"agents.{name}.messages", spec.messages),
+                  (f"agents.{name}.after", spec.after or [])]
+    total = sum(len(messages) for _, messages in lists)
+    count = 0
+    for param, messages in lists:
+        count += len(messages)
+        if count > max_messages:
+            check_message_count(total, max_messages, param,
+                                "the round (shared, instruction, and every agent's lists)")
 
 
 async def _generate(engine: EngineClient, gen: GenerateRequest, metrics: ServerMetrics,

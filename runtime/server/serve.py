@@ -1,4 +1,5 @@
-"""`run_server(config)`: load the engine, serve the app on uvloop until SIGINT or SIGTERM."""
+"""`run_server(config)`: load the engine, serve the app on uvloop until SIGINT or SIGTERM, then
+drain (runtime/server/app.py) and stop. A second signal interrupts a drain that takes too long."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from aiohttp import web
 
 from kvrt.runtime.config import ServeConfig
 from kvrt.runtime.server import keys
-from kvrt.runtime.server.app import create_app
+from kvrt.runtime.server.app import create_app, drain
 
 log = logging.getLogger(__name__)
 
-# On shutdown, requests still running get this long to finish before they are cancelled
-# (which aborts them in the engine); aiohttp's default of 60 s makes Ctrl-C feel stuck.
+# After the drain (app.drain: in-flight work got `limits.shutdown_timeout_s` to finish, the rest
+# was aborted), handlers get this long to write their last bytes before they are cancelled.
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
@@ -54,12 +55,14 @@ async def _serve(config: ServeConfig, engine: keys.ManagedEngine) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, loop, stop, sig)
-    runner, url = await start_site(create_app(config, engine), config.host, config.port)
+    app = create_app(config, engine)
+    runner, url = await start_site(app, config.host, config.port)
     try:
         # The one line on stdout: scripts and tests wait for it (and read the port from it).
         print(f"kvrt ready: serving {engine.model_name} at {url}", flush=True)
         await stop.wait()
         log.info("shutting down")
+        await drain(app)  # still listening: new work gets 503 meanwhile
     finally:
         await runner.cleanup()  # stops the engine through the app's cleanup_ctx
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrt.runtime.bench.main import (
+    UNBOUNDED,
     add_workload_arguments,
     check_arguments,
     compare_policies,
@@ -142,7 +143,8 @@ async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None) -> di
         workload = make_workload(bench["workload"], **params)
     else:
         workload = workload_from(args)
-    config = ServeConfig(served_model_name="bench", engine=engine_config(args, bench))
+    config = ServeConfig(served_model_name="bench", engine=engine_config(args, bench),
+                         limits=UNBOUNDED)
     loop = asyncio.get_running_loop()
     assert isinstance(loop, VirtualTimeLoop)
     make_engine = sim_engine_factory(shape, device, tokenizer, loop)

@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from kvrt.runtime.bench.main import UNBOUNDED
 from kvrt.runtime.bench.runner import real_engine, run_policy
 from kvrt.runtime.bench.workloads import make_workload
 from kvrt.runtime.config import EngineConfig, ServeConfig
@@ -60,7 +61,7 @@ def measure_serving(config: EngineConfig, progress: Callable[[str], None] = prin
         record_steps(engine.engine, samples)
         return engine, block_bytes
 
-    serve = ServeConfig(served_model_name="calibration", engine=config)
+    serve = ServeConfig(served_model_name="calibration", engine=config, limits=UNBOUNDED)
     for name, params in SERVING_WORKLOADS:
         asyncio.run(run_policy(make_workload(name, **params), serve, 1.0, make))
         progress(f"served {name} ({len(samples)} steps so far)")

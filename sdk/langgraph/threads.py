@@ -69,7 +69,9 @@ class ThreadRuns:
         with self._lock:
             run = self._runs.pop(thread, None)
         if run is None:
-            live = await self.client.list_runs(self.graph.id, key=thread)
+            found = await self.client.list_runs(self.graph.id, key=thread)
+            # Runs a daemon restart interrupted keep their key too; the thread's is the live one.
+            live = [info for info in found if info.status == "live"]
             if not live:
                 return None
             run = self.client.run(live[0], self.graph)

@@ -27,6 +27,9 @@ Seconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
 Id = Annotated[str, Meta(min_length=1, max_length=128)]
 
 AgentStatus = Literal["idle", "queued", "generating", "tool_call", "done"]
+# "interrupted": the run was live when the daemon stopped; a daemon started on the same state
+# dir (--state-dir) shows it, and deletes it, but refuses its events and calls (409).
+RunStatus = Literal["live", "interrupted"]
 Reuse = Literal["exact", "approximate"]
 
 
@@ -166,6 +169,7 @@ class RunInfo(Struct, kw_only=True):
     created: int
     event_count: int
     key: str | None = None  # the key it was started with (RunSpec.key)
+    status: RunStatus = "live"
 
 
 class RunState(Struct, kw_only=True):
@@ -175,6 +179,7 @@ class RunState(Struct, kw_only=True):
     created: int
     event_count: int
     key: str | None = None
+    status: RunStatus = "live"
     critical_path: list[str]
     critical_path_seconds: float  # remaining
     agents: list[AgentState]

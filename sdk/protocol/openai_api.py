@@ -60,6 +60,9 @@ class SamplingRequest(Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     kvrt: KvrtOptions | None = None
+    # vLLM's field: salts the cache under the caller's own tenant salt, so only requests with
+    # the same cache_salt (of the same tenant) share KV. It narrows sharing, never widens it.
+    cache_salt: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
 
 
 # OpenAI's rule for function names; the name is also what the model must spell in its call.
