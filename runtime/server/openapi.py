@@ -40,7 +40,8 @@ def build_openapi(version: str) -> dict[str, Any]:
                 errors),
             "/v1/models": {"get": {"summary": "The served model",
                                    "responses": {"200": _body("Model list", ref[ModelList])}}},
-            "/health": {"get": {"summary": "200 while the engine is alive, 503 otherwise",
+            "/health": {"get": {"summary": "200 when ready; 503 while starting or draining, or "
+                                           "with the engine down",
                                 "responses": {"200": _body("Alive", ref[Health]), **errors}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (kvrt:*)", "responses": {
                 "200": {"description": "Prometheus text format 0.0.4",
