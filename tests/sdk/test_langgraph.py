@@ -8,7 +8,6 @@ import asyncio
 import logging
 import operator
 import threading
-import time
 from collections import Counter
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -31,7 +30,7 @@ from kvrt.sdk.langgraph import (
     tool_call,
 )
 from kvrt.sdk.langgraph.declare import annotated_names
-from tests.server.live_server import LiveServer
+from tests.server.live_server import LiveServer, wait_released
 
 TOKENS = 4  # every call generates exactly this many (ignore_eos)
 
@@ -165,20 +164,6 @@ def assert_attributed(state: RunState, did: Did) -> None:
     assert all(a.state == "idle" and a.tool is None and a.requests == 0 for a in state.agents)
 
 
-def wait_for_no_kv_in_use(server: LiveServer, timeout: float = 10.0) -> None:
-    """No request left and no KV block referenced, and the pool's books balance."""
-    deadline = time.monotonic() + timeout
-    while (stats := server.stats()).kv_blocks_in_use or stats.running or stats.waiting:
-        assert time.monotonic() < deadline, f"KV still in use: {stats}"
-        time.sleep(0.02)
-
-    async def check() -> None:
-        await server.engine.wait_idle()
-        server.engine.engine.check_integrity()
-
-    server.call(check)
-
-
 # ---- declaring the graph -------------------------------------------------------------------
 
 
@@ -267,7 +252,7 @@ def test_a_thread_is_one_run_with_each_node_attributed(server: LiveServer) -> No
     # Each agent's KV was accounted to it, and closing the run let go of what it alone held.
     assert all(a.kv.device_blocks > 0 for a in state.agents)
     assert closed[0].released_blocks > 0
-    wait_for_no_kv_in_use(server)
+    wait_released(server)
 
 
 def test_concurrent_threads_get_their_own_runs_and_a_thread_keeps_its_run(
@@ -299,7 +284,7 @@ def test_concurrent_threads_get_their_own_runs_and_a_thread_keeps_its_run(
             assert await client.list_runs(graph_id) == []
 
     asyncio.run(go())
-    wait_for_no_kv_in_use(server)
+    wait_released(server)
 
 
 def test_close_finds_a_run_this_process_never_used(server: LiveServer) -> None:
@@ -353,7 +338,7 @@ def test_a_sync_graph_reports_through_the_sync_paths(server: LiveServer) -> None
     assert (by["ask"].calls, by["ask"].tool_calls) == (2, 0)
     assert (by["act"].calls, by["act"].tool_calls) == (0, 1)
     assert state.event_count == 2
-    wait_for_no_kv_in_use(server)
+    wait_released(server)
 
 
 def test_tool_node_runs_are_reported_for_the_tool_node(server: LiveServer) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -153,3 +154,17 @@ def live_server(model: Path | None, engine_config: EngineConfig = SMALL_ENGINE,
         yield server
     finally:
         server.stop()
+
+
+def wait_released(server: LiveServer, timeout: float = 10.0) -> None:
+    """Waits until no request runs, waits or holds KV, then checks the pool's integrity."""
+    deadline = time.monotonic() + timeout
+    while (stats := server.stats()).running or stats.waiting or stats.kv_blocks_in_use:
+        assert time.monotonic() < deadline, f"the engine is still busy: {stats}"
+        time.sleep(0.02)
+
+    async def check() -> None:
+        await server.engine.wait_idle()
+        server.engine.engine.check_integrity()
+
+    server.call(check)

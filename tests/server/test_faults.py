@@ -5,11 +5,16 @@ the next calls."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 
-from tests.server.live_server import LiveServer, assert_error_shape, good_chat, sse_events
+from tests.server.live_server import (
+    LiveServer,
+    assert_error_shape,
+    good_chat,
+    sse_events,
+    wait_released,
+)
 
 
 def break_next_run(server: LiveServer) -> None:
@@ -23,27 +28,13 @@ def break_next_run(server: LiveServer) -> None:
     executor.run = broken
 
 
-def assert_released_and_serving(server: LiveServer) -> None:
-    deadline = time.monotonic() + 5
-    while (stats := server.stats()).running or stats.waiting or stats.kv_blocks_in_use:
-        assert time.monotonic() < deadline, f"the engine is still busy: {stats}"
-        time.sleep(0.02)
-
-    async def check():
-        await server.engine.wait_idle()
-        server.engine.engine.check_integrity()
-
-    server.call(check)
-    reply = server.post("/v1/chat/completions", good_chat())
-    assert reply.status == 200 and reply.json()["usage"]["completion_tokens"] == 4
-
-
 def test_a_failed_step_is_a_500_and_the_next_call_is_served(server: LiveServer) -> None:
     break_next_run(server)
     error = assert_error_shape(server.post("/v1/chat/completions", good_chat()), 500)
     assert error["type"] == "server_error" and error["code"] == "engine_error"
     assert "engine step failed" in error["message"] and "device fault" in error["message"]
-    assert_released_and_serving(server)
+    wait_released(server)
+    assert_serving(server)
 
 
 def test_a_failed_step_mid_stream_ends_it_with_an_error_event(server: LiveServer) -> None:
@@ -64,4 +55,10 @@ def test_a_failed_step_mid_stream_ends_it_with_an_error_event(server: LiveServer
     error = events[-2]["error"]
     assert error["type"] == "server_error" and "device fault" in error["message"]
     assert all("choices" in e for e in events[:-2])
-    assert_released_and_serving(server)
+    wait_released(server)
+    assert_serving(server)
+
+
+def assert_serving(server: LiveServer) -> None:
+    reply = server.post("/v1/chat/completions", good_chat())
+    assert reply.status == 200 and reply.json()["usage"]["completion_tokens"] == 4

@@ -22,6 +22,7 @@ from tests.server.live_server import (
     good_chat,
     live_server,
     sse_events,
+    wait_released,
 )
 
 LONG = 1000  # tokens a long request would generate: seconds of work, always closed early
@@ -59,17 +60,8 @@ async def wait_for(server: LiveServer, queued: int) -> None:
 
 
 def assert_idle_and_consistent(server: LiveServer) -> None:
-    deadline = time.monotonic() + 10
-    while (stats := server.stats()).running or stats.waiting or stats.kv_blocks_in_use:
-        assert time.monotonic() < deadline, f"the engine is still busy: {stats}"
-        time.sleep(0.02)
-
-    async def check():
-        await server.engine.wait_idle()
-        server.engine.engine.check_integrity()
-        return server.engine.load()
-
-    after = server.call(check)
+    wait_released(server)
+    after = load(server)
     assert (after.queued_requests, after.queued_tokens, after.in_flight) == (0, 0, 0)
 
 

@@ -12,7 +12,13 @@ import pytest
 
 from kvrt.runtime.config import EngineConfig, ServerLimits
 from kvrt.runtime.engine.protocol import GenerateRequest, SamplingParams
-from tests.server.live_server import LiveServer, assert_error_shape, good_chat, live_server
+from tests.server.live_server import (
+    LiveServer,
+    assert_error_shape,
+    good_chat,
+    live_server,
+    wait_released,
+)
 
 TIMEOUT_S = 1.0
 LONG = 1800  # tokens: far more than a second of work
@@ -28,19 +34,6 @@ def long_chat(**extra):
     return good_chat(max_tokens=LONG, ignore_eos=True, **extra)
 
 
-def assert_released(server: LiveServer) -> None:
-    deadline = time.monotonic() + 5
-    while (stats := server.stats()).running or stats.waiting or stats.kv_blocks_in_use:
-        assert time.monotonic() < deadline, f"the engine is still busy: {stats}"
-        time.sleep(0.02)
-
-    async def check():
-        await server.engine.wait_idle()
-        server.engine.engine.check_integrity()
-
-    server.call(check)
-
-
 def test_a_json_call_past_its_time_gets_504(server: LiveServer) -> None:
     before = server.stats().generation_tokens
     started = time.monotonic()
@@ -51,7 +44,7 @@ def test_a_json_call_past_its_time_gets_504(server: LiveServer) -> None:
     assert "time limit" in error["message"]
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 2
     assert server.stats().generation_tokens - before < LONG  # aborted, not run to its end
-    assert_released(server)
+    wait_released(server)
 
 
 def test_a_stream_past_its_time_ends_with_an_error_event(server: LiveServer) -> None:
@@ -60,7 +53,7 @@ def test_a_stream_past_its_time_ends_with_an_error_event(server: LiveServer) -> 
     error = events[-2]["error"]
     assert error["code"] == "request_timeout" and error["type"] == "server_error"
     assert all("choices" in e for e in events[:-2]) and len(events) > 3  # it did stream first
-    assert_released(server)
+    wait_released(server)
 
 
 def test_queue_time_counts(server: LiveServer) -> None:
@@ -81,6 +74,6 @@ def test_queue_time_counts(server: LiveServer) -> None:
         server.call(occupier.aclose)
     error = assert_error_shape(reply, 504)
     assert error["code"] == "request_timeout"
-    assert_released(server)
+    wait_released(server)
     reply = server.post("/v1/chat/completions", good_chat(max_tokens=2))
     assert reply.status == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
