@@ -89,6 +89,17 @@ def test_bad_flags_exit_2_with_one_line(argv, words, capsys) -> None:
     assert words in err
 
 
+def test_an_unusable_state_dir_stops_serve_before_the_model_loads(tmp_path: Path,
+                                                                 capsys) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a directory")
+    with pytest.raises(SystemExit) as exited:  # the model does not exist: had it been looked
+        main(["serve", "--state-dir", str(taken), "--model", str(tmp_path / "no-model")])
+    assert exited.value.code == 2  # for first, the error would name it, not the state dir
+    err = capsys.readouterr().err
+    assert "state dir" in err and err.count("\n") == 1, err
+
+
 def test_init_tiny_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     from kvrt.runtime.model.checkpoint import load_checkpoint
 

@@ -25,7 +25,10 @@ SHUTDOWN_TIMEOUT_S = 5.0
 def run_server(config: ServeConfig) -> None:
     # Imported here so that `kvrt --help` and the SDK never pay for torch.
     from kvrt.runtime.engine.async_engine import AsyncEngine
+    from kvrt.runtime.graph.store import StateStore
 
+    if config.state_dir is not None:  # a bad state dir fails now, not after the model loaded
+        StateStore.open(config.state_dir).close()
     log.info("loading model %s", config.engine.model or "(default SmolLM2-135M-Instruct)")
     engine = AsyncEngine.create(config.engine, config.served_model_name)  # no loop yet: may block
     _run(_serve(config, engine))
