@@ -22,6 +22,7 @@ import uvloop
 
 from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
+from kvrt.runtime.model.checkpoint import load_checkpoint
 from kvrt.runtime.server.app import create_app
 from kvrt.runtime.server.serve import start_site
 
@@ -168,3 +169,12 @@ def wait_released(server: LiveServer, timeout: float = 10.0) -> None:
         server.engine.engine.check_integrity()
 
     server.call(check)
+
+
+def tokencake_engine(model: Path, pool_blocks: int) -> EngineConfig:
+    """`tokencake` over a device pool of `pool_blocks` 16-token float32 blocks and a host tier
+    four times as large: small enough that a few agents put it under pressure."""
+    block_bytes = 16 * load_checkpoint(str(model)).config.kv_bytes_per_token * 4
+    return EngineConfig(kv_cache_memory=pool_blocks * block_bytes,
+                        host_cache_memory=4 * pool_blocks * block_bytes,
+                        max_model_len=512, max_num_seqs=8, policy="tokencake")

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvrt.runtime.config import EngineConfig
-from kvrt.runtime.model.checkpoint import load_checkpoint
-from tests.server.live_server import LiveServer, live_server
+from tests.server.live_server import LiveServer, live_server, tokencake_engine
 from tests.server.test_control_ttl import _chat as chat
 from tests.server.test_control_ttl import _event as event
 from tests.server.test_control_ttl import _stats as stats
@@ -24,11 +22,7 @@ POOL_BLOCKS = 48
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Path) -> Iterator[LiveServer]:
-    block_bytes = 16 * load_checkpoint(str(tiny_model)).config.kv_bytes_per_token * 4
-    config = EngineConfig(kv_cache_memory=POOL_BLOCKS * block_bytes,
-                          host_cache_memory=4 * POOL_BLOCKS * block_bytes,
-                          max_model_len=512, max_num_seqs=8, policy="tokencake")
-    yield from live_server(tiny_model, config)
+    yield from live_server(tiny_model, tokencake_engine(tiny_model, POOL_BLOCKS))
 
 
 def until(condition, seconds: float = 10.0) -> None:

@@ -24,9 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from kvrt.runtime.config import EngineConfig
-from kvrt.runtime.model.checkpoint import load_checkpoint
-from tests.server.live_server import LiveServer, live_server, sse_events
+from tests.server.live_server import LiveServer, live_server, sse_events, tokencake_engine
 
 POOL_BLOCKS = 48
 SYSTEM = "You are one of many agents working on one code base. " * 6  # several full blocks
@@ -36,11 +34,7 @@ FAULT_SECONDS = 5.0
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Path) -> Iterator[LiveServer]:
-    block_bytes = 16 * load_checkpoint(str(tiny_model)).config.kv_bytes_per_token * 4
-    config = EngineConfig(kv_cache_memory=POOL_BLOCKS * block_bytes,
-                          host_cache_memory=4 * POOL_BLOCKS * block_bytes,
-                          max_model_len=512, max_num_seqs=8, policy="tokencake")
-    yield from live_server(tiny_model, config)
+    yield from live_server(tiny_model, tokencake_engine(tiny_model, POOL_BLOCKS))
 
 
 class InjectedFault(RuntimeError):
