@@ -61,7 +61,6 @@ class ControlPlane:
         self.max_events_per_s = max_events_per_s
         self._graphs: dict[str, GraphEntry] = {}
         self._runs: dict[str, Run] = {}  # live and interrupted
-        self._interrupted = 0
         self._keyed: dict[tuple[str, str], str] = {}  # (graph id, key) -> live run id
         self._store = store
         if store is not None:
@@ -169,7 +168,7 @@ class ControlPlane:
                 and (tenant is None or r.tenant == tenant)]
 
     def live_run_count(self) -> int:
-        return len(self._runs) - self._interrupted
+        return sum(len(entry.runs) for entry in self._graphs.values())
 
     def end_run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
         run = self.run(run_id, tenant)
@@ -179,7 +178,6 @@ class ControlPlane:
         entry = self._graphs[run.graph_id]
         if run.status == "interrupted":
             entry.interrupted.discard(run_id)
-            self._interrupted -= 1
             return run
         entry.runs.discard(run_id)
         if run.key is not None:
@@ -228,7 +226,6 @@ class ControlPlane:
             run = self._new_run(entry, saved_run.id, saved_run.created, saved_run.key, True)
             self._runs[run.id] = run
             entry.interrupted.add(run.id)
-            self._interrupted += 1
 
 
 def _new_id(kind: str) -> str:

@@ -59,7 +59,6 @@ class SavedRun:
     tenant: str
     key: str | None
     created: int  # unix seconds
-    ended: int | None = None  # unix seconds; None: not ended
 
 
 class StateStore:
@@ -82,7 +81,7 @@ class StateStore:
         except sqlite3.Error as exc:
             raise StateError(f"cannot open the state file {path}: {exc}") from None
         try:
-            _prepare(db)
+            _prepare(db, path)
         except sqlite3.Error as exc:
             db.close()
             raise StateError(f"cannot use the state file {path}: {_why(exc)}") from None
@@ -131,8 +130,9 @@ class StateStore:
             self._db.execute("DELETE FROM graphs WHERE id = ?", (graph_id,))
 
     def add_run(self, run: SavedRun) -> None:
-        self._db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
-                         (run.id, run.graph_id, run.tenant, run.key, run.created, run.ended))
+        self._db.execute("INSERT INTO runs (id, graph_id, tenant, key, created) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (run.id, run.graph_id, run.tenant, run.key, run.created))
 
     def end_run(self, run_id: str, ended: int) -> None:
         self._db.execute("UPDATE runs SET ended = ? WHERE id = ?", (ended, run_id))
@@ -144,13 +144,13 @@ class StateStore:
             raise StateError(f"cannot read the state file {self.path}: {_why(exc)}") from None
 
 
-def _prepare(db: sqlite3.Connection) -> None:
+def _prepare(db: sqlite3.Connection, path: str) -> None:
     """Locks the file, checks its version, and creates the tables of a new one. The first
     statement that reads the file fails on one that is not SQLite."""
     db.execute("PRAGMA locking_mode = EXCLUSIVE")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version not in (0, SCHEMA_VERSION):
-        raise StateError(f"the state file {_path_of(db)} has schema version {version}; this "
+        raise StateError(f"the state file {path} has schema version {version}; this "
                          f"kvrt reads version {SCHEMA_VERSION} (use another --state-dir)")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
@@ -160,10 +160,6 @@ def _prepare(db: sqlite3.Connection) -> None:
             if statement.strip():
                 db.execute(statement)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-def _path_of(db: sqlite3.Connection) -> str:
-    return db.execute("PRAGMA database_list").fetchone()[2]
 
 
 def _why(exc: sqlite3.Error) -> str:

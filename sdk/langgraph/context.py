@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,11 @@ def binding_in(metadata: Mapping[str, Any] | None, handlers: Iterable[Any]
                  if isinstance(h, KvrtCallbacks) and h.graph.id == graph_id), None)
 
 
+def in_config(config: Mapping[str, Any]) -> tuple[Mapping[str, Any] | None, list[Any]]:
+    """A run config's metadata and callback handlers: what `binding_in` and `locate` read."""
+    return config.get("metadata"), handlers_of(config.get("callbacks"))
+
+
 def locate(metadata: Mapping[str, Any] | None, handlers: Iterable[Any]) -> NodeCall | None:
     """The registered graph, thread and agent of a call; None outside a registered graph, and
     for a call that cannot be placed (no thread id, or no node that is an agent), which then
@@ -66,10 +72,9 @@ def locate(metadata: Mapping[str, Any] | None, handlers: Iterable[Any]) -> NodeC
     return NodeCall(binding, run_key(thread), agent)
 
 
-def agent_of(metadata: Mapping[str, Any], agents: Iterable[str]) -> str | None:
+def agent_of(metadata: Mapping[str, Any], names: AbstractSet[str]) -> str | None:
     """The node, if it is an agent; else the top-level node it runs under (a node of a
     subgraph: the checkpoint namespace starts `outer:task|inner:task`)."""
-    names = set(agents)
     node = metadata.get("langgraph_node")
     if node in names:
         return node

@@ -20,7 +20,7 @@ from langchain_core.runnables.config import ensure_config
 from langchain_openai import ChatOpenAI
 from pydantic import PrivateAttr
 
-from kvrt.sdk.langgraph.context import NodeCall, handlers_of, locate
+from kvrt.sdk.langgraph.context import NodeCall, in_config, locate
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8400"
 # `model=None` sends no model name, which the daemon takes as the model it serves; LangChain
@@ -82,37 +82,41 @@ class KvrtChatModel(ChatOpenAI):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
-        call = _placed(run_manager)
-        if call is not None:
-            kwargs = self._attributed(kwargs, call.binding.runs.run_sync(call.thread).id, call)
+        kwargs = self._placed_sync(run_manager, kwargs)
         return super()._generate(messages, stop, run_manager, **kwargs)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        self._async_client_for_loop()
-        call = _placed(run_manager)
-        if call is not None:
-            kwargs = self._attributed(kwargs, (await call.binding.runs.run(call.thread)).id, call)
+        kwargs = await self._placed_async(run_manager, kwargs)
         return await super()._agenerate(messages, stop, run_manager, **kwargs)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        call = _placed(run_manager)
-        if call is not None:
-            kwargs = self._attributed(kwargs, call.binding.runs.run_sync(call.thread).id, call)
+        kwargs = self._placed_sync(run_manager, kwargs)
         yield from super()._stream(messages, stop, run_manager, **kwargs)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        self._async_client_for_loop()
-        call = _placed(run_manager)
-        if call is not None:
-            kwargs = self._attributed(kwargs, (await call.binding.runs.run(call.thread)).id, call)
+        kwargs = await self._placed_async(run_manager, kwargs)
         async for chunk in super()._astream(messages, stop, run_manager, **kwargs):
             yield chunk
+
+    def _placed_sync(self, run_manager: RunManager, kwargs: dict[str, Any]) -> dict[str, Any]:
+        call = _placed(run_manager)
+        if call is None:
+            return kwargs
+        return self._attributed(kwargs, call.binding.runs.run_sync(call.thread).id, call)
+
+    async def _placed_async(self, run_manager: RunManager, kwargs: dict[str, Any]
+                            ) -> dict[str, Any]:
+        self._async_client_for_loop()
+        call = _placed(run_manager)
+        if call is None:
+            return kwargs
+        return self._attributed(kwargs, (await call.binding.runs.run(call.thread)).id, call)
 
     def _async_client_for_loop(self) -> None:
         """Gives the async client an HTTP connection pool of the running loop's own.
@@ -144,8 +148,7 @@ def _placed(run_manager: RunManager) -> NodeCall | None:
     and handlers), or from the run config itself when called without one."""
     if run_manager is not None:
         return locate(run_manager.metadata, run_manager.handlers)
-    config = ensure_config()
-    return locate(config.get("metadata"), handlers_of(config.get("callbacks")))
+    return locate(*in_config(ensure_config()))
 
 
 def openai_base_url(base_url: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from kvrt.sdk.client import Client
 from kvrt.sdk.langgraph.binding import KvrtCallbacks
-from kvrt.sdk.langgraph.context import GRAPH_ID_KEY, handlers_of, run_key
+from kvrt.sdk.langgraph.context import GRAPH_ID_KEY, binding_in, in_config, run_key
 from kvrt.sdk.langgraph.declare import agent_graph
 from kvrt.sdk.protocol.control import GraphInfo, GraphSpec, Reuse, RunClosed
 
@@ -62,11 +62,7 @@ async def close_all(graph: Any) -> list[RunClosed]:
 
 def binding_of(graph: Any) -> KvrtCallbacks | None:
     """The binding `register` put in a graph's config, if any."""
-    config = getattr(graph, "config", None) or {}
-    metadata = config.get("metadata") or {}
-    return next((h for h in handlers_of(config.get("callbacks"))
-                 if isinstance(h, KvrtCallbacks) and h.graph.id == metadata.get(GRAPH_ID_KEY)),
-                None)
+    return binding_in(*in_config(getattr(graph, "config", None) or {}))
 
 
 async def declared(client: Client, spec: GraphSpec) -> GraphInfo | None:

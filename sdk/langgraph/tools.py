@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
 
-from kvrt.sdk.langgraph.context import handlers_of, locate
+from kvrt.sdk.langgraph.context import in_config, locate
 from kvrt.sdk.protocol.control import EventAck
 
 
@@ -27,8 +27,7 @@ async def tool_call(name: str, expected_s: float | None = None, *,
     """Sends tool_call.started on entry and tool_call.finished on exit, also when the block
     raises (its exception propagates unchanged). `expected_s` is the caller's estimate of the
     call's seconds. Yields the daemon's acknowledgement of the start (None when not sent)."""
-    config = ensure_config(config)
-    call = locate(config.get("metadata"), handlers_of(config.get("callbacks")))
+    call = locate(*in_config(ensure_config(config)))
     if call is None:
         yield None
         return
