@@ -80,7 +80,8 @@ class _Plan:
 
 
 def _plan(kv_lens: Tensor, q_starts: Tensor) -> _Plan:
-    # The one host sync of a call: the shapes of the SDPA calls depend on these values.
+    # The shapes of the SDPA calls depend on these values: a host sync (shifted decode adds one,
+    # `_main_shift`).
     lens, starts = kv_lens.tolist(), q_starts.tolist()
     counts = [b - a for a, b in itertools.pairwise(starts)]
     decode = [s for s, n in enumerate(counts) if n == 1]
@@ -157,13 +158,8 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 def _main_shift(shifts: Tensor) -> Tensor | None:
     """[B, 1]: each row's one non-zero shift (0 for a row with none); None when some row has
     two."""
-    nonzero = shifts != 0
-    high = shifts.masked_fill(~nonzero, torch.iinfo(shifts.dtype).min).amax(1, keepdim=True)
-    low = shifts.masked_fill(~nonzero, torch.iinfo(shifts.dtype).max).amin(1, keepdim=True)
-    shifted = nonzero.any(1, keepdim=True)
-    if not bool(((high == low) | ~shifted).all()):
-        return None
-    return torch.where(shifted, high, 0)
+    main = shifts.gather(1, shifts.abs().argmax(1, keepdim=True))  # a non-zero one, if any
+    return main if bool(((shifts == 0) | (shifts == main)).all()) else None
 
 
 def _decode_shifted(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, shifts: Tensor,
@@ -186,8 +182,7 @@ def _decode_shifted(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, shifts: Tens
     keys, values = k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(query: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~keep, float("-inf"))[:, None, None, :]
+        bias = torch.where(keep, 0.0, float("-inf")).to(q.dtype)[:, None, None, :]
         out, lse = _FLASH_CPU(query, keys, values, 0.0, False, attn_mask=bias, scale=scale)
         # A row that keeps no key gets output 0 and lse 0 from the op: make it weigh nothing.
         lse = torch.where(keep.any(1)[:, None, None], lse, float("-inf"))

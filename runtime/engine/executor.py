@@ -56,22 +56,20 @@ class Executor:
         )
 
     def copy_rows(self, source: torch.Tensor, target: torch.Tensor, shift: int) -> None:
-        """Copies KV rows (slots) of every layer within the pool, K rotated by `shift`: a
-        segment read at another position, rotated once instead of at every step."""
-        block_size = self.kv_pool.shape[3]
-        src = self.kv_pool[source // block_size, :, :, source % block_size]  # [n, L, 2, H, D]
-        keys = src[:, :, 0].transpose(0, 1)  # [layers, n, kv_heads, D]
-        shifts = torch.full(keys.shape[:2], shift, dtype=torch.int32)
-        src[:, :, 0] = rotate_by_shift(keys, shifts, self.model.rotary.inv_freq).transpose(0, 1)
-        self.kv_pool[target // block_size, :, :, target % block_size] = src
-
-    def move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
-        """Copies KV rows (slots) of every layer within the pool; a target may be another
-        pair's source: every source is read before any target is written."""
+        """Copies KV rows (slots) of every layer within the pool, K rotated by `shift` (a
+        segment read at another position, rotated once instead of at every step). A target may
+        be another pair's source: every source is read before any target is written."""
         block_size = self.kv_pool.shape[3]
         source, target = source.to(self.device), target.to(self.device)
-        self.kv_pool[target // block_size, :, :, target % block_size] = \
-            self.kv_pool[source // block_size, :, :, source % block_size]
+        rows = self.kv_pool[source // block_size, :, :, source % block_size]  # [n, L, 2, H, D]
+        if shift:
+            shifts = torch.full(rows.shape[:2], shift, dtype=torch.int32, device=self.device)
+            rows[:, :, 0] = rotate_by_shift(rows[:, :, 0], shifts, self.model.rotary.inv_freq)
+        self.kv_pool[target // block_size, :, :, target % block_size] = rows
+
+    def move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """`copy_rows` at no shift: rows of one sequence moved within the pool."""
+        self.copy_rows(source, target, 0)
 
     def row_change(self, rows: torch.Tensor, base: torch.Tensor, shift: int) -> torch.Tensor:
         """How much each row (slot) changed from its base row seen at `shift`, over every
