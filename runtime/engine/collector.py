@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
+from kvrt.kernels import coalesce_runs
 from kvrt.runtime.engine.sequence import Sequence
 from kvrt.runtime.kv.block_table import Splice, blocks_of
 from kvrt.runtime.kv.manager import KVManager
@@ -63,6 +65,9 @@ class KVCollector:
         self._producers: dict[bytes, Sequence] = {}  # segment key -> the live seq computing it
         # seq -> splice start -> the master's slots for the head the seq recomputes before it.
         self._heads: dict[Sequence, dict[int, torch.Tensor]] = {}
+        # How much rows (slots) changed from base rows (slots, seen at a shift), over every
+        # layer (kernels/row_change.py); set by the engine, None in a simulation (no KV).
+        self.row_change: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
         # Counters since start, over first admissions (with reuse off too): tokens in segments,
         # and of those the ones read from another copy (not computed, not stored again).
         self.segment_requests = 0
@@ -196,7 +201,7 @@ class KVCollector:
     def _share_unchanged(self, seq: Sequence) -> None:
         """Diff encode, once the prompt is computed: of the head rows a reader recomputed
         before each splice (its diff against the master), it keeps the `diff_keep` share that
-        changed most (`KVManager.row_change`: K and V against the master's rows, over every
+        changed most (`row_change`: K and V against the master's rows, over every
         layer); the others read the master's rows from now on, and their own rows serve the
         next positions. The recompute has done its work by then: the prompt's last tokens, and
         so the first output token, saw every recomputed row."""
@@ -210,8 +215,8 @@ class KVCollector:
                 continue
             start = splice.start - head.numel()
             own = table.slots[start:splice.start]
-            if self.kv.row_change is not None:
-                change = self.kv.row_change(own, head, splice.shift)
+            if self.row_change is not None:
+                change = self.row_change(own, head, splice.shift)
             else:  # a simulation: no KV to compare, keep the first rows
                 change = -torch.arange(head.numel(), dtype=torch.float32)
             # A row in a keyed block stays: the block is another prompt's prefix now.
@@ -222,8 +227,8 @@ class KVCollector:
             drop = torch.zeros(head.numel(), dtype=torch.bool)
             drop[change.argsort(descending=True)[kept:]] = True
             drop &= ~keyed
-            for a, b in _runs(drop):
-                parts.append((start + a, head[a:b], splice.shift))
+            for a, n in coalesce_runs(torch.nonzero(drop).flatten().tolist()):
+                parts.append((start + a, head[a:a + n], splice.shift))
         shared = self.kv.share_rows(table, seq.num_computed, parts)
         if seq.num_output:  # recomputed after a preemption: counted the first time
             return
@@ -266,10 +271,3 @@ class KVCollector:
                 segments.append(_Segment(start, end, segment_key(salt, tokens), tokens))
             self._segments[seq] = segments
         return segments
-
-
-def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """The [start, end) runs of True in a 1-D bool tensor."""
-    edges = torch.diff(mask.int(), prepend=torch.tensor([0]), append=torch.tensor([0]))
-    return list(zip(torch.nonzero(edges == 1).flatten().tolist(),
-                    torch.nonzero(edges == -1).flatten().tolist()))

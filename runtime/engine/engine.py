@@ -47,7 +47,6 @@ class RunRelease:
 class _Live:
     seq: Sequence
     text: OutputText
-    deadline: float | None  # clock time past which it is aborted (its timeout_s); None: never
 
 
 class Engine:
@@ -115,9 +114,7 @@ class Engine:
         text = OutputText(
             request.params, self.tokenizer.detokenizer(), self.tokenizer.eos_token_ids
         )
-        timeout = request.timeout_s
-        deadline = None if timeout is None else seq.arrival + timeout
-        self._live[request.request_id] = _Live(seq, text, deadline)
+        self._live[request.request_id] = _Live(seq, text)
         self._arrivals += 1
         self.prompt_tokens += seq.prompt_len
         self.scheduler.add(seq)
@@ -133,7 +130,8 @@ class Engine:
         """Aborts the live requests past their deadline (their KV freed); returns their ids."""
         now = self.clock()
         expired = [request_id for request_id, live in self._live.items()
-                   if live.deadline is not None and live.deadline <= now]
+                   if (timeout := live.seq.request.timeout_s) is not None
+                   and live.seq.arrival + timeout <= now]
         for request_id in expired:
             self.abort(request_id)
         return expired

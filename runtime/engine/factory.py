@@ -83,7 +83,8 @@ def build_engine(
     kv = KVManager(num_blocks, config.block_size, config.prefix_caching, host_blocks)
     scheduler = BatchScheduler(kv, policy, config.max_num_seqs, config.max_num_batched_tokens)
     executor = Executor(model, kv_pool)
-    kv.row_change, kv.move_rows = executor.row_change, executor.move_rows
+    kv.move_rows = executor.move_rows
+    scheduler.collector.row_change = executor.row_change
     if kernels.name == "torch":
         # Shifted rows read in place would be rotated at every decode step on this path: a
         # reader copies them once instead (the Triton kernel rotates them in registers).

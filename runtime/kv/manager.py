@@ -77,9 +77,6 @@ class KVManager:
         # Copies rows (source slots, own slots, shift: K rotated) within the device pool; set by
         # the engine on the torch path, where splices are copied (Splice.copied).
         self.copy_rows: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None
-        # How much rows (slots) changed from base rows (slots, seen at a shift), over every
-        # layer (kernels/row_change.py); set by the engine, None in a simulation (no KV).
-        self.row_change: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
         # Copies rows (source slots to target slots, all at once) within the device pool; set
         # by the engine, None in a simulation (no KV to move).
         self.move_rows: Callable[[torch.Tensor, torch.Tensor], None] | None = None

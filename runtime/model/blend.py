@@ -22,6 +22,7 @@ the deviation selects (top-1 agreement 0.926 vs 0.906; shift only 0.905).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -42,11 +43,12 @@ class Blend:
 
 def row_change(fresh: DenseKV, cached: DenseKV) -> Tensor:
     """[n]: how much each fresh row differs from the cached row at the same position, summed
-    over layers: |K - K'| / |K'| + |V - V'| / |V'| (L2 over heads and dims)."""
+    over layers: |K - K'| / |K'| + |V - V'| / |V'| (L2 over heads and dims): the measure of
+    kernels/row_change.py, on dense KV."""
     total = torch.zeros(len(fresh))
     for pair in (*zip(fresh.keys, cached.keys), *zip(fresh.values, cached.values)):
         mine, theirs = (x.float().flatten(1) for x in pair)
-        total += (mine - theirs).norm(dim=1) / theirs.norm(dim=1)
+        total += (mine - theirs).norm(dim=1) / theirs.norm(dim=1).clamp_min(1e-6)
     return total
 
 
@@ -94,12 +96,13 @@ def blend_prefill(model: LlamaModel, prefix_ids: Tensor, segment_ids: Tensor, do
     positions = torch.cat([start + chosen, torch.arange(end, end + len(suffix_ids))])
     logits, new = dense_forward(model, ids, positions, past)
     fresh = new.select(torch.arange(len(chosen)))
-    change = row_change(fresh, cached.select(chosen))
-    kept = torch.cat([torch.empty(0, dtype=torch.int64)] + [
-        part.argsort(descending=True)[:math.ceil(diff_keep * len(part))] + first
-        for part, first in zip(change.split(groups or [len(chosen)]),
-                               torch.tensor([0, *(groups or [])]).cumsum(0).tolist())
-    ]).sort().values
+    kept = torch.arange(len(chosen))
+    if diff_keep < 1:  # of each piece's rows, the ones that changed most
+        sizes = groups or [len(chosen)]
+        change = row_change(fresh, cached.select(chosen)).split(sizes)
+        kept = torch.cat([kept[:0]] + [
+            part.argsort(descending=True)[:math.ceil(diff_keep * len(part))] + first
+            for part, first in zip(change, itertools.accumulate([0, *sizes]))]).sort().values
     segment = DenseKV([k.clone() for k in cached.keys], [v.clone() for v in cached.values],
                       cached.positions)
     for layer in range(len(model.layers)):
