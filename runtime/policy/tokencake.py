@@ -99,10 +99,7 @@ class TokencakePolicy(Policy):
         if owner is None:
             return
         self.away.pop(owner, None)  # its KV is back (or on its way, for this very call)
-        self.lent.pop(owner, None)
-        self.deadlines.pop(owner, None)
-        if owner in self.reserved:
-            self._unreserve(owner, kv)
+        self._end_reservation(owner, kv)
 
     def reserve_budget(self, kv: KVManager) -> float:
         """Blocks the reservations may pin: `reserve_fraction` of the pool that running calls
@@ -154,6 +151,13 @@ class TokencakePolicy(Policy):
             self._unreserve(min(live, key=self.reserved.__getitem__), kv)
         self.reserved = {o: p for o, p in self.reserved.items() if kv.is_pinned(o)}
 
+    def _end_reservation(self, owner: Owner, kv: KVManager) -> None:
+        """The owner's reservation, held or lent, and its deadline, are over."""
+        self.lent.pop(owner, None)
+        self.deadlines.pop(owner, None)
+        if owner in self.reserved:
+            self._unreserve(owner, kv)
+
     def _unreserve(self, owner: Owner, kv: KVManager) -> None:
         self.reserved.pop(owner, None)
         kv.unpin(owner)
@@ -175,13 +179,10 @@ class TokencakePolicy(Policy):
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":
             priority = self.reserved.get(owner)
-            self.lent.pop(owner, None)
-            if priority is not None:  # its cached blocks may go to the host instead
-                self._unreserve(owner, kv)
+            self._end_reservation(owner, kv)  # its cached blocks may go to the host instead
             decision = self._decide(owner, event.predicted_s, kv, now)
             self.decisions[decision] += 1
             self.last_decision[owner] = decision
-            self.deadlines.pop(owner, None)
             if priority is not None and decision != "offload":
                 kv.pin(owner)  # kept: reserved again, until the tool is long overdue
                 self.reserved[owner] = priority
@@ -194,10 +195,7 @@ class TokencakePolicy(Policy):
                 self._upload(owner, kv)
         elif event.kind == "agent.done":
             self.away.pop(owner, None)  # its host copy stays, evictable
-            self.lent.pop(owner, None)
-            self.deadlines.pop(owner, None)
-            if owner in self.reserved:
-                self._unreserve(owner, kv)
+            self._end_reservation(owner, kv)
 
     def on_keyed(self, block_ids: list[int], kv: KVManager) -> None:
         if self.moves is not None and self.config.write_through:
