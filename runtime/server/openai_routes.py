@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 from aiohttp import web
 
@@ -111,10 +110,7 @@ def _include_usage(body: SamplingRequest) -> bool:
 async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateRequest,
                    shapes: Shapes, arrival: float) -> web.StreamResponse:
     engine, metrics = request.app[keys.ENGINE], request.app[keys.METRICS]
-    admission = request.app[ADMISSION]
-    engine.validate(gen)  # a request that can never run is a 400 whatever the load
-    admission.check_queue(engine.load(), len(gen.prompt_token_ids))
-    gen = replace(gen, timeout_s=admission.timeout_s(arrival))
+    [gen] = request.app[ADMISSION].admit(engine, [gen], arrival)
     gen, call = attribute(request.app[keys.CONTROL], gen, tenant_of(request))
     if body.stream:
         return await respond_stream(request, engine, gen, metrics, arrival, shapes,

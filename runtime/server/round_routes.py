@@ -78,12 +78,7 @@ async def run_round(request: web.Request) -> web.Response:
                             default_max_tokens=None, prompt_param=f"agents.{name}",
                             segments=segments, tenant=tenant)
         gens.append(replace(gen, attribution=Attribution(run.id, name)))
-    # A round is admitted whole, or refused whole: the queue bound counts all its calls.
-    admission = request.app[ADMISSION]
-    for gen in gens:
-        engine.validate(gen)
-    admission.check_queue(engine.load(), sum(len(g.prompt_token_ids) for g in gens))
-    gens = [replace(g, timeout_s=admission.timeout_s(arrival)) for g in gens]
+    gens = request.app[ADMISSION].admit(engine, gens, arrival)  # whole, or refused whole
     run.rounds += 1
     number = run.rounds
     calls = [attribute(control, gen, tenant) for gen in gens]

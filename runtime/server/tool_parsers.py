@@ -1,8 +1,8 @@
 """Reading tool calls out of a model's reply: parsers registered by name.
 
-A parser reads a reply in two ways that must agree: `parse(text)` on the whole reply, and
-`stream()`, which takes the reply in the pieces it is generated in. For every way of cutting a
-text into pieces, the stream's text events join to `parse(text).content` and its calls equal
+A parser reads a reply through `stream()`, which takes it in the pieces it is generated in;
+`parse(text)` is that stream given the whole reply at once. For every way of cutting a text into
+pieces, the stream's text events join to `parse(text).content` and its calls equal
 `parse(text).calls`. Neither ever raises on what a model writes: text that is not a well-formed
 call stays content.
 """
@@ -47,10 +47,14 @@ class ToolParser(ABC):
     name = ""
 
     @abstractmethod
-    def parse(self, text: str) -> ParsedReply: ...
-
-    @abstractmethod
     def stream(self) -> ToolCallStream: ...
+
+    def parse(self, text: str) -> ParsedReply:
+        """A whole reply: the stream's reading of it in one piece, so the two always agree."""
+        stream = self.stream()
+        events = stream.push(text) + stream.finish()
+        return ParsedReply("".join(e for e in events if isinstance(e, str)),
+                           [e for e in events if isinstance(e, ParsedCall)])
 
 
 _REGISTRY: dict[str, type[ToolParser]] = {}
@@ -93,31 +97,12 @@ class HermesToolParser(ToolParser):
       not content; a reply without calls is content exactly as generated.
     """
 
-    def parse(self, text: str) -> ParsedReply:
-        pieces: list[str] = []  # the content between calls: len(calls) + 1 of them
-        calls: list[ParsedCall] = []
-        piece_start = scan = 0
-        while (start := text.find(TOOL_CALL_START, scan)) >= 0:
-            end = text.find(TOOL_CALL_END, start + len(TOOL_CALL_START))
-            body_end, after = (len(text), len(text)) if end < 0 else (end, end + len(TOOL_CALL_END))
-            call = read_call(text[start + len(TOOL_CALL_START):body_end])
-            if call is not None:
-                pieces.append(text[piece_start:start])
-                calls.append(call)
-                piece_start = after
-            scan = after
-        pieces.append(text[piece_start:])
-        if calls:
-            pieces = [p.rstrip() for p in pieces[:-1]] + [pieces[-1]]
-            pieces = [pieces[0]] + [p.lstrip() for p in pieces[1:]]
-        return ParsedReply("".join(pieces), calls)
-
     def stream(self) -> ToolCallStream:
         return HermesStream()
 
 
 class HermesStream(ToolCallStream):
-    """The same rules as `HermesToolParser.parse`, piece by piece:
+    """`HermesToolParser`'s rules, piece by piece:
 
         outside a call:  [emitted content][held: trailing whitespace + a possible partial tag]
         inside a call:   [held: whitespace before the tag] <tool_call> [body, up to the end tag]
