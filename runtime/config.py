@@ -47,11 +47,8 @@ class EngineConfig:
         _choose("device", self.device, DEVICES)
         _choose("dtype", self.dtype, DTYPES)
         _choose("kernels", self.kernels, KERNELS)
-        for name in ("kv_cache_memory", "block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.host_cache_memory < 0:
-            raise ConfigError(f"host_cache_memory cannot be negative, got {self.host_cache_memory}")
+        _positive(self, "kv_cache_memory", "block_size", "max_num_seqs", "max_num_batched_tokens")
+        _non_negative(self, "host_cache_memory")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
 
@@ -86,13 +83,9 @@ class ServerLimits:
     shutdown_timeout_s: float = 30.0  # in-flight work finishes within this, then is aborted
 
     def __post_init__(self) -> None:
-        for name in ("max_queued_requests", "max_queued_tokens", "max_body_bytes",
-                     "max_messages", "max_events_per_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "shutdown_timeout_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} cannot be negative, got {getattr(self, name)}")
+        _positive(self, "max_queued_requests", "max_queued_tokens", "max_body_bytes",
+                  "max_messages", "max_events_per_s")
+        _non_negative(self, "request_timeout_s", "shutdown_timeout_s")
 
 
 DEFAULT_TENANT = "default"
@@ -128,8 +121,8 @@ class ServeConfig:
     served_model_name: str | None = None  # None = derived from the checkpoint
     # How replies are read for tool calls (runtime/server/tool_parsers.py, by name).
     tool_call_parser: str = "hermes"
-    # Tenants (runtime/server/auth.py): (API key, tenant) pairs. None: no key is asked for,
-    # and every caller is the default tenant.
+    # Tenants (runtime/server/auth.py): (API key, tenant) pairs. None given: no key is asked
+    # for, and every caller is the default tenant.
     api_keys: tuple[tuple[str, str], ...] = ()
     metrics_public: bool = False  # /metrics answers without a key even when keys are set
     state_dir: str | None = None  # graphs and run metadata persist here (SQLite); None: not
@@ -143,6 +136,18 @@ class ServeConfig:
         keys = [key for key, _ in self.api_keys]
         if len(set(keys)) != len(keys):
             raise ConfigError("an API key is given twice")
+
+
+def _positive(config: object, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(config, name)}")
+
+
+def _non_negative(config: object, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} cannot be negative, got {getattr(config, name)}")
 
 
 def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -29,6 +29,7 @@ from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
 from kvrt.runtime.server.round_routes import routes as round_routes
+from kvrt.runtime.server.tool_parsers import make_tool_parser
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def create_app(config: ServeConfig, engine: keys.ManagedEngine) -> web.Applicati
     app[keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
     app[keys.STARTED_AT] = int(time.time())
     app[keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
+    app[keys.TOOL_PARSER] = make_tool_parser(config.tool_call_parser)  # a bad name fails here
     app.add_routes(openai_routes)
     app.add_routes(control_routes)
     app.add_routes(round_routes)

@@ -10,6 +10,7 @@ from kvrt.runtime.config import ServeConfig
 from kvrt.runtime.engine.protocol import EngineClient
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.server.metrics import ServerMetrics
+from kvrt.runtime.server.tool_parsers import ToolParser
 
 
 class ManagedEngine(EngineClient, Protocol):
@@ -26,3 +27,4 @@ METRICS = web.AppKey("metrics", ServerMetrics)
 CONTROL = web.AppKey("control", ControlPlane)  # graphs and live runs
 STARTED_AT = web.AppKey("started_at", int)  # unix seconds; the model card's `created`
 OPENAPI_JSON = web.AppKey("openapi_json", bytes)  # built once from the Structs
+TOOL_PARSER = web.AppKey("tool_parser", ToolParser)  # stateless: a reply's state is its stream

@@ -14,7 +14,6 @@ from typing import Any
 import msgspec
 from jinja2 import TemplateError
 
-from kvrt.runtime.config import DEFAULT_TENANT
 from kvrt.runtime.engine.protocol import (
     Attribution,
     EngineClient,
@@ -59,10 +58,10 @@ def check_common(body: SamplingRequest, engine: EngineClient) -> None:
         raise bad_request(f"n={body.n} is not supported yet; send n=1 (or leave it out)", param="n")
 
 
-def check_message_count(count: int, max_messages: int | None, param: str,
+def check_message_count(count: int, max_messages: int, param: str,
                         what: str = "the request") -> None:
     """A 400 naming `param` if `count` messages exceed the server's `--max-messages`."""
-    if max_messages is not None and count > max_messages:
+    if count > max_messages:
         raise bad_request(f"{what} has {count} messages, more than this server's limit of "
                           f"{max_messages} (--max-messages)", param=param,
                           code="too_many_messages")
@@ -292,7 +291,7 @@ def build_request(
     default_max_tokens: int | None,
     prompt_param: str,
     segments: tuple[tuple[int, int], ...] = (),
-    tenant: str = DEFAULT_TENANT,
+    tenant: str,
 ) -> GenerateRequest:
     """`tenant`: the caller's (auth.tenant_of); with the body's cache_salt it makes the salt."""
     resolved = resolve_max_tokens(
@@ -311,7 +310,7 @@ def build_request(
 def chat_generate_request(
     body: ChatCompletionRequest, engine: EngineClient, headers: Mapping[str, str],
     every_message_a_segment: bool = False, tools: PromptTools | None = None, *,
-    tenant: str = DEFAULT_TENANT, max_messages: int | None = None,
+    tenant: str, max_messages: int,
 ) -> GenerateRequest:
     """`tools`: what `chat_tools(body)` returned (the caller also needs it to read the reply).
     `tenant`: the caller's; `max_messages`: the server's limit (ServerLimits)."""
@@ -331,7 +330,7 @@ def chat_generate_request(
 
 def completion_generate_request(
     body: CompletionRequest, engine: EngineClient, headers: Mapping[str, str], *,
-    tenant: str = DEFAULT_TENANT,
+    tenant: str,
 ) -> GenerateRequest:
     check_common(body, engine)
     return build_request(

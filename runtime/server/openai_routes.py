@@ -27,7 +27,6 @@ from kvrt.runtime.server.openai_serving import (
     respond_json,
     respond_stream,
 )
-from kvrt.runtime.server.tool_parsers import make_tool_parser
 from kvrt.sdk.protocol.openai_api import (
     Health,
     ModelCard,
@@ -52,8 +51,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                 max_messages=request.app[keys.CONFIG].limits.max_messages)
     shapes = ChatShapes(
         gen.request_id, engine.model_name, _include_usage(body),
-        tool_parser=(make_tool_parser(request.app[keys.CONFIG].tool_call_parser)
-                     if tools is not None else None),
+        tool_parser=request.app[keys.TOOL_PARSER] if tools is not None else None,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
     return await _respond(request, body, gen, shapes, arrival)
