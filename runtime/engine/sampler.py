@@ -6,6 +6,10 @@ import torch
 
 from kvrt.runtime.engine.protocol import SamplingParams
 
+# A temperature this small is greedy in effect, and dividing logits by it overflows to inf
+# (then NaN probabilities): such requests are served greedily (vLLM does the same).
+_GREEDY_BELOW = 1e-5
+
 
 class Sampler:
     def __init__(self, seed: int, device: torch.device) -> None:
@@ -28,7 +32,7 @@ class Sampler:
         greedy = logits.argmax(dim=-1).tolist()
         tokens = []
         for row, (p, generator) in enumerate(zip(params, generators)):
-            if p.temperature <= 0 or p.top_k == 1:
+            if p.temperature < _GREEDY_BELOW or p.top_k == 1:
                 tokens.append(greedy[row])
             else:
                 tokens.append(self._draw(logits[row], p, generator or self.generator))
