@@ -178,6 +178,7 @@ async def respond_stream(
             raise APIError(500, "the engine returned no output", code="engine_error")
         response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
         response.content_type = "text/event-stream"
+        response.charset = "utf-8"
         try:
             await response.prepare(http_request)  # the client may be gone already
             await _write_events(response, first, outputs, shapes, include_usage)
@@ -214,8 +215,16 @@ async def _write_events(response, first, outputs, shapes: Shapes, include_usage:
             raise APIError(500, "the engine ended the stream without a finish reason")
 
 
+# JSON leaves these unescaped, but str.splitlines() (which some SSE readers use) breaks a line
+# at each: escaped, a generated token holding one cannot cut an event in two.
+_LINE_BREAKS = [(char.encode(), f"\\u{ord(char):04x}".encode()) for char in "\x85\u2028\u2029"]
+
+
 async def _send(response: web.StreamResponse, event) -> None:
-    await response.write(b"data: " + _encoder.encode(event) + b"\n\n")
+    data = _encoder.encode(event)
+    for raw, escape in _LINE_BREAKS:  # (inside JSON they can only be in strings)
+        data = data.replace(raw, escape)
+    await response.write(b"data: " + data + b"\n\n")
 
 
 async def _send_quietly(response: web.StreamResponse, event) -> None:
