@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
+from kvrt.sdk import Client, Graph
+
 _DRAIN_TIMEOUT_S = 10.0
 _REQUEST_TIMEOUT_S = 120.0
 
@@ -98,34 +100,23 @@ async def run_load(config: LoadConfig) -> LoadReport:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=_REQUEST_TIMEOUT_S)
     started = time.monotonic()
-    async with aiohttp.ClientSession(config.url, connector=connector, timeout=timeout,
-                                     headers=headers) as session:
-        run = await _start_run(session, config.agents)
+    graph = Graph("load-test")
+    for i in range(config.agents):
+        graph.agent(f"a{i}")
+    async with (Client(config.url, api_key=config.api_key) as client,
+                aiohttp.ClientSession(config.url, connector=connector, timeout=timeout,
+                                      headers=headers) as session):
+        run = await client.start_run(await client.create_graph(graph))
         steady, overload = _Tally(), _Tally()
         steady_end = started + config.seconds * 0.75
-        await asyncio.gather(*(_agent(session, config, run, f"a{i}", steady_end, steady,
+        await asyncio.gather(*(_agent(session, config, run.id, f"a{i}", steady_end, steady,
                                       random.Random(rng.random()))
                                for i in range(config.agents)))
         await _overload(session, config, started + config.seconds, overload)
-        await _request(session, "DELETE", f"/v1/runs/{run}")
+        await run.close()
         wall = time.monotonic() - started
         drained, metrics = await _drain(session)
     return _report(steady, overload, wall, drained, metrics)
-
-
-async def _start_run(session: aiohttp.ClientSession, agents: int) -> str:
-    spec = {"name": "load-test", "agents": [{"name": f"a{i}"} for i in range(agents)]}
-    graph = await _request(session, "POST", "/v1/graphs", spec)
-    run = await _request(session, "POST", "/v1/runs", {"graph_id": graph["id"]})
-    return run["id"]
-
-
-async def _request(session: aiohttp.ClientSession, method: str, path: str,
-                   body: object = None) -> dict:
-    async with session.request(method, path, json=body) as resp:
-        if resp.status >= 400:
-            raise RuntimeError(f"{method} {path}: {resp.status} {await resp.text()}")
-        return await resp.json()
 
 
 async def _agent(session: aiohttp.ClientSession, config: LoadConfig, run: str, agent: str,
