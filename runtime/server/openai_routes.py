@@ -111,7 +111,6 @@ async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateReq
     [gen] = request.app[ADMISSION].admit(engine, [gen], arrival)
     gen, call = attribute(request.app[keys.CONTROL], gen, tenant_of(request))
     if body.stream:
-        return await respond_stream(request, engine, gen, metrics, arrival, shapes,
-                                    _include_usage(body), call)
+        return await respond_stream(request, engine, gen, metrics, arrival, shapes, call)
     return await respond_json(engine, gen, metrics, arrival, shapes, call)
 

@@ -58,6 +58,7 @@ class ChatShapes:
     def __init__(self, request_id: str, model: str, include_usage: bool,
                  tool_parser: ToolParser | None = None, parallel_tool_calls: bool = True) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
+        self.include_usage = include_usage  # a stream's last chunk carries the usage
         self.usage_field = None if include_usage else UNSET
         self._parser = tool_parser
         self._stream = tool_parser.stream() if tool_parser is not None else None
@@ -131,6 +132,7 @@ def _function(call: ParsedCall) -> FunctionCall:
 class CompletionShapes:
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
+        self.include_usage = include_usage
         self.usage_field = None if include_usage else UNSET
 
     def head(self) -> Completion | None:
@@ -169,7 +171,7 @@ async def respond_json(
 
 async def respond_stream(
     http_request: web.Request, engine: EngineClient, request: GenerateRequest,
-    metrics: ServerMetrics, arrival: float, shapes: Shapes, include_usage: bool,
+    metrics: ServerMetrics, arrival: float, shapes: Shapes,
     observer: CallObserver | None,
 ) -> web.StreamResponse:
     async with aclosing(tracked(engine, request, metrics, arrival, observer)) as outputs:
@@ -181,7 +183,7 @@ async def respond_stream(
         response.charset = "utf-8"
         try:
             await response.prepare(http_request)  # the client may be gone already
-            await _write_events(response, first, outputs, shapes, include_usage)
+            await _write_events(response, first, outputs, shapes)
         except ConnectionResetError:
             # The client went away; leaving the `aclosing` block aborts the engine request.
             log.info("client disconnected from %s; request aborted", request.request_id)
@@ -195,7 +197,7 @@ async def respond_stream(
     return response
 
 
-async def _write_events(response, first, outputs, shapes: Shapes, include_usage: bool) -> None:
+async def _write_events(response, first, outputs, shapes: Shapes) -> None:
     head = shapes.head()
     if head is not None:
         await _send(response, head)
@@ -207,7 +209,7 @@ async def _write_events(response, first, outputs, shapes: Shapes, include_usage:
         if output.finish_reason is not None:
             for event in shapes.finish(output.finish_reason):
                 await _send(response, event)
-            if include_usage:
+            if shapes.include_usage:
                 await _send(response, shapes.usage(usage_of(output)))
             return
         output = await anext(outputs, None)
