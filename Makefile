@@ -18,14 +18,17 @@ setup: $(VENV)/.installed
 serve: setup
 	$(VENV)/bin/kvrt serve $(ARGS)
 
+# The pytest script, not `python -m pytest`: see PYTHONSAFEPATH below.
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(VENV)/bin/pytest -q $(ARGS)
 
+# PYTHONSAFEPATH: `-m` would put this folder first on sys.path, where kernels/ (kvrt.kernels)
+# shadows the `kernels` distribution that transformers imports.
 bench-engine: setup
-	$(PY) -m kvrt.runtime.bench.engine_speed $(ARGS)
+	PYTHONSAFEPATH=1 $(PY) -m kvrt.runtime.bench.engine_speed $(ARGS)
 
 bench-control: setup
-	$(PY) -m kvrt.runtime.bench.control_plane $(ARGS)
+	PYTHONSAFEPATH=1 $(PY) -m kvrt.runtime.bench.control_plane $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check runtime sdk kernels tests

@@ -121,7 +121,7 @@ def kvrt_serve(*flags: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "kvrt.runtime.cli", "serve", "--port", "0", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"},
     )
 
 

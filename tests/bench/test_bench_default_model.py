@@ -4,6 +4,7 @@ registered policy side by side, and the documented report."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,10 @@ def test_quick_bench_of_the_default_model(workload: str, default_model_path: Pat
                                           tmp_path: Path) -> None:
     command = [sys.executable, "-m", "kvrt.runtime.cli", "bench", workload, "--quick",
                "--out", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=480)
+    # PYTHONSAFEPATH: `-m` would put the repo root first on sys.path, where its `kernels/`
+    # folder shadows the `kernels` distribution that transformers imports.
+    done = subprocess.run(command, capture_output=True, text=True, timeout=480,
+                          env={**os.environ, "PYTHONSAFEPATH": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["policies"]) == policy_names()

@@ -108,7 +108,7 @@ def test_sigterm_drains_then_exits_cleanly(tiny_model: Path) -> None:
          str(tiny_model), "--kv-cache-memory", "8MiB", "--max-model-len", "2048",
          "--shutdown-timeout", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"},
     )
     try:
         match = READY.match(proc.stdout.readline().rstrip("\n"))
