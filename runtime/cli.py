@@ -22,10 +22,11 @@ from kvrt.runtime.config import (
     ServeConfig,
     ServerLimits,
     parse_api_key,
+    parse_key_value,
     parse_size,
     read_api_keys,
 )
-from kvrt.runtime.policy import policy_names
+from kvrt.runtime.policy import make_policy, policy_names, policy_option_names
 from kvrt.runtime.server.tool_parsers import tool_parser_names
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling seed of requests without their own (default: %(default)s)")
     p.add_argument("--policy", choices=policy_names(), default=engine["policy"],
                    help="KV cache policy (default: %(default)s)")
+    p.add_argument("--policy-option", action="append", default=[], type=key_value,
+                   metavar="KEY=VALUE", help="set one of the policy's options (repeatable): "
+                   + _policy_options_help())
     p.add_argument("--kernels", choices=KERNELS, default=engine["kernels"],
                    help="default: %(default)s (triton on CUDA, torch on CPU)")
     p.add_argument("--served-model-name", default=serve["served_model_name"], metavar="NAME",
@@ -149,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def key_value(text: str) -> tuple[str, str]:
+    try:
+        return parse_key_value(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _policy_options_help() -> str:
+    return "; ".join(f"{name}: {', '.join(policy_option_names(name)) or 'none'}"
+                     for name in policy_names())
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -164,9 +180,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         block_size=args.block_size,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        prefix_caching=args.prefix_caching, policy=args.policy, kernels=args.kernels,
-        seed=args.seed,
+        prefix_caching=args.prefix_caching, policy=args.policy,
+        policy_options=dict(args.policy_option), kernels=args.kernels, seed=args.seed,
     )
+    make_policy(engine.policy, engine.policy_options)  # a bad option fails here, not at load
     control = ControlConfig(seconds_per_output_token=args.seconds_per_output_token,
                             max_live_runs=args.max_live_runs)
     limits = ServerLimits(

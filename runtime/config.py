@@ -27,6 +27,14 @@ def parse_size(text: str | int) -> int:
     return int(number * 1024 ** "kmgt".find(unit) * 1024) if unit else int(number)
 
 
+def parse_key_value(text: str) -> tuple[str, str]:
+    """'KEY=VALUE' -> (key, value), both stripped."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | None = None  # local checkpoint folder or GGUF file; None = default SmolLM2
@@ -40,6 +48,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill)
     prefix_caching: bool = True  # off: every prompt is computed in full (for comparisons)
     policy: str = "lru"
+    # The policy's options by name, as text (`--policy-option KEY=VALUE`; runtime/policy/).
+    policy_options: dict[str, str] = field(default_factory=dict)
     kernels: str = "auto"
     seed: int = 0
 

@@ -29,8 +29,15 @@ from kvrt.runtime.bench.runner import (
     with_policy,
 )
 from kvrt.runtime.bench.workloads import Workload, make_workload, workload_names
-from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig, ServerLimits, parse_size
-from kvrt.runtime.policy import policy_names
+from kvrt.runtime.config import (
+    ConfigError,
+    EngineConfig,
+    ServeConfig,
+    ServerLimits,
+    parse_key_value,
+    parse_size,
+)
+from kvrt.runtime.policy import make_policy, options_for, policy_names, policy_option_names
 from kvrt.sdk import KvrtError
 
 # Which parameter scales a workload up, for the SLO sweep.
@@ -66,6 +73,9 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], type=param_argument,
                    metavar="KEY=VALUE", help="set any parameter of the workload (repeatable; "
                    "the names are in the report's params, e.g. tool_output_words=400)")
+    p.add_argument("--policy-option", action="append", default=[], type=param_argument,
+                   metavar="KEY=VALUE", help="set an option of every compared policy that has "
+                   "it (repeatable; `kvrt serve --help` lists each policy's)")
     p.add_argument("--quick", action="store_true", help="a small run (a couple of minutes)")
     p.add_argument("--out", default=None, help="report folder (default: bench-out/WORKLOAD)")
     p.add_argument("--log-level", default="warning",
@@ -82,10 +92,10 @@ def size_argument(text: str) -> int:
 
 
 def param_argument(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), value.strip()
+    try:
+        return parse_key_value(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def workload_from(args: argparse.Namespace) -> Workload:
@@ -107,7 +117,8 @@ UNBOUNDED = ServerLimits(max_queued_requests=2**62, max_queued_tokens=2**62,
 def config_from(args: argparse.Namespace) -> ServeConfig:
     engine = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                           host_cache_memory=args.host_cache_memory,
-                          max_num_seqs=args.max_num_seqs, seed=args.seed)
+                          max_num_seqs=args.max_num_seqs, seed=args.seed,
+                          policy_options=dict(args.policy_option))
     return ServeConfig(served_model_name="bench", engine=engine, limits=UNBOUNDED)
 
 
@@ -201,10 +212,21 @@ async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConf
 def check_arguments(args: argparse.Namespace, command: str) -> None:
     if (args.workload == "trace") != (args.trace is not None):
         raise SystemExit(f"{command}: --trace FILE goes with the `trace` workload, and only there")
-    unknown = set(p.strip() for p in args.policies.split(",")) - set(policy_names())
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = set(policies) - set(policy_names())
     if unknown:
         raise SystemExit(f"{command}: unknown policies {sorted(unknown)}; "
                          f"available: {', '.join(policy_names())}")
+    options = dict(args.policy_option)
+    taken = {name for policy in policies for name in policy_option_names(policy)}
+    if set(options) - taken:
+        raise SystemExit(f"{command}: no compared policy takes --policy-option "
+                         f"{', '.join(sorted(set(options) - taken))}")
+    for policy in policies:  # a bad value fails here, before any run
+        try:
+            make_policy(policy, options_for(policy, options))
+        except ConfigError as exc:
+            raise SystemExit(f"{command}: {policy}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from kvrt.runtime.bench.workloads import Workload
 from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.engine.protocol import GenerateOutput, GenerateRequest
+from kvrt.runtime.policy import options_for
 from kvrt.runtime.server.app import create_app
 from kvrt.runtime.server.serve import start_site
 from kvrt.sdk import Client
@@ -126,4 +127,7 @@ async def _sample(engine: AsyncEngine, out: list[KVSample]) -> None:
 
 
 def with_policy(config: ServeConfig, policy: str) -> ServeConfig:
-    return replace(config, engine=replace(config.engine, policy=policy))
+    """The config for one compared policy, with the options it takes."""
+    engine = config.engine
+    return replace(config, engine=replace(
+        engine, policy=policy, policy_options=options_for(policy, engine.policy_options)))

@@ -1,8 +1,9 @@
-"""The engine: one step is schedule -> execute -> sample and emit. Single-threaded by design.
+"""The engine: one step is schedule -> run -> update. Single-threaded by design.
 
-The engine owns the model and the KV pool; `AsyncEngine` runs it on its own thread. Time comes
+The engine owns the executor and the KV; `AsyncEngine` runs it on its own thread. Time comes
 from an injected clock, so the same engine can run under a simulated clock. The policy hears of
-the agents' events (`notify`) and of time passing (`tick`, before each step and while idle).
+the agents' events (`notify`) and of time passing (`tick`, before each step and while idle),
+and the engine carries out what it decides (runtime/engine/decide.py).
 
 A step that raises after scheduling aborts the requests of its batch and raises StepFailed
 naming them; the engine stays consistent and serves the others. `expire` aborts the requests
@@ -14,7 +15,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
+from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.output import OutputText
 from kvrt.runtime.engine.protocol import (
@@ -30,11 +33,16 @@ from kvrt.runtime.engine.protocol import (
 from kvrt.runtime.engine.sampler import Sampler
 from kvrt.runtime.engine.scheduler import BatchScheduler, Chunk
 from kvrt.runtime.engine.sequence import Sequence
-from kvrt.runtime.engine.tier_moves import TierMoves
-from kvrt.runtime.kv.manager import BlockTable, KVManager
+from kvrt.runtime.kv.block_table import BlockTable
+from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.kv.reuse.planner import ReusePlanner
 from kvrt.runtime.model.tokenizer import Tokenizer
+from kvrt.runtime.policy.base import Policy
 
-Emitted = tuple[str, GenerateOutput]  # (request id, output increment)
+
+class Emitted(NamedTuple):
+    request_id: str
+    output: GenerateOutput  # the request's output increment
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,21 +63,21 @@ class Engine:
         executor: Executor,
         kv: KVManager,
         scheduler: BatchScheduler,
+        policy: Policy,
+        reuse: ReusePlanner,
         sampler: Sampler,
         tokenizer: Tokenizer,
         max_model_len: int,
         clock: Callable[[], float] = time.monotonic,
-        moves: TierMoves | None = None,
     ) -> None:
+        """`scheduler` works on the same `kv`, `policy` and `reuse` (runtime/engine/assembly.py
+        builds them together)."""
         self.executor, self.kv, self.scheduler = executor, kv, scheduler
-        self.moves = moves  # KV moves to and from the host tier; None without one
-        scheduler.policy.moves = moves
-        if moves is not None:
-            scheduler.request_upload = moves.upload
+        self.policy, self.reuse = policy, reuse
         self.sampler, self.tokenizer = sampler, tokenizer
         self.max_model_len = max_model_len
         self.clock = clock
-        self.vocab_size = executor.model.config.vocab_size
+        self.vocab_size = executor.vocab_size
         self._live: dict[str, _Live] = {}
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -93,10 +101,10 @@ class Engine:
                 f"{total} were requested ({len(prompt)} in the prompt, {max_tokens} to generate)"
             )
         blocks = self.kv.blocks_for(total)
-        if blocks > self.kv.pool.num_blocks:
+        if blocks > self.kv.num_blocks:
             raise RequestRejected(
                 f"the request needs {blocks} KV blocks ({total} tokens) but the KV pool holds "
-                f"{self.kv.pool.num_blocks}; start the server with a larger --kv-cache-memory"
+                f"{self.kv.num_blocks}; start the server with a larger --kv-cache-memory"
             )
 
     def add(self, request: GenerateRequest) -> None:
@@ -138,27 +146,18 @@ class Engine:
 
     def notify(self, event: AgentEvent) -> None:
         """Hands an agent's control-plane event to the policy, at the clock's time now."""
-        self.scheduler.policy.on_event(event, self.kv, self.clock())
+        carry_out(self.kv, self.policy.on_event(event, self.kv, self.clock()))
 
     def tick(self) -> None:
         """Completes the KV moves that have landed and lets the policy act on the time (expire
         pins). Each step ticks first; the engine thread also ticks while idle, since an agent
         waits on its tool with no step running."""
-        if self.moves is not None:
-            self.moves.finish_done()
-        self.scheduler.policy.on_step(self.kv, self.clock())
-
-    def offload(self, owner: tuple[str, str]) -> int:
-        """Starts moving the owner's cached KV (blocks no request reads) to the host tier;
-        returns how many blocks leave the device (0 without a host tier)."""
-        if self.moves is None:
-            return 0
-        return len(self.moves.offload(sorted(self.kv.owners.blocks_of(owner))))
+        self.kv.finish_moves()
+        carry_out(self.kv, self.policy.on_step(self.kv, self.clock()))
 
     def close(self) -> None:
         """Lets the KV moves in flight land and stops the mover's thread."""
-        if self.moves is not None:
-            self.moves.close()
+        self.kv.close()
 
     def release_run(self, run: str) -> RunRelease:
         """Aborts the run's live requests, then drops its agents' pins and frees the cached
@@ -171,17 +170,17 @@ class Engine:
         for request_id in aborted:
             self.abort(request_id)
         released = self.kv.release_run(run)
-        self.scheduler.policy.on_run_end(run)
-        self.scheduler.collector.on_run_end(run)
+        self.policy.on_run_end(run)
+        self.reuse.on_run_end(run)
         return RunRelease(aborted, released)
 
     def kv_residency(self, run: str) -> dict[str, AgentResidency]:
         """Safe to call from another thread (the ledger locks; the policy copies)."""
         residency = self.kv.residency(run)
-        for agent, decision in self.scheduler.policy.kv_decisions_of(run).items():
+        for agent, decision in self.policy.kv_decisions_of(run).items():
             residency[agent] = replace(residency.get(agent, AgentResidency(0, 0)),
                                        decision=decision)
-        for (of_run, agent), (tokens, reused) in self.scheduler.collector.by_owner.copy().items():
+        for (of_run, agent), (tokens, reused) in self.reuse.by_owner.copy().items():
             if of_run == run:
                 residency[agent] = replace(residency.get(agent, AgentResidency(0, 0)),
                                            segment_tokens=tokens, segment_reused_tokens=reused)
@@ -199,13 +198,14 @@ class Engine:
         self.tick()
         chunks = self.scheduler.schedule()
         if not chunks:
-            moving = self.moves is not None and self.moves.in_flight()
-            if self.scheduler.has_work() and not moving:  # pins hold the pool, nothing lands
-                self.scheduler.policy.on_stall(self.kv, self.clock())
+            if self.scheduler.has_work() and not self.kv.moves_in_flight():
+                # Pins hold the pool and nothing lands: the policy must let something go.
+                carry_out(self.kv, self.policy.on_stall(self.kv, self.clock()))
             return []
         self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.kv.usage().in_use)
         try:
-            return self._run(chunks)
+            tokens = self._run(chunks)
+            return self._update(chunks, tokens)
         except Exception as error:
             # The batch's sequences are in an unknown state (KV half written, a token perhaps
             # sampled): they are aborted, their blocks freed. The others never saw this step.
@@ -215,30 +215,22 @@ class Engine:
             raise StepFailed(f"engine step failed: {type(error).__name__}: {error}",
                              ids) from error
 
-    def _run(self, chunks: list[Chunk]) -> list[Emitted]:
-        """Executes one scheduled batch, keys what it computed and samples."""
+    def _run(self, chunks: list[Chunk]) -> list[int]:
+        """One forward over the batch; a token for each chunk that wants one, in order."""
         logits = self.executor.run(chunks)
-        sampling = [c for c in chunks if c.wants_logits]
-        tokens = self.sampler.sample(
-            logits, [c.seq.request.params for c in sampling], [c.seq.generator for c in sampling]
+        sampling = [c.seq for c in chunks if c.wants_logits]
+        return self.sampler.sample(
+            logits, [s.request.params for s in sampling], [s.generator for s in sampling]
         )
-        keyed: list[int] = []
-        for chunk in chunks:
-            seq = chunk.seq
-            prefill = seq.num_computed < seq.prompt_len
-            seq.num_computed = chunk.end
-            new = self.kv.commit(seq.table, seq.token_ids, seq.num_computed, seq.request.salt)
-            if prefill or new:  # a decode step that keys no block grows no segment copy
-                self.scheduler.collector.on_computed(seq)
-            keyed += new
-        if keyed:
-            self.scheduler.policy.on_keyed(keyed, self.kv)
-        return [self._append(chunk, token) for chunk, token in zip(sampling, tokens)]
 
-    def _append(self, chunk: Chunk, token: int) -> Emitted:
-        seq = chunk.seq
+    def _update(self, chunks: list[Chunk], tokens: list[int]) -> list[Emitted]:
+        sampled = self.scheduler.update(chunks, tokens)
+        return [self._emit(seq) for seq in sampled]
+
+    def _emit(self, seq: Sequence) -> Emitted:
+        """The output increment of a sequence that got a token; ends it on a stop."""
+        token = seq.token_ids[-1]
         live = self._live[seq.request_id]
-        seq.token_ids.append(token)
         self.generation_tokens += 1
         text, reason = live.text.add_token(token, seq.num_output)
         if reason is None and len(seq.token_ids) >= self.max_model_len:
@@ -246,7 +238,7 @@ class Engine:
         if reason is not None:
             del self._live[seq.request_id]
             self.scheduler.finish(seq)
-            self.scheduler.policy.on_finish(seq, self.kv)
+            carry_out(self.kv, self.policy.on_finish(seq, self.kv))
         output = GenerateOutput(
             token_ids=[token],
             text=text,
@@ -255,7 +247,7 @@ class Engine:
             completion_tokens=seq.num_output,
             finish_reason=reason,
         )
-        return seq.request_id, output
+        return Emitted(seq.request_id, output)
 
     def fail_all(self) -> list[str]:
         """Drops every live request (after an engine error); returns their ids."""
@@ -265,29 +257,30 @@ class Engine:
         return ids
 
     def stats(self) -> EngineStats:
-        usage, tiers, collector = self.kv.usage(), self.kv.tiers, self.scheduler.collector
+        usage, scheduler, reuse = self.kv.usage(), self.scheduler, self.reuse
+        moved = self.kv.tier_counts()
         return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
             kv_blocks_total=usage.total,
             kv_blocks_in_use=usage.in_use,
             kv_blocks_cached=usage.cached,
-            prefix_queries_tokens=self.kv.query_tokens,
-            prefix_hits_tokens=self.kv.hit_tokens,
+            prefix_queries_tokens=scheduler.query_tokens,
+            prefix_hits_tokens=scheduler.hit_tokens,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
-            preemptions=self.scheduler.preemptions,
+            preemptions=scheduler.preemptions,
             kv_blocks_pinned=self.kv.num_pinned(),
             kv_blocks_in_use_peak=self.kv_blocks_in_use_peak,
-            kv_blocks_offloaded=tiers.offloaded_blocks if tiers else 0,
-            kv_blocks_uploaded=tiers.uploaded_blocks if tiers else 0,
-            kv_blocks_backed_up=tiers.backed_up_blocks if tiers else 0,
-            kv_decisions=self.scheduler.policy.kv_decisions(),
-            segment_requests=collector.segment_requests,
-            segment_tokens=collector.segment_tokens,
-            segment_reused_tokens=collector.reused_tokens,
-            segment_copied_tokens=collector.copied_tokens,
-            segment_dropped_tokens=collector.dropped_tokens,
+            kv_blocks_offloaded=moved.offloaded,
+            kv_blocks_uploaded=moved.uploaded,
+            kv_blocks_backed_up=moved.backed_up,
+            kv_decisions=self.policy.kv_decisions(),
+            segment_requests=reuse.segment_requests,
+            segment_tokens=reuse.segment_tokens,
+            segment_reused_tokens=reuse.reused_tokens,
+            segment_copied_tokens=reuse.copied_tokens,
+            segment_dropped_tokens=reuse.dropped_tokens,
         )
 
     def check_integrity(self) -> None:

@@ -1,6 +1,11 @@
-"""Builds one step's `ForwardBatch` from the scheduled chunks and runs the model on it."""
+"""Runs a step's batch: `Executor` is what the engine needs of it; `ModelExecutor` builds one
+step's `ForwardBatch` from the scheduled chunks and runs the model on it, and owns the KV pool
+tensor (so it also does the KV's row operations, runtime/kv/rows.py). The simulator's executor
+(runtime/sim/executor.py) prices a step instead of running it."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -10,11 +15,21 @@ from kvrt.runtime.engine.scheduler import Chunk
 from kvrt.runtime.model.llama import ForwardBatch, LlamaModel
 
 
-class Executor:
+class Executor(Protocol):
+    vocab_size: int
+
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Float32 logits, one row per chunk that wants them, in chunk order (the row may be
+        narrower than the vocabulary: a token id is its column)."""
+        ...
+
+
+class ModelExecutor:
     def __init__(self, model: LlamaModel, kv_pool: torch.Tensor) -> None:
         self.model = model
         self.kv_pool = kv_pool
         self.device = kv_pool.device
+        self.vocab_size = model.config.vocab_size
 
     def build_batch(self, chunks: list[Chunk]) -> ForwardBatch:
         tokens: list[int] = []
@@ -55,10 +70,9 @@ class Executor:
             q_positions=all_positions if gapped else None,
         )
 
-    def copy_rows(self, source: torch.Tensor, target: torch.Tensor, shift: int) -> None:
-        """Copies KV rows (slots) of every layer within the pool, K rotated by `shift` (a
-        segment read at another position, rotated once instead of at every step). A target may
-        be another pair's source: every source is read before any target is written."""
+    def copy(self, source: torch.Tensor, target: torch.Tensor, shift: int) -> None:
+        """KVRows.copy: rows of every layer within the pool, K rotated by `shift` (a segment
+        read at another position, rotated once instead of at every step)."""
         block_size = self.kv_pool.shape[3]
         source, target = source.to(self.device), target.to(self.device)
         rows = self.kv_pool[source // block_size, :, :, source % block_size]  # [n, L, 2, H, D]
@@ -67,18 +81,12 @@ class Executor:
             rows[:, :, 0] = rotate_by_shift(rows[:, :, 0], shifts, self.model.rotary.inv_freq)
         self.kv_pool[target // block_size, :, :, target % block_size] = rows
 
-    def move_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
-        """`copy_rows` at no shift: rows of one sequence moved within the pool."""
-        self.copy_rows(source, target, 0)
-
-    def row_change(self, rows: torch.Tensor, base: torch.Tensor, shift: int) -> torch.Tensor:
-        """How much each row (slot) changed from its base row seen at `shift`, over every
-        layer: float32 [n] on the CPU (kernels/row_change.py)."""
+    def change(self, rows: torch.Tensor, base: torch.Tensor, shift: int) -> torch.Tensor:
+        """KVRows.change (kernels/row_change.py)."""
         shifts = torch.full((rows.numel(),), shift, dtype=torch.int32, device=self.device)
         return self.model.kernels.row_change(
             self.kv_pool, rows.to(self.device), base.to(self.device), shifts,
             self.model.rotary.inv_freq).cpu()
 
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Float32 logits, one row per chunk that wants them, in chunk order."""
         return self.model.forward(self.build_batch(chunks), self.kv_pool)

@@ -10,13 +10,11 @@ import torch
 
 from kvrt.kernels import Kernels, select_kernels
 from kvrt.runtime.config import ConfigError, EngineConfig
+from kvrt.runtime.engine.assembly import assemble_engine, context_length
 from kvrt.runtime.engine.engine import Engine
-from kvrt.runtime.engine.executor import Executor
-from kvrt.runtime.engine.sampler import Sampler
-from kvrt.runtime.engine.scheduler import BatchScheduler
-from kvrt.runtime.engine.tier_moves import TierMoves
-from kvrt.runtime.kv.manager import KVManager
-from kvrt.runtime.kv.mover import BlockMover
+from kvrt.runtime.engine.executor import ModelExecutor
+from kvrt.runtime.kv.manager import HostSpec
+from kvrt.runtime.kv.tiers.mover import BlockMover
 from kvrt.runtime.model.checkpoint import Checkpoint, load_checkpoint
 from kvrt.runtime.model.llama import LlamaModel
 from kvrt.runtime.policy import make_policy
@@ -47,17 +45,12 @@ def build_engine(
 ) -> tuple[Engine, Checkpoint]:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    policy = make_policy(config.policy)
+    policy = make_policy(config.policy, config.policy_options)
     kernels = select_kernels(config.kernels, device)
     started = time.monotonic()
     checkpoint = checkpoint or load_checkpoint(config.model, dtype)
     model_cfg = checkpoint.config
-    max_model_len = config.max_model_len or model_cfg.max_position
-    if max_model_len > model_cfg.max_position:
-        raise ConfigError(
-            f"--max-model-len {max_model_len} exceeds the model's context of "
-            f"{model_cfg.max_position} tokens"
-        )
+    max_model_len = context_length(config, model_cfg.max_position)
     model = LlamaModel(model_cfg, checkpoint.weights, kernels, device, dtype, max_model_len)
     checkpoint.weights = {}  # the model holds its own (fused) copies now
     block_bytes = config.block_size * model_cfg.kv_bytes_per_token * dtype.itemsize
@@ -79,25 +72,16 @@ def build_engine(
         dtype=dtype,
         device=device,
     )
-    host_blocks = config.host_cache_memory // block_bytes
-    kv = KVManager(num_blocks, config.block_size, config.prefix_caching, host_blocks)
-    scheduler = BatchScheduler(kv, policy, config.max_num_seqs, config.max_num_batched_tokens)
-    executor = Executor(model, kv_pool)
-    kv.move_rows = executor.move_rows
-    scheduler.collector.row_change = executor.row_change
-    if kernels.name == "torch":
-        # Shifted rows read in place would be rotated at every decode step on this path: a
-        # reader copies them once instead (the Triton kernel rotates them in registers).
-        kv.copy_rows = executor.copy_rows
-    engine = Engine(
-        executor,
-        kv,
-        scheduler,
-        Sampler(config.seed, device),
-        checkpoint.tokenizer,
-        max_model_len,
-        clock,
-        _tier_moves(kv, kv_pool, host_blocks, kernels),
+    executor = ModelExecutor(model, kv_pool)
+    engine = assemble_engine(
+        config, policy, executor, checkpoint.tokenizer,
+        num_blocks=num_blocks, max_model_len=max_model_len,
+        host=_host_tier(kv_pool, config.host_cache_memory // block_bytes, kernels),
+        rows=executor,
+        # Shifted rows read in place would be rotated at every decode step on the torch path:
+        # a reader copies them once instead (the Triton kernel rotates them in registers).
+        copy_other_shifts=kernels.name == "torch",
+        clock=clock, sampler_device=device,
     )
     log.info(
         "engine ready in %.1fs: %s on %s/%s, %d KV blocks of %d tokens (%d tokens), kernels %s",
@@ -113,12 +97,11 @@ def build_engine(
     return engine, checkpoint
 
 
-def _tier_moves(kv: KVManager, kv_pool: torch.Tensor, host_blocks: int, kernels: Kernels
-                ) -> TierMoves | None:
+def _host_tier(kv_pool: torch.Tensor, host_blocks: int, kernels: Kernels) -> HostSpec | None:
     """The host tier's KV tensor (pinned on CUDA, for asynchronous copies) and its mover."""
-    if kv.tiers is None:
+    if not host_blocks:
         return None
     host_kv = torch.zeros((host_blocks, *kv_pool.shape[1:]), dtype=kv_pool.dtype,
                           pin_memory=kv_pool.is_cuda)
-    return TierMoves(kv.tiers, BlockMover(kv_pool, host_kv, kernels.pack_blocks,
-                                          kernels.unpack_blocks))
+    return HostSpec(host_blocks, BlockMover(kv_pool, host_kv, kernels.pack_blocks,
+                                            kernels.unpack_blocks))

@@ -1,22 +1,29 @@
 """Continuous batching with chunked prefill under a per-step token budget.
 
-Each step: running sequences first (oldest admission first; a decode costs one token, a prefill
-continues with as much of its prompt as the budget allows), preempting by the policy when the
-pool runs dry; then waiting sequences in the policy's admission order, while the budget, the
-sequence limit and the pool allow, skipping those the KV Collector holds (their shared text
-is being computed by another). Sequences join and leave the batch between steps. A prefill
-chunk steps over the spans its sequence reads from another copy (splices).
+`schedule()`: running sequences first (oldest admission first; a decode costs one token, a
+prefill continues with as much of its prompt as the budget allows), preempting by the policy
+when the pool runs dry; then waiting sequences in the policy's admission order, while the
+budget, the sequence limit and the pool allow, skipping those the reuse planner holds (their
+shared text is being computed by another). Sequences join and leave the batch between steps. A
+prefill chunk steps over the spans its sequence reads from another copy (splices).
+
+`update(chunks, tokens)`: after the step ran, its KV exists: full blocks are keyed (the policy
+hears of them), segment copies are offered to the index, and each sampled token is appended.
+
+The scheduler reaches the KV only through the KV manager's admission contract
+(runtime/kv/manager.py) and the reuse planner; the policy's decisions are carried out on the KV
+as they are made.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvrt.runtime.engine.collector import KVCollector
+from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.sequence import Sequence, Status
 from kvrt.runtime.kv.block_table import next_chunk
 from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.kv.reuse.planner import ReusePlanner
 from kvrt.runtime.policy.base import Policy
 
 
@@ -33,20 +40,16 @@ class Chunk:
 
 
 class BatchScheduler:
-    def __init__(
-        self, kv: KVManager, policy: Policy, max_num_seqs: int, max_num_batched_tokens: int
-    ) -> None:
-        self.kv = kv
-        self.policy = policy
+    def __init__(self, kv: KVManager, policy: Policy, reuse: ReusePlanner, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.kv, self.policy, self.reuse = kv, policy, reuse
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
-        self.collector = KVCollector(kv, policy.reuse)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.preemptions = 0
-        # Set by the engine when there is a host tier: starts uploading host blocks, True if
-        # any are on their way.
-        self.request_upload: Callable[[list[int]], bool] | None = None
+        self.query_tokens = 0  # prefix-cache counters over first admissions, in tokens
+        self.hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -73,7 +76,7 @@ class BatchScheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if self.collector.hold(seq):  # its shared text is being computed by another
+            if self.reuse.hold(seq):  # its shared text is being computed by another
                 continue
             chunk = self._admit(seq, budget)
             if chunk is None:
@@ -83,60 +86,67 @@ class BatchScheduler:
             budget -= chunk.num_tokens
         return chunks
 
-    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: list[Chunk]) -> bool:
+    def update(self, chunks: list[Chunk], tokens: list[int]) -> list[Sequence]:
+        """The step computed these chunks and sampled `tokens` for those that want logits (in
+        order): keys what it filled, offers what it computed for reuse, appends the tokens.
+        Returns the sequences that got a token, in order."""
+        sampled = [chunk.seq for chunk in chunks if chunk.wants_logits]
+        keyed: list[int] = []
+        for chunk in chunks:
+            seq = chunk.seq
+            prefill = seq.num_computed < seq.prompt_len
+            seq.num_computed = chunk.end
+            new = self.kv.key_full_blocks(seq.table, seq.token_ids, seq.num_computed, seq.salt)
+            if prefill or new:  # a decode step that keys no block grows no segment copy
+                self.reuse.on_computed(seq)
+            keyed += new
+        if keyed:
+            carry_out(self.kv, self.policy.on_keyed(keyed, self.kv))
+        for seq, token in zip(sampled, tokens):
+            seq.token_ids.append(token)
+        return sampled
+
+    def _make_room(self, seq: Sequence, end: int, scheduled: list[Chunk]) -> bool:
         """Grows seq's table, preempting others (never one already in this step's batch)."""
-        while not self.kv.can_grow(seq.table, num_tokens):
+        while not self.kv.can_grow(seq.table, end):
             taken = {id(c.seq) for c in scheduled}
             candidates = [s for s in self.running if id(s) not in taken and s is not seq]
             victim = self.policy.victim(candidates) if candidates else seq
             self.preempt(victim)
             if victim is seq:
                 return False
-        self.kv.grow(seq.table, num_tokens)
+        self.kv.grow(seq.table, end)
         return True
 
     def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
-        match = self.kv.match_prefix(seq.token_ids, seq.request.salt)
-        if self.request_upload is not None:
-            host = self.kv.match_host(seq.token_ids, seq.request.salt, match)
-            if host.arriving:
-                return None  # its KV is on its way up: admitted once it has landed
-            if host.block_ids:
-                # Brought up only if it could then be admitted: uploaded blocks sit cached,
-                # and the growth of the running would evict them again before it is.
-                loaded = (match.num_blocks + len(host.block_ids)) * self.kv.block_size
-                count = min(len(seq.token_ids) - loaded, budget)
-                if not self.kv.can_admit(match, loaded + count):
-                    return None
-                if self.request_upload(host.block_ids):
-                    return None
-        computed = match.num_blocks * self.kv.block_size
-        splices = self.collector.plan(seq, computed)
-        end, count = next_chunk(splices, computed, budget, len(seq.token_ids))
-        # Checked before adopting, so a refused admission leaves the cached blocks untouched
+        plan = self.kv.plan_admission(seq.token_ids, seq.salt, budget)
+        if plan.wait:
+            return None  # its KV is on its way up: admitted once it has landed
+        splices = self.reuse.plan(seq, plan.computed)
+        end, count = next_chunk(splices, plan.computed, budget, len(seq.token_ids))
+        # Checked before allocating, so a refused admission leaves the cached blocks untouched
         # (their LRU order and their owners stay as they were).
-        if not self.kv.can_admit(match, end, splices):
-            self.collector.forget(seq)
+        if not self.kv.can_allocate(plan, end, splices):
+            self.reuse.forget(seq)
             return None
-        self.kv.adopt_prefix(seq.table, match)
-        self.kv.splice(seq.table, splices)
-        seq.num_computed = computed
-        self.kv.grow(seq.table, end)
+        self.kv.allocate(seq.table, plan, end, splices)
+        seq.num_computed = plan.computed
         if not seq.admitted_once:  # prefix-cache statistics count each request once
             seq.admitted_once = True
-            reused = self.collector.count_admission(seq, splices)
+            reused = self.reuse.count_admission(seq, splices)
             seq.num_cached = seq.num_computed + reused
-            self.kv.record_query(seq.prompt_len, seq.num_cached)
+            self.query_tokens += seq.prompt_len
+            self.hit_tokens += seq.num_cached
         seq.status = Status.RUNNING
         self.running.append(seq)
-        self.policy.on_admit(seq, self.kv)
+        carry_out(self.kv, self.policy.on_admit(seq, self.kv))
         return Chunk(seq, count, end)
 
     def preempt(self, seq: Sequence) -> None:
         """Gives the sequence's blocks back; it is recomputed later (prompt and output so far)."""
         self.running.remove(seq)
         self.kv.free(seq.table)
-        self.collector.forget(seq)
+        self.reuse.forget(seq)
         seq.num_computed = 0
         self.preemptions += 1
         self.add(seq)
@@ -147,6 +157,6 @@ class BatchScheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.collector.on_finish(seq)
+        self.reuse.on_finish(seq)
         self.kv.free(seq.table)
         seq.status = Status.FINISHED

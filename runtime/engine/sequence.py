@@ -1,4 +1,5 @@
-"""A request's state inside the engine."""
+"""A request's state inside the engine. It is what a policy sees of a call (policy/view.py's
+Call) and what the reuse planner reads (kv/reuse/planner.py's Reader)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvrt.runtime.engine.protocol import FinishReason, GenerateRequest
-from kvrt.runtime.kv.manager import BlockTable
+from kvrt.runtime.engine.protocol import GenerateRequest
+from kvrt.runtime.kv.block_table import BlockTable
+from kvrt.runtime.kv.owners import Owner
 
 
 class Status(enum.Enum):
@@ -28,7 +30,6 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose KV is in the pool
     num_cached: int = 0  # prompt tokens served from the prefix cache (first admission)
     status: Status = Status.WAITING
-    finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None  # per-request RNG when the request has a seed
     admitted_once: bool = False
 
@@ -43,3 +44,19 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.prompt_len
+
+    @property
+    def owner(self) -> Owner | None:
+        return self.table.owner
+
+    @property
+    def priority(self) -> float:
+        return self.request.attribution.priority
+
+    @property
+    def salt(self) -> bytes:
+        return self.request.salt
+
+    @property
+    def segments(self) -> tuple[tuple[int, int], ...]:
+        return self.request.segments

@@ -1,6 +1,6 @@
 """A tier's block pool: ref counts, the prefix index, LRU eviction, and moves between tiers.
 
-The device tier and the host tier (runtime/kv/tiers.py) each keep one. Every block is in
+The device tier and the host tier (runtime/kv/tiers/) each keep one. Every block is in
 exactly one state:
 
     state      ref_count  key       where
@@ -30,8 +30,9 @@ and in flight, and nothing reads or reuses a block while its content is being co
 
 Contract: `allocate` only hands out free blocks, evicting the least recently released cached
 blocks when the free list runs dry (evicting a cached block is always safe: no reader holds it).
-A keyed block is found by `lookup` until it is evicted or dropped. `on_drop(block_id)` (set by
-the KV manager; None by default) fires exactly when a block's content becomes unreachable.
+A keyed block is found by `lookup` until it is evicted or dropped. `on_drop(block_id)` (the KV
+manager's, given at construction) fires exactly when a block's content becomes unreachable;
+`on_unkey(key, token_ids)` when a cached block's content leaves this pool (evicted or dropped).
 `check_integrity()` verifies the table.
 """
 
@@ -64,7 +65,9 @@ class PoolUsage:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, on_drop: Callable[[int], None] | None = None,
+                 on_unkey: Callable[[bytes, tuple[int, ...]], None] | None = None) -> None:
+        """`on_unkey`: the host tier uses it to keep the host's last copies longer."""
         if num_blocks <= 0:
             raise ValueError("a block pool needs at least one block")
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -73,10 +76,7 @@ class BlockPool:
         self._index: dict[bytes, int] = {}
         self._in_flight: set[int] = set()
         self.evictions = 0
-        self.on_drop: Callable[[int], None] | None = None
-        # Called with a cached block's key and tokens when it is evicted or dropped (its
-        # content leaves this pool; KVTiers uses it to keep the host's last copies longer).
-        self.on_unkey: Callable[[bytes, tuple[int, ...]], None] | None = None
+        self._on_drop, self._on_unkey = on_drop, on_unkey
 
     @property
     def num_blocks(self) -> int:
@@ -250,11 +250,11 @@ class BlockPool:
 
     def _unkey(self, block: Block) -> None:
         assert block.key is not None
-        if self.on_unkey is not None:
-            self.on_unkey(block.key, block.token_ids)
+        if self._on_unkey is not None:
+            self._on_unkey(block.key, block.token_ids)
         del self._index[block.key]
         block.key, block.token_ids = None, ()
 
     def _dropped(self, block_id: int) -> None:
-        if self.on_drop is not None:
-            self.on_drop(block_id)
+        if self._on_drop is not None:
+            self._on_drop(block_id)

@@ -3,7 +3,7 @@ position shift its reader sees it.
 
 Own positions (computed by this sequence) take the rows of its own blocks in order. A splice
 makes a span of positions read rows of another sequence's copy of the same text instead (a
-segment reused at another position, runtime/kv/segments.py): those rows stay where they are,
+segment reused at another position, runtime/kv/reuse/): those rows stay where they are,
 shared and ref-counted, and are seen at `shift` (the kernel rotates their K). So a table maps
 positions to slots, not blocks to blocks:
 
@@ -83,6 +83,35 @@ class BlockTable:
 
     def block_ids(self) -> list[int]:
         return [entry.block for entry in self.entries]
+
+    def block_at(self, index: int) -> int:
+        """The block holding own block `index` of a table whose rows are its positions (before
+        any splice)."""
+        return int(self.slots[index * self.block_size]) // self.block_size
+
+    def adopt_prefix(self, block_ids: list[int], last_key: bytes) -> None:
+        """An empty table reads these keyed blocks as its first positions (a prefix hit)."""
+        assert not self.entries, "a prefix is adopted only by an empty table"
+        self.map_to(len(block_ids) * self.block_size, block_ids)
+        self.num_keyed, self.last_key = len(block_ids), last_key
+
+    def mark_keyed(self, num_blocks: int, last_key: bytes) -> None:
+        """Its first `num_blocks` own blocks are keyed, the last under `last_key`."""
+        if num_blocks > self.num_keyed:
+            self.num_keyed, self.last_key = num_blocks, last_key
+
+    def add_splices(self, splices: list[Splice]) -> None:
+        """These spans (ascending, none mapped yet) read their copies' rows; the table
+        references the copies' blocks from now on. Positions are mapped as they are reached."""
+        assert not self.splices and all(s.start >= self.num_mapped for s in splices)
+        for splice in splices:
+            self.entries.extend(BlockTableEntry(b, splice.shift) for b in splice.block_ids)
+        self.splices = list(splices)
+
+    def drop_copied(self, splice: Splice) -> None:
+        """A copied splice's rows are in own rows now: its blocks are referenced no more."""
+        for block_id in splice.block_ids:
+            self.entries.remove(BlockTableEntry(block_id, splice.shift))
 
     def own_positions(self, start: int, end: int) -> list[tuple[int, int]]:
         """The runs of positions in [start, end) that no splice covers."""

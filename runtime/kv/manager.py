@@ -1,41 +1,52 @@
-"""The KV manager: block tables of sequences over the device block pool, with exact prefix reuse
-and spliced segments.
+"""The KV manager: block tables of sequences over the device block pool, with exact prefix reuse,
+spliced segments, pins and the host tier.
 
-The scheduler sees only this interface (`match_prefix / splice / can_grow / grow / commit /
-free`) and `BlockTable`; the executor reads a table's slots and shifts. Exact prefix hits are
-seen at shift zero; a splice (runtime/kv/block_table.py) places another copy of a segment at
-the reader's positions, at a shift.
+Contract with the scheduler (the only verbs it uses; a table's fields change only through them):
+
+    verb                                   does
+    -------------------------------------  ------------------------------------------------------
+    plan_admission(ids, salt, budget)      the cached prefix a prompt adopts, and whether it must
+                                           wait (its next blocks are on their way up from the host:
+                                           asked for here, when the prompt could then be admitted)
+    can_allocate(plan, end, splices)       whether an empty table could adopt the plan's prefix,
+                                           splice `splices` and then cover `end` positions
+    allocate(table, plan, end, splices)    does it (check first: it raises OutOfBlocks otherwise)
+    can_grow(table, end) / grow(...)       a running table covers `end` positions (more blocks)
+    key_full_blocks(table, ids, n, salt)   keys the blocks that the first n computed positions fill
+    free(table)                            releases every block the table references
+
+Exact prefix hits are seen at shift zero; a splice (runtime/kv/block_table.py) places another
+copy of a segment at the reader's positions, at a shift. Refusing an admission (can_allocate
+False) leaves every cached block as it was: its LRU order, its owners.
 
 A table may name an owner (run, agent); every block that enters it is claimed for that owner in
 the `owners` ledger (runtime/kv/owners.py), which the pool keeps current through `on_drop`.
 
-A policy may `pin` an owner's KV (e.g. while the agent waits on a tool): one extra reference on
-each keyed block the owner holds, so none can be evicted, until `unpin` gives exactly those
-references back. A pinned block is "in use" (ref_count > 0) to the pool:
-
-    block state            readers  pins  ref_count  evictable
-    ---------------------  -------  ----  ---------  ---------
-    cached                 0        0     0          yes (LRU)
-    cached, pinned         0        p     p          no
-    in use, maybe pinned   r        p     r + p      no
+Policies read the KV through the per-owner queries below (runtime/policy/kv_state.py) and decide;
+the engine carries their decisions out through the verbs after them: pin or unpin an owner's KV
+(runtime/kv/pins.py), offload it to the host tier or upload it back, back blocks up there
+(runtime/kv/tiers/).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvrt.runtime.kv.block_pool import BlockPool, PoolUsage
-from kvrt.runtime.kv.block_table import BlockTable, BlockTableEntry, Splice, blocks_of
+from kvrt.runtime.kv.block_table import BlockTable, Splice, blocks_of
 from kvrt.runtime.kv.owners import AgentResidency, BlockOwners, Owner
+from kvrt.runtime.kv.pins import Pins
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
-from kvrt.runtime.kv.segments import SegmentIndex
-from kvrt.runtime.kv.tiers import KVTiers
+from kvrt.runtime.kv.reuse.index import SegmentIndex
+from kvrt.runtime.kv.rows import KVRows
+from kvrt.runtime.kv.tiers.host_tier import HostTier
+from kvrt.runtime.kv.tiers.mover import Mover
+from kvrt.runtime.kv.tiers.moves import TierCounts
 
-_KEPT_ROOT = b"\x01" * 32  # the parent of `keep_rows`' keys: never a prefix chain's
+_KEPT_ROOT = b"\x01" * 32  # the parent of `keep_cached`'s keys: never a prefix chain's
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +60,16 @@ class PrefixMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class AdmissionPlan:
+    """What admitting a prompt starts from: the cached prefix it adopts, covering its first
+    `computed` positions; `wait`: admit it later (its KV is coming up from the host)."""
+
+    prefix: PrefixMatch
+    computed: int
+    wait: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class HostMatch:
     """The full blocks that continue a device prefix match on the host tier."""
 
@@ -56,37 +77,178 @@ class HostMatch:
     arriving: bool  # the next block is being uploaded already: wait for it
 
 
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    """A host tier of `num_blocks` blocks whose copies `mover` makes."""
+
+    num_blocks: int
+    mover: Mover
+
+
 class KVManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
-                 host_blocks: int = 0) -> None:
-        self.pool = BlockPool(num_blocks)
+                 host: HostSpec | None = None, rows: KVRows | None = None) -> None:
+        """`rows`: the KV tensor's row operations (None in a simulation: no KV to copy)."""
+        self.pool = BlockPool(num_blocks, on_drop=self._dropped, on_unkey=self._unkeyed)
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.owners = BlockOwners()
-        # The host tier: offloaded KV, found again by the same keys (none when 0 blocks).
-        self.tiers = None
-        if host_blocks:
-            self.tiers = KVTiers(self.pool, BlockPool(host_blocks), self.owners)
         self.segments = SegmentIndex(block_size)  # copies of segments, by content
-        self.pool.on_drop = self._dropped
-        self.query_tokens = 0  # prefix-cache counters, in tokens
-        self.hit_tokens = 0
-        self._pins: dict[Owner, list[int]] = {}  # owner -> the blocks it pinned (ascending)
-        self._pin_counts: dict[int, int] = {}  # block -> how many owners pin it
-        self._kept = 0  # blocks keyed by `keep_rows`
-        # Copies rows (source slots, own slots, shift: K rotated) within the device pool; set by
-        # the engine on the torch path, where splices are copied (Splice.copied).
-        self.copy_rows: Callable[[torch.Tensor, torch.Tensor, int], None] | None = None
-        # Copies rows (source slots to target slots, all at once) within the device pool; set
-        # by the engine, None in a simulation (no KV to move).
-        self.move_rows: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        self.rows = rows
+        self.pins = Pins(self.pool, self.owners)
+        # The host tier: offloaded KV, found again by the same keys (none without a spec).
+        self.host = (None if host is None
+                     else HostTier(self.pool, self.owners, host.num_blocks, host.mover))
+        self._kept = 0  # blocks keyed by `keep_cached`
 
     def _dropped(self, block_id: int) -> None:
         self.owners.drop_block(block_id)
         self.segments.drop_block(block_id)
 
+    def _unkeyed(self, key: bytes, token_ids: tuple[int, ...]) -> None:
+        if self.host is not None:
+            self.host.tiers.left_device(key, token_ids)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    # -- admission (the scheduler's contract) -------------------------------------------------
+
+    def plan_admission(self, token_ids: list[int], salt: bytes, budget: int) -> AdmissionPlan:
+        """The prompt's cached prefix on the device. When the host holds the blocks after it,
+        they are brought up first (the plan waits), if the prompt could then be admitted with
+        `budget` tokens of its own: uploaded blocks sit cached, and the growth of the running
+        would evict them again before it is."""
+        match = self.match_prefix(token_ids, salt)
+        plan = AdmissionPlan(match, match.num_blocks * self.block_size)
+        if self.host is None:
+            return plan
+        host = self.match_host(token_ids, salt, match)
+        if host.arriving:
+            return AdmissionPlan(match, plan.computed, wait=True)
+        if not host.block_ids:
+            return plan
+        loaded = (match.num_blocks + len(host.block_ids)) * self.block_size
+        count = min(len(token_ids) - loaded, budget)
+        if not self.can_allocate(plan, loaded + count) or self.host.upload(host.block_ids):
+            return AdmissionPlan(match, plan.computed, wait=True)
+        return plan  # none could come up: computed instead
+
+    def can_allocate(self, plan: AdmissionPlan, end: int, splices: Sequence[Splice] = ()
+                     ) -> bool:
+        """Adopting and splicing take the blocks they reference that sit cached out of the
+        allocatable ones."""
+        match = plan.prefix
+        referenced = set(match.block_ids).union(*(s.block_ids for s in splices))
+        taken = sum(1 for block_id in referenced if self.pool.is_cached(block_id))
+        spliced = sum(min(s.end, end) - s.start for s in splices
+                      if s.start < end and not s.copied)
+        own = end - plan.computed - spliced
+        return self.blocks_for(max(0, own)) <= self.pool.num_allocatable() - taken
+
+    def allocate(self, table: BlockTable, plan: AdmissionPlan, end: int,
+                 splices: Sequence[Splice] = ()) -> None:
+        """An empty table adopts the plan's prefix, references the splices' copies (so none is
+        evicted before it is read) and covers `end` positions."""
+        match = plan.prefix
+        for block_id in match.block_ids:
+            self.pool.acquire(block_id)
+        table.adopt_prefix(match.block_ids, match.last_key)
+        self._claim(table, match.block_ids)
+        for splice in splices:
+            for block_id in splice.block_ids:
+                self.pool.acquire(block_id)
+            if not splice.copied:  # a copied one's blocks are held only until copied
+                self._claim(table, list(splice.block_ids))
+        table.add_splices(list(splices))
+        self.grow(table, end)
+
+    def can_grow(self, table: BlockTable, end: int) -> bool:
+        return self._blocks_needed(table, end) <= self.pool.num_allocatable()
+
+    def grow(self, table: BlockTable, end: int) -> None:
+        """Makes the table cover `end` positions (raises OutOfBlocks if it cannot)."""
+        new = self.pool.allocate(self._blocks_needed(table, end))
+        copies = table.map_to(end, new)
+        self._claim(table, new)
+        for splice, rows in copies:  # copied once; the copy is then let go
+            assert self.rows is not None, "a copied splice needs the KV's rows"
+            self.rows.copy(splice.slots, rows, splice.shift)
+            table.drop_copied(splice)
+            self.pool.release(list(splice.block_ids))
+
+    def _blocks_needed(self, table: BlockTable, end: int) -> int:
+        return self.blocks_for(table.own_rows_needed(end))
+
+    def key_full_blocks(self, table: BlockTable, token_ids: list[int], num_computed: int,
+                        salt: bytes) -> list[int]:
+        """Keys every block that became full of computed KV, so later prompts can reuse it;
+        returns the blocks it keyed. A spliced table keys only the blocks before its first
+        splice (past it, a block's rows are not one run of the prompt)."""
+        if not self.prefix_caching:
+            return []
+        limit = table.key_limit
+        full = (num_computed if limit is None else min(num_computed, limit)) // self.block_size
+        keyed: list[int] = []
+        key = table.last_key
+        for index in range(table.num_keyed, full):
+            tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
+            key = block_key(key, salt, tokens)
+            block_id = table.block_at(index)
+            if self.pool.register(block_id, key, tokens):
+                keyed.append(block_id)
+        table.mark_keyed(full, key)
+        return keyed
+
+    def free(self, table: BlockTable) -> None:
+        self.pool.release(table.block_ids())
+        table.clear()
+
+    # -- segment copies (the reuse planner's) ------------------------------------------------
+
+    def is_keyed(self, block_id: int) -> bool:
+        return self.pool.blocks[block_id].key is not None
+
+    def is_moving(self, block_ids: Iterable[int]) -> bool:
+        """Whether any of these device blocks is on its way to or from the host."""
+        return any(self.pool.is_in_flight(b) for b in block_ids)
+
+    def splice_computed(self, table: BlockTable, computed: int,
+                        parts: list[tuple[int, torch.Tensor, int]]) -> int:
+        """Computed own positions read another copy's rows from now on: each part is (first
+        position, the copy's slots, shift), and the table references their blocks already.
+        The table's rows past the first such position are packed densely again (rows of
+        unkeyed blocks: nobody else reads them), and own blocks left with nothing mapped are
+        released. Returns the positions spliced."""
+        if not parts:
+            return 0
+        freed = [table.share(start, slots, shift) for start, slots, shift in parts]
+        source, target, unused = table.compact(
+            min(start for start, _, _ in parts), computed, torch.cat(freed),
+            lambda block_id: not self.is_keyed(block_id))
+        if source.numel() and self.rows is not None:
+            self.rows.copy(source, target, 0)
+        self.pool.release(unused)
+        return sum(f.numel() for f in freed)
+
+    def keep_cached(self, table: BlockTable, start: int, end: int, salt: bytes) -> torch.Tensor:
+        """Keys every unkeyed block holding positions [start, end) of a table about to be freed,
+        so their content stays cached (findable through the segment index, evictable) once it
+        is; returns those positions' slots. The keys are unique (nobody looks them up): such a
+        block's rows are not one run of a prompt."""
+        slots = table.slots[start:end]
+        for block_id in blocks_of(slots, self.block_size):
+            if not self.is_keyed(block_id):
+                self._kept += 1
+                key = block_key(_KEPT_ROOT, salt, (block_id, self._kept))
+                self.pool.register(block_id, key, ())
+        return slots
+
+    # -- lookups -----------------------------------------------------------------------------
 
     def match_prefix(self, token_ids: list[int], salt: bytes) -> PrefixMatch:
         """Longest run of cached full blocks that prefixes `token_ids`, leaving at least one
@@ -97,11 +259,11 @@ class KVManager:
     def match_host(self, token_ids: list[int], salt: bytes, match: PrefixMatch) -> HostMatch:
         """The full blocks after `match` that the host tier holds (the same usable limit as
         `match_prefix`), up to the first it lacks; `arriving` when that one is being uploaded."""
-        if self.tiers is None:
-            return HostMatch([], False)
-        found, _, missing = self._chain(self.tiers.host, token_ids, salt, match.num_blocks,
+        assert self.host is not None
+        tiers = self.host.tiers
+        found, _, missing = self._chain(tiers.host, token_ids, salt, match.num_blocks,
                                         match.last_key)
-        return HostMatch(found, missing is not None and self.tiers.is_arriving(missing))
+        return HostMatch(found, missing is not None and tiers.is_arriving(missing))
 
     def _chain(self, pool: BlockPool, token_ids: list[int], salt: bytes, start: int,
                parent: bytes) -> tuple[list[int], bytes, bytes | None]:
@@ -120,190 +282,118 @@ class KVManager:
             parent = key
         return found, parent, None
 
-    def adopt_prefix(self, table: BlockTable, match: PrefixMatch) -> None:
-        """Acquires the matched blocks into an empty table."""
-        assert not table.entries, "a prefix is adopted only by an empty table"
-        for block_id in match.block_ids:
-            self.pool.acquire(block_id)
-        table.map_to(match.num_blocks * self.block_size, match.block_ids)
-        self._claim(table, match.block_ids)
-        table.num_keyed, table.last_key = match.num_blocks, match.last_key
+    # -- what policies read (runtime/policy/kv_state.py) --------------------------------------
 
-    def splice(self, table: BlockTable, splices: list[Splice]) -> None:
-        """Makes the table read these spans from their copies (positions not mapped yet, in
-        ascending order): it references the copies' blocks from now on, so none is evicted
-        before it is read. Positions are mapped by `grow`, as they are reached."""
-        assert not table.splices and all(s.start >= table.num_mapped for s in splices)
-        for splice in splices:
-            for block_id in splice.block_ids:
-                self.pool.acquire(block_id)
-                table.entries.append(BlockTableEntry(block_id, splice.shift))
-            if not splice.copied:  # a copied one's blocks are held only until copied
-                self._claim(table, list(splice.block_ids))
-        table.splices = list(splices)
-
-    def record_query(self, prompt_tokens: int, hit_tokens: int) -> None:
-        self.query_tokens += prompt_tokens
-        self.hit_tokens += hit_tokens
-
-    def blocks_needed(self, table: BlockTable, num_tokens: int) -> int:
-        return self.blocks_for(table.own_rows_needed(num_tokens))
-
-    def can_admit(self, match: PrefixMatch, num_tokens: int,
-                  splices: tuple[Splice, ...] | list[Splice] = ()) -> bool:
-        """Whether an empty table could adopt `match`, splice `splices` and then cover
-        `num_tokens` positions. Adopting and splicing take the blocks they reference that sit
-        cached out of the allocatable ones."""
-        referenced = set(match.block_ids).union(*(s.block_ids for s in splices))
-        taken = sum(1 for block_id in referenced if self.pool.is_cached(block_id))
-        spliced = sum(min(s.end, num_tokens) - s.start for s in splices
-                      if s.start < num_tokens and not s.copied)
-        own = num_tokens - match.num_blocks * self.block_size - spliced
-        return self.blocks_for(max(0, own)) <= self.pool.num_allocatable() - taken
-
-    def can_grow(self, table: BlockTable, num_tokens: int) -> bool:
-        return self.blocks_needed(table, num_tokens) <= self.pool.num_allocatable()
-
-    def grow(self, table: BlockTable, num_tokens: int) -> None:
-        """Makes the table cover `num_tokens` positions (raises OutOfBlocks if it cannot)."""
-        new = self.pool.allocate(self.blocks_needed(table, num_tokens))
-        copies = table.map_to(num_tokens, new)
-        self._claim(table, new)
-        for splice, rows in copies:  # copied once; the copy is then let go
-            assert self.copy_rows is not None, "a copied splice needs copy_rows"
-            self.copy_rows(splice.slots, rows, splice.shift)
-            for block_id in splice.block_ids:
-                table.entries.remove(BlockTableEntry(block_id, splice.shift))
-            self.pool.release(list(splice.block_ids))
-
-    def commit(
-        self, table: BlockTable, token_ids: list[int], num_computed: int, salt: bytes
-    ) -> list[int]:
-        """Keys every block that became full of computed KV, so later prompts can reuse it;
-        returns the blocks it keyed. A spliced table keys only the blocks before its first
-        splice (past it, a block's rows are not one run of the prompt)."""
-        if not self.prefix_caching:
-            return []
-        limit = table.key_limit
-        full = (num_computed if limit is None else min(num_computed, limit)) // self.block_size
-        keyed: list[int] = []
-        for index in range(table.num_keyed, full):
-            tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
-            key = block_key(table.last_key, salt, tokens)
-            block_id = int(table.slots[index * self.block_size]) // self.block_size
-            if self.pool.register(block_id, key, tokens):
-                keyed.append(block_id)
-            table.last_key = key
-        table.num_keyed = max(table.num_keyed, full)
-        return keyed
-
-    def share_rows(self, table: BlockTable, computed: int,
-                   parts: list[tuple[int, torch.Tensor, int]]) -> int:
-        """Computed own positions read another copy's rows from now on: each part is (first
-        position, the copy's slots, shift), and the table references their blocks already.
-        The table's rows past the first such position are packed densely again (rows of
-        unkeyed blocks: nobody else reads them), and own blocks left with nothing mapped are
-        released. Returns the positions shared."""
-        if not parts:
-            return 0
-        freed = [table.share(start, slots, shift) for start, slots, shift in parts]
-        source, target, unused = table.compact(
-            min(start for start, _, _ in parts), computed, torch.cat(freed),
-            lambda block_id: self.pool.blocks[block_id].key is None)
-        if source.numel() and self.move_rows is not None:
-            self.move_rows(source, target)
-        self.pool.release(unused)
-        return sum(f.numel() for f in freed)
-
-    def keep_rows(self, table: BlockTable, start: int, end: int, salt: bytes) -> torch.Tensor:
-        """Keys every unkeyed block holding positions [start, end) of a table about to be freed,
-        so their content stays cached (findable through the segment index, evictable) once it
-        is; returns those positions' slots. The keys are unique (nobody looks them up): such a
-        block's rows are not one run of a prompt."""
-        slots = table.slots[start:end]
-        for block_id in blocks_of(slots, self.block_size):
-            if self.pool.blocks[block_id].key is None:
-                self._kept += 1
-                key = block_key(_KEPT_ROOT, salt, (block_id, self._kept))
-                self.pool.register(block_id, key, ())
-        return slots
-
-    def free(self, table: BlockTable) -> None:
-        self.pool.release(table.block_ids())
-        table.clear()
-
-    def pin(self, owner: Owner) -> int:
-        """Takes one extra reference on every keyed block `owner` holds now (in the ledger), so
-        none of them can be evicted; returns how many blocks this call pinned. Pinning a pinned
-        owner pins only the keyed blocks it came to hold since: each block is pinned at most
-        once per owner. Unkeyed blocks are left alone: they are a live request's partial tail,
-        which no later call can find, so pinning them would only hold memory."""
-        have = set(self._pins.get(owner, ()))
-        pool = self.pool
-        new = [
-            block_id
-            for block_id in sorted(self.owners.blocks_of(owner))
-            if block_id not in have and pool.blocks[block_id].key is not None
-            and not pool.is_in_flight(block_id)  # on its way to the host: nothing to keep here
-        ]
-        for block_id in new:
-            self.pool.acquire(block_id)  # a cached block leaves the LRU: it cannot be evicted
-            self._pin_counts[block_id] = self._pin_counts.get(block_id, 0) + 1
-        if new:
-            self._pins.setdefault(owner, []).extend(new)
-        return len(new)
-
-    def unpin(self, owner: Owner) -> int:
-        """Gives back exactly the references `pin` took for `owner` (none if it holds no pin);
-        returns how many. The blocks keep their keys: one nobody else reads becomes cached
-        again, most recently used, in ascending block order."""
-        block_ids = self._pins.pop(owner, [])
-        for block_id in block_ids:
-            if self._pin_counts[block_id] > 1:
-                self._pin_counts[block_id] -= 1
-            else:
-                del self._pin_counts[block_id]
-        self.pool.release(block_ids)
-        return len(block_ids)
-
-    def is_pinned(self, owner: Owner) -> bool:
-        return owner in self._pins
+    def usage(self) -> PoolUsage:
+        return self.pool.usage()
 
     def num_pinned(self) -> int:
         """Distinct blocks at least one owner pins. Safe to call from any thread."""
-        return len(self._pin_counts)
+        return len(self.pins)
+
+    def is_pinned(self, owner: Owner) -> bool:
+        return self.pins.is_pinned(owner)
+
+    def pinnable_blocks(self, owner: Owner) -> int:
+        return len(self.pins.pinnable(owner))
+
+    def cached_blocks(self, owner: Owner) -> int:
+        return len(self._cached_of(owner))
+
+    @property
+    def has_host_tier(self) -> bool:
+        return self.host is not None
+
+    def offloadable_blocks(self, owner: Owner) -> int:
+        if self.host is None:
+            return 0
+        return self.host.tiers.offloadable(sorted(self.owners.blocks_of(owner)))
+
+    def offloaded_blocks(self, owner: Owner) -> int:
+        return 0 if self.host is None else self.host.offloaded_blocks(owner)
+
+    def is_offload_landing(self, owner: Owner) -> bool:
+        return self.host is not None and self.host.is_arriving_at_host(owner)
+
+    def copy_seconds(self, num_blocks: int, prior_bandwidth: float) -> float:
+        assert self.host is not None, "copies need a host tier"
+        return self.host.copy_seconds(num_blocks, prior_bandwidth)
+
+    def _cached_of(self, owner: Owner) -> list[int]:
+        return [b for b in sorted(self.owners.blocks_of(owner)) if self.pool.is_cached(b)]
+
+    # -- what policies decide (the engine carries it out) -------------------------------------
+
+    def pin(self, owner: Owner) -> int:
+        return self.pins.pin(owner)
+
+    def unpin(self, owner: Owner) -> int:
+        return self.pins.unpin(owner)
+
+    def offload(self, owner: Owner) -> int:
+        """Starts moving the owner's cached KV (blocks no request reads) to the host tier;
+        returns how many blocks leave the device (0 without a host tier)."""
+        if self.host is None:
+            return 0
+        return self.host.offload_owner(owner, self._cached_of(owner))
+
+    def upload(self, owner: Owner) -> bool:
+        """Starts bringing back what the owner's last offload sent to the host."""
+        return self.host is not None and self.host.upload_owner(owner)
+
+    def backup(self, block_ids: Iterable[int]) -> None:
+        """Starts copying these keyed device blocks to the host, leaving them on the device."""
+        if self.host is not None:
+            self.host.backup(list(block_ids))
+
+    # -- moves in flight ---------------------------------------------------------------------
+
+    def finish_moves(self) -> int:
+        """Completes the moves whose copies have landed; returns how many blocks landed."""
+        return 0 if self.host is None else self.host.finish_done()
+
+    def tier_counts(self) -> TierCounts:
+        return TierCounts() if self.host is None else self.host.tiers.counts()
+
+    def moves_in_flight(self) -> bool:
+        return self.host is not None and self.host.in_flight()
+
+    def close(self) -> None:
+        """Lets the moves in flight land and stops the mover."""
+        if self.host is not None:
+            self.host.close()
+
+    # -- runs --------------------------------------------------------------------------------
 
     def release_run(self, run: str) -> int:
         """Drops the run's pins and ownership and frees (unkeys) every cached block no owner
         holds now; returns how many. Blocks a live request still reads stay, and so do other
         owners'."""
-        for owner in [o for o in self._pins if o[0] == run]:
-            self.unpin(owner)
-        if self.tiers is not None:  # and its host copies no other run owns
-            _drop_orphans(self.tiers.host, self.tiers.host_owners.release_run(run))
+        self.pins.unpin_run(run)
+        if self.host is not None:  # and its host copies no other run owns
+            self.host.forget_run(run)
+            tiers = self.host.tiers
+            _drop_orphans(tiers.host, tiers.host_owners.release_run(run))
         return _drop_orphans(self.pool, self.owners.release_run(run))
 
     def residency(self, run: str) -> dict[str, AgentResidency]:
         """Per agent of `run`: its device blocks and how many of them others hold too.
         Safe to call from any thread."""
         device = self.owners.residency(run)
-        if self.tiers is None:
+        if self.host is None:
             return device
-        host = self.tiers.host_owners.residency(run)
+        host = self.host.tiers.host_owners.residency(run)
         return {agent: AgentResidency(
             device[agent].device_blocks if agent in device else 0,
             device[agent].shared_blocks if agent in device else 0,
             host[agent].device_blocks if agent in host else 0,
         ) for agent in device.keys() | host.keys()}
 
-    def usage(self) -> PoolUsage:
-        return self.pool.usage()
-
     def check_integrity(self) -> None:
         """The pool's table, the ledger's maps, and: the ledger names no free block."""
         self.pool.check_integrity()
-        if self.tiers is not None:
-            self.tiers.check_integrity()
+        if self.host is not None:
+            self.host.tiers.check_integrity()
         self.owners.check_integrity()
         self.segments.check_integrity()
         for block_id in self.segments.block_ids():
@@ -312,20 +402,7 @@ class KVManager:
         for block_id in self.owners.block_ids():
             block = self.pool.blocks[block_id]
             assert block.ref_count > 0 or block.key is not None, f"owned block {block} is free"
-        self._check_pins()
-
-    def _check_pins(self) -> None:
-        """Pins name keyed blocks their owner holds, once per owner, each counted in its
-        block's ref_count; the per-block counts mirror the per-owner lists."""
-        counted = Counter(b for block_ids in self._pins.values() for b in block_ids)
-        assert counted == Counter(self._pin_counts), "pin counts disagree with the pins"
-        for owner, block_ids in self._pins.items():
-            assert block_ids and len(set(block_ids)) == len(block_ids), f"bad pin of {owner}"
-            held = self.owners.blocks_of(owner)
-            assert set(block_ids) <= held, f"{owner} pins blocks it does not hold"
-        for block_id, count in self._pin_counts.items():
-            block = self.pool.blocks[block_id]
-            assert block.key is not None and block.ref_count >= count, f"pinned {block} is wrong"
+        self.pins.check_integrity()
 
     def _claim(self, table: BlockTable, block_ids: list[int]) -> None:
         if table.owner is not None and block_ids:

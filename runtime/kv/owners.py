@@ -25,7 +25,7 @@ class AgentResidency:
     shared_blocks: int  # of those, blocks at least one other owner also holds
     host_blocks: int = 0  # blocks holding its KV on the host tier
     decision: str | None = None  # the policy's last decision on it at a tool call
-    segment_tokens: int = 0  # tokens of segments in its calls (runtime/engine/collector.py)
+    segment_tokens: int = 0  # tokens of segments in its calls (kv/reuse/planner.py)
     segment_reused_tokens: int = 0  # of those, read in place from another copy (not stored)
 
 

@@ -73,7 +73,7 @@ def blend_prefill(model: LlamaModel, prefix_ids: Tensor, segment_ids: Tensor, do
     """`donor`: the segment's KV where it was computed. `first_k` replaces the deviation
     selection with the segment's first k tokens; `pieces` (lengths that add up to the segment:
     its messages, each a segment to the runtime) with the first `ratio` of each piece, as the
-    runtime's KV Collector recomputes, and then keeps `diff_keep` of each piece's recomputed
+    runtime's reuse planner recomputes, and then keeps `diff_keep` of each piece's recomputed
     rows, as its diff encode does."""
     start = len(prefix_ids)
     _, prefix = dense_forward(model, prefix_ids, torch.arange(start))

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from kvrt.runtime.policy.base import Policy, register_policy
-
-if TYPE_CHECKING:
-    from kvrt.runtime.engine.sequence import Sequence
+from kvrt.runtime.policy.base import CallT, Policy, register_policy
+from kvrt.runtime.policy.view import Call
 
 
 @register_policy("lru")
 class LRUPolicy(Policy):
-    def admission_key(self, seq: Sequence) -> tuple:
-        return (seq.arrival, seq.order)
+    def admission_key(self, call: Call) -> tuple:
+        return (call.arrival, call.order)
 
-    def victim(self, running: list[Sequence]) -> Sequence:
-        return max(running, key=lambda s: (s.arrival, s.order))  # the latest arrival yields first
+    def victim(self, running: list[CallT]) -> CallT:
+        return max(running, key=lambda c: (c.arrival, c.order))  # the latest arrival yields first

@@ -5,17 +5,14 @@ nothing of the agent graph. Without a host tier it is `lru`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from kvrt.runtime.policy.base import register_policy
+from kvrt.runtime.policy.base import Decisions, register_policy
+from kvrt.runtime.policy.decisions import Backup
 from kvrt.runtime.policy.lru import LRUPolicy
-
-if TYPE_CHECKING:
-    from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.policy.view import KVState
 
 
 @register_policy("lru-offload")
 class LRUOffloadPolicy(LRUPolicy):
-    def on_keyed(self, block_ids: list[int], kv: KVManager) -> None:
-        if self.moves is not None:
-            self.moves.backup(block_ids)
+    def on_keyed(self, block_ids: list[int], kv: KVState) -> Decisions:
+        if kv.has_host_tier:
+            yield Backup(tuple(block_ids))

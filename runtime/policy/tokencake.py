@@ -16,8 +16,9 @@ round trip = 2 x (copy_latency_s + bytes / bandwidth), the bandwidth learned fro
 observed so far (their average), `prior_bandwidth` before the first. An offloaded agent's KV is
 uploaded at `started + predicted - upload time - upload_lead_s`, or at `tool_call.finished` if
 the tool returns first; if its next call comes before either, admission uploads it on demand.
+(The decision is "keep: host_full" when the host tier can take none of it.)
 
-Spatial: waiting sequences are admitted by descending graph priority (`Attribution.priority`,
+Spatial: waiting calls are admitted by descending graph priority (`Attribution.priority`,
 which the daemon stamps on each call from the run's critical path) plus `aging_per_s` for each
 second waited, then first come first served; the victim under pressure is the lowest priority,
 latest arrival. Agents of priority at least `reserve_priority` (on the critical path) keep their
@@ -46,30 +47,25 @@ call cannot upload instead of computing again.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvrt.runtime.policy.base import Policy, register_policy
+from kvrt.runtime.kv.owners import Owner
+from kvrt.runtime.policy.base import CallT, Decisions, Policy, register_policy
 from kvrt.runtime.policy.config import TokencakeConfig
+from kvrt.runtime.policy.decisions import Backup, Offload, Pin, Unpin, Upload
+from kvrt.runtime.policy.view import Call, KVState
 
 if TYPE_CHECKING:
     from kvrt.runtime.engine.protocol import AgentEvent
-    from kvrt.runtime.engine.sequence import Sequence
-    from kvrt.runtime.kv.manager import KVManager
-    from kvrt.runtime.kv.owners import Owner
-
-
-@dataclass(slots=True)
-class _Away:
-    host_blocks: list[int]  # where its KV went, in prefix order
-    upload_at: float  # clock time to start bringing it back
 
 
 @register_policy("tokencake")
 class TokencakePolicy(Policy):
+    options = (TokencakeConfig,)
+
     def __init__(self, config: TokencakeConfig | None = None) -> None:
         self.config = config or TokencakeConfig()
-        self.away: dict[Owner, _Away] = {}
+        self.away: dict[Owner, float] = {}  # offloaded owner -> clock time to bring it back
         self.reserved: dict[Owner, float] = {}  # owner -> priority, its KV pinned between calls
         self.lent: dict[Owner, float] = {}  # reservations lent to running calls, to reclaim
         self.deadlines: dict[Owner, float] = {}  # reserved or lent owner -> when it ends
@@ -79,29 +75,29 @@ class TokencakePolicy(Policy):
 
     # -- spatial ------------------------------------------------------------------------------
 
-    def admission_key(self, seq: Sequence) -> tuple:
-        waited = max(0.0, self._now - seq.arrival)
-        priority = seq.request.attribution.priority + self.config.aging_per_s * waited
-        return (-priority, seq.arrival, seq.order)
+    def admission_key(self, call: Call) -> tuple:
+        waited = max(0.0, self._now - call.arrival)
+        priority = call.priority + self.config.aging_per_s * waited
+        return (-priority, call.arrival, call.order)
 
-    def victim(self, running: list[Sequence]) -> Sequence:
-        return min(running, key=lambda s: (s.request.attribution.priority, -s.arrival, -s.order))
+    def victim(self, running: list[CallT]) -> CallT:
+        return min(running, key=lambda c: (c.priority, -c.arrival, -c.order))
 
-    def on_finish(self, seq: Sequence, kv: KVManager) -> None:
-        owner, priority = seq.table.owner, seq.request.attribution.priority
+    def on_finish(self, call: Call, kv: KVState) -> Decisions:
+        owner, priority = call.owner, call.priority
         if owner is None or priority < self.config.reserve_priority:
             return
-        if self._reserve(owner, priority, kv):
+        if (yield from self._reserve(owner, priority, kv)):
             self.deadlines[owner] = self._now + self.config.tool_deadline_min_s
 
-    def on_admit(self, seq: Sequence, kv: KVManager) -> None:
-        owner = seq.table.owner
+    def on_admit(self, call: Call, kv: KVState) -> Decisions:
+        owner = call.owner
         if owner is None:
             return
         self.away.pop(owner, None)  # its KV is back (or on its way, for this very call)
-        self._end_reservation(owner, kv)
+        yield from self._end_reservation(owner)
 
-    def reserve_budget(self, kv: KVManager) -> float:
+    def reserve_budget(self, kv: KVState) -> float:
         """Blocks the reservations may pin: `reserve_fraction` of the pool that running calls
         leave. It shrinks as their demand grows (the lowest priorities are lent to them) and
         grows back as it falls (the lent ones are reclaimed, highest priority first)."""
@@ -109,30 +105,30 @@ class TokencakePolicy(Policy):
         running = max(0, usage.in_use - pinned)
         return self.config.reserve_fraction * (usage.total - running)
 
-    def _reserve(self, owner: Owner, priority: float, kv: KVManager) -> bool | None:
-        """Pins the owner's KV if it fits the budget; None if it holds nothing to pin."""
-        keyed = sum(1 for b in kv.owners.blocks_of(owner)
-                    if kv.pool.blocks[b].key is not None and not kv.pool.is_in_flight(b))
+    def _reserve(self, owner: Owner, priority: float, kv: KVState) -> Decisions:
+        """Pins the owner's KV if it fits the budget; returns whether it did (None if it holds
+        nothing to pin)."""
+        keyed = kv.pinnable_blocks(owner)
         if not keyed:
             return None
         if kv.num_pinned() + keyed > self.reserve_budget(kv):
             return False
-        kv.pin(owner)
+        yield Pin(owner)
         self.reserved[owner] = priority
         return True
 
-    def _fit_reservations(self, kv: KVManager) -> None:
+    def _fit_reservations(self, kv: KVState) -> Decisions:
         budget = self.reserve_budget(kv)
         while self.reserved and kv.num_pinned() > budget:
             owner = min(self.reserved, key=self.reserved.__getitem__)
             self.lent[owner] = self.reserved[owner]
-            self._unreserve(owner, kv)
+            yield from self._unreserve(owner)
         for owner in sorted(self.lent, key=self.lent.__getitem__, reverse=True):
-            if self._reserve(owner, self.lent[owner], kv) is False:
+            if (yield from self._reserve(owner, self.lent[owner], kv)) is False:
                 break  # it does not fit yet: the less important wait behind it
             self.lent.pop(owner)  # reclaimed, or nothing of it is left to reserve
 
-    def _expire(self, now: float, kv: KVManager) -> None:
+    def _expire(self, now: float, kv: KVState) -> Decisions:
         """Ends the reservations (held or lent) past their deadline."""
         for owner, until in list(self.deadlines.items()):
             if until > now:
@@ -143,24 +139,24 @@ class TokencakePolicy(Policy):
                 self.decisions["release:deadline"] += 1
                 self.last_decision[owner] = "release:deadline"
             if owner in self.reserved:
-                self._unreserve(owner, kv)
+                yield from self._unreserve(owner)
 
-    def on_stall(self, kv: KVManager, now: float) -> None:
+    def on_stall(self, kv: KVState, now: float) -> Decisions:
         live = [o for o in self.reserved if kv.is_pinned(o)]  # a run's end drops its pins
         if live:
-            self._unreserve(min(live, key=self.reserved.__getitem__), kv)
+            yield from self._unreserve(min(live, key=self.reserved.__getitem__))
         self.reserved = {o: p for o, p in self.reserved.items() if kv.is_pinned(o)}
 
-    def _end_reservation(self, owner: Owner, kv: KVManager) -> None:
+    def _end_reservation(self, owner: Owner) -> Decisions:
         """The owner's reservation, held or lent, and its deadline, are over."""
         self.lent.pop(owner, None)
         self.deadlines.pop(owner, None)
         if owner in self.reserved:
-            self._unreserve(owner, kv)
+            yield from self._unreserve(owner)
 
-    def _unreserve(self, owner: Owner, kv: KVManager) -> None:
+    def _unreserve(self, owner: Owner) -> Decisions:
         self.reserved.pop(owner, None)
-        kv.unpin(owner)
+        yield Unpin(owner)
 
     # -- temporal -----------------------------------------------------------------------------
 
@@ -175,83 +171,80 @@ class TokencakePolicy(Policy):
             for owner in [o for o in state if o[0] == run]:
                 del state[owner]  # its pins went with the run (KVManager.release_run)
 
-    def on_event(self, event: AgentEvent, kv: KVManager, now: float) -> None:
+    def on_event(self, event: AgentEvent, kv: KVState, now: float) -> Decisions:
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":
             priority = self.reserved.get(owner)
-            self._end_reservation(owner, kv)  # its cached blocks may go to the host instead
+            yield from self._end_reservation(owner)  # its cached blocks may go to the host
             decision = self._decide(owner, event.predicted_s, kv, now)
             self.decisions[decision] += 1
             self.last_decision[owner] = decision
-            if priority is not None and decision != "offload":
-                kv.pin(owner)  # kept: reserved again, until the tool is long overdue
+            if decision == "offload":
+                yield Offload(owner)
+            elif priority is not None:
+                yield Pin(owner)  # kept: reserved again, until the tool is long overdue
                 self.reserved[owner] = priority
                 self.deadlines[owner] = now + self._tool_deadline_s(event.predicted_s)
         elif event.kind == "tool_call.finished":
             if owner in self.deadlines:
                 self.deadlines[owner] = now + self.config.tool_deadline_min_s
             if owner in self.away:
-                self.away[owner].upload_at = now  # back early, or on time: the next call is near
-                self._upload(owner, kv)
+                self.away[owner] = now  # back early, or on time: the next call is near
+                yield from self._upload(owner, kv)
         elif event.kind == "agent.done":
             self.away.pop(owner, None)  # its host copy stays, evictable
-            self._end_reservation(owner, kv)
+            yield from self._end_reservation(owner)
 
-    def on_keyed(self, block_ids: list[int], kv: KVManager) -> None:
-        if self.moves is not None and self.config.write_through:
-            self.moves.backup(block_ids)
+    def on_keyed(self, block_ids: list[int], kv: KVState) -> Decisions:
+        if kv.has_host_tier and self.config.write_through:
+            yield Backup(tuple(block_ids))
 
     def _tool_deadline_s(self, predicted_s: float | None) -> float:
         config = self.config
         return max(config.tool_deadline_factor * (predicted_s or 0.0), config.tool_deadline_min_s)
 
-    def on_step(self, kv: KVManager, now: float) -> None:
+    def on_step(self, kv: KVState, now: float) -> Decisions:
         self._now = now
-        self._expire(now, kv)
-        self._fit_reservations(kv)
-        for owner, away in list(self.away.items()):
-            if away.upload_at <= now:
-                self._upload(owner, kv)
+        yield from self._expire(now, kv)
+        yield from self._fit_reservations(kv)
+        for owner, upload_at in list(self.away.items()):
+            if upload_at <= now:
+                yield from self._upload(owner, kv)
 
-    def round_trip_s(self, num_bytes: int) -> float:
-        return 2 * self.copy_s(num_bytes)
+    def round_trip_s(self, num_blocks: int, kv: KVState) -> float:
+        return 2 * self.copy_s(num_blocks, kv)
 
-    def copy_s(self, num_bytes: int) -> float:
-        bandwidth = (self.moves.bandwidth() if self.moves else None) or self.config.prior_bandwidth
-        return self.config.copy_latency_s + num_bytes / bandwidth
+    def copy_s(self, num_blocks: int, kv: KVState) -> float:
+        return self.config.copy_latency_s + kv.copy_seconds(num_blocks,
+                                                             self.config.prior_bandwidth)
 
-    def _decide(self, owner: Owner, predicted_s: float | None, kv: KVManager, now: float) -> str:
-        if self.moves is None:
+    def _decide(self, owner: Owner, predicted_s: float | None, kv: KVState, now: float) -> str:
+        if not kv.has_host_tier:
             return "keep:no_host_tier"
-        cached = [b for b in sorted(kv.owners.blocks_of(owner)) if kv.pool.is_cached(b)]
+        cached = kv.cached_blocks(owner)
         if not cached:
             return "keep:nothing_cached"
         usage = kv.usage()
         if usage.free >= self.config.pressure_free_fraction * usage.total:
             return "keep:no_pressure"
-        num_bytes = len(cached) * self.moves.mover.block_bytes
-        if (predicted_s or 0.0) < self.config.offload_margin * self.round_trip_s(num_bytes):
+        if (predicted_s or 0.0) < self.config.offload_margin * self.round_trip_s(cached, kv):
             return "keep:short_tool"
-        host_blocks = self.moves.offload(cached)
-        if not host_blocks:
+        if not kv.offloadable_blocks(owner):
             return "keep:host_full"
-        upload_at = now + (predicted_s or 0.0) - self.copy_s(num_bytes) - self.config.upload_lead_s
-        self.away[owner] = _Away(host_blocks, upload_at)
+        self.away[owner] = (now + (predicted_s or 0.0) - self.copy_s(cached, kv)
+                            - self.config.upload_lead_s)
         return "offload"
 
-    def _upload(self, owner: Owner, kv: KVManager) -> None:
+    def _upload(self, owner: Owner, kv: KVState) -> Decisions:
         """Brings the agent's KV back ahead of its next call if the device can spare the room:
         afterwards, at least `pressure_free_fraction` of the pool must still be free or merely
         cached, or the upload would take the blocks that running calls grow into (and preempt
         them) for KV that may wait idle. Tried again at each step meanwhile; once the next call
         comes, its admission uploads on demand, when the call can run (on_admit ends it)."""
-        away, moves = self.away.get(owner), self.moves
-        if away is None or moves is None:
-            return
-        if any(moves.tiers.host.is_in_flight(b) for b in away.host_blocks):
+        if owner not in self.away or kv.is_offload_landing(owner):
             return  # the offload has not landed yet
-        usage, wanted = kv.usage(), len(away.host_blocks)
+        usage, wanted = kv.usage(), kv.offloaded_blocks(owner)
         if usage.free + usage.cached - wanted < self.config.pressure_free_fraction * usage.total:
             return
         del self.away[owner]
-        moves.upload(away.host_blocks)
+        yield Upload(owner)

@@ -3,12 +3,12 @@ predicted tool time, as Continuum does. Admission and victims are lru's (first c
 served).
 
 On `tool_call.started` the agent's KV (the keyed blocks it holds now, cached or in use) is
-pinned until `now + ttl`:
+pinned until `now + ttl` (parameters: TTLConfig in runtime/policy/config.py):
 
     prediction            ttl
     --------------------  -----------------------------------------
-    predicted_s > 0       min(predicted_s * TTL_MARGIN, TTL_MAX_S)
-    None or 0             TTL_DEFAULT_S  (0 is the control plane's "never declared nor seen")
+    predicted_s > 0       min(predicted_s * margin, max_s)
+    None or 0             default_s  (0 is the control plane's "never declared nor seen")
 
 A second start while pinned (parallel tool calls) pins what the agent came to hold since and
 keeps the later expiry. The pin ends at the first of:
@@ -25,56 +25,60 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvrt.runtime.policy.base import register_policy
+from kvrt.runtime.kv.owners import Owner
+from kvrt.runtime.policy.base import Decisions, register_policy
+from kvrt.runtime.policy.config import TTLConfig
+from kvrt.runtime.policy.decisions import Pin, Unpin
 from kvrt.runtime.policy.lru import LRUPolicy
+from kvrt.runtime.policy.view import Call, KVState
 
 if TYPE_CHECKING:
     from kvrt.runtime.engine.protocol import AgentEvent
-    from kvrt.runtime.engine.sequence import Sequence
-    from kvrt.runtime.kv.manager import KVManager
-    from kvrt.runtime.kv.owners import Owner
-
-TTL_MARGIN = 1.5  # pin for this many times the predicted tool time: tools run late
-TTL_MAX_S = 60.0  # and never longer than this: a long tool must not hold the pool for long
-TTL_DEFAULT_S = 5.0  # a tool call nobody predicted
 
 
-def ttl_seconds(predicted_s: float | None) -> float:
+_DEFAULTS = TTLConfig()
+
+
+def ttl_seconds(predicted_s: float | None, config: TTLConfig = _DEFAULTS) -> float:
     if predicted_s is None or predicted_s <= 0:
-        return TTL_DEFAULT_S
-    return min(predicted_s * TTL_MARGIN, TTL_MAX_S)
+        return config.default_s
+    return min(predicted_s * config.margin, config.max_s)
 
 
 @register_policy("ttl")
 class TTLPolicy(LRUPolicy):
-    def __init__(self) -> None:
+    options = (TTLConfig,)
+
+    def __init__(self, config: TTLConfig | None = None) -> None:
+        self.config = config or TTLConfig()
         self.expiries: dict[Owner, float] = {}  # pinned owner -> clock time its pin ends
 
-    def on_event(self, event: AgentEvent, kv: KVManager, now: float) -> None:
+    def on_event(self, event: AgentEvent, kv: KVState, now: float) -> Decisions:
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":
             # A record whose pin the KV manager dropped (run ended) no longer counts.
             until = self.expiries.get(owner, now) if kv.is_pinned(owner) else now
-            kv.pin(owner)
+            yield Pin(owner)
             if kv.is_pinned(owner):  # an agent holding no KV yet has nothing to pin
-                self.expiries[owner] = max(until, now + ttl_seconds(event.predicted_s))
+                self.expiries[owner] = max(until, now + ttl_seconds(event.predicted_s,
+                                                                    self.config))
         elif event.kind == "agent.done":
-            self._release(owner, kv)
+            yield from self._release(owner)
 
-    def on_admit(self, seq: Sequence, kv: KVManager) -> None:
-        owner = seq.table.owner
+    def on_admit(self, call: Call, kv: KVState) -> Decisions:
+        owner = call.owner
         if owner is not None and owner in self.expiries:
-            self._release(owner, kv)
+            yield from self._release(owner)
 
-    def on_step(self, kv: KVManager, now: float) -> None:
+    def on_step(self, kv: KVState, now: float) -> Decisions:
         for owner, until in list(self.expiries.items()):
             if until <= now or not kv.is_pinned(owner):
-                self._release(owner, kv)
+                yield from self._release(owner)
 
-    def on_stall(self, kv: KVManager, now: float) -> None:
+    def on_stall(self, kv: KVState, now: float) -> Decisions:
         if self.expiries:
-            self._release(min(self.expiries, key=self.expiries.__getitem__), kv)
+            yield from self._release(min(self.expiries, key=self.expiries.__getitem__))
 
-    def _release(self, owner: Owner, kv: KVManager) -> None:
+    def _release(self, owner: Owner) -> Decisions:
         self.expiries.pop(owner, None)
-        kv.unpin(owner)
+        yield Unpin(owner)

@@ -18,26 +18,20 @@ workload fills.
 from __future__ import annotations
 
 import dataclasses
-from typing import cast
-
-import torch
+from typing import NamedTuple
 
 from kvrt.runtime.config import ConfigError, EngineConfig
+from kvrt.runtime.engine.assembly import assemble_engine, context_length
 from kvrt.runtime.engine.engine import Engine
-from kvrt.runtime.engine.executor import Executor
-from kvrt.runtime.engine.sampler import Sampler
-from kvrt.runtime.engine.scheduler import BatchScheduler
-from kvrt.runtime.engine.tier_moves import TierMoves
-from kvrt.runtime.kv.manager import KVManager
-from kvrt.runtime.kv.mover import BlockMover
+from kvrt.runtime.kv.manager import HostSpec
 from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.policy import make_policy
 from kvrt.runtime.sim.cost_model import CostModel
 from kvrt.runtime.sim.executor import SimClock, SimExecutor
 from kvrt.runtime.sim.hardware import Device
+from kvrt.runtime.sim.link import SimLink
 from kvrt.runtime.sim.model_shapes import kv_bytes_per_token, weight_bytes
-from kvrt.runtime.sim.mover import SimMover
 
 KV_RESERVE = 0.10
 MAX_BLOCKS = 1 << 20
@@ -71,6 +65,15 @@ def sim_kv_blocks(shape: ModelConfig, device: Device, config: EngineConfig) -> i
     return min(blocks, MAX_BLOCKS)
 
 
+class SimEngine(NamedTuple):
+    """The engine, with its executor and its host link (None without a host tier), which a
+    driver on simulated time steps by (runtime/sim/driver.py)."""
+
+    engine: Engine
+    executor: SimExecutor
+    link: SimLink | None
+
+
 def build_sim_engine(
     shape: ModelConfig,
     device: Device,
@@ -78,28 +81,17 @@ def build_sim_engine(
     tokenizer: Tokenizer,
     clock: SimClock,
     advance_clock: bool = True,
-) -> Engine:
+) -> SimEngine:
     """`config.model`, `device`, `dtype` and `kernels` are ignored: the shape and the device
     stand for them. Simulated outputs are drawn from the tokenizer's first LOGIT_WIDTH ids, never
     its EOS ids, so an output's length is its request's max_tokens. The Engine reads `clock`;
     each step advances it unless `advance_clock` is False (see SimExecutor)."""
-    max_model_len = config.max_model_len or shape.max_position
-    if max_model_len > shape.max_position:
-        raise ConfigError(
-            f"--max-model-len {max_model_len} exceeds the model's context of "
-            f"{shape.max_position} tokens"
-        )
+    policy = make_policy(config.policy, config.policy_options)
+    max_model_len = context_length(config, shape.max_position)
     block_bytes = sim_block_bytes(shape, device, config)
     host_blocks = min(config.host_cache_memory // block_bytes, MAX_BLOCKS)
-    kv = KVManager(sim_kv_blocks(shape, device, config), config.block_size, config.prefix_caching,
-                   host_blocks)
     cost_model = CostModel(shape, device)
-    moves = None
-    if kv.tiers is not None:  # copies over the simulated host link
-        moves = TierMoves(kv.tiers, cast(BlockMover, SimMover(cost_model, block_bytes)))
-    scheduler = BatchScheduler(
-        kv, make_policy(config.policy), config.max_num_seqs, config.max_num_batched_tokens
-    )
+    link = SimLink(cost_model, block_bytes) if host_blocks else None  # over the host link
     executor = SimExecutor(
         cost_model,
         clock if advance_clock else None,
@@ -108,13 +100,10 @@ def build_sim_engine(
         seed=config.seed,
         logit_width=LOGIT_WIDTH,
     )
-    return Engine(
-        executor=cast(Executor, executor),  # duck-typed: the Engine calls `run` and `model`
-        kv=kv,
-        scheduler=scheduler,
-        sampler=Sampler(config.seed, torch.device("cpu")),
-        tokenizer=tokenizer,
-        max_model_len=max_model_len,
-        clock=clock.now,
-        moves=moves,
+    engine = assemble_engine(
+        config, policy, executor, tokenizer,
+        num_blocks=sim_kv_blocks(shape, device, config), max_model_len=max_model_len,
+        host=None if link is None else HostSpec(host_blocks, link),
+        rows=None, copy_other_shifts=False, clock=clock.now,
     )
+    return SimEngine(engine, executor, link)

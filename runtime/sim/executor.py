@@ -1,6 +1,6 @@
 """The simulated executor: no model, no KV tensors; each step advances a simulated clock.
 
-`SimExecutor.run(chunks)` is what the Engine calls on its executor: it prices the step with the
+`SimExecutor` is an Executor (runtime/engine/executor.py): `run(chunks)` prices the step with the
 cost model, advances the clock by that much, and returns logits whose argmax is a token id
 drawn from a hash of each sampling sequence's last token and position: deterministic (the same
 prompt gives the same output, so prefix caching behaves as with a real model), varied, cheap.
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from kvrt.runtime.engine.scheduler import Chunk
-from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.sim.cost_model import CostModel, StepPart
 
 _MASK = (1 << 64) - 1
@@ -41,20 +40,6 @@ class SimClock:
         if seconds < 0:
             raise ValueError(f"a clock cannot go back ({seconds} s)")
         self._now += seconds
-
-
-@dataclass(frozen=True, slots=True)
-class VocabConfig:
-    vocab_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class SimModel:
-    """What the Engine reads of `executor.model` (`config.vocab_size`: the tokenizer's), and the
-    simulated model's shape."""
-
-    config: VocabConfig
-    shape: ModelConfig
 
 
 @dataclass(slots=True)
@@ -87,7 +72,7 @@ class SimExecutor:
         (`last_step_seconds`): the caller lets it pass (the sim driver sleeps it on its
         virtual-time event loop, so requests arriving meanwhile are handled at their time)."""
         self.cost_model, self.clock = cost_model, clock
-        self.model = SimModel(VocabConfig(vocab_size), cost_model.shape)
+        self.vocab_size = vocab_size  # the tokenizer's
         self.logit_width = min(logit_width or vocab_size, vocab_size)
         excluded = set(exclude_token_ids)
         self._choices = [t for t in range(self.logit_width) if t not in excluded]

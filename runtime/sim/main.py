@@ -36,7 +36,7 @@ from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.model.tokenizer import Tokenizer
-from kvrt.runtime.sim.async_engine import SimAsyncEngine
+from kvrt.runtime.sim.driver import SimDriver
 from kvrt.runtime.sim.engine import build_sim_engine, kv_cache_bytes, sim_block_bytes
 from kvrt.runtime.sim.hardware import CPU_CALIBRATED, Device, device_names, get_device
 from kvrt.runtime.sim.model_shapes import get_shape, shape_names
@@ -94,15 +94,16 @@ def engine_config(args: argparse.Namespace, bench: dict[str, Any] | None) -> Eng
         if getattr(args, flag) is not None:
             settings[flag] = getattr(args, flag)
     settings.setdefault("seed", args.seed)
-    return EngineConfig(**settings)
+    return EngineConfig(**settings, policy_options=dict(args.policy_option))
 
 
 def sim_engine_factory(shape: ModelConfig, device: Device, tokenizer: Tokenizer,
                        loop: VirtualTimeLoop) -> EngineFactory:
     def make(config: EngineConfig) -> tuple[AsyncEngine, int]:
-        engine = build_sim_engine(shape, device, config, tokenizer, loop.clock,
-                                  advance_clock=False)
-        return SimAsyncEngine(engine, "bench"), sim_block_bytes(shape, device, config)
+        engine, executor, link = build_sim_engine(shape, device, config, tokenizer, loop.clock,
+                                                  advance_clock=False)
+        return (AsyncEngine(engine, "bench", SimDriver(executor, link)),
+                sim_block_bytes(shape, device, config))
 
     return make
 

@@ -63,7 +63,7 @@ class StepRecorder:
     """Wraps the engine's executor to note each step's parts."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.model = inner, inner.model
+        self.inner, self.vocab_size = inner, inner.vocab_size
         self.parts: tuple[StepPart, ...] = ()
 
     def run(self, chunks):

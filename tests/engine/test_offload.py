@@ -43,8 +43,8 @@ def test_offload_then_upload_returns_bit_identical_kv_and_the_same_output(tiny) 
     device = sorted(engine.kv.owners.blocks_of(OWNER))
     keyed = [b for b in device if engine.kv.pool.is_cached(b)]
     before = engine.executor.kv_pool[keyed].clone()
-    assert engine.offload(OWNER) == len(keyed) > 0
-    assert engine.moves is not None and engine.moves.wait() == len(keyed)
+    assert engine.kv.offload(OWNER) == len(keyed) > 0
+    assert engine.kv.host is not None and engine.kv.host.wait() == len(keyed)
     assert engine.kv.match_prefix(tokens, b"").block_ids == []  # gone from the device
     second = run(engine, [call("b", tokens)])["b"]  # admission uploads them first
     assert second.token_ids == first.token_ids
@@ -63,23 +63,23 @@ def test_a_request_never_reads_blocks_in_flight(tiny) -> None:
     reference = run(make_engine(tiny, prefix_caching=False), [call("r", prompt())])["r"]
     engine = make_engine(tiny, host_cache_memory=HOST)
     run(engine, [call("a", prompt())])
-    assert engine.moves is not None
+    assert engine.kv.host is not None
     release = threading.Event()
-    pack = engine.moves.mover._pack
+    pack = engine.kv.host.mover._pack
 
     def slow_pack(*args):
         release.wait(5)
         pack(*args)
 
-    engine.moves.mover._pack = slow_pack
-    moving = engine.offload(OWNER)
+    engine.kv.host.mover._pack = slow_pack
+    moving = engine.kv.offload(OWNER)
     assert moving > 0 and engine.kv.usage().in_flight == moving
     during = run(engine, [call("b", prompt())])["b"]  # finishes while the copy waits
     assert during.token_ids == reference.token_ids
     assert during.final.cached_tokens == 0
-    assert engine.moves.in_flight()
+    assert engine.kv.host.in_flight()
     release.set()
-    engine.moves.wait()
+    engine.kv.host.wait()
     engine.check_integrity()
     engine.close()
 
@@ -88,16 +88,16 @@ def test_a_failed_copy_leaves_the_kv_on_the_device(tiny) -> None:
     engine = make_engine(tiny, host_cache_memory=HOST)
     tokens = prompt()
     first = run(engine, [call("a", tokens)])["a"]
-    assert engine.moves is not None
+    assert engine.kv.host is not None
 
     def broken(*_):
         raise RuntimeError("copy failed")
 
-    engine.moves.mover._pack = broken
+    engine.kv.host.mover._pack = broken
     cached = len(engine.kv.match_prefix(tokens, b"").block_ids)
-    assert engine.offload(OWNER) > 0
-    engine.moves.wait()
-    assert engine.moves.failed == 1
+    assert engine.kv.offload(OWNER) > 0
+    engine.kv.host.wait()
+    assert engine.kv.host.failed == 1
     assert len(engine.kv.match_prefix(tokens, b"").block_ids) == cached
     again = run(engine, [call("b", tokens)])["b"]
     assert again.token_ids == first.token_ids and again.final.cached_tokens == cached * 16
@@ -109,23 +109,23 @@ def test_a_failed_copy_leaves_the_kv_on_the_device(tiny) -> None:
 def test_without_a_host_tier_nothing_moves(tiny) -> None:
     engine = make_engine(tiny)
     run(engine, [call("a", prompt())])
-    assert engine.moves is None and engine.offload(OWNER) == 0
+    assert engine.kv.host is None and engine.kv.offload(OWNER) == 0
     engine.close()
 
 
 def test_moves_run_off_the_engine_thread(tiny) -> None:
     engine = make_engine(tiny, host_cache_memory=HOST)
     run(engine, [call("a", prompt())])
-    assert engine.moves is not None
+    assert engine.kv.host is not None
     seen: list[str] = []
-    pack = engine.moves.mover._pack
-    engine.moves.mover._pack = lambda *a: (seen.append(threading.current_thread().name),
+    pack = engine.kv.host.mover._pack
+    engine.kv.host.mover._pack = lambda *a: (seen.append(threading.current_thread().name),
                                            pack(*a))[1]
-    engine.offload(OWNER)
+    engine.kv.offload(OWNER)
     deadline = time.monotonic() + 5
-    while engine.moves.in_flight() and time.monotonic() < deadline:
+    while engine.kv.host.in_flight() and time.monotonic() < deadline:
         engine.tick()
-    assert seen and seen[0].startswith("kvrt-kv-offload") and not engine.moves.in_flight()
+    assert seen and seen[0].startswith("kvrt-kv-offload") and not engine.kv.host.in_flight()
     engine.close()
 
 
@@ -165,15 +165,15 @@ def test_write_through_brings_an_evicted_prefix_back_from_the_host(tiny) -> None
                              host_cache_memory=HOST)
         attribution = Attribution("run-1", "helper", priority=0.2)
         first = run(engine, [GenerateRequest("h", helper, greedy(2), attribution=attribution)])
-        assert engine.moves is not None
-        engine.moves.wait()
+        assert engine.kv.host is not None
+        engine.kv.host.wait()
         blocks = engine.kv.match_prefix(helper, b"").block_ids
         before = engine.executor.kv_pool[blocks].clone()
         for i in range(5):  # each leaves 3 blocks cached: the helper's go first
             burst = GenerateRequest(f"b{i}", [300 + i] + prompt(47)[1:], greedy(2),
                                     attribution=Attribution("run-1", f"other{i}", priority=0.2))
             run(engine, [burst])
-        engine.moves.wait()
+        engine.kv.host.wait()
         assert engine.kv.match_prefix(helper, b"").block_ids == []  # evicted from the device
         second = run(engine, [GenerateRequest("h2", helper, greedy(2), attribution=attribution)])
         assert second["h2"].token_ids == first["h"].token_ids

@@ -14,7 +14,6 @@ from kvrt.runtime.engine.protocol import GenerateRequest
 from kvrt.runtime.model.blend import blend_prefill
 from kvrt.runtime.model.dense_forward import dense_forward
 from kvrt.runtime.model.tiny import init_tiny
-from kvrt.runtime.policy.config import ReuseConfig
 from tests.engine.helpers import greedy, make_engine, run
 
 SEGMENT = list(range(40, 80))  # 40 tokens: its first 6 are recomputed at ratio 0.15
@@ -80,8 +79,7 @@ def test_after_its_prompt_a_reader_keeps_only_the_most_changed_rows(folder):
     donor_kv = None
     seen, stats = {}, {}
     for keep in (1.0, 1 / 3):
-        engine = make_engine(folder, policy="kvrt")
-        engine.scheduler.collector.config = ReuseConfig("collective", diff_keep=keep)
+        engine = make_engine(folder, policy="kvrt", policy_options={"diff_keep": repr(keep)})
         logits = recording_logits(engine)
         run(engine, [call("donor", DONOR, 7)])
         out = run(engine, [call("reader", reader, 16, max_tokens=8)])["reader"]
@@ -146,8 +144,7 @@ def test_lru_ignores_segments(folder):
 
 
 def test_shift_only_and_the_index_forgets_evicted_copies(folder):
-    engine = make_engine(folder, policy="kvrt")
-    engine.scheduler.collector.config = ReuseConfig("collective", recompute_ratio=0.0)
+    engine = make_engine(folder, policy="kvrt", policy_options={"recompute_ratio": "0"})
     run(engine, [call("donor", DONOR, 7)])
     out = run(engine, [call("reader", READER, 12)])["reader"]
     assert out.final.cached_tokens == len(SEGMENT)
@@ -203,11 +200,10 @@ def test_rows_at_a_second_shift_are_copied_once_and_read_the_same(folder):
                              segments=((12, 52), (52, 92)))
     seen, stats = {}, {}
     for mode in ("copied", "in place"):
-        engine = make_engine(folder, policy="kvrt")
         # Every recomputed row kept: the diff encode skips copied rows (they are stored anyway).
-        engine.scheduler.collector.config = ReuseConfig("collective", diff_keep=1.0)
-        if mode == "in place":
-            engine.kv.copy_rows = None
+        engine = make_engine(folder, policy="kvrt", policy_options={"diff_keep": "1"})
+        if mode == "in place":  # as the Triton kernel reads them
+            engine.reuse.copy_other_shifts = False
         logits = recording_logits(engine)
         run(engine, donors)
         out = run(engine, [reader])["reader"]

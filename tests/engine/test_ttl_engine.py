@@ -71,7 +71,7 @@ def _b_traffic(engine) -> None:
 
 def test_a_waiting_agent_keeps_its_kv_under_ttl_and_loses_it_under_lru(engine):
     _a_calls_then_waits_on_a_tool(engine, predicted_s=2.0)  # ttl: 3 s
-    pinned = 4 if engine.scheduler.policy.name == "ttl" else 0
+    pinned = 4 if engine.policy.name == "ttl" else 0
     assert engine.stats().kv_blocks_pinned == pinned
     assert [engine.kv.pool.blocks[b].ref_count for b in range(4)] == [pinned // 4] * 4
     _b_traffic(engine)
@@ -111,7 +111,7 @@ def test_after_the_ttl_expires_the_kv_is_evictable_again(engine):
 @pytest.mark.parametrize("engine", ["ttl"], indirect=True)
 def test_a_tool_without_prediction_pins_for_the_default_ttl(engine):
     _a_calls_then_waits_on_a_tool(engine, predicted_s=None)
-    assert engine.scheduler.policy.expiries == {("R", "a"): engine.clock.now + 5.0}
+    assert engine.policy.expiries == {("R", "a"): engine.clock.now + 5.0}
 
 
 @pytest.mark.parametrize("engine", ["ttl"], indirect=True)
@@ -119,7 +119,7 @@ def test_a_call_that_cannot_fit_beside_the_pins_releases_them(engine):
     _a_calls_then_waits_on_a_tool(engine, predicted_s=30.0)
     engine.add(_call("b-big", _tokens(120, 100), "b"))  # 122 tokens: 8 blocks; 6 allocatable
     assert engine.step() == []  # stalled: the stall released A's pin (30 s before its expiry)
-    assert engine.stats().kv_blocks_pinned == 0 and engine.scheduler.policy.expiries == {}
+    assert engine.stats().kv_blocks_pinned == 0 and engine.policy.expiries == {}
     [(request_id, output)] = engine.step()  # admitted now: free blocks 4-9, then A's 0 and 1
     assert (request_id, output.cached_tokens) == ("b-big", 0)
     assert engine.kv.residency("R")["a"] == AgentResidency(2, 0)
@@ -139,7 +139,7 @@ def test_ending_the_run_drops_its_pins(engine):
     assert (stats.kv_blocks_pinned, stats.kv_blocks_in_use, stats.kv_blocks_cached) == (0, 0, 0)
     assert engine.kv.owners.is_empty()
     engine.tick()  # the policy forgets the dropped pin
-    assert engine.scheduler.policy.expiries == {}
+    assert engine.policy.expiries == {}
     engine.check_integrity()
 
 

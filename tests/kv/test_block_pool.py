@@ -86,15 +86,9 @@ def test_double_release_is_an_error():
         pool.release([a])
 
 
-def _recording(pool: BlockPool) -> list[int]:
-    dropped: list[int] = []
-    pool.on_drop = dropped.append
-    return dropped
-
-
 def test_on_drop_fires_for_unkeyed_release_but_not_for_keyed_release():
-    pool = BlockPool(3)
-    dropped = _recording(pool)
+    dropped: list[int] = []
+    pool = BlockPool(3, on_drop=dropped.append)
     [a, b, c] = pool.allocate(3)
     pool.register(b, b"k", (1,))
     pool.release([a, b, c])
@@ -103,8 +97,8 @@ def test_on_drop_fires_for_unkeyed_release_but_not_for_keyed_release():
 
 
 def test_on_drop_fires_when_allocate_evicts_a_cached_block():
-    pool = BlockPool(2)
-    dropped = _recording(pool)
+    dropped: list[int] = []
+    pool = BlockPool(2, on_drop=dropped.append)
     [a, b] = pool.allocate(2)
     pool.register(a, b"k", (1,))
     pool.release([a])
@@ -115,8 +109,8 @@ def test_on_drop_fires_when_allocate_evicts_a_cached_block():
 
 
 def test_drop_cached_unkeys_and_frees_a_cached_block():
-    pool = BlockPool(3)
-    dropped = _recording(pool)
+    dropped: list[int] = []
+    pool = BlockPool(3, on_drop=dropped.append)
     [a, b, c] = pool.allocate(3)
     pool.register(a, b"ka", (1,))
     pool.register(b, b"kb", (2,))

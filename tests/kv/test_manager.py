@@ -1,15 +1,17 @@
 import hashlib
 from array import array
 
-from kvrt.runtime.kv.manager import BlockTable, KVManager
+from kvrt.runtime.kv.block_table import BlockTable
+from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.kv.owners import AgentResidency
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
+from tests.kv.helpers import adopt_prefix, device_plan
 
 
 def _fill(kv: KVManager, tokens: list[int], salt: bytes = b"") -> BlockTable:
     table = BlockTable(kv.block_size)
     kv.grow(table, len(tokens))
-    kv.commit(table, tokens, len(tokens), salt)
+    kv.key_full_blocks(table, tokens, len(tokens), salt)
     return table
 
 
@@ -60,7 +62,7 @@ def test_adopted_prefix_is_shared_and_freed_once_per_reader():
     tokens = list(range(9))
     owner = _fill(kv, tokens)
     reader = BlockTable(4)
-    kv.adopt_prefix(reader, kv.match_prefix(tokens, b""))
+    adopt_prefix(kv, reader, kv.match_prefix(tokens, b""))
     assert reader.block_ids() == owner.block_ids()[:2]
     assert [kv.pool.blocks[b].ref_count for b in reader.block_ids()] == [2, 2]
     kv.free(owner)
@@ -70,14 +72,14 @@ def test_adopted_prefix_is_shared_and_freed_once_per_reader():
     kv.check_integrity()
 
 
-def test_commit_keys_only_blocks_full_of_computed_tokens():
+def test_keying_takes_only_blocks_full_of_computed_tokens():
     kv = KVManager(num_blocks=8, block_size=4)
     table = BlockTable(4)
     tokens = list(range(10))
     kv.grow(table, 10)
-    kv.commit(table, tokens, 7, b"")
+    kv.key_full_blocks(table, tokens, 7, b"")
     assert table.num_keyed == 1
-    kv.commit(table, tokens, 10, b"")
+    kv.key_full_blocks(table, tokens, 10, b"")
     assert table.num_keyed == 2
     assert kv.pool.blocks[table.entries[2].block].key is None
 
@@ -87,10 +89,10 @@ def test_blocks_entering_an_owned_table_are_claimed_for_its_owner():
     tokens = list(range(9))
     planner = BlockTable(4, owner=("run-a", "planner"))
     kv.grow(planner, len(tokens))
-    kv.commit(planner, tokens, len(tokens), b"")
+    kv.key_full_blocks(planner, tokens, len(tokens), b"")
     assert planner.block_ids() == [0, 1, 2]
     coder = BlockTable(4, owner=("run-a", "coder"))
-    kv.adopt_prefix(coder, kv.match_prefix(tokens, b""))
+    adopt_prefix(kv, coder, kv.match_prefix(tokens, b""))
     kv.grow(coder, len(tokens))
     assert coder.block_ids() == [0, 1, 3]
     assert kv.residency("run-a") == {
@@ -109,7 +111,7 @@ def test_freeing_keeps_ownership_of_cached_blocks_and_drops_the_rest():
     tokens = list(range(10))
     table = BlockTable(4, owner=("run-a", "planner"))
     kv.grow(table, len(tokens))
-    kv.commit(table, tokens, len(tokens), b"")
+    kv.key_full_blocks(table, tokens, len(tokens), b"")
     kv.free(table)
     # Blocks 0 and 1 are full and keyed (cached now); block 2 held two tokens and is free.
     assert kv.owners.block_ids() == {0, 1}
@@ -124,9 +126,9 @@ def test_release_run_frees_only_cached_blocks_no_other_owner_holds():
     shared = list(range(8))
     a_table = BlockTable(4, owner=("run-a", "planner"))
     kv.grow(a_table, 12)
-    kv.commit(a_table, shared + [50, 51, 52, 53], 12, b"")  # blocks 0, 1 shared; 2 run-a's
+    kv.key_full_blocks(a_table, shared + [50, 51, 52, 53], 12, b"")  # blocks 0, 1 shared; 2 run-a's
     b_table = BlockTable(4, owner=("run-b", "planner"))
-    kv.adopt_prefix(b_table, kv.match_prefix(shared + [60], b""))
+    adopt_prefix(kv, b_table, kv.match_prefix(shared + [60], b""))
     kv.grow(b_table, 9)
     assert b_table.block_ids() == [0, 1, 3]
     kv.free(a_table)
@@ -140,7 +142,7 @@ def test_release_run_frees_only_cached_blocks_no_other_owner_holds():
     kv.free(b_table)
     # Blocks still read by a live unowned table are never freed by a release.
     reader = BlockTable(4)
-    kv.adopt_prefix(reader, kv.match_prefix(shared + [60], b""))
+    adopt_prefix(kv, reader, kv.match_prefix(shared + [60], b""))
     assert kv.release_run("run-b") == 0
     assert kv.owners.is_empty()
     kv.free(reader)
@@ -148,15 +150,15 @@ def test_release_run_frees_only_cached_blocks_no_other_owner_holds():
     kv.check_integrity()
 
 
-def test_can_admit_counts_the_cached_blocks_a_match_takes():
+def test_can_allocate_counts_the_cached_blocks_a_match_takes():
     kv = KVManager(num_blocks=4, block_size=4)
     tokens = list(range(9))
     kv.free(_fill(kv, tokens))  # blocks 0, 1 keyed and cached; 2 free (unkeyed); 3 free
     match = kv.match_prefix(tokens + [50] * 8, b"")
     assert match.block_ids == [0, 1]
     # 4 allocatable, but adopting takes the 2 cached ones: 2 more blocks fit, 3 do not.
-    assert kv.can_admit(match, 16)
-    assert not kv.can_admit(match, 17)
+    assert kv.can_allocate(device_plan(kv, match), 16)
+    assert not kv.can_allocate(device_plan(kv, match), 17)
     kv.check_integrity()
 
 
@@ -167,7 +169,7 @@ def _owned(kv: KVManager, owner, tokens: list[int]) -> BlockTable:
     """An owned call of `tokens`, computed and finished: its full blocks stay cached."""
     table = BlockTable(kv.block_size, owner=owner)
     kv.grow(table, len(tokens))
-    kv.commit(table, tokens, len(tokens), b"")
+    kv.key_full_blocks(table, tokens, len(tokens), b"")
     kv.free(table)
     return table
 
@@ -189,7 +191,7 @@ def test_pin_takes_one_reference_on_each_keyed_block_and_unpin_gives_it_back():
     kv.check_integrity()
     # Pinned blocks are still hits; a reader adds its own reference on top of the pin.
     reader = BlockTable(4)
-    kv.adopt_prefix(reader, kv.match_prefix(list(range(10)), b""))
+    adopt_prefix(kv, reader, kv.match_prefix(list(range(10)), b""))
     assert reader.block_ids() == [0, 1] and _refs(kv, [0, 1]) == [2, 2]
     assert kv.unpin(a) == 2
     assert _refs(kv, [0, 1]) == [1, 1] and not kv.is_pinned(a) and kv.num_pinned() == 0
@@ -205,10 +207,10 @@ def test_a_pin_leaves_unkeyed_blocks_and_a_second_pin_takes_only_new_blocks():
     live = BlockTable(4, owner=a)
     tokens = list(range(12))
     kv.grow(live, 12)
-    kv.commit(live, tokens, 6, b"")  # a live call: block 0 keyed, 1 and 2 not yet
+    kv.key_full_blocks(live, tokens, 6, b"")  # a live call: block 0 keyed, 1 and 2 not yet
     assert kv.pin(a) == 1
     assert _refs(kv, [0, 1, 2]) == [2, 1, 1]
-    kv.commit(live, tokens, 12, b"")  # blocks 1 and 2 become keyed
+    kv.key_full_blocks(live, tokens, 12, b"")  # blocks 1 and 2 become keyed
     assert kv.pin(a) == 2  # re-pinning takes the new ones, never block 0 twice
     assert kv.pin(a) == 0
     assert _refs(kv, [0, 1, 2]) == [2, 2, 2] and kv.num_pinned() == 3
@@ -234,9 +236,9 @@ def test_two_owners_pinning_a_shared_block_count_it_once():
     shared = list(range(8))
     _owned(kv, ("run-a", "x"), shared + [20, 21, 22, 23])  # blocks 0, 1, 2
     y = BlockTable(4, owner=("run-a", "y"))
-    kv.adopt_prefix(y, kv.match_prefix(shared + [30], b""))
+    adopt_prefix(kv, y, kv.match_prefix(shared + [30], b""))
     kv.grow(y, 12)
-    kv.commit(y, shared + [30, 31, 32, 33], 12, b"")  # blocks 0, 1 shared; 3 its own
+    kv.key_full_blocks(y, shared + [30, 31, 32, 33], 12, b"")  # blocks 0, 1 shared; 3 its own
     kv.free(y)
     assert (kv.pin(("run-a", "x")), kv.pin(("run-a", "y"))) == (3, 3)
     assert _refs(kv, [0, 1, 2, 3]) == [2, 2, 1, 1]

@@ -37,10 +37,11 @@ from hypothesis.stateful import (
 
 from kvrt.runtime.kv.block_pool import BlockPool, OutOfBlocks
 from kvrt.runtime.kv.block_table import BlockTable
-from kvrt.runtime.kv.manager import KVManager
-from kvrt.runtime.kv.mover import BlockMover
+from kvrt.runtime.kv.manager import AdmissionPlan, HostSpec, KVManager
 from kvrt.runtime.kv.owners import Owner
-from kvrt.runtime.kv.tiers import Direction, Move
+from kvrt.runtime.kv.tiers.mover import BlockMover
+from kvrt.runtime.kv.tiers.moves import Direction, Move
+from tests.kv.helpers import host_spec
 
 MACHINE_SETTINGS = settings(max_examples=100, stateful_step_count=40, deadline=None,
                             suppress_health_check=[HealthCheck.too_slow])
@@ -62,11 +63,10 @@ class PoolMachine(RuleBasedStateMachine):
 
     @initialize()
     def setup(self) -> None:
-        self.pool = BlockPool(self.SIZE)
         self.drops: list[int] = []
         self.unkeys: list[bytes] = []
-        self.pool.on_drop = self.drops.append
-        self.pool.on_unkey = lambda key, tokens: self.unkeys.append(key)
+        self.pool = BlockPool(self.SIZE, on_drop=self.drops.append,
+                              on_unkey=lambda key, tokens: self.unkeys.append(key))
         # The model.
         self.free: deque[int] = deque(range(self.SIZE))
         self.lru: list[int] = []  # cached, least recently released first
@@ -267,9 +267,9 @@ class TiersMachine(RuleBasedStateMachine):
                 offload=st.booleans())
     def setup(self, finished: list[tuple[list[int], Owner | None]], offload: bool) -> None:
         """Starts from finished requests' KV, cached on the device, or on the host too."""
-        self.kv = KVManager(DEVICE_BLOCKS, BLOCK, host_blocks=HOST_BLOCKS)
-        assert self.kv.tiers is not None
-        self.tiers = self.kv.tiers
+        self.kv = KVManager(DEVICE_BLOCKS, BLOCK, host=host_spec(DEVICE_BLOCKS, HOST_BLOCKS))
+        assert self.kv.host is not None
+        self.tiers = self.kv.host.tiers  # moves are planned and completed here, by hand
         self.live: list[Live] = []
         self.moves: list[Move] = []
         self.pins: dict[Owner, set[int]] = {}
@@ -290,18 +290,18 @@ class TiersMachine(RuleBasedStateMachine):
         kv = self.kv
         match = kv.match_prefix(tokens, salt)
         assert match.num_blocks <= (len(tokens) - 1) // BLOCK
-        if not kv.can_admit(match, len(tokens)):
+        plan = AdmissionPlan(match, match.num_blocks * BLOCK)  # the device's prefix only
+        if not kv.can_allocate(plan, len(tokens)):
             taken = sum(1 for b in match.block_ids if kv.pool.is_cached(b))
             assert kv.blocks_for(len(tokens)) - match.num_blocks > (
                 kv.pool.num_allocatable() - taken)
             return
         table = BlockTable(BLOCK, owner=owner)
         event("prefix hit" if match.num_blocks else "prefix miss")
-        kv.adopt_prefix(table, match)
-        kv.grow(table, len(tokens))
+        kv.allocate(table, plan, len(tokens))
         hit = match.num_blocks * BLOCK
         done = hit + round(computed * (len(tokens) - hit))
-        kv.commit(table, tokens, done, salt)
+        kv.key_full_blocks(table, tokens, done, salt)
         self.live.append(Live(table, tokens, salt, done))
 
     @rule(tokens=prompts, salt=st.sampled_from([b"", b"tenant-2"]),
@@ -326,7 +326,7 @@ class TiersMachine(RuleBasedStateMachine):
         self.kv.grow(seq.table, len(tokens))
         seq.tokens = tokens
         seq.computed += round(computed * (len(tokens) - seq.computed))
-        self.kv.commit(seq.table, tokens, seq.computed, seq.salt)
+        self.kv.key_full_blocks(seq.table, tokens, seq.computed, seq.salt)
 
     @precondition(lambda self: self.live)
     @rule(which=PICK)
@@ -486,43 +486,45 @@ def test_offload_then_upload_returns_bit_identical_kv(lengths: list[int], seed: 
     """Prompts are computed (random KV written into their blocks), cached, offloaded through
     the mover, evicted from the device by other work, and uploaded again: every block that
     lands holds exactly the bytes written at first; a failed upload leaves the host copy."""
-    kv = KVManager(12, BLOCK, host_blocks=12)
-    assert kv.tiers is not None
     generator = torch.Generator().manual_seed(seed)
     device_kv = torch.zeros(12, 2, 2, BLOCK, 1, 3)
     mover = BlockMover(device_kv, torch.zeros(12, 2, 2, BLOCK, 1, 3))
+    kv = KVManager(12, BLOCK, host=HostSpec(12, mover))
+    assert kv.host is not None
+    tiers = kv.host.tiers  # copied inline below (mover.copy), completed by hand
     written: dict[bytes, torch.Tensor] = {}
     for i, length in enumerate(lengths):
         tokens = [i + 1] * (length * BLOCK // 3 + 1)
         table = BlockTable(BLOCK)
-        if not kv.can_admit(kv.match_prefix(tokens, b""), len(tokens)):
+        match = kv.match_prefix(tokens, b"")
+        if not kv.can_allocate(AdmissionPlan(match, match.num_blocks * BLOCK), len(tokens)):
             continue
         kv.grow(table, len(tokens))
-        for block in kv.commit(table, tokens, len(tokens), b""):
+        for block in kv.key_full_blocks(table, tokens, len(tokens), b""):
             device_kv[block] = torch.randn(device_kv.shape[1:], generator=generator)
             written[kv.pool.blocks[block].key] = device_kv[block].clone()  # type: ignore[index]
         kv.free(table)
     cached = [b for b in range(12) if kv.pool.is_cached(b)]
-    offload = kv.tiers.prepare_offload(cached)
+    offload = tiers.prepare_offload(cached)
     if offload.move is not None:
         mover.copy(offload.move)
-        kv.tiers.complete(offload.move, ok=True)
+        tiers.complete(offload.move, ok=True)
     filler = kv.pool.allocate(kv.pool.num_allocatable())  # the device forgets everything
     device_kv[filler] = float("nan")
     kv.pool.release(filler)
-    upload = kv.tiers.prepare_upload(offload.host_blocks)
+    upload = tiers.prepare_upload(offload.host_blocks)
     assert (upload is None) == (not offload.host_blocks)
     if upload is not None:
         if not upload_fails:
             mover.copy(upload)
-        assert kv.tiers.complete(upload, ok=not upload_fails) == (0 if upload_fails
+        assert tiers.complete(upload, ok=not upload_fails) == (0 if upload_fails
                                                                   else len(upload))
         landed = [b for b in upload.target if kv.pool.is_cached(b)]
         assert len(landed) == (0 if upload_fails else len(upload))
         for block in landed:
             assert torch.equal(device_kv[block], written[kv.pool.blocks[block].key])  # type: ignore[index]
     for host_block in offload.host_blocks:  # the host keeps its copy (inclusive)
-        key = kv.tiers.host.blocks[host_block].key
+        key = tiers.host.blocks[host_block].key
         assert key is not None and torch.equal(mover.host_kv[host_block], written[key])
     mover.close()
     kv.check_integrity()

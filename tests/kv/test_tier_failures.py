@@ -7,25 +7,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvrt.runtime.engine.tier_moves import TierMoves
-from kvrt.runtime.kv.manager import BlockTable, KVManager
-from kvrt.runtime.kv.mover import BlockMover
+from kvrt.runtime.kv.block_table import BlockTable
+from kvrt.runtime.kv.manager import HostSpec, KVManager
+from kvrt.runtime.kv.tiers.host_tier import HostTier
+from kvrt.runtime.kv.tiers.mover import BlockMover
 
 BLOCKS, BLOCK = 6, 4
 OWNER = ("run", "agent")
 TOKENS = list(range(1, 14))  # 3 full blocks and a partial one
 
 
-def setup() -> tuple[KVManager, TierMoves, list[int]]:
+def setup() -> tuple[KVManager, HostTier, list[int]]:
     """3 cached device blocks of OWNER, a host tier of as many blocks, a real mover."""
-    kv = KVManager(BLOCKS, BLOCK, host_blocks=BLOCKS)
-    assert kv.tiers is not None
     shape = (1, 2, BLOCK, 1, 8)
-    moves = TierMoves(kv.tiers, BlockMover(torch.randn((BLOCKS, *shape)),
-                                           torch.zeros((BLOCKS, *shape))))
+    mover = BlockMover(torch.randn((BLOCKS, *shape)), torch.zeros((BLOCKS, *shape)))
+    kv = KVManager(BLOCKS, BLOCK, host=HostSpec(BLOCKS, mover))
+    assert kv.host is not None
+    moves = kv.host
     table = BlockTable(BLOCK, owner=OWNER)
     kv.grow(table, len(TOKENS))
-    kv.commit(table, TOKENS, len(TOKENS), b"")
+    kv.key_full_blocks(table, TOKENS, len(TOKENS), b"")
     blocks = table.block_ids()[:3]
     kv.free(table)
     return kv, moves, blocks
@@ -35,10 +36,10 @@ def broken(*_) -> None:
     raise RuntimeError("copy failed")
 
 
-def assert_settled(kv: KVManager, moves: TierMoves) -> None:
-    assert kv.tiers is not None
+def assert_settled(kv: KVManager, moves: HostTier) -> None:
+    assert kv.host is not None
     assert not moves.in_flight()
-    assert kv.pool.usage().in_flight == 0 and kv.tiers.host.usage().in_flight == 0
+    assert kv.pool.usage().in_flight == 0 and kv.host.tiers.host.usage().in_flight == 0
     kv.check_integrity()
 
 
@@ -49,7 +50,7 @@ def test_a_failed_offload_leaves_the_blocks_cached_on_the_device() -> None:
     moves.wait()
     assert moves.failed == 1
     assert kv.match_prefix(TOKENS, b"").block_ids == blocks  # still findable on the device
-    assert kv.tiers.host.usage().free == BLOCKS  # the host took nothing
+    assert kv.host.tiers.host.usage().free == BLOCKS  # the host took nothing
     assert kv.owners.blocks_of(OWNER) == set(blocks)
     assert_settled(kv, moves)
     moves.close()
@@ -81,7 +82,7 @@ def test_a_failed_backup_leaves_the_blocks_readable_and_unreferenced() -> None:
     assert moves.failed == 1
     assert kv.pool.usage().in_use == 0 and kv.pool.usage().cached == 3  # the extra ref is gone
     assert kv.match_prefix(TOKENS, b"").block_ids == blocks
-    assert kv.tiers.host.usage().free == BLOCKS
+    assert kv.host.tiers.host.usage().free == BLOCKS
     assert_settled(kv, moves)
     moves.close()
 
@@ -96,5 +97,5 @@ def test_a_copy_that_cannot_start_is_completed_as_failed_at_once(move: str) -> N
         assert moves.backup(blocks) is None
     assert moves.failed == 1
     assert kv.match_prefix(TOKENS, b"").block_ids == blocks
-    assert kv.pool.usage().cached == 3 and kv.tiers.host.usage().free == BLOCKS
+    assert kv.pool.usage().cached == 3 and kv.host.tiers.host.usage().free == BLOCKS
     assert_settled(kv, moves)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 
 from kvrt.runtime.kv.block_pool import BlockPool, OutOfBlocks
-from kvrt.runtime.kv.manager import BlockTable, KVManager
+from kvrt.runtime.kv.block_table import BlockTable
+from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.kv.owners import AgentResidency
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY, block_key
-from kvrt.runtime.kv.tiers import Direction, Move
+from kvrt.runtime.kv.tiers.moves import Direction, Move
+from tests.kv.helpers import adopt_prefix, host_spec
 
 BLOCK = 4
 
@@ -18,7 +20,7 @@ def cached_prefix(kv: KVManager, tokens: list[int]) -> list[int]:
     """Computes `tokens` in a table, keys its full blocks and frees it: they sit cached."""
     table = BlockTable(BLOCK, owner=("run", "agent"))
     kv.grow(table, len(tokens))
-    kv.commit(table, tokens, len(tokens), b"")
+    kv.key_full_blocks(table, tokens, len(tokens), b"")
     blocks = table.block_ids()[: len(tokens) // BLOCK]
     kv.free(table)
     return blocks
@@ -26,9 +28,9 @@ def cached_prefix(kv: KVManager, tokens: list[int]) -> list[int]:
 
 def offloaded(kv: KVManager, blocks: list[int]) -> Move:
     """Offloads these device blocks and lets the copy land; the move that did it."""
-    assert kv.tiers is not None
-    move = kv.tiers.prepare_offload(blocks).move
-    assert move is not None and kv.tiers.complete(move, ok=True) == len(move)
+    assert kv.host is not None
+    move = kv.host.tiers.prepare_offload(blocks).move
+    assert move is not None and kv.host.tiers.complete(move, ok=True) == len(move)
     return move
 
 
@@ -38,10 +40,10 @@ def states(pool: BlockPool) -> tuple[int, int, int, int]:
 
 
 def test_an_offload_moves_cached_blocks_to_the_host_in_two_phases() -> None:
-    kv = KVManager(6, BLOCK, host_blocks=4)
+    kv = KVManager(6, BLOCK, host=host_spec(6, 4))
     tokens = list(range(1, 14))  # 3 full blocks and a partial one
     blocks = cached_prefix(kv, tokens)
-    tiers = kv.tiers
+    tiers = kv.host.tiers
     assert tiers is not None and kv.match_prefix(tokens, b"").block_ids == blocks
     move = tiers.prepare_offload(blocks).move
     assert move is not None and move.direction is Direction.OFFLOAD and move.source == blocks
@@ -60,75 +62,75 @@ def test_an_offload_moves_cached_blocks_to_the_host_in_two_phases() -> None:
 
 
 def test_a_failed_offload_leaves_the_blocks_cached_on_the_device() -> None:
-    kv = KVManager(6, BLOCK, host_blocks=4)
+    kv = KVManager(6, BLOCK, host=host_spec(6, 4))
     tokens = list(range(1, 10))
     blocks = cached_prefix(kv, tokens)
-    assert kv.tiers is not None
-    move = kv.tiers.prepare_offload(blocks).move
-    assert move is not None and kv.tiers.complete(move, ok=False) == 0
+    assert kv.host is not None
+    move = kv.host.tiers.prepare_offload(blocks).move
+    assert move is not None and kv.host.tiers.complete(move, ok=False) == 0
     assert kv.match_prefix(tokens, b"").block_ids == blocks
-    assert states(kv.tiers.host) == (4, 0, 0, 0) and kv.tiers.offloaded_blocks == 0
+    assert states(kv.host.tiers.host) == (4, 0, 0, 0) and kv.host.tiers.offloaded_blocks == 0
     assert kv.owners.blocks_of(("run", "agent")) == set(blocks)
     kv.check_integrity()
 
 
 def test_a_block_in_flight_is_never_allocated_nor_evicted() -> None:
-    kv = KVManager(4, BLOCK, host_blocks=4)
+    kv = KVManager(4, BLOCK, host=host_spec(4, 4))
     blocks = cached_prefix(kv, list(range(1, 10)))  # 2 cached blocks, 2 free
-    assert kv.tiers is not None
-    move = kv.tiers.prepare_offload(blocks).move
+    assert kv.host is not None
+    move = kv.host.tiers.prepare_offload(blocks).move
     assert move is not None
     with pytest.raises(OutOfBlocks):
         kv.pool.allocate(3)  # only the 2 free ones: the moving blocks are not evictable
     assert sorted(kv.pool.allocate(2)) == sorted(set(range(4)) - set(blocks))
-    kv.tiers.complete(move, ok=True)
+    kv.host.tiers.complete(move, ok=True)
     kv.check_integrity()
 
 
 def test_only_cached_blocks_move_and_content_the_host_has_is_not_copied_again() -> None:
-    kv = KVManager(8, BLOCK, host_blocks=8)
+    kv = KVManager(8, BLOCK, host=host_spec(8, 8))
     tokens = list(range(1, 10))
     blocks = cached_prefix(kv, tokens)
-    assert kv.tiers is not None
+    assert kv.host is not None
     reader = BlockTable(BLOCK)
-    kv.adopt_prefix(reader, kv.match_prefix(tokens, b""))  # a live request reads them
-    assert kv.tiers.prepare_offload(blocks).move is None
+    adopt_prefix(kv, reader, kv.match_prefix(tokens, b""))  # a live request reads them
+    assert kv.host.tiers.prepare_offload(blocks).move is None
     kv.free(reader)
     move = offloaded(kv, blocks)
     # Upload keeps the host's copy; offloading the same content again drops the device copy.
-    up = kv.tiers.prepare_upload(move.target)
-    assert up is not None and kv.tiers.complete(up, ok=True) == 2
+    up = kv.host.tiers.prepare_upload(move.target)
+    assert up is not None and kv.host.tiers.complete(up, ok=True) == 2
     assert kv.match_prefix(tokens, b"").block_ids == up.target
-    assert kv.tiers.prepare_offload(up.target).move is None
+    assert kv.host.tiers.prepare_offload(up.target).move is None
     assert kv.match_prefix(tokens, b"").block_ids == []
-    assert kv.tiers.host.usage().cached == 2
+    assert kv.host.tiers.host.usage().cached == 2
     kv.check_integrity()
 
 
 def test_an_upload_lands_findable_and_the_next_block_is_announced_as_arriving() -> None:
-    kv = KVManager(8, BLOCK, host_blocks=8)
+    kv = KVManager(8, BLOCK, host=host_spec(8, 8))
     tokens = list(range(1, 14))
     blocks = cached_prefix(kv, tokens)
-    assert kv.tiers is not None
+    assert kv.host is not None
     off = offloaded(kv, blocks)
-    up = kv.tiers.prepare_upload(off.target)
+    up = kv.host.tiers.prepare_upload(off.target)
     assert up is not None
     assert kv.match_host(tokens, b"", kv.match_prefix(tokens, b"")).arriving
-    assert states(kv.tiers.host) == (5, 0, 0, 3)
+    assert states(kv.host.tiers.host) == (5, 0, 0, 3)
     kv.check_integrity()
-    assert kv.tiers.complete(up, ok=True) == 3
+    assert kv.host.tiers.complete(up, ok=True) == 3
     assert kv.match_prefix(tokens, b"").block_ids == up.target
-    assert states(kv.tiers.host) == (5, 3, 0, 0) and kv.tiers.uploaded_blocks == 3
+    assert states(kv.host.tiers.host) == (5, 3, 0, 0) and kv.host.tiers.uploaded_blocks == 3
     kv.check_integrity()
 
 
 def test_a_failed_upload_frees_the_device_blocks_and_keeps_the_host_copy() -> None:
-    kv = KVManager(8, BLOCK, host_blocks=8)
+    kv = KVManager(8, BLOCK, host=host_spec(8, 8))
     tokens = list(range(1, 10))
-    assert kv.tiers is not None
+    assert kv.host is not None
     off = offloaded(kv, cached_prefix(kv, tokens))
-    up = kv.tiers.prepare_upload(off.target)
-    assert up is not None and kv.tiers.complete(up, ok=False) == 0
+    up = kv.host.tiers.prepare_upload(off.target)
+    assert up is not None and kv.host.tiers.complete(up, ok=False) == 0
     assert states(kv.pool) == (8, 0, 0, 0)
     host = kv.match_host(tokens, b"", kv.match_prefix(tokens, b""))
     assert host.block_ids == off.target and not host.arriving
@@ -136,67 +138,67 @@ def test_a_failed_upload_frees_the_device_blocks_and_keeps_the_host_copy() -> No
 
 
 def test_a_key_recomputed_while_its_block_was_away_is_not_indexed_twice() -> None:
-    kv = KVManager(8, BLOCK, host_blocks=8)
+    kv = KVManager(8, BLOCK, host=host_spec(8, 8))
     tokens = list(range(1, 10))
     blocks = cached_prefix(kv, tokens)
-    assert kv.tiers is not None
-    move = kv.tiers.prepare_offload(blocks).move
+    assert kv.host is not None
+    move = kv.host.tiers.prepare_offload(blocks).move
     assert move is not None
     again = cached_prefix(kv, tokens)  # computed again meanwhile: the same keys, new blocks
     assert set(again).isdisjoint(blocks)
-    kv.tiers.complete(move, ok=False)  # the old copies cannot take their keys back: freed
+    kv.host.tiers.complete(move, ok=False)  # the old copies cannot take their keys back: freed
     assert kv.match_prefix(tokens, b"").block_ids == again
     assert states(kv.pool) == (6, 2, 0, 0)
     kv.check_integrity()
 
 
 def test_ownership_travels_with_the_content_and_a_run_release_frees_both_tiers() -> None:
-    kv = KVManager(8, BLOCK, host_blocks=8)
+    kv = KVManager(8, BLOCK, host=host_spec(8, 8))
     tokens = list(range(1, 10))
-    assert kv.tiers is not None
+    assert kv.host is not None
     off = offloaded(kv, cached_prefix(kv, tokens))
     assert kv.residency("run") == {"agent": AgentResidency(0, 0, host_blocks=2)}
-    up = kv.tiers.prepare_upload(off.target)
+    up = kv.host.tiers.prepare_upload(off.target)
     assert up is not None
-    kv.tiers.complete(up, ok=True)
+    kv.host.tiers.complete(up, ok=True)
     assert kv.residency("run") == {"agent": AgentResidency(2, 0, host_blocks=2)}
     kv.check_integrity()
     kv.release_run("run")
     assert kv.residency("run") == {}
-    assert kv.usage().cached == 0 and kv.tiers.host.usage().cached == 0
+    assert kv.usage().cached == 0 and kv.host.tiers.host.usage().cached == 0
     kv.check_integrity()
 
 
 def test_blocks_already_moving_are_neither_moved_again_nor_pinned() -> None:
-    kv = KVManager(8, BLOCK, host_blocks=8)
+    kv = KVManager(8, BLOCK, host=host_spec(8, 8))
     blocks = cached_prefix(kv, list(range(1, 10)))
-    assert kv.tiers is not None
-    move = kv.tiers.prepare_offload(blocks).move
+    assert kv.host is not None
+    move = kv.host.tiers.prepare_offload(blocks).move
     assert move is not None and not kv.pool.is_cached(blocks[0])
-    assert kv.tiers.prepare_offload(blocks).move is None  # in flight already: not cached
+    assert kv.host.tiers.prepare_offload(blocks).move is None  # in flight already: not cached
     assert kv.pin(("run", "agent")) == 0 and not kv.is_pinned(("run", "agent"))
-    kv.tiers.complete(move, ok=True)
+    kv.host.tiers.complete(move, ok=True)
     kv.check_integrity()
 
 
 def test_a_backup_copies_keyed_blocks_to_the_host_and_leaves_them_readable() -> None:
-    kv = KVManager(6, BLOCK, host_blocks=8)
+    kv = KVManager(6, BLOCK, host=host_spec(6, 8))
     tokens = list(range(1, 14))
     table = BlockTable(BLOCK, owner=("run", "agent"))
     kv.grow(table, len(tokens))
-    kv.commit(table, tokens, len(tokens), b"")
+    kv.key_full_blocks(table, tokens, len(tokens), b"")
     keyed = table.block_ids()[:3]  # in use by a running sequence: a backup may copy them
-    assert kv.tiers is not None
-    move = kv.tiers.prepare_backup(table.block_ids())  # the partial block has no key: skipped
+    assert kv.host is not None
+    move = kv.host.tiers.prepare_backup(table.block_ids())  # the partial block has no key: skipped
     assert move is not None and move.keep_source and move.source == keyed
     # During the copy the device blocks stay findable and cannot be evicted (one more reader).
     assert kv.match_prefix(tokens, b"").block_ids == keyed
     assert [kv.pool.blocks[b].ref_count for b in keyed] == [2, 2, 2]
-    assert states(kv.tiers.host) == (5, 0, 0, 3)
+    assert states(kv.host.tiers.host) == (5, 0, 0, 3)
     kv.check_integrity()
-    assert kv.tiers.complete(move, ok=True) == 3 and kv.tiers.backed_up_blocks == 3
+    assert kv.host.tiers.complete(move, ok=True) == 3 and kv.host.tiers.backed_up_blocks == 3
     assert [kv.pool.blocks[b].ref_count for b in keyed] == [1, 1, 1]
-    assert kv.tiers.prepare_backup(keyed) is None  # the host has them now
+    assert kv.host.tiers.prepare_backup(keyed) is None  # the host has them now
     kv.free(table)
     # Evicted from the device, the content is still on the host, owned by the same agent.
     with pytest.raises(OutOfBlocks):
@@ -209,14 +211,14 @@ def test_a_backup_copies_keyed_blocks_to_the_host_and_leaves_them_readable() -> 
 
 
 def test_a_failed_backup_frees_the_host_blocks_and_lets_the_device_ones_go() -> None:
-    kv = KVManager(6, BLOCK, host_blocks=8)
+    kv = KVManager(6, BLOCK, host=host_spec(6, 8))
     tokens = list(range(1, 10))
     blocks = cached_prefix(kv, tokens)
-    assert kv.tiers is not None
-    move = kv.tiers.prepare_backup(blocks)
+    assert kv.host is not None
+    move = kv.host.tiers.prepare_backup(blocks)
     assert move is not None and states(kv.pool) == (4, 0, 2, 0)  # referenced by the copy
-    assert kv.tiers.complete(move, ok=False) == 0
-    assert states(kv.pool) == (4, 2, 0, 0) and states(kv.tiers.host) == (8, 0, 0, 0)
+    assert kv.host.tiers.complete(move, ok=False) == 0
+    assert states(kv.pool) == (4, 2, 0, 0) and states(kv.host.tiers.host) == (8, 0, 0, 0)
     assert kv.match_prefix(tokens, b"").block_ids == blocks
     kv.check_integrity()
 
@@ -225,8 +227,8 @@ def test_the_host_evicts_spare_backups_before_last_copies() -> None:
     """A's blocks live only on the host (offloaded); B's host copies are backups of blocks the
     device still holds. Making room on the host takes B's spare copy, not A's last one; once
     the device lets B go, B's host copy is a last copy too, and the oldest last copy goes."""
-    kv = KVManager(16, BLOCK, host_blocks=4)
-    tiers = kv.tiers
+    kv = KVManager(16, BLOCK, host=host_spec(16, 4))
+    tiers = kv.host.tiers
     assert tiers is not None
     a, b = list(range(1, 10)), list(range(20, 29))  # 2 full blocks each
     c, d = list(range(40, 45)), list(range(50, 55))  # 1 each

@@ -151,14 +151,14 @@ async def _all_agents(url: str, runs: list[tuple[str, str]], until: float,
 def test_random_copy_and_step_faults_fail_only_their_calls(server: LiveServer,
                                                             monkeypatch) -> None:
     engine = server.engine.engine
-    assert engine.moves is not None
-    mover, executor = engine.moves.mover, engine.executor
+    assert engine.kv.host is not None
+    mover, executor = engine.kv.host.mover, engine.executor
     faults = Faults(rate=0.15, seed=7)
     monkeypatch.setattr(mover, "_pack", faults.before(mover._pack, "pack"))
     monkeypatch.setattr(mover, "_unpack", faults.after(mover._unpack, "unpack"))
     monkeypatch.setattr(executor, "run", faults.before(executor.run, "step"))
     runs = _start_runs(server)
-    moves_failed = engine.moves.failed
+    moves_failed = engine.kv.host.failed
 
     faults.on = True
     outcomes = asyncio.run(_all_agents(server.url, runs, time.monotonic() + FAULT_SECONDS))
@@ -172,7 +172,7 @@ def test_random_copy_and_step_faults_fail_only_their_calls(server: LiveServer,
           f"{stats.kv_decisions}")
     assert stats.kv_blocks_backed_up > 0  # copies landed between the faults (write-through)
     assert faults.injected["step"] > 0 and faults.injected["pack"] + faults.injected["unpack"] > 0
-    assert engine.moves.failed > moves_failed  # failed copies were completed as failures
+    assert engine.kv.host.failed > moves_failed  # failed copies were completed as failures
     assert set(calls) <= {"ok", "500 engine_error", "stream engine_error"}, calls
     assert calls["ok"] > 0 and calls["ok"] < sum(calls.values())
     assert set(events) == {200}, events
@@ -199,7 +199,7 @@ def test_random_copy_and_step_faults_fail_only_their_calls(server: LiveServer,
     assert stats.kv_blocks_pinned == 0
 
     async def check() -> None:
-        engine.moves.wait()
+        engine.kv.host.wait()
         engine.check_integrity()
         assert engine.kv.usage().in_flight == 0
 

@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
 
 def _sim(tokenizer, shape=LLAMA31_8B, device=H100, **settings):
     clock = SimClock()
-    engine = build_sim_engine(shape, device, EngineConfig(**settings), tokenizer, clock)
+    engine = build_sim_engine(shape, device, EngineConfig(**settings), tokenizer, clock).engine
     return engine, clock
 
 
@@ -155,5 +155,5 @@ def test_sim_executor_logits():
     with pytest.raises(ValueError):
         clock.advance(-1.0)
     narrow = SimExecutor(model, SimClock(), vocab_size=150_000, logit_width=64)
-    assert narrow.model.config.vocab_size == 150_000
+    assert narrow.vocab_size == 150_000
     assert narrow.run(chunks).shape == (2, 64)

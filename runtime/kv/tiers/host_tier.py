@@ -1,9 +1,13 @@
-"""The engine's KV moves between tiers: planned by KVTiers, copied by the BlockMover on its
-worker thread, completed here on the engine thread (the only thread that touches the pools).
+"""The host tier as the KV manager uses it: moves planned by KVTiers, copied by a Mover on its
+worker thread (or a simulated link), completed here on the engine thread (the only thread that
+touches the pools).
 
-The engine finishes the moves that are done before each step and while idle. A waiting request
-whose prefix is on the host asks for an upload (the scheduler's `request_upload`) and is
-admitted once it has landed; until then the step goes on without it.
+The KV manager finishes the moves that are done before each engine step and while idle. A
+waiting request whose prefix is on the host asks for an upload and is admitted once it has
+landed; until then the step goes on without it.
+
+An owner's offload is remembered (the host blocks it sent, in prefix order) until the owner's
+upload brings exactly those back, its next offload replaces it, or its run ends.
 
 A copy that fails, or cannot even start (the mover closed), is completed as failed: the two-phase
 protocol's abort path leaves each block in a known tier (KVTiers.complete). A failed upload also
@@ -16,16 +20,21 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, wait
 
-from kvrt.runtime.kv.mover import BlockMover
-from kvrt.runtime.kv.tiers import Direction, KVTiers, Move
+from kvrt.runtime.kv.block_pool import BlockPool
+from kvrt.runtime.kv.owners import BlockOwners, Owner
+from kvrt.runtime.kv.tiers.mover import Mover
+from kvrt.runtime.kv.tiers.moves import Direction, KVTiers, Move
 
 log = logging.getLogger(__name__)
 
 
-class TierMoves:
-    def __init__(self, tiers: KVTiers, mover: BlockMover) -> None:
-        self.tiers, self.mover = tiers, mover
+class HostTier:
+    def __init__(self, device: BlockPool, device_owners: BlockOwners, num_blocks: int,
+                 mover: Mover) -> None:
+        self.tiers = KVTiers(device, num_blocks, device_owners)
+        self.mover = mover
         self._pending: list[tuple[Move, Future[None]]] = []
+        self._offloaded: dict[Owner, list[int]] = {}  # owner -> host blocks of its last offload
         self.failed = 0
 
     def offload(self, block_ids: list[int]) -> list[int]:
@@ -39,6 +48,29 @@ class TierMoves:
             return [b for b in offload.host_blocks if b not in failed]
         return offload.host_blocks
 
+    def offload_owner(self, owner: Owner, block_ids: list[int]) -> int:
+        """`offload` of the owner's blocks, remembered for `upload_owner`; returns how many
+        blocks leave the device."""
+        self._offloaded[owner] = self.offload(block_ids)
+        return len(self._offloaded[owner])
+
+    def upload_owner(self, owner: Owner) -> bool:
+        """Brings back what the owner's last offload sent to the host; False if nothing went."""
+        host_blocks = self._offloaded.pop(owner, None)
+        return bool(host_blocks) and self.upload(host_blocks)
+
+    def offloaded_blocks(self, owner: Owner) -> int:
+        return len(self._offloaded.get(owner, ()))
+
+    def is_arriving_at_host(self, owner: Owner) -> bool:
+        """The owner's last offload has not landed on the host yet."""
+        host = self.tiers.host
+        return any(host.is_in_flight(b) for b in self._offloaded.get(owner, ()))
+
+    def forget_run(self, run: str) -> None:
+        for owner in [o for o in self._offloaded if o[0] == run]:
+            del self._offloaded[owner]
+
     def backup(self, block_ids: list[int]) -> Move | None:
         """Starts copying these keyed device blocks (the ones the host lacks) to the host,
         leaving them on the device; returns the move on its way, if any."""
@@ -48,10 +80,12 @@ class TierMoves:
         """Starts bringing these host blocks to the device; False if none could go now."""
         return self._start(self.tiers.prepare_upload(host_block_ids)) is not None
 
-    def bandwidth(self) -> float | None:
-        """Bytes per second the copies so far achieved (None before the first)."""
+    def copy_seconds(self, num_blocks: int, prior_bandwidth: float) -> float:
+        """Seconds to copy `num_blocks` at the bandwidth the copies so far achieved
+        (`prior_bandwidth`, bytes per second, before the first)."""
         mover = self.mover
-        return mover.bytes_moved / mover.seconds if mover.seconds > 0 else None
+        bandwidth = mover.bytes_moved / mover.seconds if mover.seconds > 0 else prior_bandwidth
+        return num_blocks * mover.block_bytes / bandwidth
 
     def in_flight(self) -> bool:
         return bool(self._pending)

@@ -1,4 +1,5 @@
-"""The simulated host link: BlockMover's interface, with no data and simulated copy times.
+"""The simulated host link: a Mover (runtime/kv/tiers/mover.py) with no data and simulated
+copy times.
 
 A move takes `CostModel.transfer_time(bytes)` of simulated time on the event loop's clock; the moves
 of one direction share its link, so each starts when the previous one ends (a GPU's copy engine in
@@ -14,11 +15,11 @@ import heapq
 import itertools
 from concurrent.futures import Future
 
-from kvrt.runtime.kv.tiers import Direction, Move
+from kvrt.runtime.kv.tiers.moves import Direction, Move
 from kvrt.runtime.sim.cost_model import CostModel
 
 
-class SimMover:
+class SimLink:
     def __init__(self, cost_model: CostModel, block_bytes: int) -> None:
         self.cost_model, self.block_bytes = cost_model, block_bytes
         self.bytes_moved = 0

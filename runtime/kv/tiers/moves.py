@@ -1,9 +1,9 @@
-"""The host tier, and the bookkeeping of block moves between it and the device tier.
+"""The bookkeeping of block moves between the device tier and the host tier.
 
 The host tier is a second BlockPool keyed by the same content keys (prefix keys carry the
 tenant's salt, so a host hit is as safe as a device hit). A move is planned here, its data is
-copied by a BlockMover (runtime/kv/mover.py) off the engine's step loop, and it is completed
-here, on the engine thread, with success or failure:
+copied by a Mover (mover.py) off the engine's step loop, and it is completed here, on the
+engine thread, with success or failure:
 
     move      prepare (both pools)                       complete: ok         failed
     --------  -----------------------------------------  -------------------  ---------------
@@ -53,22 +53,33 @@ class Move:
 
 
 @dataclass(frozen=True, slots=True)
+class TierCounts:
+    """Blocks whose move landed, since start."""
+
+    offloaded: int = 0  # device -> host
+    uploaded: int = 0  # host -> device
+    backed_up: int = 0  # copied to the host, kept on the device
+
+
+@dataclass(frozen=True, slots=True)
 class Offload:
     move: Move | None  # the copies to make (None: the host held all of it, or had no room)
     host_blocks: list[int]  # where the content is, or will be once `move` lands, in order
 
 
 class KVTiers:
-    def __init__(self, device: BlockPool, host: BlockPool, device_owners: BlockOwners) -> None:
+    def __init__(self, device: BlockPool, host_blocks: int, device_owners: BlockOwners) -> None:
         """Ownership travels with the content: a block's owners on one tier own its copy on the
-        other once the move lands (`host_owners` is the host's ledger, kept like the device's)."""
-        self.device, self.host = device, host
-        self.device_owners, self.host_owners = device_owners, BlockOwners()
-        host.on_drop = self.host_owners.drop_block
-        device.on_unkey = self._left_device
+        other once the move lands (`host_owners` is the host's ledger, kept like the device's).
+        The device pool's owner calls `left_device` from its `on_unkey`."""
+        self.device, self.device_owners, self.host_owners = device, device_owners, BlockOwners()
+        self.host = BlockPool(host_blocks, on_drop=self.host_owners.drop_block)
         # Completed, since start.
         self.offloaded_blocks = self.uploaded_blocks = self.backed_up_blocks = 0
         self._arriving: set[bytes] = set()  # keys an unfinished upload brings to the device
+
+    def counts(self) -> TierCounts:
+        return TierCounts(self.offloaded_blocks, self.uploaded_blocks, self.backed_up_blocks)
 
     def is_arriving(self, key: bytes) -> bool:
         return key in self._arriving
@@ -93,6 +104,12 @@ class KVTiers:
         if move is not None:
             held.update(zip(move.source, move.target))
         return Offload(move, [held[b] for b in block_ids if b in held])
+
+    def offloadable(self, block_ids: list[int]) -> int:
+        """How many of these device blocks `prepare_offload` would take off the device now."""
+        cached = [b for b in block_ids if self.device.is_cached(b)]
+        held = sum(1 for b in cached if self._on_host(b) is not None)
+        return held + min(len(cached) - held, self.host.num_allocatable())
 
     def prepare_backup(self, block_ids: list[int]) -> Move | None:
         """Plans copying these keyed device blocks (in use or cached) to the host, leaving
@@ -164,7 +181,7 @@ class KVTiers:
             self._arriving.difference_update(move.keys)
         return moved
 
-    def _left_device(self, key: bytes, tokens: tuple[int, ...]) -> None:
+    def left_device(self, key: bytes, tokens: tuple[int, ...]) -> None:
         """The device let this content go: the host's copy, if any, is now the only one, and
         the last the host should evict."""
         host_id = self.host.lookup(key, tokens)

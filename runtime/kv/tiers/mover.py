@@ -1,5 +1,8 @@
 """Copies a move's KV blocks between the device pool tensor and the host's, off the step loop.
 
+`Mover` is what the host tier needs of a copier; `BlockMover` copies real tensors, and the
+simulator's link (runtime/sim/link.py) prices copies on a simulated clock instead.
+
 One worker thread per direction runs that direction's copies in order (on CUDA each issues
 them on its own side stream and waits for it, so the step's kernels on the default stream never
 wait on a copy, and an upload never queues behind offloads: PCIe and the GPU's copy engines
@@ -19,14 +22,30 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from kvrt.kernels.block_copy import pack_blocks_ref, unpack_blocks_ref
-from kvrt.runtime.kv.tiers import Direction, Move
+from kvrt.runtime.kv.tiers.moves import Direction, Move
 
 PackFn = Callable[[Tensor, Tensor, Tensor], None]
+
+
+class Mover(Protocol):
+    """Copies the data of moves planned by KVTiers. Contract: `start` returns a future that is
+    done once the copy has ended (its exception set if it failed); the copies of one direction
+    land in the order they started; `close` lets the copies in flight end. `bytes_moved` and
+    `seconds` (time spent copying) give the observed bandwidth."""
+
+    block_bytes: int
+    bytes_moved: int
+    seconds: float
+
+    def start(self, move: Move) -> Future[None]: ...
+
+    def close(self) -> None: ...
 
 
 class BlockMover:
@@ -40,12 +59,9 @@ class BlockMover:
         self._streams = {d: torch.cuda.Stream(device_kv.device) if device_kv.is_cuda else None
                          for d in Direction}
         self._lock = threading.Lock()
+        self.block_bytes = device_kv[0].numel() * device_kv.element_size()
         self.bytes_moved = 0
         self.seconds = 0.0  # worker time spent copying: with bytes_moved, the observed bandwidth
-
-    @property
-    def block_bytes(self) -> int:
-        return self.device_kv[0].numel() * self.device_kv.element_size()
 
     def start(self, move: Move) -> Future[None]:
         return self._workers[move.direction].submit(self.copy, move)

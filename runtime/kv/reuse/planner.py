@@ -1,8 +1,8 @@
-"""The KV Collector: position-independent reuse of segments, per request or for a whole round.
+"""The reuse planner: position-independent reuse of segments, per request or for a whole round.
 
 A request's segments (`GenerateRequest.segments`: marked messages, or every message of an
 "approximate" graph's calls) are text whose KV may come from another prompt, computed at
-another position. The policy's `ReuseConfig.mode` says how:
+another position. The policy's `ReuseConfig.mode` (config.py) says how:
 
     mode         at admission, for each segment past the exact prefix match
     -----------  -------------------------------------------------------------------------
@@ -12,10 +12,11 @@ another position. The policy's `ReuseConfig.mode` says how:
                  computing now is not admitted until that copy is indexed (`hold`)
 
 In an All-Gather round all agents' calls arrive together, each with the same shared segments
-after its own private history. Per request, each misses the segment index (nobody has computed
-the shared text yet) and computes it again. Collectively, the first admitted computes it (its
-copy is the round's master), the others wait, then are admitted together: their recomputes run
-in one batch, and the shared text is computed once per round, whatever the number of agents.
+after its own private history. Per request, each misses the segment index (index.py: nobody has
+computed the shared text yet) and computes it again. Collectively, the first admitted computes
+it (its copy is the round's master), the others wait, then are admitted together: their
+recomputes run in one batch, and the shared text is computed once per round, whatever the
+number of agents.
 
 Reuse of a segment of length L at position s, from a copy computed at position c: the reader
 computes its first k = ceil(recompute_ratio * L) tokens itself, in its own context (EPIC-style:
@@ -25,29 +26,53 @@ computed are its diff against the master; the rest it shares. The last prompt to
 computed (its logits are needed). Once its prompt is computed, the reader keeps only the part
 of its diff that changed most from the master (`diff_keep`, `_share_unchanged`): the rest of
 it reads the master's rows too, and its rows are given back.
+
+The planner reads a request through `Reader` (the engine's Reader) and the KV through the KV
+manager's segment verbs; it never writes a block table itself.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
 from kvrt.kernels import coalesce_runs
-from kvrt.runtime.engine.sequence import Sequence
-from kvrt.runtime.kv.block_table import Splice, blocks_of
+from kvrt.runtime.kv.block_table import BlockTable, Splice, blocks_of
 from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.kv.owners import Owner
-from kvrt.runtime.kv.segments import segment_key
-from kvrt.runtime.policy.config import ReuseConfig
+from kvrt.runtime.kv.reuse.config import ReuseConfig
+from kvrt.runtime.kv.reuse.index import segment_key
+from kvrt.runtime.kv.rows import KVRows
 
 # An output quoted in a message is followed by the message's end (the output's last token, which
 # decoding gave no KV, and the template's end of turn): an output copy covering all the segment
 # but this many last tokens is reused, a shorter match is not.
 _TAIL = 4
+
+
+class Reader(Protocol):
+    """What the planner reads of a request being served (the engine's Reader). Readers are
+    told apart by identity."""
+
+    table: BlockTable
+    token_ids: list[int]  # the prompt, then the tokens generated so far
+    num_computed: int
+
+    @property
+    def prompt_len(self) -> int: ...
+
+    @property
+    def num_output(self) -> int: ...
+
+    @property
+    def salt(self) -> bytes: ...
+
+    @property
+    def segments(self) -> tuple[tuple[int, int], ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,16 +83,19 @@ class _Segment:
     token_ids: tuple[int, ...]
 
 
-class KVCollector:
-    def __init__(self, kv: KVManager, config: ReuseConfig) -> None:
+class ReusePlanner:
+    def __init__(self, kv: KVManager, config: ReuseConfig, rows: KVRows | None = None,
+                 copy_other_shifts: bool = False) -> None:
+        """`rows`: the KV tensor's, to measure how much a reader's rows changed (None in a
+        simulation: no KV). `copy_other_shifts`: a reader copies rows it would read at a
+        second shift, once, into its own (the torch path, which would rotate them at every
+        decode step; the Triton kernel rotates them in registers)."""
         self.kv, self.config = kv, config
-        self._segments: dict[Sequence, list[_Segment]] = {}
-        self._producers: dict[bytes, Sequence] = {}  # segment key -> the live seq computing it
+        self.rows, self.copy_other_shifts = rows, copy_other_shifts
+        self._segments: dict[Reader, list[_Segment]] = {}
+        self._producers: dict[bytes, Reader] = {}  # segment key -> the live seq computing it
         # seq -> splice start -> the master's slots for the head the seq recomputes before it.
-        self._heads: dict[Sequence, dict[int, torch.Tensor]] = {}
-        # How much rows (slots) changed from base rows (slots, seen at a shift), over every
-        # layer (kernels/row_change.py); set by the engine, None in a simulation (no KV).
-        self.row_change: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+        self._heads: dict[Reader, dict[int, torch.Tensor]] = {}
         # Counters since start, over first admissions (with reuse off too): tokens in segments,
         # and of those the ones read from another copy (not computed, not stored again).
         self.segment_requests = 0
@@ -82,7 +110,7 @@ class KVCollector:
     def enabled(self) -> bool:
         return self.config.mode != "off"
 
-    def hold(self, seq: Sequence) -> bool:
+    def hold(self, seq: Reader) -> bool:
         """Collective mode: whether `seq` should wait, because another live request is
         computing one of its segments that the index does not hold yet."""
         if self.config.mode != "collective":
@@ -94,7 +122,7 @@ class KVCollector:
                 return True
         return False
 
-    def plan(self, seq: Sequence, computed: int) -> list[Splice]:
+    def plan(self, seq: Reader, computed: int) -> list[Splice]:
         """The splices for `seq`, whose first `computed` positions its exact prefix covers; in
         collective mode, it becomes the producer of the segments it will compute itself."""
         if not self.enabled:
@@ -110,7 +138,7 @@ class KVCollector:
             elif self.config.mode == "collective":
                 self._producers.setdefault(segment.key, seq)
         self._heads[seq] = heads
-        if self.kv.copy_rows is not None and splices:
+        if self.copy_other_shifts and splices:
             # The torch path reads the rows of one shift in place at no cost (its decode rotates
             # the query instead), but rows at several shifts only by rotating K at every step:
             # the most common shift's are shared, the others copied (and rotated) once.
@@ -121,7 +149,7 @@ class KVCollector:
             splices = [s if s.shift == main else replace(s, copied=True) for s in splices]
         return splices
 
-    def _splice(self, seq: Sequence, segment: _Segment) -> tuple[Splice, torch.Tensor] | None:
+    def _splice(self, seq: Reader, segment: _Segment) -> tuple[Splice, torch.Tensor] | None:
         """From a copy of the whole segment, else from an earlier call's output inside it (the
         segment's other tokens, e.g. a message's header, are computed). With the splice, the
         copy's slots for the positions just before it that the reader recomputes (its head):
@@ -130,7 +158,7 @@ class KVCollector:
         if copy is not None:
             length = copy.length
         else:
-            within = self.kv.segments.find_within(seq.request.salt, segment.token_ids)
+            within = self.kv.segments.find_within(seq.salt, segment.token_ids)
             if within is None or within.offset + within.length < len(segment.token_ids) - _TAIL:
                 return None  # it covers part of the segment: better one whole master copy
             copy, offset, length = within.copy, within.offset, within.length
@@ -142,16 +170,16 @@ class KVCollector:
         slots = copy.slots[first - offset:last - offset]
         head = copy.slots[:first - offset]
         block_ids = blocks_of(torch.cat([head, slots]), self.kv.block_size)
-        if any(self.kv.pool.is_in_flight(b) for b in block_ids):
+        if self.kv.is_moving(block_ids):
             return None  # on its way to the host
         return Splice(segment.start + first, segment.start + last, slots,
                       segment.start + offset - copy.start, block_ids), head
 
-    def count_admission(self, seq: Sequence, splices: list[Splice]) -> int:
+    def count_admission(self, seq: Reader, splices: list[Splice]) -> int:
         """Counts a first admission; returns the positions its splices cover."""
         reused = sum(s.end - s.start for s in splices)
-        if seq.request.segments:  # counted with reuse off too: what full copies cost
-            tokens = sum(end - start for start, end in seq.request.segments)
+        if seq.segments:  # counted with reuse off too: what full copies cost
+            tokens = sum(end - start for start, end in seq.segments)
             self.segment_requests += 1
             self.segment_tokens += tokens
             self.reused_tokens += reused
@@ -167,15 +195,15 @@ class KVCollector:
         for owner in [o for o in self.by_owner if o[0] == run]:
             del self.by_owner[owner]
 
-    def on_computed(self, seq: Sequence) -> None:
+    def on_computed(self, seq: Reader) -> None:
         """After a step computed part of `seq`: offers the index the segments it computed
         itself. Before its first splice, its rows are a prefix's: a copy covers the rows the
         prefix index has keyed so far (and grows with them). Past it, the prefix index keys
-        nothing: a segment is offered once computed, its blocks kept (`keep_rows`). Once its
+        nothing: a segment is offered once computed, its blocks kept (`keep_cached`). Once its
         prompt is computed, it produces nothing more."""
         if not self.enabled:
             return
-        table, pool, salt = seq.table, self.kv.pool, seq.request.salt
+        table, salt = seq.table, seq.salt
         limit = table.key_limit if table.key_limit is not None else seq.prompt_len
         keyed_end = min(table.num_keyed * self.kv.block_size, limit)
         for segment in self._of(seq):
@@ -184,13 +212,13 @@ class KVCollector:
                     continue
                 if table.num_own(segment.start, segment.end) < segment.end - segment.start:
                     continue  # it reads another copy: nothing of its own to offer
-                slots = self.kv.keep_rows(table, segment.start, segment.end, salt)
+                slots = self.kv.keep_cached(table, segment.start, segment.end, salt)
                 self.kv.segments.offer(segment.key, segment.token_ids, segment.start, slots)
                 continue
             slots = table.slots[segment.start:min(segment.end, keyed_end)]
             blocks = (slots // self.kv.block_size).tolist()
             # A block whose key another block already held was left unkeyed: stop before it.
-            unkeyed = next((i for i, b in enumerate(blocks) if pool.blocks[b].key is None),
+            unkeyed = next((i for i, b in enumerate(blocks) if not self.kv.is_keyed(b)),
                            len(blocks))
             self.kv.segments.offer(segment.key, segment.token_ids, segment.start,
                                    slots[:unkeyed])
@@ -198,10 +226,10 @@ class KVCollector:
             self._share_unchanged(seq)
             self.forget(seq)
 
-    def _share_unchanged(self, seq: Sequence) -> None:
+    def _share_unchanged(self, seq: Reader) -> None:
         """Diff encode, once the prompt is computed: of the head rows a reader recomputed
         before each splice (its diff against the master), it keeps the `diff_keep` share that
-        changed most (`row_change`: K and V against the master's rows, over every
+        changed most (`KVRows.change`: K and V against the master's rows, over every
         layer); the others read the master's rows from now on, and their own rows serve the
         next positions. The recompute has done its work by then: the prompt's last tokens, and
         so the first output token, saw every recomputed row."""
@@ -215,13 +243,12 @@ class KVCollector:
                 continue
             start = splice.start - head.numel()
             own = table.slots[start:splice.start]
-            if self.row_change is not None:
-                change = self.row_change(own, head, splice.shift)
+            if self.rows is not None:
+                change = self.rows.change(own, head, splice.shift)
             else:  # a simulation: no KV to compare, keep the first rows
                 change = -torch.arange(head.numel(), dtype=torch.float32)
             # A row in a keyed block stays: the block is another prompt's prefix now.
-            keyed = torch.tensor([self.kv.pool.blocks[b].key is not None
-                                  for b in (own // block_size).tolist()])
+            keyed = torch.tensor([self.kv.is_keyed(b) for b in (own // block_size).tolist()])
             change[keyed] = float("inf")
             kept = math.ceil(self.config.diff_keep * head.numel())
             drop = torch.zeros(head.numel(), dtype=torch.bool)
@@ -229,7 +256,7 @@ class KVCollector:
             drop &= ~keyed
             for a, n in coalesce_runs(torch.nonzero(drop).flatten().tolist()):
                 parts.append((start + a, head[a:a + n], splice.shift))
-        shared = self.kv.share_rows(table, seq.num_computed, parts)
+        shared = self.kv.splice_computed(table, seq.num_computed, parts)
         if seq.num_output:  # recomputed after a preemption: counted the first time
             return
         self.dropped_tokens += shared
@@ -237,7 +264,7 @@ class KVCollector:
         if shared and counted is not None:  # (None: its run has ended meanwhile)
             self.by_owner[table.owner] = (counted[0], counted[1] + shared)
 
-    def on_finish(self, seq: Sequence) -> None:
+    def on_finish(self, seq: Reader) -> None:
         """`seq` is done (finished or aborted), its blocks not yet released: its output (the
         rows decoding gave KV) becomes a copy, kept cached after the call, for a later prompt
         that quotes it."""
@@ -250,23 +277,22 @@ class KVCollector:
         start, end = seq.prompt_len + 1, seq.num_computed
         if end <= start:
             return
-        slots = self.kv.keep_rows(seq.table, start, end, seq.request.salt)
-        self.kv.segments.offer_output(seq.request.salt, tuple(seq.token_ids[start:end]), start,
-                                      slots)
+        slots = self.kv.keep_cached(seq.table, start, end, seq.salt)
+        self.kv.segments.offer_output(seq.salt, tuple(seq.token_ids[start:end]), start, slots)
 
-    def forget(self, seq: Sequence) -> None:
+    def forget(self, seq: Reader) -> None:
         """`seq` computes nothing for others any more (preempted, refused, done)."""
         self._heads.pop(seq, None)
         for segment in self._segments.get(seq, ()):
             if self._producers.get(segment.key) is seq:
                 del self._producers[segment.key]
 
-    def _of(self, seq: Sequence) -> list[_Segment]:
+    def _of(self, seq: Reader) -> list[_Segment]:
         segments = self._segments.get(seq)
         if segments is None:
-            ids, salt = seq.request.prompt_token_ids, seq.request.salt
+            ids, salt = seq.token_ids, seq.salt  # (segments lie in the prompt)
             segments = []
-            for start, end in seq.request.segments:
+            for start, end in seq.segments:
                 tokens = tuple(ids[start:end])
                 segments.append(_Segment(start, end, segment_key(salt, tokens), tokens))
             self._segments[seq] = segments

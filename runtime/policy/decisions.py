@@ -1,0 +1,47 @@
+"""What a policy decides about the KV; the engine carries it out (runtime/engine/decide.py).
+
+    decision          the engine, through the KV manager and the host tier
+    ----------------  ---------------------------------------------------------------------
+    Pin(owner)        keeps the owner's keyed device blocks from eviction (one reference each)
+    Unpin(owner)      gives exactly those references back
+    Offload(owner)    moves the owner's cached device blocks to the host tier
+    Upload(owner)     brings back what the owner's last offload sent to the host
+    Backup(blocks)    copies these keyed device blocks to the host, leaving them on the device
+
+Each is safe whatever the state: pinning an owner that holds nothing pins nothing, unpinning
+one that holds no pin gives nothing back, and without a host tier the moves do nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvrt.runtime.kv.owners import Owner
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    owner: Owner
+
+
+@dataclass(frozen=True, slots=True)
+class Unpin:
+    owner: Owner
+
+
+@dataclass(frozen=True, slots=True)
+class Offload:
+    owner: Owner
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    owner: Owner
+
+
+@dataclass(frozen=True, slots=True)
+class Backup:
+    block_ids: tuple[int, ...]
+
+
+Decision = Pin | Unpin | Offload | Upload | Backup
