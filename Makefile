@@ -28,7 +28,7 @@ bench-engine: setup
 	PYTHONSAFEPATH=1 $(PY) -m kvrt.runtime.bench.engine_speed $(ARGS)
 
 bench-control: setup
-	PYTHONSAFEPATH=1 $(PY) -m kvrt.runtime.bench.control_plane $(ARGS)
+	PYTHONSAFEPATH=1 $(PY) -m kvrt.runtime.bench.control_speed $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check runtime sdk kernels tests

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from kvrt.runtime.bench.workloads import text
 from kvrt.runtime.config import EngineConfig
+from kvrt.runtime.engine.executor import ModelExecutor
 from kvrt.runtime.engine.factory import build_engine
 from kvrt.runtime.model.blend import blend_prefill
 from kvrt.runtime.model.dense_forward import DenseKV, dense_forward
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     engine, _ = build_engine(EngineConfig(model=args.model, dtype="float32",
                                           kv_cache_memory=16 * 1024**2))
+    assert isinstance(engine.executor, ModelExecutor)
     model, tokenizer = engine.executor.model, engine.tokenizer
     pairs = list(itertools.permutations(range(len(PERSONAS)), 2))
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from kvrt.runtime.bench.session import BenchSession, CallRecord, JobRecord
 from kvrt.runtime.bench.workloads import Workload
 from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
+from kvrt.runtime.engine.executor import ModelExecutor
 from kvrt.runtime.engine.protocol import GenerateOutput, GenerateRequest
 from kvrt.runtime.policy import options_for
 from kvrt.runtime.server.app import create_app
@@ -78,8 +79,9 @@ EngineFactory = Callable[[EngineConfig], tuple[AsyncEngine, int]]
 
 def real_engine(config: EngineConfig) -> tuple[AsyncEngine, int]:
     engine = AsyncEngine.create(config, "bench")
-    pool = engine.engine.executor.kv_pool
-    return engine, pool[0].numel() * pool.element_size()
+    executor = engine.engine.executor
+    assert isinstance(executor, ModelExecutor)
+    return engine, executor.kv_pool[0].numel() * executor.kv_pool.element_size()
 
 
 async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,

@@ -196,9 +196,8 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await stream.get()
-                failed = isinstance(item, BaseException)
-                self._queue.leave(request.request_id, served=not failed)
-                if failed:
+                self._queue.leave(request.request_id, served=not isinstance(item, BaseException))
+                if isinstance(item, BaseException):
                     finished = True  # the engine delivers an error only after dropping the request
                     raise item
                 finished = item.finish_reason is not None

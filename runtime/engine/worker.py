@@ -17,7 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from kvrt.runtime.engine.engine import Emitted, Engine, RunRelease
 from kvrt.runtime.engine.protocol import EngineError, GenerateOutput, RequestTimedOut, StepFailed
@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # a driver ticks an idle engine at least this often (the policy's timers)
 
-Outcome = GenerateOutput | BaseException
-Delivery = list[Emitted] | list[tuple[str, Outcome]]
+Delivery: TypeAlias = list[Emitted] | list[tuple[str, GenerateOutput | BaseException]]
 
 
 class LoopSide(Protocol):
@@ -142,11 +141,12 @@ class EngineWorker:
         if kind == "add":
             try:
                 self.engine.add(payload)
-            except Exception as error:  # a bad request must not take the engine thread down
-                if not isinstance(error, EngineError):
-                    log.exception("could not add request %s", payload.request_id)
-                    error = EngineError(f"could not add the request: {error}")
+            except EngineError as error:
                 self._deliver_error(payload.request_id, error)
+            except Exception as error:  # a bad request must not take the engine thread down
+                log.exception("could not add request %s", payload.request_id)
+                self._deliver_error(payload.request_id,
+                                    EngineError(f"could not add the request: {error}"))
         elif kind == "abort":
             self.engine.abort(payload)
         elif kind == "notify":
@@ -157,10 +157,10 @@ class EngineWorker:
         elif kind == "release_run":
             self.release_run(*payload)
         elif kind == "abort_all":
-            error, future = payload
+            failure, future = payload
             aborted = self.engine.fail_all()
             for request_id in aborted:
-                self._deliver_error(request_id, error)
+                self._deliver_error(request_id, failure)
             self._loop_call(settle, future, len(aborted))
 
     def release_run(self, run: str, future: asyncio.Future[int]) -> None:

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 from kvrt.runtime.config import ConfigError
 from kvrt.runtime.kv.reuse.config import ReuseConfig
 from kvrt.runtime.policy.decisions import Decision
 from kvrt.runtime.policy.options import option_names, parse_options
-from kvrt.runtime.policy.view import Call, KVState
-
-if TYPE_CHECKING:
-    from kvrt.runtime.engine.protocol import AgentEvent
+from kvrt.runtime.policy.view import Call, Event, KVState
 
 Decisions = Iterator[Decision]
 CallT = TypeVar("CallT", bound=Call)
@@ -83,7 +80,7 @@ class Policy(ABC):
     @abstractmethod
     def victim(self, running: list[CallT]) -> CallT: ...
 
-    def on_event(self, event: AgentEvent, kv: KVState, now: float) -> Decisions:
+    def on_event(self, event: Event, kv: KVState, now: float) -> Decisions:
         return iter(())
 
     def on_admit(self, call: Call, kv: KVState) -> Decisions:

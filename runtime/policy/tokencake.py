@@ -47,16 +47,12 @@ call cannot upload instead of computing again.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
 
 from kvrt.runtime.kv.owners import Owner
 from kvrt.runtime.policy.base import CallT, Decisions, Policy, register_policy
 from kvrt.runtime.policy.config import TokencakeConfig
 from kvrt.runtime.policy.decisions import Backup, Offload, Pin, Unpin, Upload
-from kvrt.runtime.policy.view import Call, KVState
-
-if TYPE_CHECKING:
-    from kvrt.runtime.engine.protocol import AgentEvent
+from kvrt.runtime.policy.view import Call, Event, KVState
 
 
 @register_policy("tokencake")
@@ -171,7 +167,7 @@ class TokencakePolicy(Policy):
             for owner in [o for o in state if o[0] == run]:
                 del state[owner]  # its pins went with the run (KVManager.release_run)
 
-    def on_event(self, event: AgentEvent, kv: KVState, now: float) -> Decisions:
+    def on_event(self, event: Event, kv: KVState, now: float) -> Decisions:
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":
             priority = self.reserved.get(owner)

@@ -23,18 +23,12 @@ keeps the later expiry. The pin ends at the first of:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from kvrt.runtime.kv.owners import Owner
 from kvrt.runtime.policy.base import Decisions, register_policy
 from kvrt.runtime.policy.config import TTLConfig
 from kvrt.runtime.policy.decisions import Pin, Unpin
 from kvrt.runtime.policy.lru import LRUPolicy
-from kvrt.runtime.policy.view import Call, KVState
-
-if TYPE_CHECKING:
-    from kvrt.runtime.engine.protocol import AgentEvent
-
+from kvrt.runtime.policy.view import Call, Event, KVState
 
 _DEFAULTS = TTLConfig()
 
@@ -53,7 +47,7 @@ class TTLPolicy(LRUPolicy):
         self.config = config or TTLConfig()
         self.expiries: dict[Owner, float] = {}  # pinned owner -> clock time its pin ends
 
-    def on_event(self, event: AgentEvent, kv: KVState, now: float) -> Decisions:
+    def on_event(self, event: Event, kv: KVState, now: float) -> Decisions:
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":
             # A record whose pin the KV manager dropped (run ended) no longer counts.

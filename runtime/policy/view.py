@@ -1,7 +1,8 @@
-"""What a policy sees: a call (waiting or running) and the KV, through small queries.
+"""What a policy sees: an agent's event, a call (waiting or running) and the KV, through small
+queries.
 
 A policy never reads the block pool, the tables or the mover: these protocols are all it gets,
-and the engine's Sequence and KV manager implement them.
+and the engine's AgentEvent, Sequence and KV manager implement them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,20 @@ from typing import Protocol
 
 from kvrt.runtime.kv.block_pool import PoolUsage
 from kvrt.runtime.kv.owners import Owner
+
+
+class Event(Protocol):
+    @property
+    def kind(self) -> str: ...  # tool_call.started, tool_call.finished, agent.done
+
+    @property
+    def run(self) -> str: ...
+
+    @property
+    def agent(self) -> str: ...
+
+    @property
+    def predicted_s(self) -> float | None: ...  # a started tool call's expected seconds
 
 
 class Call(Protocol):

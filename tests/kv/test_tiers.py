@@ -254,3 +254,23 @@ def test_the_host_evicts_spare_backups_before_last_copies() -> None:
     assert len(offloaded(kv, cached_prefix(kv, d))) == 1
     assert (on_host(a), on_host(b), on_host(c)) == (1, 1, 1)  # one of A's, the oldest, went
     kv.check_integrity()
+
+
+def test_offloadable_blocks_counts_exactly_what_an_offload_takes_off_the_device() -> None:
+    """A policy decides by the count (runtime/policy/view.py), the offload then moves: the two
+    must agree, here with the host's room taken by a backup still in flight."""
+    kv = KVManager(8, BLOCK, host=host_spec(8, 4))
+    owner = ("run", "agent")
+    blocks = cached_prefix(kv, list(range(1, 22)))  # 5 cached blocks of the owner
+    assert kv.host is not None
+    backup = kv.host.tiers.prepare_backup(blocks[:2])  # 2 host blocks in flight, 2 free
+    assert backup is not None
+    assert kv.cached_blocks(owner) == 3  # the 2 being backed up are referenced meanwhile
+    assert kv.offloadable_blocks(owner) == 2
+    assert kv.offload(owner) == 2 and kv.offloaded_blocks(owner) == 2
+    assert kv.is_offload_landing(owner)  # its copy has not completed on the engine thread
+    kv.host.wait()
+    assert not kv.is_offload_landing(owner)
+    assert kv.host.tiers.complete(backup, ok=True) == 2
+    assert kv.cached_blocks(owner) == 3 and kv.offloadable_blocks(owner) == 3
+    kv.check_integrity()

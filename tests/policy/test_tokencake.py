@@ -11,9 +11,9 @@ from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.protocol import AgentEvent, Attribution, GenerateRequest, SamplingParams
 from kvrt.runtime.engine.sequence import Sequence
 from kvrt.runtime.kv.block_table import BlockTable
+from kvrt.runtime.kv.manager import HostSpec, KVManager
 from kvrt.runtime.kv.tiers.host_tier import HostTier
 from kvrt.runtime.kv.tiers.mover import BlockMover
-from kvrt.runtime.kv.manager import HostSpec, KVManager
 from kvrt.runtime.policy.config import TokencakeConfig
 from kvrt.runtime.policy.tokencake import TokencakePolicy
 

@@ -56,7 +56,7 @@ class HostTier:
 
     def upload_owner(self, owner: Owner) -> bool:
         """Brings back what the owner's last offload sent to the host; False if nothing went."""
-        host_blocks = self._offloaded.pop(owner, None)
+        host_blocks = self._offloaded.pop(owner, [])
         return bool(host_blocks) and self.upload(host_blocks)
 
     def offloaded_blocks(self, owner: Owner) -> int:

@@ -1,6 +1,6 @@
 """The control plane's speed: events over loopback, and priorities of a 1,000-agent graph.
 
-    python -m kvrt.runtime.bench.control_plane [--seconds 5] [--concurrency 1,16]
+    python -m kvrt.runtime.bench.control_speed [--seconds 5] [--concurrency 1,16]
                                                [--agents 1000] [--out bench-out/control.json]
 
 - Events: a `kvrt serve` subprocess (tiny random model: events never touch the engine) and
