@@ -26,7 +26,7 @@ from kvrt.runtime.engine.protocol import (
     GenerateRequest,
 )
 from kvrt.runtime.graph.runs import AgentCall
-from kvrt.runtime.server import keys
+from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
 from kvrt.runtime.server.agent_calls import attribute
 from kvrt.runtime.server.auth import tenant_of
@@ -57,11 +57,11 @@ routes = web.RouteTableDef()
 @routes.post("/v1/runs/{run_id}/rounds")
 async def run_round(request: web.Request) -> web.Response:
     arrival = time.perf_counter()
-    control, engine = request.app[keys.CONTROL], request.app[keys.ENGINE]
+    control, engine = request.app[app_keys.CONTROL], request.app[app_keys.ENGINE]
     tenant = tenant_of(request)
     run = control.live_run(request.match_info["run_id"], tenant)
     body = round_request_decoder.decode(await read_json(request))
-    _check_round(body, engine, request.app[keys.CONFIG].limits.max_messages)
+    _check_round(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
     for name in body.agents:
         run.agent_index(name)  # 404 for an agent the run's graph lacks, before anything starts
     every = run.graph.reuse == "approximate"
@@ -82,7 +82,7 @@ async def run_round(request: web.Request) -> web.Response:
     run.rounds += 1
     number = run.rounds
     calls = [attribute(control, gen, tenant) for gen in gens]
-    metrics = request.app[keys.METRICS]
+    metrics = request.app[app_keys.METRICS]
     async with asyncio.TaskGroup() as group:  # one failure cancels the others
         tasks = [group.create_task(_generate(engine, gen, metrics, arrival, call))
                  for gen, call in calls]
