@@ -65,6 +65,12 @@ class Tokenizer:
         """Ids for a piece of templated text (special tokens spelt in it, none added)."""
         return list(self.hf.encode(text, add_special_tokens=False))
 
+    def encode_pieces(self, texts: list[str]) -> list[list[int]]:
+        """`encode_piece` of each text, in one call (the per-call cost is ~30 us of Python)."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.hf(texts, add_special_tokens=False)["input_ids"]]
+
     def render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
         tools: PromptTools | None = None,
