@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from typing import cast
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import AgentEvent, AgentEventKind
-from kvrt.runtime.graph.runs import Run
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.auth import tenant_of
 from kvrt.runtime.server.control_views import graph_info, run_info, run_state
@@ -22,12 +19,10 @@ from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.sdk.protocol.control import (
     Deleted,
-    Event,
     EventAck,
     GraphList,
     RunClosed,
     RunList,
-    ToolCallStarted,
     event_decoder,
     graph_spec_decoder,
     run_spec_decoder,
@@ -98,24 +93,15 @@ async def post_event(request: web.Request) -> web.Response:
                        "(--max-events-per-second); retry after the Retry-After seconds",
                        code="rate_limit_exceeded", retry_after_s=math.ceil(wait))
     event = event_decoder.decode(body)
-    index, duplicate = run.apply(event)
-    if not duplicate:  # the policy hears of each event once
-        request.app[app_keys.ENGINE].notify(agent_event(run, index, event))
-    ack = EventAck(run=run.id, agent=event.agent, state=run.agents[index].state,
-                   event_count=run.event_count, duplicate=duplicate)
+    applied = run.apply(event)
+    if applied is not None:  # the policy hears of each event once
+        request.app[app_keys.ENGINE].notify(applied)
+    ack = EventAck(run=run.id, agent=event.agent, state=run.agent_state(event.agent),
+                   event_count=run.event_count, duplicate=applied is None)
     response = json_response(ack)
     request.app[app_keys.METRICS].observe_event(event.__struct_config__.tag,
-                                            time.perf_counter() - started)
+                                                time.perf_counter() - started)
     return response
-
-
-def agent_event(run: Run, index: int, event: Event) -> AgentEvent:
-    """The engine's view of an applied event; a started tool call carries the run's prediction
-    of its duration (the client's estimate, else the learned or declared one)."""
-    predicted = (run.agents[index].tools[event.tool][-1].predicted
-                 if isinstance(event, ToolCallStarted) else None)
-    kind = cast(AgentEventKind, event.__struct_config__.tag)  # the wire tags are the kinds
-    return AgentEvent(kind, run.id, event.agent, predicted)
 
 
 @routes.delete("/v1/runs/{run_id}")
