@@ -66,7 +66,7 @@ def render_prompt(tokenizer: Tokenizer, turns: list[dict[str, Any]], marked: Seq
         return ChatPrompt(token_ids, ())
     pieces = message_pieces(tokenizer, turns, tools)
     return ChatPrompt(token_ids, () if pieces is None else
-                      _spans(tokenizer.encode_pieces(pieces), marked, token_ids))
+                      segment_spans(tokenizer.encode_pieces(pieces), marked, token_ids))
 
 
 def message_pieces(tokenizer: Tokenizer, turns: list[dict[str, Any]],
@@ -109,6 +109,18 @@ def pieces_by_neighbours(tokenizer: Tokenizer, turns: list[dict[str, Any]],
     return pieces if whole is not None and "".join(pieces) == whole else None
 
 
+def segment_spans(piece_ids: list[list[int]], marked: Sequence[bool],
+                  token_ids: list[int]) -> tuple[Span, ...]:
+    """The spans of the marked pieces, laid end to end; () unless the pieces' ids are the first
+    of `token_ids` (the prompt's)."""
+    spans, start = [], 0
+    for ids, is_segment in zip(piece_ids, marked, strict=True):
+        if is_segment:
+            spans.append((start, start + len(ids)))
+        start += len(ids)
+    return tuple(spans) if token_ids[:start] == list(chain.from_iterable(piece_ids)) else ()
+
+
 @lru_cache(maxsize=16)
 def reads_far_turns(template: str) -> bool:
     """Whether a template may render a turn by what lies beyond its neighbours, in a way that
@@ -122,13 +134,3 @@ def _render(tokenizer: Tokenizer, turns: list[dict[str, Any]],
         return tokenizer.render_chat(turns, add_generation_prompt=False, tools=tools)
     except TemplateError:  # a template may refuse a part of a chat it takes whole
         return None
-
-
-def _spans(piece_ids: list[list[int]], marked: Sequence[bool],
-           token_ids: list[int]) -> tuple[Span, ...]:
-    spans, start = [], 0
-    for ids, is_segment in zip(piece_ids, marked, strict=True):
-        if is_segment:
-            spans.append((start, start + len(ids)))
-        start += len(ids)
-    return tuple(spans) if token_ids[:start] == list(chain.from_iterable(piece_ids)) else ()

@@ -6,20 +6,15 @@ import time
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import GenerateRequest
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
-from kvrt.runtime.server.agent_calls import approximate_reuse, attribute
 from kvrt.runtime.server.auth import tenant_of
+from kvrt.runtime.server.call_context import call_context
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from kvrt.runtime.server.openai_requests import (
-    attribution,
-    chat_generate_request,
-    chat_tools,
-    completion_generate_request,
-)
+from kvrt.runtime.server.model_calls import PreparedCall, chat_call, completion_call
+from kvrt.runtime.server.openai_requests import chat_tools
 from kvrt.runtime.server.openai_serving import (
     ChatFormatter,
     CompletionFormatter,
@@ -44,27 +39,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = chat_request_decoder.decode(await read_json(request))
     engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
-    every = approximate_reuse(request.app[app_keys.CONTROL],
-                              attribution(body.kvrt, request.headers), tenant)
+    context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
     tools = chat_tools(body)
-    gen = chat_generate_request(body, engine, request.headers, every, tools, tenant=tenant,
-                                max_messages=request.app[app_keys.CONFIG].limits.max_messages)
+    call = chat_call(body, tools, context, engine, tenant=tenant,
+                     max_messages=request.app[app_keys.CONFIG].limits.max_messages)
     formatter = ChatFormatter(
-        gen.request_id, engine.model_name, _include_usage(body),
+        call.request_id, engine.model_name, _include_usage(body),
         tool_parser=request.app[app_keys.TOOL_PARSER] if tools is not None else None,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
-    return await _respond(request, body, gen, formatter, arrival)
+    return await _respond(request, body, call, formatter, arrival)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = completion_request_decoder.decode(await read_json(request))
-    engine = request.app[app_keys.ENGINE]
-    gen = completion_generate_request(body, engine, request.headers, tenant=tenant_of(request))
-    formatter = CompletionFormatter(gen.request_id, engine.model_name, _include_usage(body))
-    return await _respond(request, body, gen, formatter, arrival)
+    engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
+    context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
+    call = completion_call(body, context, engine, tenant=tenant)
+    formatter = CompletionFormatter(call.request_id, engine.model_name, _include_usage(body))
+    return await _respond(request, body, call, formatter, arrival)
 
 
 @routes.get("/v1/models")
@@ -105,12 +100,11 @@ def _include_usage(body: SamplingRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateRequest,
+async def _respond(request: web.Request, body: SamplingRequest, call: PreparedCall,
                    formatter: Formatter, arrival: float) -> web.StreamResponse:
     engine, metrics = request.app[app_keys.ENGINE], request.app[app_keys.METRICS]
-    [gen] = request.app[ADMISSION].admit(engine, [gen], arrival)
-    gen, call = attribute(request.app[app_keys.CONTROL], gen, tenant_of(request))
+    [gen] = request.app[ADMISSION].admit(engine, [call], arrival)
+    observer = call.submit()
     if body.stream:
-        return await respond_stream(request, engine, gen, metrics, arrival, formatter, call)
-    return await respond_json(engine, gen, metrics, arrival, formatter, call)
-
+        return await respond_stream(request, engine, gen, metrics, arrival, formatter, observer)
+    return await respond_json(engine, gen, metrics, arrival, formatter, observer)

@@ -16,35 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import (
-    Attribution,
-    EngineClient,
-    GenerateRequest,
-)
+from kvrt.runtime.engine.protocol import EngineClient, GenerateRequest
 from kvrt.runtime.graph.runs import AgentCall
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
-from kvrt.runtime.server.agent_calls import attribute
 from kvrt.runtime.server.auth import tenant_of
+from kvrt.runtime.server.call_context import CallContext, round_contexts
 from kvrt.runtime.server.errors import bad_request
 from kvrt.runtime.server.generation import collect, usage_of
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import ServerMetrics
+from kvrt.runtime.server.model_calls import PreparedCall, messages_call, new_request_id
 from kvrt.runtime.server.openai_requests import (
-    build_request,
     check_common,
     check_message_count,
-    marked_segments,
-    messages_prompt_ids,
-    new_request_id,
-    segment_spans,
+    segment_marks,
 )
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 from kvrt.sdk.protocol.rounds import (
+    RoundAgent,
     RoundOutput,
     RoundRequest,
     RoundResult,
@@ -62,34 +55,36 @@ async def run_round(request: web.Request) -> web.Response:
     run = control.live_run(request.match_info["run_id"], tenant)
     body = round_request_decoder.decode(await read_json(request))
     _check_round(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
-    for name in body.agents:
-        run.agent_index(name)  # 404 for an agent the run's graph lacks, before anything starts
-    every = run.graph.reuse == "approximate"
-    gens = []
-    for name, spec in body.agents.items():
-        after = spec.after if spec.after is not None else (body.instruction or [])
-        messages = [*spec.messages, *body.shared, *after]
-        prompt = messages_prompt_ids(messages, engine, f"agents.{name}")
-        # The shared messages are segments by definition.
-        marked = [*marked_segments(spec.messages, every), *[True] * len(body.shared),
-                  *marked_segments(after, every)]
-        segments = segment_spans(messages, marked, prompt, engine)
-        gen = build_request(new_request_id("round"), body, prompt, body.max_tokens, engine, {},
-                            default_max_tokens=None, prompt_param=f"agents.{name}",
-                            segments=segments, tenant=tenant)
-        gens.append(replace(gen, attribution=Attribution(run.id, name)))
-    gens = request.app[ADMISSION].admit(engine, gens, arrival)  # whole, or refused whole
+    # 404 for an agent the run's graph lacks, before anything starts
+    contexts = round_contexts(run, body.agents)
+    calls = [_agent_call(body, name, spec, context, engine, tenant)
+             for (name, spec), context in zip(body.agents.items(), contexts)]
+    gens = request.app[ADMISSION].admit(engine, calls, arrival)  # whole, or refused whole
     run.rounds += 1
     number = run.rounds
-    calls = [attribute(control, gen, tenant) for gen in gens]
+    observers = [call.submit() for call in calls]
     metrics = request.app[app_keys.METRICS]
     async with asyncio.TaskGroup() as group:  # one failure cancels the others
-        tasks = [group.create_task(_generate(engine, gen, metrics, arrival, call))
-                 for gen, call in calls]
+        tasks = [group.create_task(_generate(engine, gen, metrics, arrival, observer))
+                 for gen, observer in zip(gens, observers)]
     outputs = dict(zip(body.agents, (task.result() for task in tasks)))
     return json_response(RoundResult(
         run=run.id, round=number, agents=outputs,
         usage=_total([output.usage for output in outputs.values()])))
+
+
+def _agent_call(body: RoundRequest, name: str, spec: RoundAgent, context: CallContext,
+                engine: EngineClient, tenant: str) -> PreparedCall:
+    """One agent's call: its messages, the shared ones, then its own `after` or the common
+    instruction."""
+    after = spec.after if spec.after is not None else (body.instruction or [])
+    every = context.approximate_reuse
+    # The shared messages are segments by definition.
+    marked = [*segment_marks(spec.messages, every), *[True] * len(body.shared),
+              *segment_marks(after, every)]
+    return messages_call([*spec.messages, *body.shared, *after], marked, body, body.max_tokens,
+                         context, engine, request_id=new_request_id("round"),
+                         param=f"agents.{name}", tenant=tenant)
 
 
 def _check_round(body: RoundRequest, engine: EngineClient, max_messages: int) -> None:

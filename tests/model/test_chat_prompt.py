@@ -274,3 +274,15 @@ def test_a_part_of_the_chat_the_template_refuses_leaves_no_segments(tiny_checkpo
     assert pieces_by_prefix(tokenizer, turns) is None
     prompt = render_prompt(tokenizer, turns, [True] * len(turns))
     assert prompt.token_ids and prompt.segments == ()
+
+
+def test_tokens_merged_across_turns_leave_no_segments(tiny_checkpoint_dir) -> None:
+    tokenizer = with_template(tiny_checkpoint_dir(),
+                              "{%- for m in messages %}{{- m.content }}{%- endfor %}")
+    turns = [turn("user", "T"), turn("user", "he quick brown fox")]
+    pieces = pieces_by_prefix(tokenizer, turns)
+    assert pieces == ["T", "he quick brown fox"]  # they add up as text
+    whole = tokenizer.encode_chat(turns)
+    assert whole != [i for ids in tokenizer.encode_pieces(pieces) for i in ids]  # not as tokens
+    prompt = render_prompt(tokenizer, turns, [True, True])
+    assert prompt.token_ids == whole and prompt.segments == ()

@@ -24,9 +24,10 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from transformers import AutoTokenizer
 
+from kvrt.runtime.model.chat_prompt import render_prompt
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.model.tool_prompt import PromptTools, template_uses_tools
-from kvrt.runtime.server.openai_requests import messages_prompt_ids, segment_spans
+from kvrt.runtime.server.openai_requests import message_dicts
 from kvrt.runtime.server.openai_serving import ChatFormatter
 from kvrt.runtime.server.tool_parsers import make_tool_parser
 from kvrt.sdk.protocol.openai_api import ChatMessage, PromptTokensDetails, Usage
@@ -216,11 +217,12 @@ def test_fallback_prompt_holds_the_tools(tools_server: LiveServer) -> None:
 def test_segments_of_a_chat_with_tools(tools_server: LiveServer) -> None:
     """A tool result marked as a segment spans exactly its own turn, tools block or not."""
     engine, messages = tools_server.engine, msgspec.convert(MESSAGES, list[ChatMessage])
+    turns = message_dicts(messages, "messages")
     for tools in (None, PromptTools(TOOLS)):
-        prompt = messages_prompt_ids(messages, engine, "messages", tools)
-        [(start, end)] = segment_spans(messages, [False, False, False, True], prompt, engine,
-                                       tools)
-        assert engine.tokenizer.decode(prompt[start:end], skip_special_tokens=False) == (
+        prompt = render_prompt(engine.tokenizer, turns, [False, False, False, True], tools)
+        [(start, end)] = prompt.segments
+        assert engine.tokenizer.decode(prompt.token_ids[start:end],
+                                       skip_special_tokens=False) == (
             "<|im_start|>user\n<tool_response>\n18C\n</tool_response><|im_end|>\n")
 
 
