@@ -61,12 +61,12 @@ def render_prompt(tokenizer: Tokenizer, turns: list[dict[str, Any]], marked: Seq
     """`turns` as `Tokenizer.render_chat` takes them; `marked[i]`: message i is a segment.
     Raises what rendering the whole chat raises (ValueError without a template, TemplateError
     for turns the template refuses)."""
-    token_ids = tokenizer.encode_chat(turns, tools)
-    if not any(marked):
-        return ChatPrompt(token_ids, ())
-    pieces = message_pieces(tokenizer, turns, tools)
+    text = tokenizer.render_chat(turns, tools=tools)
+    pieces = message_pieces(tokenizer, turns, tools) if any(marked) else None
+    # The prompt is tokenized as a piece (its template writes any BOS), with the pieces.
+    token_ids, *piece_ids = tokenizer.encode_pieces([text, *(pieces or ())])
     return ChatPrompt(token_ids, () if pieces is None else
-                      segment_spans(tokenizer.encode_pieces(pieces), marked, token_ids))
+                      segment_spans(piece_ids, marked, token_ids))
 
 
 def message_pieces(tokenizer: Tokenizer, turns: list[dict[str, Any]],

@@ -15,12 +15,7 @@ from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
-from kvrt.runtime.engine.protocol import (
-    Attribution,
-    EngineClient,
-    GenerateRequest,
-    SamplingParams,
-)
+from kvrt.runtime.engine.protocol import Attribution, GenerateRequest, SamplingParams
 from kvrt.runtime.graph.runs import AgentCall
 from kvrt.runtime.model.chat_prompt import render_prompt
 from kvrt.runtime.model.tool_prompt import PromptTools
@@ -28,6 +23,7 @@ from kvrt.runtime.server.auth import request_salt
 from kvrt.runtime.server.call_context import CallContext
 from kvrt.runtime.server.errors import bad_request
 from kvrt.runtime.server.openai_requests import (
+    ServedModel,
     check_common,
     check_message_count,
     completion_prompt_ids,
@@ -42,6 +38,7 @@ from kvrt.sdk.protocol.openai_api import (
     CompletionRequest,
     SamplingRequest,
 )
+from kvrt.sdk.protocol.rounds import RoundRequest
 
 # OpenAI's legacy completions endpoint generates 16 tokens unless told otherwise; chat runs to
 # the end of the context, as OpenAI and vLLM do.
@@ -76,7 +73,7 @@ def new_request_id(prefix: str) -> str:
 
 
 def chat_call(body: ChatCompletionRequest, tools: PromptTools | None,
-              context: CallContext | None, engine: EngineClient, *, tenant: str,
+              context: CallContext | None, engine: ServedModel, *, tenant: str,
               max_messages: int) -> PreparedCall:
     """`tools`: what `chat_tools(body)` returned (the caller also needs it to read the reply).
     `tenant`: the caller's (auth.tenant_of); `max_messages`: the server's limit."""
@@ -89,8 +86,22 @@ def chat_call(body: ChatCompletionRequest, tools: PromptTools | None,
         request_id=new_request_id("chatcmpl"), param="messages", tenant=tenant, tools=tools)
 
 
+def round_agent_call(body: RoundRequest, agent: str, context: CallContext, engine: ServedModel,
+                     *, tenant: str) -> PreparedCall:
+    """One agent's call of a round: its own messages, the shared ones (segments by definition),
+    then its `after` or the round's instruction."""
+    spec = body.agents[agent]
+    after = spec.after if spec.after is not None else (body.instruction or [])
+    every = context.approximate_reuse
+    marked = [*segment_marks(spec.messages, every), *[True] * len(body.shared),
+              *segment_marks(after, every)]
+    return messages_call([*spec.messages, *body.shared, *after], marked, body, body.max_tokens,
+                         context, engine, request_id=new_request_id("round"),
+                         param=f"agents.{agent}", tenant=tenant)
+
+
 def messages_call(messages: list[ChatMessage], marked: list[bool], body: SamplingRequest,
-                  max_tokens: int | None, context: CallContext | None, engine: EngineClient, *,
+                  max_tokens: int | None, context: CallContext | None, engine: ServedModel, *,
                   request_id: str, param: str, tenant: str,
                   tools: PromptTools | None = None) -> PreparedCall:
     """A call whose prompt is `messages` in the chat template, `marked[i]` saying whether
@@ -105,7 +116,7 @@ def messages_call(messages: list[ChatMessage], marked: list[bool], body: Samplin
                         tenant=tenant)
 
 
-def completion_call(body: CompletionRequest, context: CallContext | None, engine: EngineClient,
+def completion_call(body: CompletionRequest, context: CallContext | None, engine: ServedModel,
                     *, tenant: str) -> PreparedCall:
     check_common(body, engine)
     return prepare_call(new_request_id("cmpl"), body, completion_prompt_ids(body, engine),
@@ -115,7 +126,7 @@ def completion_call(body: CompletionRequest, context: CallContext | None, engine
 
 
 def prepare_call(request_id: str, body: SamplingRequest, prompt_ids: list[int],
-                 max_tokens: int | None, context: CallContext | None, engine: EngineClient, *,
+                 max_tokens: int | None, context: CallContext | None, engine: ServedModel, *,
                  default_max_tokens: int | None, prompt_param: str, segments: tuple[Span, ...] = (),
                  tenant: str) -> PreparedCall:
     """`tenant`: the caller's; with the body's cache_salt it makes the salt."""

@@ -8,11 +8,11 @@ is answered at once with a 400 and never queued (a prompt longer than the contex
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from kvrt.runtime.engine.protocol import EngineClient, SamplingParams
+from kvrt.runtime.engine.protocol import SamplingParams
 from kvrt.runtime.model.tool_prompt import PromptTools
 from kvrt.runtime.server.errors import APIError, bad_request
 from kvrt.sdk.protocol.openai_api import (
@@ -24,8 +24,19 @@ from kvrt.sdk.protocol.openai_api import (
     ToolCall,
 )
 
+if TYPE_CHECKING:
+    from kvrt.runtime.model.tokenizer import Tokenizer
 
-def check_common(body: SamplingRequest, engine: EngineClient) -> None:
+
+class ServedModel(Protocol):
+    """What checking and building a call read of the engine (an EngineClient is one)."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+
+
+def check_common(body: SamplingRequest, engine: ServedModel) -> None:
     """Checks that do not need the prompt: the model name and unsupported options."""
     if body.model is not None and body.model != engine.model_name:
         raise APIError(
@@ -151,7 +162,7 @@ def _message_text(index: int, message: ChatMessage, param: str) -> str:
     return text
 
 
-def completion_prompt_ids(body: CompletionRequest, engine: EngineClient) -> list[int]:
+def completion_prompt_ids(body: CompletionRequest, engine: ServedModel) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         ids = list(prompt)  # type: ignore[arg-type]

@@ -24,20 +24,15 @@ from kvrt.runtime.graph.runs import AgentCall
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
 from kvrt.runtime.server.auth import tenant_of
-from kvrt.runtime.server.call_context import CallContext, round_contexts
+from kvrt.runtime.server.call_context import round_contexts
 from kvrt.runtime.server.errors import bad_request
 from kvrt.runtime.server.generation import collect, usage_of
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import ServerMetrics
-from kvrt.runtime.server.model_calls import PreparedCall, messages_call, new_request_id
-from kvrt.runtime.server.openai_requests import (
-    check_common,
-    check_message_count,
-    segment_marks,
-)
+from kvrt.runtime.server.model_calls import round_agent_call
+from kvrt.runtime.server.openai_requests import check_common, check_message_count
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 from kvrt.sdk.protocol.rounds import (
-    RoundAgent,
     RoundOutput,
     RoundRequest,
     RoundResult,
@@ -57,8 +52,8 @@ async def run_round(request: web.Request) -> web.Response:
     _check_round(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
     # 404 for an agent the run's graph lacks, before anything starts
     contexts = round_contexts(run, body.agents)
-    calls = [_agent_call(body, name, spec, context, engine, tenant)
-             for (name, spec), context in zip(body.agents.items(), contexts)]
+    calls = [round_agent_call(body, name, context, engine, tenant=tenant)
+             for name, context in zip(body.agents, contexts)]
     gens = request.app[ADMISSION].admit(engine, calls, arrival)  # whole, or refused whole
     run.rounds += 1
     number = run.rounds
@@ -71,20 +66,6 @@ async def run_round(request: web.Request) -> web.Response:
     return json_response(RoundResult(
         run=run.id, round=number, agents=outputs,
         usage=_total([output.usage for output in outputs.values()])))
-
-
-def _agent_call(body: RoundRequest, name: str, spec: RoundAgent, context: CallContext,
-                engine: EngineClient, tenant: str) -> PreparedCall:
-    """One agent's call: its messages, the shared ones, then its own `after` or the common
-    instruction."""
-    after = spec.after if spec.after is not None else (body.instruction or [])
-    every = context.approximate_reuse
-    # The shared messages are segments by definition.
-    marked = [*segment_marks(spec.messages, every), *[True] * len(body.shared),
-              *segment_marks(after, every)]
-    return messages_call([*spec.messages, *body.shared, *after], marked, body, body.max_tokens,
-                         context, engine, request_id=new_request_id("round"),
-                         param=f"agents.{name}", tenant=tenant)
 
 
 def _check_round(body: RoundRequest, engine: EngineClient, max_messages: int) -> None:
