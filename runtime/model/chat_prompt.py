@@ -21,7 +21,9 @@ pieces, when a turn's rendering depends on itself, its neighbours and whether it
 A template can read any turn from any other, and no method with fewer renders than one per
 prefix can be exact for all of them; so templates whose way of doing so neighbours cannot see
 (state carried across turns in a `namespace`, the list read backwards or searched, as Qwen3's
-last-query logic does) are rendered per prefix, as is any chat whose checks fail.
+last-query logic does) are rendered per prefix, as is any chat whose checks fail, unless the
+reference's own check fails at the message where they did (two renders). Each render holds
+the tools block, if the chat offers tools.
 """
 
 from __future__ import annotations
@@ -73,9 +75,13 @@ def message_pieces(tokenizer: Tokenizer, turns: list[dict[str, Any]],
                    tools: PromptTools | None = None) -> list[str] | None:
     """Each message's piece (see the module docstring), or None where they do not add up."""
     if len(turns) > PREFIX_RENDERS_UP_TO and not reads_far_turns(tokenizer.chat_template or ""):
-        pieces = pieces_by_neighbours(tokenizer, turns, tools)
+        pieces, broken = _by_neighbours(tokenizer, turns, tools)
         if pieces is not None:
             return pieces
+        # Where a message does not extend its neighbour, the reference's own check there
+        # (two renders) often settles it: a run of tool results that is one turn (Qwen2.5).
+        if broken is not None and not _prefix_extends(tokenizer, turns, broken, tools):
+            return None
     return pieces_by_prefix(tokenizer, turns, tools)
 
 
@@ -96,17 +102,7 @@ def pieces_by_neighbours(tokenizer: Tokenizer, turns: list[dict[str, Any]],
                          tools: PromptTools | None = None) -> list[str] | None:
     """2n renders of one or two messages and one of the whole chat; None where a check fails
     (then only the reference can say)."""
-    alone = [_render(tokenizer, [turn], tools) for turn in turns]
-    if alone[0] is None:
-        return None
-    pieces = [alone[0]]
-    for i in range(1, len(turns)):
-        before, pair = alone[i - 1], _render(tokenizer, turns[i - 1:i + 1], tools)
-        if before is None or pair is None or not pair.startswith(before):
-            return None
-        pieces.append(pair[len(before):])
-    whole = _render(tokenizer, turns, tools)
-    return pieces if whole is not None and "".join(pieces) == whole else None
+    return _by_neighbours(tokenizer, turns, tools)[0]
 
 
 def segment_spans(piece_ids: list[list[int]], marked: Sequence[bool],
@@ -126,6 +122,34 @@ def reads_far_turns(template: str) -> bool:
     """Whether a template may render a turn by what lies beyond its neighbours, in a way that
     renders of one or two messages cannot show (see _READS_FAR_TURNS)."""
     return _READS_FAR_TURNS.search(template) is not None
+
+
+def _by_neighbours(tokenizer: Tokenizer, turns: list[dict[str, Any]],
+                   tools: PromptTools | None) -> tuple[list[str] | None, int | None]:
+    """The pieces, or None and the message that did not extend its neighbour (None if the
+    checks failed elsewhere)."""
+    alone = [_render(tokenizer, [turn], tools) for turn in turns]
+    if alone[0] is None:
+        return None, None
+    pieces = [alone[0]]
+    for i in range(1, len(turns)):
+        before, pair = alone[i - 1], _render(tokenizer, turns[i - 1:i + 1], tools)
+        if before is None or pair is None:
+            return None, None
+        if not pair.startswith(before):
+            return None, i
+        pieces.append(pair[len(before):])
+    whole = _render(tokenizer, turns, tools)
+    return (pieces if whole is not None and "".join(pieces) == whole else None), None
+
+
+def _prefix_extends(tokenizer: Tokenizer, turns: list[dict[str, Any]], i: int,
+                    tools: PromptTools | None) -> bool:
+    """The reference's check at message i > 0: the chat through it renders as the chat
+    before it, then more."""
+    before = _render(tokenizer, turns[:i], tools)
+    rendered = _render(tokenizer, turns[:i + 1], tools)
+    return before is not None and rendered is not None and rendered.startswith(before)
 
 
 def _render(tokenizer: Tokenizer, turns: list[dict[str, Any]],

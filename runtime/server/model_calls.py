@@ -17,7 +17,7 @@ from jinja2 import TemplateError
 
 from kvrt.runtime.engine.protocol import Attribution, GenerateRequest, SamplingParams
 from kvrt.runtime.graph.runs import AgentCall
-from kvrt.runtime.model.chat_prompt import render_prompt
+from kvrt.runtime.model.chat_prompt import Span, render_prompt
 from kvrt.runtime.model.tool_prompt import PromptTools
 from kvrt.runtime.server.auth import request_salt
 from kvrt.runtime.server.call_context import CallContext
@@ -44,8 +44,6 @@ from kvrt.sdk.protocol.rounds import RoundRequest
 # the end of the context, as OpenAI and vLLM do.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
-Span = tuple[int, int]
-
 
 @dataclass(frozen=True, slots=True)
 class PreparedCall:
@@ -60,8 +58,10 @@ class PreparedCall:
 
     def request(self, timeout_s: float | None) -> GenerateRequest:
         attribution = Attribution() if self.context is None else self.context.attribution
-        return GenerateRequest(self.request_id, self.prompt_token_ids, self.params, self.salt,
-                               attribution, self.segments, timeout_s)
+        return GenerateRequest(
+            request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
+            params=self.params, salt=self.salt, attribution=attribution,
+            segments=self.segments, timeout_s=timeout_s)
 
     def submit(self) -> AgentCall | None:
         """Tells the call's run, if any, that the call is queued (once it is admitted)."""

@@ -247,6 +247,33 @@ def test_spans_are_found_where_the_pieces_add_up(tokenizers) -> None:
     assert tail == "<|im_start|>assistant\n"  # the generation prompt belongs to no message
 
 
+class CountingTokenizer(Tokenizer):
+    """Counts the messages it renders: a render's cost grows with them."""
+
+    def __init__(self, folder: Path, template: str | None = None) -> None:
+        extra = {} if template is None else {"chat_template": template}
+        super().__init__(PreTrainedTokenizerFast.from_pretrained(str(folder), **extra))
+        self.rendered = 0
+
+    def render_chat(self, messages, add_generation_prompt=True, tools=None) -> str:
+        self.rendered += len(messages)
+        return super().render_chat(messages, add_generation_prompt, tools)
+
+
+@pytest.mark.parametrize(("template", "tail"), [
+    (None, []), (QWEN25_STYLE, CHATS["parallel-calls"])], ids=["chatml", "qwen2.5-style"])
+def test_a_long_chat_renders_in_linear_work(tiny_checkpoint_dir, template, tail) -> None:
+    """Each message rendered alone and in two pairs, the whole chat twice: 5n messages, not
+    the reference's n^2 / 2. Also when the chat ends with a run of tool results that is one
+    turn (and so has no spans), which the reference finds out only at its end: then the
+    reference's check there renders the chat twice more."""
+    tokenizer = CountingTokenizer(tiny_checkpoint_dir(), template)
+    turns = CHATS["tool-call"] * 40 + tail
+    prompt = render_prompt(tokenizer, turns, [True] * len(turns))
+    assert tokenizer.rendered <= (5 if not tail else 7) * len(turns)
+    assert bool(prompt.segments) == (not tail)
+
+
 def test_a_template_that_scans_for_the_last_query_is_rendered_per_prefix(tokenizers) -> None:
     tokenizer = tokenizers["qwen3-style"]
     assert reads_far_turns(QWEN3_STYLE)
