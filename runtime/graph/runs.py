@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvrt.runtime.config import DEFAULT_TENANT
+from kvrt.runtime.engine.protocol import AgentEvent
 from kvrt.runtime.graph.critical_path import Criticality, critical_path
 from kvrt.runtime.graph.declaration import Agent, AgentGraph
 from kvrt.runtime.graph.errors import Conflict, NotFound
 from kvrt.runtime.graph.token_bucket import TokenBucket
 from kvrt.runtime.graph.tool_estimates import ToolEstimates
 from kvrt.sdk.protocol.control import (
-    AgentDone,
     AgentStatus,
     Event,
     RunStatus,
@@ -146,37 +146,44 @@ class Run:
         seconds until one may."""
         return 0.0 if self.event_budget is None else self.event_budget.take(self.clock())
 
-    def apply(self, event: Event) -> tuple[int, bool]:
-        """Applies an event; returns (agent index, whether it was a duplicate)."""
+    def apply(self, event: Event) -> AgentEvent | None:
+        """Applies an event; returns what the engine's policy hears of it, or None for a
+        duplicate. A started tool call carries its predicted seconds: the client's estimate,
+        else the learned or declared one."""
         self.check_live()
         index = self.agent_index(event.agent)
         if event.id is not None and event.id in self._event_ids:
-            return index, True
-        if not self._apply(index, event):
-            return index, True
+            return None
+        applied = self._apply(index, event)
+        if applied is None:
+            return None
         self.event_count += 1
         if event.id is not None:
             self._event_ids[event.id] = None
             if len(self._event_ids) > _REMEMBERED_EVENT_IDS:
                 self._event_ids.popitem(last=False)
-        return index, False
+        return applied
 
-    def _apply(self, index: int, event: Event) -> bool:
+    def agent_state(self, name: str) -> AgentStatus:
+        return self.agents[self.agent_index(name)].state
+
+    def _apply(self, index: int, event: Event) -> AgentEvent | None:
         activity, name = self.agents[index], event.agent
         if isinstance(event, ToolCallStarted):
             if event.tool in activity.tools and event.id is None:
-                return False
+                return None
             predicted = (event.expected_duration_s if event.expected_duration_s is not None
                          else self.costs.estimates.seconds(name, event.tool))
             activity.tools.setdefault(event.tool, []).append(ToolCall(self.clock(), predicted))
             activity.tool_calls += 1
             activity.finished_tools.discard(event.tool)
             activity.done = False
-        elif isinstance(event, ToolCallFinished):
+            return AgentEvent("tool_call.started", self.id, name, predicted)
+        if isinstance(event, ToolCallFinished):
             calls = activity.tools.get(event.tool)
             if not calls:
                 if event.tool in activity.finished_tools:
-                    return False
+                    return None
                 raise Conflict("tool_not_started", f"agent {name!r} of run {self.id} reports "
                                f"tool {event.tool!r} finished, but no call of it was started")
             call = calls.pop(0)
@@ -184,11 +191,11 @@ class Run:
                 del activity.tools[event.tool]
                 activity.finished_tools.add(event.tool)
             self.costs.estimates.observe(name, event.tool, self.clock() - call.started)
-        elif isinstance(event, AgentDone):
-            if activity.done:
-                return False
-            activity.done = True
-        return True
+            return AgentEvent("tool_call.finished", self.id, name)
+        if activity.done:  # AgentDone, the one kind left
+            return None
+        activity.done = True
+        return AgentEvent("agent.done", self.id, name)
 
     # -- model calls (the server reports them) -------------------------------------------------
 

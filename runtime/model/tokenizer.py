@@ -65,6 +65,12 @@ class Tokenizer:
         """Ids for a piece of templated text (special tokens spelt in it, none added)."""
         return list(self.hf.encode(text, add_special_tokens=False))
 
+    def encode_pieces(self, texts: list[str]) -> list[list[int]]:
+        """`encode_piece` of each text, in one call to the Rust tokenizer: each call through
+        transformers costs ~50 us of Python on top."""
+        encodings = self.hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
     def render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
         tools: PromptTools | None = None,

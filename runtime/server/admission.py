@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from typing import Literal
 
 from aiohttp import web
@@ -26,6 +25,7 @@ from aiohttp import web
 from kvrt.runtime.config import ServerLimits
 from kvrt.runtime.engine.protocol import EngineClient, EngineLoad, GenerateRequest
 from kvrt.runtime.server.errors import APIError
+from kvrt.runtime.server.model_calls import PreparedCall
 
 State = Literal["starting", "ready", "draining"]
 
@@ -56,16 +56,17 @@ class Admission:
                             retry_after_s=max(1, math.ceil(self.limits.shutdown_timeout_s)))
         return None
 
-    def admit(self, engine: EngineClient, requests: list[GenerateRequest], arrival: float
+    def admit(self, engine: EngineClient, calls: list[PreparedCall], arrival: float
               ) -> list[GenerateRequest]:
-        """Requests that arrived together (one call, or a round's), admitted or refused whole:
+        """Calls that arrived together (one call, or a round's), admitted or refused whole:
         400 for one that can never run (whatever the load), 429 past the queue bounds; returns
-        them with what is left of their time limit."""
+        their requests, each with what is left of the time limit."""
+        timeout = self.timeout_s(arrival)
+        requests = [call.request(timeout) for call in calls]
         for request in requests:
             engine.validate(request)
         self.check_queue(engine.load(), sum(len(r.prompt_token_ids) for r in requests))
-        timeout = self.timeout_s(arrival)
-        return [replace(request, timeout_s=timeout) for request in requests]
+        return requests
 
     def check_queue(self, load: EngineLoad, prompt_tokens: int) -> None:
         """Raises a 429 if a request of `prompt_tokens` would overfill the engine's queue."""

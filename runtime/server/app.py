@@ -20,7 +20,7 @@ from aiohttp import web
 from kvrt.runtime.config import ServeConfig
 from kvrt.runtime.engine.protocol import ShuttingDown
 from kvrt.runtime.graph.control_plane import ControlPlane
-from kvrt.runtime.server import keys
+from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION, Admission, admission_middleware
 from kvrt.runtime.server.auth import auth_middleware
 from kvrt.runtime.server.control_routes import routes as control_routes
@@ -36,18 +36,18 @@ log = logging.getLogger(__name__)
 _DRAIN_POLL_S = 0.02
 
 
-def create_app(config: ServeConfig, engine: keys.ManagedEngine) -> web.Application:
+def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Application:
     # Errors outermost: an auth refusal is an error in OpenAI's shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware, admission_middleware],
                           client_max_size=config.limits.max_body_bytes)
     app[ADMISSION] = Admission(config.limits)
-    app[keys.CONFIG] = config
-    app[keys.ENGINE] = engine
-    app[keys.METRICS] = ServerMetrics()
-    app[keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
-    app[keys.STARTED_AT] = int(time.time())
-    app[keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
-    app[keys.TOOL_PARSER] = make_tool_parser(config.tool_call_parser)  # a bad name fails here
+    app[app_keys.CONFIG] = config
+    app[app_keys.ENGINE] = engine
+    app[app_keys.METRICS] = ServerMetrics()
+    app[app_keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
+    app[app_keys.STARTED_AT] = int(time.time())
+    app[app_keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
+    app[app_keys.TOOL_PARSER] = make_tool_parser(config.tool_call_parser)  # a bad name fails here
     app.add_routes(openai_routes)
     app.add_routes(control_routes)
     app.add_routes(round_routes)
@@ -58,16 +58,16 @@ def create_app(config: ServeConfig, engine: keys.ManagedEngine) -> web.Applicati
 
 
 async def _close_control(app: web.Application) -> None:
-    app[keys.CONTROL].close()
+    app[app_keys.CONTROL].close()
 
 
 async def drain(app: web.Application) -> int:
     """Stops taking new work (503), lets the engine's calls in flight finish within the
     shutdown timeout, then aborts the rest: each ends with ShuttingDown (a 503, or an error
     event in a stream). Returns how many were aborted."""
-    engine, admission = app[keys.ENGINE], app[ADMISSION]
+    engine, admission = app[app_keys.ENGINE], app[ADMISSION]
     admission.begin_drain()
-    timeout = app[keys.CONFIG].limits.shutdown_timeout_s
+    timeout = app[app_keys.CONFIG].limits.shutdown_timeout_s
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     if engine.load().in_flight:
@@ -83,7 +83,7 @@ async def drain(app: web.Application) -> int:
 
 
 async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
-    engine = app[keys.ENGINE]
+    engine = app[app_keys.ENGINE]
     await engine.start()
     app[ADMISSION].open()
     try:

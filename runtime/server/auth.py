@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from kvrt.runtime.config import DEFAULT_TENANT, ServeConfig
-from kvrt.runtime.server import keys
+from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.errors import APIError
 
 # aiohttp 3.13+ types the keys of request storage (and warns on a str); older ones take a str.
@@ -49,7 +49,7 @@ def request_salt(tenant: str, cache_salt: str | None = None) -> bytes:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
-    config: ServeConfig = request.app[keys.CONFIG]
+    config: ServeConfig = request.app[app_keys.CONFIG]
     if config.api_keys and not _is_open(request.path, config):
         request[_TENANT] = _tenant_for(request.headers.get("Authorization", ""), config)
     return await handler(request)

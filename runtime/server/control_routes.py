@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import math
 import time
-from typing import cast
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import AgentEvent, AgentEventKind
-from kvrt.runtime.graph.runs import Run
-from kvrt.runtime.server import keys
+from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.auth import tenant_of
 from kvrt.runtime.server.control_views import graph_info, run_info, run_state
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.sdk.protocol.control import (
     Deleted,
-    Event,
     EventAck,
     GraphList,
     RunClosed,
     RunList,
-    ToolCallStarted,
     event_decoder,
     graph_spec_decoder,
     run_spec_decoder,
@@ -39,33 +34,33 @@ routes = web.RouteTableDef()
 @routes.post("/v1/graphs")
 async def create_graph(request: web.Request) -> web.Response:
     spec = graph_spec_decoder.decode(await read_json(request))
-    entry = request.app[keys.CONTROL].create_graph(spec, tenant_of(request))
+    entry = request.app[app_keys.CONTROL].create_graph(spec, tenant_of(request))
     return json_response(graph_info(entry), status=201)
 
 
 @routes.get("/v1/graphs")
 async def list_graphs(request: web.Request) -> web.Response:
-    entries = request.app[keys.CONTROL].graphs(tenant_of(request))
+    entries = request.app[app_keys.CONTROL].graphs(tenant_of(request))
     return json_response(GraphList(data=[graph_info(e) for e in entries]))
 
 
 @routes.get("/v1/graphs/{graph_id}")
 async def get_graph(request: web.Request) -> web.Response:
-    entry = request.app[keys.CONTROL].graph(request.match_info["graph_id"], tenant_of(request))
+    entry = request.app[app_keys.CONTROL].graph(request.match_info["graph_id"], tenant_of(request))
     return json_response(graph_info(entry))
 
 
 @routes.delete("/v1/graphs/{graph_id}")
 async def delete_graph(request: web.Request) -> web.Response:
     graph_id = request.match_info["graph_id"]
-    request.app[keys.CONTROL].delete_graph(graph_id, tenant_of(request))
+    request.app[app_keys.CONTROL].delete_graph(graph_id, tenant_of(request))
     return json_response(Deleted(id=graph_id, object="graph"))
 
 
 @routes.post("/v1/runs")
 async def start_run(request: web.Request) -> web.Response:
     spec = run_spec_decoder.decode(await read_json(request))
-    control, tenant = request.app[keys.CONTROL], tenant_of(request)
+    control, tenant = request.app[app_keys.CONTROL], tenant_of(request)
     # No await between the lookup and the start: one key never gets two runs.
     existing = control.keyed_run(spec.graph_id, spec.key, tenant)
     run = existing or control.start_run(spec.graph_id, spec.key, tenant)
@@ -74,15 +69,15 @@ async def start_run(request: web.Request) -> web.Response:
 
 @routes.get("/v1/runs")
 async def list_runs(request: web.Request) -> web.Response:
-    runs = request.app[keys.CONTROL].runs(request.query.get("graph_id"),
+    runs = request.app[app_keys.CONTROL].runs(request.query.get("graph_id"),
                                           request.query.get("key"), tenant=tenant_of(request))
     return json_response(RunList(data=[run_info(r) for r in runs]))
 
 
 @routes.get("/v1/runs/{run_id}")
 async def get_run(request: web.Request) -> web.Response:
-    run = request.app[keys.CONTROL].run(request.match_info["run_id"], tenant_of(request))
-    residency = request.app[keys.ENGINE].kv_residency(run.id)
+    run = request.app[app_keys.CONTROL].run(request.match_info["run_id"], tenant_of(request))
+    residency = request.app[app_keys.ENGINE].kv_residency(run.id)
     return json_response(run_state(run, residency))
 
 
@@ -90,40 +85,31 @@ async def get_run(request: web.Request) -> web.Response:
 async def post_event(request: web.Request) -> web.Response:
     started = time.perf_counter()
     body = await read_json(request)
-    run = request.app[keys.CONTROL].live_run(request.match_info["run_id"], tenant_of(request))
+    run = request.app[app_keys.CONTROL].live_run(request.match_info["run_id"], tenant_of(request))
     wait = run.admit_event()
     if wait > 0:
         raise APIError(429, f"run {run.id} sends events faster than this server's limit of "
-                       f"{request.app[keys.CONFIG].limits.max_events_per_s:g} a second "
+                       f"{request.app[app_keys.CONFIG].limits.max_events_per_s:g} a second "
                        "(--max-events-per-second); retry after the Retry-After seconds",
                        code="rate_limit_exceeded", retry_after_s=math.ceil(wait))
     event = event_decoder.decode(body)
-    index, duplicate = run.apply(event)
-    if not duplicate:  # the policy hears of each event once
-        request.app[keys.ENGINE].notify(agent_event(run, index, event))
-    ack = EventAck(run=run.id, agent=event.agent, state=run.agents[index].state,
-                   event_count=run.event_count, duplicate=duplicate)
+    applied = run.apply(event)
+    if applied is not None:  # the policy hears of each event once
+        request.app[app_keys.ENGINE].notify(applied)
+    ack = EventAck(run=run.id, agent=event.agent, state=run.agent_state(event.agent),
+                   event_count=run.event_count, duplicate=applied is None)
     response = json_response(ack)
-    request.app[keys.METRICS].observe_event(event.__struct_config__.tag,
-                                            time.perf_counter() - started)
+    request.app[app_keys.METRICS].observe_event(event.__struct_config__.tag,
+                                                time.perf_counter() - started)
     return response
-
-
-def agent_event(run: Run, index: int, event: Event) -> AgentEvent:
-    """The engine's view of an applied event; a started tool call carries the run's prediction
-    of its duration (the client's estimate, else the learned or declared one)."""
-    predicted = (run.agents[index].tools[event.tool][-1].predicted
-                 if isinstance(event, ToolCallStarted) else None)
-    kind = cast(AgentEventKind, event.__struct_config__.tag)  # the wire tags are the kinds
-    return AgentEvent(kind, run.id, event.agent, predicted)
 
 
 @routes.delete("/v1/runs/{run_id}")
 async def end_run(request: web.Request) -> web.Response:
-    run = request.app[keys.CONTROL].end_run(request.match_info["run_id"], tenant_of(request))
+    run = request.app[app_keys.CONTROL].end_run(request.match_info["run_id"], tenant_of(request))
     if run.status == "interrupted":  # a run of an earlier daemon: this engine holds none of it
         return json_response(RunClosed(id=run.id, released_blocks=0))
     # Ended first, so no new call joins the run while its KV is released.
-    released = await request.app[keys.ENGINE].release_run(run.id)
+    released = await request.app[app_keys.ENGINE].release_run(run.id)
     return json_response(RunClosed(id=run.id, released_blocks=released))
 

@@ -2,8 +2,9 @@
 
 The engine frees a request's KV when its output iterator is closed early, so every path out of
 a handler (finished, client gone, handler cancelled, write failed, error) must close it:
-`tracked()` closes the engine's iterator in its `finally`, and handlers hold `tracked()` itself
-in `contextlib.aclosing`, which runs that `finally` even when the handler is cancelled.
+`observed_outputs()` closes the engine's iterator in its `finally`, and handlers hold
+`observed_outputs()` itself in `contextlib.aclosing`, which runs that `finally` even when the
+handler is cancelled.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class CallObserver(Protocol):
     def ended(self) -> None: ...
 
 
-async def tracked(
+async def observed_outputs(
     engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float,
     observer: CallObserver | None = None,
 ) -> AsyncIterator[GenerateOutput]:
@@ -62,7 +63,7 @@ async def collect(
     """Runs the request to its end: its whole text and its last output."""
     texts: list[str] = []
     last: GenerateOutput | None = None
-    async with aclosing(tracked(engine, request, metrics, arrival, observer)) as outputs:
+    async with aclosing(observed_outputs(engine, request, metrics, arrival, observer)) as outputs:
         async for last in outputs:
             texts.append(last.text)
     if last is None:

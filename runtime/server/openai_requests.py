@@ -1,4 +1,5 @@
-"""From a decoded OpenAI request to the engine's GenerateRequest.
+"""The checks and conversions of a decoded OpenAI request, before a call is built of it
+(model_calls.py).
 
 Everything a request can get wrong is checked here, before the engine sees it, so a bad request
 is answered at once with a 400 and never queued (a prompt longer than the context included).
@@ -7,45 +8,35 @@ is answered at once with a 400 and never queued (a prompt longer than the contex
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
-from jinja2 import TemplateError
 
-from kvrt.runtime.engine.protocol import (
-    Attribution,
-    EngineClient,
-    GenerateRequest,
-    SamplingParams,
-)
+from kvrt.runtime.engine.protocol import SamplingParams
 from kvrt.runtime.model.tool_prompt import PromptTools
-from kvrt.runtime.server.auth import request_salt
 from kvrt.runtime.server.errors import APIError, bad_request
 from kvrt.sdk.protocol.openai_api import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
-    KvrtOptions,
     NamedToolChoice,
     SamplingRequest,
     ToolCall,
 )
 
-RUN_HEADER = "X-Kvrt-Run"
-AGENT_HEADER = "X-Kvrt-Agent"
-
-# OpenAI's legacy completions endpoint generates 16 tokens unless told otherwise; chat runs to
-# the end of the context, as OpenAI and vLLM do.
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+if TYPE_CHECKING:
+    from kvrt.runtime.model.tokenizer import Tokenizer
 
 
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+class ServedModel(Protocol):
+    """What checking and building a call read of the engine (an EngineClient is one)."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
 
 
-def check_common(body: SamplingRequest, engine: EngineClient) -> None:
+def check_common(body: SamplingRequest, engine: ServedModel) -> None:
     """Checks that do not need the prompt: the model name and unsupported options."""
     if body.model is not None and body.model != engine.model_name:
         raise APIError(
@@ -106,50 +97,16 @@ def _tool_instruction(choice: str | NamedToolChoice | None, parallel: bool) -> s
     return " ".join(part for part in (ask, once) if part) or None
 
 
-def chat_prompt_ids(body: ChatCompletionRequest, engine: EngineClient,
-                    tools: PromptTools | None = None) -> list[int]:
-    return messages_prompt_ids(body.messages, engine, "messages", tools)
+def message_dicts(messages: list[ChatMessage], param: str) -> list[dict[str, Any]]:
+    """The messages as chat templates take them; `param` names them in a 400."""
+    return [_message_dict(i, m, param) for i, m in enumerate(messages)]
 
 
-def messages_prompt_ids(messages: list[ChatMessage], engine: EngineClient, param: str,
-                        tools: PromptTools | None = None) -> list[int]:
-    """The templated prompt of these messages; `param` names them in a 400."""
-    turns = [_message_dict(i, m, param) for i, m in enumerate(messages)]
-    try:
-        return list(engine.tokenizer.encode_chat(turns, tools))
-    except (ValueError, TemplateError) as exc:  # no template, or the template refuses the turns
-        raise bad_request(f"cannot apply the chat template: {exc}", param=param) from None
-
-
-def segment_spans(messages: list[ChatMessage], marked: list[bool], prompt_ids: list[int],
-                  engine: EngineClient,
-                  tools: PromptTools | None = None) -> tuple[tuple[int, int], ...]:
-    """The token spans of the marked messages in `prompt_ids`: each message as the template
-    renders it (its role header included), tokenized on its own. () when the pieces do not
-    add up to the prompt (a template that rewrites earlier turns, or merges tokens across
-    them): the call then reuses KV only by exact prefix."""
-    if not any(marked):
-        return ()
-    tokenizer = engine.tokenizer
-    turns = [_message_dict(i, m, "messages") for i, m in enumerate(messages)]
-    spans, ids, before = [], [], ""
-    for i, is_segment in enumerate(marked):
-        rendered = tokenizer.render_chat(turns[: i + 1], add_generation_prompt=False,
-                                         tools=tools)
-        if not rendered.startswith(before):
-            return ()
-        start = len(ids)
-        ids += tokenizer.encode_piece(rendered[len(before):])
-        if is_segment:
-            spans.append((start, len(ids)))
-        before = rendered
-    return tuple(spans) if prompt_ids[: len(ids)] == ids else ()
-
-
-def marked_segments(messages: list[ChatMessage], every: bool = False) -> list[bool]:
-    """Which messages are segments: those marked `kvrt.segment`, or all (`every`: the call's
+def segment_marks(messages: list[ChatMessage], every_message_a_segment: bool) -> list[bool]:
+    """Which messages are segments: those marked `kvrt.segment`, or all of them (the call's
     graph declared approximate reuse)."""
-    return [every or (m.kvrt is not None and m.kvrt.segment) for m in messages]
+    return [every_message_a_segment or (m.kvrt is not None and m.kvrt.segment)
+            for m in messages]
 
 
 def _message_dict(index: int, message: ChatMessage, param: str) -> dict[str, Any]:
@@ -205,7 +162,7 @@ def _message_text(index: int, message: ChatMessage, param: str) -> str:
     return text
 
 
-def completion_prompt_ids(body: CompletionRequest, engine: EngineClient) -> list[int]:
+def completion_prompt_ids(body: CompletionRequest, engine: ServedModel) -> list[int]:
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         ids = list(prompt)  # type: ignore[arg-type]
@@ -261,80 +218,4 @@ def sampling_params(body: SamplingRequest, max_tokens: int) -> SamplingParams:
         stop=stop,
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
-    )
-
-
-def attribution(options: KvrtOptions | None, headers: Mapping[str, str]) -> Attribution:
-    """The body's `kvrt` object wins over the headers, field by field. A run needs an agent and
-    an agent a run: a call belongs to one agent of one run, or to none."""
-    run = options.run if options is not None and options.run is not None else None
-    agent = options.agent if options is not None and options.agent is not None else None
-    run = run if run is not None else headers.get(RUN_HEADER)
-    agent = agent if agent is not None else headers.get(AGENT_HEADER)
-    if (run is None) != (agent is None):
-        missing = "agent" if agent is None else "run"
-        raise bad_request(
-            f"a call attributed to a {'run' if agent is None else 'agent'} must name its "
-            f"{missing} too (kvrt.{missing} or the X-Kvrt-{missing.capitalize()} header)",
-            param=f"kvrt.{missing}")
-    return Attribution(run=run, agent=agent)
-
-
-def build_request(
-    request_id: str,
-    body: SamplingRequest,
-    prompt_ids: list[int],
-    max_tokens: int | None,
-    engine: EngineClient,
-    headers: Mapping[str, str],
-    *,
-    default_max_tokens: int | None,
-    prompt_param: str,
-    segments: tuple[tuple[int, int], ...] = (),
-    tenant: str,
-) -> GenerateRequest:
-    """`tenant`: the caller's (auth.tenant_of); with the body's cache_salt it makes the salt."""
-    resolved = resolve_max_tokens(
-        max_tokens, len(prompt_ids), engine.max_model_len, default_max_tokens, prompt_param
-    )
-    return GenerateRequest(
-        request_id=request_id,
-        prompt_token_ids=prompt_ids,
-        params=sampling_params(body, resolved),
-        salt=request_salt(tenant, body.cache_salt),
-        attribution=attribution(body.kvrt, headers),
-        segments=segments,
-    )
-
-
-def chat_generate_request(
-    body: ChatCompletionRequest, engine: EngineClient, headers: Mapping[str, str],
-    every_message_a_segment: bool = False, tools: PromptTools | None = None, *,
-    tenant: str, max_messages: int,
-) -> GenerateRequest:
-    """`tools`: what `chat_tools(body)` returned (the caller also needs it to read the reply).
-    `tenant`: the caller's; `max_messages`: the server's limit (ServerLimits)."""
-    check_common(body, engine)
-    check_message_count(len(body.messages), max_messages, "messages")
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    prompt = chat_prompt_ids(body, engine, tools)
-    return build_request(
-        new_request_id("chatcmpl"), body, prompt, max_tokens, engine, headers,
-        default_max_tokens=None, prompt_param="messages",
-        segments=segment_spans(
-            body.messages, marked_segments(body.messages, every_message_a_segment), prompt,
-            engine, tools),
-        tenant=tenant,
-    )
-
-
-def completion_generate_request(
-    body: CompletionRequest, engine: EngineClient, headers: Mapping[str, str], *,
-    tenant: str,
-) -> GenerateRequest:
-    check_common(body, engine)
-    return build_request(
-        new_request_id("cmpl"), body, completion_prompt_ids(body, engine), body.max_tokens,
-        engine, headers, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS, prompt_param="prompt",
-        tenant=tenant,
     )

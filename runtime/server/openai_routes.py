@@ -6,24 +6,19 @@ import time
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import GenerateRequest
-from kvrt.runtime.server import keys
+from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
-from kvrt.runtime.server.agent_calls import approximate_reuse, attribute
 from kvrt.runtime.server.auth import tenant_of
+from kvrt.runtime.server.call_context import call_context
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from kvrt.runtime.server.openai_requests import (
-    attribution,
-    chat_generate_request,
-    chat_tools,
-    completion_generate_request,
-)
+from kvrt.runtime.server.model_calls import PreparedCall, chat_call, completion_call
+from kvrt.runtime.server.openai_requests import chat_tools
 from kvrt.runtime.server.openai_serving import (
-    ChatShapes,
-    CompletionShapes,
-    Shapes,
+    ChatFormatter,
+    CompletionFormatter,
+    Formatter,
     respond_json,
     respond_stream,
 )
@@ -43,35 +38,35 @@ routes = web.RouteTableDef()
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = chat_request_decoder.decode(await read_json(request))
-    engine, tenant = request.app[keys.ENGINE], tenant_of(request)
-    every = approximate_reuse(request.app[keys.CONTROL], attribution(body.kvrt, request.headers),
-                              tenant)
+    engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
+    context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
     tools = chat_tools(body)
-    gen = chat_generate_request(body, engine, request.headers, every, tools, tenant=tenant,
-                                max_messages=request.app[keys.CONFIG].limits.max_messages)
-    shapes = ChatShapes(
-        gen.request_id, engine.model_name, _include_usage(body),
-        tool_parser=request.app[keys.TOOL_PARSER] if tools is not None else None,
+    call = chat_call(body, tools, context, engine, tenant=tenant,
+                     max_messages=request.app[app_keys.CONFIG].limits.max_messages)
+    formatter = ChatFormatter(
+        call.request_id, engine.model_name, _include_usage(body),
+        tool_parser=request.app[app_keys.TOOL_PARSER] if tools is not None else None,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
-    return await _respond(request, body, gen, shapes, arrival)
+    return await _respond(request, body, call, formatter, arrival)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     arrival = time.perf_counter()
     body = completion_request_decoder.decode(await read_json(request))
-    engine = request.app[keys.ENGINE]
-    gen = completion_generate_request(body, engine, request.headers, tenant=tenant_of(request))
-    shapes = CompletionShapes(gen.request_id, engine.model_name, _include_usage(body))
-    return await _respond(request, body, gen, shapes, arrival)
+    engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
+    context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
+    call = completion_call(body, context, engine, tenant=tenant)
+    formatter = CompletionFormatter(call.request_id, engine.model_name, _include_usage(body))
+    return await _respond(request, body, call, formatter, arrival)
 
 
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
-    engine = request.app[keys.ENGINE]
+    engine = request.app[app_keys.ENGINE]
     card = ModelCard(
-        id=engine.model_name, created=request.app[keys.STARTED_AT],
+        id=engine.model_name, created=request.app[app_keys.STARTED_AT],
         max_model_len=engine.max_model_len,
     )
     return json_response(ModelList(data=[card]))
@@ -83,34 +78,33 @@ async def health(request: web.Request) -> web.Response:
     refusal = request.app[ADMISSION].unavailable()
     if refusal is not None:
         raise refusal
-    if not request.app[keys.ENGINE].is_alive():
+    if not request.app[app_keys.ENGINE].is_alive():
         raise APIError(503, "the engine is not running", code="engine_dead")
     return json_response(Health())
 
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    engine = request.app[keys.ENGINE]
-    live_runs = request.app[keys.CONTROL].live_run_count()
-    text = request.app[keys.METRICS].render(engine.stats(), engine.model_name, live_runs)
+    engine = request.app[app_keys.ENGINE]
+    live_runs = request.app[app_keys.CONTROL].live_run_count()
+    text = request.app[app_keys.METRICS].render(engine.stats(), engine.model_name, live_runs)
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[keys.OPENAPI_JSON], content_type="application/json")
+    return web.Response(body=request.app[app_keys.OPENAPI_JSON], content_type="application/json")
 
 
 def _include_usage(body: SamplingRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-async def _respond(request: web.Request, body: SamplingRequest, gen: GenerateRequest,
-                   shapes: Shapes, arrival: float) -> web.StreamResponse:
-    engine, metrics = request.app[keys.ENGINE], request.app[keys.METRICS]
-    [gen] = request.app[ADMISSION].admit(engine, [gen], arrival)
-    gen, call = attribute(request.app[keys.CONTROL], gen, tenant_of(request))
+async def _respond(request: web.Request, body: SamplingRequest, call: PreparedCall,
+                   formatter: Formatter, arrival: float) -> web.StreamResponse:
+    engine, metrics = request.app[app_keys.ENGINE], request.app[app_keys.METRICS]
+    [gen] = request.app[ADMISSION].admit(engine, [call], arrival)
+    observer = call.submit()
     if body.stream:
-        return await respond_stream(request, engine, gen, metrics, arrival, shapes, call)
-    return await respond_json(engine, gen, metrics, arrival, shapes, call)
-
+        return await respond_stream(request, engine, gen, metrics, arrival, formatter, observer)
+    return await respond_json(engine, gen, metrics, arrival, formatter, observer)

@@ -1,12 +1,14 @@
 """Turns engine outputs into OpenAI responses: one JSON body, or a stream of SSE chunks.
 
-Chat and text completions differ only in their shapes, so each has a small `Shapes` class and
-the two drivers below serve both. The first engine output is awaited before any byte is sent,
-so a request the engine rejects still gets a plain 400 in the error shape, not a broken stream.
+Chat and text completions differ only in the shapes of their responses, so each has a small
+formatter class (`Formatter` is either) and the two drivers below serve both. The first engine
+output is awaited before any byte is sent, so a request the engine rejects still gets a plain
+400 in the error shape, not a broken stream.
 
 A chat that offers tools reads its reply through a tool parser (`tool_parsers`): the whole
-text for a JSON body (`ChatShapes.full`), piece by piece for a stream (`ChatShapes.piece` and
-`ChatShapes.finish`), which then sends each call as one `tool_calls` delta once it is complete.
+text for a JSON body (`ChatFormatter.full`), piece by piece for a stream (`ChatFormatter.piece`
+and `ChatFormatter.finish`), which then sends each call as one `tool_calls` delta once it is
+complete.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from msgspec import UNSET
 
 from kvrt.runtime.engine.protocol import EngineClient, GenerateRequest
 from kvrt.runtime.server.errors import APIError, from_exception
-from kvrt.runtime.server.generation import CallObserver, collect, tracked, usage_of
+from kvrt.runtime.server.generation import CallObserver, collect, observed_outputs, usage_of
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.tool_parsers import ParsedCall, StreamEvent, ToolParser
 from kvrt.sdk.protocol.openai_api import (
@@ -49,7 +51,7 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-class ChatShapes:
+class ChatFormatter:
     """`tool_parser` is None for a chat that offers no tools (or whose tool_choice is "none"):
     its text is all content. With `parallel_tool_calls` false only the first call of a reply
     is kept. A reply with calls that ended on its own ("stop") finishes with "tool_calls";
@@ -129,7 +131,7 @@ def _function(call: ParsedCall) -> FunctionCall:
     return FunctionCall(name=call.name, arguments=call.arguments)
 
 
-class CompletionShapes:
+class CompletionFormatter:
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.include_usage = include_usage
@@ -157,24 +159,24 @@ class CompletionShapes:
         )
 
 
-Shapes = ChatShapes | CompletionShapes
+Formatter = ChatFormatter | CompletionFormatter
 
 
 async def respond_json(
     engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float,
-    shapes: Shapes, observer: CallObserver | None,
+    formatter: Formatter, observer: CallObserver | None,
 ) -> web.Response:
     text, last = await collect(engine, request, metrics, arrival, observer)
-    body = shapes.full(text, last.finish_reason, usage_of(last))
+    body = formatter.full(text, last.finish_reason, usage_of(last))
     return web.Response(body=_encoder.encode(body), content_type="application/json")
 
 
 async def respond_stream(
     http_request: web.Request, engine: EngineClient, request: GenerateRequest,
-    metrics: ServerMetrics, arrival: float, shapes: Shapes,
+    metrics: ServerMetrics, arrival: float, formatter: Formatter,
     observer: CallObserver | None,
 ) -> web.StreamResponse:
-    async with aclosing(tracked(engine, request, metrics, arrival, observer)) as outputs:
+    async with aclosing(observed_outputs(engine, request, metrics, arrival, observer)) as outputs:
         first = await anext(outputs, None)  # RequestRejected surfaces here, as a 400
         if first is None:
             raise APIError(500, "the engine returned no output", code="engine_error")
@@ -183,7 +185,7 @@ async def respond_stream(
         response.charset = "utf-8"
         try:
             await response.prepare(http_request)  # the client may be gone already
-            await _write_events(response, first, outputs, shapes)
+            await _write_events(response, first, outputs, formatter)
         except ConnectionResetError:
             # The client went away; leaving the `aclosing` block aborts the engine request.
             log.info("client disconnected from %s; request aborted", request.request_id)
@@ -197,20 +199,20 @@ async def respond_stream(
     return response
 
 
-async def _write_events(response, first, outputs, shapes: Shapes) -> None:
-    head = shapes.head()
+async def _write_events(response, first, outputs, formatter: Formatter) -> None:
+    head = formatter.head()
     if head is not None:
         await _send(response, head)
     output = first
     while True:
         if output.text:
-            for event in shapes.piece(output.text):
+            for event in formatter.piece(output.text):
                 await _send(response, event)
         if output.finish_reason is not None:
-            for event in shapes.finish(output.finish_reason):
+            for event in formatter.finish(output.finish_reason):
                 await _send(response, event)
-            if shapes.include_usage:
-                await _send(response, shapes.usage(usage_of(output)))
+            if formatter.include_usage:
+                await _send(response, formatter.usage(usage_of(output)))
             return
         output = await anext(outputs, None)
         if output is None:

@@ -5,7 +5,7 @@ so a bad round is a 400 or a 404 that starts nothing. The calls then run togethe
 run's agents, each attributed like a chat call; if one fails, or the client goes away, the
 others are cancelled and their KV freed. Each call carries the token spans of the shared
 messages in its prompt (`GenerateRequest.segments`), which a policy that reuses segments
-(`kvrt`) computes once for the round (runtime/engine/collector.py).
+(`kvrt`) computes once for the round (runtime/kv/reuse/planner.py).
 
 The run must be the caller's tenant's (404 otherwise) and live (409 if a restart interrupted
 it); the calls are salted by the tenant, and the round's messages, counted over every list in
@@ -16,33 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import (
-    Attribution,
-    EngineClient,
-    GenerateRequest,
-)
+from kvrt.runtime.engine.protocol import EngineClient, GenerateRequest
 from kvrt.runtime.graph.runs import AgentCall
-from kvrt.runtime.server import keys
+from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
-from kvrt.runtime.server.agent_calls import attribute
 from kvrt.runtime.server.auth import tenant_of
+from kvrt.runtime.server.call_context import round_contexts
 from kvrt.runtime.server.errors import bad_request
 from kvrt.runtime.server.generation import collect, usage_of
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import ServerMetrics
-from kvrt.runtime.server.openai_requests import (
-    build_request,
-    check_common,
-    check_message_count,
-    marked_segments,
-    messages_prompt_ids,
-    new_request_id,
-    segment_spans,
-)
+from kvrt.runtime.server.model_calls import round_agent_call
+from kvrt.runtime.server.openai_requests import check_common, check_message_count
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 from kvrt.sdk.protocol.rounds import (
     RoundOutput,
@@ -57,35 +45,23 @@ routes = web.RouteTableDef()
 @routes.post("/v1/runs/{run_id}/rounds")
 async def run_round(request: web.Request) -> web.Response:
     arrival = time.perf_counter()
-    control, engine = request.app[keys.CONTROL], request.app[keys.ENGINE]
+    control, engine = request.app[app_keys.CONTROL], request.app[app_keys.ENGINE]
     tenant = tenant_of(request)
     run = control.live_run(request.match_info["run_id"], tenant)
     body = round_request_decoder.decode(await read_json(request))
-    _check_round(body, engine, request.app[keys.CONFIG].limits.max_messages)
-    for name in body.agents:
-        run.agent_index(name)  # 404 for an agent the run's graph lacks, before anything starts
-    every = run.graph.reuse == "approximate"
-    gens = []
-    for name, spec in body.agents.items():
-        after = spec.after if spec.after is not None else (body.instruction or [])
-        messages = [*spec.messages, *body.shared, *after]
-        prompt = messages_prompt_ids(messages, engine, f"agents.{name}")
-        # The shared messages are segments by definition.
-        marked = [*marked_segments(spec.messages, every), *[True] * len(body.shared),
-                  *marked_segments(after, every)]
-        segments = segment_spans(messages, marked, prompt, engine)
-        gen = build_request(new_request_id("round"), body, prompt, body.max_tokens, engine, {},
-                            default_max_tokens=None, prompt_param=f"agents.{name}",
-                            segments=segments, tenant=tenant)
-        gens.append(replace(gen, attribution=Attribution(run.id, name)))
-    gens = request.app[ADMISSION].admit(engine, gens, arrival)  # whole, or refused whole
+    _check_round(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
+    # 404 for an agent the run's graph lacks, before anything starts
+    contexts = round_contexts(run, body.agents)
+    calls = [round_agent_call(body, name, context, engine, tenant=tenant)
+             for name, context in zip(body.agents, contexts)]
+    gens = request.app[ADMISSION].admit(engine, calls, arrival)  # whole, or refused whole
     run.rounds += 1
     number = run.rounds
-    calls = [attribute(control, gen, tenant) for gen in gens]
-    metrics = request.app[keys.METRICS]
+    observers = [call.submit() for call in calls]
+    metrics = request.app[app_keys.METRICS]
     async with asyncio.TaskGroup() as group:  # one failure cancels the others
-        tasks = [group.create_task(_generate(engine, gen, metrics, arrival, call))
-                 for gen, call in calls]
+        tasks = [group.create_task(_generate(engine, gen, metrics, arrival, observer))
+                 for gen, observer in zip(gens, observers)]
     outputs = dict(zip(body.agents, (task.result() for task in tasks)))
     return json_response(RoundResult(
         run=run.id, round=number, agents=outputs,

@@ -12,7 +12,7 @@ from collections.abc import Coroutine
 from aiohttp import web
 
 from kvrt.runtime.config import ServeConfig
-from kvrt.runtime.server import keys
+from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.app import create_app, drain
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     return runner, f"http://{shown}:{bound_port}"
 
 
-async def _serve(config: ServeConfig, engine: keys.ManagedEngine) -> None:
+async def _serve(config: ServeConfig, engine: app_keys.ManagedEngine) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -133,3 +133,10 @@ def test_vocab_and_bos(pair):
     ours, theirs = pair
     assert ours.vocab_size == len(theirs)
     assert ours.bos_token_id == theirs.bos_token_id
+
+
+def test_encode_pieces_is_encode_piece_of_each(pair):
+    ours, _ = pair
+    pieces = ["", *TEXTS, ours.render_chat(CHATS[1], add_generation_prompt=False)]
+    assert ours.encode_pieces(pieces) == [ours.encode_piece(p) for p in pieces]
+    assert ours.encode_pieces([]) == []

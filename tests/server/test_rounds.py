@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kvrt.runtime.config import EngineConfig
+from kvrt.runtime.engine.protocol import GenerateRequest
 from kvrt.sdk import Client, Graph
 from tests.server.live_server import LiveServer, assert_error_shape, live_server, start_run
 
@@ -103,6 +104,26 @@ def test_a_bad_round_is_refused_whole_and_starts_nothing(server, change, status,
     assert server.stats().kv_blocks_in_use == 0
     assert server.post(f"/v1/runs/{run}/rounds", round_body()).status == 200  # still serving
     assert server.post("/v1/runs/run-nope/rounds", round_body()).status == 404
+
+
+def test_each_call_carries_its_agents_priority_as_the_round_found_the_run(
+        server, monkeypatch) -> None:
+    graph = server.post("/v1/graphs", {"name": "prio", "edges": [["a", "b"]], "agents": [
+        {"name": "a", "expected_output_tokens": 100}, {"name": "b", "expected_output_tokens": 10},
+        {"name": "c", "expected_output_tokens": 50}]}).json()
+    run = server.post("/v1/runs", {"graph_id": graph["id"]}).json()["id"]
+    assert server.post(f"/v1/runs/{run}/events", {"type": "agent.done", "agent": "b"}).status == 200
+    before = {name: state["priority"] for name, state in agent_states(server, run).items()}
+    assert before == {"a": 1.0, "b": 0.0, "c": pytest.approx(0.5)}  # b's work is done
+    sent: list[GenerateRequest] = []
+    generate = server.engine.generate
+    monkeypatch.setattr(server.engine, "generate", lambda r: sent.append(r) or generate(r))
+    body = round_body() | {"agents": {name: {} for name in ("a", "b", "c")}}
+    assert server.post(f"/v1/runs/{run}/rounds", body).status == 200
+    # One snapshot for the whole round: b's call revives b, which lengthens the path beside c,
+    # but no call of the round sees another's effect.
+    got = {r.attribution.agent: r.attribution.priority for r in sent}
+    assert got == before
 
 
 def test_the_sdk_round_puts_each_agents_declared_system_prompt_first(server) -> None:

@@ -12,8 +12,7 @@ import pytest
 
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.protocol import GenerateRequest
-from kvrt.runtime.server.openai_requests import segment_spans
-from kvrt.sdk.protocol.openai_api import ChatMessage
+from kvrt.runtime.model.chat_prompt import message_pieces, segment_spans
 from tests.server.live_server import LiveServer, live_server
 
 SHARED = "Mara: the bridge is closed. Tomas: we ran a ferry in '74."
@@ -103,7 +102,9 @@ def test_a_rounds_shared_messages_are_segments_in_every_agents_prompt(server, se
 
 
 def test_pieces_that_do_not_add_up_to_the_prompt_give_no_segments(server) -> None:
-    messages = [ChatMessage(role="user", content="hello")]
-    prompt = server.engine.tokenizer.encode_chat([{"role": "user", "content": "hello"}])
-    assert segment_spans(messages, [True], prompt, server.engine) != ()
-    assert segment_spans(messages, [True], [7, *prompt], server.engine) == ()
+    tokenizer = server.engine.tokenizer
+    turns = [{"role": "user", "content": "hello"}]
+    prompt = tokenizer.encode_chat(turns)
+    pieces = tokenizer.encode_pieces(message_pieces(tokenizer, turns))
+    assert segment_spans(pieces, [True], prompt) != ()
+    assert segment_spans(pieces, [True], [7, *prompt]) == ()

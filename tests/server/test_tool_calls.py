@@ -4,8 +4,8 @@ a reply's calls in OpenAI's shapes.
 The tiny models cannot write a tool call, so over HTTP the tests check what goes in (the prompt's
 token count, against transformers' own rendering where the template knows tools) and that the
 reply is served. The way from reply text to `tool_calls` is tested on text, through the serving
-layer's conversion: `ChatShapes.full` (JSON body) and `ChatShapes.piece` / `ChatShapes.finish`
-(stream), whose output the `openai` client's own types must read.
+layer's conversion: `ChatFormatter.full` (JSON body) and `ChatFormatter.piece` /
+`ChatFormatter.finish` (stream), whose output the `openai` client's own types must read.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from transformers import AutoTokenizer
 
+from kvrt.runtime.model.chat_prompt import render_prompt
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.model.tool_prompt import PromptTools, template_uses_tools
-from kvrt.runtime.server.openai_requests import messages_prompt_ids, segment_spans
-from kvrt.runtime.server.openai_serving import ChatShapes
+from kvrt.runtime.server.openai_requests import message_dicts
+from kvrt.runtime.server.openai_serving import ChatFormatter
 from kvrt.runtime.server.tool_parsers import make_tool_parser
 from kvrt.sdk.protocol.openai_api import ChatMessage, PromptTokensDetails, Usage
 from tests.server.live_server import (
@@ -216,11 +217,12 @@ def test_fallback_prompt_holds_the_tools(tools_server: LiveServer) -> None:
 def test_segments_of_a_chat_with_tools(tools_server: LiveServer) -> None:
     """A tool result marked as a segment spans exactly its own turn, tools block or not."""
     engine, messages = tools_server.engine, msgspec.convert(MESSAGES, list[ChatMessage])
+    turns = message_dicts(messages, "messages")
     for tools in (None, PromptTools(TOOLS)):
-        prompt = messages_prompt_ids(messages, engine, "messages", tools)
-        [(start, end)] = segment_spans(messages, [False, False, False, True], prompt, engine,
-                                       tools)
-        assert engine.tokenizer.decode(prompt[start:end], skip_special_tokens=False) == (
+        prompt = render_prompt(engine.tokenizer, turns, [False, False, False, True], tools)
+        [(start, end)] = prompt.segments
+        assert engine.tokenizer.decode(prompt.token_ids[start:end],
+                                       skip_special_tokens=False) == (
             "<|im_start|>user\n<tool_response>\n18C\n</tool_response><|im_end|>\n")
 
 
@@ -307,7 +309,7 @@ def test_bad_tool_input_is_a_clear_400(tools_server: LiveServer, body: dict, wor
     assert tools_server.post(CHAT, good_chat(max_tokens=2)).status == 200
 
 
-# ---- from reply text to OpenAI's shapes (the serving layer's conversion) -------------------
+# ---- from reply text to OpenAI's shapes (the serving layer's conversion) ----------------------
 
 USAGE = Usage(prompt_tokens=10, completion_tokens=30, total_tokens=40,
               prompt_tokens_details=PromptTokensDetails(cached_tokens=0))
@@ -316,12 +318,12 @@ REPLY = ('I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"cit
 CALL_ID = re.compile(r"^call_[0-9a-f]{24}$")
 
 
-def shapes(parallel: bool = True) -> ChatShapes:
-    return ChatShapes("chatcmpl-1", "tiny", False, make_tool_parser("hermes"), parallel)
+def formatter(parallel: bool = True) -> ChatFormatter:
+    return ChatFormatter("chatcmpl-1", "tiny", False, make_tool_parser("hermes"), parallel)
 
 
 def full(text: str, reason: str = "stop", parallel: bool = True) -> ChatCompletion:
-    body = shapes(parallel).full(text, reason, USAGE)
+    body = formatter(parallel).full(text, reason, USAGE)
     return ChatCompletion.model_validate_json(msgspec.json.encode(body))
 
 
@@ -329,11 +331,11 @@ def streamed(text: str, reason: str = "stop", parallel: bool = True,
              piece: int = 1) -> tuple[list[ChatCompletionChunk], ChatCompletion]:
     """The stream of `text` in pieces of `piece` characters, as the openai client reads it: its
     chunks, and the completion the client's own stream accumulator builds from them."""
-    shape = shapes(parallel)
-    events = [shape.head()]
+    chat = formatter(parallel)
+    events = [chat.head()]
     for i in range(0, len(text), piece):
-        events += shape.piece(text[i:i + piece])
-    events += shape.finish(reason)
+        events += chat.piece(text[i:i + piece])
+    events += chat.finish(reason)
     chunks = [ChatCompletionChunk.model_validate_json(msgspec.json.encode(e)) for e in events]
     state = ChatCompletionStreamState()
     for chunk in chunks:
@@ -363,7 +365,7 @@ def test_full_reply_without_calls_is_content_as_generated() -> None:
         [choice] = full(text).choices
         assert choice.message.content == text and choice.message.tool_calls is None
         assert choice.finish_reason == "stop"
-    body = msgspec.json.decode(msgspec.json.encode(shapes().full("hi", "stop", USAGE)))
+    body = msgspec.json.decode(msgspec.json.encode(formatter().full("hi", "stop", USAGE)))
     assert "tool_calls" not in body["choices"][0]["message"]  # left out, as OpenAI does
 
 

@@ -1,4 +1,5 @@
-"""Typed keys for what the app holds (aiohttp checks the type of each at `app[KEY]`)."""
+"""The aiohttp AppKeys of what the app holds (aiohttp checks the type of each at `app[KEY]`).
+API keys, the other kind, are auth.py's."""
 
 from __future__ import annotations
 
