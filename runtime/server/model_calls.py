@@ -79,9 +79,9 @@ def chat_call(body: ChatCompletionRequest, tools: PromptTools | None,
     `tenant`: the caller's (auth.tenant_of); `max_messages`: the server's limit."""
     check_common(body, engine)
     check_message_count(len(body.messages), max_messages, "messages")
-    every = context is not None and context.approximate_reuse
+    approximate = context is not None and context.approximate_reuse
     return messages_call(
-        body.messages, segment_marks(body.messages, every), body,
+        body.messages, segment_marks(body.messages, approximate), body,
         body.max_completion_tokens or body.max_tokens, context, engine,
         request_id=new_request_id("chatcmpl"), param="messages", tenant=tenant, tools=tools)
 
@@ -92,9 +92,9 @@ def round_agent_call(body: RoundRequest, agent: str, context: CallContext, engin
     then its `after` or the round's instruction."""
     spec = body.agents[agent]
     after = spec.after if spec.after is not None else (body.instruction or [])
-    every = context.approximate_reuse
-    marked = [*segment_marks(spec.messages, every), *[True] * len(body.shared),
-              *segment_marks(after, every)]
+    approximate = context.approximate_reuse
+    marked = [*segment_marks(spec.messages, approximate), *[True] * len(body.shared),
+              *segment_marks(after, approximate)]
     return messages_call([*spec.messages, *body.shared, *after], marked, body, body.max_tokens,
                          context, engine, request_id=new_request_id("round"),
                          param=f"agents.{agent}", tenant=tenant)
