@@ -22,7 +22,7 @@ False) leaves every cached block as it was: its LRU order, its owners.
 A table may name an owner (run, agent); every block that enters it is claimed for that owner in
 the `owners` ledger (runtime/kv/owners.py), which the pool keeps current through `on_drop`.
 
-Policies read the KV through the per-owner queries below (runtime/policy/kv_state.py) and decide;
+Policies read the KV through the per-owner queries below (runtime/policy/view.py) and decide;
 the engine carries their decisions out through the verbs after them: pin or unpin an owner's KV
 (runtime/kv/pins.py), offload it to the host tier or upload it back, back blocks up there
 (runtime/kv/tiers/).
@@ -282,7 +282,7 @@ class KVManager:
             parent = key
         return found, parent, None
 
-    # -- what policies read (runtime/policy/kv_state.py) --------------------------------------
+    # -- what policies read (runtime/policy/view.py) --------------------------------------
 
     def usage(self) -> PoolUsage:
         return self.pool.usage()

@@ -5,6 +5,8 @@
 - cost_model.py: a roofline step-time model, one engine step -> seconds; host-link copies
 - measure.py: the real engine's step times over a grid of batches
 - calibrate.py: the cost model's coefficients fitted to those times (`cpu-calibrated`)
-- executor.py: SimExecutor (the Executor's drop-in) and SimClock
-- engine.py: build_sim_engine, the real Engine over a SimExecutor
+- executor.py: SimExecutor (an Executor that prices a step instead of running it) and SimClock
+- link.py: SimLink, the host tier's Mover on a simulated host link
+- engine.py: build_sim_engine, the real engine assembly over a SimExecutor and a SimLink
+- driver.py: SimDriver, which steps the engine on the virtual-time loop (virtual_loop.py)
 """

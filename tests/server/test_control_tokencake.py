@@ -70,7 +70,7 @@ def test_a_long_tool_under_pressure_sends_the_kv_to_the_host_and_back(server) ->
     assert first["prompt_tokens"] > system_tokens
     server.engine.engine.check_integrity()
     # The run's end takes the policy's memory of its agents with it.
-    policy = server.engine.engine.scheduler.policy
+    policy = server.engine.engine.policy
     assert any(owner[0] == run for owner in policy.last_decision)
     assert server.request("DELETE", f"/v1/runs/{run}").status == 200
     assert not any(owner[0] == run for state in (policy.away, policy.reserved, policy.lent,

@@ -60,7 +60,7 @@ def _stats(server: LiveServer):
 
 def _ttl_left(server: LiveServer, run: str, agent: str) -> float:
     """Seconds until the agent's pin expires (the daemon's engine runs on time.monotonic)."""
-    policy = server.engine.engine.scheduler.policy
+    policy = server.engine.engine.policy
     return policy.expiries[run, agent] - time.monotonic()
 
 
