@@ -27,7 +27,7 @@ computed (its logits are needed). Once its prompt is computed, the reader keeps 
 of its diff that changed most from the master (`diff_keep`, `_share_unchanged`): the rest of
 it reads the master's rows too, and its rows are given back.
 
-The planner reads a request through `Reader` (the engine's Reader) and the KV through the KV
+The planner reads a request through `Reader` (the engine's Sequence) and the KV through the KV
 manager's segment verbs; it never writes a block table itself.
 """
 
@@ -55,7 +55,7 @@ _TAIL = 4
 
 
 class Reader(Protocol):
-    """What the planner reads of a request being served (the engine's Reader). Readers are
+    """What the planner reads of a request being served (the engine's Sequence). Readers are
     told apart by identity."""
 
     table: BlockTable
