@@ -22,8 +22,6 @@ from kvrt.runtime.config import (
     ServeConfig,
     ServerLimits,
     parse_api_key,
-    parse_key_value,
-    parse_size,
     read_api_keys,
 )
 from kvrt.runtime.policy import make_policy, policy_names, policy_option_names
@@ -47,6 +45,11 @@ def _defaults(cls) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # kvrt bench's argument types serve every command (importing it loads torch, which the
+    # bench and sim commands need anyway).
+    from kvrt.runtime.bench.main import add_arguments as add_bench_arguments
+    from kvrt.runtime.bench.main import param_argument, size_argument
+
     engine, serve = _defaults(EngineConfig), _defaults(ServeConfig)
     control, limits = _defaults(ControlConfig), _defaults(ServerLimits)
     parser = _Parser(prog="kvrt", description="KV-cache runtime for multi-agent LLM serving.")
@@ -62,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: %(default)s (cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default=engine["dtype"],
                    help="default: %(default)s (float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--kv-cache-memory", type=_size, default=engine["kv_cache_memory"],
+    p.add_argument("--kv-cache-memory", type=size_argument, default=engine["kv_cache_memory"],
                    metavar="SIZE", help="size of the device KV pool, e.g. 512MiB, 2GiB "
                    "(default: %(default)s bytes)")
-    p.add_argument("--host-cache-memory", type=_size, default=engine["host_cache_memory"],
+    p.add_argument("--host-cache-memory", type=size_argument, default=engine["host_cache_memory"],
                    metavar="SIZE", help="host tier for offloaded KV, e.g. 4GiB (default: 0, none)")
     p.add_argument("--max-model-len", type=int, default=engine["max_model_len"], metavar="N",
                    help="context length in tokens (default: the model's own)")
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling seed of requests without their own (default: %(default)s)")
     p.add_argument("--policy", choices=policy_names(), default=engine["policy"],
                    help="KV cache policy (default: %(default)s)")
-    p.add_argument("--policy-option", action="append", default=[], type=key_value,
+    p.add_argument("--policy-option", action="append", default=[], type=param_argument,
                    metavar="KEY=VALUE", help="set one of the policy's options (repeatable): "
                    + _policy_options_help())
     p.add_argument("--kernels", choices=KERNELS, default=engine["kernels"],
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=limits["request_timeout_s"],
                    metavar="S", help="a request's whole life in seconds; 0: none "
                    "(default: %(default)s)")
-    p.add_argument("--max-body-size", type=_size, default=limits["max_body_bytes"],
+    p.add_argument("--max-body-size", type=size_argument, default=limits["max_body_bytes"],
                    metavar="SIZE", help="largest request body (default: %(default)s bytes)")
     p.add_argument("--max-messages", type=int, default=limits["max_messages"], metavar="N",
                    help="messages per chat request or round (default: %(default)s)")
@@ -127,8 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-live-runs", type=int, default=control["max_live_runs"], metavar="N",
                    help="runs live at once (default: %(default)s)")
     p.set_defaults(run=_serve, command_parser=p)
-
-    from kvrt.runtime.bench.main import add_arguments as add_bench_arguments
 
     bench = commands.add_parser("bench", help="replay a multi-agent workload under several "
                                 "policies and report latency, prefill work and KV memory")
@@ -153,23 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def key_value(text: str) -> tuple[str, str]:
-    try:
-        return parse_key_value(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _policy_options_help() -> str:
     return "; ".join(f"{name}: {', '.join(policy_option_names(name)) or 'none'}"
                      for name in policy_names())
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
