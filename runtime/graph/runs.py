@@ -5,6 +5,8 @@ An agent's state follows from what is in flight, in this order of precedence:
     generating   a model call of the agent has produced output and not finished
     queued       a model call was submitted and has produced nothing yet
     tool_call    a tool call was started (event) and not finished
+    waiting      agent.waiting was reported (a person, say) and neither agent.resumed nor a
+                 model call of the agent came since
     done         the client said agent.done (a later call or tool start revives the agent)
     idle         none of the above
 
@@ -13,7 +15,14 @@ a tool already running, a finish of a tool already finished (and not restarted),
 a done agent are no-ops too. Only applied events count in `event_count`. Starts with distinct
 ids of a tool already running are concurrent calls (parallel instances of one node, as a
 LangGraph `Send` fan-out makes): each finish ends the oldest, and the agent is in its tool call
-until the last one ends.
+until the last one ends. An agent waits on one thing at a time: agent.waiting while it waits
+and agent.resumed while it does not are no-ops.
+
+To the engine's policy a wait is a tool call (its KV idles the same way): agent.waiting is
+handed on as tool_call.started, with the predicted seconds of the wait (the client's, else the
+learned estimate of (agent, "wait:<reason>"), else 0), and agent.resumed as
+tool_call.finished. A model call of a waiting agent ends its wait too (on admission the
+policy brings its KV back on demand).
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ from kvrt.runtime.graph.errors import Conflict, NotFound
 from kvrt.runtime.graph.token_bucket import TokenBucket
 from kvrt.runtime.graph.tool_estimates import ToolEstimates
 from kvrt.sdk.protocol.control import (
+    AgentDone,
+    AgentResumed,
     AgentStatus,
+    AgentWaiting,
     Event,
     RunStatus,
     ToolCallFinished,
@@ -55,6 +67,7 @@ class AgentActivity:
     generated_tokens: int = 0
     calls: int = 0  # model calls ended (finished, failed or aborted)
     tool_calls: int = 0  # tool calls started (applied start events)
+    waiting: tuple[str, ToolCall] | None = None  # (reason, the wait) since agent.waiting
     done: bool = False
 
     @property
@@ -65,6 +78,8 @@ class AgentActivity:
             return "queued"
         if self.tools:
             return "tool_call"
+        if self.waiting is not None:
+            return "waiting"
         return "done" if self.done else "idle"
 
 
@@ -85,6 +100,9 @@ class CostModel:
                       if tool not in activity.finished_tools and tool not in activity.tools)
         running = sum(max(call.predicted - (now - call.started), 0.0)
                       for calls in activity.tools.values() for call in calls)
+        if activity.waiting is not None:
+            wait = activity.waiting[1]
+            running += max(wait.predicted - (now - wait.started), 0.0)
         return tokens * self.seconds_per_output_token + pending + running
 
 
@@ -192,15 +210,40 @@ class Run:
                 activity.finished_tools.add(event.tool)
             self.costs.estimates.observe(name, event.tool, self.clock() - call.started)
             return AgentEvent("tool_call.finished", self.id, name)
-        if activity.done:  # AgentDone, the one kind left
+        if isinstance(event, AgentWaiting):
+            if activity.waiting is not None:
+                return None
+            key = wait_key(event.reason)
+            predicted = (event.expected_duration_s if event.expected_duration_s is not None
+                         else self.costs.estimates.seconds(name, key))
+            activity.waiting = (event.reason, ToolCall(self.clock(), predicted))
+            activity.done = False
+            return AgentEvent("tool_call.started", self.id, name, predicted)
+        if isinstance(event, AgentResumed):
+            return (None if not self._end_wait(index)
+                    else AgentEvent("tool_call.finished", self.id, name))
+        assert isinstance(event, AgentDone)
+        if activity.done:
             return None
         activity.done = True
         return AgentEvent("agent.done", self.id, name)
+
+    def _end_wait(self, index: int) -> bool:
+        """Ends the agent's wait, if it has one, learning how long it took."""
+        activity = self.agents[index]
+        if activity.waiting is None:
+            return False
+        reason, wait = activity.waiting
+        activity.waiting = None
+        self.costs.estimates.observe(self.graph.agents[index].name, wait_key(reason),
+                                     self.clock() - wait.started)
+        return True
 
     # -- model calls (the server reports them) -------------------------------------------------
 
     def submit_call(self, index: int, request_id: str) -> AgentCall:
         self.check_live()
+        self._end_wait(index)
         activity = self.agents[index]
         activity.queued.add(request_id)
         activity.done = False
@@ -219,6 +262,11 @@ class Run:
         if self.agents[index].done:
             return 0.0
         return self.graph.agents[index].importance * criticality.criticality(index)
+
+
+def wait_key(reason: str) -> str:
+    """The tool-estimate key of an agent's waits for `reason`."""
+    return f"wait:{reason}"
 
 
 def _names(graph: AgentGraph) -> str:

@@ -72,6 +72,7 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
             calls=activity.calls, tool_calls=activity.tool_calls,
             generated_tokens=activity.generated_tokens,
             tool=next(iter(activity.tools), None),
+            waiting=None if activity.waiting is None else activity.waiting[0],
             kv=KVResidency(device_blocks=kv.device_blocks if kv else 0,
                            host_blocks=kv.host_blocks if kv else 0,
                            shared_blocks=kv.shared_blocks if kv else 0,

@@ -26,7 +26,7 @@ Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\
 Seconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
 Id = Annotated[str, Meta(min_length=1, max_length=128)]
 
-AgentStatus = Literal["idle", "queued", "generating", "tool_call", "done"]
+AgentStatus = Literal["idle", "queued", "generating", "tool_call", "waiting", "done"]
 # "interrupted": the run was live when the daemon stopped; a daemon started on the same state
 # dir (--state-dir) shows it, and deletes it, but refuses its events and calls (409).
 RunStatus = Literal["live", "interrupted"]
@@ -159,6 +159,7 @@ class AgentState(Struct, kw_only=True):
     tool_calls: int = 0  # tool calls reported started (a repeated start is not counted)
     generated_tokens: int
     tool: str | None  # the tool it waits on, in state tool_call
+    waiting: str | None = None  # the reason it waits (agent.waiting), in state waiting
     kv: KVResidency
 
 
@@ -227,7 +228,23 @@ class AgentDone(_Event, tag="agent.done"):
     pass
 
 
-Event = ToolCallStarted | ToolCallFinished | AgentDone
+class AgentWaiting(_Event, tag="agent.waiting"):
+    """The agent waits on something that is not a tool call: a person (`reason: "interrupt"`, a
+    LangGraph thread interrupted for input), an external approval, a timer. Its KV idles as
+    during a long tool, and is treated so (offloaded, and brought back for the predicted
+    resume). The wait ends with agent.resumed, or with the agent's next model call.
+    `expected_duration_s`: the client's estimate; without it, the one learned from the
+    graph's earlier waits of this agent and reason."""
+
+    reason: Name = "interrupt"
+    expected_duration_s: Seconds | None = None
+
+
+class AgentResumed(_Event, tag="agent.resumed"):
+    """The wait the agent reported (agent.waiting) is over; its next call is near."""
+
+
+Event = ToolCallStarted | ToolCallFinished | AgentDone | AgentWaiting | AgentResumed
 
 
 class EventAck(Struct, kw_only=True):

@@ -57,7 +57,7 @@ def test_a_fresh_run(server: LiveServer) -> None:
     first = got["agents"][0]
     assert first == {"name": "a", "state": "idle", "priority": 1.0, "on_critical_path": True,
                      "remaining_seconds": 1.0, "requests": 0, "calls": 0,
-                     "generated_tokens": 0, "tool": None, "tool_calls": 0,
+                     "generated_tokens": 0, "tool": None, "waiting": None, "tool_calls": 0,
                      "kv": {"device_blocks": 0, "host_blocks": 0, "shared_blocks": 0,
                             "decision": None, "segment_tokens": 0,
                             "segment_reused_tokens": 0}}
