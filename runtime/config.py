@@ -66,17 +66,28 @@ class EngineConfig:
 @dataclass(frozen=True, slots=True)
 class ControlConfig:
     """The control plane's cost model and limits. An agent's expected work in seconds is its
-    expected output tokens times `seconds_per_output_token` plus its tools' expected seconds."""
+    expected output tokens times `seconds_per_output_token` plus its tools' expected seconds,
+    both learned per graph from its runs (runtime/graph/learning.py). A declared edge counts
+    towards priorities while its source has been left fewer than
+    `transition_prior_observations` times, and after that only if at least `min_branch_share`
+    of those departures took it."""
 
     seconds_per_output_token: float = 0.02  # a decode step of a small model on one GPU
     default_output_tokens: int = 256  # for agents that do not declare expected_output_tokens
     max_live_runs: int = 4096
+    transition_prior_observations: int = 3
+    min_branch_share: float = 0.05
 
     def __post_init__(self) -> None:
         if self.seconds_per_output_token < 0 or self.default_output_tokens < 0:
             raise ConfigError("the control plane's cost model takes no negative values")
         if self.max_live_runs < 1:
             raise ConfigError(f"max_live_runs must be positive, got {self.max_live_runs}")
+        if self.transition_prior_observations < 1:
+            raise ConfigError("transition_prior_observations must be positive, got "
+                              f"{self.transition_prior_observations}")
+        if not 0 <= self.min_branch_share <= 1:
+            raise ConfigError(f"min_branch_share must be in [0, 1], got {self.min_branch_share}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ nothing). Opened on a store, the control plane brings back its graphs (same ids 
 and, as "interrupted", the runs that were live when the last daemon stopped: they can be read,
 listed and ended, but take no events and no calls (Conflict `run_interrupted`), do not count
 against `max_live_runs`, and no longer hold their key (its next start begins a new run).
+What the runs of a graph taught (runtime/graph/learning.py) is written at each episode's fold
+and brought back too; an episode in progress when the daemon stopped is lost.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kvrt.runtime.engine.protocol import Attribution
 from kvrt.runtime.graph.critical_path import Criticality, critical_path
 from kvrt.runtime.graph.declaration import AgentGraph, declare_graph
 from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound
+from kvrt.runtime.graph.learning import LearnedGraph
 from kvrt.runtime.graph.runs import CostModel, Run
 from kvrt.runtime.graph.store import SavedGraph, SavedRun, StateError, StateStore
 from kvrt.runtime.graph.token_bucket import TokenBucket
@@ -37,14 +40,18 @@ class GraphEntry:
     id: str
     tenant: str
     graph: AgentGraph
-    costs: CostModel  # tool estimates learned from every run of the graph
+    costs: CostModel  # what every run of the graph taught: tool estimates, means, edges
     created: int  # unix seconds
     runs: set[str] = field(default_factory=set)  # live run ids
     interrupted: set[str] = field(default_factory=set)  # interrupted run ids, not yet ended
 
+    @property
+    def learned(self) -> LearnedGraph:
+        return self.costs.learned
+
     def criticality(self) -> Criticality:
-        """The critical path of a fresh run, with what has been learned of the tools so far."""
-        return critical_path(self.graph.structure,
+        """The critical path of a fresh run, with what has been learned so far."""
+        return critical_path(self.learned.structure(),
                              [self.costs.work(agent) for agent in self.graph.agents])
 
 
@@ -172,6 +179,7 @@ class ControlPlane:
 
     def end_run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
         run = self.run(run_id, tenant)
+        run.end()
         if self._store is not None:
             self._store.end_run(run_id, int(time.time()))
         del self._runs[run_id]
@@ -198,8 +206,16 @@ class ControlPlane:
         graph = declare_graph(spec, self.config.default_output_tokens)
         declared = {(agent.name, tool): seconds
                     for agent in graph.agents for tool, seconds in agent.tools.items()}
-        costs = CostModel(ToolEstimates(declared), self.config.seconds_per_output_token)
+        estimates = ToolEstimates(declared)
+        learned = LearnedGraph(graph, estimates, self.config.transition_prior_observations,
+                               self.config.min_branch_share,
+                               on_fold=lambda: self._save_learning(graph_id))
+        costs = CostModel(estimates, self.config.seconds_per_output_token, learned)
         return GraphEntry(graph_id, tenant, graph, costs, created)
+
+    def _save_learning(self, graph_id: str) -> None:
+        if self._store is not None:
+            self._store.save_learning(graph_id, self._graphs[graph_id].learned.saved())
 
     def _new_run(self, entry: GraphEntry, run_id: str, created: int, key: str | None,
                  interrupted: bool = False) -> Run:
@@ -218,6 +234,12 @@ class ControlPlane:
                 raise StateError(f"graph {saved.id} in {store.path} is no longer valid: {exc}"
                                  ) from None
             self._graphs[entry.id] = entry
+        for graph_id, saved_learning in store.learning().items():
+            try:
+                self._graphs[graph_id].learned.restore(saved_learning)
+            except (KeyError, ValueError) as exc:
+                raise StateError(f"the statistics of graph {graph_id} in {store.path} do not "
+                                 f"fit it: {exc}") from None
         for saved_run in store.open_runs():
             entry = self._graphs.get(saved_run.graph_id)
             if entry is None or entry.tenant != saved_run.tenant:

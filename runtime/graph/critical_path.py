@@ -2,12 +2,14 @@
 
 Agent graphs may have cycles (a ReAct agent calling itself, a writer <-> reviewer loop). The
 structure is therefore the graph's condensation: each strongly connected component (a loop, or
-a single agent) becomes one node whose cost is the sum of its members' costs times the loop's
-expected iteration count. The condensation is a DAG, so longest paths are two linear passes.
+a single agent) becomes one node whose cost is the sum of its members' costs. A loop's
+repetitions are in those costs already: an agent's cost is its whole expected work in a pass,
+every call it is expected to make (runtime/graph/learning.py). The condensation is a DAG, so
+longest paths are two linear passes.
 
-networkx builds the condensation once per graph; the per-event recomputation below is plain
-Python over precomputed adjacency lists (no networkx, no allocation per edge), so it stays in
-the low milliseconds for thousands of agents.
+networkx builds the condensation once per set of edges (a graph's likely edges change rarely);
+the per-event recomputation below is plain Python over precomputed adjacency lists (no
+networkx, no allocation per edge), so it stays in the low milliseconds for thousands of agents.
 
 For a component c with cost w(c):
     down(c)    = w(c) + max(down(s) for successors s)    longest remaining path from c on
@@ -38,7 +40,9 @@ class GraphStructure:
     members: tuple[tuple[int, ...], ...]  # component -> its agents, in declaration order
     successors: tuple[tuple[int, ...], ...]
     predecessors: tuple[tuple[int, ...], ...]
-    iterations: tuple[int, ...]  # expected iterations of each component (1 for no loop)
+    # Expected iterations of each component as its edges state them (1 for no loop): what a
+    # declared loop is expected to repeat, the prior of its members' calls. Not a weight.
+    iterations: tuple[int, ...]
 
     @classmethod
     def build(cls, num_agents: int, edges: Sequence[tuple[int, int, int | None]]) -> GraphStructure:
@@ -98,7 +102,7 @@ def critical_path(structure: GraphStructure, costs: Sequence[float]) -> Critical
     """Longest paths over the condensation, with `costs[agent]` in seconds."""
     members, succ, pred = structure.members, structure.successors, structure.predecessors
     count = len(members)
-    weight = [structure.iterations[c] * sum(costs[a] for a in members[c]) for c in range(count)]
+    weight = [sum(costs[a] for a in members[c]) for c in range(count)]
     down = [0.0] * count
     for c in range(count - 1, -1, -1):
         down[c] = weight[c] + max((down[s] for s in succ[c]), default=0.0)

@@ -18,6 +18,18 @@ LangGraph `Send` fan-out makes): each finish ends the oldest, and the agent is i
 until the last one ends. An agent waits on one thing at a time: agent.waiting while it waits
 and agent.resumed while it does not are no-ops.
 
+An agent's remaining work (CostModel) is what is left of its learned expected work in the
+current episode (runtime/graph/learning.py, runtime/graph/episodes.py): 0 once done; else
+
+    (max(expected calls - calls started, 0) x tokens per call
+     + sum over calls in flight of max(tokens per call - their tokens so far, 0))
+      x seconds_per_output_token
+    + sum over its tools of max(expected calls - calls started, 0) x the tool's estimate
+    + what is left of its running tool calls and wait (predicted - elapsed, at least 0)
+
+with the counts of the current episode. Waits are not in the expected work (a person's
+answer is not the agent's work), only a running one is.
+
 To the engine's policy a wait is a tool call (its KV idles the same way): agent.waiting is
 handed on as tool_call.started, with the predicted seconds of the wait (the client's, else the
 learned estimate of (agent, "wait:<reason>"), else 0), and agent.resumed as
@@ -35,7 +47,9 @@ from kvrt.runtime.config import DEFAULT_TENANT
 from kvrt.runtime.engine.protocol import AgentEvent
 from kvrt.runtime.graph.critical_path import Criticality, critical_path
 from kvrt.runtime.graph.declaration import Agent, AgentGraph
+from kvrt.runtime.graph.episodes import AgentEpisode, RunEpisodes
 from kvrt.runtime.graph.errors import Conflict, NotFound
+from kvrt.runtime.graph.learning import LearnedGraph
 from kvrt.runtime.graph.token_bucket import TokenBucket
 from kvrt.runtime.graph.tool_estimates import ToolEstimates
 from kvrt.sdk.protocol.control import (
@@ -64,11 +78,13 @@ class AgentActivity:
     generating: set[str] = field(default_factory=set)
     tools: dict[str, list[ToolCall]] = field(default_factory=dict)  # running, by tool name
     finished_tools: set[str] = field(default_factory=set)  # finished and not restarted
+    call_tokens: dict[str, int] = field(default_factory=dict)  # of each call in flight
     generated_tokens: int = 0
     calls: int = 0  # model calls ended (finished, failed or aborted)
     tool_calls: int = 0  # tool calls started (applied start events)
     waiting: tuple[str, ToolCall] | None = None  # (reason, the wait) since agent.waiting
     done: bool = False
+    episode: AgentEpisode = field(default_factory=AgentEpisode)
 
     @property
     def state(self) -> AgentStatus:
@@ -85,25 +101,40 @@ class AgentActivity:
 
 @dataclass(slots=True)
 class CostModel:
-    """What an agent's remaining work costs, in seconds."""
+    """What an agent's remaining work costs, in seconds (see the module docstring): the
+    graph's learned means, shared by every run of the graph."""
 
     estimates: ToolEstimates
     seconds_per_output_token: float
+    learned: LearnedGraph
 
     def work(self, agent: Agent, activity: AgentActivity | None = None, now: float = 0.0) -> float:
-        if activity is None:
-            activity = AgentActivity()
-        elif activity.done:
+        """`activity` None: the whole expected work of a pass (a fresh run's)."""
+        if activity is not None and activity.done:
             return 0.0
-        tokens = max(agent.expected_output_tokens - activity.generated_tokens, 0)
-        pending = sum(self.estimates.seconds(agent.name, tool) for tool in agent.tools
-                      if tool not in activity.finished_tools and tool not in activity.tools)
-        running = sum(max(call.predicted - (now - call.started), 0.0)
-                      for calls in activity.tools.values() for call in calls)
+        learned = self.learned
+        means, episodes = learned.agents[learned.graph.index[agent.name]], learned.episodes
+        per_call = means.tokens_per_call
+        part = activity.episode if activity is not None else None
+        calls = means.expected_calls(episodes) - (part.calls if part is not None else 0)
+        tokens = max(calls, 0.0) * per_call
+        seconds = 0.0
+        for tool in means.tool_calls:
+            left = means.expected_tool_calls(tool, episodes) - (
+                part.tools.get(tool, 0) if part is not None else 0)
+            if left > 0:
+                seconds += left * self.estimates.seconds(agent.name, tool)
+        if activity is None:
+            return tokens * self.seconds_per_output_token + seconds
+        for produced in activity.call_tokens.values():
+            tokens += max(per_call - produced, 0.0)
+        for calls_of_tool in activity.tools.values():
+            for call in calls_of_tool:
+                seconds += max(call.predicted - (now - call.started), 0.0)
         if activity.waiting is not None:
             wait = activity.waiting[1]
-            running += max(wait.predicted - (now - wait.started), 0.0)
-        return tokens * self.seconds_per_output_token + pending + running
+            seconds += max(wait.predicted - (now - wait.started), 0.0)
+        return tokens * self.seconds_per_output_token + seconds
 
 
 @dataclass(slots=True)
@@ -112,19 +143,27 @@ class AgentCall:
 
     activity: AgentActivity
     request_id: str
+    clock: Callable[[], float]
 
     def produced(self, tokens: int) -> None:
-        self.activity.queued.discard(self.request_id)
-        self.activity.generating.add(self.request_id)
-        self.activity.generated_tokens += tokens
+        activity = self.activity
+        activity.queued.discard(self.request_id)
+        activity.generating.add(self.request_id)
+        activity.generated_tokens += tokens
+        activity.call_tokens[self.request_id] = (
+            activity.call_tokens.get(self.request_id, 0) + tokens)
 
     def ended(self) -> None:
-        was_open = (self.request_id in self.activity.queued
-                    or self.request_id in self.activity.generating)
-        self.activity.queued.discard(self.request_id)
-        self.activity.generating.discard(self.request_id)
+        activity = self.activity
+        was_open = self.request_id in activity.queued or self.request_id in activity.generating
+        activity.queued.discard(self.request_id)
+        activity.generating.discard(self.request_id)
+        tokens = activity.call_tokens.pop(self.request_id, 0)
         if was_open:  # a second ended() of the same call must not count it twice
-            self.activity.calls += 1
+            activity.calls += 1
+            activity.episode.ended_calls += 1
+            activity.episode.ended_tokens += tokens
+            activity.episode.last_end = self.clock()
 
 
 class Run:
@@ -142,6 +181,7 @@ class Run:
         self.costs, self.created, self.clock = costs, created, clock
         self.tenant, self.status, self.event_budget = tenant, status, event_budget
         self.agents = [AgentActivity() for _ in graph.agents]
+        self.episodes = RunEpisodes(costs.learned, self.agents)
         self.event_count = 0
         self.rounds = 0  # All-Gather rounds started (POST /v1/runs/{id}/rounds)
         self._event_ids: OrderedDict[str, None] = OrderedDict()
@@ -194,6 +234,7 @@ class Run:
                          else self.costs.estimates.seconds(name, event.tool))
             activity.tools.setdefault(event.tool, []).append(ToolCall(self.clock(), predicted))
             activity.tool_calls += 1
+            self.episodes.tool_started(index, event.tool)
             activity.finished_tools.discard(event.tool)
             activity.done = False
             return AgentEvent("tool_call.started", self.id, name, predicted)
@@ -208,7 +249,9 @@ class Run:
             if not calls:
                 del activity.tools[event.tool]
                 activity.finished_tools.add(event.tool)
-            self.costs.estimates.observe(name, event.tool, self.clock() - call.started)
+            now = self.clock()
+            self.costs.estimates.observe(name, event.tool, now - call.started)
+            activity.episode.last_end = now
             return AgentEvent("tool_call.finished", self.id, name)
         if isinstance(event, AgentWaiting):
             if activity.waiting is not None:
@@ -217,6 +260,7 @@ class Run:
             predicted = (event.expected_duration_s if event.expected_duration_s is not None
                          else self.costs.estimates.seconds(name, key))
             activity.waiting = (event.reason, ToolCall(self.clock(), predicted))
+            activity.episode.active = True
             activity.done = False
             return AgentEvent("tool_call.started", self.id, name, predicted)
         if isinstance(event, AgentResumed):
@@ -226,6 +270,7 @@ class Run:
         if activity.done:
             return None
         activity.done = True
+        self.episodes.agent_done()
         return AgentEvent("agent.done", self.id, name)
 
     def _end_wait(self, index: int) -> bool:
@@ -235,19 +280,28 @@ class Run:
             return False
         reason, wait = activity.waiting
         activity.waiting = None
+        now = self.clock()
         self.costs.estimates.observe(self.graph.agents[index].name, wait_key(reason),
-                                     self.clock() - wait.started)
+                                     now - wait.started)
+        activity.episode.last_end = now
         return True
 
     # -- model calls (the server reports them) -------------------------------------------------
 
     def submit_call(self, index: int, request_id: str) -> AgentCall:
+        """A model call of the agent is queued: counts the transition it makes (episodes.py)."""
         self.check_live()
         self._end_wait(index)
+        self.episodes.call_submitted(index, self.clock())
         activity = self.agents[index]
         activity.queued.add(request_id)
         activity.done = False
-        return AgentCall(activity, request_id)
+        return AgentCall(activity, request_id, self.clock)
+
+    def end(self) -> None:
+        """The run is over (DELETE): its episode in progress ends and is folded."""
+        if self.status == "live":
+            self.episodes.end()
 
     # -- priorities ------------------------------------------------------------------------------
 
@@ -256,7 +310,7 @@ class Run:
         now = self.clock()
         work = [self.costs.work(agent, activity, now)
                 for agent, activity in zip(self.graph.agents, self.agents)]
-        return critical_path(self.graph.structure, work)
+        return critical_path(self.costs.learned.structure(), work)
 
     def priority(self, index: int, criticality: Criticality) -> float:
         if self.agents[index].done:

@@ -1,13 +1,20 @@
 """Graphs and runs that outlive the daemon: one SQLite file in the state dir (`--state-dir`).
 
-    table   row                                           written when
-    ------  --------------------------------------------  ----------------------------------
-    graphs  id, tenant, created, spec (GraphSpec JSON)    declared; deleted (with its runs)
-    runs    id, graph_id, tenant, key, created, ended     started; ended (`ended`: unix s)
+    table     row                                         written when
+    --------  ------------------------------------------  ----------------------------------
+    graphs    id, tenant, created, spec (GraphSpec JSON)  declared; deleted (with its runs)
+    runs      id, graph_id, tenant, key, created, ended   started; ended (`ended`: unix s)
+    learning  graph_id, stats (SavedLearning JSON)        each episode folded; deleted with
+                                                          its graph
 
-Agent activity, events and learned tool estimates are not kept: they describe work in flight,
-which a restart ends. A run without `ended` when a daemon opens the file was live when the last
-one stopped; the control plane brings it back as interrupted (see ControlPlane).
+`learning` is what the graph's runs taught (runtime/graph/learning.py): transition counts,
+per-agent and per-tool sums over folded episodes, learned tool durations. Agent activity and
+events are not kept: they describe work in flight, which a restart ends (as do transitions
+counted in an episode not yet folded). A run without `ended` when a daemon opens the file was
+live when the last one stopped; the control plane brings it back as interrupted (see
+ControlPlane).
+
+Versions: 1 had no `learning`; opening a version-1 file adds the table and makes it 2.
 
 Each write is one transaction, committed before the call returns, so a daemon killed at any
 point loses no declared graph nor started run. The journal is WAL with synchronous=NORMAL: a
@@ -28,7 +35,8 @@ from kvrt.runtime.config import ConfigError
 from kvrt.sdk.protocol.control import GraphSpec, graph_spec_decoder
 
 FILE_NAME = "kvrt-state.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_MIGRATED = (1,)  # older versions this one upgrades in place (their tables are a subset)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS graphs (
@@ -36,6 +44,7 @@ CREATE TABLE IF NOT EXISTS graphs (
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, graph_id TEXT NOT NULL, tenant TEXT NOT NULL, key TEXT,
     created INTEGER NOT NULL, ended INTEGER);
+CREATE TABLE IF NOT EXISTS learning (graph_id TEXT PRIMARY KEY, stats BLOB NOT NULL);
 """
 
 
@@ -59,6 +68,26 @@ class SavedRun:
     tenant: str
     key: str | None
     created: int  # unix seconds
+
+
+class SavedAgentMeans(msgspec.Struct, kw_only=True):
+    name: str
+    calls: int  # model calls started, summed over the folded episodes
+    ended_calls: int
+    ended_tokens: int  # output tokens of the ended calls
+    tool_calls: list[tuple[str, int]]  # tool calls started, by tool
+
+
+class SavedLearning(msgspec.Struct, kw_only=True):
+    """One graph's learned statistics (runtime/graph/learning.py)."""
+
+    episodes: int
+    transitions: list[tuple[str, str, int]]  # from, to ("__start__", "__end__" too), count
+    agents: list[SavedAgentMeans]
+    tool_estimates: list[tuple[str, str, int, float]]  # agent, tool, observations, seconds
+
+
+_learning_decoder = msgspec.json.Decoder(SavedLearning)
 
 
 class StateStore:
@@ -108,6 +137,17 @@ class StateStore:
             graphs.append(SavedGraph(graph_id, tenant, created, decoded))
         return graphs
 
+    def learning(self) -> dict[str, SavedLearning]:
+        """Every graph's learned statistics, by graph id (graphs no run taught are absent)."""
+        saved = {}
+        for graph_id, stats in self._read("SELECT graph_id, stats FROM learning"):
+            try:
+                saved[graph_id] = _learning_decoder.decode(stats)
+            except msgspec.DecodeError as exc:
+                raise StateError(f"the statistics of graph {graph_id} in {self.path} cannot "
+                                 f"be read: {exc}") from None
+        return saved
+
     def open_runs(self) -> list[SavedRun]:
         """The runs not ended, in the order they were started."""
         rows = self._read("SELECT id, graph_id, tenant, key, created FROM runs "
@@ -127,7 +167,12 @@ class StateStore:
         with self._db:  # one transaction: committed, or rolled back on an error
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM runs WHERE graph_id = ?", (graph_id,))
+            self._db.execute("DELETE FROM learning WHERE graph_id = ?", (graph_id,))
             self._db.execute("DELETE FROM graphs WHERE id = ?", (graph_id,))
+
+    def save_learning(self, graph_id: str, learning: SavedLearning) -> None:
+        self._db.execute("INSERT OR REPLACE INTO learning VALUES (?, ?)",
+                         (graph_id, msgspec.json.encode(learning)))
 
     def add_run(self, run: SavedRun) -> None:
         self._db.execute("INSERT INTO runs (id, graph_id, tenant, key, created) "
@@ -145,13 +190,15 @@ class StateStore:
 
 
 def _prepare(db: sqlite3.Connection, path: str) -> None:
-    """Locks the file, checks its version, and creates the tables of a new one. The first
-    statement that reads the file fails on one that is not SQLite."""
+    """Locks the file, checks its version, and creates the tables of a new one (or those an
+    older version lacks). The first statement that reads the file fails on one that is not
+    SQLite."""
     db.execute("PRAGMA locking_mode = EXCLUSIVE")
     version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, SCHEMA_VERSION):
+    if version not in (0, SCHEMA_VERSION, *_MIGRATED):
         raise StateError(f"the state file {path} has schema version {version}; this "
-                         f"kvrt reads version {SCHEMA_VERSION} (use another --state-dir)")
+                         f"kvrt reads version {SCHEMA_VERSION} and upgrades "
+                         f"{', '.join(map(str, _MIGRATED))} (use another --state-dir)")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
     with db:  # one transaction: committed, or rolled back on an error

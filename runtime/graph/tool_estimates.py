@@ -42,5 +42,10 @@ class ToolEstimates:
     def observe(self, agent: str, tool: str, seconds: float) -> None:
         self._by_call.setdefault((agent, tool), ToolEstimate(None)).observe(seconds)
 
+    def restore(self, agent: str, tool: str, observations: int, learned: float) -> None:
+        """Takes back a saved estimate (runtime/graph/store.py), declared seconds kept."""
+        estimate = self._by_call.setdefault((agent, tool), ToolEstimate(None))
+        estimate.observations, estimate.learned = observations, learned
+
     def items(self) -> list[tuple[tuple[str, str], ToolEstimate]]:
         return sorted(self._by_call.items())

@@ -16,6 +16,8 @@ from kvrt.sdk.protocol.control import (
     RunInfo,
     RunState,
     ToolEstimate,
+    Transition,
+    TransitionCount,
 )
 
 
@@ -29,7 +31,7 @@ class Residency(Protocol):
 
 
 def graph_info(entry: GraphEntry) -> GraphInfo:
-    graph, criticality = entry.graph, entry.criticality()
+    graph, criticality, learned = entry.graph, entry.criticality(), entry.learned
     agents = [
         AgentInfo(
             name=agent.name, system=agent.system, tools=agent.tools,
@@ -37,6 +39,8 @@ def graph_info(entry: GraphEntry) -> GraphInfo:
             expected_seconds=entry.costs.work(agent),
             priority=agent.importance * criticality.criticality(i),
             on_critical_path=criticality.on_critical_path(i),
+            expected_calls=learned.agents[i].expected_calls(learned.episodes),
+            output_tokens_per_call=learned.agents[i].tokens_per_call,
         )
         for i, agent in enumerate(graph.agents)
     ]
@@ -50,7 +54,22 @@ def graph_info(entry: GraphEntry) -> GraphInfo:
         id=entry.id, name=graph.name, created=entry.created, reuse=graph.reuse, agents=agents,
         edges=edges, critical_path=[graph.agents[i].name for i in criticality.path],
         critical_path_seconds=criticality.length, live_runs=len(entry.runs),
+        transitions=_transitions(entry), episodes=learned.episodes,
     )
+
+
+def _transitions(entry: GraphEntry) -> list[Transition]:
+    """The declared edges in their order (likely: as the structure has them), then the
+    observed episode starts and ends."""
+    learned, edges = entry.learned, entry.graph.edges
+    rows = [Transition(source=learned.name(e.source), target=learned.name(e.target),
+                       count=learned.counts.get((e.source, e.target), 0),
+                       share=learned.share(e.source, e.target), likely=learned.edge_likely(i))
+            for i, e in enumerate(edges)]
+    rows += [Transition(source=learned.name(s), target=learned.name(t), count=n,
+                        share=learned.share(s, t), likely=learned.likely(s, t))
+             for (s, t), n in sorted(learned.counts.items()) if s < 0 or t < 0]
+    return rows
 
 
 def run_info(run: Run) -> RunInfo:
@@ -93,4 +112,8 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
         key=run.key, status=run.status, critical_path=path,
         critical_path_seconds=criticality.length, agents=agents, tools=tools,
         segment_kv_compression=segment_tokens / stored if segment_tokens else None,
+        transitions=[TransitionCount(source=run.costs.learned.name(s),
+                                     target=run.costs.learned.name(t), count=n)
+                     for (s, t), n in sorted(run.episodes.transitions.items())],
+        episodes=run.episodes.count,
     )

@@ -74,16 +74,41 @@ class AgentInfo(Struct, kw_only=True):
     tools: dict[str, float]
     expected_output_tokens: int
     importance: float
-    expected_seconds: float  # the agent's expected work: generation plus tool calls
+    expected_seconds: float  # the agent's expected work in a pass: generation plus tool calls
     priority: float  # importance x criticality (1 on the critical path, less with slack)
     on_critical_path: bool
+    # Learned from the graph's episodes, the declaration a prior worth one (None: an older
+    # daemon). Model calls per episode, and output tokens per call.
+    expected_calls: float | None = None
+    output_tokens_per_call: float | None = None
 
 
 class Edge(Struct, kw_only=True):
     source: str = msgspec.field(name="from")
     target: str = msgspec.field(name="to")
     in_loop: bool
-    expected_iterations: int  # of the edge's loop; 1 for an edge outside any loop
+    expected_iterations: int  # of the edge's declared loop; 1 for an edge outside any loop
+
+
+class Transition(Struct, kw_only=True):
+    """A transition observed in the graph's runs: agent `to`'s activity followed `from`'s.
+    "__start__" and "__end__" stand for an episode's beginning and end. `share`: count over
+    the transitions out of `from` (None before any); `likely`: whether the edge counts towards
+    priorities (declared, and its share not negligible once `from` has been observed)."""
+
+    source: str = msgspec.field(name="from")
+    target: str = msgspec.field(name="to")
+    count: int
+    share: float | None
+    likely: bool
+
+
+class TransitionCount(Struct, kw_only=True):
+    """A transition observed in one run (see Transition)."""
+
+    source: str = msgspec.field(name="from")
+    target: str = msgspec.field(name="to")
+    count: int
 
 
 class GraphInfo(Struct, kw_only=True):
@@ -97,6 +122,9 @@ class GraphInfo(Struct, kw_only=True):
     critical_path: list[str]
     critical_path_seconds: float
     live_runs: int
+    # Every declared edge (count 0 until taken) and the observed "__start__"/"__end__" rows.
+    transitions: list[Transition] = []
+    episodes: int = 0  # passes through the graph folded into its statistics, over its runs
 
 
 class GraphList(Struct, kw_only=True):
@@ -188,6 +216,8 @@ class RunState(Struct, kw_only=True):
     # Full per-agent copies of the run's segments over what reuse stored (masters + diffs):
     # 1.0 with no reuse; None when its calls had no segments.
     segment_kv_compression: float | None = None
+    transitions: list[TransitionCount] = []  # observed in this run, over all its episodes
+    episodes: int = 0  # its passes through the graph that have ended
 
 
 class RunClosed(Struct, kw_only=True):

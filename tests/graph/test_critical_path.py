@@ -1,5 +1,5 @@
 """The critical-path passes against brute force: every simple path of small random graphs,
-enumerated by networkx, with loops expanded into their expected iterations by hand."""
+enumerated by networkx, with loops collapsed into one node by hand."""
 
 from __future__ import annotations
 
@@ -47,18 +47,20 @@ def test_dags_match_brute_force(seed: int) -> None:
     assert all((a, b) in edges for a, b in zip(path, path[1:])), "the path follows edges"
 
 
-def test_a_loop_weighs_its_members_by_its_iterations() -> None:
-    # 0 -> 1 <-> 2 -> 3, the loop expected 4 times; 0 -> 4 -> 3 bypasses it.
+def test_a_loop_is_one_node_weighing_its_members_costs() -> None:
+    # 0 -> 1 <-> 2 -> 3, the loop stated 4 times; 0 -> 4 -> 3 bypasses it. The costs are each
+    # agent's whole work, repetitions included: the stated count is reported, not applied.
     edges = [(0, 1, None), (1, 2, None), (2, 1, 4), (2, 3, None), (0, 4, None), (4, 3, None)]
-    costs = [1.0, 2.0, 0.5, 1.0, 3.0]
+    costs = [1.0, 8.0, 2.0, 1.0, 3.0]
     structure = GraphStructure.build(5, edges)
     assert structure.component[1] == structure.component[2]
     assert structure.iterations[structure.component[1]] == 4
     result = critical_path(structure, costs)
-    # Expanded by hand: the loop becomes one node of 4 * (2 + 0.5) = 10 s.
+    # Expanded by hand: the loop becomes one node of 8 + 2 = 10 s.
     length, through = brute_force(4, [(0, 1), (1, 2), (0, 3), (3, 2)], [1.0, 10.0, 1.0, 3.0])
     assert result.length == length == 12
     assert [result.through[a] for a in (0, 1, 2, 3, 4)] == [12, 12, 12, 12, through[3]]
+    assert through[3] == 5
     assert result.path == [0, 1, 2, 3]
 
 
