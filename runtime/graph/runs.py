@@ -295,6 +295,7 @@ class Run:
         self.episodes.call_submitted(index, self.clock())
         activity = self.agents[index]
         activity.queued.add(request_id)
+        activity.call_tokens[request_id] = 0
         activity.done = False
         return AgentCall(activity, request_id, self.clock)
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvrt.runtime.config import ControlConfig
 from kvrt.runtime.engine.protocol import AgentEvent
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.graph.runs import Run
 from kvrt.sdk.protocol.control import (
     AgentDone,
+    AgentResumed,
     AgentSpec,
+    AgentWaiting,
     GraphSpec,
     ToolCallFinished,
     ToolCallStarted,
@@ -48,3 +52,56 @@ def test_a_duplicate_event_hands_the_engine_nothing() -> None:
     assert run.apply(AgentDone(agent="a")) is None
     assert run.event_count == 2
     assert run.agent_state("a") == "tool_call"  # a running tool call outranks done
+
+
+# ---- waits (agent.waiting / agent.resumed) ---------------------------------------------------
+
+
+def test_a_wait_is_a_tool_call_to_the_policy_and_its_duration_is_learned() -> None:
+    now = [0.0]
+    run = new_run(now)
+    first = run.apply(AgentWaiting(agent="a"))
+    assert first == AgentEvent("tool_call.started", run.id, "a", 0.0)  # nothing known yet
+    assert run.agent_state("a") == "waiting"
+    assert run.apply(AgentWaiting(agent="a", reason="approval")) is None  # one wait at a time
+    now[0] = 7.0
+    assert run.apply(AgentResumed(agent="a")) == AgentEvent("tool_call.finished", run.id, "a")
+    assert run.agent_state("a") == "idle"
+    assert run.apply(AgentResumed(agent="a")) is None  # not waiting: a no-op
+    assert run.event_count == 2
+    # The next wait of this reason is predicted as the last one took; another reason's is not.
+    assert run.apply(AgentWaiting(agent="a")) == AgentEvent(
+        "tool_call.started", run.id, "a", 7.0)
+    now[0] = 8.0
+    run.apply(AgentResumed(agent="a"))
+    assert run.apply(AgentWaiting(agent="a", reason="timer")) == AgentEvent(
+        "tool_call.started", run.id, "a", 0.0)
+    estimates = {key: e for key, e in run.costs.estimates.items()}
+    assert estimates[("a", "wait:interrupt")].observations == 2
+    assert estimates[("a", "wait:interrupt")].seconds == 4.0  # the mean of 7 and 1
+
+
+def test_a_wait_counts_in_the_remaining_work_until_a_model_call_ends_it() -> None:
+    now = [0.0]
+    run = new_run(now)
+    agent = run.graph.agents[0]
+    call = 256 * 0.02  # one call of the default output tokens, at the default decode speed
+    assert run.apply(AgentWaiting(agent="a", expected_duration_s=30.0)) == AgentEvent(
+        "tool_call.started", run.id, "a", 30.0)  # the client's estimate wins
+    now[0] = 10.0
+    # 20 s left of the wait, the call and the 3 s search not yet made.
+    assert run.costs.work(agent, run.agents[0], now[0]) == pytest.approx(20.0 + call + 3.0)
+    now[0] = 12.0
+    run.submit_call(0, "req-1")  # the answer came: the agent calls its model again
+    assert run.agent_state("a") == "queued"
+    assert run.apply(AgentResumed(agent="a")) is None  # the call ended the wait already
+    assert run.costs.estimates.seconds("a", "wait:interrupt") == 12.0
+    # The call is in flight with no output yet: all of its tokens are still to come.
+    assert run.costs.work(agent, run.agents[0], now[0]) == pytest.approx(call + 3.0)
+
+
+def test_a_done_agent_waiting_is_revived() -> None:
+    run = new_run([0.0])
+    run.apply(AgentDone(agent="a"))
+    assert run.apply(AgentWaiting(agent="a")) is not None
+    assert run.agent_state("a") == "waiting"

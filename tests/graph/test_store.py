@@ -9,14 +9,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from kvrt.runtime.config import ConfigError, ControlConfig, ServeConfig
 from kvrt.runtime.engine.protocol import Attribution
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.graph.errors import Conflict, NotFound
-from kvrt.runtime.graph.store import FILE_NAME, SavedGraph, SavedRun, StateError, StateStore
-from kvrt.sdk.protocol.control import AgentDone, AgentSpec, GraphSpec
+from kvrt.runtime.graph.store import (
+    FILE_NAME,
+    SCHEMA_VERSION,
+    SavedGraph,
+    SavedLearning,
+    SavedRun,
+    StateError,
+    StateStore,
+)
+from kvrt.sdk.protocol.control import (
+    AgentDone,
+    AgentSpec,
+    GraphSpec,
+    ToolCallFinished,
+    ToolCallStarted,
+)
 
 SPEC = GraphSpec(name="pair", agents=[AgentSpec(name="a", tools={"search": 2.5}),
                                       AgentSpec(name="b")], edges=[("a", "b")])
@@ -183,3 +198,84 @@ def test_a_state_file_of_another_version_or_with_a_bad_graph_is_refused(tmp_path
     with pytest.raises(StateError, match=f"graph {graph.id}"):
         open_plane(tmp_path / "g")
     assert issubclass(StateError, ConfigError)  # `kvrt serve` shows it as one line
+
+
+# ---- learned statistics ----------------------------------------------------------------------
+
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS graphs (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, created INTEGER NOT NULL, spec BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, graph_id TEXT NOT NULL, tenant TEXT NOT NULL, key TEXT,
+    created INTEGER NOT NULL, ended INTEGER);
+"""  # the schema text of version 1, as kvrt wrote it before the `learning` table
+
+
+def teach(control: ControlPlane, now: list[float], graph_id: str) -> None:
+    """One episode: a calls its model (12 tokens) and its search (2 s), then b; both done."""
+    run = control.start_run(graph_id, tenant="a")
+    call = run.submit_call(0, "r1")
+    call.produced(12)
+    call.ended()
+    run.apply(ToolCallStarted(agent="a", tool="search"))
+    now[0] += 2.0
+    run.apply(ToolCallFinished(agent="a", tool="search"))
+    run.submit_call(1, "r2").ended()
+    run.apply(AgentDone(agent="a"))
+    run.apply(AgentDone(agent="b"))
+    control.end_run(run.id, "a")
+
+
+def test_what_runs_taught_survives_a_restart(tmp_path: Path) -> None:
+    now = [0.0]
+    config = ServeConfig(state_dir=str(tmp_path))
+    control = ControlPlane.open(config, clock=lambda: now[0])
+    graph = control.create_graph(SPEC, "a")
+    teach(control, now, graph.id)
+    teach(control, now, graph.id)
+    before = graph.learned
+    saved = before.saved()
+    control.close()
+
+    control = ControlPlane.open(config, clock=lambda: now[0])
+    back = control.graph(graph.id, "a")
+    after = back.learned
+    assert after.saved() == saved
+    # By hand: 2 episodes, each (start, a), (a, b), (b, end); a made 1 call of 12 tokens and
+    # 1 search per episode, b 1 call of 0 tokens; every search took 2 s.
+    assert after.episodes == 2
+    assert after.counts == {(-1, 0): 2, (0, 1): 2, (1, -2): 2}
+    assert (after.agents[0].calls, after.agents[0].ended_tokens) == (2, 24)
+    assert after.agents[0].tool_calls == {"search": 2}
+    assert back.costs.estimates.seconds("a", "search") == 2.0
+    [(key, estimate)] = back.costs.estimates.items()
+    assert key == ("a", "search") and estimate.observations == 2 and estimate.declared == 2.5
+    assert back.criticality() == graph.criticality()
+    control.delete_graph(graph.id, "a")
+    control.close()
+    store = StateStore.open(str(tmp_path))
+    assert store.learning() == {}  # deleted with its graph
+    store.close()
+
+
+def test_a_version_1_state_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / FILE_NAME)
+    db.executescript(V1_SCHEMA)
+    db.execute("INSERT INTO graphs VALUES (?, ?, ?, ?)",
+               ("g1", "t", 100, msgspec.json.encode(SPEC)))
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    store = StateStore.open(str(tmp_path))
+    assert store.graphs() == [SavedGraph("g1", "t", 100, SPEC)]
+    assert store.learning() == {}
+    learning = SavedLearning(episodes=1, transitions=[("__start__", "a", 1)], agents=[],
+                             tool_estimates=[("a", "search", 1, 3.0)])
+    store.save_learning("g1", learning)
+    store.close()
+    db = sqlite3.connect(tmp_path / FILE_NAME)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db.close()
+    store = StateStore.open(str(tmp_path))
+    assert store.learning() == {"g1": learning}
+    store.close()
