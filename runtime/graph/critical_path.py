@@ -92,7 +92,8 @@ class Criticality:
     through: list[float]  # per agent: through() of its component
 
     def criticality(self, agent: int) -> float:
-        return self.through[agent] / self.length if self.length > 0 else 1.0
+        # At most 1: sums along different paths may differ in the last bits.
+        return min(self.through[agent] / self.length, 1.0) if self.length > 0 else 1.0
 
     def on_critical_path(self, agent: int) -> bool:
         return self.through[agent] >= self.length * (1 - _TOLERANCE)

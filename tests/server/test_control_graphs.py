@@ -163,3 +163,52 @@ def test_bad_graphs_get_a_400_naming_the_problem(server: LiveServer, body, needl
     if param is not None:
         assert error["param"] is not None and error["param"].startswith(param), error
     assert len(server.request("GET", "/v1/graphs").json()["data"]) == before
+
+
+def test_runs_teach_the_graph_which_branch_is_taken(server: LiveServer) -> None:
+    # router -> a, router -> b; every run takes router -> a. Calls are exact in length
+    # (ignore_eos): router's make 2 tokens, a's 4, as declared.
+    graph = declare(server, [{"name": "router", "expected_output_tokens": 2},
+                             {"name": "a", "expected_output_tokens": 4},
+                             {"name": "b", "expected_output_tokens": 4}],
+                    [["router", "a"], ["router", "b"]])
+    per_token = server.config.control.seconds_per_output_token
+    # Declared: both branches take 6 tokens, so every agent is critical.
+    assert [a["priority"] for a in graph["agents"]] == pytest.approx([1, 1, 1])
+    assert graph["episodes"] == 0 and [(t["from"], t["to"], t["count"], t["share"], t["likely"])
+                                       for t in graph["transitions"]] == [
+        ("router", "a", 0, None, True), ("router", "b", 0, None, True)]
+    for _ in range(3):
+        run = server.post("/v1/runs", {"graph_id": graph["id"]}).json()["id"]
+        for agent_name, tokens in (("router", 2), ("a", 4)):
+            body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": tokens,
+                    "ignore_eos": True, "temperature": 0,
+                    "kvrt": {"run": run, "agent": agent_name}}
+            assert server.post("/v1/chat/completions", body).status == 200
+        for agent_name in ("router", "a"):
+            server.post(f"/v1/runs/{run}/events", {"type": "agent.done", "agent": agent_name})
+        state = server.request("GET", f"/v1/runs/{run}").json()
+        assert state["episodes"] == 1 and state["transitions"] == [
+            {"from": "__start__", "to": "router", "count": 1},
+            {"from": "router", "to": "a", "count": 1},
+            {"from": "a", "to": "__end__", "count": 1}]
+        assert server.request("DELETE", f"/v1/runs/{run}").status == 200
+
+    learned = server.request("GET", f"/v1/graphs/{graph['id']}").json()
+    assert learned["episodes"] == 3
+    assert learned["transitions"] == [
+        {"from": "router", "to": "a", "count": 3, "share": 1.0, "likely": True},
+        {"from": "router", "to": "b", "count": 0, "share": 0.0, "likely": False},
+        {"from": "__start__", "to": "router", "count": 3, "share": 1.0, "likely": True},
+        {"from": "a", "to": "__end__", "count": 3, "share": 1.0, "likely": True}]
+    agents = by_name(learned)
+    # 3 episodes and the declared prior: router (1 + 3) / 4 = 1 call of (2 + 6) / 4 = 2
+    # tokens, a 1 call of 4, b (1 + 0) / 4 = 0.25 calls of 4 tokens: 1 token.
+    assert [(agents[n]["expected_calls"], agents[n]["output_tokens_per_call"])
+            for n in ("router", "a", "b")] == [(1.0, 2.0), (1.0, 4.0), (0.25, 4.0)]
+    assert agents["b"]["expected_seconds"] == pytest.approx(1 * per_token)
+    assert learned["critical_path"] == ["router", "a"]
+    assert learned["critical_path_seconds"] == pytest.approx(6 * per_token)
+    assert agents["a"]["priority"] == 1
+    assert agents["b"]["priority"] == pytest.approx(1 / 6)  # alone: 1 token of the path's 6
+    assert not agents["b"]["on_critical_path"]

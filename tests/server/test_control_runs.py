@@ -62,6 +62,7 @@ def test_a_fresh_run(server: LiveServer) -> None:
                             "decision": None, "segment_tokens": 0,
                             "segment_reused_tokens": 0}}
     assert got["event_count"] == 0 and got["segment_kv_compression"] is None
+    assert got["transitions"] == [] and got["episodes"] == 0
 
 
 def test_tool_call_events_change_state_and_learn_durations(server: LiveServer) -> None:
@@ -105,6 +106,28 @@ def test_agent_done_moves_the_critical_path(server: LiveServer) -> None:
     assert got["critical_path"] == ["a", "c", "d"] and got["critical_path_seconds"] == 4
     assert by["b"]["priority"] == 0 and not by["b"]["on_critical_path"]
     assert by["c"]["priority"] == 1 and by["c"]["on_critical_path"]
+
+
+def test_a_wait_holds_the_agent_until_it_resumes(server: LiveServer) -> None:
+    run = diamond_run(server)
+    waiting = {"type": "agent.waiting", "agent": "b", "expected_duration_s": 30}
+    assert event(server, run, **waiting) == {"run": run, "agent": "b", "state": "waiting",
+                                             "event_count": 1, "duplicate": False}
+    assert event(server, run, **waiting)["duplicate"]  # it waits on one thing at a time
+    got = state(server, run)
+    b = {a["name"]: a for a in got["agents"]}["b"]
+    assert (b["state"], b["waiting"], b["tool"]) == ("waiting", "interrupt", None)
+    # b's 5 s tool is still to come, and up to 30 s of the wait: a, b, d stays critical.
+    assert 34 < b["remaining_seconds"] <= 35 and got["critical_path"] == ["a", "b", "d"]
+    time.sleep(0.1)
+    resumed = event(server, run, type="agent.resumed", agent="b")
+    assert (resumed["state"], resumed["duplicate"], resumed["event_count"]) == ("idle", False, 2)
+    assert event(server, run, type="agent.resumed", agent="b")["duplicate"]
+    got = state(server, run)
+    learned = {(t["agent"], t["tool"]): t for t in got["tools"]}[("b", "wait:interrupt")]
+    assert learned["declared_seconds"] is None and learned["observations"] == 1
+    assert 0.1 <= learned["estimate_seconds"] < 30
+    assert {a["name"]: a["remaining_seconds"] for a in got["agents"]}["b"] == 5
 
 
 def test_events_are_idempotent(server: LiveServer) -> None:
