@@ -241,13 +241,13 @@ class ControlPlane:
                 raise StateError(f"the statistics of graph {graph_id} in {store.path} do not "
                                  f"fit it: {exc}") from None
         for saved_run in store.open_runs():
-            entry = self._graphs.get(saved_run.graph_id)
-            if entry is None or entry.tenant != saved_run.tenant:
+            owner = self._graphs.get(saved_run.graph_id)
+            if owner is None or owner.tenant != saved_run.tenant:
                 raise StateError(f"run {saved_run.id} in {store.path} names graph "
                                  f"{saved_run.graph_id}, which is not there")
-            run = self._new_run(entry, saved_run.id, saved_run.created, saved_run.key, True)
+            run = self._new_run(owner, saved_run.id, saved_run.created, saved_run.key, True)
             self._runs[run.id] = run
-            entry.interrupted.add(run.id)
+            owner.interrupted.add(run.id)
 
 
 def _new_id(kind: str) -> str:

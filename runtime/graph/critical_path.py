@@ -113,10 +113,10 @@ def critical_path(structure: GraphStructure, costs: Sequence[float]) -> Critical
     length = max(down)
     path: list[int] = []
     # The first maximum has no predecessor: one would come earlier with at least as much.
-    c: int | None = down.index(length)
-    while c is not None:
-        path.extend(members[c])
-        c = max(succ[c], key=lambda s: (down[s], -s), default=None)
+    at: int | None = down.index(length)
+    while at is not None:
+        path.extend(members[at])
+        at = max(succ[at], key=lambda s: (down[s], -s), default=None)
     component = structure.component
     return Criticality(
         path=path,
