@@ -9,6 +9,15 @@ folded into the graph's means (LearnedGraph.fold), and they start again from zer
 the episode left done are revived by the next episode's first call (a new pass may reach them
 all). An episode without a model call folds nothing.
 
+An application may report each agent done as soon as it has finished (a pipeline: planner
+done, then the searcher starts), not all of them at the end of the pass as the LangGraph
+adapter does. Its episode seems over after the first agent; the next call shows it was not:
+if the next model call after an episode ended is of an agent B that the episode did not reach
+(no call, tool or wait of B in it) and one of B's declared predecessors was active in it, the
+episode is reopened: its fold and its (last, END) are taken back, what happened since (a tool
+call of B, say) joins it, the done agents stay done, and the call is counted as in the
+episode (the transition from that predecessor). Otherwise the call begins a new episode.
+
 Transitions. An agent's activity ends at the end of one of its model calls or at the finish
 of one of its tool calls or waits; `last_end` is the latest, in this episode. When agent B's
 model call is submitted, its predecessor is, among B's declared predecessors (B itself when
@@ -51,6 +60,19 @@ class AgentEpisode:
     last_call_start: float | None = None
     last_end: float | None = None  # its latest activity end
 
+    def absorb(self, later: AgentEpisode) -> None:
+        """Adds what `later` (counted after this part's episode seemed over) saw."""
+        self.active = self.active or later.active
+        self.calls += later.calls
+        self.ended_calls += later.ended_calls
+        self.ended_tokens += later.ended_tokens
+        for tool, calls in later.tools.items():
+            self.tools[tool] = self.tools.get(tool, 0) + calls
+        if later.last_call_start is not None:
+            self.last_call_start = later.last_call_start
+        if later.last_end is not None:
+            self.last_end = later.last_end
+
 
 class _Agent(Protocol):
     done: bool
@@ -65,11 +87,19 @@ class RunEpisodes:
         self.transitions: dict[tuple[int, int], int] = {}
         self.count = 0  # episodes folded
         self._calls = 0  # model calls in the current episode
+        # The episode that ended last, until the next call: (its parts, its last agent).
+        self._ended: tuple[list[AgentEpisode], int] | None = None
 
     def call_submitted(self, target: int, now: float) -> None:
-        if self._calls == 0 and self.count > 0:
-            for agent in self.agents:  # a new pass: the last one's done agents may run again
-                agent.done = False
+        if self._calls == 0 and self._ended is not None:
+            parts, last = self._ended
+            self._ended = None
+            if not parts[target].active and any(
+                    parts[p].last_end is not None for p in self.learned.predecessors[target]):
+                self._reopen(parts, last)
+            else:
+                for agent in self.agents:  # a new pass: the last one's done agents may run again
+                    agent.done = False
         part = self.agents[target].episode
         source, source_end = None, 0.0
         for candidate in self.learned.predecessors[target]:
@@ -106,12 +136,26 @@ class RunEpisodes:
                                            self.agents[i].episode.last_end or 0.0,
                                            self.agents[i].episode.last_call_start or 0.0))
         self._count(last, END)
-        self.learned.fold([a.episode for a in self.agents])
+        parts = [a.episode for a in self.agents]
+        self.learned.fold(parts)
         for agent in self.agents:
             agent.episode = AgentEpisode()
         self.count += 1
         self._calls = 0
+        self._ended = (parts, last)
 
-    def _count(self, source: int, target: int) -> None:
-        self.transitions[source, target] = self.transitions.get((source, target), 0) + 1
-        self.learned.count(source, target)
+    def _reopen(self, parts: list[AgentEpisode], last: int) -> None:
+        """Takes back the fold of an episode that was not over (see the module docstring)."""
+        self._count(last, END, -1)
+        self.learned.fold(parts, sign=-1)
+        self.count -= 1
+        for agent, part in zip(self.agents, parts):
+            part.absorb(agent.episode)
+            agent.episode = part
+        self._calls = sum(part.calls for part in parts)
+
+    def _count(self, source: int, target: int, times: int = 1) -> None:
+        self.transitions[source, target] = self.transitions.get((source, target), 0) + times
+        if not self.transitions[source, target]:
+            del self.transitions[source, target]
+        self.learned.count(source, target, times)

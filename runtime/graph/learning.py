@@ -79,7 +79,8 @@ class AgentMeans:
 
 
 class LearnedGraph:
-    """`on_fold` is called after each fold (the control plane persists the statistics)."""
+    """`on_fold` is called after each fold and unfold (the control plane persists the
+    statistics then)."""
 
     def __init__(self, graph: AgentGraph, estimates: ToolEstimates, prior_observations: int,
                  min_share: float, on_fold: Callable[[], None] | None = None) -> None:
@@ -109,9 +110,12 @@ class LearnedGraph:
 
     # -- transitions -------------------------------------------------------------------------
 
-    def count(self, source: int, target: int) -> None:
-        self.counts[source, target] = self.counts.get((source, target), 0) + 1
-        self.left[source] = self.left.get(source, 0) + 1
+    def count(self, source: int, target: int, times: int = 1) -> None:
+        """Counts a transition (`times` -1: takes one back)."""
+        self.counts[source, target] = self.counts.get((source, target), 0) + times
+        self.left[source] = self.left.get(source, 0) + times
+        if not self.counts[source, target]:
+            del self.counts[source, target]
         if source >= 0:
             self._refresh(source)
 
@@ -145,15 +149,16 @@ class LearnedGraph:
 
     # -- episodes ----------------------------------------------------------------------------
 
-    def fold(self, parts: Sequence[EpisodePart]) -> None:
-        """Adds one finished episode's per-agent counters to the means."""
+    def fold(self, parts: Sequence[EpisodePart], sign: int = 1) -> None:
+        """Adds one finished episode's per-agent counters to the means (`sign` -1: takes
+        back an episode folded too early, see episodes.py)."""
         for means, part in zip(self.agents, parts):
-            means.calls += part.calls
-            means.ended_calls += part.ended_calls
-            means.ended_tokens += part.ended_tokens
+            means.calls += sign * part.calls
+            means.ended_calls += sign * part.ended_calls
+            means.ended_tokens += sign * part.ended_tokens
             for tool, calls in part.tools.items():
-                means.tool_calls[tool] = means.tool_calls.get(tool, 0) + calls
-        self.episodes += 1
+                means.tool_calls[tool] = means.tool_calls.get(tool, 0) + sign * calls
+        self.episodes += sign
         if self.on_fold is not None:
             self.on_fold()
 

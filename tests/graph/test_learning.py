@@ -241,3 +241,31 @@ def test_a_run_without_calls_folds_nothing() -> None:
     drive.done("a")
     drive.control.end_run(drive.run.id)
     assert drive.entry.learned.episodes == 0 and drive.entry.learned.counts == {}
+
+
+def test_a_pipeline_reporting_each_agent_done_as_it_finishes_is_one_episode() -> None:
+    # As examples/three_agent_pipeline.py does: planner done before the searcher starts (with
+    # a tool call before its model call), searcher done before the writer starts.
+    drive = Driver(GraphSpec(name="g", agents=[
+        AgentSpec(name="planner"), AgentSpec(name="searcher", tools={"search": 1.0}),
+        AgentSpec(name="writer")], edges=[("planner", "searcher"), ("searcher", "writer")]))
+    learned = drive.entry.learned
+    drive.call("planner")
+    drive.done("planner")
+    assert learned.episodes == 1  # it seems over: planner was its only agent
+    drive.tool("searcher", "search")
+    drive.call("searcher")  # searcher follows planner, which the episode reached: reopened
+    assert learned.episodes == 0 and drive.run.agent_state("planner") == "done"
+    drive.done("searcher")
+    drive.call("writer")
+    drive.done("writer")
+    pass_once = {("__start__", "planner"): 1, ("planner", "searcher"): 1,
+                 ("searcher", "writer"): 1, ("writer", "__end__"): 1}
+    assert drive.run_transitions() == pass_once == drive.graph_transitions()
+    assert learned.episodes == drive.run.episodes.count == 1
+    searcher = learned.agents[1]
+    assert (searcher.calls, searcher.tool_calls) == (1, {"search": 1})
+    assert [drive.run.agent_state(n) for n in ("planner", "searcher", "writer")] == ["done"] * 3
+    drive.call("planner")  # planner was in the last episode: this is a new pass
+    assert drive.run.agent_state("writer") == "idle"
+    assert drive.run_transitions() == {**pass_once, ("__start__", "planner"): 2}
