@@ -148,7 +148,8 @@ def test_openapi_documents_the_control_plane(server: LiveServer) -> None:
     assert set(paths["/v1/runs/{run_id}"]) == {"get", "delete"}
     events = paths["/v1/runs/{run_id}/events"]["post"]["requestBody"]["content"]
     kinds = {ref["$ref"].rsplit("/", 1)[1] for ref in events["application/json"]["schema"]["anyOf"]}
-    assert kinds == {"ToolCallStarted", "ToolCallFinished", "AgentDone"}
+    assert kinds == {"ToolCallStarted", "ToolCallFinished", "AgentDone", "AgentWaiting",
+                     "AgentResumed"}
     spec = doc["components"]["schemas"]["GraphSpec"]
     assert spec["properties"]["agents"]["maxItems"] == 4096
     rounds = paths["/v1/runs/{run_id}/rounds"]["post"]
