@@ -117,9 +117,7 @@ class LangGraphApps:
         self.plans: list[ThreadPlan] = []
         for app in APPS:
             for k in range(p.threads):
-                tools = [self._tool(rng) for _ in range(p.turns)] if app == "react" else [
-                    self._tool(rng) if rng.random() < p.specialist_tool_share else None
-                    for _ in range(p.routes if app == "supervisor" else 0)]
+                tools = self._tools(rng, app)
                 self.plans.append(ThreadPlan(
                     app=app, thread=f"{app} {k + 1}", task=text.words(rng, 40),
                     lengths=[rng.randint(p.min_output_tokens, p.max_output_tokens)
@@ -128,6 +126,15 @@ class LangGraphApps:
                     route=[rng.choice(SPECIALISTS) for _ in range(p.routes)]
                     if app == "supervisor" else [],
                     human_s=_lognormal(rng, p.human_median_s, p.human_p95_s)))
+
+    def _tools(self, rng: random.Random, app: str) -> list[ToolPlan | None]:
+        p = self.params
+        if app == "react":
+            return [self._tool(rng) for _ in range(p.turns)]
+        if app == "supervisor":
+            return [self._tool(rng) if rng.random() < p.specialist_tool_share else None
+                    for _ in range(p.routes)]
+        return []
 
     def _tool(self, rng: random.Random) -> ToolPlan:
         p = self.params
