@@ -41,7 +41,8 @@ from kvrt.runtime.policy import make_policy, options_for, policy_names, policy_o
 from kvrt.sdk import KvrtError
 
 # Which parameter scales a workload up, for the SLO sweep.
-_SCALE = {"generative-agents": "agents", "map-reduce": "agents", "tool-agents": "runs"}
+_SCALE = {"generative-agents": "agents", "map-reduce": "agents", "tool-agents": "runs",
+          "langgraph": "threads"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,6 +66,7 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="rounds (generative-agents) or tool turns per "
                                               "worker (tool-agents)")
     p.add_argument("--runs", type=int, help="concurrent runs (tool-agents, map-reduce)")
+    p.add_argument("--threads", type=int, help="concurrent threads of each app (langgraph)")
     p.add_argument("--trace", default=None, metavar="FILE",
                    help="the JSONL file the `trace` workload replays (format: README)")
     p.add_argument("--time-scale", type=float, default=1.0,
@@ -102,7 +104,7 @@ def workload_from(args: argparse.Namespace) -> Workload:
     try:
         return make_workload(args.workload, quick=args.quick, settings=dict(args.param),
                              agents=args.agents, rounds=args.rounds, turns=args.rounds,
-                             runs=args.runs, seed=args.seed, path=args.trace)
+                             runs=args.runs, threads=args.threads, seed=args.seed, path=args.trace)
     except ValueError as exc:
         raise SystemExit(f"kvrt: --param: {exc}") from None
 

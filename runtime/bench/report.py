@@ -20,7 +20,10 @@ _COLUMNS = [  # (key, header, scale, format)
     ("kv_peak_bytes", "KV peak (MiB)", 2**-20, "{:.1f}"),
     ("kv_bytes_per_agent", "KV/agent (MiB)", 2**-20, "{:.2f}"),
     ("preemptions", "preemptions", 1, "{:.0f}"),
+    ("offload_bytes", "offload (MiB)", 2**-20, "{:.1f}"),
+    ("upload_bytes", "upload (MiB)", 2**-20, "{:.1f}"),
 ]
+GAIN_BASELINE = "lru-offload"  # the write-through without the graph: what the graph adds to
 
 
 def write_report(out: Path, results: dict[str, Any], timelines: dict[str, list[tuple]]) -> None:
@@ -57,9 +60,33 @@ def markdown(results: dict[str, Any]) -> str:
               f"computed once, wherever it sits), {ideal['kv_bytes'] / 2**20:.1f} MiB of distinct "
               f"KV; exact prefix reuse at best: {ideal['prefill_tokens_prefix_reuse']:,} prefill "
               "tokens.", ""]
+    lines += gain_markdown(results["policies"])
     if "comparison" in results:
         lines.append(comparison_markdown(results["comparison"]))
     return "\n".join(lines)
+
+
+def gain_markdown(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """The graph-aware gain: each other policy's JCT mean and prefill tokens as a fraction of
+    `lru-offload`'s (when it was run), the figure to compare between two workloads."""
+    base = rows.get(GAIN_BASELINE)
+    others = [name for name in rows if name != GAIN_BASELINE]
+    if base is None or not others:
+        return []
+    lines = [f"Against `{GAIN_BASELINE}` (below 1: better):", "",
+             "| policy | JCT mean | prefill tokens |", "|---|---:|---:|"]
+    for name in others:
+        cells = [_ratio(rows[name].get(key), base.get(key))
+                 for key in ("jct_mean_s", "prefill_tokens")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _ratio(value: Any, base: Any) -> str:
+    if value is None or not base or any(isinstance(v, float) and math.isnan(v)
+                                        for v in (value, base)):
+        return "-"
+    return f"{value / base:.2f}"
 
 
 def comparison_markdown(comparison: dict[str, Any]) -> str:

@@ -59,12 +59,17 @@ class BenchSession:
         finished = self.clock()
         usage = stream.usage
         assert usage is not None, "the daemon sends usage with every stream"
-        self.calls.append(CallRecord(
+        self.record(CallRecord(
             job=job, agent=agent.name, submitted=submitted,
             first_token=finished if first is None else first, finished=finished,
             prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
             completion_tokens=usage.completion_tokens))
         return stream.text
+
+    def record(self, call: CallRecord) -> None:
+        """Records a call made by other means than `chat` (a LangChain chat model inside a
+        LangGraph node, say), timed with `clock`: streamed, attributed, of a fixed length."""
+        self.calls.append(call)
 
     async def tool(self, agent: AgentClient, tool: str, seconds: float) -> None:
         """A tool call of `seconds` (before time scaling), reported to the daemon. Like most

@@ -40,3 +40,30 @@ def test_the_cli_refuses_a_param_without_a_value(capsys) -> None:
     assert exited.value.code == 2 and "expected KEY=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="has no parameter 'agents'"):
         workload_from(parse("tool-agents", "--param", "agents=3"))
+
+
+def test_langgraph_params_take_the_common_flags_and_quick() -> None:
+    params = workload_from(parse("langgraph", "--quick", "--threads", "3", "--rounds", "4",
+                                 "--param", "routes=5")).params
+    assert (params.threads, params.turns, params.routes) == (3, 4, 5)
+    assert (params.tool_median_s, params.human_median_s) == (0.5, 1.0)  # the rest of --quick
+    workload = make_workload("langgraph", threads=3, turns=4, routes=5)
+    assert [len(plan.tools) for plan in workload.plans if plan.app == "react"] == [4, 4, 4]
+    assert [len(plan.lengths) for plan in workload.plans] == [5] * 3 + [11] * 3 + [2] * 3
+
+
+@pytest.mark.parametrize(("settings", "words"), [
+    ({"threads": "0"}, "threads must be at least 1, not 0"),
+    ({"routes": "-1"}, "routes must not be negative"),
+    ({"tool_p95_s": "0.5"}, r"need 0 < tool_median_s <= tool_p95_s, not 2.0 and 0.5"),
+    ({"human_median_s": "0"}, "need 0 < human_median_s"),
+    ({"specialist_tool_share": "1.5"}, r"specialist_tool_share must be within \[0, 1\]"),
+    ({"min_output_tokens": "100"}, "max_output_tokens must be at least min_output_tokens"),
+    ({"turn": "3"}, "has no parameter 'turn'"),
+])
+def test_a_bad_langgraph_param_is_refused_with_what_is_wrong(settings, words) -> None:
+    with pytest.raises(ValueError, match=words):
+        make_workload("langgraph", settings=settings)
+    argv = [item for key, value in settings.items() for item in ("--param", f"{key}={value}")]
+    with pytest.raises(SystemExit, match="kvrt: --param: "):
+        workload_from(parse("langgraph", *argv))

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from kvrt.runtime.bench.session import BenchSession
 from kvrt.runtime.bench.workloads.generative_agents import GenerativeAgents, GenerativeAgentsParams
+from kvrt.runtime.bench.workloads.langgraph_apps import LangGraphApps, LangGraphParams
 from kvrt.runtime.bench.workloads.map_reduce import MapReduce, MapReduceParams
 from kvrt.runtime.bench.workloads.tool_agents import ToolAgents, ToolAgentsParams
 from kvrt.runtime.bench.workloads.trace import TraceParams, TraceReplay
@@ -24,6 +25,7 @@ WORKLOADS: dict[str, tuple[type, Any]] = {
     "generative-agents": (GenerativeAgents, GenerativeAgentsParams),
     "tool-agents": (ToolAgents, ToolAgentsParams),
     "map-reduce": (MapReduce, MapReduceParams),
+    "langgraph": (LangGraphApps, LangGraphParams),  # real LangGraph apps, the `langgraph` extra
     "trace": (TraceReplay, TraceParams),  # --trace FILE
 }
 
@@ -36,6 +38,9 @@ QUICK: dict[str, dict[str, Any]] = {
                     "min_output_tokens": 16, "max_output_tokens": 32},
     "map-reduce": {"agents": 3, "document_words": 300, "min_output_tokens": 16,
                    "max_output_tokens": 32},
+    "langgraph": {"threads": 2, "turns": 1, "routes": 2, "system_words": 120,
+                  "tool_median_s": 0.5, "tool_p95_s": 2.0, "human_median_s": 1.0,
+                  "human_p95_s": 3.0, "min_output_tokens": 16, "max_output_tokens": 32},
     "trace": {},
 }
 
