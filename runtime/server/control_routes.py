@@ -98,7 +98,7 @@ async def post_event(request: web.Request) -> web.Response:
     applied = run.apply(event)
     if applied is not None:  # the policy hears of each event once, then of what it moved
         request.app[app_keys.ENGINE].notify(applied)
-        request.app[PRIORITY_SYNC].push(run)
+        request.app[PRIORITY_SYNC].soon(run)  # one critical path for a turn's events
     ack = EventAck(run=run.id, agent=event.agent, state=run.agent_state(event.agent),
                    event_count=run.event_count, duplicate=applied is None)
     response = json_response(ack)

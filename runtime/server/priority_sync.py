@@ -9,11 +9,11 @@ run's last push, every agent the first time:
     moment                          who                            criticality
     ------------------------------  -----------------------------  ----------------------------
     POST /v1/runs started a run     control_routes: track(run)     none; nothing pushed yet
-    an event was applied            control_routes: push(run)      computed here
+    an event was applied            control_routes: soon(run)      computed once per loop turn,
+    a call ended                    SyncedCall.ended: soon(run)    however many events and
+                                                                   calls of the run came
     calls were submitted            model_calls.submit_calls:      their contexts' (one for
                                     push(run, criticality)         the stamps and the push)
-    a call ended                    SyncedCall.ended: soon(run)    computed once per loop turn,
-                                                                   however many calls ended
     DELETE /v1/runs/{id}            control_routes: forget(run)    (later pushes are ignored)
 
 Only tracked runs are pushed: a run's entries leave the engine's table when the engine
@@ -23,17 +23,24 @@ releases the run, and a call of an ended run that ends afterwards must not put t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import EngineClient
 from kvrt.runtime.graph.critical_path import Criticality
 from kvrt.runtime.graph.runs import AgentCall, Run
 
 
+class PrioritySink(Protocol):
+    """Where the pushes go: the engine (EngineClient.set_priorities)."""
+
+    def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None: ...
+
+
 class PrioritySync:
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: PrioritySink) -> None:
         self._engine = engine
         # live run id -> the priorities last pushed, by agent index (None: none yet)
         self._pushed: dict[str, list[float] | None] = {}
@@ -65,8 +72,9 @@ class PrioritySync:
             self._engine.set_priorities(run.id, changed)
 
     def soon(self, run: Run) -> None:
-        """Pushes the run's priorities at the loop's next turn: the calls that end together
-        (a round's, delivered by one engine step) cost one critical path."""
+        """Pushes the run's priorities at the loop's next turn: the events handled in one turn,
+        and the calls that end together (a round's, delivered by one engine step), cost one
+        critical path, computed after their replies are on their way."""
         if run.id in self._soon or run.id not in self._pushed:
             return
         self._soon.add(run.id)
