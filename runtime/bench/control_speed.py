@@ -3,14 +3,19 @@
     python -m kvrt.runtime.bench.control_speed [--seconds 5] [--concurrency 1,16]
                                                [--agents 1000] [--out bench-out/control.json]
 
-- Events: a `kvrt serve` subprocess (tiny random model: events never touch the engine) and
+- Events: a `kvrt serve` subprocess (tiny random model: events never touch the model) and
   clients in this process posting tool_call.started / tool_call.finished pairs, each with an
-  id as the SDK sends them, for `--seconds` at each concurrency. Reported: events/s, the
-  client-side round trip p50/p99, and the server's own time per event (decode, apply, encode;
-  from its `kvrt:control_event_seconds` metric).
+  id as the SDK sends them, for `--seconds` at each concurrency, on a run of a graph of as many
+  agents as clients, then of the random `--agents` graph (its agents with a tool post).
+  Reported: events/s, the client-side round trip p50/p99, and the server's own time per event
+  (decode, apply, encode; its `kvrt:control_event_seconds`). The push of the priorities an
+  event moved runs on the loop's next turn, after the reply: it shows in events/s and the round
+  trip, not in the server's time per event (see event_push_ms for it alone).
 - Priorities: the critical path and every agent's priority of a run of a random 1,000-agent
   graph with loops (the work done on each GET of a run and each attributed call), the same
-  plus the whole run-state view, and building the graph's structure (once per graph).
+  plus the whole run-state view, building the graph's structure (once per graph), and an
+  event's own work in the server: applying it, and pushing the priorities it moved
+  (server/priority_sync.py: the critical path, every priority, the diff).
 A benchmark, not a test: the machine is shared and noisy; figures are medians.
 """
 
@@ -31,13 +36,21 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import msgspec
 
 from kvrt.runtime.config import ControlConfig
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.graph.critical_path import GraphStructure, critical_path
 from kvrt.runtime.model.tiny import init_tiny
 from kvrt.runtime.server.control_views import run_state
-from kvrt.sdk.protocol.control import AgentSpec, EdgeSpec, GraphSpec
+from kvrt.runtime.server.priority_sync import PrioritySync
+from kvrt.sdk.protocol.control import (
+    AgentSpec,
+    EdgeSpec,
+    GraphSpec,
+    ToolCallFinished,
+    ToolCallStarted,
+)
 
 
 def random_graph(agents: int, seed: int = 0) -> GraphSpec:
@@ -75,6 +88,7 @@ def time_priorities(agents: int, repeats: int = 50) -> dict[str, float]:
         return statistics.median(samples)
 
     structure = entry.graph.structure
+    apply_ms, push_ms, pushed = time_event_work(control, run, repeats)
     return {
         "agents": agents,
         "edges": len(spec.edges),
@@ -87,7 +101,44 @@ def time_priorities(agents: int, repeats: int = 50) -> dict[str, float]:
             lambda: GraphStructure.build(agents, [(e.source, e.target, None)
                                                   for e in entry.graph.edges]), times=5),
         "declare_graph_ms": create_ms,
+        "event_apply_ms": apply_ms,
+        "event_push_ms": push_ms,
+        "event_pushed_agents": pushed,
     }
+
+
+class _Count:
+    """Takes the pushes in place of the engine, counting the agents sent."""
+
+    def __init__(self) -> None:
+        self.agents = 0
+
+    def set_priorities(self, run: str, priorities) -> None:
+        self.agents += len(priorities)
+
+
+def time_event_work(control: ControlPlane, run, repeats: int) -> tuple[float, float, float]:
+    """Medians over tool_call.started / .finished events of the run's agents with a tool, in
+    ms: applying an event, and pushing what it moved; and the agents pushed per event."""
+    sink = _Count()
+    sync = PrioritySync(sink)
+    sync.track(run)
+    sync.push(run)  # the first push sends every agent: not what an event costs
+    sink.agents = 0
+    tooled = [a.name for a in run.graph.agents if a.tools]
+    applies, pushes = [], []
+    for n in range(2 * repeats):
+        agent = tooled[(n // 2) % len(tooled)]
+        event = (ToolCallStarted(agent=agent, tool="tool") if n % 2 == 0
+                 else ToolCallFinished(agent=agent, tool="tool"))
+        t0 = time.perf_counter()
+        run.apply(event)
+        t1 = time.perf_counter()
+        sync.push(run)
+        t2 = time.perf_counter()
+        applies.append((t1 - t0) * 1e3)
+        pushes.append((t2 - t1) * 1e3)
+    return statistics.median(applies), statistics.median(pushes), sink.agents / (2 * repeats)
 
 
 # ---- events over loopback --------------------------------------------------------------------
@@ -101,7 +152,8 @@ def _free_port() -> int:
 
 def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "kvrt.runtime.cli", "serve", "--model", str(model),
-               "--port", str(port), "--kv-cache-memory", "4MiB", "--max-model-len", "256"]
+               "--port", str(port), "--kv-cache-memory", "4MiB", "--max-model-len", "256",
+               "--max-events-per-second", "1e6"]  # the speed, not the per-run limit
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
 
 
@@ -131,12 +183,18 @@ async def server_event_seconds(session: aiohttp.ClientSession, url: str) -> tupl
     return values["kvrt:control_event_seconds_sum"], int(values["kvrt:control_event_seconds_count"])
 
 
-async def drive_events(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+async def drive_events(url: str, concurrency: int, seconds: float,
+                       graph_agents: int | None = None) -> dict[str, float]:
+    """`graph_agents`: the run is of random_graph(graph_agents), each client posting for one
+    of its agents with a tool; None: of a graph of `concurrency` agents, one each."""
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        agents = [{"name": f"a{i}", "tools": {"search": 1.0}} for i in range(concurrency)]
-        async with session.post(url + "/v1/graphs", json={"name": "bench", "agents": agents}) as r:
+        spec = (GraphSpec(name="bench", agents=[AgentSpec(name=f"a{i}", tools={"tool": 1.0})
+                                                for i in range(concurrency)])
+                if graph_agents is None else random_graph(graph_agents))
+        async with session.post(url + "/v1/graphs", json=msgspec.to_builtins(spec)) as r:
             graph = await r.json()
+        tooled = [a.name for a in spec.agents if a.tools][:concurrency]
         async with session.post(url + "/v1/runs", json={"graph_id": graph["id"]}) as r:
             run = (await r.json())["id"]
         sum_before, count_before = await server_event_seconds(session, url)
@@ -147,7 +205,7 @@ async def drive_events(url: str, concurrency: int, seconds: float) -> dict[str, 
             kinds = ("tool_call.started", "tool_call.finished")
             n = 0
             while time.perf_counter() < deadline:
-                body = {"type": kinds[n % 2], "agent": agent, "tool": "search",
+                body = {"type": kinds[n % 2], "agent": agent, "tool": "tool",
                         "id": uuid.uuid4().hex}
                 t0 = time.perf_counter()
                 async with session.post(f"{url}/v1/runs/{run}/events", json=body) as resp:
@@ -157,13 +215,14 @@ async def drive_events(url: str, concurrency: int, seconds: float) -> dict[str, 
                 n += 1
 
         started = time.perf_counter()
-        await asyncio.gather(*(client(a["name"]) for a in agents))
+        await asyncio.gather(*(client(name) for name in tooled))
         elapsed = time.perf_counter() - started
         sum_after, count_after = await server_event_seconds(session, url)
         await session.delete(f"{url}/v1/runs/{run}")
     latencies.sort()
     served = count_after - count_before
     return {
+        "graph_agents": len(spec.agents),
         "concurrency": concurrency,
         "events": len(latencies),
         "events_per_s": len(latencies) / elapsed,
@@ -173,7 +232,8 @@ async def drive_events(url: str, concurrency: int, seconds: float) -> dict[str, 
     }
 
 
-async def events_benchmark(concurrencies: list[int], seconds: float) -> list[dict[str, float]]:
+async def events_benchmark(concurrencies: list[int], seconds: float,
+                           graph_agents: int) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         model = init_tiny(Path(tmp) / "tiny", arch="llama", seed=0)
         port = _free_port()
@@ -181,7 +241,8 @@ async def events_benchmark(concurrencies: list[int], seconds: float) -> list[dic
         url = f"http://127.0.0.1:{port}"
         try:
             await wait_healthy(url)
-            return [await drive_events(url, c, seconds) for c in concurrencies]
+            return ([await drive_events(url, c, seconds) for c in concurrencies]
+                    + [await drive_events(url, c, seconds, graph_agents) for c in concurrencies])
         finally:
             server.terminate()
             server.wait(30)
@@ -196,7 +257,7 @@ def main() -> None:
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     priorities = time_priorities(args.agents)
-    events = asyncio.run(events_benchmark(concurrencies, args.seconds))
+    events = asyncio.run(events_benchmark(concurrencies, args.seconds, args.agents))
     report = {"machine": f"{platform.machine()} {platform.processor()} "
                          f"{platform.python_version()}", "priorities": priorities,
               "events": events}
@@ -206,12 +267,14 @@ def main() -> None:
     print(f"priorities of {priorities['agents']} agents, {priorities['edges']} edges, "
           f"{priorities['loops']} loops:")
     for key in ("critical_path_ms", "run_priorities_ms", "run_state_view_ms",
-                "build_structure_ms", "declare_graph_ms"):
+                "build_structure_ms", "declare_graph_ms", "event_apply_ms", "event_push_ms",
+                "event_pushed_agents"):
         print(f"  {key:22s} {priorities[key]:8.2f}")
-    print("| clients | events/s | round trip p50 (ms) | p99 (ms) | server time/event (us) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| agents | clients | events/s | round trip p50 (ms) | p99 (ms) "
+          "| server time/event (us) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for row in events:
-        print(f"| {row['concurrency']} | {row['events_per_s']:.0f} | "
+        print(f"| {row['graph_agents']} | {row['concurrency']} | {row['events_per_s']:.0f} | "
               f"{row['roundtrip_p50_ms']:.2f} | {row['roundtrip_p99_ms']:.2f} | "
               f"{row['server_us_per_event']:.0f} |")
     print(f"written to {out}")

@@ -2,8 +2,9 @@
 
 The engine owns the executor and the KV; `AsyncEngine` runs it on its own thread. Time comes
 from an injected clock, so the same engine can run under a simulated clock. The policy hears of
-the agents' events (`notify`) and of time passing (`tick`, before each step and while idle),
-and the engine carries out what it decides (runtime/engine/decide.py).
+the agents' events (`notify`), of their new graph priorities (`set_priorities`, kept in the
+table its calls read: runtime/engine/priorities.py) and of time passing (`tick`, before each
+step and while idle), and the engine carries out what it decides (runtime/engine/decide.py).
 
 A step that raises after scheduling aborts the requests of its batch and raises StepFailed
 naming them; the engine stays consistent and serves the others. `expire` aborts the requests
@@ -13,13 +14,14 @@ past their `timeout_s`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.output import OutputText
+from kvrt.runtime.engine.priorities import Priorities
 from kvrt.runtime.engine.protocol import (
     AgentEvent,
     AgentResidency,
@@ -79,6 +81,7 @@ class Engine:
         self.clock = clock
         self.vocab_size = executor.vocab_size
         self._live: dict[str, _Live] = {}
+        self.priorities = Priorities()  # every live call reads its agent's here
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.kv_blocks_in_use_peak = 0  # at any step, once scheduled
@@ -118,6 +121,7 @@ class Engine:
             order=self._arrivals,
             token_ids=list(request.prompt_token_ids),
             generator=self.sampler.request_generator(request.params),
+            priorities=self.priorities,
         )
         text = OutputText(
             request.params, self.tokenizer.detokenizer(), self.tokenizer.eos_token_ids
@@ -148,6 +152,13 @@ class Engine:
         """Hands an agent's control-plane event to the policy, at the clock's time now."""
         carry_out(self.kv, self.policy.on_event(event, self.kv, self.clock()))
 
+    def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None:
+        """The run's agents' new graph priorities (agent -> priority; the others keep theirs):
+        their calls, waiting or running, are ordered by them from now on, and the policy hears
+        of them. Nothing here is per call: the calls read the table."""
+        self.priorities.update(run, priorities)
+        carry_out(self.kv, self.policy.on_priorities(run, priorities, self.kv))
+
     def tick(self) -> None:
         """Completes the KV moves that have landed and lets the policy act on the time (expire
         pins). Each step ticks first; the engine thread also ticks while idle, since an agent
@@ -160,8 +171,8 @@ class Engine:
         self.kv.close()
 
     def release_run(self, run: str) -> RunRelease:
-        """Aborts the run's live requests, then drops its agents' pins and frees the cached
-        blocks only the run held."""
+        """Aborts the run's live requests, then drops its agents' pins and priorities and frees
+        the cached blocks only the run held."""
         aborted = [
             request_id
             for request_id, live in self._live.items()
@@ -170,6 +181,7 @@ class Engine:
         for request_id in aborted:
             self.abort(request_id)
         released = self.kv.release_run(run)
+        self.priorities.drop(run)
         self.policy.on_run_end(run)
         self.reuse.on_run_end(run)
         return RunRelease(aborted, released)

@@ -5,7 +5,7 @@ The server sees the engine only through `EngineClient`; nothing reaches through 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -66,7 +66,9 @@ class Attribution:
 
     run: str | None = None
     agent: str | None = None
-    priority: float = 0.0  # the agent's graph priority when the call was made (higher first)
+    # The agent's graph priority when the call was made (higher first); `set_priorities`
+    # overrides it while the call lives.
+    priority: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,15 @@ class EngineClient(Protocol):
     def notify(self, event: AgentEvent) -> None:
         """Hands an applied (not duplicate) control-plane event to the engine's policy. Fire and
         forget: it never blocks the loop; once the engine is down the event is dropped."""
+        ...
+
+    def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None:
+        """The new graph priorities (agent -> priority) of some of `run`'s agents; the others
+        keep theirs. From when the engine applies it (between steps, in order with the other
+        commands) a call of such an agent, waiting or running, has that priority instead of the
+        one stamped on it (`Attribution.priority`), and the policy hears of it (its
+        reservations). Fire and forget, like `notify`; once the engine is down it is dropped.
+        Ending the run (`release_run`) drops its agents' entries."""
         ...
 
     async def release_run(self, run: str) -> int:

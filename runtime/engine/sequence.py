@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvrt.runtime.engine.priorities import Priorities
 from kvrt.runtime.engine.protocol import GenerateRequest
 from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.owners import Owner
@@ -32,6 +33,7 @@ class Sequence:
     status: Status = Status.WAITING
     generator: torch.Generator | None = None  # per-request RNG when the request has a seed
     admitted_once: bool = False
+    priorities: Priorities = field(default_factory=Priorities)  # the engine's, shared
 
     @property
     def request_id(self) -> str:
@@ -51,7 +53,9 @@ class Sequence:
 
     @property
     def priority(self) -> float:
-        return self.request.attribution.priority
+        """Its agent's graph priority now: the last the server pushed (engine/priorities.py),
+        else the one stamped on the call when it was made."""
+        return self.priorities.of(self.table.owner, self.request.attribution.priority)
 
     @property
     def salt(self) -> bytes:

@@ -47,6 +47,9 @@ class Policy(ABC):
     on_step(kv, now)           engine     before each step, and every ~50 ms while idle (the
                                           engine thread's idle wait), so expiries happen even
                                           when no request comes
+    on_priorities(run,         engine     the server pushed new graph priorities of some of
+      priorities, kv)                     `run`'s agents (agent -> priority); calls of theirs
+                                          report them as `priority` already
     on_run_end(run)            engine     the run ended: its pins and KV are gone already; forget
                                           any state kept for its agents
     on_stall(kv, now)          engine     it has work but scheduled nothing this step: blocks
@@ -96,6 +99,10 @@ class Policy(ABC):
         return iter(())
 
     def on_stall(self, kv: KVState, now: float) -> Decisions:
+        return iter(())
+
+    def on_priorities(self, run: str, priorities: Mapping[str, float],
+                      kv: KVState) -> Decisions:
         return iter(())
 
     def on_run_end(self, run: str) -> None:  # noqa: B027

@@ -18,18 +18,20 @@ uploaded at `started + predicted - upload time - upload_lead_s`, or at `tool_cal
 the tool returns first; if its next call comes before either, admission uploads it on demand.
 (The decision is "keep: host_full" when the host tier can take none of it.)
 
-Spatial: waiting calls are admitted by descending graph priority (`Attribution.priority`,
-which the daemon stamps on each call from the run's critical path) plus `aging_per_s` for each
-second waited, then first come first served; the victim under pressure is the lowest priority,
-latest arrival. Agents of priority at least `reserve_priority` (on the critical path) keep their
-KV reserved between calls: pinned when a call finishes, while all pins fit the budget
-(`reserve_fraction` of what running calls leave of the pool), so a burst of less important
-calls cannot evict it. As running calls grow, the budget shrinks and the least important
-reservations are lent to them; as they end, those are reclaimed (pinned again, whatever is
-left of them). A reservation ends when the agent's next call is admitted (its references
-protect what it reuses), when it goes to the host, at agent.done, under a stall (the
-lowest priority's first), and at its deadline, so that an agent whose tool never reports back
-does not hold the pool (decision "release:deadline"):
+Spatial: waiting calls are admitted by descending graph priority (stamped on each call from the
+run's critical path, and kept current by the daemon as the path moves: `on_priorities`) plus
+`aging_per_s` for each second waited, then first come first served; the victim under pressure
+is the lowest priority, latest arrival. Agents of priority at least `reserve_priority` (on the
+critical path) keep their KV reserved between calls: pinned when a call finishes, while all
+pins fit the budget (`reserve_fraction` of what running calls leave of the pool), so a burst of
+less important calls cannot evict it. As running calls grow, the budget shrinks and the least
+important reservations are lent to them; as they end, those are reclaimed (pinned again,
+whatever is left of them). A reservation ends when the agent's next call is admitted (its
+references protect what it reuses), when it goes to the host, at agent.done, under a stall (the
+lowest priority's first), when the agent's priority falls below `reserve_priority` (off the
+critical path: decision "release:priority"; one that rises above it is reserved when its next
+call finishes), and at its deadline, so that an agent whose tool never reports back does not
+hold the pool (decision "release:deadline"):
 
     reservation made or renewed            ends, lent or not, at the latest
     -------------------------------------  ---------------------------------------------------
@@ -47,6 +49,7 @@ call cannot upload instead of computing again.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
 from kvrt.runtime.kv.owners import Owner
 from kvrt.runtime.policy.base import CallT, Decisions, Policy, register_policy
@@ -85,6 +88,18 @@ class TokencakePolicy(Policy):
             return
         if (yield from self._reserve(owner, priority, kv)):
             self.deadlines[owner] = self._now + self.config.tool_deadline_min_s
+
+    def on_priorities(self, run: str, priorities: Mapping[str, float],
+                      kv: KVState) -> Decisions:
+        """Reservations, held or lent, follow their agents' new priorities; those that fell
+        below `reserve_priority` end."""
+        for state in (self.reserved, self.lent):
+            for owner in [o for o in state if o[0] == run and o[1] in priorities]:
+                state[owner] = priority = priorities[owner[1]]
+                if priority < self.config.reserve_priority:
+                    self.decisions["release:priority"] += 1
+                    self.last_decision[owner] = "release:priority"
+                    yield from self._end_reservation(owner)
 
     def on_admit(self, call: Call, kv: KVState) -> Decisions:
         owner = call.owner

@@ -35,7 +35,7 @@ class Call(Protocol):
     def order(self) -> int: ...  # arrivals counted: breaks ties of `arrival`
 
     @property
-    def priority(self) -> float: ...  # its agent's graph priority when it was made
+    def priority(self) -> float: ...  # its agent's graph priority, as last pushed (or stamped)
 
     @property
     def owner(self) -> Owner | None: ...  # (run, agent); None: unattributed

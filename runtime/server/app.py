@@ -28,6 +28,7 @@ from kvrt.runtime.server.errors import error_middleware
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
+from kvrt.runtime.server.priority_sync import PRIORITY_SYNC, PrioritySync
 from kvrt.runtime.server.round_routes import routes as round_routes
 from kvrt.runtime.server.tool_parsers import make_tool_parser
 
@@ -43,6 +44,7 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app[ADMISSION] = Admission(config.limits)
     app[app_keys.CONFIG] = config
     app[app_keys.ENGINE] = engine
+    app[PRIORITY_SYNC] = PrioritySync(engine)
     app[app_keys.METRICS] = ServerMetrics()
     app[app_keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
     app[app_keys.STARTED_AT] = int(time.time())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from kvrt.runtime.engine.protocol import Attribution
 from kvrt.runtime.graph.control_plane import ControlPlane
+from kvrt.runtime.graph.critical_path import Criticality
 from kvrt.runtime.graph.runs import AgentCall, Run
 from kvrt.runtime.server.errors import bad_request
 from kvrt.sdk.protocol.openai_api import KvrtOptions
@@ -29,6 +30,7 @@ class CallContext:
     index: int  # the agent's, in the run's graph
     approximate_reuse: bool  # the graph declares `reuse: "approximate"`: every message a segment
     priority: float  # the agent's graph priority when the call came in (higher first)
+    criticality: Criticality  # the run's, which `priority` was read from (pushed at submission)
 
     @property
     def attribution(self) -> Attribution:
@@ -46,7 +48,7 @@ def call_context(control: ControlPlane, options: KvrtOptions | None, headers: Ma
     if found is None:
         return None
     run, index = found
-    return _context(run, index, run.priority(index, run.criticality()))
+    return _context(run, index, run.criticality())
 
 
 def round_contexts(run: Run, agents: Iterable[str]) -> list[CallContext]:
@@ -54,12 +56,13 @@ def round_contexts(run: Run, agents: Iterable[str]) -> list[CallContext]:
     priority is read from the run as the round found it: one critical path for the round."""
     indexes = [run.agent_index(name) for name in agents]
     criticality = run.criticality()
-    return [_context(run, index, run.priority(index, criticality)) for index in indexes]
+    return [_context(run, index, criticality) for index in indexes]
 
 
-def _context(run: Run, index: int, priority: float) -> CallContext:
+def _context(run: Run, index: int, criticality: Criticality) -> CallContext:
     return CallContext(run, run.graph.agents[index].name, index,
-                       run.graph.reuse == "approximate", priority)
+                       run.graph.reuse == "approximate", run.priority(index, criticality),
+                       criticality)
 
 
 def _attribution(options: KvrtOptions | None, headers: Mapping[str, str]) -> Attribution:

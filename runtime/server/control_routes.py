@@ -17,6 +17,7 @@ from kvrt.runtime.server.auth import tenant_of
 from kvrt.runtime.server.control_views import graph_info, run_info, run_state
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
+from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
 from kvrt.sdk.protocol.control import (
     Deleted,
     EventAck,
@@ -64,6 +65,7 @@ async def start_run(request: web.Request) -> web.Response:
     # No await between the lookup and the start: one key never gets two runs.
     existing = control.keyed_run(spec.graph_id, spec.key, tenant)
     run = existing or control.start_run(spec.graph_id, spec.key, tenant)
+    request.app[PRIORITY_SYNC].track(run)
     return json_response(run_info(run), status=200 if existing else 201)
 
 
@@ -94,8 +96,9 @@ async def post_event(request: web.Request) -> web.Response:
                        code="rate_limit_exceeded", retry_after_s=math.ceil(wait))
     event = event_decoder.decode(body)
     applied = run.apply(event)
-    if applied is not None:  # the policy hears of each event once
+    if applied is not None:  # the policy hears of each event once, then of what it moved
         request.app[app_keys.ENGINE].notify(applied)
+        request.app[PRIORITY_SYNC].soon(run)  # one critical path for a turn's events
     ack = EventAck(run=run.id, agent=event.agent, state=run.agent_state(event.agent),
                    event_count=run.event_count, duplicate=applied is None)
     response = json_response(ack)
@@ -107,6 +110,7 @@ async def post_event(request: web.Request) -> web.Response:
 @routes.delete("/v1/runs/{run_id}")
 async def end_run(request: web.Request) -> web.Response:
     run = request.app[app_keys.CONTROL].end_run(request.match_info["run_id"], tenant_of(request))
+    request.app[PRIORITY_SYNC].forget(run)  # the engine drops its entries as it releases it
     if run.status == "interrupted":  # a run of an earlier daemon: this engine holds none of it
         return json_response(RunClosed(id=run.id, released_blocks=0))
     # Ended first, so no new call joins the run while its KV is released.

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 
 from kvrt.runtime.engine.protocol import Attribution, GenerateRequest, SamplingParams
-from kvrt.runtime.graph.runs import AgentCall
 from kvrt.runtime.model.chat_prompt import Span, render_prompt
 from kvrt.runtime.model.tool_prompt import PromptTools
 from kvrt.runtime.server.auth import request_salt
 from kvrt.runtime.server.call_context import CallContext
 from kvrt.runtime.server.errors import bad_request
+from kvrt.runtime.server.generation import CallObserver
 from kvrt.runtime.server.openai_requests import (
     ServedModel,
     check_common,
@@ -32,6 +32,7 @@ from kvrt.runtime.server.openai_requests import (
     sampling_params,
     segment_marks,
 )
+from kvrt.runtime.server.priority_sync import PrioritySync, SyncedCall
 from kvrt.sdk.protocol.openai_api import (
     ChatCompletionRequest,
     ChatMessage,
@@ -63,9 +64,24 @@ class PreparedCall:
             params=self.params, salt=self.salt, attribution=attribution,
             segments=self.segments, timeout_s=timeout_s)
 
-    def submit(self) -> AgentCall | None:
-        """Tells the call's run, if any, that the call is queued (once it is admitted)."""
-        return None if self.context is None else self.context.submit(self.request_id)
+    def submit(self, sync: PrioritySync) -> CallObserver | None:
+        """Tells the call's run, if any, that the call is queued (once it is admitted); the
+        observer follows the call, and its end moves the run's priorities."""
+        if self.context is None:
+            return None
+        return SyncedCall(self.context.submit(self.request_id), self.context.run, sync)
+
+
+def submit_calls(calls: list[PreparedCall], sync: PrioritySync) -> list[CallObserver | None]:
+    """Submits calls admitted together (a chat call, or a round's: one run), then pushes their
+    run's priorities from the criticality their contexts were read from: one critical path for
+    the stamps and the push. (So the push shows the run as the calls found it; what their
+    submission changes, e.g. a done agent revived, is pushed with the next event or call end.)"""
+    observers = [call.submit(sync) for call in calls]
+    context = next((call.context for call in calls if call.context is not None), None)
+    if context is not None:
+        sync.push(context.run, context.criticality)
+    return observers
 
 
 def new_request_id(prefix: str) -> str:

@@ -13,7 +13,12 @@ from kvrt.runtime.server.call_context import call_context
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from kvrt.runtime.server.model_calls import PreparedCall, chat_call, completion_call
+from kvrt.runtime.server.model_calls import (
+    PreparedCall,
+    chat_call,
+    completion_call,
+    submit_calls,
+)
 from kvrt.runtime.server.openai_requests import chat_tools
 from kvrt.runtime.server.openai_serving import (
     ChatFormatter,
@@ -22,6 +27,7 @@ from kvrt.runtime.server.openai_serving import (
     respond_json,
     respond_stream,
 )
+from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
 from kvrt.sdk.protocol.openai_api import (
     Health,
     ModelCard,
@@ -104,7 +110,7 @@ async def _respond(request: web.Request, body: SamplingRequest, call: PreparedCa
                    formatter: Formatter, arrival: float) -> web.StreamResponse:
     engine, metrics = request.app[app_keys.ENGINE], request.app[app_keys.METRICS]
     [gen] = request.app[ADMISSION].admit(engine, [call], arrival)
-    observer = call.submit()
+    [observer] = submit_calls([call], request.app[PRIORITY_SYNC])
     if body.stream:
         return await respond_stream(request, engine, gen, metrics, arrival, formatter, observer)
     return await respond_json(engine, gen, metrics, arrival, formatter, observer)

@@ -20,17 +20,17 @@ import time
 from aiohttp import web
 
 from kvrt.runtime.engine.protocol import EngineClient, GenerateRequest
-from kvrt.runtime.graph.runs import AgentCall
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
 from kvrt.runtime.server.auth import tenant_of
 from kvrt.runtime.server.call_context import round_contexts
 from kvrt.runtime.server.errors import bad_request
-from kvrt.runtime.server.generation import collect, usage_of
+from kvrt.runtime.server.generation import CallObserver, collect, usage_of
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import ServerMetrics
-from kvrt.runtime.server.model_calls import round_agent_call
+from kvrt.runtime.server.model_calls import round_agent_call, submit_calls
 from kvrt.runtime.server.openai_requests import check_common, check_message_count
+from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 from kvrt.sdk.protocol.rounds import (
     RoundOutput,
@@ -57,7 +57,7 @@ async def run_round(request: web.Request) -> web.Response:
     gens = request.app[ADMISSION].admit(engine, calls, arrival)  # whole, or refused whole
     run.rounds += 1
     number = run.rounds
-    observers = [call.submit() for call in calls]
+    observers = submit_calls(calls, request.app[PRIORITY_SYNC])
     metrics = request.app[app_keys.METRICS]
     async with asyncio.TaskGroup() as group:  # one failure cancels the others
         tasks = [group.create_task(_generate(engine, gen, metrics, arrival, observer))
@@ -96,7 +96,7 @@ def _check_messages(body: RoundRequest, max_messages: int) -> None:
 
 
 async def _generate(engine: EngineClient, gen: GenerateRequest, metrics: ServerMetrics,
-                    arrival: float, call: AgentCall | None) -> RoundOutput:
+                    arrival: float, call: CallObserver | None) -> RoundOutput:
     text, last = await collect(engine, gen, metrics, arrival, call)
     return RoundOutput(content=text, finish_reason=last.finish_reason, usage=usage_of(last))
 
