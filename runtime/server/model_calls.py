@@ -75,12 +75,17 @@ class PreparedCall:
 def submit_calls(calls: list[PreparedCall], sync: PrioritySync) -> list[CallObserver | None]:
     """Submits calls admitted together (a chat call, or a round's: one run), then pushes their
     run's priorities from the criticality their contexts were read from: one critical path for
-    the stamps and the push. (So the push shows the run as the calls found it; what their
-    submission changes, e.g. a done agent revived, is pushed with the next event or call end.)"""
+    the stamps and the push. A call of a done agent revives it: its stamp (0) and that push
+    predate the revival, so the run is pushed again at the loop's next turn, from a critical
+    path that counts the agent's work again (the first call of each LangGraph invocation,
+    whose agents the adapter reported done at the end of the last one)."""
+    contexts = [call.context for call in calls if call.context is not None]
+    revived = any(c.run.agents[c.index].done for c in contexts)
     observers = [call.submit(sync) for call in calls]
-    context = next((call.context for call in calls if call.context is not None), None)
-    if context is not None:
-        sync.push(context.run, context.criticality)
+    if contexts:
+        sync.push(contexts[0].run, contexts[0].criticality)
+        if revived:
+            sync.soon(contexts[0].run)
     return observers
 
 

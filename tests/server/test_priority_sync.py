@@ -128,3 +128,22 @@ def test_only_changed_priorities_are_pushed_and_none_once_the_run_ended(server, 
     wait_released(server)
     assert run not in sync and pushed(server, run) == {}
     assert len(sent) == 3  # the aborted call's end pushed nothing for the ended run
+
+
+def test_a_call_of_a_done_agent_is_pushed_its_priority_again(server) -> None:
+    """b and c, no edge (0.02 s an output token). b done has priority 0, and its new call is
+    stamped from the run it found (b's work 0: priority 0 still); the revival is pushed on the
+    loop's next turn, while the call runs: b's 2 s are the critical path again, c's 1 s half."""
+    run = start(server, {"name": "revives", "agents": [
+        {"name": "b", "expected_output_tokens": 100},
+        {"name": "c", "expected_output_tokens": 50}]})
+    assert server.post(f"/v1/runs/{run}/events",
+                       {"type": "agent.done", "agent": "b"}).status == 200
+    until(lambda: pushed(server, run) == {"b": 0.0, "c": 1.0})
+    call = Call(server, run, "b", 1500)
+    until(lambda: pushed(server, run) == {"b": 1.0, "c": 0.5})
+    assert call.is_alive()  # pushed for the revival, not at the call's end
+    call.join(60)
+    assert call.status == 200
+    assert server.request("DELETE", f"/v1/runs/{run}").status == 200
+    wait_released(server)
