@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the graph cost model's decode time per token (default: %(default)s)")
     p.add_argument("--max-live-runs", type=int, default=control["max_live_runs"], metavar="N",
                    help="runs live at once (default: %(default)s)")
+    p.add_argument("--transition-prior-observations", type=int,
+                   default=control["transition_prior_observations"], metavar="N",
+                   help="a declared edge counts towards priorities until its source was seen "
+                   "leaving N times, then only if taken often enough (default: %(default)s)")
+    p.add_argument("--min-branch-share", type=float, default=control["min_branch_share"],
+                   metavar="F", help="the share of its source's departures an edge needs to "
+                   "stay in the learned graph (default: %(default)s)")
     p.set_defaults(run=_serve, command_parser=p)
 
     bench = commands.add_parser("bench", help="replay a multi-agent workload under several "
@@ -172,7 +179,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     )
     make_policy(engine.policy, engine.policy_options)  # a bad option fails here, not at load
     control = ControlConfig(seconds_per_output_token=args.seconds_per_output_token,
-                            max_live_runs=args.max_live_runs)
+                            max_live_runs=args.max_live_runs,
+                            transition_prior_observations=args.transition_prior_observations,
+                            min_branch_share=args.min_branch_share)
     limits = ServerLimits(
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_size,

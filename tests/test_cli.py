@@ -37,6 +37,7 @@ def test_serve_flags_reach_the_config() -> None:
         "--served-model-name", "m",
         "--log-level", "debug", "--no-prefix-caching", "--seed", "3",
         "--seconds-per-output-token", "0.05", "--max-live-runs", "10",
+        "--transition-prior-observations", "5", "--min-branch-share", "0.1",
         "--tool-call-parser", "hermes", "--api-key", "sk-alpha-123:acme",
         "--api-key", "sk-beta-4567", "--metrics-public", "--state-dir", "/var/kvrt",
         "--max-queued-requests", "7", "--max-queued-tokens", "9000", "--request-timeout", "5",
@@ -58,7 +59,8 @@ def test_serve_flags_reach_the_config() -> None:
                             policy="tokencake",
                             policy_options={"offload_margin": "3", "write_through": "false"},
                             kernels="torch", seed=3),
-        control=ControlConfig(seconds_per_output_token=0.05, max_live_runs=10),
+        control=ControlConfig(seconds_per_output_token=0.05, max_live_runs=10,
+                              transition_prior_observations=5, min_branch_share=0.1),
     )
 
 
@@ -71,6 +73,9 @@ def test_serve_flags_reach_the_config() -> None:
     (["serve", "--api-key", "sk-same-key-1", "--api-key", "sk-same-key-1:b"], "given twice"),
     (["serve", "--api-keys-file", "/nonexistent/keys"], "cannot read the API keys file"),
     (["serve", "--max-queued-requests", "0"], "max_queued_requests must be positive"),
+    (["serve", "--min-branch-share", "2"], "min_branch_share must be in [0, 1]"),
+    (["serve", "--transition-prior-observations", "0"],
+     "transition_prior_observations must be positive"),
     (["serve", "--request-timeout", "-1"], "request_timeout_s cannot be negative"),
     (["serve", "--kv-cache-memory", "lots"], "not a size"),
     (["serve", "--host-cache-memory", "lots"], "not a size"),
