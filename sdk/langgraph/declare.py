@@ -47,9 +47,8 @@ from langgraph.prebuilt import ToolNode
 from langgraph.pregel import Pregel
 
 from kvrt.sdk.graph import Graph
+from kvrt.sdk.langgraph.context import SEP
 from kvrt.sdk.protocol.control import Reuse
-
-SEP = "/"  # between a subgraph's node name and its inner node's
 
 
 def agent_graph(
