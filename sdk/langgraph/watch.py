@@ -11,6 +11,8 @@ updates only, after a cheap test that drops the many events it has no use for:
     on_llm_end                              (thread, tool call id) -> agent, for each tool
                                             call in the generated AIMessages
     on_chain_start of a node's own run      node run -> (thread, agent)
+    on_chain_end of a node's own run        as on_llm_end, for AIMessages in its output (a
+                                            node may build the message itself)
     on_chain_error, a GraphInterrupt        the agent, as interrupted in its thread
 
 A ToolNode runs the tools an AIMessage asks for and passes each call's id to on_tool_start
@@ -77,12 +79,9 @@ class GraphWatch(BaseCallbackHandler):
         placed = self._models.pop(run_id, None)
         if placed is None:
             return
-        thread, agent = placed
-        ids = [call["id"] for generations in response.generations for generation in generations
-               for call in getattr(getattr(generation, "message", None), "tool_calls", ())
-               if call.get("id")]
-        for tool_call_id in ids:
-            self._remember(self._producers, (thread, tool_call_id), agent)
+        self._asked(placed, [getattr(getattr(generation, "message", None), "tool_calls", ())
+                             for generations in response.generations
+                             for generation in generations])
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._models.pop(run_id, None)
@@ -97,7 +96,11 @@ class GraphWatch(BaseCallbackHandler):
             self._remember(self._nodes, run_id, placed)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._nodes.pop(run_id, None)
+        placed = self._nodes.pop(run_id, None)
+        if placed is not None and isinstance(outputs, dict):
+            values = [v for value in outputs.values()
+                      for v in (value if isinstance(value, (list, tuple)) else [value])]
+            self._asked(placed, [getattr(value, "tool_calls", None) or () for value in values])
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         placed = self._nodes.pop(run_id, None)
@@ -114,6 +117,14 @@ class GraphWatch(BaseCallbackHandler):
         thread = metadata.get("thread_id")
         agent = agent_of(metadata, self.agents)
         return None if thread is None or agent is None else (run_key(thread), agent)
+
+    def _asked(self, placed: tuple[str, str], tool_calls: list[Any]) -> None:
+        """Records the agent as the asker of each of these tool calls (lists of dicts)."""
+        thread, agent = placed
+        for calls in tool_calls:
+            for call in calls:
+                if isinstance(call, dict) and call.get("id"):
+                    self._remember(self._producers, (thread, call["id"]), agent)
 
     def _remember(self, kept: OrderedDict[Any, Any], key: Any, value: Any) -> None:
         with self._lock:
