@@ -209,6 +209,7 @@ def test_a_subgraph_node_is_its_inner_nodes(server: LiveServer) -> None:
     inner.add_node("check", calls("Check."))
     inner.add_edge(START, "think")
     inner.add_edge("think", "check")
+    inner.add_edge("check", END)  # without it, check might route anywhere (by Command)
     outer = StateGraph(Chat)
     outer.add_node("prep", calls("Prepare."))
     outer.add_node("solve", inner.compile())
