@@ -217,6 +217,7 @@ def test_a_subgraph_node_is_its_inner_nodes(server: LiveServer) -> None:
     outer.add_edge(START, "prep")
     outer.add_edge("prep", "solve")
     outer.add_edge("solve", "write")
+    outer.add_edge("write", END)
     info, state, _ = asyncio.run(declared_and_run(
         server, outer.compile(), "nested", {"messages": []}, "t-sub"))
     names = ["prep", "solve/think", "solve/check", "write"]
