@@ -6,6 +6,7 @@ reply, on every turn that does not follow a tool's answer."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -21,6 +22,8 @@ class ToolCaller(BaseChatModel):
     tool: str
     args: dict[str, Any]
     system: str = ""  # a long one makes the agent's KV several blocks
+    # Called after the daemon's reply, before the tool call is handed on (see its use).
+    settle: Callable[[], None] | None = None
 
     @property
     def _llm_type(self) -> str:
@@ -35,6 +38,8 @@ class ToolCaller(BaseChatModel):
         return [HumanMessage(f"{self.system}{text or 'Go.'}")]
 
     def _reply(self, messages: list[BaseMessage], reply: BaseMessage) -> ChatResult:
+        if self.settle is not None:
+            self.settle()
         if messages and isinstance(messages[-1], ToolMessage):
             message = AIMessage(content=str(reply.content))
         else:
