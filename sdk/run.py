@@ -2,7 +2,8 @@
 
 An agent's model calls go through `AgentClient.chat` / `.stream`, which attribute them to the run
 and agent; its tool calls are reported with `async with agent.tool_call("search"): ...`, so the
-daemon knows the agent is waiting (and may move its KV out of the way until the tool returns).
+daemon knows the agent is waiting (and may move its KV out of the way until the tool returns);
+a wait on anything else (a person's answer, say) is `async with agent.wait("interrupt"): ...`.
 Every event carries a fresh id, so a retried event is applied once.
 """
 
@@ -22,6 +23,8 @@ from kvrt.sdk.errors import KvrtError
 from kvrt.sdk.http import Transport
 from kvrt.sdk.protocol.control import (
     AgentDone,
+    AgentResumed,
+    AgentWaiting,
     Event,
     EventAck,
     GraphInfo,
@@ -35,7 +38,8 @@ from kvrt.sdk.protocol.rounds import RoundResult
 
 log = logging.getLogger(__name__)
 
-EventType = Literal["tool_call.started", "tool_call.finished", "agent.done"]
+EventType = Literal["tool_call.started", "tool_call.finished", "agent.done", "agent.waiting",
+                    "agent.resumed"]
 
 _state_decoder = msgspec.json.Decoder(RunState)
 _ack_decoder = msgspec.json.Decoder(EventAck)
@@ -193,6 +197,26 @@ class AgentClient:
             raise
         await self.event("tool_call.finished", tool=tool)
 
+    @asynccontextmanager
+    async def wait(self, reason: str = "interrupt", expected_s: float | None = None
+                   ) -> AsyncIterator[EventAck]:
+        """Reports a wait that is not a tool call around the block (a person's answer, an
+        approval): agent.waiting on entry, agent.resumed on exit, also when the block raises
+        (as `tool_call`). `expected_s` is the caller's estimate of the wait; without it the
+        daemon uses what it learned from this agent's earlier waits for `reason`. The daemon
+        treats the wait as a long tool call: the agent's KV may leave the device meanwhile and
+        come back for the predicted resume."""
+        ack = await self.event("agent.waiting", reason=reason, expected_duration_s=expected_s)
+        try:
+            yield ack
+        except BaseException:
+            try:
+                await self.event("agent.resumed")
+            except Exception:
+                log.warning("could not report the end of %s's wait", self.name, exc_info=True)
+            raise
+        await self.event("agent.resumed")
+
     async def done(self) -> EventAck:
         """Reports that the agent has finished its part of the run."""
         return await self.event("agent.done")
@@ -203,13 +227,20 @@ class AgentClient:
         *,
         tool: str | None = None,
         expected_duration_s: float | None = None,
+        reason: str = "interrupt",
         id: str | None = None,
     ) -> EventAck:
         """Sends one event for this agent (low level). Give `id` to make repeats of the same
-        event collapse into one; without it each call is a new event."""
+        event collapse into one; without it each call is a new event. `tool` is for the
+        tool_call events, `reason` for agent.waiting, `expected_duration_s` for both starts."""
         event: Event
         if type == "agent.done":
             event = AgentDone(agent=self.name, id=id)
+        elif type == "agent.waiting":
+            event = AgentWaiting(agent=self.name, reason=reason,
+                                 expected_duration_s=expected_duration_s, id=id)
+        elif type == "agent.resumed":
+            event = AgentResumed(agent=self.name, id=id)
         elif tool is None:
             raise TypeError(f"a {type} event needs a tool")
         elif type == "tool_call.started":

@@ -61,6 +61,14 @@ class Client:
         self._loop = _Loop()
         self._client = aio.Client(base_url, **options)
 
+    @property
+    def base_url(self) -> str:
+        return self._client.base_url
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self._client.headers
+
     def __enter__(self) -> Client:
         return self
 
@@ -142,6 +150,20 @@ class AgentClient:
     def tool_call(self, tool: str, expected_duration_s: float | None = None) -> Iterator[EventAck]:
         """As the async tool_call: the finish is reported also when the block raises."""
         manager = self._agent.tool_call(tool, expected_duration_s)
+        ack = self._loop.run(manager.__aenter__())
+        try:
+            yield ack
+        except BaseException as exc:
+            if not self._loop.run(manager.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            self._loop.run(manager.__aexit__(None, None, None))
+
+    @contextmanager
+    def wait(self, reason: str = "interrupt", expected_s: float | None = None
+             ) -> Iterator[EventAck]:
+        """As the async wait: agent.resumed is reported also when the block raises."""
+        manager = self._agent.wait(reason, expected_s)
         ack = self._loop.run(manager.__aenter__())
         try:
             yield ack

@@ -145,9 +145,11 @@ def test_langgraph_research(server: LiveServer) -> None:
     # Both researchers are the one agent; their searches overlap and are two calls.
     assert agents["researcher"] == (2, 2)
 
-    # The daemon heard each search start and finish from the adapter's callbacks.
+    # The daemon heard each search start and finish from the adapter's callbacks, and each
+    # agent's done when the thread's invocation ended.
     assert counted(before, after, "kvrt:control_events_total") == {
-        '{type="tool_call.started"}': 2, '{type="tool_call.finished"}': 2}
+        '{type="tool_call.started"}': 2, '{type="tool_call.finished"}': 2,
+        '{type="agent.done"}': 3}
     assert sum(counted(before, after, "kvrt:request_success_total").values()) == 4
     # The graph `register` declared from the LangGraph builder stays; the thread's run ended.
     [graph] = [g for g in server.request("GET", "/v1/graphs").json()["data"]

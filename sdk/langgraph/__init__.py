@@ -29,7 +29,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 from kvrt.sdk.langgraph.binding import KvrtCallbacks
 from kvrt.sdk.langgraph.declare import agent_graph
 from kvrt.sdk.langgraph.model import KvrtChatModel
-from kvrt.sdk.langgraph.register import close, close_all, register
+from kvrt.sdk.langgraph.register import (
+    close,
+    close_all,
+    close_all_sync,
+    close_sync,
+    register,
+    register_sync,
+)
 from kvrt.sdk.langgraph.tools import tool_call
 
 __all__ = [
@@ -38,6 +45,9 @@ __all__ = [
     "agent_graph",
     "close",
     "close_all",
+    "close_all_sync",
+    "close_sync",
     "register",
+    "register_sync",
     "tool_call",
 ]

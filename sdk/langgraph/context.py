@@ -20,6 +20,7 @@ from langchain_core.callbacks import BaseCallbackManager
 if TYPE_CHECKING:
     from kvrt.sdk.langgraph.binding import KvrtCallbacks
 
+SEP = "/"  # a subgraph's node and its inner node, in an agent name (see declare.py)
 GRAPH_ID_KEY = "kvrt_graph_id"  # in the run config's metadata, set by `register`
 _MAX_KEY = 128  # the daemon's limit on a run key
 
@@ -73,14 +74,20 @@ def locate(metadata: Mapping[str, Any] | None, handlers: Iterable[Any]) -> NodeC
 
 
 def agent_of(metadata: Mapping[str, Any], names: AbstractSet[str]) -> str | None:
-    """The node, if it is an agent; else the top-level node it runs under (a node of a
-    subgraph: the checkpoint namespace starts `outer:task|inner:task`)."""
-    node = metadata.get("langgraph_node")
-    if node in names:
-        return node
-    namespace = str(metadata.get("langgraph_checkpoint_ns") or "")
-    top = namespace.split("|", 1)[0].split(":", 1)[0]
-    return top if top in names else None
+    """The agent a call belongs to: its node, qualified by the subgraphs it runs in (the
+    checkpoint namespace `outer:task|inner:task` names `outer/inner`), else the innermost
+    enclosing node that is an agent (a graph invoked inside a node's function is part of it);
+    None when no node on the way is one."""
+    namespace = metadata.get("langgraph_checkpoint_ns")
+    if not namespace:
+        node = metadata.get("langgraph_node")
+        return node if node in names else None
+    parts = [part.split(":", 1)[0] for part in str(namespace).split("|")]
+    for depth in range(len(parts), 0, -1):
+        name = SEP.join(parts[:depth])
+        if name in names:
+            return name
+    return None
 
 
 def run_key(thread: Any) -> str:

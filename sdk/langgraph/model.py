@@ -108,6 +108,7 @@ class KvrtChatModel(ChatOpenAI):
         call = _placed(run_manager)
         if call is None:
             return kwargs
+        call.binding.lifecycle.saw(call.thread, call.agent)
         return self._attributed(kwargs, call.binding.runs.run_sync(call.thread).id, call)
 
     async def _placed_async(self, run_manager: RunManager, kwargs: dict[str, Any]
@@ -116,6 +117,7 @@ class KvrtChatModel(ChatOpenAI):
         call = _placed(run_manager)
         if call is None:
             return kwargs
+        call.binding.lifecycle.saw(call.thread, call.agent)
         return self._attributed(kwargs, (await call.binding.runs.run(call.thread)).id, call)
 
     def _async_client_for_loop(self) -> None:

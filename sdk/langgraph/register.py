@@ -1,9 +1,12 @@
 """`register`: declares a compiled LangGraph graph on the daemon and binds it to kvrt; `close`
-ends a thread's run.
+ends a thread's run. `register_sync`, `close_sync` and `close_all_sync` are their twins for
+applications without an event loop (a sync `graph.invoke`): they make blocking calls only.
 
 The graph `register` returns is the compiled graph with two additions to its config: the kvrt
-graph id in the metadata (every node's calls carry it) and the graph's `KvrtCallbacks` in the
-callbacks. It is still a CompiledStateGraph: invoke, ainvoke, stream and astream work as before.
+graph id in the metadata (every node's calls carry it) and a callback manager holding the
+binding (`KvrtCallbacks`, its `GraphWatch`, both inherited by every run inside the graph) and
+its `Lifecycle` (the root run's alone: not inherited). It is still a CompiledStateGraph:
+invoke, ainvoke, stream and astream work as before.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from langchain_core.callbacks import CallbackManager
+
+from kvrt.sdk import sync
 from kvrt.sdk.client import Client
 from kvrt.sdk.langgraph.binding import KvrtCallbacks
 from kvrt.sdk.langgraph.context import GRAPH_ID_KEY, binding_in, in_config, run_key
 from kvrt.sdk.langgraph.declare import agent_graph
+from kvrt.sdk.langgraph.threads import SyncHttp
 from kvrt.sdk.protocol.control import GraphInfo, GraphSpec, Reuse, RunClosed
 
 
@@ -42,20 +49,66 @@ async def register(
     spec = agent_graph(compiled, name or compiled.get_name(), agents=agents,
                        expected_iterations=expected_iterations, reuse=reuse).spec()
     info = await declared(client, spec) or await client.create_graph(spec)
-    return compiled.with_config(metadata={GRAPH_ID_KEY: info.id},
-                                callbacks=[KvrtCallbacks(client, info)])
+    return bound_graph(compiled, KvrtCallbacks(client, info))
+
+
+def register_sync(
+    compiled: Any,
+    daemon: str | sync.Client,
+    name: str | None = None,
+    *,
+    agents: Mapping[str, Mapping[str, Any]] | None = None,
+    expected_iterations: int | None = None,
+    reuse: Reuse = "exact",
+    api_key: str | None = None,
+) -> Any:
+    """`register` for code without an event loop: `daemon` is the daemon's URL (with
+    `api_key` if it has keys) or a `kvrt.sdk.sync.Client`. The graph it returns reports over
+    blocking HTTP from `invoke` and `stream`; `ainvoke` works too."""
+    client = (Client(daemon, api_key=api_key) if isinstance(daemon, str)
+              else Client(daemon.base_url, headers=daemon.headers))
+    bound = binding_of(compiled)
+    if bound is not None and bound.base_url == client.base_url:
+        return compiled
+    spec = agent_graph(compiled, name or compiled.get_name(), agents=agents,
+                       expected_iterations=expected_iterations, reuse=reuse).spec()
+    http = SyncHttp(client.base_url, client.headers)
+    return bound_graph(compiled, KvrtCallbacks(client, http.declared(spec, _same), http))
+
+
+def bound_graph(compiled: Any, binding: KvrtCallbacks) -> Any:
+    callbacks = CallbackManager(handlers=[binding.lifecycle, binding, binding.watch],
+                                inheritable_handlers=[binding, binding.watch])
+    return compiled.with_config(metadata={GRAPH_ID_KEY: binding.graph.id}, callbacks=callbacks)
 
 
 async def close(graph: Any, thread_id: Any) -> RunClosed | None:
     """Ends the run of thread `thread_id` of a registered graph (None if it has no live run):
     its KV is released. A later call in the thread starts a new run."""
-    return await _binding(graph).runs.close(run_key(thread_id))
+    binding, thread = _binding(graph), run_key(thread_id)
+    binding.lifecycle.forget(thread)
+    return await binding.runs.close(thread)
+
+
+def close_sync(graph: Any, thread_id: Any) -> RunClosed | None:
+    """`close` for code without an event loop."""
+    binding, thread = _binding(graph), run_key(thread_id)
+    binding.lifecycle.forget(thread)
+    return binding.runs.close_sync(thread)
 
 
 async def close_all(graph: Any) -> list[RunClosed]:
     """Ends the runs of every thread this registration has seen."""
     runs = _binding(graph).runs
-    closed = [await runs.close(thread) for thread in runs.threads()]
+    closed = [await close(graph, thread) for thread in runs.threads()]
+    runs.close_http()
+    return [c for c in closed if c is not None]
+
+
+def close_all_sync(graph: Any) -> list[RunClosed]:
+    """`close_all` for code without an event loop."""
+    runs = _binding(graph).runs
+    closed = [close_sync(graph, thread) for thread in runs.threads()]
     runs.close_http()
     return [c for c in closed if c is not None]
 

@@ -16,14 +16,24 @@ from __future__ import annotations
 import threading
 import uuid
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 import msgspec
 
 from kvrt.sdk.client import Client
 from kvrt.sdk.errors import KvrtConnectionError, error_from_response
-from kvrt.sdk.protocol.control import Event, EventAck, GraphInfo, RunClosed, RunInfo, RunSpec
+from kvrt.sdk.protocol.control import (
+    Event,
+    EventAck,
+    GraphInfo,
+    GraphList,
+    GraphSpec,
+    RunClosed,
+    RunInfo,
+    RunList,
+    RunSpec,
+)
 from kvrt.sdk.run import Run
 
 T = TypeVar("T")
@@ -31,13 +41,52 @@ T = TypeVar("T")
 _SYNC_TIMEOUT = 30.0  # seconds; control-plane calls answer in milliseconds
 
 
+class SyncHttp:
+    """The daemon's control plane from synchronous code: a blocking client of its own, opened
+    on first use."""
+
+    def __init__(self, base_url: str, headers: dict[str, str]) -> None:
+        self.base_url, self.headers = base_url, headers
+        self._http: httpx.Client | None = None
+        self._lock = threading.Lock()
+
+    def request(self, method: str, path: str, body: Any, kind: type[T]) -> T:
+        with self._lock:
+            if self._http is None:
+                self._http = httpx.Client(base_url=self.base_url, headers=self.headers,
+                                          timeout=_SYNC_TIMEOUT)
+            http = self._http
+        content = None if body is None else msgspec.json.encode(body)
+        try:
+            reply = http.request(method, path, content=content,
+                                 headers={"Content-Type": "application/json"})
+        except httpx.HTTPError as exc:
+            raise KvrtConnectionError(f"{method} {self.base_url}{path} failed: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+        if not 200 <= reply.status_code < 300:
+            raise error_from_response(reply.status_code, reply.content)
+        return msgspec.json.decode(reply.content, type=kind)
+
+    def declared(self, spec: GraphSpec, same: Any) -> GraphInfo:
+        """The graph on the daemon that `same(spec, info)` finds, else a new one."""
+        graphs = self.request("GET", "/v1/graphs", None, GraphList).data
+        found = next((info for info in graphs if same(spec, info)), None)
+        return found or self.request("POST", "/v1/graphs", spec, GraphInfo)
+
+    def close(self) -> None:
+        with self._lock:
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
+
+
 class ThreadRuns:
-    def __init__(self, client: Client, graph: GraphInfo) -> None:
+    def __init__(self, client: Client, graph: GraphInfo, http: SyncHttp | None = None) -> None:
         self.client = client
         self.graph = graph
         self._runs: dict[str, Run] = {}
         self._lock = threading.Lock()  # sync callers run on worker threads
-        self._http: httpx.Client | None = None
+        self.http = http or SyncHttp(client.base_url, client.headers)
 
     def threads(self) -> list[str]:
         with self._lock:
@@ -55,14 +104,15 @@ class ThreadRuns:
         run = self._runs.get(thread)
         if run is None:
             spec = RunSpec(graph_id=self.graph.id, key=thread)
-            info = self._post("/v1/runs", spec, RunInfo)
+            info = self.http.request("POST", "/v1/runs", spec, RunInfo)
             run = self._remember(thread, self.client.run(info, self.graph))
         return run
 
     def event_sync(self, run: Run, event: Event) -> EventAck:
         """Sends one event from synchronous code (with a fresh id, as `Run.event` does)."""
         event = msgspec.structs.replace(event, id=event.id or uuid.uuid4().hex)
-        return self._post(f"/v1/runs/{quote(run.id, safe='')}/events", event, EventAck)
+        return self.http.request("POST", f"/v1/runs/{quote(run.id, safe='')}/events", event,
+                                 EventAck)
 
     async def close(self, thread: str) -> RunClosed | None:
         """Ends the thread's live run, if it has one (known here or found on the daemon)."""
@@ -77,28 +127,24 @@ class ThreadRuns:
             run = self.client.run(live[0], self.graph)
         return await run.close()
 
-    def close_http(self) -> None:
+    def close_sync(self, thread: str) -> RunClosed | None:
+        """`close` from synchronous code."""
         with self._lock:
-            http, self._http = self._http, None
-        if http is not None:
-            http.close()
+            run = self._runs.pop(thread, None)
+        run_id = run.id if run is not None else None
+        if run_id is None:
+            query = urlencode({"graph_id": self.graph.id, "key": thread})
+            found = self.http.request("GET", "/v1/runs?" + query, None, RunList).data
+            live = [info for info in found if info.status == "live"]
+            if not live:
+                return None
+            run_id = live[0].id
+        return self.http.request("DELETE", f"/v1/runs/{quote(run_id, safe='')}", None,
+                                 RunClosed)
+
+    def close_http(self) -> None:
+        self.http.close()
 
     def _remember(self, thread: str, run: Run) -> Run:
         with self._lock:  # the first answer wins; any other is the same run (same key)
             return self._runs.setdefault(thread, run)
-
-    def _post(self, path: str, body: Any, kind: type[T]) -> T:
-        with self._lock:
-            if self._http is None:
-                self._http = httpx.Client(base_url=self.client.base_url,
-                                          headers=self.client.headers, timeout=_SYNC_TIMEOUT)
-            http = self._http
-        try:
-            reply = http.post(path, content=msgspec.json.encode(body),
-                              headers={"Content-Type": "application/json"})
-        except httpx.HTTPError as exc:
-            raise KvrtConnectionError(f"POST {self.client.base_url}{path} failed: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-        if not 200 <= reply.status_code < 300:
-            raise error_from_response(reply.status_code, reply.content)
-        return msgspec.json.decode(reply.content, type=kind)

@@ -31,6 +31,7 @@ async def tool_call(name: str, expected_s: float | None = None, *,
     if call is None:
         yield None
         return
+    call.binding.lifecycle.saw(call.thread, call.agent)
     run = await call.binding.runs.run(call.thread)
     async with run.agent(call.agent).tool_call(name, expected_s) as ack:
         yield ack

@@ -151,17 +151,18 @@ async def run_of(client: Client, graph_id: str, key: str) -> RunState:
     return await client.run(info, await client.get_graph(graph_id)).state()
 
 
-def assert_attributed(state: RunState, did: Did) -> None:
+def assert_attributed(state: RunState, did: Did, invocations: int = 1) -> None:
     """Exactly the nodes as agents, each with the calls it made and one event pair per tool
-    call (a start whose finish never came would leave the agent in tool_call)."""
+    call (a start whose finish never came would leave the agent in tool_call), and each done
+    once per invocation of the thread (all of them worked in each)."""
     assert [a.name for a in state.agents] == NODES
     by = {a.name: a for a in state.agents}
     assert {n: by[n].calls for n in NODES} == {n: did.calls[n] for n in NODES}
     assert {n: by[n].generated_tokens for n in NODES} == {
         n: did.calls[n] * TOKENS for n in NODES}
     assert {n: by[n].tool_calls for n in NODES} == {n: did.tools[n] for n in NODES}
-    assert state.event_count == 2 * sum(did.tools.values())
-    assert all(a.state == "idle" and a.tool is None and a.requests == 0 for a in state.agents)
+    assert state.event_count == 2 * sum(did.tools.values()) + invocations * len(NODES)
+    assert all(a.state == "done" and a.tool is None and a.requests == 0 for a in state.agents)
 
 
 # ---- declaring the graph -------------------------------------------------------------------
@@ -275,7 +276,7 @@ def test_concurrent_threads_get_their_own_runs_and_a_thread_keeps_its_run(
             await graphs["t-a"].ainvoke({"round": 0, "notes": []}, thread("t-a"))
             again = await run_of(client, graph_id, "t-a")
             assert again.id == runs["t-a"].id  # the same thread, the same run
-            assert_attributed(again, did["t-a"])  # counts doubled, in that one run
+            assert_attributed(again, did["t-a"], 2)  # counts doubled, in that one run
             assert did["t-a"].calls["search"] == 8
 
             for key in did:
@@ -337,19 +338,23 @@ def test_a_sync_graph_reports_through_the_sync_paths(server: LiveServer) -> None
     by = {a.name: a for a in state.agents}
     assert (by["ask"].calls, by["ask"].tool_calls) == (2, 0)
     assert (by["act"].calls, by["act"].tool_calls) == (0, 1)
-    assert state.event_count == 2
+    assert state.event_count == 4  # the tool call's two, and each agent's done
+    assert {a.state for a in state.agents} == {"done"}
     wait_released(server)
 
 
-def test_tool_node_runs_are_reported_for_the_tool_node(server: LiveServer) -> None:
+def test_tool_node_runs_are_the_tool_calls_of_the_agent_that_asked(server: LiveServer) -> None:
     """ToolNode runs the tools an AI message asks for (at once); each is a tool call of the
-    node. (Overlapping calls of one tool by one agent count once: the daemon tracks one call
-    per agent and tool at a time.)"""
+    node whose output asked for it (here the node builds the message itself), not of the
+    ToolNode, which is no agent. (Overlapping calls of one tool by one agent count once: the
+    daemon tracks one call per agent and tool at a time.)"""
+    model = make_model(server)
 
     class Chat(TypedDict):
         messages: Annotated[list, operator.add]
 
-    def agent(state: Chat) -> dict[str, Any]:
+    async def agent(state: Chat) -> dict[str, Any]:
+        await model.ainvoke("Which tools?")
         calls = [{"name": name, "args": {"query": "kv"}, "id": f"call-{name}"}
                  for name in ("lookup", "shout")]
         return {"messages": [AIMessage(content="", tool_calls=calls)]}
@@ -361,19 +366,24 @@ def test_tool_node_runs_are_reported_for_the_tool_node(server: LiveServer) -> No
     builder.add_edge("agent", "tools")
     builder.add_edge("tools", END)
 
-    async def go() -> tuple[RunState, list[Any]]:
+    async def go() -> tuple[GraphInfo, RunState, list[Any]]:
         async with Client(server.url) as client:
             graph = await register(builder.compile(), client, name="toolnode")
             result = await graph.ainvoke({"messages": []}, thread("t-tools"))
-            state = await run_of(client, graph.config["metadata"]["kvrt_graph_id"], "t-tools")
+            graph_id = graph.config["metadata"]["kvrt_graph_id"]
+            state = await run_of(client, graph_id, "t-tools")
             await close(graph, "t-tools")
-            return state, result["messages"]
+            return await client.get_graph(graph_id), state, result["messages"]
 
-    state, messages = asyncio.run(go())
+    info, state, messages = asyncio.run(go())
     assert [m.content for m in messages[1:]] == ["KV", "kv!"]
-    by = {a.name: a for a in state.agents}
-    assert (by["tools"].tool_calls, by["agent"].tool_calls) == (2, 0)
-    assert by["tools"].state == "idle" and state.event_count == 4
+    assert [a.name for a in info.agents] == ["agent"] and info.edges == []
+    [agent_state] = state.agents
+    assert (agent_state.calls, agent_state.tool_calls, agent_state.state) == (1, 2, "done")
+    assert state.event_count == 5  # two starts, two finishes, the done
+    assert {(t.agent, t.tool, t.observations) for t in state.tools} == {
+        ("agent", "lookup", 1), ("agent", "shout", 1)}
+    wait_released(server)
 
 
 # ---- the model -------------------------------------------------------------------------------
