@@ -300,6 +300,16 @@ class KVManager:
     def cached_blocks(self, owner: Owner) -> int:
         return len(self._cached_of(owner))
 
+    def settling_blocks(self, owner: Owner) -> int:
+        """The owner's blocks that only write-through copies to the host hold now: cached as
+        soon as those land (a call's last blocks, right after it ends)."""
+        host = self.host
+        if host is None:
+            return 0
+        blocks = self.pool.blocks
+        return sum(1 for b in self.owners.blocks_of(owner)
+                   if 0 < blocks[b].ref_count == host.backups_of(b))
+
     @property
     def has_host_tier(self) -> bool:
         return self.host is not None

@@ -16,7 +16,11 @@ round trip = 2 x (copy_latency_s + bytes / bandwidth), the bandwidth learned fro
 observed so far (their average), `prior_bandwidth` before the first. An offloaded agent's KV is
 uploaded at `started + predicted - upload time - upload_lead_s`, or at `tool_call.finished` if
 the tool returns first; if its next call comes before either, admission uploads it on demand.
-(The decision is "keep: host_full" when the host tier can take none of it.)
+(The decision is "keep: host_full" when the host tier can take none of it.) A tool usually
+starts right after the call that asked for it, while write-through (below) is still copying
+that call's last blocks to the host: those blocks look busy, not cached, until the copies land.
+So when the agent holds no cached KV but such blocks, the decision waits for them (a step or
+two) and is then made on what is left of the predicted time.
 
 Spatial: waiting calls are admitted by descending graph priority (stamped on each call from the
 run's critical path, and kept current by the daemon as the path moves: `on_priorities`) plus
@@ -65,6 +69,9 @@ class TokencakePolicy(Policy):
     def __init__(self, config: TokencakeConfig | None = None) -> None:
         self.config = config or TokencakeConfig()
         self.away: dict[Owner, float] = {}  # offloaded owner -> clock time to bring it back
+        # Tool started while its KV was still being written through: (started, predicted s,
+        # reserved priority) until those copies land and the decision is made.
+        self.deciding: dict[Owner, tuple[float, float | None, float | None]] = {}
         self.reserved: dict[Owner, float] = {}  # owner -> priority, its KV pinned between calls
         self.lent: dict[Owner, float] = {}  # reservations lent to running calls, to reclaim
         self.deadlines: dict[Owner, float] = {}  # reserved or lent owner -> when it ends
@@ -106,6 +113,7 @@ class TokencakePolicy(Policy):
         if owner is None:
             return
         self.away.pop(owner, None)  # its KV is back (or on its way, for this very call)
+        self.deciding.pop(owner, None)
         yield from self._end_reservation(owner)
 
     def reserve_budget(self, kv: KVState) -> float:
@@ -178,7 +186,8 @@ class TokencakePolicy(Policy):
         return {agent: d for (r, agent), d in self.last_decision.copy().items() if r == run}
 
     def on_run_end(self, run: str) -> None:
-        for state in (self.away, self.reserved, self.lent, self.deadlines, self.last_decision):
+        for state in (self.away, self.deciding, self.reserved, self.lent, self.deadlines,
+                      self.last_decision):
             for owner in [o for o in state if o[0] == run]:
                 del state[owner]  # its pins went with the run (KVManager.release_run)
 
@@ -187,24 +196,37 @@ class TokencakePolicy(Policy):
         if event.kind == "tool_call.started":
             priority = self.reserved.get(owner)
             yield from self._end_reservation(owner)  # its cached blocks may go to the host
-            decision = self._decide(owner, event.predicted_s, kv, now)
-            self.decisions[decision] += 1
-            self.last_decision[owner] = decision
-            if decision == "offload":
-                yield Offload(owner)
-            elif priority is not None:
-                yield Pin(owner)  # kept: reserved again, until the tool is long overdue
-                self.reserved[owner] = priority
-                self.deadlines[owner] = now + self._tool_deadline_s(event.predicted_s)
+            if not kv.cached_blocks(owner) and kv.settling_blocks(owner):
+                # The call that just ended is still being written through to the host: decide
+                # once those copies land (a step or two), not on KV that looks busy.
+                self.deciding[owner] = (now, event.predicted_s, priority)
+                return
+            yield from self._tool_started(owner, now, event.predicted_s, priority, kv, now)
         elif event.kind == "tool_call.finished":
+            self.deciding.pop(owner, None)
             if owner in self.deadlines:
                 self.deadlines[owner] = now + self.config.tool_deadline_min_s
             if owner in self.away:
                 self.away[owner] = now  # back early, or on time: the next call is near
                 yield from self._upload(owner, kv)
         elif event.kind == "agent.done":
+            self.deciding.pop(owner, None)
             self.away.pop(owner, None)  # its host copy stays, evictable
             yield from self._end_reservation(owner)
+
+    def _tool_started(self, owner: Owner, started: float, predicted_s: float | None,
+                      priority: float | None, kv: KVState, now: float) -> Decisions:
+        """The decision on the KV of an agent whose tool started at `started` (see the table
+        above); a reserved agent whose KV stays is reserved again."""
+        decision = self._decide(owner, started, predicted_s, kv, now)
+        self.decisions[decision] += 1
+        self.last_decision[owner] = decision
+        if decision == "offload":
+            yield Offload(owner)
+        elif priority is not None:
+            yield Pin(owner)  # kept: reserved again, until the tool is long overdue
+            self.reserved[owner] = priority
+            self.deadlines[owner] = started + self._tool_deadline_s(predicted_s)
 
     def on_keyed(self, block_ids: list[int], kv: KVState) -> Decisions:
         if kv.has_host_tier and self.config.write_through:
@@ -218,6 +240,10 @@ class TokencakePolicy(Policy):
         self._now = now
         yield from self._expire(now, kv)
         yield from self._fit_reservations(kv)
+        for owner, (started, predicted_s, priority) in list(self.deciding.items()):
+            if not kv.settling_blocks(owner):
+                del self.deciding[owner]
+                yield from self._tool_started(owner, started, predicted_s, priority, kv, now)
         for owner, upload_at in list(self.away.items()):
             if upload_at <= now:
                 yield from self._upload(owner, kv)
@@ -229,7 +255,8 @@ class TokencakePolicy(Policy):
         return self.config.copy_latency_s + kv.copy_seconds(num_blocks,
                                                              self.config.prior_bandwidth)
 
-    def _decide(self, owner: Owner, predicted_s: float | None, kv: KVState, now: float) -> str:
+    def _decide(self, owner: Owner, started: float, predicted_s: float | None, kv: KVState,
+                now: float) -> str:
         if not kv.has_host_tier:
             return "keep:no_host_tier"
         cached = kv.cached_blocks(owner)
@@ -238,11 +265,12 @@ class TokencakePolicy(Policy):
         usage = kv.usage()
         if usage.free >= self.config.pressure_free_fraction * usage.total:
             return "keep:no_pressure"
-        if (predicted_s or 0.0) < self.config.offload_margin * self.round_trip_s(cached, kv):
+        left_s = (predicted_s or 0.0) - (now - started)
+        if left_s < self.config.offload_margin * self.round_trip_s(cached, kv):
             return "keep:short_tool"
         if not kv.offloadable_blocks(owner):
             return "keep:host_full"
-        self.away[owner] = (now + (predicted_s or 0.0) - self.copy_s(cached, kv)
+        self.away[owner] = (started + (predicted_s or 0.0) - self.copy_s(cached, kv)
                             - self.config.upload_lead_s)
         return "offload"
 

@@ -53,6 +53,7 @@ class KVState(Protocol):
     def pinnable_blocks(self, owner: Owner) -> int: ...  # keyed, not on its way to the host
 
     def cached_blocks(self, owner: Owner) -> int: ...  # no request reads them
+    def settling_blocks(self, owner: Owner) -> int: ...  # cached once its backups land
 
     @property
     def has_host_tier(self) -> bool: ...

@@ -54,10 +54,6 @@ def engine_idle(server: LiveServer) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "daemon side, open: the agent's blocks often stay in use (not cached) after its call "
-    "returns, with nothing running or pinned, so tokencake decides keep:nothing_cached at the "
-    "tool's start; passes when they are cached by then"))
 def test_a_react_agents_kv_leaves_during_its_tool_and_is_back_before_it_returns(
         server: LiveServer) -> None:
     started: list[float] = []

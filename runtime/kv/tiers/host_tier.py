@@ -18,6 +18,7 @@ for it computes its KV instead of asking for the same upload again at every step
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from concurrent.futures import Future, wait
 
 from kvrt.runtime.kv.block_pool import BlockPool
@@ -35,6 +36,7 @@ class HostTier:
         self.mover = mover
         self._pending: list[tuple[Move, Future[None]]] = []
         self._offloaded: dict[Owner, list[int]] = {}  # owner -> host blocks of its last offload
+        self._backing_up: Counter[int] = Counter()  # device block -> backups copying it now
         self.failed = 0
 
     def offload(self, block_ids: list[int]) -> list[int]:
@@ -74,7 +76,14 @@ class HostTier:
     def backup(self, block_ids: list[int]) -> Move | None:
         """Starts copying these keyed device blocks (the ones the host lacks) to the host,
         leaving them on the device; returns the move on its way, if any."""
-        return self._start(self.tiers.prepare_backup(block_ids))
+        move = self._start(self.tiers.prepare_backup(block_ids))
+        if move is not None:
+            self._backing_up.update(move.source)
+        return move
+
+    def backups_of(self, device_block: int) -> int:
+        """How many backups are copying this device block now (each holds a reference)."""
+        return self._backing_up[device_block]
 
     def upload(self, host_block_ids: list[int]) -> bool:
         """Starts bringing these host blocks to the device; False if none could go now."""
@@ -96,6 +105,8 @@ class HostTier:
         for move, future in self._pending:
             if future.done():
                 landed += self._complete(move, future)
+                if move.keep_source:
+                    self._backed_up(move.source)
             else:
                 still.append((move, future))
         self._pending = still
@@ -110,6 +121,12 @@ class HostTier:
         """Stops the mover (which lets its copies in flight end) and completes them."""
         self.mover.close()
         self.finish_done()
+
+    def _backed_up(self, device_blocks: list[int]) -> None:
+        for block_id in device_blocks:
+            self._backing_up[block_id] -= 1
+            if not self._backing_up[block_id]:
+                del self._backing_up[block_id]
 
     def _start(self, move: Move | None) -> Move | None:
         """Hands the move to the mover; None if there was none, or it could not start."""
