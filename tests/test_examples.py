@@ -162,3 +162,22 @@ def test_langgraph_research(server: LiveServer) -> None:
     assert graph["live_runs"] == 0
     assert server.request("GET", "/v1/runs?key=smoke").json()["data"] == []
     assert server.stats().kv_blocks_in_use == 0
+
+
+def test_langgraph_react(server: LiveServer) -> None:
+    before = metrics(server)
+    lines = run_example("langgraph_react.py", server)
+    after = metrics(server)
+    assert lines[0].startswith("answer> ")
+    # The tiny model writes no tool call: one model call, then the invocation ends, and the
+    # adapter reports the one agent (the model node; `tools` is no agent) done.
+    [agent] = [line for line in lines[1:] if ":" in line]
+    assert re.fullmatch(r"agent: done, 1 model calls, 0 tool calls, KV \d+ blocks on the device, "
+                        r"0 on the host", agent), agent
+    assert counted(before, after, "kvrt:control_events_total") == {'{type="agent.done"}': 1}
+    [graph] = [g for g in server.request("GET", "/v1/graphs").json()["data"]
+               if g["name"] == "react"]
+    assert [a["name"] for a in graph["agents"]] == ["agent"]
+    assert graph["agents"][0]["tools"] == {"search": 2.0}
+    assert [(e["from"], e["to"]) for e in graph["edges"]] == [("agent", "agent")]
+    assert server.request("GET", "/v1/runs").json()["data"] == []

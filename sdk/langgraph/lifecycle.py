@@ -5,17 +5,20 @@ while an interrupt holds it, resumed when it is invoked again.
     --------------------------------------------------  ------------------------------------
     starts, with agents waiting since the last one      agent.resumed for each
     ends after an interrupt (a node raised              agent.waiting {reason: "interrupt"}
-      GraphInterrupt: `interrupt()`)                    for each interrupted agent
+      GraphInterrupt: `interrupt()`)                    for each interrupted agent, and each
+                                                        agent heard of since its last done
     ends otherwise (finished, or failed)                agent.done for each agent the
                                                         daemon heard of since its last done
 
 An interrupt is told by the node run that raised GraphInterrupt (GraphWatch records it; the
-root run itself ends normally, with `__interrupt__` in its output). The other agents of an
-interrupted invocation stay as they are: the graph goes on after the resume, and their done
-comes when it ends. An interrupt before or after a node (`interrupt_before=`/`interrupt_after=`
-at compile) raises in no node, so it ends the invocation as a finish does; a thread resumed in
-another process than the one it was interrupted in sends no agent.resumed (the daemon ends the
-wait at the agent's next model call anyway).
+root run itself ends normally, with `__interrupt__` in its output). The thread waits for a
+person, so every agent it ran since their last done waits too: their KV idles as long (a
+review node that interrupts holds none; the draft it reviews does). The graph goes on after
+the resume, and their done comes when it ends. An interrupt before or after a node
+(`interrupt_before=`/`interrupt_after=` at compile) raises in no node, so it ends the
+invocation as a finish does; a thread resumed in another process than the one it was
+interrupted in sends no agent.resumed (the daemon ends the wait at the agent's next model call
+anyway).
 
 `register` gives this handler to the graph's root callback manager only, not to the managers
 its nodes inherit: it hears the root run's start and end, a few events per invocation, and
@@ -88,14 +91,20 @@ class Lifecycle(BaseCallbackHandler):
         if thread is None:
             return
         interrupted = self.watch.take_interrupted(thread)
+        waiting: set[str] = set()
         with self._lock:
             if interrupted:
-                self._waiting.setdefault(thread, set()).update(interrupted)
+                # The whole thread waits for the person, and so does the KV of each agent it
+                # ran (a draft's, say, when the interrupt is in a review node of its own).
+                active = self._active.setdefault(thread, set())
+                active.update(interrupted)  # they ran: done, with the rest, at the end
+                waiting = set(active)
+                self._waiting.setdefault(thread, set()).update(waiting)
                 done: set[str] = set()
             else:
                 done = self._active.pop(thread, set())
         events: list[Event] = [AgentWaiting(agent=agent, reason="interrupt")
-                               for agent in sorted(interrupted)]
+                               for agent in sorted(waiting)]
         self._send(thread, events + [AgentDone(agent=agent) for agent in sorted(done)])
 
     def _send(self, thread: str, events: list[Event]) -> None:

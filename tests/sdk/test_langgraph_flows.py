@@ -196,6 +196,50 @@ def test_an_interrupt_is_a_wait_of_its_agent_and_resuming_ends_it(server: LiveSe
     wait_released(server)
 
 
+def test_an_interrupt_in_a_review_node_is_a_wait_of_the_agents_it_reviews(
+        server: LiveServer) -> None:
+    """draft (a model call) -> review (interrupt(), no model call) -> final. While the thread
+    waits for its person, the draft's KV waits too: both are reported waiting, both resumed."""
+    model = make_model(server)
+
+    async def draft(state: Chat) -> dict[str, Any]:
+        return {"messages": [(await model.ainvoke("Draft the reply.")).content]}
+
+    def review(state: Chat) -> dict[str, Any]:
+        return {"messages": [interrupt("Send it?")]}
+
+    async def final(state: Chat) -> dict[str, Any]:
+        return {"messages": [(await model.ainvoke("Send.")).content]}
+
+    builder = StateGraph(Chat)
+    for name, node in (("draft", draft), ("review", review), ("final", final)):
+        builder.add_node(name, node)
+    builder.add_edge(START, "draft")
+    builder.add_edge("draft", "review")
+    builder.add_edge("review", "final")
+    compiled = builder.compile(checkpointer=InMemorySaver())
+
+    async def go() -> tuple[RunState, RunState]:
+        async with Client(server.url) as client:
+            graph = await register(compiled, client, name="review")
+            graph_id = graph.config["metadata"]["kvrt_graph_id"]
+            await graph.ainvoke({"messages": []}, thread("t-review"))
+            waiting = await run_of(client, graph_id, "t-review")
+            await graph.ainvoke(Command(resume="yes"), thread("t-review"))
+            finished = await run_of(client, graph_id, "t-review")
+            await close(graph, "t-review")
+            return waiting, finished
+
+    waiting, finished = asyncio.run(go())
+    assert [(a.name, a.state, a.waiting) for a in waiting.agents] == [
+        ("draft", "waiting", "interrupt"), ("review", "waiting", "interrupt"),
+        ("final", "idle", None)]
+    assert [(a.name, a.state, a.calls) for a in finished.agents] == [
+        ("draft", "done", 1), ("review", "done", 0), ("final", "done", 1)]
+    assert finished.event_count == 7  # 2 waiting, 2 resumed, 3 done
+    wait_released(server)
+
+
 def test_a_subgraph_node_is_its_inner_nodes(server: LiveServer) -> None:
     model = make_model(server)
 
