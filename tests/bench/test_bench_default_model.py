@@ -16,7 +16,7 @@ from kvrt.runtime.policy import policy_names
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("workload", ["generative-agents", "tool-agents", "langgraph"])
+@pytest.mark.parametrize("workload", ["generative-agents", "tool-agents"])
 def test_quick_bench_of_the_default_model(workload: str, default_model_path: Path,
                                           tmp_path: Path) -> None:
     command = [sys.executable, "-m", "kvrt.runtime.cli", "bench", workload, "--quick",
