@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from kvrt.sdk import client as aio
@@ -146,24 +146,19 @@ class AgentClient:
     def stream(self, messages: Sequence[Message], **options: Any) -> SyncChatStream:
         return SyncChatStream(self._loop, self._agent.stream(messages, **options))
 
-    @contextmanager
-    def tool_call(self, tool: str, expected_duration_s: float | None = None) -> Iterator[EventAck]:
+    def tool_call(self, tool: str, expected_duration_s: float | None = None
+                  ) -> AbstractContextManager[EventAck]:
         """As the async tool_call: the finish is reported also when the block raises."""
-        manager = self._agent.tool_call(tool, expected_duration_s)
-        ack = self._loop.run(manager.__aenter__())
-        try:
-            yield ack
-        except BaseException as exc:
-            if not self._loop.run(manager.__aexit__(type(exc), exc, exc.__traceback__)):
-                raise
-        else:
-            self._loop.run(manager.__aexit__(None, None, None))
+        return self._blocking(self._agent.tool_call(tool, expected_duration_s))
+
+    def wait(self, reason: str = "interrupt", expected_s: float | None = None
+             ) -> AbstractContextManager[EventAck]:
+        """As the async wait: agent.resumed is reported also when the block raises."""
+        return self._blocking(self._agent.wait(reason, expected_s))
 
     @contextmanager
-    def wait(self, reason: str = "interrupt", expected_s: float | None = None
-             ) -> Iterator[EventAck]:
-        """As the async wait: agent.resumed is reported also when the block raises."""
-        manager = self._agent.wait(reason, expected_s)
+    def _blocking(self, manager: AbstractAsyncContextManager[EventAck]) -> Iterator[EventAck]:
+        """An async context manager of the agent, entered and exited on the client's loop."""
         ack = self._loop.run(manager.__aenter__())
         try:
             yield ack
