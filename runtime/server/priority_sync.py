@@ -9,8 +9,9 @@ run's last push, every agent the first time:
     moment                          who                            criticality
     ------------------------------  -----------------------------  ----------------------------
     POST /v1/runs started a run     control_routes: track(run)     none; nothing pushed yet
-    an event was applied            control_routes: soon(run)      computed once per loop turn,
-    a call ended                    SyncedCall.ended: soon(run)    however many events and
+    an event was applied            control_routes: soon(run)      computed once per loop turn
+    a call ended                    SyncedCall.ended: soon(run)    (at most once per 10 ms),
+                                                                   however many events and
                                                                    calls of the run came
     calls were submitted            model_calls.submit_calls:      their contexts' (one for
                                     push(run, criticality)         the stamps and the push)
@@ -32,6 +33,10 @@ from aiohttp import web
 from kvrt.runtime.graph.critical_path import Criticality
 from kvrt.runtime.graph.runs import AgentCall, Run
 
+# Seconds between two pushes of one run after events and call ends: a priority at most this
+# stale, against a critical path of calls and tools that take seconds.
+MIN_PUSH_INTERVAL_S = 0.01
+
 
 class PrioritySink(Protocol):
     """Where the pushes go: the engine (EngineClient.set_priorities)."""
@@ -44,7 +49,8 @@ class PrioritySync:
         self._engine = engine
         # live run id -> the priorities last pushed, by agent index (None: none yet)
         self._pushed: dict[str, list[float] | None] = {}
-        self._soon: set[str] = set()  # runs whose push is scheduled for the next loop turn
+        self._soon: set[str] = set()  # runs whose push is scheduled
+        self._pushed_at: dict[str, float] = {}  # run id -> loop time of its last scheduled push
 
     def __contains__(self, run_id: str) -> bool:
         return run_id in self._pushed
@@ -54,6 +60,7 @@ class PrioritySync:
 
     def forget(self, run: Run) -> None:
         self._pushed.pop(run.id, None)
+        self._pushed_at.pop(run.id, None)
 
     def push(self, run: Run, criticality: Criticality | None = None) -> None:
         """Sends the engine the run's priorities that changed, as of `criticality` (None:
@@ -72,16 +79,21 @@ class PrioritySync:
             self._engine.set_priorities(run.id, changed)
 
     def soon(self, run: Run) -> None:
-        """Pushes the run's priorities at the loop's next turn: the events handled in one turn,
-        and the calls that end together (a round's, delivered by one engine step), cost one
-        critical path, computed after their replies are on their way."""
+        """Pushes the run's priorities at the loop's next turn, and no sooner than
+        MIN_PUSH_INTERVAL_S after its last push: the events handled meanwhile, and the calls
+        that end together (a round's, delivered by one engine step), cost one critical path,
+        computed after their replies are on their way. A run flooded with events costs the
+        loop one critical path per interval, not one per event."""
         if run.id in self._soon or run.id not in self._pushed:
             return
         self._soon.add(run.id)
-        asyncio.get_running_loop().call_soon(self._push_soon, run)
+        loop = asyncio.get_running_loop()
+        since = loop.time() - self._pushed_at.get(run.id, -MIN_PUSH_INTERVAL_S)
+        loop.call_later(max(MIN_PUSH_INTERVAL_S - since, 0.0), self._push_soon, run)
 
     def _push_soon(self, run: Run) -> None:
         self._soon.discard(run.id)
+        self._pushed_at[run.id] = asyncio.get_running_loop().time()
         self.push(run)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
+from kvrt.runtime.server.priority_sync import MIN_PUSH_INTERVAL_S, PRIORITY_SYNC
 from tests.server.live_server import LiveServer, live_server, tokencake_engine, wait_released
 
 
@@ -132,8 +132,9 @@ def test_only_changed_priorities_are_pushed_and_none_once_the_run_ended(server, 
 
 def test_a_call_of_a_done_agent_is_pushed_its_priority_again(server) -> None:
     """b and c, no edge (0.02 s an output token). b done has priority 0, and its new call is
-    stamped from the run it found (b's work 0: priority 0 still); the revival is pushed on the
-    loop's next turn, while the call runs: b's 2 s are the critical path again, c's 1 s half."""
+    stamped from the run it found (b's work 0: priority 0 still); the revival is pushed soon
+    after, while the call runs: b's work (2 s, less what it generated since) is the critical
+    path again."""
     run = start(server, {"name": "revives", "agents": [
         {"name": "b", "expected_output_tokens": 100},
         {"name": "c", "expected_output_tokens": 50}]})
@@ -141,9 +142,33 @@ def test_a_call_of_a_done_agent_is_pushed_its_priority_again(server) -> None:
                        {"type": "agent.done", "agent": "b"}).status == 200
     until(lambda: pushed(server, run) == {"b": 0.0, "c": 1.0})
     call = Call(server, run, "b", 1500)
-    until(lambda: pushed(server, run) == {"b": 1.0, "c": 0.5})
+    until(lambda: pushed(server, run)["b"] == 1.0)
     assert call.is_alive()  # pushed for the revival, not at the call's end
+    assert pushed(server, run)["c"] < 1.0  # c's 1 s are no longer the path (0.5 at first)
     call.join(60)
     assert call.status == 200
     assert server.request("DELETE", f"/v1/runs/{run}").status == 200
     wait_released(server)
+
+
+def test_a_flood_of_events_costs_one_push_per_interval(server, monkeypatch) -> None:
+    """80 events posted back to back on one run: pushed at most once per MIN_PUSH_INTERVAL_S
+    (and the first at once), not once per event; the last state is pushed all the same."""
+    run = start(server, {"name": "flood", "agents": [
+        {"name": "a", "expected_output_tokens": 100}, {"name": "b"}]})
+    pushes: list[float] = []
+    set_priorities = server.engine.set_priorities
+    monkeypatch.setattr(server.engine, "set_priorities",
+                        lambda r, p: pushes.append(time.monotonic()) or set_priorities(r, p))
+    started = time.monotonic()
+    for _ in range(40):
+        for body in ({"type": "tool_call.started", "expected_duration_s": 1e5},
+                     {"type": "tool_call.finished"}):
+            reply = server.post(f"/v1/runs/{run}/events", {**body, "agent": "a", "tool": "t"})
+            assert reply.status == 200
+    elapsed = time.monotonic() - started
+    # The tool is over, so as at first: b's 256 default tokens (5.12 s) are the path, a's 2 s
+    # of 5.12 s.
+    until(lambda: pushed(server, run) == {"a": 2 / 5.12, "b": 1.0})
+    assert len(pushes) <= elapsed / MIN_PUSH_INTERVAL_S + 2 < 80
+    assert server.request("DELETE", f"/v1/runs/{run}").status == 200
