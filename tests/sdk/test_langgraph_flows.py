@@ -115,6 +115,58 @@ def test_tools_condition_through_a_tool_node_and_a_router_to_another_agent(
     wait_released(server)
 
 
+def test_a_router_without_annotations_is_learned_from_the_threads_that_ran(
+        server: LiveServer) -> None:
+    """supervisor -> (a router that says nothing) -> researcher or writer -> END. Declared, the
+    router may lead to every node: one loop, every agent on the critical path. Each thread
+    takes the researcher; after a few threads the writer's branch (never taken) fades: the
+    graph's GET shows the learned edges, and a fresh run's writer has a lower priority than
+    the researcher, which it did not have before."""
+    model = make_model(server)
+
+    async def supervisor(state: Chat) -> dict[str, Any]:
+        return {"messages": [(await model.ainvoke("Whom next?")).content]}
+
+    async def researcher(state: Chat) -> dict[str, Any]:
+        return {"messages": [(await model.ainvoke("Research.")).content]}
+
+    async def writer(state: Chat) -> dict[str, Any]:
+        return {"messages": [(await model.ainvoke("Write.")).content]}
+
+    def route(state: Chat):
+        return "researcher"
+
+    builder = StateGraph(Chat)
+    for name, node in (("supervisor", supervisor), ("researcher", researcher),
+                       ("writer", writer)):
+        builder.add_node(name, node)
+    builder.add_edge(START, "supervisor")
+    builder.add_conditional_edges("supervisor", route)
+    builder.add_edge("researcher", END)
+    builder.add_edge("writer", END)
+
+    async def go() -> tuple[GraphInfo, GraphInfo]:
+        async with Client(server.url) as client:
+            graph = await register(builder.compile(), client, name="learned-router")
+            graph_id = graph.config["metadata"]["kvrt_graph_id"]
+            before = await client.get_graph(graph_id)
+            for k in range(4):
+                await graph.ainvoke({"messages": []}, thread(f"t-learn-{k}"))
+                await close(graph, f"t-learn-{k}")
+            return before, await client.get_graph(graph_id)
+
+    before, after = asyncio.run(go())
+    priority = {a.name: a.priority for a in before.agents}
+    assert priority["writer"] == priority["researcher"] == 1.0  # one loop: all critical
+    learned = {(t.source, t.target): t for t in after.transitions}
+    assert learned["supervisor", "researcher"].count == 4
+    assert learned["supervisor", "writer"].count == 0 and not learned["supervisor", "writer"].likely
+    assert learned["researcher", "__end__"].count == 4 and after.episodes == 4
+    priority = {a.name: a.priority for a in after.agents}
+    assert priority["writer"] < priority["researcher"] == 1.0
+    wait_released(server)
+
+
 def test_routing_by_command_alone_may_lead_to_every_node(server: LiveServer) -> None:
     model = make_model(server)
 
@@ -150,9 +202,11 @@ def test_routing_by_command_alone_may_lead_to_every_node(server: LiveServer) -> 
 
 def test_an_interrupt_is_a_wait_of_its_agent_and_resuming_ends_it(server: LiveServer) -> None:
     model = make_model(server)
+    cached: list[int] = []  # prompt tokens the draft's first call found cached, each time
 
     async def draft(state: Chat) -> dict[str, Any]:
-        first = await model.ainvoke("Draft the reply.")
+        first = await model.ainvoke("Draft the refund letter. " * 20)
+        cached.append(first.usage_metadata["input_token_details"].get("cache_read") or 0)
         verdict = interrupt("Send it?")  # the first time raises; the resume re-runs the node
         return {"messages": [first.content, verdict, (await model.ainvoke("Send.")).content]}
 
@@ -192,6 +246,8 @@ def test_an_interrupt_is_a_wait_of_its_agent_and_resuming_ends_it(server: LiveSe
     assert [a.state for a in finished.agents] == ["done", "done"]
     assert finished.event_count == 4  # waiting, resumed, two dones
     assert [t.tool for t in finished.tools] == ["wait:interrupt"]  # the wait was learned
+    # The resumed node's first call found the KV its first run left (whole blocks of 16).
+    assert cached[0] == 0 and cached[1] >= 16 * 3
     assert after.event_count == 4 and after.id == waiting.id
     wait_released(server)
 
