@@ -15,6 +15,7 @@ import pytest
 from kvrt.runtime.bench.runner import PolicyRun, run_policy
 from kvrt.runtime.bench.session import BenchSession
 from kvrt.runtime.bench.workloads import QUICK, make_workload, tool_agents_graphs
+from kvrt.runtime.bench.workloads.tool_agents import ToolAgents
 from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.sdk.protocol.control import RunState
 
@@ -34,6 +35,7 @@ class Observed:
         self.states: dict[str, RunState] = {}
         self.closed: dict[str, bool] = {}
         self.live: list = []
+        self.graphs: list = []
         self.metrics = ""
         self.session: BenchSession | None = None
 
@@ -41,6 +43,7 @@ class Observed:
         self.session = session
         await self.inner.run(session)
         self.live = await session.client.list_runs()
+        self.graphs = await session.client.list_graphs()
         async with httpx.AsyncClient() as http:
             self.metrics = (await http.get(f"{session.client.base_url}/metrics")).text
 
@@ -112,6 +115,18 @@ def test_it_plays_tool_agents_plan_through_langgraph(tiny_checkpoint_dir, monkey
         review = next(c for c in run.calls if (c.job, c.agent) == (job, "reviewer"))
         assert review.submitted >= max(c.finished for c in run.calls
                                        if c.job == job and c.agent.startswith("worker"))
+
+    # The daemon knows what tool-agents declares: the same agents (system prompts, run_tests'
+    # seconds, expected output tokens) and edges, for each team size.
+    declared = {g.name: g for g in workload.graphs}
+    assert sorted(declared) == ["lg-tool-agents-2", "lg-tool-agents-3"]
+    for n in (2, 3):
+        want = ToolAgents(workload.params).graph(n, SCALE).spec()
+        have = declared[f"lg-tool-agents-{n}"]
+        assert (sorted((a.name, a.system, a.tools, a.expected_output_tokens) for a in have.agents)
+                == sorted((a.name, a.system, a.tools, a.expected_output_tokens)
+                          for a in want.agents))
+        assert sorted((e.source, e.target) for e in have.edges) == sorted(want.edges)
 
     # The daemon credits each worker's inner ReAct loop to that worker: its model calls and
     # its tool calls; the planner and the reviewer call the model once and no tool.
