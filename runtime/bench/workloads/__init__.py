@@ -11,6 +11,7 @@ from kvrt.runtime.bench.workloads.generative_agents import GenerativeAgents, Gen
 from kvrt.runtime.bench.workloads.langgraph_apps import LangGraphApps, LangGraphParams
 from kvrt.runtime.bench.workloads.map_reduce import MapReduce, MapReduceParams
 from kvrt.runtime.bench.workloads.tool_agents import ToolAgents, ToolAgentsParams
+from kvrt.runtime.bench.workloads.tool_agents_langgraph import ToolAgentsLangGraph
 from kvrt.runtime.bench.workloads.trace import TraceParams, TraceReplay
 
 
@@ -26,6 +27,8 @@ WORKLOADS: dict[str, tuple[type, Any]] = {
     "tool-agents": (ToolAgents, ToolAgentsParams),
     "map-reduce": (MapReduce, MapReduceParams),
     "langgraph": (LangGraphApps, LangGraphParams),  # real LangGraph apps, the `langgraph` extra
+    # tool-agents' plan and declaration, played by a LangGraph app (the `langgraph` extra)
+    "tool-agents-langgraph": (ToolAgentsLangGraph, ToolAgentsParams),
     "trace": (TraceReplay, TraceParams),  # --trace FILE
 }
 
@@ -43,6 +46,7 @@ QUICK: dict[str, dict[str, Any]] = {
                   "human_p95_s": 3.0, "min_output_tokens": 16, "max_output_tokens": 32},
     "trace": {},
 }
+QUICK["tool-agents-langgraph"] = QUICK["tool-agents"]  # the same plan, for a like comparison
 
 
 def workload_names() -> list[str]:
