@@ -110,9 +110,10 @@ def test_tool_agents(server: LiveServer) -> None:
     start = lines.index("KV decisions at the last tool call:")
     decisions = dict(line.strip().split(": ", 1) for line in lines[start + 1:start + 4])
     assert decisions["reviewer"] == "none"  # it called no tool
-    # The daemon's policy decided at each of the 4 tool calls; the run state showed its last.
+    # The daemon's policy decided at each of the 4 tool calls (besides releasing reservations
+    # as priorities moved); the run state showed its last.
     grew = counted(before, after, "kvrt:kv_tier_decisions_total")
-    assert sum(grew.values()) == 4
+    assert sum(n for decision, n in grew.items() if "release:" not in decision) == 4
     assert {f'{{decision="{decisions[w]}"}}' for w in ("worker_a", "worker_b")} <= set(grew)
     assert counted(before, after, "kvrt:control_events_total") == {
         '{type="tool_call.started"}': 4, '{type="tool_call.finished"}': 4,
@@ -172,8 +173,9 @@ def test_langgraph_react(server: LiveServer) -> None:
     # The tiny model writes no tool call: one model call, then the invocation ends, and the
     # adapter reports the one agent (the model node; `tools` is no agent) done.
     [agent] = [line for line in lines[1:] if ":" in line]
+    # (The host holds write-through copies of its blocks: this daemon's policy is `kvrt`.)
     assert re.fullmatch(r"agent: done, 1 model calls, 0 tool calls, KV \d+ blocks on the device, "
-                        r"0 on the host", agent), agent
+                        r"\d+ on the host", agent), agent
     assert counted(before, after, "kvrt:control_events_total") == {'{type="agent.done"}': 1}
     [graph] = [g for g in server.request("GET", "/v1/graphs").json()["data"]
                if g["name"] == "react"]
