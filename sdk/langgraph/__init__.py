@@ -10,12 +10,16 @@
         result = await graph.ainvoke(inputs, {"configurable": {"thread_id": "t1"}})
         await close(graph, "t1")  # the thread's run ends and its KV is released
 
-`register` declares the compiled graph's nodes and edges as a kvrt agent graph. Inside the
-registered graph, each LangGraph thread is one kvrt run (started on first use), each node an
-agent: the model's calls are attributed to their node, and tool runs (LangChain tools through
-callbacks, or `async with tool_call(...)` blocks in a node) are reported as tool-call events.
-Outside a registered graph the model is a plain OpenAI-compatible chat model. Needs the
-`langgraph` extra: `pip install 'kvrt[langgraph]'`.
+`register` (`register_sync` for apps that never touch asyncio) declares the compiled graph as
+a kvrt agent graph: its nodes are the agents, except `ToolNode`s, which hold no KV (edges pass
+through them), and a subgraph node's inner nodes are agents `outer/inner` (declare.py). Inside
+the registered graph each LangGraph thread is one kvrt run (started on first use): the model's
+calls are attributed to their node; a tool run is reported as a tool call of the agent whose
+message asked for it (watch.py, binding.py), or of its node, or with `async with
+tool_call(...)` in a node; each invocation's end reports its agents done, or waiting on an
+interrupt, and the next resumes them (lifecycle.py). Outside a registered graph the model is a
+plain OpenAI-compatible chat model. Needs the `langgraph` extra: `pip install
+'kvrt[langgraph]'`.
 """
 
 try:
