@@ -66,11 +66,20 @@ def _generate_op(summary: str, request: dict, response: dict, chunk: dict, error
                 "description": "The result; with `stream: true`, server-sent events each "
                                "carrying one chunk, then `data: [DONE]`",
                 "content": {"application/json": {"schema": response},
-                            "text/event-stream": {"schema": chunk}},
+                            "text/event-stream": {"schema": _sse_event(chunk)}},
             },
             **errors,
         },
     }}
+
+
+def _sse_event(chunk: dict) -> dict:
+    """One server-sent event of a stream (OpenAPI 3.1 describes each event: its `data` is a
+    string): a JSON chunk, or the closing `[DONE]`."""
+    return {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string",
+        "if": {"const": "[DONE]"},
+        "else": {"contentMediaType": "application/json", "contentSchema": chunk}}}}
 
 
 def _with_response(spec: dict, status: str, response: dict) -> dict:

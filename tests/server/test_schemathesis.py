@@ -11,11 +11,14 @@ chat, nothing holds KV, and the pool's integrity holds.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hypothesis.strategies as st
+import jsonschema_rs
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.specs.openapi.content_keywords import SseValidator
 
 from tests.server.live_server import LiveServer, good_chat, live_server
 
@@ -131,6 +135,38 @@ def test_every_operation_answers_by_its_schema_and_never_with_a_5xx(
             except Exception as exc:
                 raise AssertionError(f"fuzzing {operation.label} ({mode.value}) failed") from exc
     assert set(calls) == labels, "an operation was never called"
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", good_chat(stream=True)),
+    ("/v1/completions", {"prompt": "Hello there", "max_tokens": MAX_TOKENS, "stream": True}),
+])
+def test_a_stream_conforms_to_its_documented_events(server: LiveServer, path: str,
+                                                    body: dict) -> None:
+    """Each server-sent event of a stream validates against the event schema /openapi.json
+    documents, as schemathesis checks it (the fuzzing reaches a successful stream only now
+    and then): `data` a JSON chunk of the documented schema, or the closing `[DONE]`."""
+    doc = server.request("GET", "/openapi.json").json()
+    components = doc["components"]["schemas"]
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(components[node["$ref"].rsplit("/", 1)[1]])
+            return {key: inline(value) for key, value in node.items()}
+        return [inline(item) for item in node] if isinstance(node, list) else node
+
+    media = doc["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    validator = SseValidator(inline(media["schema"]), jsonschema_rs.Draft202012Validator)
+    payloads = server.stream(path, body)
+    assert payloads[-1] == "[DONE]" and len(payloads) >= 3
+    with validator.with_deserializer(lambda _media_type, text: json.loads(text)):
+        for payload in payloads:
+            data = payload if payload == "[DONE]" else json.dumps(payload)
+            validator.validate({"data": data, "event": "message"})
+        chunk = next(p for p in payloads if p != "[DONE]")
+        with pytest.raises(jsonschema_rs.ValidationError):  # the chunk's schema is enforced
+            validator.validate({"data": json.dumps({**chunk, "choices": "none"})})
 
 
 def test_after_the_fuzzing_the_daemon_serves_and_holds_no_kv(server: LiveServer) -> None:
