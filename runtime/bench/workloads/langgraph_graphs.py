@@ -104,21 +104,26 @@ def with_tool_call(reply: AIMessage, tool_name: str, plan: ThreadPlan, n: int) -
     return AIMessage(content=reply.content, tool_calls=[call])
 
 
-def react_graph(model: PlannedModel, system: str, run_tests: BaseTool) -> StateGraph:
-    """agent -> (tools_condition) tools -> agent ... -> END."""
+def react_graph(model: PlannedModel, system: str, run_tests: BaseTool, *, agent: str = "agent",
+                turns: int | None = None, first_call: int = 0, first_ticket: int = 0
+                ) -> StateGraph:
+    """agent -> (tools_condition) tools -> agent ... -> END. Its turn t is the thread's model
+    call `first_call + t`, then, for the first `turns` turns (None: one a planned tool of the
+    thread), the planned tool call `first_ticket + t`; `agent` names the calls' node in the
+    records."""
     bound = model.model.bind_tools([run_tests])
 
-    async def agent(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+    async def call(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
         plan = model.plan(config)
         turn = sum(isinstance(m, AIMessage) for m in state["messages"])
-        reply = await model.call(bound, [SystemMessage(system), *state["messages"]], turn,
-                                 config, "agent")
-        if turn < len(plan.tools):
-            reply = with_tool_call(reply, run_tests.name, plan, turn)
+        reply = await model.call(bound, [SystemMessage(system), *state["messages"]],
+                                 first_call + turn, config, agent)
+        if turn < (len(plan.tools) if turns is None else turns):
+            reply = with_tool_call(reply, run_tests.name, plan, first_ticket + turn)
         return {"messages": [reply]}
 
     builder = StateGraph(MessagesState)
-    builder.add_node("agent", agent)
+    builder.add_node("agent", call)
     builder.add_node("tools", ToolNode([run_tests]))
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", tools_condition)

@@ -9,7 +9,7 @@ adapter credits its model and tool calls to the worker node. The ToolNode is hid
 worker's function, so `run_tests`' seconds are declared on the worker nodes themselves.
 
 A thread's plan is a `ThreadPlan` of the `langgraph` workload, so its `PlannedModel`,
-`with_tool_call` and `slow_tool` serve as they are: `lengths` is `tool-agents`' list (planner,
+`react_graph` and `slow_tool` serve as they are: `lengths` is `tool-agents`' list (planner,
 then each worker's turns + 1 calls, then the reviewer), `tools` the planned tool calls, worker
 by worker and turn by turn.
 """
@@ -20,18 +20,17 @@ import asyncio
 import operator
 from typing import Annotated, Any, TypedDict
 
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
-from langgraph.graph import END, START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode, tools_condition
+from langgraph.graph import END, START, StateGraph
 
 from kvrt.runtime.bench.session import BenchSession
 from kvrt.runtime.bench.workloads.langgraph_apps import ThreadPlan, ToolPlan
 from kvrt.runtime.bench.workloads.langgraph_graphs import (
     PlannedModel,
+    react_graph,
     slow_tool,
-    with_tool_call,
 )
 from kvrt.runtime.bench.workloads.tool_agents import ToolAgents
 from kvrt.sdk.langgraph import KvrtChatModel, close, close_all, register
@@ -141,25 +140,10 @@ class Team:
         tools -> agent ... -> END; its call t is the thread's call 1 + w * (turns + 1) + t."""
         if w in self.workers:
             return self.workers[w]
-        model, turns, run_tests = self.model, self.plan.params.turns, self.run_tests
-        system = f"{self.plan.system}\nYou implement."
-        bound = model.model.bind_tools([run_tests])
-
-        async def agent(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
-            turn = sum(isinstance(m, AIMessage) for m in state["messages"])
-            reply = await model.call(bound, [SystemMessage(system), *state["messages"]],
-                                     1 + w * (turns + 1) + turn, config, f"worker{w}")
-            if turn < turns:
-                reply = with_tool_call(reply, run_tests.name, model.plan(config),
-                                       w * turns + turn)
-            return {"messages": [reply]}
-
-        builder = StateGraph(MessagesState)
-        builder.add_node("agent", agent)
-        builder.add_node("tools", ToolNode([run_tests]))
-        builder.add_edge(START, "agent")
-        builder.add_conditional_edges("agent", tools_condition)
-        builder.add_edge("tools", "agent")
+        turns = self.plan.params.turns
+        builder = react_graph(self.model, f"{self.plan.system}\nYou implement.", self.run_tests,
+                              agent=f"worker{w}", turns=turns, first_call=1 + w * (turns + 1),
+                              first_ticket=w * turns)
         self.workers[w] = builder.compile()
         return self.workers[w]
 
