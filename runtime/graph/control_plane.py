@@ -210,7 +210,7 @@ class ControlPlane:
         learned = LearnedGraph(graph, estimates, self.config.transition_prior_observations,
                                self.config.min_branch_share,
                                on_fold=lambda: self._save_learning(graph_id))
-        costs = CostModel(estimates, self.config.seconds_per_output_token, learned)
+        costs = CostModel(self.config.seconds_per_output_token, learned)
         return GraphEntry(graph_id, tenant, graph, costs, created)
 
     def _save_learning(self, graph_id: str) -> None:

@@ -104,9 +104,13 @@ class CostModel:
     """What an agent's remaining work costs, in seconds (see the module docstring): the
     graph's learned means, shared by every run of the graph."""
 
-    estimates: ToolEstimates
     seconds_per_output_token: float
     learned: LearnedGraph
+
+    @property
+    def estimates(self) -> ToolEstimates:
+        """The tool durations learned from every run of the graph (the learned graph's)."""
+        return self.learned.estimates
 
     def work(self, agent: Agent, activity: AgentActivity | None = None, now: float = 0.0) -> float:
         """`activity` None: the whole expected work of a pass (a fresh run's)."""
