@@ -116,6 +116,9 @@ class _Count:
     def set_priorities(self, run: str, priorities) -> None:
         self.agents += len(priorities)
 
+    def set_outlook(self, run: str, remaining_s: float, next_use) -> None:
+        pass
+
 
 def time_event_work(control: ControlPlane, run, repeats: int) -> tuple[float, float, float]:
     """Medians over tool_call.started / .finished events of the run's agents with a tool, in

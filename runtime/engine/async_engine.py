@@ -1,14 +1,13 @@
 """Runs the engine off the event loop and gives the asyncio side an async interface.
 
 The event loop never runs torch. `AsyncEngine` is the loop's side: it sends commands (add,
-abort, notify, set_priorities, release_run) to the engine's worker (runtime/engine/worker.py)
-and hands each live request's outputs to its stream, one asyncio.Queue per request. A driver
-runs the worker: `ThreadDriver`, the engine thread (while it has no work, it wakes at least
-every IDLE_WAIT_S and ticks the engine, so the policy's timers run between calls too); kvrt sim
-passes its own, which steps the engine on simulated time (runtime/sim/driver.py). The loop side
-also counts what waits for the engine (`load`: queued requests and tokens, the drain rate) for
-the server's admission control.
-"""
+abort, notify, set_priorities, set_outlook, release_run) to the engine's worker
+(runtime/engine/worker.py) and hands each live request's outputs to its stream, one
+asyncio.Queue per request. A driver runs the worker: `ThreadDriver`, the engine thread (while
+it has no work, it wakes at least every IDLE_WAIT_S and ticks the engine, so the policy's
+timers run between calls too); kvrt sim passes its own, which steps the engine on simulated
+time (runtime/sim/driver.py). The loop side also counts what waits for the engine (`load`:
+queued requests and tokens, the drain rate) for the server's admission control. """
 
 from __future__ import annotations
 
@@ -171,6 +170,10 @@ class AsyncEngine:
 
     def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None:
         self._send("set_priorities", (run, dict(priorities)))  # a copy: the caller keeps its dict
+
+    def set_outlook(self, run: str, remaining_s: float,
+                    next_use: Mapping[str, float | None]) -> None:
+        self._send("set_outlook", (run, remaining_s, dict(next_use)))
 
     async def release_run(self, run: str) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()

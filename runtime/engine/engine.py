@@ -159,6 +159,15 @@ class Engine:
         self.priorities.update(run, priorities)
         carry_out(self.kv, self.policy.on_priorities(run, priorities, self.kv))
 
+    def set_outlook(self, run: str, remaining_s: float,
+                    next_use: Mapping[str, float | None]) -> None:
+        """The run's remaining critical path (its calls read it) and its agents' predicted
+        seconds to their next call, which the policy gets as times on the engine's clock."""
+        self.priorities.set_remaining(run, remaining_s)
+        now = self.clock()
+        due = {agent: None if s is None else now + s for agent, s in next_use.items()}
+        carry_out(self.kv, self.policy.on_outlook(run, remaining_s, due, self.kv, now))
+
     def tick(self) -> None:
         """Completes the KV moves that have landed and lets the policy act on the time (expire
         pins). Each step ticks first; the engine thread also ticks while idle, since an agent

@@ -202,6 +202,14 @@ class EngineClient(Protocol):
         Ending the run (`release_run`) drops its agents' entries."""
         ...
 
+    def set_outlook(self, run: str, remaining_s: float,
+                    next_use: Mapping[str, float | None]) -> None:
+        """The run's outlook as of now: its remaining critical path in seconds (its calls
+        report it as `remaining_s`), and per agent the predicted seconds to its next model call
+        (None: none expected). The policy hears of it (`on_outlook`, with the times made
+        absolute on the engine's clock). Fire and forget, like `notify`."""
+        ...
+
     async def release_run(self, run: str) -> int:
         """Ends the run: its in-flight requests stop with `RunEnded`, its ownership of blocks and
         its agents' pins are dropped, and every cached block no other owner holds is freed.

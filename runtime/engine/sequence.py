@@ -58,6 +58,12 @@ class Sequence:
         return self.priorities.of(self.table.owner, self.request.attribution.priority)
 
     @property
+    def remaining_s(self) -> float | None:
+        """Its run's remaining critical path in seconds, as last pushed (None: unattributed, or
+        not pushed yet)."""
+        return self.priorities.remaining(self.table.owner)
+
+    @property
     def salt(self) -> bytes:
         return self.request.salt
 

@@ -2,10 +2,10 @@
 
 A driver runs the worker (runtime/engine/async_engine.py's ThreadDriver on the engine thread;
 kvrt sim's on its simulated-time loop), never two calls at once. Commands (add, abort, notify,
-set_priorities, release_run, abort_all, ping) come from the event loop through `send`; outputs,
-errors and run releases go back to the loop through its `LoopSide`, thread-safely. Once the
-worker shuts down the inbox is closed under a lock and drained, so no command is ever left
-unanswered.
+set_priorities, set_outlook, release_run, abort_all, ping) come from the event loop through
+`send`; outputs, errors and run releases go back to the loop through its `LoopSide`, thread-
+safely. Once the worker shuts down the inbox is closed under a lock and drained, so no command
+is ever left unanswered.
 
 `step` aborts the requests past their `timeout_s` first (RequestTimedOut). A step that raises
 fails the requests of its batch (StepFailed) and the worker goes on; any other failure of a step
@@ -160,6 +160,11 @@ class EngineWorker:
                 self.engine.set_priorities(*payload)
             except Exception:  # a policy's failure must not take the engine thread down
                 log.exception("the policy failed on the priorities of run %s", payload[0])
+        elif kind == "set_outlook":
+            try:
+                self.engine.set_outlook(*payload)
+            except Exception:  # a policy's failure must not take the engine thread down
+                log.exception("the policy failed on the outlook of run %s", payload[0])
         elif kind == "release_run":
             self.release_run(*payload)
         elif kind == "abort_all":

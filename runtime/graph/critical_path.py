@@ -90,6 +90,7 @@ class Criticality:
     length: float  # seconds of work along it
     remaining: list[float]  # per agent: down() of its component
     through: list[float]  # per agent: through() of its component
+    costs: Sequence[float] = ()  # per agent: its own remaining work (the input)
 
     def criticality(self, agent: int) -> float:
         # At most 1: sums along different paths may differ in the last bits.
@@ -97,6 +98,11 @@ class Criticality:
 
     def on_critical_path(self, agent: int) -> bool:
         return self.through[agent] >= self.length * (1 - _TOLERANCE)
+
+    def start_after(self, agent: int) -> float:
+        """Seconds of work that must end before the agent's component can start: the longest
+        path of remaining work into it (KVFlow's steps-to-execution, in seconds)."""
+        return max(self.through[agent] - self.remaining[agent], 0.0)
 
 
 def critical_path(structure: GraphStructure, costs: Sequence[float]) -> Criticality:
@@ -124,4 +130,5 @@ def critical_path(structure: GraphStructure, costs: Sequence[float]) -> Critical
         remaining=[down[component[a]] for a in range(len(component))],
         through=[up[component[a]] + down[component[a]] - weight[component[a]]
                  for a in range(len(component))],
+        costs=costs,
     )

@@ -322,6 +322,32 @@ class Run:
             return 0.0
         return self.graph.agents[index].importance * criticality.criticality(index)
 
+    def next_use(self, index: int, criticality: Criticality) -> float | None:
+        """Predicted seconds until the agent's next model call, as of `criticality`; None when
+        none is expected (it is done, or idle with no work left):
+
+            state                 next use
+            --------------------  -------------------------------------------------------
+            done                  None
+            queued, generating    0
+            tool_call, waiting    max(what is left of its tools and wait, start_after)
+            idle, work left       start_after: the longest remaining path into it
+            idle, no work left    None
+        """
+        activity = self.agents[index]
+        if activity.done:
+            return None
+        if activity.queued or activity.generating:
+            return 0.0
+        now = self.clock()
+        pending = [call for calls in activity.tools.values() for call in calls]
+        if activity.waiting is not None:
+            pending.append(activity.waiting[1])
+        if not pending and index < len(criticality.costs) and criticality.costs[index] <= 0:
+            return None
+        left = max((call.predicted - (now - call.started) for call in pending), default=0.0)
+        return max(left, criticality.start_after(index))
+
 
 def wait_key(reason: str) -> str:
     """The tool-estimate key of an agent's waits for `reason`."""

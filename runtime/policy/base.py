@@ -50,6 +50,11 @@ class Policy(ABC):
     on_priorities(run,         engine     the server pushed new graph priorities of some of
       priorities, kv)                     `run`'s agents (agent -> priority); calls of theirs
                                           report them as `priority` already
+    on_outlook(run,            engine     the server pushed the run's outlook: its remaining
+      remaining_s, due, kv,               critical path (seconds; its calls report it as
+      now)                                `remaining_s` already) and per agent the clock time
+                                          of its next model call as predicted (None: none
+                                          expected)
     on_run_end(run)            engine     the run ended: its pins and KV are gone already; forget
                                           any state kept for its agents
     on_stall(kv, now)          engine     it has work but scheduled nothing this step: blocks
@@ -103,6 +108,10 @@ class Policy(ABC):
 
     def on_priorities(self, run: str, priorities: Mapping[str, float],
                       kv: KVState) -> Decisions:
+        return iter(())
+
+    def on_outlook(self, run: str, remaining_s: float, due: Mapping[str, float | None],
+                   kv: KVState, now: float) -> Decisions:
         return iter(())
 
     def on_run_end(self, run: str) -> None:  # noqa: B027

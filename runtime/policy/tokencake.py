@@ -83,10 +83,14 @@ class TokencakePolicy(Policy):
 
     def admission_key(self, call: Call) -> tuple:
         waited = max(0.0, self._now - call.arrival)
+        if self.config.cross_run:
+            return (due_in(call) - self.config.aging * waited, call.arrival, call.order)
         priority = call.priority + self.config.aging_per_s * waited
         return (-priority, call.arrival, call.order)
 
     def victim(self, running: list[CallT]) -> CallT:
+        if self.config.cross_run:
+            return max(running, key=lambda c: (due_in(c), c.arrival, c.order))
         return min(running, key=lambda c: (c.priority, -c.arrival, -c.order))
 
     def on_finish(self, call: Call, kv: KVState) -> Decisions:
@@ -287,3 +291,11 @@ class TokencakePolicy(Policy):
             return
         del self.away[owner]
         yield Upload(owner)
+
+
+def due_in(call: Call) -> float:
+    """Predicted seconds until the call's run needs it done: the run's remaining critical path
+    plus the agent's slack off it (remaining x (1 - priority); none on the critical path). An
+    unattributed call is a run of one call: 0."""
+    remaining = call.remaining_s or 0.0
+    return remaining * (2.0 - min(max(call.priority, 0.0), 1.0))

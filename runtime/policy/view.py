@@ -38,6 +38,9 @@ class Call(Protocol):
     def priority(self) -> float: ...  # its agent's graph priority, as last pushed (or stamped)
 
     @property
+    def remaining_s(self) -> float | None: ...  # its run's remaining critical path (seconds)
+
+    @property
     def owner(self) -> Owner | None: ...  # (run, agent); None: unattributed
 
 

@@ -1,4 +1,5 @@
-"""Keeps the engine's priorities of each live run current as its critical path moves.
+"""Keeps the engine's priorities and outlook of each live run current as its critical path
+moves.
 
 A call is stamped with its agent's priority when it is made, but the critical path moves with
 every event and call. The server computes a run's priorities (`run.criticality()`, then
@@ -16,6 +17,11 @@ run's last push, every agent the first time:
     calls were submitted            model_calls.submit_calls:      their contexts' (one for
                                     push(run, criticality)         the stamps and the push)
     DELETE /v1/runs/{id}            control_routes: forget(run)    (later pushes are ignored)
+
+Each push also sends the run's outlook (`EngineClient.set_outlook`): its remaining critical path
+in seconds (`criticality.length`: what the engine orders runs by) and, per agent, the predicted
+seconds to its next model call (`run.next_use`: what eviction and prefetch go by). These move
+with time, so the whole outlook goes every push.
 
 Only tracked runs are pushed: a run's entries leave the engine's table when the engine
 releases the run, and a call of an ended run that ends afterwards must not put them back.
@@ -43,6 +49,9 @@ class PrioritySink(Protocol):
 
     def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None: ...
 
+    def set_outlook(self, run: str, remaining_s: float,
+                    next_use: Mapping[str, float | None]) -> None: ...
+
 
 class PrioritySync:
     def __init__(self, engine: PrioritySink) -> None:
@@ -63,8 +72,8 @@ class PrioritySync:
         self._pushed_at.pop(run.id, None)
 
     def push(self, run: Run, criticality: Criticality | None = None) -> None:
-        """Sends the engine the run's priorities that changed, as of `criticality` (None:
-        the run as it is now)."""
+        """Sends the engine the run's priorities that changed, and its outlook, as of
+        `criticality` (None: the run as it is now)."""
         if run.id not in self._pushed:
             return
         if criticality is None:
@@ -77,6 +86,8 @@ class PrioritySync:
         self._pushed[run.id] = now
         if changed:
             self._engine.set_priorities(run.id, changed)
+        self._engine.set_outlook(run.id, criticality.length, {
+            agent.name: run.next_use(i, criticality) for i, agent in enumerate(agents)})
 
     def soon(self, run: Run) -> None:
         """Pushes the run's priorities at the loop's next turn, and no sooner than

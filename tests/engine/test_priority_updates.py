@@ -1,6 +1,8 @@
-"""Pushed priorities in the engine, on the tiny model under `tokencake`: `set_priorities`
-reorders the calls that wait, ends the reservations of agents that leave the critical path,
-and its table goes with the run. Time is a fake clock that stands still (no aging)."""
+"""Pushed priorities and outlooks in the engine, on the tiny model under `tokencake`:
+`set_priorities` reorders the calls that wait (within a run, through the agent's slack off the
+critical path), `set_outlook` orders the runs by their remaining work, reservations of agents
+that leave the critical path end, and the tables go with the run. Time is a fake clock that
+stands still (no aging)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def test_a_raised_priority_admits_the_call_that_was_lower_first(engine, raised: 
     """Two calls of 80 + 2 tokens (5 blocks to start, 6 at the end) in a pool of 8: one at a
     time. x was made at 0.3, y at 0.6; the push raises x to 0.9 while both wait."""
     engine = engine(8)
+    engine.set_outlook("R", 10.0, {})
     engine.add(_call("x", _tokens(80, 0), "x", 0.3))
     engine.add(_call("y", _tokens(80, 100), "y", 0.6))
     if raised:
@@ -57,12 +60,28 @@ def test_a_raised_priority_admits_the_call_that_was_lower_first(engine, raised: 
 
 def test_an_unattributed_call_and_another_run_keep_their_stamps(engine) -> None:
     engine = engine(8)
+    engine.set_outlook("R", 10.0, {})
+    engine.set_outlook("S", 10.0, {})
     other = GenerateRequest("other", _tokens(80, 0), greedy(2),
                             attribution=Attribution("S", "x", 0.3))
     engine.add(other)
     engine.add(_call("y", _tokens(80, 100), "y", 0.6))
     engine.set_priorities("R", {"x": 0.9})  # run R's x, not run S's
     assert _first_outputs(engine) == ["y", "other"]
+
+
+def test_the_run_with_less_work_left_goes_first_whatever_came_first(engine) -> None:
+    engine = engine(8)
+    engine.set_outlook("R", 60.0, {"x": 0.0})
+    engine.set_outlook("S", 5.0, {"x": 0.0})
+    engine.add(_call("long", _tokens(80, 0), "x", 1.0))
+    engine.add(GenerateRequest("short", _tokens(80, 100), greedy(2),
+                               attribution=Attribution("S", "x", 1.0)))
+    assert engine.priorities.remaining(("S", "x")) == 5.0
+    assert _first_outputs(engine) == ["short", "long"]
+    engine.release_run("S")
+    assert engine.priorities.remaining(("S", "x")) is None
+    assert engine.priorities.remaining(("R", "x")) == 60.0
 
 
 def test_a_reservation_whose_priority_falls_off_the_critical_path_is_released(engine) -> None:

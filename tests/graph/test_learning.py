@@ -269,3 +269,39 @@ def test_a_pipeline_reporting_each_agent_done_as_it_finishes_is_one_episode() ->
     drive.call("planner")  # planner was in the last episode: this is a new pass
     assert drive.run.agent_state("writer") == "idle"
     assert drive.run_transitions() == {**pass_once, ("__start__", "planner"): 2}
+
+
+def test_next_use_is_the_work_ahead_of_each_agent() -> None:
+    """planner -> coder -> reviewer, 0.02 s an output token (ControlConfig's default):
+    planner 100 tokens (2 s), coder 50 tokens (1 s) and a `test` tool declared at 10 s,
+    reviewer 50 tokens (1 s)."""
+    drive = Driver(GraphSpec(name="chain", agents=[
+        AgentSpec(name="planner", expected_output_tokens=100),
+        AgentSpec(name="coder", expected_output_tokens=50, tools={"test": 10.0}),
+        AgentSpec(name="reviewer", expected_output_tokens=50)],
+        edges=[EdgeSpec(source="planner", target="coder"),
+               EdgeSpec(source="coder", target="reviewer")]))
+    run = drive.run
+
+    def next_use() -> dict[str, float | None]:
+        criticality = run.criticality()
+        return {agent.name: run.next_use(i, criticality)
+                for i, agent in enumerate(run.graph.agents)}
+
+    # Nothing ran: the coder starts after the planner's 2 s, the reviewer after 2 + 1 + 10.
+    assert next_use() == pytest.approx({"planner": 0.0, "coder": 2.0, "reviewer": 13.0})
+    planning = drive.start("planner")
+    assert next_use()["planner"] == 0.0  # queued
+    drive.end(planning, tokens=100)
+    drive.done("planner")
+    call = drive.start("coder")
+    drive.end(call, tokens=50)  # the coder's call is spent; its tool (10 s) is ahead
+    run.apply(ToolCallStarted(agent="coder", tool="test"))
+    drive.now += 4  # 6 s of the tool left
+    uses = next_use()
+    assert uses["planner"] is None  # done
+    assert uses["coder"] == pytest.approx(6.0)
+    assert uses["reviewer"] == pytest.approx(6.0)  # after what is left of the coder's work
+    run.apply(ToolCallFinished(agent="coder", tool="test"))
+    drive.done("coder")
+    assert next_use() == {"planner": None, "coder": None, "reviewer": 0.0}

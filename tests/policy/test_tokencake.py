@@ -9,6 +9,7 @@ import torch
 
 from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.protocol import AgentEvent, Attribution, GenerateRequest, SamplingParams
+from kvrt.runtime.engine.priorities import Priorities
 from kvrt.runtime.engine.sequence import Sequence
 from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.manager import HostSpec, KVManager
@@ -131,14 +132,22 @@ def test_an_early_return_while_the_offload_is_still_copying_uploads_once_it_land
     assert kv.host.tiers.uploaded_blocks == 2 and policy.away == {}
 
 
-def call(priority: float, arrival: float, order: int) -> Sequence:
+def call(priority: float, arrival: float, order: int, run: str = "run",
+         remaining_s: float | None = None) -> Sequence:
     request = GenerateRequest(f"r{order}", [1, 2, 3], SamplingParams(),
-                              attribution=Attribution("run", f"a{order}", priority))
-    return Sequence(request, BlockTable(BLOCK), arrival=arrival, order=order)
+                              attribution=Attribution(run, f"a{order}", priority))
+    priorities = Priorities()
+    if remaining_s is not None:
+        priorities.set_remaining(run, remaining_s)
+    return Sequence(request, BlockTable(BLOCK, owner=(run, f"a{order}")), arrival=arrival,
+                    order=order, priorities=priorities)
+
+
+WITHIN_RUNS = TokencakeConfig(cross_run=False)
 
 
 def test_admission_and_victims_follow_priority_then_arrival() -> None:
-    policy = TokencakePolicy()
+    policy = TokencakePolicy(WITHIN_RUNS)
     low_early, high_late, high_later = call(0.2, 1.0, 0), call(1.0, 2.0, 1), call(1.0, 3.0, 2)
     ordered = sorted([low_early, high_later, high_late], key=policy.admission_key)
     assert ordered == [high_late, high_later, low_early]
@@ -147,7 +156,7 @@ def test_admission_and_victims_follow_priority_then_arrival() -> None:
 
 
 def test_a_waiting_call_ages_past_more_important_newcomers() -> None:
-    policy = TokencakePolicy(TokencakeConfig(aging_per_s=0.01))
+    policy = TokencakePolicy(TokencakeConfig(cross_run=False, aging_per_s=0.01))
     old_low = call(0.2, 0.0, 0)
     kv = KVManager(4, BLOCK)
     carry_out(kv, policy.on_step(kv, now=50.0))  # waited 50 s: 0.2 + 0.5
@@ -155,6 +164,32 @@ def test_a_waiting_call_ages_past_more_important_newcomers() -> None:
     carry_out(kv, policy.on_step(kv, now=90.0))  # waited 90 s: 0.2 + 0.9 > 1.0 + 0.001
     newcomer = call(1.0, 89.9, 2)
     assert sorted([newcomer, old_low], key=policy.admission_key) == [old_low, newcomer]
+
+
+def test_across_runs_the_run_closest_to_done_goes_first_and_yields_last() -> None:
+    policy = TokencakePolicy(TokencakeConfig(aging=0.0))
+    long_early = call(1.0, 0.0, 0, "long", remaining_s=100.0)
+    short_late = call(1.0, 5.0, 1, "short", remaining_s=10.0)
+    # Off the critical path of the short run: its slack (10 x (1 - 0.5) = 5 s) counts, and it
+    # still goes before the long run's critical call.
+    short_slack = call(0.5, 6.0, 2, "short", remaining_s=10.0)
+    one_off = call(0.0, 7.0, 3, "plain")  # unattributed-like: no outlook, a run of one call
+    ordered = sorted([long_early, short_slack, short_late, one_off], key=policy.admission_key)
+    assert ordered == [one_off, short_late, short_slack, long_early]
+    assert policy.victim([short_late, long_early, short_slack]) is long_early
+    assert policy.victim([short_late, short_slack]) is short_slack
+
+
+def test_across_runs_aging_lets_a_long_run_overtake_newcomers() -> None:
+    policy = TokencakePolicy()  # aging 1: by arrival + remaining x (2 - priority)
+    long_early = call(1.0, 0.0, 0, "long", remaining_s=100.0)  # due at 100
+    kv = KVManager(4, BLOCK)
+    carry_out(kv, policy.on_step(kv, now=50.0))
+    newcomer = call(1.0, 45.0, 1, "short", remaining_s=10.0)  # due at 55
+    assert sorted([long_early, newcomer], key=policy.admission_key) == [newcomer, long_early]
+    carry_out(kv, policy.on_step(kv, now=95.0))
+    later = call(1.0, 94.0, 2, "short2", remaining_s=10.0)  # due at 104
+    assert sorted([later, long_early], key=policy.admission_key) == [long_early, later]
 
 
 def test_the_config_refuses_nonsense() -> None:
