@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+RETENTIONS = ("next-use", "pins", "none")
+
 
 @dataclass(frozen=True, slots=True)
 class TokencakeConfig:
@@ -24,11 +26,19 @@ class TokencakeConfig:
     # background), so that evicting it from the device, or preempting its sequence, loses
     # nothing: its next reader uploads it instead of computing it again.
     write_through: bool = True
-    # Spatial: agents whose graph priority is at least this (1.0 is on the critical path) keep
-    # their KV reserved between calls, pinned against eviction, within this fraction of the
-    # device pool; under a stall the lowest-priority reservation is lent back first.
+    # What keeps an agent's KV on the device between its calls (runtime/policy/next_use.py):
+    # "next-use": every owner's cached blocks get a retention level from the predicted time to
+    # its next call, the soonest kept longest (soft: evictable when nothing else is left);
+    # "pins": the critical path's agents (priority at least `reserve_priority`) keep their KV
+    # pinned between calls, within `reserve_fraction` of the pool, lent back under a stall
+    # (hard, the earlier form); "none": plain LRU eviction.
+    retention: str = "next-use"
     reserve_priority: float = 0.99
     reserve_fraction: float = 0.25
+    # Bring an agent's KV back from the host tier when its next call is due within this many
+    # seconds (into free blocks or blocks of less urgent KV only: never preempting).
+    prefetch: bool = True
+    prefetch_horizon_s: float = 1.0
     # Across runs: waiting calls go in order of their run's remaining work (the critical path
     # left, in predicted seconds) plus their agent's slack off it, less `aging` times the
     # seconds they have waited. Shortest remaining work first lowers the mean completion time
@@ -57,6 +67,9 @@ class TokencakeConfig:
             raise ValueError(f"bad tokencake config: {self}")
         if self.tool_deadline_factor < 1 or self.tool_deadline_min_s <= 0:
             raise ValueError(f"bad tokencake config: {self}")
+        if self.retention not in RETENTIONS or self.prefetch_horizon_s < 0:
+            raise ValueError(f"bad tokencake config: retention must be one of "
+                             f"{', '.join(RETENTIONS)}, prefetch_horizon_s >= 0: {self}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """`tokencake`: the graph-aware policy. Temporal: an agent's KV leaves the device while it waits
 on a long tool and comes back just before the tool returns. Spatial: admission and victims
-follow the agent's graph priority, not arrival alone.
+follow the runs' remaining work and the agents' graph priority, not arrival alone, and the KV
+kept is the KV needed soonest.
 
 Temporal, on `tool_call.started` (the decision and its reason are counted in `decisions`):
 
@@ -22,20 +23,28 @@ that call's last blocks to the host: those blocks look busy, not cached, until t
 So when the agent holds no cached KV but such blocks, the decision waits for them (a step or
 two) and is then made on what is left of the predicted time.
 
-Spatial: waiting calls are admitted by descending graph priority (stamped on each call from the
-run's critical path, and kept current by the daemon as the path moves: `on_priorities`) plus
-`aging_per_s` for each second waited, then first come first served; the victim under pressure
-is the lowest priority, latest arrival. Agents of priority at least `reserve_priority` (on the
-critical path) keep their KV reserved between calls: pinned when a call finishes, while all
-pins fit the budget (`reserve_fraction` of what running calls leave of the pool), so a burst of
-less important calls cannot evict it. As running calls grow, the budget shrinks and the least
-important reservations are lent to them; as they end, those are reclaimed (pinned again,
-whatever is left of them). A reservation ends when the agent's next call is admitted (its
-references protect what it reuses), when it goes to the host, at agent.done, under a stall (the
-lowest priority's first), when the agent's priority falls below `reserve_priority` (off the
-critical path: decision "release:priority"; one that rises above it is reserved when its next
-call finishes), and at its deadline, so that an agent whose tool never reports back does not
-hold the pool (decision "release:deadline"):
+Spatial, across runs (`cross_run`, the default): waiting calls are admitted in order of
+`due_in - aging x seconds waited`, where due_in is the run's remaining critical path (the
+outlook the server pushes, `remaining_s`) plus the agent's slack off it (remaining x
+(1 - priority)): the runs closest to done first (shortest remaining work, for the mean
+completion time), each call's turn fixed by its arrival (with aging 1, earliest deadline
+first), so none starves; the victim under pressure is the call due last. Within runs only
+(`cross_run` off, the earlier order): by descending graph priority plus `aging_per_s` for each
+second waited; the victim is the lowest priority, latest arrival.
+
+Retention (`retention`): with "next-use" (the default) every agent's KV gets a retention level
+from the predicted time to its next call, and agents about to run get their KV back from the
+host ahead of the call (prefetch): runtime/policy/next_use.py. With "pins", agents of priority
+at least `reserve_priority` (on the critical path) keep their KV reserved between calls: pinned
+when a call finishes, while all pins fit the budget (`reserve_fraction` of what running calls
+leave of the pool), so a burst of less important calls cannot evict it. As running calls grow,
+the budget shrinks and the least important reservations are lent to them; as they end, those
+are reclaimed (pinned again, whatever is left of them). A reservation ends when the agent's
+next call is admitted (its references protect what it reuses), when it goes to the host, at
+agent.done, under a stall (the lowest priority's first), when the agent's priority falls below
+`reserve_priority` (off the critical path: decision "release:priority"; one that rises above it
+is reserved when its next call finishes), and at its deadline, so that an agent whose tool
+never reports back does not hold the pool (decision "release:deadline"):
 
     reservation made or renewed            ends, lent or not, at the latest
     -------------------------------------  ---------------------------------------------------
@@ -59,6 +68,7 @@ from kvrt.runtime.kv.owners import Owner
 from kvrt.runtime.policy.base import CallT, Decisions, Policy, register_policy
 from kvrt.runtime.policy.config import TokencakeConfig
 from kvrt.runtime.policy.decisions import Backup, Offload, Pin, Unpin, Upload
+from kvrt.runtime.policy.next_use import NextUse
 from kvrt.runtime.policy.view import Call, Event, KVState
 
 
@@ -77,6 +87,8 @@ class TokencakePolicy(Policy):
         self.deadlines: dict[Owner, float] = {}  # reserved or lent owner -> when it ends
         self.decisions: Counter[str] = Counter()
         self.last_decision: dict[Owner, str] = {}  # per agent, for the run state
+        self.next_use = NextUse(self.config.retention == "next-use", self.config.prefetch,
+                                self.config.prefetch_horizon_s)
         self._now = 0.0  # the engine's clock at the last step
 
     # -- spatial ------------------------------------------------------------------------------
@@ -93,9 +105,14 @@ class TokencakePolicy(Policy):
             return max(running, key=lambda c: (due_in(c), c.arrival, c.order))
         return min(running, key=lambda c: (c.priority, -c.arrival, -c.order))
 
+    def on_outlook(self, run: str, remaining_s: float, due: Mapping[str, float | None],
+                   kv: KVState, now: float) -> Decisions:
+        yield from self.next_use.update(run, due, kv, now)
+
     def on_finish(self, call: Call, kv: KVState) -> Decisions:
         owner, priority = call.owner, call.priority
-        if owner is None or priority < self.config.reserve_priority:
+        if (owner is None or self.config.retention != "pins"
+                or priority < self.config.reserve_priority):
             return
         if (yield from self._reserve(owner, priority, kv)):
             self.deadlines[owner] = self._now + self.config.tool_deadline_min_s
@@ -194,6 +211,7 @@ class TokencakePolicy(Policy):
                       self.last_decision):
             for owner in [o for o in state if o[0] == run]:
                 del state[owner]  # its pins went with the run (KVManager.release_run)
+        self.next_use.forget(run)
 
     def on_event(self, event: Event, kv: KVState, now: float) -> Decisions:
         owner = (event.run, event.agent)
@@ -217,6 +235,7 @@ class TokencakePolicy(Policy):
             self.deciding.pop(owner, None)
             self.away.pop(owner, None)  # its host copy stays, evictable
             yield from self._end_reservation(owner)
+            yield from self.next_use.done(owner)
 
     def _tool_started(self, owner: Owner, started: float, predicted_s: float | None,
                       priority: float | None, kv: KVState, now: float) -> Decisions:
@@ -251,6 +270,7 @@ class TokencakePolicy(Policy):
         for owner, upload_at in list(self.away.items()):
             if upload_at <= now:
                 yield from self._upload(owner, kv)
+        yield from self.next_use.on_step(kv, now)
 
     def round_trip_s(self, num_blocks: int, kv: KVState) -> float:
         return 2 * self.copy_s(num_blocks, kv)
