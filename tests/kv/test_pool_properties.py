@@ -4,9 +4,10 @@ Two state machines drive random sequences of operations and check the whole stat
 step, against a model the test keeps itself:
 
 - `PoolMachine`: one BlockPool against a reference model of its table (free FIFO, LRU of
-  cached blocks, index, ref counts, blocks in flight). Every allocation must hand out exactly
-  the block ids the model predicts (free list first, then the least recently released cached
-  block), and `on_drop` / `on_unkey` must fire exactly when the model says content is gone.
+  cached blocks, retention levels, index, ref counts, blocks in flight). Every allocation must
+  hand out exactly the block ids the model predicts (free list first, then the least recently
+  released cached block of the lowest level), and `on_drop` / `on_unkey` must fire exactly
+  when the model says content is gone.
 - `TiersMachine`: a KVManager with a host tier. Tables of sequences come and go (prefix hits,
   growth, commits), owners pin and unpin, runs are released, and moves between the tiers are
   prepared and completed (offload, upload, backup; success or failure) in any order. After each
@@ -35,7 +36,12 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvrt.runtime.kv.block_pool import BlockPool, OutOfBlocks
+from kvrt.runtime.kv.block_pool import (
+    DEFAULT_RETENTION,
+    RETENTION_LEVELS,
+    BlockPool,
+    OutOfBlocks,
+)
 from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.manager import AdmissionPlan, HostSpec, KVManager
 from kvrt.runtime.kv.owners import Owner
@@ -69,7 +75,8 @@ class PoolMachine(RuleBasedStateMachine):
                               on_unkey=lambda key, tokens: self.unkeys.append(key))
         # The model.
         self.free: deque[int] = deque(range(self.SIZE))
-        self.lru: list[int] = []  # cached, least recently released first
+        self.lru: list[int] = []  # cached, least recently released first (all levels)
+        self.level = dict.fromkeys(range(self.SIZE), DEFAULT_RETENTION)
         self.index: dict[bytes, int] = {}
         self.key: dict[int, bytes | None] = dict.fromkeys(range(self.SIZE))
         self.refs = Counter[int]()
@@ -84,7 +91,9 @@ class PoolMachine(RuleBasedStateMachine):
             if self.free:
                 taken.append(self.free.popleft())
                 continue
-            block = self.lru.pop(0)
+            block = min(self.lru, key=self.level.__getitem__)  # the first of the lowest level
+            self.lru.remove(block)
+            self.level[block] = DEFAULT_RETENTION
             key = self.key[block]
             assert key is not None
             self.expected_unkeys.append(key)
@@ -93,6 +102,27 @@ class PoolMachine(RuleBasedStateMachine):
             self.expected_drops.append(block)
             taken.append(block)
         return taken
+
+    def _free(self, block: int) -> None:
+        self.free.append(block)
+        self.level[block] = DEFAULT_RETENTION
+
+    @rule(block=st.integers(0, SIZE - 1), level=st.integers(0, RETENTION_LEVELS - 1))
+    def set_retention(self, block: int, level: int) -> None:
+        """Any block, in any state: a free one keeps the default, a cached one whose level
+        changes becomes the most recent of its new level."""
+        self.pool.set_retention(block, level)
+        if block in self.free or self.level[block] == level:
+            return
+        self.level[block] = level
+        if block in self.lru:
+            self.lru.remove(block)
+            self.lru.append(block)
+
+    @rule(level=st.sampled_from([-1, RETENTION_LEVELS]))
+    def a_level_out_of_range_is_refused(self, level: int) -> None:
+        with pytest.raises(ValueError, match="retention level"):
+            self.pool.set_retention(0, level)
 
     @rule(count=st.integers(1, 4))
     def allocate(self, count: int) -> None:
@@ -134,7 +164,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.refs[block] -= 1
         if self.refs[block] == 0:
             if self.key[block] is None:
-                self.free.append(block)
+                self._free(block)
                 self.expected_drops.append(block)
             else:
                 self.lru.append(block)
@@ -167,7 +197,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.expected_unkeys.append(key)
         del self.index[key]
         self.key[block] = None
-        self.free.append(block)
+        self._free(block)
         self.expected_drops.append(block)
 
     @precondition(lambda self: self.lru)
@@ -192,7 +222,7 @@ class PoolMachine(RuleBasedStateMachine):
             self.lru.append(block)
         else:
             self.key[block] = None
-            self.free.append(block)
+            self._free(block)
             self.expected_drops.append(block)
 
     @rule(count=st.integers(1, 3))
@@ -216,7 +246,7 @@ class PoolMachine(RuleBasedStateMachine):
             self.key[block], self.index[key[0]] = key[0], block
             self.lru.append(block)
         else:
-            self.free.append(block)
+            self._free(block)
 
     @invariant()
     def matches_the_model(self) -> None:
@@ -231,7 +261,12 @@ class PoolMachine(RuleBasedStateMachine):
             len(self.free), len(self.lru), in_use, moving)
         assert usage.free + usage.cached + usage.in_use + usage.in_flight == usage.total
         assert list(pool._free) == list(self.free)
-        assert list(pool._cached) == self.lru  # the exact eviction order
+        # The exact eviction order: by level, then least recently released.
+        assert [b for lru in pool._cached for b in lru] == sorted(
+            self.lru, key=self.level.__getitem__)
+        assert all(pool.blocks[b].retention == self.level[b] for b in range(self.SIZE))
+        assert all(pool.num_evictable_below(level) == sum(
+            1 for b in self.lru if self.level[b] < level) for level in range(RETENTION_LEVELS + 1))
         assert pool._index == self.index
         assert all(pool.blocks[b].ref_count == self.refs[b] for b in range(self.SIZE))
         assert self.drops == self.expected_drops
