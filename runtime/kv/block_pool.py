@@ -73,6 +73,7 @@ class Block:
     key: bytes | None = None
     token_ids: tuple[int, ...] = ()  # confirms an index hit (a hash match alone is not trusted)
     retention: int = DEFAULT_RETENTION  # its eviction level (see the module docstring)
+    position: int = 0  # a keyed block's index in its prompt (a prefetch brings the first first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +209,8 @@ class BlockPool:
             return
         block.retention = level
 
-    def register(self, block_id: int, key: bytes, token_ids: tuple[int, ...]) -> bool:
+    def register(self, block_id: int, key: bytes, token_ids: tuple[int, ...],
+                 position: int = 0) -> bool:
         """Keys a full, in-use block so others can find it. Returns False (and leaves the block
         unkeyed) when another block already holds the key, e.g. two identical prompts computed
         in the same step."""
@@ -216,7 +218,7 @@ class BlockPool:
         assert block.ref_count > 0 and block.key is None, "only fresh in-use blocks get a key"
         if key in self._index:
             return False
-        block.key, block.token_ids = key, token_ids
+        block.key, block.token_ids, block.position = key, token_ids, position
         self._index[key] = block_id
         return True
 
@@ -252,14 +254,14 @@ class BlockPool:
         return taken
 
     def finish_move_in(self, block_id: int, key: bytes, token_ids: tuple[int, ...],
-                       ok: bool) -> bool:
+                       ok: bool, position: int = 0) -> bool:
         """On success the block is cached under `key`, findable; returns False (and frees the
         block) when the move failed or another block holds the key already."""
         block = self._take_in_flight(block_id)
         if not ok or key in self._index:
             self._free_block(block)
             return False
-        block.key, block.token_ids = key, token_ids
+        block.key, block.token_ids, block.position = key, token_ids, position
         self._index[key] = block_id
         self._cache(block)
         return True
