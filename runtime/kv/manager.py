@@ -376,13 +376,17 @@ class KVManager:
 
     def set_retention(self, owner: Owner, level: int) -> None:
         """Sets the owner's retention level (0..RETENTION_LEVELS-1; a ValueError otherwise): each
-        device block it holds, now or later, takes the highest level of its owners. Costs
-        O(blocks the owner holds x their owners), nothing when the level does not change."""
+        device block it holds, now or later, takes the highest level of its owners. Cached
+        blocks that change level join the new level's LRU the last in their prompt first, so a
+        chain's tail is evicted before its head (a prefix stays usable). Costs O(k log k) for
+        the k blocks the owner holds (times their owners), nothing when the level is unchanged."""
         if not isinstance(level, int) or not 0 <= level < RETENTION_LEVELS:
             raise ValueError(f"retention level {level!r} of {owner} is not in "
                              f"0..{RETENTION_LEVELS - 1}")
-        for block_id, block_level in self.owners.set_retention(owner, level).items():
-            self.pool.set_retention(block_id, block_level)
+        changed = self.owners.set_retention(owner, level)
+        blocks = self.pool.blocks
+        for block_id in sorted(changed, key=lambda b: (-blocks[b].position, b)):
+            self.pool.set_retention(block_id, changed[block_id])
 
     def prefetch(self, owner: Owner) -> int:
         """Starts bringing the owner's KV that is on the host and not on the device back up
