@@ -200,3 +200,15 @@ def test_setting_the_default_level_back_forgets_the_owners_level() -> None:
     assert not kv.owners.has_levels and levels(kv, blocks) == [DEFAULT_RETENTION] * 2
     kv.release_run("run-a")
     kv.check_integrity()
+
+
+def test_an_owners_blocks_join_their_new_level_tail_first() -> None:
+    """So a chain loses its last blocks before its first: what is left stays a usable prefix."""
+    kv = KVManager(4, BLOCK)
+    blocks = compute(kv, A, list(range(1, 14)))  # 3 full blocks, released head first
+    assert blocks == sorted(blocks)
+    kv.set_retention(A, 3)
+    assert kv.pool.allocate(4)[1:] == blocks[::-1]  # after the one free block
+    kv.release_run("run-a")
+    kv.pool.release(list(range(4)))
+    kv.check_integrity()
