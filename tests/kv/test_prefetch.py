@@ -58,6 +58,7 @@ def test_a_prefetch_takes_only_free_blocks_and_cached_ones_of_lower_levels() -> 
     kv.set_retention(B, 3)  # as important as A's KV will be, or more: kept
     kv.set_retention(C, 1)  # less: may go
     assert kv.usage().free == 1 and kv.retention_of(A) == DEFAULT_RETENTION
+    assert kv.match_prefix(c_tokens, b"").block_ids == c_blocks
     assert kv.prefetchable_blocks(A) == 2  # 1 free + C's block; not B's, not the running's
     assert kv.prefetch(A) == 2
     assert kv.host is not None and kv.host.wait() == 2
