@@ -60,6 +60,7 @@ from dataclasses import dataclass
 
 RETENTION_LEVELS = 8  # 0 (evicted first) .. 7 (evicted last)
 DEFAULT_RETENTION = 2  # a block nobody set a level for: below it, levels for KV to drop early
+_LEVELS = range(RETENTION_LEVELS)
 
 
 class OutOfBlocks(Exception):
@@ -130,7 +131,9 @@ class BlockPool:
             if self._free:
                 block_id = self._free.popleft()
             else:
-                lru = next(lru for lru in self._cached if lru)
+                for lru in self._cached:  # the lowest level holding any
+                    if lru:
+                        break
                 block_id, _ = lru.popitem(last=False)
                 self._num_cached -= 1
                 block = self.blocks[block_id]
@@ -151,8 +154,9 @@ class BlockPool:
         """Adds a reader to a keyed block found by `lookup` (takes it out of the LRU if cached)."""
         block = self.blocks[block_id]
         assert block_id not in self._in_flight, f"block {block_id} is in flight"
-        if block.ref_count == 0:
-            self._uncache(block)
+        if block.ref_count == 0:  # inlined `_uncache`: a prefix hit's hot path
+            del self._cached[block.retention][block_id]
+            self._num_cached -= 1
         block.ref_count += 1
 
     def release(self, block_ids: list[int]) -> None:
@@ -166,8 +170,9 @@ class BlockPool:
                 if block.key is None:
                     self._free_block(block)
                     self._dropped(block_id)
-                else:
-                    self._cache(block)
+                else:  # inlined `_cache`: every release of a keyed block
+                    self._cached[block.retention][block_id] = None
+                    self._num_cached += 1
 
     def is_cached(self, block_id: int) -> bool:
         """Unreferenced, keyed and findable (a block moving out keeps its key but is not)."""
@@ -195,7 +200,7 @@ class BlockPool:
         recently used (if the level changed: setting the same level again keeps its place); an
         in-use or in-flight block keeps the level for when it is cached. A free block has no
         content to retain and is left at the default."""
-        if not 0 <= level < RETENTION_LEVELS:
+        if not isinstance(level, int) or level not in _LEVELS:
             raise ValueError(f"retention level {level} is not in 0..{RETENTION_LEVELS - 1}")
         block = self.blocks[block_id]
         if block.retention == level:

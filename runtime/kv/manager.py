@@ -336,7 +336,9 @@ class KVManager:
 
     def prefetchable_blocks(self, owner: Owner) -> int:
         """How many blocks a `prefetch` of the owner would bring to the device now."""
-        return len(self._prefetchable(owner))
+        if self.host is None:
+            return 0
+        return len(self.host.prefetchable(owner, self._prefetch_room(owner)))
 
     def copy_seconds(self, num_blocks: int, prior_bandwidth: float) -> float:
         assert self.host is not None, "copies need a host tier"
@@ -345,15 +347,12 @@ class KVManager:
     def _cached_of(self, owner: Owner) -> list[int]:
         return [b for b in sorted(self.owners.blocks_of(owner)) if self.pool.is_cached(b)]
 
-    def _prefetchable(self, owner: Owner) -> list[int]:
-        """The owner's host blocks a prefetch would upload: no more than the free blocks and
-        the cached ones of levels below the owner's, so the upload evicts nothing as important
-        as what it brings, and no block a request reads."""
-        if self.host is None:
-            return []
+    def _prefetch_room(self, owner: Owner) -> int:
+        """How many blocks a prefetch of the owner may take: the free ones and the cached ones
+        of levels below the owner's (eviction takes those first), so it evicts nothing as
+        important as what it brings, and no block a request reads."""
         pool = self.pool
-        room = pool.usage().free + pool.num_evictable_below(self.retention_of(owner))
-        return self.host.prefetchable(owner, room)
+        return pool.usage().free + pool.num_evictable_below(self.retention_of(owner))
 
     # -- what policies decide (the engine carries it out) -------------------------------------
 
@@ -380,7 +379,7 @@ class KVManager:
         blocks that change level join the new level's LRU the last in their prompt first, so a
         chain's tail is evicted before its head (a prefix stays usable). Costs O(k log k) for
         the k blocks the owner holds (times their owners), nothing when the level is unchanged."""
-        if not isinstance(level, int) or not 0 <= level < RETENTION_LEVELS:
+        if not isinstance(level, int) or level not in range(RETENTION_LEVELS):
             raise ValueError(f"retention level {level!r} of {owner} is not in "
                              f"0..{RETENTION_LEVELS - 1}")
         changed = self.owners.set_retention(owner, level)
@@ -391,11 +390,11 @@ class KVManager:
     def prefetch(self, owner: Owner) -> int:
         """Starts bringing the owner's KV that is on the host and not on the device back up
         (an upload: it lands cached, findable, at the owner's level), as much as fits without
-        evicting blocks of the owner's level or above (`_prefetchable`); returns how many
+        evicting blocks of the owner's level or above (`_prefetch_room`); returns how many
         blocks go (0 without a host tier)."""
         if self.host is None:
             return 0
-        return self.host.prefetch(owner, len(self._prefetchable(owner)))
+        return self.host.prefetch(owner, self._prefetch_room(owner))
 
     def backup(self, block_ids: Iterable[int]) -> None:
         """Starts copying these keyed device blocks to the host, leaving them on the device."""
