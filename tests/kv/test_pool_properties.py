@@ -9,9 +9,11 @@ step, against a model the test keeps itself:
   released cached block of the lowest level), and `on_drop` / `on_unkey` must fire exactly
   when the model says content is gone.
 - `TiersMachine`: a KVManager with a host tier. Tables of sequences come and go (prefix hits,
-  growth, commits), owners pin and unpin, runs are released, and moves between the tiers are
-  prepared and completed (offload, upload, backup; success or failure) in any order. After each
-  step: `check_integrity()`, free + cached + in use + in flight = total in both pools, every
+  growth, commits), owners pin and unpin and set retention levels, runs are released, and moves
+  between the tiers are prepared and completed (offload, upload, prefetch, backup; success or
+  failure) in any order. After each
+  step: `check_integrity()` (with every device block at its owners' highest level), free +
+  cached + in use + in flight = total in both pools, every
   device block's ref count equals the references the test holds (tables, pins, backups in
   flight), and the blocks in flight in each pool are exactly those of the unfinished moves.
   At the end every move lands and every table is freed: nothing is in use or in flight.
@@ -402,9 +404,37 @@ class TiersMachine(RuleBasedStateMachine):
         for owner in [o for o in self.pins if o[0] == run]:
             del self.pins[owner]
         assert not any(self.kv.is_pinned((run, agent)) for agent in ("a", "b"))
+        assert all(self.kv.retention_of((run, agent)) == DEFAULT_RETENTION for agent in "ab")
         assert self.tiers.host_owners.residency(run) == {}
 
+    @rule(owner=st.sampled_from(OWNERS[:3]), level=st.integers(0, RETENTION_LEVELS - 1))
+    def retain(self, owner: Owner, level: int) -> None:
+        self.kv.set_retention(owner, level)
+        assert self.kv.retention_of(owner) == level
+
     # moves between tiers
+
+    @rule(which=PICK)
+    def prefetch(self, which: int) -> None:
+        """Only into free blocks and cached ones of levels below the owner's (mostly an owner
+        with KV to bring up)."""
+        kv, pool = self.kv, self.kv.pool
+        assert kv.host is not None
+        owners = [o for o in OWNERS[:3] if kv.host.prefetchable(o, DEVICE_BLOCKS)]  # type: ignore[arg-type]
+        owner: Owner = _pick(owners or OWNERS[:3], which)
+        level = kv.retention_of(owner)
+        cached = [b for b in range(DEVICE_BLOCKS) if pool.is_cached(b)]
+        kept = [b for b in cached if pool.blocks[b].retention >= level]
+        room = pool.usage().free + len(cached) - len(kept)
+        blocks = kv.host.prefetchable(owner, room)
+        assert len(blocks) == kv.prefetchable_blocks(owner) <= room
+        assert set(blocks) <= self.tiers.host_owners.blocks_of(owner)
+        event("prefetch moved blocks" if blocks else "prefetch had nothing to move")
+        move = self.tiers.prepare_upload(blocks)
+        assert (move.source if move is not None else []) == blocks
+        if move is not None:
+            self.moves.append(move)
+        assert all(pool.is_cached(b) for b in kept)
 
     def _choose(self, picks: list[int], candidates: list[int], others: list[int]) -> list[int]:
         """Mostly blocks a move can take (`candidates`), plus any others (which it skips)."""
