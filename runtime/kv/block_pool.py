@@ -123,25 +123,28 @@ class BlockPool:
 
     def _take(self, count: int) -> list[int]:
         """`count` unkeyed blocks off the free list, then evicting cached ones: the oldest of the
-        lowest level first."""
+        lowest level first. One pass over the levels per call, not per block."""
         if count > self.num_allocatable():
             raise OutOfBlocks(f"need {count} blocks, {self.num_allocatable()} allocatable")
-        taken = []
-        for _ in range(count):
-            if self._free:
-                block_id = self._free.popleft()
-            else:
-                for lru in self._cached:  # the lowest level holding any
-                    if lru:
-                        break
+        free = self._free
+        if count <= len(free):
+            return [free.popleft() for _ in range(count)]
+        taken = [free.popleft() for _ in range(len(free))]
+        evicting = count - len(taken)
+        self._num_cached -= evicting  # counted once (the hooks never read the counts)
+        self.evictions += evicting
+        blocks, default = self.blocks, DEFAULT_RETENTION
+        for lru in self._cached:
+            while evicting and lru:
                 block_id, _ = lru.popitem(last=False)
-                self._num_cached -= 1
-                block = self.blocks[block_id]
-                block.retention = DEFAULT_RETENTION
+                block = blocks[block_id]
+                block.retention = default
                 self._unkey(block)
-                self.evictions += 1
                 self._dropped(block_id)
-            taken.append(block_id)
+                taken.append(block_id)
+                evicting -= 1
+            if not evicting:
+                break
         return taken
 
     def lookup(self, key: bytes, token_ids: tuple[int, ...]) -> int | None:
@@ -161,17 +164,19 @@ class BlockPool:
 
     def release(self, block_ids: list[int]) -> None:
         """Drops one reference from each block. Keyed blocks stay findable until evicted."""
+        blocks, cached = self.blocks, self._cached
         for block_id in block_ids:
-            block = self.blocks[block_id]
+            block = blocks[block_id]
             if block.ref_count <= 0:
                 raise RuntimeError(f"block {block_id} released more often than acquired")
             block.ref_count -= 1
             if block.ref_count == 0:
-                if block.key is None:
-                    self._free_block(block)
+                if block.key is None:  # inlined `_free_block`
+                    block.retention = DEFAULT_RETENTION
+                    self._free.append(block_id)
                     self._dropped(block_id)
                 else:  # inlined `_cache`: every release of a keyed block
-                    self._cached[block.retention][block_id] = None
+                    cached[block.retention][block_id] = None
                     self._num_cached += 1
 
     def is_cached(self, block_id: int) -> bool:
