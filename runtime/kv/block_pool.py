@@ -129,7 +129,8 @@ class BlockPool:
         free = self._free
         if count <= len(free):
             return [free.popleft() for _ in range(count)]
-        taken = [free.popleft() for _ in range(len(free))]
+        taken = list(free)
+        free.clear()
         evicting = count - len(taken)
         self._num_cached -= evicting  # counted once (the hooks never read the counts)
         self.evictions += evicting
