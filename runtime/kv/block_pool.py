@@ -48,8 +48,10 @@ cached block of a lower one, yet stays evictable (a pin, runtime/kv/pins.py, is 
     in use / in flight  kept, and set by `set_retention`: it takes effect when the block is
                         cached again
 
-Eviction scans the levels from 0 up, so it costs O(RETENTION_LEVELS) per block at most; nobody
-setting a level leaves every cached block at DEFAULT_RETENTION, i.e. plain LRU.
+An evicting allocation scans the levels from 0 up once: O(RETENTION_LEVELS) per allocation
+plus O(1) per block. Nobody setting a level leaves every cached block at DEFAULT_RETENTION, i.e.
+plain LRU. `allocate`, `acquire` and `release` inline the LRU bookkeeping (`_cache`,
+`_uncache`, `_free_block`): they run per block on every step.
 """
 
 from __future__ import annotations
