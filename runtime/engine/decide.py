@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from kvrt.runtime.kv.manager import KVManager
-from kvrt.runtime.policy.decisions import Backup, Decision, Offload, Pin, Unpin, Upload
+from kvrt.runtime.policy.decisions import (
+    Backup,
+    Decision,
+    Offload,
+    Pin,
+    Prefetch,
+    Retain,
+    Unpin,
+    Upload,
+)
 
 
 def carry_out(kv: KVManager, decisions: Iterable[Decision]) -> None:
@@ -23,3 +32,7 @@ def carry_out(kv: KVManager, decisions: Iterable[Decision]) -> None:
                 kv.upload(owner)
             case Backup(block_ids):
                 kv.backup(block_ids)
+            case Retain(owner, level):
+                kv.set_retention(owner, level)
+            case Prefetch(owner):
+                kv.prefetch(owner)

@@ -24,8 +24,14 @@ the `owners` ledger (runtime/kv/owners.py), which the pool keeps current through
 
 Policies read the KV through the per-owner queries below (runtime/policy/view.py) and decide;
 the engine carries their decisions out through the verbs after them: pin or unpin an owner's KV
-(runtime/kv/pins.py), offload it to the host tier or upload it back, back blocks up there
+(runtime/kv/pins.py), set its retention level (the order of eviction, runtime/kv/block_pool.py),
+offload it to the host tier, upload it back or prefetch it, back blocks up there
 (runtime/kv/tiers/).
+
+An owner's retention level lives in the ledger until its run is released; every device block
+sits at the highest level of its owners (DEFAULT_RETENTION for an owner without one), kept so
+when the owner sets a level, when a block enters an owner's table or lands from the host, and
+when a run's release leaves a shared block to its other owners.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrt.runtime.kv.block_pool import BlockPool, PoolUsage
+from kvrt.runtime.kv.block_pool import RETENTION_LEVELS, BlockPool, PoolUsage
 from kvrt.runtime.kv.block_table import BlockTable, Splice, blocks_of
 from kvrt.runtime.kv.owners import AgentResidency, BlockOwners, Owner
 from kvrt.runtime.kv.pins import Pins
@@ -199,7 +205,7 @@ class KVManager:
             tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
             key = block_key(key, salt, tokens)
             block_id = table.block_at(index)
-            if self.pool.register(block_id, key, tokens):
+            if self.pool.register(block_id, key, tokens, index):
                 keyed.append(block_id)
         table.mark_keyed(full, key)
         return keyed
@@ -325,12 +331,28 @@ class KVManager:
     def is_offload_landing(self, owner: Owner) -> bool:
         return self.host is not None and self.host.is_arriving_at_host(owner)
 
+    def retention_of(self, owner: Owner) -> int:
+        return self.owners.retention_of(owner)
+
+    def prefetchable_blocks(self, owner: Owner) -> int:
+        """How many blocks a `prefetch` of the owner would bring to the device now."""
+        if self.host is None:
+            return 0
+        return len(self.host.prefetchable(owner, self._prefetch_room(owner)))
+
     def copy_seconds(self, num_blocks: int, prior_bandwidth: float) -> float:
         assert self.host is not None, "copies need a host tier"
         return self.host.copy_seconds(num_blocks, prior_bandwidth)
 
     def _cached_of(self, owner: Owner) -> list[int]:
         return [b for b in sorted(self.owners.blocks_of(owner)) if self.pool.is_cached(b)]
+
+    def _prefetch_room(self, owner: Owner) -> int:
+        """How many blocks a prefetch of the owner may take: the free ones and the cached ones
+        of levels below the owner's (eviction takes those first), so it evicts nothing as
+        important as what it brings, and no block a request reads."""
+        pool = self.pool
+        return pool.usage().free + pool.num_evictable_below(self.retention_of(owner))
 
     # -- what policies decide (the engine carries it out) -------------------------------------
 
@@ -350,6 +372,29 @@ class KVManager:
     def upload(self, owner: Owner) -> bool:
         """Starts bringing back what the owner's last offload sent to the host."""
         return self.host is not None and self.host.upload_owner(owner)
+
+    def set_retention(self, owner: Owner, level: int) -> None:
+        """Sets the owner's retention level (0..RETENTION_LEVELS-1; a ValueError otherwise): each
+        device block it holds, now or later, takes the highest level of its owners. Cached
+        blocks that change level join the new level's LRU the last in their prompt first, so a
+        chain's tail is evicted before its head (a prefix stays usable). Costs O(k log k) for
+        the k blocks the owner holds (times their owners), nothing when the level is unchanged."""
+        if not isinstance(level, int) or level not in range(RETENTION_LEVELS):
+            raise ValueError(f"retention level {level!r} of {owner} is not in "
+                             f"0..{RETENTION_LEVELS - 1}")
+        changed = self.owners.set_retention(owner, level)
+        blocks = self.pool.blocks
+        for block_id in sorted(changed, key=lambda b: (-blocks[b].position, b)):
+            self.pool.set_retention(block_id, changed[block_id])
+
+    def prefetch(self, owner: Owner) -> int:
+        """Starts bringing the owner's KV that is on the host and not on the device back up
+        (an upload: it lands cached, findable, at the owner's level), as much as fits without
+        evicting blocks of the owner's level or above (`_prefetch_room`); returns how many
+        blocks go (0 without a host tier)."""
+        if self.host is None:
+            return 0
+        return self.host.prefetch(owner, self._prefetch_room(owner))
 
     def backup(self, block_ids: Iterable[int]) -> None:
         """Starts copying these keyed device blocks to the host, leaving them on the device."""
@@ -380,11 +425,15 @@ class KVManager:
         holds now; returns how many. Blocks a live request still reads stay, and so do other
         owners'."""
         self.pins.unpin_run(run)
+        # Blocks the run shares keep the level of their other owners.
+        leveled = self.owners.blocks_of_run(run) if self.owners.has_levels else set()
         if self.host is not None:  # and its host copies no other run owns
             self.host.forget_run(run)
             tiers = self.host.tiers
             _drop_orphans(tiers.host, tiers.host_owners.release_run(run))
-        return _drop_orphans(self.pool, self.owners.release_run(run))
+        dropped = _drop_orphans(self.pool, self.owners.release_run(run))
+        self._relevel(list(leveled))
+        return dropped
 
     def residency(self, run: str) -> dict[str, AgentResidency]:
         """Per agent of `run`: its device blocks and how many of them others hold too.
@@ -400,7 +449,8 @@ class KVManager:
         ) for agent in device.keys() | host.keys()}
 
     def check_integrity(self) -> None:
-        """The pool's table, the ledger's maps, and: the ledger names no free block."""
+        """The pool's table, the ledger's maps, and: the ledger names no free block; every
+        block sits at its owners' retention level."""
         self.pool.check_integrity()
         if self.host is not None:
             self.host.tiers.check_integrity()
@@ -412,11 +462,21 @@ class KVManager:
         for block_id in self.owners.block_ids():
             block = self.pool.blocks[block_id]
             assert block.ref_count > 0 or block.key is not None, f"owned block {block} is free"
+        levels = self.owners.retention_levels(range(self.pool.num_blocks))
+        for block, level in zip(self.pool.blocks, levels):
+            assert block.retention == level, f"{block} is not at its owners' level {level}"
         self.pins.check_integrity()
 
     def _claim(self, table: BlockTable, block_ids: list[int]) -> None:
         if table.owner is not None and block_ids:
             self.owners.claim(table.owner, block_ids)
+            if self.owners.has_levels:
+                self._relevel(block_ids)
+
+    def _relevel(self, block_ids: list[int]) -> None:
+        """Sets these blocks to their owners' level (a free one keeps the default)."""
+        for block_id, level in zip(block_ids, self.owners.retention_levels(block_ids)):
+            self.pool.set_retention(block_id, level)
 
 
 def _drop_orphans(pool: BlockPool, orphans: list[int]) -> int:

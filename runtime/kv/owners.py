@@ -8,6 +8,13 @@ requests left in the prefix cache (cached, ref_count 0). The ledger is two mirro
 
 A block is "shared" for an owner when at least one other owner (another agent of the same run,
 or any agent of another run) also holds it.
+
+The ledger also remembers each owner's retention level (a policy's hint, runtime/kv/block_pool.py)
+until its run is released, since a block's level follows from its owners':
+
+    owner  (run, agent)  ->  level                   `_levels` (only levels != DEFAULT_RETENTION)
+    block's level        =   max over its owners' levels (DEFAULT_RETENTION for an owner without
+                             one, and for a block without owners)
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from kvrt.runtime.kv.block_pool import DEFAULT_RETENTION
 
 Owner = tuple[str, str]  # (run, agent)
 
@@ -40,13 +49,46 @@ class BlockOwners:
     - `release_run` returns the blocks no owner holds any more; the caller decides which of
       them to free (only cached ones: an in-use block still has a reader).
     - Thread-safe: mutations come from the engine thread, `residency` from the event loop. One
-      uncontended lock guards both maps.
+      uncontended lock guards the maps.
+    - Levels are bookkeeping only: the KV manager applies the block levels it reads here
+      (`set_retention`, `retention_levels`) to the pool.
     """
 
     def __init__(self) -> None:
         self._blocks: dict[Owner, set[int]] = {}
         self._owners: dict[int, set[Owner]] = {}
+        self._levels: dict[Owner, int] = {}
         self._lock = threading.Lock()
+
+    @property
+    def has_levels(self) -> bool:
+        """Whether some owner has a level other than the default (else every block has it)."""
+        return bool(self._levels)
+
+    def set_retention(self, owner: Owner, level: int) -> dict[int, int]:
+        """Remembers `owner`'s level; returns the level each block it holds has now (the max of
+        its owners'), or nothing when the owner's level did not change."""
+        with self._lock:
+            if self._levels.get(owner, DEFAULT_RETENTION) == level:
+                return {}
+            if level == DEFAULT_RETENTION:
+                del self._levels[owner]
+            else:
+                self._levels[owner] = level
+            return {b: self._level_of(b) for b in self._blocks.get(owner, ())}
+
+    def retention_of(self, owner: Owner) -> int:
+        return self._levels.get(owner, DEFAULT_RETENTION)
+
+    def retention_levels(self, block_ids: Iterable[int]) -> list[int]:
+        """The level of each of these blocks, from its owners' levels."""
+        with self._lock:
+            return [self._level_of(b) for b in block_ids]
+
+    def _level_of(self, block_id: int) -> int:
+        levels = self._levels
+        return max((levels.get(o, DEFAULT_RETENTION) for o in self._owners.get(block_id, ())),
+                   default=DEFAULT_RETENTION)
 
     def claim(self, owner: Owner, block_ids: Iterable[int]) -> None:
         with self._lock:
@@ -86,9 +128,18 @@ class BlockOwners:
         with self._lock:
             return [len(held) for held in self._blocks.values()]
 
-    def release_run(self, run: str) -> list[int]:
-        """Forgets every owner of `run`; returns (ascending) the blocks no owner holds now."""
+    def blocks_of_run(self, run: str) -> set[int]:
+        """The blocks the owners of `run` hold (a snapshot)."""
         with self._lock:
+            return {b for (owner_run, _), held in self._blocks.items() if owner_run == run
+                    for b in held}
+
+    def release_run(self, run: str) -> list[int]:
+        """Forgets every owner of `run`, and its level; returns (ascending) the blocks no owner
+        holds now."""
+        with self._lock:
+            for owner in [o for o in self._levels if o[0] == run]:
+                del self._levels[owner]
             orphans: set[int] = set()
             for owner in [o for o in self._blocks if o[0] == run]:
                 for block_id in self._blocks.pop(owner):
@@ -121,3 +172,5 @@ class BlockOwners:
             assert pairs == mirrored, f"owner maps disagree: {pairs ^ mirrored}"
             assert all(self._blocks.values()), "an owner without blocks is still listed"
             assert all(self._owners.values()), "a block without owners is still listed"
+            assert all(level != DEFAULT_RETENTION for level in self._levels.values()), \
+                "a default level is stored"

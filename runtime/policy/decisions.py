@@ -7,9 +7,16 @@
     Offload(owner)    moves the owner's cached device blocks to the host tier
     Upload(owner)     brings back what the owner's last offload sent to the host
     Backup(blocks)    copies these keyed device blocks to the host, leaving them on the device
+    Retain(owner, l)  sets the owner's retention level l (0..7, default 2): its device blocks,
+                      now and later, are evicted after every cached block of a lower level
+                      (a soft hint: unlike a pin, they stay evictable)
+    Prefetch(owner)   brings the owner's KV on the host and not on the device back up, as an
+                      upload, earliest in their prompts first, no more than fits in free blocks
+                      and cached ones of levels below the owner's (it never preempts)
 
 Each is safe whatever the state: pinning an owner that holds nothing pins nothing, unpinning
-one that holds no pin gives nothing back, and without a host tier the moves do nothing.
+one that holds no pin gives nothing back, and without a host tier the moves do nothing. A
+retention level outside 0..7 is a policy's bug: the KV manager raises ValueError.
 """
 
 from __future__ import annotations
@@ -44,4 +51,15 @@ class Backup:
     block_ids: tuple[int, ...]
 
 
-Decision = Pin | Unpin | Offload | Upload | Backup
+@dataclass(frozen=True, slots=True)
+class Retain:
+    owner: Owner
+    level: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    owner: Owner
+
+
+Decision = Pin | Unpin | Offload | Upload | Backup | Retain | Prefetch

@@ -67,6 +67,10 @@ class KVState(Protocol):
 
     def is_offload_landing(self, owner: Owner) -> bool: ...  # ... and it is still copying
 
+    def retention_of(self, owner: Owner) -> int: ...  # its level, as last Retain-ed (or 2)
+
+    def prefetchable_blocks(self, owner: Owner) -> int: ...  # what a Prefetch would move now
+
     def copy_seconds(self, num_blocks: int, prior_bandwidth: float) -> float:
         """Seconds to copy that many blocks between the tiers, at the bandwidth observed so far
         (`prior_bandwidth`, bytes per second, before the first copy)."""

@@ -4,13 +4,16 @@ Two state machines drive random sequences of operations and check the whole stat
 step, against a model the test keeps itself:
 
 - `PoolMachine`: one BlockPool against a reference model of its table (free FIFO, LRU of
-  cached blocks, index, ref counts, blocks in flight). Every allocation must hand out exactly
-  the block ids the model predicts (free list first, then the least recently released cached
-  block), and `on_drop` / `on_unkey` must fire exactly when the model says content is gone.
+  cached blocks, retention levels, index, ref counts, blocks in flight). Every allocation must
+  hand out exactly the block ids the model predicts (free list first, then the least recently
+  released cached block of the lowest level), and `on_drop` / `on_unkey` must fire exactly
+  when the model says content is gone.
 - `TiersMachine`: a KVManager with a host tier. Tables of sequences come and go (prefix hits,
-  growth, commits), owners pin and unpin, runs are released, and moves between the tiers are
-  prepared and completed (offload, upload, backup; success or failure) in any order. After each
-  step: `check_integrity()`, free + cached + in use + in flight = total in both pools, every
+  growth, commits), owners pin and unpin and set retention levels, runs are released, and moves
+  between the tiers are prepared and completed (offload, upload, prefetch, backup; success or
+  failure) in any order. After each
+  step: `check_integrity()` (with every device block at its owners' highest level), free +
+  cached + in use + in flight = total in both pools, every
   device block's ref count equals the references the test holds (tables, pins, backups in
   flight), and the blocks in flight in each pool are exactly those of the unfinished moves.
   At the end every move lands and every table is freed: nothing is in use or in flight.
@@ -35,7 +38,12 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvrt.runtime.kv.block_pool import BlockPool, OutOfBlocks
+from kvrt.runtime.kv.block_pool import (
+    DEFAULT_RETENTION,
+    RETENTION_LEVELS,
+    BlockPool,
+    OutOfBlocks,
+)
 from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.manager import AdmissionPlan, HostSpec, KVManager
 from kvrt.runtime.kv.owners import Owner
@@ -69,7 +77,8 @@ class PoolMachine(RuleBasedStateMachine):
                               on_unkey=lambda key, tokens: self.unkeys.append(key))
         # The model.
         self.free: deque[int] = deque(range(self.SIZE))
-        self.lru: list[int] = []  # cached, least recently released first
+        self.lru: list[int] = []  # cached, least recently released first (all levels)
+        self.level = dict.fromkeys(range(self.SIZE), DEFAULT_RETENTION)
         self.index: dict[bytes, int] = {}
         self.key: dict[int, bytes | None] = dict.fromkeys(range(self.SIZE))
         self.refs = Counter[int]()
@@ -84,7 +93,9 @@ class PoolMachine(RuleBasedStateMachine):
             if self.free:
                 taken.append(self.free.popleft())
                 continue
-            block = self.lru.pop(0)
+            block = min(self.lru, key=self.level.__getitem__)  # the first of the lowest level
+            self.lru.remove(block)
+            self.level[block] = DEFAULT_RETENTION
             key = self.key[block]
             assert key is not None
             self.expected_unkeys.append(key)
@@ -93,6 +104,27 @@ class PoolMachine(RuleBasedStateMachine):
             self.expected_drops.append(block)
             taken.append(block)
         return taken
+
+    def _free(self, block: int) -> None:
+        self.free.append(block)
+        self.level[block] = DEFAULT_RETENTION
+
+    @rule(block=st.integers(0, SIZE - 1), level=st.integers(0, RETENTION_LEVELS - 1))
+    def set_retention(self, block: int, level: int) -> None:
+        """Any block, in any state: a free one keeps the default, a cached one whose level
+        changes becomes the most recent of its new level."""
+        self.pool.set_retention(block, level)
+        if block in self.free or self.level[block] == level:
+            return
+        self.level[block] = level
+        if block in self.lru:
+            self.lru.remove(block)
+            self.lru.append(block)
+
+    @rule(level=st.sampled_from([-1, RETENTION_LEVELS]))
+    def a_level_out_of_range_is_refused(self, level: int) -> None:
+        with pytest.raises(ValueError, match="retention level"):
+            self.pool.set_retention(0, level)
 
     @rule(count=st.integers(1, 4))
     def allocate(self, count: int) -> None:
@@ -134,7 +166,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.refs[block] -= 1
         if self.refs[block] == 0:
             if self.key[block] is None:
-                self.free.append(block)
+                self._free(block)
                 self.expected_drops.append(block)
             else:
                 self.lru.append(block)
@@ -167,7 +199,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.expected_unkeys.append(key)
         del self.index[key]
         self.key[block] = None
-        self.free.append(block)
+        self._free(block)
         self.expected_drops.append(block)
 
     @precondition(lambda self: self.lru)
@@ -192,7 +224,7 @@ class PoolMachine(RuleBasedStateMachine):
             self.lru.append(block)
         else:
             self.key[block] = None
-            self.free.append(block)
+            self._free(block)
             self.expected_drops.append(block)
 
     @rule(count=st.integers(1, 3))
@@ -216,7 +248,7 @@ class PoolMachine(RuleBasedStateMachine):
             self.key[block], self.index[key[0]] = key[0], block
             self.lru.append(block)
         else:
-            self.free.append(block)
+            self._free(block)
 
     @invariant()
     def matches_the_model(self) -> None:
@@ -231,7 +263,12 @@ class PoolMachine(RuleBasedStateMachine):
             len(self.free), len(self.lru), in_use, moving)
         assert usage.free + usage.cached + usage.in_use + usage.in_flight == usage.total
         assert list(pool._free) == list(self.free)
-        assert list(pool._cached) == self.lru  # the exact eviction order
+        # The exact eviction order: by level, then least recently released.
+        assert [b for lru in pool._cached for b in lru] == sorted(
+            self.lru, key=self.level.__getitem__)
+        assert all(pool.blocks[b].retention == self.level[b] for b in range(self.SIZE))
+        assert all(pool.num_evictable_below(level) == sum(
+            1 for b in self.lru if self.level[b] < level) for level in range(RETENTION_LEVELS + 1))
         assert pool._index == self.index
         assert all(pool.blocks[b].ref_count == self.refs[b] for b in range(self.SIZE))
         assert self.drops == self.expected_drops
@@ -367,9 +404,37 @@ class TiersMachine(RuleBasedStateMachine):
         for owner in [o for o in self.pins if o[0] == run]:
             del self.pins[owner]
         assert not any(self.kv.is_pinned((run, agent)) for agent in ("a", "b"))
+        assert all(self.kv.retention_of((run, agent)) == DEFAULT_RETENTION for agent in "ab")
         assert self.tiers.host_owners.residency(run) == {}
 
+    @rule(owner=st.sampled_from(OWNERS[:3]), level=st.integers(0, RETENTION_LEVELS - 1))
+    def retain(self, owner: Owner, level: int) -> None:
+        self.kv.set_retention(owner, level)
+        assert self.kv.retention_of(owner) == level
+
     # moves between tiers
+
+    @rule(which=PICK)
+    def prefetch(self, which: int) -> None:
+        """Only into free blocks and cached ones of levels below the owner's (mostly an owner
+        with KV to bring up)."""
+        kv, pool = self.kv, self.kv.pool
+        assert kv.host is not None
+        owners = [o for o in OWNERS[:3] if kv.host.prefetchable(o, DEVICE_BLOCKS)]  # type: ignore[arg-type]
+        owner: Owner = _pick(owners or OWNERS[:3], which)
+        level = kv.retention_of(owner)
+        cached = [b for b in range(DEVICE_BLOCKS) if pool.is_cached(b)]
+        kept = [b for b in cached if pool.blocks[b].retention >= level]
+        room = pool.usage().free + len(cached) - len(kept)
+        blocks = kv.host.prefetchable(owner, room)
+        assert len(blocks) == kv.prefetchable_blocks(owner) <= room
+        assert set(blocks) <= self.tiers.host_owners.blocks_of(owner)
+        event("prefetch moved blocks" if blocks else "prefetch had nothing to move")
+        move = self.tiers.prepare_upload(blocks)
+        assert (move.source if move is not None else []) == blocks
+        if move is not None:
+            self.moves.append(move)
+        assert all(pool.is_cached(b) for b in kept)
 
     def _choose(self, picks: list[int], candidates: list[int], others: list[int]) -> list[int]:
         """Mostly blocks a move can take (`candidates`), plus any others (which it skips)."""

@@ -89,6 +89,21 @@ class HostTier:
         """Starts bringing these host blocks to the device; False if none could go now."""
         return self._start(self.tiers.prepare_upload(host_block_ids)) is not None
 
+    def prefetchable(self, owner: Owner, limit: int) -> list[int]:
+        """The owner's host blocks that an upload could bring to the device now (those whose
+        content the device lacks, and that no move holds), at most `limit` of them: the earliest
+        in their prompts first (Block.position), since a chain's first blocks are what its next
+        call reads first, and a block past one that stayed behind is found by no prefix match."""
+        tiers = self.tiers
+        blocks = tiers.host.blocks
+        held = sorted(tiers.host_owners.blocks_of(owner), key=lambda b: (blocks[b].position, b))
+        return tiers.missing_on_device(held)[: max(0, limit)]
+
+    def prefetch(self, owner: Owner, limit: int) -> int:
+        """Starts uploading `prefetchable(owner, limit)`; returns how many blocks go."""
+        move = self._start(self.tiers.prepare_upload(self.prefetchable(owner, limit)))
+        return 0 if move is None else len(move)
+
     def copy_seconds(self, num_blocks: int, prior_bandwidth: float) -> float:
         """Seconds to copy `num_blocks` at the bandwidth the copies so far achieved
         (`prior_bandwidth`, bytes per second, before the first)."""

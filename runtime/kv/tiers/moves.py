@@ -46,6 +46,7 @@ class Move:
     target: list[int]  # block ids in the tier it enters, in the same order
     keys: list[bytes]
     token_ids: list[tuple[int, ...]]
+    positions: list[int]  # each block's index in its prompt (Block.position)
     keep_source: bool = False  # a backup: the source stays where it is, referenced meanwhile
 
     def __len__(self) -> int:
@@ -122,13 +123,17 @@ class KVTiers:
         block = self.device.blocks[device_block]
         return self.host.lookup(block.key, block.token_ids)  # type: ignore[arg-type]
 
+    def missing_on_device(self, host_block_ids: list[int]) -> list[int]:
+        """Those of these host blocks that could be uploaded: cached (no move holds them) and
+        holding content the device lacks (a block moving to the device is not cached here)."""
+        host, device = self.host.blocks, self.device
+        return [b for b in host_block_ids if self.host.is_cached(b)
+                and device.lookup(host[b].key, host[b].token_ids) is None]  # type: ignore[arg-type]
+
     def prepare_upload(self, host_block_ids: list[int]) -> Move | None:
         """Plans copying these cached host blocks to the device, those it lacks (as many as it
         can take now, in order: a prefix stays a prefix). None if nothing can move."""
-        host, device = self.host.blocks, self.device
-        wanted = [b for b in host_block_ids if self.host.is_cached(b)
-                  and device.lookup(host[b].key, host[b].token_ids) is None]  # type: ignore[arg-type]
-        move = self._plan(Direction.UPLOAD, wanted)
+        move = self._plan(Direction.UPLOAD, self.missing_on_device(host_block_ids))
         if move is not None:
             self._arriving.update(move.keys)
         return move
@@ -144,25 +149,29 @@ class KVTiers:
             return None
         keys = [source.blocks[b].key for b in moving]
         tokens = [source.blocks[b].token_ids for b in moving]
+        positions = [source.blocks[b].position for b in moving]
         for block_id in moving:
             if keep_source:
                 source.acquire(block_id)
             else:
                 source.begin_move_out(block_id)
         return Move(direction, moving, target.begin_move_in(len(moving)), keys,  # type: ignore[arg-type]
-                    tokens, keep_source)
+                    tokens, positions, keep_source)
 
     def complete(self, move: Move, ok: bool) -> int:
         """Applies a finished copy (`ok` False leaves the content where it was); returns how
         many blocks are now findable in the target tier."""
         source, source_owners, target, target_owners = self._sides(move.direction)
         moved = 0
-        for src, dst, key, tokens in zip(move.source, move.target, move.keys, move.token_ids):
-            landed = target.finish_move_in(dst, key, tokens, ok)
+        for src, dst, key, tokens, position in zip(move.source, move.target, move.keys,
+                                                   move.token_ids, move.positions):
+            landed = target.finish_move_in(dst, key, tokens, ok, position)
             moved += landed
             if landed:
                 for owner in source_owners.owners_of(src):
                     target_owners.claim(owner, [dst])
+                if target_owners.has_levels:  # it lands at its owners' retention level
+                    target.set_retention(dst, target_owners.retention_levels([dst])[0])
             if move.keep_source:
                 source.release([src])
                 if landed:  # a spare copy while the device holds one: the host's first to go

@@ -1,0 +1,135 @@
+"""Prefetch: an owner's KV on the host comes back to the device ahead of its call, as an upload,
+only into free blocks and cached ones of lower retention levels (never evicting KV as important,
+never touching blocks in use), earliest in the prompt first, skipping what is there or moving."""
+
+from __future__ import annotations
+
+from kvrt.runtime.kv.block_pool import DEFAULT_RETENTION
+from kvrt.runtime.kv.block_table import BlockTable
+from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.kv.owners import Owner
+from tests.kv.helpers import adopt_prefix, host_spec
+
+BLOCK = 4
+A, B, C = ("run-a", "planner"), ("run-b", "coder"), ("run-c", "critic")
+PROMPT = list(range(1, 14))  # 3 full blocks, all usable by a prompt that goes on after them
+
+
+def compute(kv: KVManager, owner: Owner, tokens: list[int]) -> list[int]:
+    """Computes `tokens` for `owner` and frees the table: its full blocks sit cached."""
+    table = BlockTable(BLOCK, owner=owner)
+    kv.grow(table, len(tokens))
+    kv.key_full_blocks(table, tokens, len(tokens), b"")
+    blocks = table.block_ids()[: len(tokens) // BLOCK]
+    kv.free(table)
+    return blocks
+
+
+def offloaded(kv: KVManager, owner: Owner, tokens: list[int]) -> None:
+    """The owner's KV of `tokens`, computed then moved to the host (gone from the device)."""
+    assert kv.host is not None
+    compute(kv, owner, tokens)
+    assert kv.offload(owner) == len(tokens) // BLOCK
+    kv.host.wait()
+    assert kv.match_prefix(tokens, b"").block_ids == []
+
+
+def in_use(kv: KVManager, blocks: int) -> BlockTable:
+    table = BlockTable(BLOCK, owner=("run-x", "running"))
+    kv.grow(table, blocks * BLOCK)
+    return table
+
+
+def release(kv: KVManager, *tables: BlockTable) -> None:
+    for table in tables:
+        kv.free(table)
+    for run in ("run-a", "run-b", "run-c", "run-x"):
+        kv.release_run(run)
+    assert kv.usage().in_use == kv.usage().cached == kv.usage().in_flight == 0
+    kv.check_integrity()
+
+
+def test_a_prefetch_takes_only_free_blocks_and_cached_ones_of_lower_levels() -> None:
+    kv = KVManager(6, BLOCK, host=host_spec(6, 8))
+    offloaded(kv, A, PROMPT)
+    running = in_use(kv, 2)
+    b_tokens, c_tokens = list(range(30, 39)), list(range(50, 55))
+    b_blocks, c_blocks = compute(kv, B, b_tokens), compute(kv, C, c_tokens)
+    kv.set_retention(B, 3)  # as important as A's KV will be, or more: kept
+    kv.set_retention(C, 1)  # less: may go
+    assert kv.usage().free == 1 and kv.retention_of(A) == DEFAULT_RETENTION
+    assert kv.match_prefix(c_tokens, b"").block_ids == c_blocks
+    assert kv.prefetchable_blocks(A) == 2  # 1 free + C's block; not B's, not the running's
+    assert kv.prefetch(A) == 2
+    assert kv.host is not None and kv.host.wait() == 2
+    assert len(kv.match_prefix(PROMPT, b"").block_ids) == 2  # the first two blocks
+    assert kv.match_prefix(b_tokens, b"").block_ids == b_blocks  # B's untouched
+    assert kv.match_prefix(c_tokens, b"").block_ids == []  # C's evicted
+    assert all(kv.pool.blocks[b].ref_count == 1 for b in running.block_ids())
+    landed = kv.match_prefix(PROMPT, b"").block_ids
+    assert kv.owners.blocks_of(A) == set(landed)
+    assert [kv.pool.blocks[b].retention for b in landed] == [DEFAULT_RETENTION] * 2
+    kv.check_integrity()
+    # A higher level for A makes room among B's blocks too: the last block comes up.
+    kv.set_retention(A, 4)
+    assert kv.prefetchable_blocks(A) == 1 and kv.prefetch(A) == 1 and kv.host.wait() == 1
+    assert len(kv.match_prefix(PROMPT, b"").block_ids) == 3
+    assert [kv.pool.blocks[b].retention for b in kv.match_prefix(PROMPT, b"").block_ids] == [4] * 3
+    assert kv.match_prefix(b_tokens, b"").block_ids == b_blocks[:1]  # B's tail went first
+    kv.check_integrity()
+    release(kv, running)
+
+
+def test_a_prefetched_prefix_is_read_as_cached_tokens() -> None:
+    kv = KVManager(8, BLOCK, host=host_spec(8, 8))
+    offloaded(kv, A, PROMPT)
+    assert kv.prefetch(A) == 3 and kv.host is not None and kv.host.wait() == 3
+    plan = kv.plan_admission(PROMPT + [99], b"", budget=64)
+    assert not plan.wait and plan.computed == 3 * BLOCK  # nothing to compute, nor to upload
+    assert not kv.moves_in_flight() and kv.tier_counts().uploaded == 3
+    table = BlockTable(BLOCK, owner=A)
+    adopt_prefix(kv, table, plan.prefix)
+    release(kv, table)
+
+
+def test_a_prefetch_brings_the_earliest_blocks_of_the_prompt_first() -> None:
+    kv = KVManager(6, BLOCK, host=host_spec(6, 8))
+    assert kv.host is not None
+    tokens = list(range(1, 18))  # 4 full blocks
+    device = compute(kv, A, tokens)
+    kv.host.offload(device[2:])  # the last two reach the host first: its lower block ids
+    kv.host.wait()
+    kv.host.offload(device[:2])
+    kv.host.wait()
+    host = kv.host.tiers.host
+    by_id = sorted(kv.host.tiers.host_owners.blocks_of(A))
+    assert [host.blocks[b].position for b in by_id] == [2, 3, 0, 1]
+    running = in_use(kv, 4)  # 2 free blocks left: half the chain fits
+    assert kv.prefetch(A) == 2 and kv.host.wait() == 2
+    assert len(kv.match_prefix(tokens, b"").block_ids) == 2  # a usable prefix, not its tail
+    release(kv, running)
+
+
+def test_a_prefetch_skips_blocks_on_the_device_or_on_their_way() -> None:
+    kv = KVManager(8, BLOCK, host=host_spec(8, 8))
+    assert kv.host is not None
+    device = compute(kv, A, PROMPT)
+    kv.backup(device)  # the host holds copies; the device keeps its own
+    kv.host.wait()
+    assert len(kv.host.tiers.host_owners.blocks_of(A)) == 3
+    assert kv.prefetchable_blocks(A) == 0 and kv.prefetch(A) == 0
+    kv.pool.drop_cached(device[2])  # the device lets the last block go
+    assert kv.prefetchable_blocks(A) == 1
+    assert kv.prefetch(A) == 1  # on its way: not cached on the host until it lands
+    assert kv.prefetchable_blocks(A) == 0 and kv.prefetch(A) == 0
+    assert kv.host.wait() == 1 and kv.tier_counts().uploaded == 1
+    assert kv.match_prefix(PROMPT, b"").block_ids[:2] == device[:2]
+    assert len(kv.match_prefix(PROMPT, b"").block_ids) == 3
+    release(kv)
+
+
+def test_without_a_host_tier_a_prefetch_does_nothing() -> None:
+    kv = KVManager(4, BLOCK)
+    compute(kv, A, PROMPT)
+    assert kv.prefetchable_blocks(A) == 0 and kv.prefetch(A) == 0
+    release(kv)
