@@ -24,6 +24,7 @@ from kvrt.runtime.bench.report import write_report
 from kvrt.runtime.bench.runner import (
     EngineFactory,
     PolicyRun,
+    parse_variant,
     real_engine,
     run_policy,
     with_policy,
@@ -61,7 +62,9 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("workload", choices=workload_names(), metavar="WORKLOAD",
                    help=f"one of: {', '.join(workload_names())}")
     p.add_argument("--policies", default=",".join(policy_names()),
-                   help="comma-separated policies to compare (default: %(default)s)")
+                   help="comma-separated policies to compare (default: %(default)s); "
+                        "NAME:KEY=VALUE[:KEY=VALUE] is a variant of a policy with those "
+                        "options (an ablation: tokencake:cross_run=false)")
     p.add_argument("--agents", type=int, help="agents (generative-agents) or mappers (map-reduce)")
     p.add_argument("--rounds", type=int, help="rounds (generative-agents) or tool turns per "
                                               "worker (tool-agents)")
@@ -214,21 +217,25 @@ async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConf
 def check_arguments(args: argparse.Namespace, command: str) -> None:
     if (args.workload == "trace") != (args.trace is not None):
         raise SystemExit(f"{command}: --trace FILE goes with the `trace` workload, and only there")
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = set(policies) - set(policy_names())
+    entries = [p.strip() for p in args.policies.split(",") if p.strip()]
+    try:
+        variants = {entry: parse_variant(entry) for entry in entries}
+    except ValueError as exc:
+        raise SystemExit(f"{command}: {exc}") from None
+    unknown = {name for name, _ in variants.values()} - set(policy_names())
     if unknown:
         raise SystemExit(f"{command}: unknown policies {sorted(unknown)}; "
                          f"available: {', '.join(policy_names())}")
     options = dict(args.policy_option)
-    taken = {name for policy in policies for name in policy_option_names(policy)}
+    taken = {name for policy, _ in variants.values() for name in policy_option_names(policy)}
     if set(options) - taken:
         raise SystemExit(f"{command}: no compared policy takes --policy-option "
                          f"{', '.join(sorted(set(options) - taken))}")
-    for policy in policies:  # a bad value fails here, before any run
+    for entry, (policy, variant) in variants.items():  # a bad value fails here, before any run
         try:
-            make_policy(policy, options_for(policy, options))
+            make_policy(policy, {**options_for(policy, options), **variant})
         except ConfigError as exc:
-            raise SystemExit(f"{command}: {policy}: {exc}") from None
+            raise SystemExit(f"{command}: {entry}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -129,7 +129,23 @@ async def _sample(engine: AsyncEngine, out: list[KVSample]) -> None:
 
 
 def with_policy(config: ServeConfig, policy: str) -> ServeConfig:
-    """The config for one compared policy, with the options it takes."""
+    """The config for one compared policy, with the options it takes: `policy` is a name, or
+    a variant `NAME:KEY=VALUE[:KEY=VALUE...]` (an ablation: the policy with those options,
+    over the `--policy-option`s it takes)."""
+    name, variant = parse_variant(policy)
     engine = config.engine
     return replace(config, engine=replace(
-        engine, policy=policy, policy_options=options_for(policy, engine.policy_options)))
+        engine, policy=name,
+        policy_options={**options_for(name, engine.policy_options), **variant}))
+
+
+def parse_variant(policy: str) -> tuple[str, dict[str, str]]:
+    """`NAME:KEY=VALUE:...` -> (NAME, {KEY: VALUE}); ValueError for a part without `=`."""
+    name, *parts = policy.split(":")
+    options = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{policy!r}: a variant's options are KEY=VALUE, not {part!r}")
+        options[key.strip()] = value.strip()
+    return name.strip(), options

@@ -131,11 +131,16 @@ def test_moves_run_off_the_engine_thread(tiny) -> None:
 
 def test_a_critical_agents_kv_survives_a_burst_that_evicts_it_under_lru(tiny) -> None:
     """Priority inversion: the critical-path agent's cached prefix against a burst of
-    low-priority calls that need most of the pool. `lru` evicts it; `tokencake` reserves it."""
+    low-priority calls that need most of the pool. `lru` evicts it; `tokencake` keeps it, by
+    retention (its next call is due in a second, the helpers are done: the outlook) or by a
+    reservation (pinned: the critical path's)."""
     critical = prompt(64)  # 4 full blocks
 
-    def survives(policy: str) -> int:
-        engine = make_engine(tiny, policy=policy, kv_cache_memory=16 * block_bytes(tiny))
+    def survives(policy: str, **options: str) -> int:
+        engine = make_engine(tiny, policy=policy, policy_options=options,
+                             kv_cache_memory=16 * block_bytes(tiny))
+        engine.set_outlook("run-1", 10.0, {"critical": 1.0} | {f"helper{i}": None
+                                                               for i in range(5)})
         first = GenerateRequest("c", critical, greedy(2),
                                 attribution=Attribution("run-1", "critical", priority=1.0))
         run(engine, [first])
@@ -151,7 +156,10 @@ def test_a_critical_agents_kv_survives_a_burst_that_evicts_it_under_lru(tiny) ->
         return kept
 
     assert survives("lru") == 0  # the oldest cached blocks went first
-    assert survives("tokencake") == 3  # every block the next call can reuse (64 - 1 tokens)
+    # every block the next call can reuse (64 - 1 tokens)
+    assert survives("tokencake") == 3
+    assert survives("tokencake", retention="pins") == 3
+    assert survives("tokencake", retention="none") == 0
 
 
 def test_write_through_brings_an_evicted_prefix_back_from_the_host(tiny) -> None:

@@ -27,6 +27,7 @@ def _call(request_id: str, prompt: list[int], agent: str, priority: float) -> Ge
 def engine(tiny_checkpoint_dir):
     def make(pool_blocks: int):
         built = make_engine(tiny_checkpoint_dir(), policy="tokencake",
+                            policy_options={"retention": "pins"},  # the reservations
                             kv_cache_memory=pool_blocks * BLOCK_BYTES)
         assert built.kv.pool.num_blocks == pool_blocks
         built.clock = lambda: 1000.0

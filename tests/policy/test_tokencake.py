@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kvrt.runtime.engine.decide import carry_out
-from kvrt.runtime.engine.protocol import AgentEvent, Attribution, GenerateRequest, SamplingParams
 from kvrt.runtime.engine.priorities import Priorities
+from kvrt.runtime.engine.protocol import AgentEvent, Attribution, GenerateRequest, SamplingParams
 from kvrt.runtime.engine.sequence import Sequence
 from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.manager import HostSpec, KVManager
@@ -208,9 +208,12 @@ def finished(owner, tokens: list[int], priority: float, kv: KVManager) -> Sequen
     return seq
 
 
+PINS = TokencakeConfig(retention="pins")  # reservations: the critical path's KV pinned
+
+
 def test_critical_agents_keep_their_kv_reserved_within_the_budget() -> None:
     kv = KVManager(16, BLOCK)  # reserve_fraction 0.25: 4 blocks
-    policy = TokencakePolicy()
+    policy = TokencakePolicy(PINS)
     a, b, low = ("run", "a"), ("run", "b"), ("run", "low")
     carry_out(kv, policy.on_finish(finished(a, list(range(1, 10)), 1.0, kv), kv))  # 2 keyed blocks
     carry_out(kv, policy.on_finish(finished(low, list(range(50, 59)), 0.5, kv), kv))  # not critical
@@ -223,7 +226,7 @@ def test_critical_agents_keep_their_kv_reserved_within_the_budget() -> None:
 
 def test_a_reservation_ends_at_admission_and_is_lent_under_a_stall() -> None:
     kv = KVManager(32, BLOCK)
-    policy = TokencakePolicy(TokencakeConfig(reserve_fraction=0.5))
+    policy = TokencakePolicy(TokencakeConfig(retention="pins", reserve_fraction=0.5))
     a, b = ("run", "a"), ("run", "b")
     carry_out(kv, policy.on_finish(finished(a, list(range(1, 10)), 1.0, kv), kv))
     carry_out(kv, policy.on_finish(finished(b, list(range(20, 30)), 2.0, kv), kv))  # more important
@@ -242,7 +245,7 @@ def test_reservations_are_lent_to_running_calls_and_reclaimed_when_they_end() ->
     running call taking 8 blocks halves the budget to 2; the less important reservation
     is lent to it, and reclaimed, pinned again, once the call ends."""
     kv = KVManager(16, BLOCK)
-    policy = TokencakePolicy()
+    policy = TokencakePolicy(PINS)
     a, b = ("run", "a"), ("run", "b")
     # 2 keyed blocks each
     carry_out(kv, policy.on_finish(finished(a, list(range(1, 10)), 1.0, kv), kv))

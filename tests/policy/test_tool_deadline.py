@@ -19,7 +19,7 @@ from kvrt.runtime.policy.ttl import TTLPolicy
 TTL = TTLConfig()
 
 CODER = ("run-a", "coder")
-CONFIG = TokencakeConfig(tool_deadline_factor=3.0, tool_deadline_min_s=10.0)
+CONFIG = TokencakeConfig(retention="pins", tool_deadline_factor=3.0, tool_deadline_min_s=10.0)
 
 
 def kv_with_cached_blocks() -> KVManager:
