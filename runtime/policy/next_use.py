@@ -24,7 +24,9 @@ recomputed at each outlook and every RELEVEL_EVERY_S of the engine's clock.
 
 Prefetch: an owner whose next call is due within `prefetch_horizon_s` and whose KV sits on the
 host tier and not on the device gets it back (Prefetch: only into free blocks or blocks of a
-lower level, so it never preempts running work nor evicts anything more urgent).
+lower level, so it never preempts running work nor evicts anything more urgent), while
+`pressure_free_fraction` of the pool stays free or cached afterwards for running calls to grow
+into (blocks on their way up cannot be handed to them).
 """
 
 from __future__ import annotations
@@ -53,9 +55,13 @@ def retention_level(until_use_s: float | None) -> int:
 class NextUse:
     """The owners' predicted next calls, and the levels and prefetches that follow from them."""
 
-    def __init__(self, retain: bool, prefetch: bool, horizon_s: float) -> None:
-        """`retain`: set retention levels; `prefetch`: make prefetches (either may be off)."""
+    def __init__(self, retain: bool, prefetch: bool, horizon_s: float,
+                 headroom: float) -> None:
+        """`retain`: set retention levels; `prefetch`: make prefetches (either may be off),
+        leaving at least `headroom` of the pool free or cached for running calls to grow into
+        (blocks on their way up cannot be handed to them)."""
         self.retain, self.prefetch, self.horizon_s = retain, prefetch, horizon_s
+        self.headroom = headroom
         self.due: dict[Owner, float | None] = {}  # owner -> clock time of its next call
         self.levels: dict[Owner, int] = {}  # the level last set, per owner
         self.prefetches = 0  # Prefetch decisions made
@@ -80,7 +86,11 @@ class NextUse:
                 decisions.extend(self._relevel(owner, now))
         if self.prefetch and kv.has_host_tier:
             for owner, at in self.due.items():
-                if at is not None and at - now <= self.horizon_s and kv.prefetchable_blocks(owner):
+                if at is None or at - now > self.horizon_s:
+                    continue
+                wanted = kv.prefetchable_blocks(owner)
+                usage = kv.usage()
+                if wanted and usage.free + usage.cached - wanted >= self.headroom * usage.total:
                     self.prefetches += 1
                     decisions.append(Prefetch(owner))
         return decisions

@@ -88,7 +88,8 @@ class TokencakePolicy(Policy):
         self.decisions: Counter[str] = Counter()
         self.last_decision: dict[Owner, str] = {}  # per agent, for the run state
         self.next_use = NextUse(self.config.retention == "next-use", self.config.prefetch,
-                                self.config.prefetch_horizon_s)
+                                self.config.prefetch_horizon_s,
+                                self.config.pressure_free_fraction)
         self._now = 0.0  # the engine's clock at the last step
 
     # -- spatial ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from kvrt.runtime.policy.config import TokencakeConfig
 from kvrt.runtime.policy.decisions import Retain
 from kvrt.runtime.policy.next_use import retention_level
 from kvrt.runtime.policy.tokencake import TokencakePolicy
+from tests.kv.helpers import host_spec
 
 BLOCK = 4
 
@@ -81,3 +82,45 @@ def test_without_next_use_retention_no_level_is_set() -> None:
     cache(kv, ("R", "coder"), 1, 2)
     decisions = list(policy.on_outlook("R", 10.0, {"coder": 0.5}, kv, now=0.0))
     assert decisions == [] and list(policy.on_step(kv, now=1.0)) == []
+
+
+def test_an_agent_due_within_the_horizon_gets_its_kv_back_from_the_host() -> None:
+    """The coder's 3 blocks went to the host during its tool. Due in 5 s: beyond the horizon
+    (1 s), nothing moves; due in 0.5 s: a Prefetch brings them back before the call."""
+    kv = KVManager(12, BLOCK, host=host_spec(12, 8))
+    policy = TokencakePolicy()
+    tokens = list(range(1, 14))
+    cache(kv, ("R", "coder"), 1, 3)
+    assert kv.offload(("R", "coder")) == 3
+    kv.host.wait()
+    kv.finish_moves()
+    assert kv.match_prefix(tokens, b"").block_ids == []
+    carry_out(kv, policy.on_outlook("R", 20.0, {"coder": 5.0}, kv, now=0.0))
+    carry_out(kv, policy.on_step(kv, now=0.1))
+    assert policy.next_use.prefetches == 0 and not kv.host.in_flight()
+    carry_out(kv, policy.on_step(kv, now=4.5))
+    assert policy.next_use.prefetches == 1
+    kv.host.wait()
+    kv.finish_moves()
+    assert len(kv.match_prefix(tokens, b"").block_ids) == 3
+    carry_out(kv, policy.on_step(kv, now=4.6))
+    assert policy.next_use.prefetches == 1  # nothing left on the host to bring
+    kv.release_run("R")
+    kv.check_integrity()
+
+
+def test_a_prefetch_leaves_room_for_running_calls_to_grow() -> None:
+    """9 of 12 blocks in use: bringing 3 back would leave none free for the running call."""
+    kv = KVManager(12, BLOCK, host=host_spec(12, 8))
+    policy = TokencakePolicy()
+    cache(kv, ("R", "coder"), 1, 3)
+    kv.offload(("R", "coder"))
+    kv.host.wait()
+    kv.finish_moves()
+    running = BlockTable(BLOCK, owner=("S", "busy"))
+    kv.grow(running, 9 * BLOCK)
+    carry_out(kv, policy.on_outlook("R", 20.0, {"coder": 0.5}, kv, now=0.0))
+    carry_out(kv, policy.on_step(kv, now=0.1))
+    assert policy.next_use.prefetches == 0 and not kv.host.in_flight()
+    kv.free(running)
+    kv.check_integrity()
