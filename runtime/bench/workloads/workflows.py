@@ -35,7 +35,7 @@ ROLES = ("analyst", "planner", "coder", "tester", "critic", "editor", "summarize
 class WorkflowsParams:
     workflows: int = 12
     templates: int = 4
-    agents_per_workflow: int = 4  # the chain's length
+    agents_per_workflow: int = 3  # the chain's length
     fixed_prompt_words: int = 300  # each agent's fixed prompt (~400 tokens)
     task_words: int = 40
     min_output_tokens: int = 16
