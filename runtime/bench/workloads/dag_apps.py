@@ -55,7 +55,7 @@ SHAPES = (Shape("code-writer", "planner", "coder", "run_tests", "reviewer", "int
 
 @dataclass(frozen=True, slots=True)
 class DagAppsParams:
-    apps: int = 6  # alternating Code-Writer and Deep-Research
+    apps: int = 4  # alternating Code-Writer and Deep-Research
     width: int = 3  # parallel branches of an app
     qps: float = 0.2  # app arrivals a second (Poisson); 0: all at once
     output_tokens: str = "16,24,32"  # each model call's length is one of these, drawn per node

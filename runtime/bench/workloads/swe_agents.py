@@ -34,8 +34,8 @@ TOOL = "shell"
 
 @dataclass(frozen=True, slots=True)
 class SweAgentsParams:
-    agents: int = 6
-    calls: int = 10  # model calls of an episode; a tool call between each two
+    agents: int = 4
+    calls: int = 8  # model calls of an episode; a tool call between each two
     qps: float = 0.2  # agent arrivals a second (Poisson); 0: all at once
     system_words: int = 150
     task_words: int = 80  # the issue
