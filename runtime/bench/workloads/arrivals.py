@@ -1,5 +1,6 @@
-"""Seeded draws the paper-shaped presets share: Poisson arrival times and heavy-tailed tool
-durations. Both are drawn in advance, so every policy sees the same jobs at the same times."""
+"""What the paper-shaped presets share: Poisson arrival times and heavy-tailed tool durations
+(drawn from the seed in advance, so every policy sees the same jobs at the same times), waiting
+for an arrival, and the checks of their parameters."""
 
 from __future__ import annotations
 
