@@ -83,6 +83,12 @@ class DagAppsParams:
             raise ValueError("output_tokens must be comma-separated integers, "
                              f"not {self.output_tokens!r}") from None
 
+    def tool_times(self, tool: str) -> tuple[float, float]:
+        """(median, p95) seconds of a shape's tool."""
+        if tool == "run_tests":
+            return self.test_median_s, self.test_p95_s
+        return self.search_median_s, self.search_p95_s
+
     @property
     def concurrent_agents(self) -> int:
         return self.apps * (2 * self.width + 2)
@@ -120,8 +126,7 @@ class DagApps:
         self.plans = []
         for k in range(p.apps):
             shape = SHAPES[k % len(SHAPES)]
-            median, p95 = ((p.test_median_s, p.test_p95_s) if shape.tool == "run_tests"
-                           else (p.search_median_s, p.search_p95_s))
+            median, p95 = p.tool_times(shape.tool)
             self.plans.append(AppPlan(
                 shape=shape, task=text.words(rng, p.task_words), arrival_s=arrivals[k],
                 branches=[BranchPlan(
@@ -134,7 +139,7 @@ class DagApps:
     def graph(self, shape: Shape, time_scale: float = 1.0) -> Graph:
         p, systems = self.params, self.systems[shape.name]
         mean = sum(p.lengths()) // len(p.lengths())
-        median = p.test_median_s if shape.tool == "run_tests" else p.search_median_s
+        median = p.tool_times(shape.tool)[0]
         graph = Graph(f"{self.name}-{shape.name}")
         graph.agent(shape.planner, system=systems[shape.planner], expected_output_tokens=mean)
         graph.agent(shape.final, system=systems[shape.final], expected_output_tokens=mean)
