@@ -7,12 +7,15 @@ from dataclasses import fields, replace
 from typing import Any, Protocol
 
 from kvrt.runtime.bench.session import BenchSession
+from kvrt.runtime.bench.workloads.dag_apps import DagApps, DagAppsParams
 from kvrt.runtime.bench.workloads.generative_agents import GenerativeAgents, GenerativeAgentsParams
 from kvrt.runtime.bench.workloads.langgraph_apps import LangGraphApps, LangGraphParams
 from kvrt.runtime.bench.workloads.map_reduce import MapReduce, MapReduceParams
+from kvrt.runtime.bench.workloads.swe_agents import SweAgents, SweAgentsParams
 from kvrt.runtime.bench.workloads.tool_agents import ToolAgents, ToolAgentsParams
 from kvrt.runtime.bench.workloads.tool_agents_langgraph import ToolAgentsLangGraph
 from kvrt.runtime.bench.workloads.trace import TraceParams, TraceReplay
+from kvrt.runtime.bench.workloads.workflows import Workflows, WorkflowsParams
 
 
 class Workload(Protocol):
@@ -30,6 +33,10 @@ WORKLOADS: dict[str, tuple[type, Any]] = {
     # tool-agents' plan and declaration, played by a LangGraph app (the `langgraph` extra)
     "tool-agents-langgraph": (ToolAgentsLangGraph, ToolAgentsParams),
     "trace": (TraceReplay, TraceParams),  # --trace FILE
+    # Presets from the papers (docs/benchmarks/presets.md): KVFlow, TokenCake, Continuum
+    "workflows": (Workflows, WorkflowsParams),
+    "dag-apps": (DagApps, DagAppsParams),
+    "swe-agents": (SweAgents, SweAgentsParams),
 }
 
 # `--quick`: small enough to finish in a couple of minutes on a 2-core CPU with the default model.
@@ -45,6 +52,16 @@ QUICK: dict[str, dict[str, Any]] = {
                   "tool_median_s": 0.5, "tool_p95_s": 2.0, "human_median_s": 1.0,
                   "human_p95_s": 3.0, "min_output_tokens": 16, "max_output_tokens": 32},
     "trace": {},
+    "workflows": {"workflows": 2, "templates": 2, "agents_per_workflow": 2,
+                  "fixed_prompt_words": 60, "task_words": 12, "min_output_tokens": 16,
+                  "max_output_tokens": 32},
+    "dag-apps": {"apps": 2, "width": 1, "qps": 2.0, "output_tokens": "16,24,32",
+                 "system_words": 60, "task_words": 12, "tool_output_words": 20,
+                 "test_median_s": 0.3, "test_p95_s": 1.0, "search_median_s": 0.3,
+                 "search_p95_s": 1.0},
+    "swe-agents": {"agents": 2, "calls": 3, "qps": 2.0, "system_words": 60, "task_words": 20,
+                   "tool_output_words": 20, "tool_median_s": 0.3, "tool_p95_s": 1.0,
+                   "min_output_tokens": 16, "max_output_tokens": 32},
 }
 QUICK["tool-agents-langgraph"] = QUICK["tool-agents"]  # the same plan, for a like comparison
 
