@@ -46,9 +46,9 @@ class LandingStats:
 
     recent: tuple[LandingSample, ...] = ()  # the last ones, oldest first
     early_returns: int = 0
-    # Of the others (the tool did not return early): landed_after_s counted per bucket of
-    # LANDING_BUCKETS (each count alone, not cumulative; the last: above the last bound), with
-    # their sum and count.
+    # Of the others (the tool did not return early): landed_after_s counted per bucket (each
+    # count alone, not cumulative; the last: above the last bound), with their sum and count.
+    buckets: tuple[float, ...] = LANDING_BUCKETS
     bucket_counts: tuple[int, ...] = (0,) * (len(LANDING_BUCKETS) + 1)
     sum_s: float = 0.0
     count: int = 0
@@ -110,5 +110,5 @@ class UploadLandings:
 
     def stats(self) -> LandingStats:
         with self._lock:
-            return LandingStats(tuple(self._recent), self._early, tuple(self._counts),
-                                self._sum, self._count)
+            return LandingStats(tuple(self._recent), self._early, LANDING_BUCKETS,
+                                tuple(self._counts), self._sum, self._count)
