@@ -78,9 +78,12 @@ def landing_markdown(rows: dict[str, dict[str, Any]]) -> list[str]:
         fraction = landing["in_time_fraction"]
         in_time = "-" if fraction is None else f"{fraction:.0%}"
         spread = "/".join(_cell(landing[k], 1, "{:+.0f}") for k in ("p5_ms", "p50_ms", "p95_ms"))
+        vs_due = "/".join(_cell(landing[k], 1, "{:+.0f}")
+                          for k in ("vs_predicted_p50_ms", "vs_predicted_p95_ms"))
         lines.append(f"- `{name}`: {landing['count']} predictive uploads, {in_time} landed in "
                      f"time ({landing['early_returns']} early returns left out); landing minus "
-                     f"the tool's return p5/p50/p95: {spread} ms")
+                     f"the tool's return p5/p50/p95: {spread} ms; minus its predicted return "
+                     f"p50/p95: {vs_due} ms")
     if not lines:
         return []
     return ["Predictive uploads (negative: landed before the tool returned):", "", *lines, ""]

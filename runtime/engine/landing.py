@@ -11,12 +11,13 @@ only here, on the engine's clock, from three reports per owner:
     returned(owner, now)      the engine's notify                    tool_call.finished arrived
 
 Once an owner's upload has both landed and returned, one sample is kept: landing minus return
-(negative: in time), and whether the tool returned before its predicted time (an early return:
-no upload planned for the prediction can beat it). Uploads the tool's finish or an admission
-asked for carry no `due` and are not watched. A watch whose landing or return never comes (a
-failed copy, an agent done without a finish) is dropped when its run ends.
+(negative: in time), whether the tool returned before its predicted time (an early return:
+no upload planned for the prediction can beat it), and the landing minus the predicted return.
+Uploads the tool's finish or an admission asked for carry no `due` and are not watched. A watch
+whose landing or return never comes (a failed copy, an agent done without a finish) is dropped
+when its run ends.
 
-Bounded: the last `keep` samples, and counters and a cumulative histogram since start. Written
+Bounded: the last `keep` samples, and counters and a histogram since start. Written
 on the engine thread, read from the event loop (`stats`): a lock orders the two.
 """
 
@@ -38,6 +39,9 @@ LANDING_BUCKETS = (-5.0, -1.0, -0.5, -0.25, -0.1, -0.05, -0.025, -0.01, 0.0, 0.0
 class LandingSample:
     landed_after_s: float  # the landing minus the tool's actual return (negative: in time)
     early_return: bool  # the tool returned before its predicted time
+    # The landing minus the predicted return: what the upload's lead controls (the rest of
+    # landed_after_s is the prediction's error).
+    after_due_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +102,8 @@ class UploadLandings:
         if watch.landed is None or watch.returned is None:
             return
         del self._watches[owner]
-        sample = LandingSample(watch.landed - watch.returned, watch.returned < watch.due)
+        sample = LandingSample(watch.landed - watch.returned, watch.returned < watch.due,
+                               watch.landed - watch.due)
         with self._lock:
             self._recent.append(sample)
             if sample.early_return:

@@ -31,15 +31,16 @@ def test_a_sample_needs_both_the_landing_and_the_return_in_either_order() -> Non
     landings.forget_run("S")
     landings.landed(("S", "gone"), 0.5)
     stats = landings.stats()
-    assert stats.recent == (LandingSample(-0.5, False), LandingSample(0.5, True))
+    assert stats.recent == (LandingSample(-0.5, False, -0.25), LandingSample(0.5, True, -0.5))
     assert (stats.count, stats.sum_s, stats.early_returns) == (1, -0.5, 1)
     # -0.5 falls in the bucket (-1.0, -0.5]: the third of LANDING_BUCKETS.
     assert LANDING_BUCKETS[2] == -0.5 and stats.bucket_counts[2] == 1
     assert sum(stats.bucket_counts) == 1
     landings.planned(A, due=30.0)
     landings.returned(A, 31.0)
-    landings.landed(A, 30.5)
-    assert landings.stats().recent == (LandingSample(0.5, True), LandingSample(-0.5, False))
+    landings.landed(A, 30.5)  # keeps two: the first one goes
+    assert landings.stats().recent == (LandingSample(0.5, True, -0.5),
+                                       LandingSample(-0.5, False, 0.5))
 
 
 def test_metrics_expose_the_landing_histogram() -> None:
@@ -116,7 +117,8 @@ def test_the_engine_times_a_predictive_upload_against_the_tools_finish(engine) -
     engine.clock.now = 1010.25  # the tool returns 250 ms late
     engine.notify(AgentEvent("tool_call.finished", "R", "a"))
     stats = engine.stats().upload_landing
-    assert stats.recent == (LandingSample(pytest.approx(landed - 1010.25), False),)
+    assert stats.recent == (LandingSample(pytest.approx(landed - 1010.25), False,
+                                          pytest.approx(landed - 1010.0)),)
     assert stats.recent[0].landed_after_s < 0 and stats.count == 1
     engine.check_integrity()
 
@@ -145,5 +147,5 @@ def test_an_early_return_after_the_upload_started_is_counted_apart(engine) -> No
     engine.clock.now = 1010.0
     engine.tick()
     stats = engine.stats().upload_landing
-    assert stats.recent == (LandingSample(pytest.approx(0.05), True),)
+    assert stats.recent == (LandingSample(pytest.approx(0.05), True, pytest.approx(0.0)),)
     assert (stats.early_returns, stats.count) == (1, 0)
