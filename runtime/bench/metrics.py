@@ -19,8 +19,9 @@ Definitions (the README repeats them):
   `early_returns` of them had the tool return before its predicted time (no upload planned for
   the prediction could beat it): left out of `in_time_fraction` (landed at or before the
   return) and of the percentiles `p5_ms`, `p50_ms`, `p95_ms`; over the same cases, the
-  landing minus the predicted return (`vs_predicted_p50_ms`, `vs_predicted_p95_ms`): what the
-  upload's lead controls, without the prediction's error. None when there were none.
+  landing minus the predicted return (`vs_predicted_in_time_fraction`: at or before it,
+  `vs_predicted_p50_ms`, `vs_predicted_p95_ms`): what the upload's lead controls, without the
+  prediction's error (a tool that returns exactly on time). None when there were none.
 - ideal: prefill tokens if every distinct text were computed once, wherever it sits in a
   prompt: only tokens that no run of 16 tokens seen before (in a prompt, or generated) covers,
   nor an earlier prompt's prefix; and the KV bytes of that distinct content (those tokens plus
@@ -107,6 +108,8 @@ def upload_landing(samples: Sequence[LandingSample]) -> dict[str, Any] | None:
         "in_time_fraction": (sum(1 for ms in timed if ms <= 0) / len(timed)) if timed else None,
         "early_returns": len(samples) - len(timed),
         **{f"p{q}_ms": percentile(timed, q) if timed else None for q in (5, 50, 95)},
+        "vs_predicted_in_time_fraction": (sum(1 for ms in due if ms <= 0) / len(due)
+                                          if due else None),
         **{f"vs_predicted_p{q}_ms": percentile(due, q) if due else None for q in (50, 95)},
     }
 

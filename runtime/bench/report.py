@@ -80,10 +80,11 @@ def landing_markdown(rows: dict[str, dict[str, Any]]) -> list[str]:
         spread = "/".join(_cell(landing[k], 1, "{:+.0f}") for k in ("p5_ms", "p50_ms", "p95_ms"))
         vs_due = "/".join(_cell(landing[k], 1, "{:+.0f}")
                           for k in ("vs_predicted_p50_ms", "vs_predicted_p95_ms"))
+        before_due = _cell(landing["vs_predicted_in_time_fraction"], 100, "{:.0f}%")
         lines.append(f"- `{name}`: {landing['count']} predictive uploads, {in_time} landed in "
                      f"time ({landing['early_returns']} early returns left out); landing minus "
                      f"the tool's return p5/p50/p95: {spread} ms; minus its predicted return "
-                     f"p50/p95: {vs_due} ms")
+                     f"p50/p95: {vs_due} ms ({before_due} at or before it)")
     if not lines:
         return []
     return ["Predictive uploads (negative: landed before the tool returned):", "", *lines, ""]

@@ -55,13 +55,15 @@ def test_upload_landing_leaves_early_returns_out_of_the_fraction_and_percentiles
     assert result["p50_ms"] == pytest.approx(-30.0)
     assert result["p5_ms"] == pytest.approx(-90.0)  # rank 0.2: -100 + 0.2 x 50
     assert result["p95_ms"] == pytest.approx(16.0)  # rank 3.8: 0 + 0.8 x 20
-    # Against the prediction, sorted: -20 0 30 50 100.
+    # Against the prediction, sorted: -20 0 30 50 100; at or before it: 2 of 5.
+    assert result["vs_predicted_in_time_fraction"] == pytest.approx(0.4)
     assert result["vs_predicted_p50_ms"] == pytest.approx(30.0)
     assert result["vs_predicted_p95_ms"] == pytest.approx(90.0)  # rank 3.8: 50 + 0.8 x 50
     line = landing_markdown({"tokencake": {"upload_landing": result}, "lru": {}})
     assert line[2] == ("- `tokencake`: 7 predictive uploads, 80% landed in time (2 early "
                        "returns left out); landing minus the tool's return p5/p50/p95: "
-                       "-90/-30/+16 ms; minus its predicted return p50/p95: +30/+90 ms")
+                       "-90/-30/+16 ms; minus its predicted return p50/p95: +30/+90 ms (40% at "
+                       "or before it)")
     assert len(line) == 4
 
 
@@ -69,5 +71,5 @@ def test_upload_landing_is_none_without_uploads_and_has_no_fraction_if_all_were_
     assert upload_landing([]) is None
     result = upload_landing([LandingSample(0.1, True, 0.3)])
     assert result == {"count": 1, "in_time_fraction": None, "early_returns": 1, "p5_ms": None,
-                      "p50_ms": None, "p95_ms": None, "vs_predicted_p50_ms": None,
-                      "vs_predicted_p95_ms": None}
+                      "p50_ms": None, "p95_ms": None, "vs_predicted_in_time_fraction": None,
+                      "vs_predicted_p50_ms": None, "vs_predicted_p95_ms": None}
