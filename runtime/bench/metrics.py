@@ -13,6 +13,15 @@ Definitions (the README repeats them):
   pinned), the peak also at every engine step; `kv_resident_peak_bytes` adds the cached ones;
   `kv_bytes_per_agent` is the mean over samples of the mean device blocks an agent holding KV
   owns.
+- upload landing: for each upload the policy planned ahead of a tool's predicted return (not
+  one the tool's finish or an admission asked for), the engine's clock when it landed minus
+  when the tool's finish reached the engine (negative: in time). `count` such uploads;
+  `early_returns` of them had the tool return before its predicted time (no upload planned for
+  the prediction could beat it): left out of `in_time_fraction` (landed at or before the
+  return) and of the percentiles `p5_ms`, `p50_ms`, `p95_ms`; over the same cases, the
+  landing minus the predicted return (`vs_predicted_in_time_fraction`: at or before it,
+  `vs_predicted_p50_ms`, `vs_predicted_p95_ms`): what the upload's lead controls, without the
+  prediction's error (a tool that returns exactly on time). None when there were none.
 - ideal: prefill tokens if every distinct text were computed once, wherever it sits in a
   prompt: only tokens that no run of 16 tokens seen before (in a prompt, or generated) covers,
   nor an earlier prompt's prefix; and the KV bytes of that distinct content (those tokens plus
@@ -25,6 +34,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from kvrt.runtime.engine.landing import LandingSample
 
 if TYPE_CHECKING:
     from kvrt.runtime.bench.runner import PolicyRun
@@ -75,11 +86,31 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "upload_bytes": run.upload_bytes,
         "backup_bytes": run.backup_bytes,
         "preemptions": run.preemptions,
+        "upload_landing": upload_landing(run.upload_landings),
         "calls": len(calls),
         "jobs": len(jct),
         "wall_s": run.wall_s,
         "max_agents_within_slo": None,
         **run.extra,
+    }
+
+
+def upload_landing(samples: Sequence[LandingSample]) -> dict[str, Any] | None:
+    """The distribution of predictive uploads' landing minus the tools' actual return (see
+    the module's definitions); None without any."""
+    if not samples:
+        return None
+    kept = [s for s in samples if not s.early_return]
+    timed = [s.landed_after_s * 1e3 for s in kept]
+    due = [s.after_due_s * 1e3 for s in kept]
+    return {
+        "count": len(samples),
+        "in_time_fraction": (sum(1 for ms in timed if ms <= 0) / len(timed)) if timed else None,
+        "early_returns": len(samples) - len(timed),
+        **{f"p{q}_ms": percentile(timed, q) if timed else None for q in (5, 50, 95)},
+        "vs_predicted_in_time_fraction": (sum(1 for ms in due if ms <= 0) / len(due)
+                                          if due else None),
+        **{f"vs_predicted_p{q}_ms": percentile(due, q) if due else None for q in (50, 95)},
     }
 
 

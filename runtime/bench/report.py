@@ -60,10 +60,34 @@ def markdown(results: dict[str, Any]) -> str:
               f"computed once, wherever it sits), {ideal['kv_bytes'] / 2**20:.1f} MiB of distinct "
               f"KV; exact prefix reuse at best: {ideal['prefill_tokens_prefix_reuse']:,} prefill "
               "tokens.", ""]
+    lines += landing_markdown(results["policies"])
     lines += gain_markdown(results["policies"])
     if "comparison" in results:
         lines.append(comparison_markdown(results["comparison"]))
     return "\n".join(lines)
+
+
+def landing_markdown(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per policy that planned uploads ahead of its tools' predicted returns: when
+    they landed, against the actual return."""
+    lines = []
+    for name, row in rows.items():
+        landing = row.get("upload_landing")
+        if not landing:
+            continue
+        fraction = landing["in_time_fraction"]
+        in_time = "-" if fraction is None else f"{fraction:.0%}"
+        spread = "/".join(_cell(landing[k], 1, "{:+.0f}") for k in ("p5_ms", "p50_ms", "p95_ms"))
+        vs_due = "/".join(_cell(landing[k], 1, "{:+.0f}")
+                          for k in ("vs_predicted_p50_ms", "vs_predicted_p95_ms"))
+        before_due = _cell(landing["vs_predicted_in_time_fraction"], 100, "{:.0f}%")
+        lines.append(f"- `{name}`: {landing['count']} predictive uploads, {in_time} landed in "
+                     f"time ({landing['early_returns']} early returns left out); landing minus "
+                     f"the tool's return p5/p50/p95: {spread} ms; minus its predicted return "
+                     f"p50/p95: {vs_due} ms ({before_due} at or before it)")
+    if not lines:
+        return []
+    return ["Predictive uploads (negative: landed before the tool returned):", "", *lines, ""]
 
 
 def gain_markdown(rows: dict[str, dict[str, Any]]) -> list[str]:

@@ -19,6 +19,7 @@ from kvrt.runtime.bench.workloads import Workload
 from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.engine.executor import ModelExecutor
+from kvrt.runtime.engine.landing import LandingSample
 from kvrt.runtime.engine.protocol import GenerateOutput, GenerateRequest
 from kvrt.runtime.policy import options_for
 from kvrt.runtime.server.app import create_app
@@ -51,6 +52,8 @@ class PolicyRun:
     offload_bytes: int = 0  # moved to the host tier, and back
     upload_bytes: int = 0
     backup_bytes: int = 0  # copied to the host tier and kept on the device
+    # The policy's predictive uploads: landing minus the tool's return (the engine's last ones).
+    upload_landings: list[LandingSample] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -115,7 +118,8 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         preemptions=stats.preemptions, wall_s=wall, peak_in_use_blocks=stats.kv_blocks_in_use_peak,
         offload_bytes=stats.kv_blocks_offloaded * block_bytes,
         upload_bytes=stats.kv_blocks_uploaded * block_bytes,
-        backup_bytes=stats.kv_blocks_backed_up * block_bytes, extra=extra)
+        backup_bytes=stats.kv_blocks_backed_up * block_bytes,
+        upload_landings=list(stats.upload_landing.recent), extra=extra)
 
 
 async def _sample(engine: AsyncEngine, out: list[KVSample]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from kvrt.runtime.engine.landing import UploadLandings
 from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.policy.decisions import (
     Backup,
@@ -17,9 +18,11 @@ from kvrt.runtime.policy.decisions import (
 )
 
 
-def carry_out(kv: KVManager, decisions: Iterable[Decision]) -> None:
+def carry_out(kv: KVManager, decisions: Iterable[Decision],
+              landings: UploadLandings | None = None) -> None:
     """Carries out each decision before the policy makes the next: a hook that yields its
-    decisions reads their effect on the KV right after each."""
+    decisions reads their effect on the KV right after each. An upload planned ahead (`due`)
+    that starts is watched in `landings`, if given."""
     for decision in decisions:
         match decision:
             case Pin(owner):
@@ -28,8 +31,9 @@ def carry_out(kv: KVManager, decisions: Iterable[Decision]) -> None:
                 kv.unpin(owner)
             case Offload(owner):
                 kv.offload(owner)
-            case Upload(owner):
-                kv.upload(owner)
+            case Upload(owner, due):
+                if kv.upload(owner) and due is not None and landings is not None:
+                    landings.planned(owner, due)
             case Backup(block_ids):
                 kv.backup(block_ids)
             case Retain(owner, level):

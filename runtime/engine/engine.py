@@ -4,7 +4,8 @@ The engine owns the executor and the KV; `AsyncEngine` runs it on its own thread
 from an injected clock, so the same engine can run under a simulated clock. The policy hears of
 the agents' events (`notify`), of their new graph priorities (`set_priorities`, kept in the
 table its calls read: runtime/engine/priorities.py) and of time passing (`tick`, before each
-step and while idle), and the engine carries out what it decides (runtime/engine/decide.py).
+step and while idle), and the engine carries out what it decides (runtime/engine/decide.py),
+timing the uploads it plans ahead against the tools' actual returns (runtime/engine/landing.py).
 
 A step that raises after scheduling aborts the requests of its batch and raises StepFailed
 naming them; the engine stays consistent and serves the others. `expire` aborts the requests
@@ -14,12 +15,13 @@ past their `timeout_s`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.executor import Executor
+from kvrt.runtime.engine.landing import UploadLandings
 from kvrt.runtime.engine.output import OutputText
 from kvrt.runtime.engine.priorities import Priorities
 from kvrt.runtime.engine.protocol import (
@@ -40,6 +42,7 @@ from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.kv.reuse.planner import ReusePlanner
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.policy.base import Policy
+from kvrt.runtime.policy.decisions import Decision
 
 
 class Emitted(NamedTuple):
@@ -82,6 +85,7 @@ class Engine:
         self.vocab_size = executor.vocab_size
         self._live: dict[str, _Live] = {}
         self.priorities = Priorities()  # every live call reads its agent's here
+        self.landings = UploadLandings()  # predictive uploads: landing vs. the tool's return
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.kv_blocks_in_use_peak = 0  # at any step, once scheduled
@@ -150,14 +154,20 @@ class Engine:
 
     def notify(self, event: AgentEvent) -> None:
         """Hands an agent's control-plane event to the policy, at the clock's time now."""
-        carry_out(self.kv, self.policy.on_event(event, self.kv, self.clock()))
+        now = self.clock()
+        if event.kind == "tool_call.finished":
+            self.landings.returned((event.run, event.agent), now)
+        self._carry_out(self.policy.on_event(event, self.kv, now))
+
+    def _carry_out(self, decisions: Iterable[Decision]) -> None:
+        carry_out(self.kv, decisions, self.landings)
 
     def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None:
         """The run's agents' new graph priorities (agent -> priority; the others keep theirs):
         their calls, waiting or running, are ordered by them from now on, and the policy hears
         of them. Nothing here is per call: the calls read the table."""
         self.priorities.update(run, priorities)
-        carry_out(self.kv, self.policy.on_priorities(run, priorities, self.kv))
+        self._carry_out(self.policy.on_priorities(run, priorities, self.kv))
 
     def set_outlook(self, run: str, remaining_s: float,
                     next_use: Mapping[str, float | None]) -> None:
@@ -173,7 +183,10 @@ class Engine:
         pins). Each step ticks first; the engine thread also ticks while idle, since an agent
         waits on its tool with no step running."""
         self.kv.finish_moves()
-        carry_out(self.kv, self.policy.on_step(self.kv, self.clock()))
+        now = self.clock()
+        for owner in self.kv.take_landed_uploads():
+            self.landings.landed(owner, now)
+        self._carry_out(self.policy.on_step(self.kv, now))
 
     def close(self) -> None:
         """Lets the KV moves in flight land and stops the mover's thread."""
@@ -192,6 +205,7 @@ class Engine:
         released = self.kv.release_run(run)
         self.priorities.drop(run)
         self.policy.on_run_end(run)
+        self.landings.forget_run(run)
         self.reuse.on_run_end(run)
         return RunRelease(aborted, released)
 
@@ -221,7 +235,7 @@ class Engine:
         if not chunks:
             if self.scheduler.has_work() and not self.kv.moves_in_flight():
                 # Pins hold the pool and nothing lands: the policy must let something go.
-                carry_out(self.kv, self.policy.on_stall(self.kv, self.clock()))
+                self._carry_out(self.policy.on_stall(self.kv, self.clock()))
             return []
         self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.kv.usage().in_use)
         try:
@@ -259,7 +273,7 @@ class Engine:
         if reason is not None:
             del self._live[seq.request_id]
             self.scheduler.finish(seq)
-            carry_out(self.kv, self.policy.on_finish(seq, self.kv))
+            self._carry_out(self.policy.on_finish(seq, self.kv))
         output = GenerateOutput(
             token_ids=[token],
             text=text,
@@ -297,6 +311,7 @@ class Engine:
             kv_blocks_uploaded=moved.uploaded,
             kv_blocks_backed_up=moved.backed_up,
             kv_decisions=self.policy.kv_decisions(),
+            upload_landing=self.landings.stats(),
             segment_requests=reuse.segment_requests,
             segment_tokens=reuse.segment_tokens,
             segment_reused_tokens=reuse.reused_tokens,

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-# Part of this seam (kv_residency's result): the server imports it from here.
+# Part of this seam (kv_residency's and stats' results): the server imports them from here.
+from kvrt.runtime.engine.landing import LandingStats
 from kvrt.runtime.kv.owners import AgentResidency
 
 if TYPE_CHECKING:
@@ -131,6 +132,8 @@ class EngineStats:
     kv_blocks_uploaded: int = 0  # moved back from it
     kv_blocks_backed_up: int = 0  # copied to it, and kept on the device
     kv_decisions: dict[str, int] = field(default_factory=dict)  # the policy's, at tool calls
+    # The policy's predictive uploads: their landing against the tool's actual return.
+    upload_landing: LandingStats = field(default_factory=LandingStats)
     segment_requests: int = 0  # requests with segments, admitted (with reuse off too)
     segment_tokens: int = 0  # tokens in their segments
     segment_reused_tokens: int = 0  # of those, read from another copy: not computed ...

@@ -407,6 +407,10 @@ class KVManager:
         """Completes the moves whose copies have landed; returns how many blocks landed."""
         return 0 if self.host is None else self.host.finish_done()
 
+    def take_landed_uploads(self) -> list[Owner]:
+        """The owners whose `upload` landed since the last call (completed by `finish_moves`)."""
+        return [] if self.host is None else self.host.take_landed_uploads()
+
     def tier_counts(self) -> TierCounts:
         return TierCounts() if self.host is None else self.host.tiers.counts()
 

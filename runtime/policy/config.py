@@ -18,6 +18,12 @@ class TokencakeConfig:
     pressure_free_fraction: float = 0.25
     # Start the upload this long before the copy must end, so it lands before the tool returns.
     upload_lead_s: float = 0.05
+    # ... and, besides, twice the engine's recent tick interval (the longest gap between its
+    # last `TICK_WINDOW` on_step calls: a step, or the ~50 ms idle wait): the upload starts at
+    # the first tick past its time, and lands only when a later tick completes the move. With
+    # the fixed lead alone, uploads landed 10-60 ms after the predicted return. False: the
+    # fixed lead alone (the ablation).
+    timed_upload_lead: bool = True
     # Copy speed assumed until the first copy is observed (bytes/s; a CPU memcpy is ~5-10 GB/s,
     # a pinned PCIe copy ~20-50 GB/s) and the fixed cost of one copy.
     prior_bandwidth: float = 5e9

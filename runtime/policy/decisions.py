@@ -5,7 +5,10 @@
     Pin(owner)        keeps the owner's keyed device blocks from eviction (one reference each)
     Unpin(owner)      gives exactly those references back
     Offload(owner)    moves the owner's cached device blocks to the host tier
-    Upload(owner)     brings back what the owner's last offload sent to the host
+    Upload(owner,     brings back what the owner's last offload sent to the host; `due`, for
+      due)            an upload planned ahead, is when the policy predicts the KV is needed
+                      (its tool's return): the engine records when it lands against the actual
+                      return (runtime/engine/landing.py)
     Backup(blocks)    copies these keyed device blocks to the host, leaving them on the device
     Retain(owner, l)  sets the owner's retention level l (0..7, default 2): its device blocks,
                       now and later, are evicted after every cached block of a lower level
@@ -44,6 +47,7 @@ class Offload:
 @dataclass(frozen=True, slots=True)
 class Upload:
     owner: Owner
+    due: float | None = None  # the predicted return it aims to land before; None: wanted now
 
 
 @dataclass(frozen=True, slots=True)

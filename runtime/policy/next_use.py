@@ -73,6 +73,11 @@ class NextUse:
             self.due[(run, agent)] = at
         return [d for agent in due for d in self._relevel((run, agent), now)]
 
+    def expect(self, owner: Owner, at: float, now: float) -> list[Decision]:
+        """The owner's next call is due at `at` (an event said so: a tool started or ended)."""
+        self.due[owner] = at
+        return list(self._relevel(owner, now))
+
     def done(self, owner: Owner) -> list[Decision]:
         """agent.done: no call is expected until the client says otherwise."""
         self.due[owner] = None

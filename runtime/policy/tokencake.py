@@ -15,8 +15,10 @@ Temporal, on `tool_call.started` (the decision and its reason are counted in `de
 
 round trip = 2 x (copy_latency_s + bytes / bandwidth), the bandwidth learned from the copies
 observed so far (their average), `prior_bandwidth` before the first. An offloaded agent's KV is
-uploaded at `started + predicted - upload time - upload_lead_s`, or at `tool_call.finished` if
-the tool returns first; if its next call comes before either, admission uploads it on demand.
+uploaded at `started + predicted - upload time - upload_lead_s - 2 x tick` (tick: the longest
+of the engine's recent intervals between on_step calls; with `timed_upload_lead` off, 0), or at
+`tool_call.finished` if the tool returns first; if its next call comes before either, admission
+uploads it on demand. The engine times the planned uploads' landings against the actual returns.
 (The decision is "keep: host_full" when the host tier can take none of it.) A tool usually
 starts right after the call that asked for it, while write-through (below) is still copying
 that call's last blocks to the host: those blocks look busy, not cached, until the copies land.
@@ -61,7 +63,7 @@ call cannot upload instead of computing again.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 
 from kvrt.runtime.kv.owners import Owner
@@ -70,6 +72,8 @@ from kvrt.runtime.policy.config import TokencakeConfig
 from kvrt.runtime.policy.decisions import Backup, Offload, Pin, Unpin, Upload
 from kvrt.runtime.policy.next_use import NextUse
 from kvrt.runtime.policy.view import Call, Event, KVState
+
+TICK_WINDOW = 32  # on_step intervals the upload lead looks back over
 
 
 @register_policy("tokencake")
@@ -91,6 +95,9 @@ class TokencakePolicy(Policy):
                                 self.config.prefetch_horizon_s,
                                 self.config.pressure_free_fraction)
         self._now = 0.0  # the engine's clock at the last step
+        self.returns: dict[Owner, float] = {}  # offloaded owner -> its tool's predicted return
+        self._last_tick: float | None = None  # on_step's last `now`, and the intervals since
+        self._ticks: deque[float] = deque(maxlen=TICK_WINDOW)
 
     # -- spatial ------------------------------------------------------------------------------
 
@@ -217,6 +224,8 @@ class TokencakePolicy(Policy):
     def on_event(self, event: Event, kv: KVState, now: float) -> Decisions:
         owner = (event.run, event.agent)
         if event.kind == "tool_call.started":
+            # Its next call comes after the tool: known here before the run's next outlook.
+            yield from self.next_use.expect(owner, now + (event.predicted_s or 0.0), now)
             priority = self.reserved.get(owner)
             yield from self._end_reservation(owner)  # its cached blocks may go to the host
             if not kv.cached_blocks(owner) and kv.settling_blocks(owner):
@@ -226,6 +235,7 @@ class TokencakePolicy(Policy):
                 return
             yield from self._tool_started(owner, now, event.predicted_s, priority, kv, now)
         elif event.kind == "tool_call.finished":
+            yield from self.next_use.expect(owner, now, now)
             self.deciding.pop(owner, None)
             if owner in self.deadlines:
                 self.deadlines[owner] = now + self.config.tool_deadline_min_s
@@ -268,10 +278,28 @@ class TokencakePolicy(Policy):
             if not kv.settling_blocks(owner):
                 del self.deciding[owner]
                 yield from self._tool_started(owner, started, predicted_s, priority, kv, now)
+        self._observe_tick(now)
+        lead = self.tick_lead_s()
+        for owner in [o for o in self.returns if o not in self.away]:
+            del self.returns[owner]  # back already (an admission, agent.done): nothing to time
         for owner, upload_at in list(self.away.items()):
-            if upload_at <= now:
-                yield from self._upload(owner, kv)
+            if upload_at - lead <= now:
+                yield from self._upload(owner, kv, self.returns.get(owner))
         yield from self.next_use.on_step(kv, now)
+
+    def _observe_tick(self, now: float) -> None:
+        if self._last_tick is not None:
+            self._ticks.append(now - self._last_tick)
+        self._last_tick = now
+
+    def tick_lead_s(self) -> float:
+        """How much earlier than `away` says an upload starts: the upload waits for the first
+        tick past its time, and its landing for a tick after the copy ends, each up to one
+        interval between ticks (the longest of the recent ones). 0 with `timed_upload_lead` off,
+        or before two ticks."""
+        if not self.config.timed_upload_lead or not self._ticks:
+            return 0.0
+        return 2 * max(self._ticks)
 
     def round_trip_s(self, num_blocks: int, kv: KVState) -> float:
         return 2 * self.copy_s(num_blocks, kv)
@@ -295,23 +323,28 @@ class TokencakePolicy(Policy):
             return "keep:short_tool"
         if not kv.offloadable_blocks(owner):
             return "keep:host_full"
-        self.away[owner] = (started + (predicted_s or 0.0) - self.copy_s(cached, kv)
-                            - self.config.upload_lead_s)
+        self.returns[owner] = started + (predicted_s or 0.0)
+        self.away[owner] = self.returns[owner] - self.copy_s(cached, kv) - self.config.upload_lead_s
         return "offload"
 
-    def _upload(self, owner: Owner, kv: KVState) -> Decisions:
+    def _upload(self, owner: Owner, kv: KVState, due: float | None = None) -> Decisions:
         """Brings the agent's KV back ahead of its next call if the device can spare the room:
         afterwards, at least `pressure_free_fraction` of the pool must still be free or merely
         cached, or the upload would take the blocks that running calls grow into (and preempt
         them) for KV that may wait idle. Tried again at each step meanwhile; once the next call
-        comes, its admission uploads on demand, when the call can run (on_admit ends it)."""
+        comes, its admission uploads on demand, when the call can run (on_admit ends it).
+        `due`: the predicted return a planned upload aims at (the engine times its landing);
+        None: it is wanted now (the tool returned), and stays so on the retries."""
+        if due is None:
+            self.returns.pop(owner, None)
         if owner not in self.away or kv.is_offload_landing(owner):
             return  # the offload has not landed yet
         usage, wanted = kv.usage(), kv.offloaded_blocks(owner)
         if usage.free + usage.cached - wanted < self.config.pressure_free_fraction * usage.total:
             return
         del self.away[owner]
-        yield Upload(owner)
+        self.returns.pop(owner, None)
+        yield Upload(owner, due)
 
 
 def due_in(call: Call) -> float:

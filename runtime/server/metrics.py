@@ -12,7 +12,7 @@ import bisect
 from collections import Counter
 from collections.abc import Sequence
 
-from kvrt.runtime.engine.protocol import EngineStats
+from kvrt.runtime.engine.protocol import EngineStats, LandingStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -36,6 +36,14 @@ class Histogram:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.count += 1
+
+    @classmethod
+    def of_landings(cls, landing: LandingStats) -> Histogram:
+        """The engine's counts of predictive uploads' landing minus the tool's return."""
+        histogram = cls(landing.buckets)
+        histogram.counts = list(landing.bucket_counts)
+        histogram.sum, histogram.count = landing.sum_s, landing.count
+        return histogram
 
     def lines(self, name: str, labels: str) -> list[str]:
         out, cumulative = [], 0
@@ -128,6 +136,16 @@ class ServerMetrics:
                    f'kvrt:kv_tier_decisions_total{{{labels},decision="{_escape(d)}"}} {n}'
                    for d, n in sorted(stats.kv_decisions.items())
                ])
+        family("kvrt:kv_upload_landing_seconds", "histogram",
+               "Predictive uploads (planned ahead of a tool's predicted return): the engine's "
+               "clock when one landed minus when the tool's finish arrived (negative: in time); "
+               "those whose tool returned before its predicted time are "
+               "kvrt:kv_upload_early_returns_total instead.",
+               Histogram.of_landings(stats.upload_landing).lines(
+                   "kvrt:kv_upload_landing_seconds", labels))
+        one("kvrt:kv_upload_early_returns_total", "counter",
+            "Predictive uploads whose tool returned before its predicted time.",
+            stats.upload_landing.early_returns)
         family("kvrt:request_success_total", "counter", "Requests finished, by finish reason.", [
             f'kvrt:request_success_total{{{labels},finished_reason="{_escape(reason)}"}} {n}'
             for reason, n in sorted(self.finished.items())

@@ -1,4 +1,4 @@
-"""Percentiles and the ideal, on cases counted by hand."""
+"""Percentiles, the ideal and the predictive uploads' landing, on cases counted by hand."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from kvrt.runtime.bench.metrics import ideal, percentile
+from kvrt.runtime.bench.metrics import ideal, percentile, upload_landing
+from kvrt.runtime.bench.report import landing_markdown
+from kvrt.runtime.engine.landing import LandingSample
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -39,3 +41,35 @@ def test_the_ideal_reuses_runs_of_tokens_wherever_they_sit() -> None:
     assert result["prefill_tokens_prefix_reuse"] == 4 + 5 + 3
     assert result["prefill_tokens"] == 4 + 3 + 1
     assert result["kv_bytes"] == (8 + 1) * 10  # the computed tokens and one generated 9
+
+
+def test_upload_landing_leaves_early_returns_out_of_the_fraction_and_percentiles() -> None:
+    # (landing - actual return, early return, landing - predicted return), in seconds.
+    samples = [LandingSample(s, False, -s) for s in (-0.1, -0.03, 0.0, 0.02, -0.05)]
+    samples += [LandingSample(0.4, True, -0.1), LandingSample(-0.2, True, -0.3)]  # early
+    result = upload_landing(samples)
+    assert result is not None
+    # Timed, in ms and sorted: -100 -50 -30 0 20; in time (<= 0): 4 of 5.
+    assert (result["count"], result["early_returns"]) == (7, 2)
+    assert result["in_time_fraction"] == pytest.approx(0.8)
+    assert result["p50_ms"] == pytest.approx(-30.0)
+    assert result["p5_ms"] == pytest.approx(-90.0)  # rank 0.2: -100 + 0.2 x 50
+    assert result["p95_ms"] == pytest.approx(16.0)  # rank 3.8: 0 + 0.8 x 20
+    # Against the prediction, sorted: -20 0 30 50 100; at or before it: 2 of 5.
+    assert result["vs_predicted_in_time_fraction"] == pytest.approx(0.4)
+    assert result["vs_predicted_p50_ms"] == pytest.approx(30.0)
+    assert result["vs_predicted_p95_ms"] == pytest.approx(90.0)  # rank 3.8: 50 + 0.8 x 50
+    line = landing_markdown({"tokencake": {"upload_landing": result}, "lru": {}})
+    assert line[2] == ("- `tokencake`: 7 predictive uploads, 80% landed in time (2 early "
+                       "returns left out); landing minus the tool's return p5/p50/p95: "
+                       "-90/-30/+16 ms; minus its predicted return p50/p95: +30/+90 ms (40% at "
+                       "or before it)")
+    assert len(line) == 4
+
+
+def test_upload_landing_is_none_without_uploads_and_has_no_fraction_if_all_were_early() -> None:
+    assert upload_landing([]) is None
+    result = upload_landing([LandingSample(0.1, True, 0.3)])
+    assert result == {"count": 1, "in_time_fraction": None, "early_returns": 1, "p5_ms": None,
+                      "p50_ms": None, "p95_ms": None, "vs_predicted_in_time_fraction": None,
+                      "vs_predicted_p50_ms": None, "vs_predicted_p95_ms": None}

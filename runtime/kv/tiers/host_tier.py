@@ -7,7 +7,8 @@ waiting request whose prefix is on the host asks for an upload and is admitted o
 landed; until then the step goes on without it.
 
 An owner's offload is remembered (the host blocks it sent, in prefix order) until the owner's
-upload brings exactly those back, its next offload replaces it, or its run ends.
+upload brings exactly those back, its next offload replaces it, or its run ends. When that
+upload lands, the owner is listed until `take_landed_uploads` (the engine times landings).
 
 A copy that fails, or cannot even start (the mover closed), is completed as failed: the two-phase
 protocol's abort path leaves each block in a known tier (KVTiers.complete). A failed upload also
@@ -37,6 +38,8 @@ class HostTier:
         self._pending: list[tuple[Move, Future[None]]] = []
         self._offloaded: dict[Owner, list[int]] = {}  # owner -> host blocks of its last offload
         self._backing_up: Counter[int] = Counter()  # device block -> backups copying it now
+        self._uploading: dict[int, Owner] = {}  # id of an owner's upload move in flight -> owner
+        self._landed_uploads: list[Owner] = []  # owners whose upload landed, not yet taken
         self.failed = 0
 
     def offload(self, block_ids: list[int]) -> list[int]:
@@ -59,7 +62,16 @@ class HostTier:
     def upload_owner(self, owner: Owner) -> bool:
         """Brings back what the owner's last offload sent to the host; False if nothing went."""
         host_blocks = self._offloaded.pop(owner, [])
-        return bool(host_blocks) and self.upload(host_blocks)
+        move = self._start(self.tiers.prepare_upload(host_blocks)) if host_blocks else None
+        if move is not None:
+            self._uploading[id(move)] = owner  # the move stays pending (alive) until completed
+        return move is not None
+
+    def take_landed_uploads(self) -> list[Owner]:
+        """The owners whose `upload_owner` move has landed (completed successfully) since the
+        last call."""
+        landed, self._landed_uploads = self._landed_uploads, []
+        return landed
 
     def offloaded_blocks(self, owner: Owner) -> int:
         return len(self._offloaded.get(owner, ()))
@@ -72,6 +84,7 @@ class HostTier:
     def forget_run(self, run: str) -> None:
         for owner in [o for o in self._offloaded if o[0] == run]:
             del self._offloaded[owner]
+        self._landed_uploads = [o for o in self._landed_uploads if o[0] != run]
 
     def backup(self, block_ids: list[int]) -> Move | None:
         """Starts copying these keyed device blocks (the ones the host lacks) to the host,
@@ -120,6 +133,9 @@ class HostTier:
         for move, future in self._pending:
             if future.done():
                 landed += self._complete(move, future)
+                owner = self._uploading.pop(id(move), None)
+                if owner is not None and future.exception() is None:
+                    self._landed_uploads.append(owner)
                 if move.keep_source:
                     self._backed_up(move.source)
             else:
