@@ -209,8 +209,8 @@ class EngineClient(Protocol):
                     next_use: Mapping[str, float | None]) -> None:
         """The run's outlook as of now: its remaining critical path in seconds (its calls
         report it as `remaining_s`), and per agent the predicted seconds to its next model call
-        (None: none expected). The policy hears of it (`on_outlook`, with the times made
-        absolute on the engine's clock). Fire and forget, like `notify`."""
+        (None: it is done; inf: no call is predicted). The policy hears of it (`on_outlook`,
+        with the times made absolute on the engine's clock). Fire and forget, like `notify`."""
         ...
 
     async def release_run(self, run: str) -> int:

@@ -323,8 +323,8 @@ class Run:
         return self.graph.agents[index].importance * criticality.criticality(index)
 
     def next_use(self, index: int, criticality: Criticality) -> float | None:
-        """Predicted seconds until the agent's next model call, as of `criticality`; None when
-        none is expected (it is done, or idle with no work left):
+        """Predicted seconds until the agent's next model call, as of `criticality`; None once
+        it is done:
 
             state                 next use
             --------------------  -------------------------------------------------------
@@ -332,7 +332,7 @@ class Run:
             queued, generating    0
             tool_call, waiting    max(what is left of its tools and wait, start_after)
             idle, work left       start_after: the longest remaining path into it
-            idle, no work left    None
+            idle, no work left    inf: the graph expects none, but the agent is not done
         """
         activity = self.agents[index]
         if activity.done:
@@ -344,7 +344,7 @@ class Run:
         if activity.waiting is not None:
             pending.append(activity.waiting[1])
         if not pending and index < len(criticality.costs) and criticality.costs[index] <= 0:
-            return None
+            return float("inf")
         left = max((call.predicted - (now - call.started) for call in pending), default=0.0)
         return max(left, criticality.start_after(index))
 

@@ -106,6 +106,7 @@ class KVManager:
         self.host = (None if host is None
                      else HostTier(self.pool, self.owners, host.num_blocks, host.mover))
         self._kept = 0  # blocks keyed by `keep_cached`
+        self._last_keys: dict[Owner, frozenset[bytes]] = {}  # keys of each owner's last table
 
     def _dropped(self, block_id: int) -> None:
         self.owners.drop_block(block_id)
@@ -211,6 +212,13 @@ class KVManager:
         return keyed
 
     def free(self, table: BlockTable) -> None:
+        if table.owner is not None and self.host is not None:
+            # What its next call most likely reads again: a prefetch brings back this, not
+            # every block the owner ever left on the host.
+            blocks = self.pool.blocks
+            self._last_keys[table.owner] = frozenset(
+                key for b in table.block_ids()[: table.num_keyed]
+                if (key := blocks[b].key) is not None)
         self.pool.release(table.block_ids())
         table.clear()
 
@@ -306,6 +314,10 @@ class KVManager:
     def cached_blocks(self, owner: Owner) -> int:
         return len(self._cached_of(owner))
 
+    def arriving_blocks(self, owner: Owner) -> int:
+        """The owner's blocks a prefetch is bringing up from the host now."""
+        return 0 if self.host is None else self.host.arriving(owner)
+
     def settling_blocks(self, owner: Owner) -> int:
         """The owner's blocks that only write-through copies to the host hold now: cached as
         soon as those land (a call's last blocks, right after it ends)."""
@@ -338,7 +350,12 @@ class KVManager:
         """How many blocks a `prefetch` of the owner would bring to the device now."""
         if self.host is None:
             return 0
-        return len(self.host.prefetchable(owner, self._prefetch_room(owner)))
+        return len(self.host.prefetchable(owner, self._prefetch_room(owner),
+                                          self.last_keys(owner)))
+
+    def last_keys(self, owner: Owner) -> frozenset[bytes]:
+        """The content keys of the blocks the owner's last call held when it ended."""
+        return self._last_keys.get(owner, frozenset())
 
     def copy_seconds(self, num_blocks: int, prior_bandwidth: float) -> float:
         assert self.host is not None, "copies need a host tier"
@@ -389,12 +406,14 @@ class KVManager:
 
     def prefetch(self, owner: Owner) -> int:
         """Starts bringing the owner's KV that is on the host and not on the device back up
+        (of the blocks its last call held when it ended: its previous turn, which its next call
+        extends)
         (an upload: it lands cached, findable, at the owner's level), as much as fits without
         evicting blocks of the owner's level or above (`_prefetch_room`); returns how many
         blocks go (0 without a host tier)."""
         if self.host is None:
             return 0
-        return self.host.prefetch(owner, self._prefetch_room(owner))
+        return self.host.prefetch(owner, self._prefetch_room(owner), self.last_keys(owner))
 
     def backup(self, block_ids: Iterable[int]) -> None:
         """Starts copying these keyed device blocks to the host, leaving them on the device."""
@@ -429,6 +448,8 @@ class KVManager:
         holds now; returns how many. Blocks a live request still reads stay, and so do other
         owners'."""
         self.pins.unpin_run(run)
+        for owner in [o for o in self._last_keys if o[0] == run]:
+            del self._last_keys[owner]
         # Blocks the run shares keep the level of their other owners.
         leveled = self.owners.blocks_of_run(run) if self.owners.has_levels else set()
         if self.host is not None:  # and its host copies no other run owns

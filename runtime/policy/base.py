@@ -53,8 +53,8 @@ class Policy(ABC):
     on_outlook(run,            engine     the server pushed the run's outlook: its remaining
       remaining_s, due, kv,               critical path (seconds; its calls report it as
       now)                                `remaining_s` already) and per agent the clock time
-                                          of its next model call as predicted (None: none
-                                          expected)
+                                          of its next model call as predicted (None: it is
+                                          done; inf: none is predicted)
     on_run_end(run)            engine     the run ended: its pins and KV are gone already; forget
                                           any state kept for its agents
     on_stall(kv, now)          engine     it has work but scheduled nothing this step: blocks

@@ -10,8 +10,8 @@ engine (SGLang and vLLM moved from hard pins to such priority hints).
 
     seconds to the owner's next call   level
     ---------------------------------  ---------------------------------------------
-    none expected (done, no work)      0          the first to go
-    > 300                              1
+    none: the agent is done            0          the first to go
+    > 300 (inf: no work predicted)     1
     no outlook yet (never pushed)      2          DEFAULT_RETENTION: as nobody said
     (60, 300]                          3
     (20, 60]                           4
@@ -31,7 +31,7 @@ into (blocks on their way up cannot be handed to them).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 
 from kvrt.runtime.kv.block_pool import DEFAULT_RETENTION
 from kvrt.runtime.kv.owners import Owner
@@ -83,7 +83,9 @@ class NextUse:
         self.due[owner] = None
         return list(self._relevel(owner, 0.0))
 
-    def on_step(self, kv: KVState, now: float) -> list[Decision]:
+    def on_step(self, kv: KVState, now: float,
+                planned: Container[Owner] = ()) -> list[Decision]:
+        """`planned`: owners whose KV comes back by a planned upload (not prefetched)."""
         decisions: list[Decision] = []
         if self.retain and now - self._leveled_at >= RELEVEL_EVERY_S:
             self._leveled_at = now
@@ -91,7 +93,7 @@ class NextUse:
                 decisions.extend(self._relevel(owner, now))
         if self.prefetch and kv.has_host_tier:
             for owner, at in self.due.items():
-                if at is None or at - now > self.horizon_s:
+                if at is None or at - now > self.horizon_s or owner in planned:
                     continue
                 wanted = kv.prefetchable_blocks(owner)
                 usage = kv.usage()

@@ -22,8 +22,9 @@ uploads it on demand. The engine times the planned uploads' landings against the
 (The decision is "keep: host_full" when the host tier can take none of it.) A tool usually
 starts right after the call that asked for it, while write-through (below) is still copying
 that call's last blocks to the host: those blocks look busy, not cached, until the copies land.
-So when the agent holds no cached KV but such blocks, the decision waits for them (a step or
-two) and is then made on what is left of the predicted time.
+So when the agent holds no cached KV but such blocks, or a prefetch is bringing its KV up, the
+decision waits for them (a step or two) and is then made on what is left of the predicted
+time.
 
 Spatial, across runs (`cross_run`, the default): waiting calls are admitted in order of
 `due_in - aging x seconds waited`, where due_in is the run's remaining critical path (the
@@ -228,9 +229,10 @@ class TokencakePolicy(Policy):
             yield from self.next_use.expect(owner, now + (event.predicted_s or 0.0), now)
             priority = self.reserved.get(owner)
             yield from self._end_reservation(owner)  # its cached blocks may go to the host
-            if not kv.cached_blocks(owner) and kv.settling_blocks(owner):
-                # The call that just ended is still being written through to the host: decide
-                # once those copies land (a step or two), not on KV that looks busy.
+            if _unsettled(owner, kv):
+                # The call that just ended is still being written through to the host, or a
+                # prefetch is bringing its KV up: decide once those copies land (a step or
+                # two), not on KV that looks busy.
                 self.deciding[owner] = (now, event.predicted_s, priority)
                 return
             yield from self._tool_started(owner, now, event.predicted_s, priority, kv, now)
@@ -275,7 +277,7 @@ class TokencakePolicy(Policy):
         yield from self._expire(now, kv)
         yield from self._fit_reservations(kv)
         for owner, (started, predicted_s, priority) in list(self.deciding.items()):
-            if not kv.settling_blocks(owner):
+            if not _unsettled(owner, kv):
                 del self.deciding[owner]
                 yield from self._tool_started(owner, started, predicted_s, priority, kv, now)
         self._observe_tick(now)
@@ -285,7 +287,7 @@ class TokencakePolicy(Policy):
         for owner, upload_at in list(self.away.items()):
             if upload_at - lead <= now:
                 yield from self._upload(owner, kv, self.returns.get(owner))
-        yield from self.next_use.on_step(kv, now)
+        yield from self.next_use.on_step(kv, now, self.away)
 
     def _observe_tick(self, now: float) -> None:
         if self._last_tick is not None:
@@ -353,3 +355,10 @@ def due_in(call: Call) -> float:
     unattributed call is a run of one call: 0."""
     remaining = call.remaining_s or 0.0
     return remaining * (2.0 - min(max(call.priority, 0.0), 1.0))
+
+
+def _unsettled(owner: Owner, kv: KVState) -> bool:
+    """Whether the owner's KV is between states: only write-through copies hold it, or a
+    prefetch is bringing it up."""
+    return bool(kv.arriving_blocks(owner)
+                or (not kv.cached_blocks(owner) and kv.settling_blocks(owner)))

@@ -57,6 +57,7 @@ class KVState(Protocol):
 
     def cached_blocks(self, owner: Owner) -> int: ...  # no request reads them
     def settling_blocks(self, owner: Owner) -> int: ...  # cached once its backups land
+    def arriving_blocks(self, owner: Owner) -> int: ...  # on their way up: a prefetch
 
     @property
     def has_host_tier(self) -> bool: ...

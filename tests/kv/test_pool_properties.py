@@ -420,15 +420,17 @@ class TiersMachine(RuleBasedStateMachine):
         with KV to bring up)."""
         kv, pool = self.kv, self.kv.pool
         assert kv.host is not None
-        owners = [o for o in OWNERS[:3] if kv.host.prefetchable(o, DEVICE_BLOCKS)]  # type: ignore[arg-type]
+        owners = [o for o in OWNERS[:3]  # type: ignore[arg-type]
+                  if kv.host.prefetchable(o, DEVICE_BLOCKS, kv.last_keys(o))]
         owner: Owner = _pick(owners or OWNERS[:3], which)
         level = kv.retention_of(owner)
         cached = [b for b in range(DEVICE_BLOCKS) if pool.is_cached(b)]
         kept = [b for b in cached if pool.blocks[b].retention >= level]
         room = pool.usage().free + len(cached) - len(kept)
-        blocks = kv.host.prefetchable(owner, room)
+        blocks = kv.host.prefetchable(owner, room, kv.last_keys(owner))
         assert len(blocks) == kv.prefetchable_blocks(owner) <= room
         assert set(blocks) <= self.tiers.host_owners.blocks_of(owner)
+        assert {self.tiers.host.blocks[b].key for b in blocks} <= kv.last_keys(owner)
         event("prefetch moved blocks" if blocks else "prefetch had nothing to move")
         move = self.tiers.prepare_upload(blocks)
         assert (move.source if move is not None else []) == blocks

@@ -1,6 +1,7 @@
 """Prefetch: an owner's KV on the host comes back to the device ahead of its call, as an upload,
 only into free blocks and cached ones of lower retention levels (never evicting KV as important,
-never touching blocks in use), earliest in the prompt first, skipping what is there or moving."""
+never touching blocks in use), earliest in the prompt first, skipping what is there or moving,
+and only what its last call held (what its next call extends)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,22 @@ def test_a_prefetch_skips_blocks_on_the_device_or_on_their_way() -> None:
     assert kv.host.wait() == 1 and kv.tier_counts().uploaded == 1
     assert kv.match_prefix(PROMPT, b"").block_ids[:2] == device[:2]
     assert len(kv.match_prefix(PROMPT, b"").block_ids) == 3
+    release(kv)
+
+
+def test_a_prefetch_brings_back_only_what_the_owners_last_call_held() -> None:
+    """Two calls of A with different prompts, both sent to the host: its next call extends
+    the last one, so only that one's blocks come back."""
+    kv = KVManager(8, BLOCK, host=host_spec(8, 8))
+    assert kv.host is not None
+    earlier, last = list(range(100, 109)), PROMPT  # 2 full blocks, then 3
+    offloaded(kv, A, earlier)
+    offloaded(kv, A, last)
+    assert len(kv.host.tiers.host_owners.blocks_of(A)) == 5
+    assert kv.prefetchable_blocks(A) == 3 and kv.prefetch(A) == 3 and kv.host.wait() == 3
+    assert len(kv.match_prefix(last, b"").block_ids) == 3
+    assert kv.match_prefix(earlier, b"").block_ids == []
+    assert kv.prefetchable_blocks(A) == 0
     release(kv)
 
 

@@ -21,7 +21,7 @@ BLOCK = 4
 
 @pytest.mark.parametrize(("seconds", "level"), [
     (None, 0), (0.0, 7), (1.0, 7), (3.0, 6), (5.0, 6), (10.0, 5), (30.0, 4), (100.0, 3),
-    (300.0, 3), (1000.0, 1)])
+    (300.0, 3), (1000.0, 1), (float("inf"), 1)])
 def test_the_sooner_the_next_call_the_higher_the_level(seconds, level) -> None:
     assert retention_level(seconds) == level
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Container
 from concurrent.futures import Future, wait
 
 from kvrt.runtime.kv.block_pool import BlockPool
@@ -39,6 +40,7 @@ class HostTier:
         self._offloaded: dict[Owner, list[int]] = {}  # owner -> host blocks of its last offload
         self._backing_up: Counter[int] = Counter()  # device block -> backups copying it now
         self._uploading: dict[int, Owner] = {}  # id of an owner's upload move in flight -> owner
+        self._prefetching: dict[int, tuple[Owner, int]] = {}  # id of a prefetch -> owner, blocks
         self._landed_uploads: list[Owner] = []  # owners whose upload landed, not yet taken
         self.failed = 0
 
@@ -102,20 +104,29 @@ class HostTier:
         """Starts bringing these host blocks to the device; False if none could go now."""
         return self._start(self.tiers.prepare_upload(host_block_ids)) is not None
 
-    def prefetchable(self, owner: Owner, limit: int) -> list[int]:
-        """The owner's host blocks that an upload could bring to the device now (those whose
-        content the device lacks, and that no move holds), at most `limit` of them: the earliest
-        in their prompts first (Block.position), since a chain's first blocks are what its next
-        call reads first, and a block past one that stayed behind is found by no prefix match."""
+    def prefetchable(self, owner: Owner, limit: int, keys: Container[bytes]) -> list[int]:
+        """The owner's host blocks of content `keys` that an upload could bring to the device
+        now (those whose content the device lacks, and that no move holds), at most `limit` of
+        them: the earliest in their prompts first (Block.position), since a chain's first blocks
+        are what its next call reads first, and a block past one that stayed behind is found by
+        no prefix match."""
         tiers = self.tiers
         blocks = tiers.host.blocks
-        held = sorted(tiers.host_owners.blocks_of(owner), key=lambda b: (blocks[b].position, b))
+        held = sorted((b for b in tiers.host_owners.blocks_of(owner) if blocks[b].key in keys),
+                      key=lambda b: (blocks[b].position, b))
         return tiers.missing_on_device(held)[: max(0, limit)]
 
-    def prefetch(self, owner: Owner, limit: int) -> int:
-        """Starts uploading `prefetchable(owner, limit)`; returns how many blocks go."""
-        move = self._start(self.tiers.prepare_upload(self.prefetchable(owner, limit)))
-        return 0 if move is None else len(move)
+    def prefetch(self, owner: Owner, limit: int, keys: Container[bytes]) -> int:
+        """Starts uploading `prefetchable(owner, limit, keys)`; returns how many blocks go."""
+        move = self._start(self.tiers.prepare_upload(self.prefetchable(owner, limit, keys)))
+        if move is None:
+            return 0
+        self._prefetching[id(move)] = (owner, len(move))  # pending (alive) until completed
+        return len(move)
+
+    def arriving(self, owner: Owner) -> int:
+        """Blocks a prefetch of the owner is bringing to the device now."""
+        return sum(count for of, count in self._prefetching.values() if of == owner)
 
     def copy_seconds(self, num_blocks: int, prior_bandwidth: float) -> float:
         """Seconds to copy `num_blocks` at the bandwidth the copies so far achieved
@@ -133,6 +144,7 @@ class HostTier:
         for move, future in self._pending:
             if future.done():
                 landed += self._complete(move, future)
+                self._prefetching.pop(id(move), None)
                 owner = self._uploading.pop(id(move), None)
                 if owner is not None and future.exception() is None:
                     self._landed_uploads.append(owner)
