@@ -86,6 +86,7 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "upload_bytes": run.upload_bytes,
         "backup_bytes": run.backup_bytes,
         "preemptions": run.preemptions,
+        "evicted_blocks": run.evicted_blocks,
         "upload_landing": upload_landing(run.upload_landings),
         "calls": len(calls),
         "jobs": len(jct),

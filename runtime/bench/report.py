@@ -24,6 +24,7 @@ _COLUMNS = [  # (key, header, scale, format)
     ("upload_bytes", "upload (MiB)", 2**-20, "{:.1f}"),
 ]
 GAIN_BASELINE = "lru-offload"  # the write-through without the graph: what the graph adds to
+TIE = 0.03  # JCT means within this fraction of the baseline's: the policies tie
 
 
 def write_report(out: Path, results: dict[str, Any], timelines: dict[str, list[tuple]]) -> None:
@@ -103,7 +104,26 @@ def gain_markdown(rows: dict[str, dict[str, Any]]) -> list[str]:
         cells = [_ratio(rows[name].get(key), base.get(key))
                  for key in ("jct_mean_s", "prefill_tokens")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    return [*lines, "", *verdict(rows), ""]
+
+
+def verdict(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Says so when the policies tie (every JCT mean within TIE of the baseline's), and whether
+    there was anything to gain: memory pressure (the baseline evicted cached KV or preempted a
+    call) or none, where no policy has KV to decide about and only the order of calls differs."""
+    base = rows[GAIN_BASELINE]
+    pressure = bool(base.get("evicted_blocks") or base.get("preemptions"))
+    ratios = [rows[n]["jct_mean_s"] / base["jct_mean_s"] for n in rows
+              if n != GAIN_BASELINE and rows[n].get("jct_mean_s") and base.get("jct_mean_s")]
+    if not ratios or any(abs(r - 1) > TIE for r in ratios):
+        return []
+    spread = max(abs(r - 1) for r in ratios)
+    if pressure:
+        return [f"The policies tie: every JCT mean is within {spread:.1%} of `{GAIN_BASELINE}`'s "
+                f"(under {TIE:.0%}), with memory pressure present."]
+    return [f"Nothing to gain here: `{GAIN_BASELINE}` evicted no cached KV and preempted no call "
+            f"(no memory pressure), so the policies tie: every JCT mean is within {spread:.1%} "
+            f"of its (under {TIE:.0%}: noise)."]
 
 
 def _ratio(value: Any, base: Any) -> str:

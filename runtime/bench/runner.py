@@ -52,6 +52,7 @@ class PolicyRun:
     offload_bytes: int = 0  # moved to the host tier, and back
     upload_bytes: int = 0
     backup_bytes: int = 0  # copied to the host tier and kept on the device
+    evicted_blocks: int = 0  # cached device blocks evicted: 0 means no memory pressure
     # The policy's predictive uploads: landing minus the tool's return (the engine's last ones).
     upload_landings: list[LandingSample] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
@@ -119,6 +120,7 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         offload_bytes=stats.kv_blocks_offloaded * block_bytes,
         upload_bytes=stats.kv_blocks_uploaded * block_bytes,
         backup_bytes=stats.kv_blocks_backed_up * block_bytes,
+        evicted_blocks=stats.kv_blocks_evicted,
         upload_landings=list(stats.upload_landing.recent), extra=extra)
 
 

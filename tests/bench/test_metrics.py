@@ -73,3 +73,25 @@ def test_upload_landing_is_none_without_uploads_and_has_no_fraction_if_all_were_
     assert result == {"count": 1, "in_time_fraction": None, "early_returns": 1, "p5_ms": None,
                       "p50_ms": None, "p95_ms": None, "vs_predicted_in_time_fraction": None,
                       "vs_predicted_p50_ms": None, "vs_predicted_p95_ms": None}
+
+
+def _report(**rows: dict) -> str:
+    from kvrt.runtime.bench.report import markdown
+
+    return markdown({"workload": "w", "machine": {"description": "here"}, "params": {},
+                     "ideal": {"prefill_tokens": 1, "kv_bytes": 1,
+                               "prefill_tokens_prefix_reuse": 1},
+                     "policies": {name.replace("_", "-"): row for name, row in rows.items()}})
+
+
+def test_the_report_says_when_the_policies_tie_and_whether_there_was_pressure() -> None:
+    calm = {"jct_mean_s": 10.0, "evicted_blocks": 0, "preemptions": 0}
+    text = _report(lru_offload=calm, tokencake={**calm, "jct_mean_s": 10.2})
+    assert "Nothing to gain here" in text and "within 2.0%" in text
+    pressed = {**calm, "evicted_blocks": 40}
+    text = _report(lru_offload=pressed, tokencake={**pressed, "jct_mean_s": 9.8})
+    assert "The policies tie" in text and "with memory pressure present" in text
+    text = _report(lru_offload=pressed, tokencake={**pressed, "jct_mean_s": 8.0})
+    assert "tie" not in text and "Nothing to gain" not in text
+    text = _report(lru_offload=calm, tokencake={**calm, "jct_mean_s": 10.5})  # 5%: no tie
+    assert "tie" not in text
