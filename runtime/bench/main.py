@@ -43,7 +43,8 @@ from kvrt.sdk import KvrtError
 
 # Which parameter scales a workload up, for the SLO sweep.
 _SCALE = {"generative-agents": "agents", "map-reduce": "agents", "tool-agents": "runs",
-          "langgraph": "threads"}
+          "langgraph": "threads", "workflows": "workflows", "dag-apps": "apps",
+          "swe-agents": "agents"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,7 +66,8 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated policies to compare (default: %(default)s); "
                         "NAME:KEY=VALUE[:KEY=VALUE] is a variant of a policy with those "
                         "options (an ablation: tokencake:cross_run=false)")
-    p.add_argument("--agents", type=int, help="agents (generative-agents) or mappers (map-reduce)")
+    p.add_argument("--agents", type=int, help="agents (generative-agents, swe-agents) or mappers "
+                   "(map-reduce)")
     p.add_argument("--rounds", type=int, help="rounds (generative-agents) or tool turns per "
                                               "worker (tool-agents)")
     p.add_argument("--runs", type=int, help="concurrent runs (tool-agents, map-reduce)")
