@@ -65,6 +65,7 @@ class NextUse:
         self.due: dict[Owner, float | None] = {}  # owner -> clock time of its next call
         self.levels: dict[Owner, int] = {}  # the level last set, per owner
         self.prefetches = 0  # Prefetch decisions made
+        self._prefetched: dict[Owner, float] = {}  # owner -> the next call it was made for
         self._leveled_at = float("-inf")
 
     def update(self, run: str, due: Mapping[str, float | None], kv: KVState,
@@ -93,17 +94,21 @@ class NextUse:
                 decisions.extend(self._relevel(owner, now))
         if self.prefetch and kv.has_host_tier:
             for owner, at in self.due.items():
-                if at is None or at - now > self.horizon_s or owner in planned:
+                if (at is None or at - now > self.horizon_s or owner in planned
+                        or self._prefetched.get(owner) == at):
                     continue
                 wanted = kv.prefetchable_blocks(owner)
                 usage = kv.usage()
                 if wanted and usage.free + usage.cached - wanted >= self.headroom * usage.total:
+                    # Once per expected call: what running calls evict again afterwards stays
+                    # on the host (else the two would trade the same blocks at every step).
+                    self._prefetched[owner] = at
                     self.prefetches += 1
                     decisions.append(Prefetch(owner))
         return decisions
 
     def forget(self, run: str) -> None:
-        for state in (self.due, self.levels):
+        for state in (self.due, self.levels, self._prefetched):
             for owner in [o for o in state if o[0] == run]:
                 del state[owner]
 
