@@ -74,15 +74,11 @@ class NextUse:
             self.due[(run, agent)] = at
         return [d for agent in due for d in self._relevel((run, agent), now)]
 
-    def expect(self, owner: Owner, at: float, now: float) -> list[Decision]:
-        """The owner's next call is due at `at` (an event said so: a tool started or ended)."""
+    def expect(self, owner: Owner, at: float | None, now: float) -> list[Decision]:
+        """The owner's next call is due at `at` (an event said so: a tool started or ended;
+        None: agent.done, no call until the client says otherwise)."""
         self.due[owner] = at
         return list(self._relevel(owner, now))
-
-    def done(self, owner: Owner) -> list[Decision]:
-        """agent.done: no call is expected until the client says otherwise."""
-        self.due[owner] = None
-        return list(self._relevel(owner, 0.0))
 
     def on_step(self, kv: KVState, now: float,
                 planned: Container[Owner] = ()) -> list[Decision]:

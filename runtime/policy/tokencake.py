@@ -248,7 +248,7 @@ class TokencakePolicy(Policy):
             self.deciding.pop(owner, None)
             self.away.pop(owner, None)  # its host copy stays, evictable
             yield from self._end_reservation(owner)
-            yield from self.next_use.done(owner)
+            yield from self.next_use.expect(owner, None, now)
 
     def _tool_started(self, owner: Owner, started: float, predicted_s: float | None,
                       priority: float | None, kv: KVState, now: float) -> Decisions:
