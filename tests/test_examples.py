@@ -104,7 +104,11 @@ def test_tool_agents(server: LiveServer) -> None:
         logs = [line.split(": ", 1)[1] for line in lines
                 if line.startswith(f"{worker} ran the tests: ")]
         assert logs[0].startswith("FAILED") and logs[1] == "42 passed"
-        assert f"{worker} run_tests: 2 calls, estimate 0.20 s" in lines
+        # The estimate is learned from the two observed waits: at least the 0.2 s slept, a
+        # little more on a loaded machine (the daemon times the events, not the sleep).
+        [learned] = [line for line in lines if line.startswith(f"{worker} run_tests: ")]
+        calls, estimate = learned.removeprefix(f"{worker} run_tests: ").split(", estimate ")
+        assert calls == "2 calls" and 0.2 <= float(estimate.removesuffix(" s")) < 0.6
     assert sum(line.startswith("reviewer> ") for line in lines) == 1
 
     start = lines.index("KV decisions at the last tool call:")
