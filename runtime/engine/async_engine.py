@@ -233,4 +233,4 @@ class AsyncEngine:
     def ended(self, run: str, release: RunRelease, future: asyncio.Future[int]) -> None:
         """The run's aborted streams end with RunEnded, then the caller resumes."""
         self.deliver([(rid, RunEnded(f"run {run} was ended")) for rid in release.aborted])
-        settle(future, release.freed_blocks)
+        settle(future, release.released_blocks)

@@ -53,7 +53,7 @@ class Emitted(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class RunRelease:
     aborted: list[str]  # ids of the run's requests that were live, now aborted
-    freed_blocks: int  # cached blocks no other owner held, now free
+    released_blocks: int  # cached blocks no other owner holds now (left in the prefix cache)
 
 
 @dataclass(slots=True)
@@ -193,8 +193,8 @@ class Engine:
         self.kv.close()
 
     def release_run(self, run: str) -> RunRelease:
-        """Aborts the run's live requests, then drops its agents' pins and priorities and frees
-        the cached blocks only the run held."""
+        """Aborts the run's live requests, then drops its agents' pins, priorities and ownership
+        of blocks (the cached ones stay in the prefix cache)."""
         aborted = [
             request_id
             for request_id, live in self._live.items()

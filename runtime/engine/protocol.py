@@ -216,7 +216,6 @@ class EngineClient(Protocol):
 
     async def release_run(self, run: str) -> int:
         """Ends the run: its in-flight requests stop with `RunEnded`, its ownership of blocks and
-        its agents' pins are dropped, and every cached block no other owner holds is freed.
-        Returns how many blocks were freed. Blocks a live request of another run still reads
-        stay."""
+        its agents' pins are dropped. Returns how many cached blocks no other owner holds now:
+        they stay in the prefix cache, evictable, for later prompts that read the same text."""
         ...

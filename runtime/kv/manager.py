@@ -31,7 +31,7 @@ offload it to the host tier, upload it back or prefetch it, back blocks up there
 An owner's retention level lives in the ledger until its run is released; every device block
 sits at the highest level of its owners (DEFAULT_RETENTION for an owner without one), kept so
 when the owner sets a level, when a block enters an owner's table or lands from the host, and
-when a run's release leaves a shared block to its other owners.
+when a run's release leaves a shared block to its other owners (or to none: then the default).
 """
 
 from __future__ import annotations
@@ -444,21 +444,21 @@ class KVManager:
     # -- runs --------------------------------------------------------------------------------
 
     def release_run(self, run: str) -> int:
-        """Drops the run's pins and ownership and frees (unkeys) every cached block no owner
-        holds now; returns how many. Blocks a live request still reads stay, and so do other
-        owners'."""
+        """Drops the run's pins and ownership; returns how many cached blocks no owner holds
+        now. Those stay cached, on both tiers, as a prefix cache keeps what its requests left:
+        a later run's prompt reads them again (the same agents' system prompts, a thread's
+        history); they are evicted in LRU order at the default level. Blocks the run shares
+        keep the level of their other owners."""
         self.pins.unpin_run(run)
         for owner in [o for o in self._last_keys if o[0] == run]:
             del self._last_keys[owner]
-        # Blocks the run shares keep the level of their other owners.
         leveled = self.owners.blocks_of_run(run) if self.owners.has_levels else set()
-        if self.host is not None:  # and its host copies no other run owns
+        if self.host is not None:
             self.host.forget_run(run)
-            tiers = self.host.tiers
-            _drop_orphans(tiers.host, tiers.host_owners.release_run(run))
-        dropped = _drop_orphans(self.pool, self.owners.release_run(run))
+            self.host.tiers.host_owners.release_run(run)
+        released = sum(1 for b in self.owners.release_run(run) if self.pool.is_cached(b))
         self._relevel(list(leveled))
-        return dropped
+        return released
 
     def residency(self, run: str) -> dict[str, AgentResidency]:
         """Per agent of `run`: its device blocks and how many of them others hold too.
@@ -502,11 +502,3 @@ class KVManager:
         """Sets these blocks to their owners' level (a free one keeps the default)."""
         for block_id, level in zip(block_ids, self.owners.retention_levels(block_ids)):
             self.pool.set_retention(block_id, level)
-
-
-def _drop_orphans(pool: BlockPool, orphans: list[int]) -> int:
-    """Frees the cached blocks among those no owner holds now; returns how many."""
-    cached = [block_id for block_id in orphans if pool.is_cached(block_id)]
-    for block_id in cached:
-        pool.drop_cached(block_id)
-    return len(cached)

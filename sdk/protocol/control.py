@@ -221,8 +221,8 @@ class RunState(Struct, kw_only=True):
 
 
 class RunClosed(Struct, kw_only=True):
-    """DELETE /v1/runs/{id}: the run is over; `released_blocks` KV blocks held by it alone
-    went back to the free list."""
+    """DELETE /v1/runs/{id}: the run is over; `released_blocks` cached KV blocks were held by it
+    alone: they stay in the prefix cache (evictable) for later prompts that read the same text."""
 
     id: str
     object: Literal["run"] = "run"

@@ -1,5 +1,5 @@
 """Per-agent KV accounting and ending a run, on the tiny model: which blocks hold whose KV,
-what ending a run aborts and frees, and what it leaves to other runs."""
+what ending a run aborts and releases, and what it leaves to other runs."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_agents_sharing_a_prefix_are_counted_per_agent(engine):
     engine.check_integrity()
 
 
-def test_release_run_aborts_its_requests_and_frees_only_its_own_cached_blocks(engine):
+def test_release_run_aborts_its_requests_and_releases_only_its_own_cached_blocks(engine):
     _two_runs_share_a_prefix(engine)
     live = [
         _request("a-coder", PREFIX + _tokens(20, 200), greedy(50), "A", "coder"),
@@ -82,7 +82,7 @@ def test_release_run_aborts_its_requests_and_frees_only_its_own_cached_blocks(en
     assert release.aborted == ["a-coder", "a-anonymous"]
     # Planner's blocks 3, 4 and the coder's full block; the coder's partial block was freed
     # (unkeyed) by the abort itself. 0-2 stay: B's planner owns them, B's critic reads them.
-    assert release.freed_blocks == 3
+    assert release.released_blocks == 3
     assert engine.kv_residency("A") == {}
     assert engine.kv_residency("B") == {
         "planner": AgentResidency(device_blocks=3, shared_blocks=3),  # with the critic now
@@ -92,11 +92,14 @@ def test_release_run_aborts_its_requests_and_frees_only_its_own_cached_blocks(en
     assert engine.kv.owners.block_ids() == {0, 1, 2, 10}
     engine.check_integrity()
     _drain(engine)
-    # A's planner asks again: only the shared prefix is still cached.
+    # A's planner asks again: what the release left cached is read again, all but the block
+    # of the prompt's last token (always computed).
     again = _request("a-planner-2", PREFIX + _tokens(32, 0), greedy(2), "A", "planner")
     results = run(engine, [again])
-    assert results["a-planner-2"].final.cached_tokens == 48
-    assert engine.release_run("A").freed_blocks == 2  # its two full blocks past the prefix
+    assert results["a-planner-2"].final.cached_tokens == 64
+    # Block 3, adopted again (past B's prefix); block 4, of the last token, it recomputed and
+    # left unkeyed (the cached block 4 was nobody's already).
+    assert engine.release_run("A").released_blocks == 1
     assert engine.release_run("B").aborted == []
     assert engine.kv.owners.is_empty()
     assert engine.kv.usage().in_use == 0
@@ -115,7 +118,7 @@ def test_release_of_an_unknown_run_changes_nothing(engine):
     _two_runs_share_a_prefix(engine)
     before = engine.kv.usage()
     release = engine.release_run("nobody")
-    assert (release.aborted, release.freed_blocks) == ([], 0)
+    assert (release.aborted, release.released_blocks) == ([], 0)
     assert engine.kv.usage() == before
     engine.check_integrity()
 
@@ -146,16 +149,18 @@ def test_async_release_run_ends_an_in_flight_stream_with_run_ended(tiny_checkpoi
             # The engine is still up: other runs are served after the release.
             outputs = [o async for o in engine.generate(other)]
             await engine.wait_idle()
-            assert engine.kv_residency("B") == {"planner": AgentResidency(3, 0)}
+            # B read the prefix's first two blocks from what A's release left cached; the
+            # third, holding its last token, it computed, and A's copy of it was cached already.
+            assert engine.kv_residency("B") == {"planner": AgentResidency(2, 0)}
             await engine.stop()
         # With the engine thread gone, a release runs right here on the loop.
-        assert await engine.release_run("B") == 3
+        assert await engine.release_run("B") == 2
         return freed, received, [message, outputs[-1].finish_reason]
 
     freed, received, [message, other_reason] = asyncio.run(scenario())
     assert message == "run A was ended"
     # Outputs emitted before the release still arrive, then RunEnded; the KV of the prompt and
-    # of all but the last token emitted was computed, and every full block of it was freed.
+    # of all but the last token emitted was computed, and every full block of it was released.
     assert received >= 3
     assert freed == (len(PREFIX) + received - 1) // 16
     assert other_reason == "length"

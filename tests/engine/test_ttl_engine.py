@@ -134,9 +134,10 @@ def test_ending_the_run_drops_its_pins(engine):
     _a_calls_then_waits_on_a_tool(engine, predicted_s=30.0)
     assert engine.stats().kv_blocks_pinned == 4
     release = engine.release_run("R")
-    assert (release.aborted, release.freed_blocks) == ([], 4)
+    assert (release.aborted, release.released_blocks) == ([], 4)
     stats = engine.stats()
-    assert (stats.kv_blocks_pinned, stats.kv_blocks_in_use, stats.kv_blocks_cached) == (0, 0, 0)
+    # Unpinned, the blocks stay cached (evictable) for a later prompt.
+    assert (stats.kv_blocks_pinned, stats.kv_blocks_in_use, stats.kv_blocks_cached) == (0, 0, 4)
     assert engine.kv.owners.is_empty()
     engine.tick()  # the policy forgets the dropped pin
     assert engine.policy.expiries == {}

@@ -121,7 +121,7 @@ def test_freeing_keeps_ownership_of_cached_blocks_and_drops_the_rest():
     kv.check_integrity()
 
 
-def test_release_run_frees_only_cached_blocks_no_other_owner_holds():
+def test_release_run_leaves_what_only_it_held_cached_for_later_prompts():
     kv = KVManager(num_blocks=8, block_size=4)
     shared = list(range(8))
     a_table = BlockTable(4, owner=("run-a", "planner"))
@@ -132,23 +132,23 @@ def test_release_run_frees_only_cached_blocks_no_other_owner_holds():
     kv.grow(b_table, 9)
     assert b_table.block_ids() == [0, 1, 3]
     kv.free(a_table)
-    # run-a's own cached block 2 is freed; 0 and 1 are run-b's too (and in use).
+    # run-a alone held its cached block 2: released, yet a later prompt still finds it (as a
+    # prefix cache keeps a finished request's blocks); 0 and 1 are run-b's too (and in use).
     assert kv.release_run("run-a") == 1
-    assert kv.match_prefix(shared + [50, 51, 52, 53, 0], b"").block_ids == [0, 1]
+    assert kv.match_prefix(shared + [50, 51, 52, 53, 0], b"").block_ids == [0, 1, 2]
     assert kv.residency("run-a") == {}
     assert kv.residency("run-b") == {"planner": AgentResidency(3, 0)}
     assert kv.owners.held_counts() == [3]  # every owner left, run-a's gone
-    assert (kv.usage().free, kv.usage().cached, kv.usage().in_use) == (5, 0, 3)
+    assert (kv.usage().free, kv.usage().cached, kv.usage().in_use) == (4, 1, 3)
     kv.free(b_table)
-    # Blocks still read by a live unowned table are never freed by a release.
+    # Blocks still read by a live unowned table are not counted as released.
     reader = BlockTable(4)
     adopt_prefix(kv, reader, kv.match_prefix(shared + [60], b""))
     assert kv.release_run("run-b") == 0
     assert kv.owners.is_empty()
     kv.free(reader)
-    assert (kv.usage().free, kv.usage().cached, kv.usage().in_use) == (6, 2, 0)
+    assert (kv.usage().free, kv.usage().cached, kv.usage().in_use) == (5, 3, 0)
     kv.check_integrity()
-
 
 def test_can_allocate_counts_the_cached_blocks_a_match_takes():
     kv = KVManager(num_blocks=4, block_size=4)
@@ -288,7 +288,7 @@ def test_unpinned_blocks_join_the_lru_after_the_blocks_already_cached():
     kv.check_integrity()
 
 
-def test_release_run_drops_the_runs_pins_and_frees_what_only_it_held():
+def test_release_run_drops_the_runs_pins_and_releases_what_only_it_held():
     kv = KVManager(num_blocks=8, block_size=4)
     a = ("run-a", "planner")
     _owned(kv, a, list(range(12)))  # blocks 0, 1 cached; block 2 (full, keyed) too
@@ -298,10 +298,15 @@ def test_release_run_drops_the_runs_pins_and_frees_what_only_it_held():
     assert kv.release_run("run-a") == 3
     assert not kv.is_pinned(a) and kv.num_pinned() == 1
     usage = kv.usage()
-    assert (usage.in_use, usage.cached, usage.free) == (1, 0, 7)
+    assert (usage.in_use, usage.cached, usage.free) == (1, 3, 4)  # 3 pinned by run-b
+    # Unpinned and unowned, run-a's blocks are evictable: a pool that needs them takes them.
+    taker = BlockTable(4)
+    kv.grow(taker, 4 * 7)
+    assert sorted(taker.block_ids()) == [0, 1, 2, 4, 5, 6, 7]
+    kv.free(taker)
     kv.check_integrity()
     assert kv.release_run("run-b") == 1
     usage = kv.usage()
-    assert (usage.in_use, usage.cached, usage.free) == (0, 0, 8)
+    assert (usage.in_use, usage.cached, usage.free) == (0, 1, 7)
     assert kv.owners.is_empty() and kv.num_pinned() == 0
     kv.check_integrity()

@@ -46,7 +46,7 @@ def release(kv: KVManager, *tables: BlockTable) -> None:
         kv.free(table)
     for run in ("run-a", "run-b", "run-c", "run-x"):
         kv.release_run(run)
-    assert kv.usage().in_use == kv.usage().cached == kv.usage().in_flight == 0
+    assert kv.usage().in_use == kv.usage().in_flight == 0 and kv.owners.is_empty()
     kv.check_integrity()
 
 

@@ -147,7 +147,7 @@ def test_an_owners_level_applies_to_its_blocks_now_and_later() -> None:
     kv.pool.release(taken)
     for run in ("run-a", "run-b"):
         kv.release_run(run)
-    assert kv.usage().cached == 0 and kv.owners.is_empty()
+    assert kv.usage().in_use == 0 and kv.owners.is_empty()
     kv.check_integrity()
 
 
@@ -164,12 +164,16 @@ def test_a_shared_block_takes_its_owners_highest_level_and_drops_back_at_release
     kv.set_retention(A, 5)
     assert levels(kv, blocks) == [7, 5]
     kv.check_integrity()
-    kv.release_run("run-b")  # B's own block is freed; the shared one falls back to A's level
+    # B's own block, now nobody's, stays cached at the default; the shared one falls back to
+    # A's level.
+    kv.release_run("run-b")
     assert kv.retention_of(B) == DEFAULT_RETENTION and kv.retention_of(A) == 5
-    assert not kv.pool.is_cached(shared[1]) and levels(kv, blocks) == [5, 5]
+    assert levels(kv, shared) == [5, DEFAULT_RETENTION] and levels(kv, blocks) == [5, 5]
+    assert kv.pool.is_cached(shared[1])
     kv.check_integrity()
     kv.release_run("run-a")
-    assert kv.usage().cached == 0 and kv.retention_of(A) == DEFAULT_RETENTION
+    assert levels(kv, blocks) == [DEFAULT_RETENTION] * 2
+    assert kv.retention_of(A) == DEFAULT_RETENTION
     kv.check_integrity()
 
 

@@ -236,7 +236,8 @@ def test_calls_are_accounted_to_their_agent_and_released_with_the_run(server: Li
 
     closed = server.request("DELETE", f"/v1/runs/{first}").json()
     assert closed["deleted"] is True and closed["released_blocks"] > 0
-    assert server.stats().kv_blocks_cached == cached - closed["released_blocks"]
+    # Released, not dropped: they stay cached, and the same prompt in a new run reads them.
+    assert server.stats().kv_blocks_cached == cached
     # Blocks the other run holds stay; they are no longer shared with anyone.
     assert agents(server, second)["x"]["kv"] == {**other_x, "shared_blocks": 0}
     integrity(server)
@@ -245,7 +246,13 @@ def test_calls_are_accounted_to_their_agent_and_released_with_the_run(server: Li
     assert error["code"] == "run_not_found"
     assert_error_shape(server.request("GET", f"/v1/runs/{first}"), 404)
     assert_error_shape(server.request("DELETE", f"/v1/runs/{first}"), 404)
-    assert server.request("DELETE", f"/v1/runs/{second}").json()["released_blocks"] > 0
+    third = kv_run(server)
+    reply = chat(server, third, "y", "Write it up.")
+    assert reply.status == 200
+    hit = reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert hit == (reply.json()["usage"]["prompt_tokens"] - 1) // 16 * 16  # all but the last
+    for run in (second, third):
+        assert server.request("DELETE", f"/v1/runs/{run}").json()["released_blocks"] > 0
     stats = server.stats()
     assert stats.kv_blocks_in_use == 0
     integrity(server)
