@@ -123,7 +123,7 @@ def verdict(rows: dict[str, dict[str, Any]]) -> list[str]:
                 f"(under {TIE:.0%}), with memory pressure present."]
     return [f"Nothing to gain here: `{GAIN_BASELINE}` evicted no cached KV and preempted no call "
             f"(no memory pressure), so the policies tie: every JCT mean is within {spread:.1%} "
-            f"of its (under {TIE:.0%}: noise)."]
+            f"of `{GAIN_BASELINE}`'s (under {TIE:.0%}: noise)."]
 
 
 def _ratio(value: Any, base: Any) -> str:
