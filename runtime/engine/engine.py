@@ -310,7 +310,7 @@ class Engine:
             kv_blocks_offloaded=moved.offloaded,
             kv_blocks_uploaded=moved.uploaded,
             kv_blocks_backed_up=moved.backed_up,
-            kv_blocks_evicted=self.kv.pool.evictions,
+            kv_blocks_evicted=self.kv.evicted_blocks(),
             kv_decisions=self.policy.kv_decisions(),
             upload_landing=self.landings.stats(),
             segment_requests=reuse.segment_requests,

@@ -301,6 +301,10 @@ class KVManager:
     def usage(self) -> PoolUsage:
         return self.pool.usage()
 
+    def evicted_blocks(self) -> int:
+        """Cached device blocks taken for other content since start (0: no memory pressure)."""
+        return self.pool.evictions
+
     def num_pinned(self) -> int:
         """Distinct blocks at least one owner pins. Safe to call from any thread."""
         return len(self.pins)
@@ -405,12 +409,11 @@ class KVManager:
             self.pool.set_retention(block_id, changed[block_id])
 
     def prefetch(self, owner: Owner) -> int:
-        """Starts bringing the owner's KV that is on the host and not on the device back up
-        (of the blocks its last call held when it ended: its previous turn, which its next call
-        extends)
-        (an upload: it lands cached, findable, at the owner's level), as much as fits without
-        evicting blocks of the owner's level or above (`_prefetch_room`); returns how many
-        blocks go (0 without a host tier)."""
+        """Starts bringing back up the owner's KV that is on the host and not on the device, of
+        the blocks its last call held when it ended (its previous turn, which its next call
+        extends): an upload, landing cached, findable, at the owner's level. As much as fits
+        without evicting blocks of the owner's level or above (`_prefetch_room`); returns how
+        many blocks go (0 without a host tier)."""
         if self.host is None:
             return 0
         return self.host.prefetch(owner, self._prefetch_room(owner), self.last_keys(owner))

@@ -55,8 +55,9 @@ class Policy(ABC):
       now)                                `remaining_s` already) and per agent the clock time
                                           of its next model call as predicted (None: it is
                                           done; inf: none is predicted)
-    on_run_end(run)            engine     the run ended: its pins and KV are gone already; forget
-                                          any state kept for its agents
+    on_run_end(run)            engine     the run ended: its pins and its ownership of KV are gone
+                                          already (the KV stays cached); forget any state kept
+                                          for its agents
     on_stall(kv, now)          engine     it has work but scheduled nothing this step: blocks
                                           no live call reads (pins) hold the pool
 

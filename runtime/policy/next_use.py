@@ -88,22 +88,25 @@ class NextUse:
             self._leveled_at = now
             for owner in self.due:
                 decisions.extend(self._relevel(owner, now))
+        if not (self.prefetch and kv.has_host_tier):
+            return decisions
         usage = kv.usage()
         # Blocks a prefetch may take (decisions are carried out after this hook returns). Checked
         # before asking what each owner would prefetch, which costs a walk of its host blocks.
         room = usage.free + usage.cached - self.headroom * usage.total
-        if self.prefetch and kv.has_host_tier and room >= 1:
-            for owner, at in self.due.items():
-                if (at is None or at - now > self.horizon_s or owner in planned
-                        or self._prefetched.get(owner) == at):
-                    continue
-                wanted = kv.prefetchable_blocks(owner)
-                if wanted and wanted <= room:
-                    # Once per expected call: what running calls evict again afterwards stays
-                    # on the host (else the two would trade the same blocks at every step).
-                    self._prefetched[owner] = at
-                    self.prefetches += 1
-                    decisions.append(Prefetch(owner))
+        if room < 1:
+            return decisions
+        for owner, at in self.due.items():
+            if (at is None or at - now > self.horizon_s or owner in planned
+                    or self._prefetched.get(owner) == at):
+                continue
+            wanted = kv.prefetchable_blocks(owner)
+            if wanted and wanted <= room:
+                # Once per expected call: what running calls evict again afterwards stays on the
+                # host (else the two would trade the same blocks at every step).
+                self._prefetched[owner] = at
+                self.prefetches += 1
+                decisions.append(Prefetch(owner))
         return decisions
 
     def forget(self, run: str) -> None:
