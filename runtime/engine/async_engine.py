@@ -71,6 +71,8 @@ class ThreadDriver:
                 worker.handle_commands(block=not engine.has_work())
                 if engine.has_work():
                     worker.post(worker.step())  # the policy ticks first
+                    if engine.waits_on_moves():
+                        worker.wait_for_landing()
                 else:
                     worker.tick()
         finally:  # stopping, or a bug escaped: no stream may wait forever

@@ -90,6 +90,7 @@ class Engine:
         self.generation_tokens = 0
         self.kv_blocks_in_use_peak = 0  # at any step, once scheduled
         self._arrivals = 0
+        self._waits_on_moves = False  # the last step ran nothing: its work waits on KV moves
 
     def validate(self, request: GenerateRequest) -> None:
         """Raises RequestRejected for a request that can never be served; queues nothing."""
@@ -229,9 +230,20 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def waits_on_moves(self) -> bool:
+        """The last step ran nothing and KV moves are in flight: until one lands (or a new
+        command comes) another step would decide the same, so a driver waits instead of
+        spinning (`on_next_landing`)."""
+        return self._waits_on_moves and self.kv.moves_in_flight()
+
+    def on_next_landing(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` (from the mover's thread) as soon as a move in flight lands."""
+        self.kv.on_next_landing(callback)
+
     def step(self) -> list[Emitted]:
         self.tick()
         chunks = self.scheduler.schedule()
+        self._waits_on_moves = not chunks
         if not chunks:
             if self.scheduler.has_work() and not self.kv.moves_in_flight():
                 # Pins hold the pool and nothing lands: the policy must let something go.

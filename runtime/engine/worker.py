@@ -2,7 +2,7 @@
 
 A driver runs the worker (runtime/engine/async_engine.py's ThreadDriver on the engine thread;
 kvrt sim's on its simulated-time loop), never two calls at once. Commands (add, abort, notify,
-set_priorities, set_outlook, release_run, abort_all, ping) come from the event loop through
+set_priorities, set_outlook, release_run, abort_all, ping; landed from the KV mover) come from the event loop through
 `send`; outputs, errors and run releases go back to the loop through its `LoopSide`, thread-
 safely. Once the worker shuts down the inbox is closed under a lock and drained, so no command
 is ever left unanswered.
@@ -99,6 +99,12 @@ class EngineWorker:
         if not self.engine.has_work():
             self.idle.set()
         return emitted
+
+    def wait_for_landing(self) -> None:
+        """Sleeps until a KV move lands or a command comes (at most IDLE_WAIT_S): for a step
+        that ran nothing because its work waits on moves in flight."""
+        self.engine.on_next_landing(lambda: self.send("landed", None))
+        self.handle_commands(block=True)
 
     def tick(self) -> None:
         try:

@@ -36,7 +36,7 @@ when a run's release leaves a shared block to its other owners (or to none: then
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -438,6 +438,12 @@ class KVManager:
 
     def moves_in_flight(self) -> bool:
         return self.host is not None and self.host.in_flight()
+
+    def on_next_landing(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` once a move in flight lands (at once if one has; never if none is
+        in flight)."""
+        if self.host is not None:
+            self.host.on_landing(callback)
 
     def close(self) -> None:
         """Lets the moves in flight land and stops the mover."""

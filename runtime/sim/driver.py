@@ -79,17 +79,18 @@ class SimDriver:
                     continue
                 if not busy:
                     worker.tick()
-                # Nothing ran: idle, waiting calls wait for their KV to land, or pins stall the
-                # pool (a policy lets one go per stalled step). Until a command comes, a move
-                # lands, or the policy's next tick; a stall is retried after a short while.
+                # Nothing ran: idle, or waiting calls wait for their KV to land, or pins stall
+                # the pool (a policy lets one go per stalled step). Until a command comes, a
+                # move lands, or the policy's next tick; a stall is retried after a short while.
+                stalled = busy and not engine.waits_on_moves()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._idle_wait(busy))
+                    await asyncio.wait_for(self._wake.wait(), self._idle_wait(stalled))
         finally:
             worker.shut_down()
 
-    def _idle_wait(self, busy: bool) -> float:
-        wait = _STALL_RETRY_S if busy else IDLE_WAIT_S
+    def _idle_wait(self, stalled: bool) -> float:
+        wait = _STALL_RETRY_S if stalled else IDLE_WAIT_S
         landing = self._link.next_landing() if self._link is not None else None
         if landing is not None:
             wait = min(wait, max(0.0, landing - asyncio.get_running_loop().time()))

@@ -4,12 +4,14 @@ same whether the KV came from the device, the host or nowhere."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import pytest
 import torch
 
+from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.engine.protocol import Attribution, GenerateRequest
 from kvrt.runtime.model.checkpoint import load_checkpoint
 from tests.engine.helpers import greedy, make_engine, run
@@ -127,6 +129,51 @@ def test_moves_run_off_the_engine_thread(tiny) -> None:
         engine.tick()
     assert seen and seen[0].startswith("kvrt-kv-offload") and not engine.kv.host.in_flight()
     engine.close()
+
+
+def test_the_engine_thread_sleeps_while_a_call_waits_for_its_upload(tiny) -> None:
+    """A call whose prefix is on the host waits for the upload to land before it runs. The
+    engine thread must sleep meanwhile (until the landing, or a command), not step in a loop:
+    a spinning thread takes a core from the server for the whole copy."""
+    engine = make_engine(tiny, host_cache_memory=HOST)
+    tokens = prompt()
+    first = run(engine, [call("a", tokens)])["a"]
+    assert engine.kv.host is not None and engine.kv.offload(OWNER) > 0
+    engine.kv.host.wait()
+    release = threading.Event()
+    pack = engine.kv.host.mover._pack
+    engine.kv.host.mover._pack = lambda *args: (release.wait(5), pack(*args))[1]
+    steps = 0
+    step = engine.step
+
+    def counted_step():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    engine.step = counted_step
+
+    async def scenario() -> tuple[list[int], int]:
+        served = AsyncEngine(engine, "tiny")
+        await served.start()
+        try:
+            stream = served.generate(call("b", tokens))
+            waiting = asyncio.create_task(anext(stream))
+            await asyncio.sleep(0.5)  # the upload is held: the call waits
+            waited = steps
+            release.set()
+            token_ids = (await waiting).token_ids + [t for o in [o async for o in stream]
+                                                     for t in o.token_ids]
+            return token_ids, waited
+        finally:
+            await served.stop()
+
+    token_ids, waited = asyncio.run(scenario())
+    assert token_ids == first.token_ids  # it ran on the uploaded KV once it landed
+    # Steps while held: the first, then one per IDLE_WAIT_S (0.05 s) at most; a spin is
+    # thousands.
+    assert 1 <= waited <= 15, waited
+    engine.check_integrity()
 
 
 def test_a_critical_agents_kv_survives_a_burst_that_evicts_it_under_lru(tiny) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Container
+from collections.abc import Callable, Container
 from concurrent.futures import Future, wait
 
 from kvrt.runtime.kv.block_pool import BlockPool
@@ -137,6 +137,11 @@ class HostTier:
 
     def in_flight(self) -> bool:
         return bool(self._pending)
+
+    def on_landing(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` when any move in flight lands (from the thread that lands it)."""
+        for _, future in self._pending:
+            future.add_done_callback(lambda _: callback())
 
     def finish_done(self) -> int:
         """Completes every move whose copy has ended; returns how many blocks landed."""
