@@ -28,26 +28,48 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
     ) -> list[int]:
-        """logits: float32 [N, vocab], one row per sequence. Returns one token id per row."""
-        greedy = logits.argmax(dim=-1).tolist()
-        tokens = []
-        for row, (p, generator) in enumerate(zip(params, generators)):
-            if p.temperature < _GREEDY_BELOW or p.top_k == 1:
-                tokens.append(greedy[row])
-            else:
-                tokens.append(self._draw(logits[row], p, generator or self.generator))
-        return tokens
+        """logits: float32 [N, vocab], one row per sequence. Returns one token id per row.
 
-    def _draw(self, logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-        logits = logits / p.temperature
-        if 0 < p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = logits.sort(descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
-            logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=generator).item())
+        The whole batch is filtered in a few tensor operations (on a GPU, one Python loop per
+        row would cost more than the step): greedy rows take the argmax, the rows without a
+        seed draw together from the sampler's generator, and each seeded row draws alone from
+        its own, so that its output never depends on its batch-mates. One device sync, at the
+        end."""
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, p in enumerate(params)
+                if not (p.temperature < _GREEDY_BELOW or p.top_k == 1)]
+        if rows:
+            probs = _filtered_probabilities(logits[rows], [params[i] for i in rows])
+            shared = [j for j, i in enumerate(rows) if generators[i] is None]
+            if shared:
+                drawn = torch.multinomial(probs[shared], 1, generator=self.generator)
+                tokens[[rows[j] for j in shared]] = drawn.squeeze(1)
+            for j, i in enumerate(rows):
+                generator = generators[i]
+                if generator is not None:
+                    tokens[i] = torch.multinomial(probs[j], 1, generator=generator)[0]
+        return tokens.tolist()
+
+
+def _filtered_probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's distribution after its temperature, top-k (the k largest logits; ties at the
+    k-th all stay) and top-p (the smallest prefix of the sorted tokens whose mass reaches
+    top_p; the most likely token always stays), computed for every row at once."""
+    rows, vocab = logits.shape
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits / temperature.unsqueeze(1)
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if min(top_k) == vocab and min(top_p) >= 1.0:
+        return logits.softmax(-1)
+    ordered, order = logits.sort(dim=-1, descending=True)
+    kth = ordered.gather(1, torch.tensor(top_k, device=device).unsqueeze(1) - 1)
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    mass = ordered.softmax(-1)
+    before = mass.cumsum(-1) - mass  # the mass of the tokens ranked above each one
+    # A top_p of 1 drops nothing, even where the rounded cumulative sum passes 1.
+    keep_below = torch.tensor([q if q < 1.0 else float("inf") for q in top_p], device=device)
+    ordered = ordered.masked_fill(before >= keep_below.unsqueeze(1), float("-inf"))
+    filtered = torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
+    return filtered.softmax(-1)

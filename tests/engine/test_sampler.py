@@ -20,3 +20,61 @@ def test_a_vanishing_temperature_samples_greedily() -> None:
     drawn = {sampler.sample(logits[:1], [SamplingParams(temperature=1.0)], [None])[0]
              for _ in range(200)}
     assert {1, 3} <= drawn
+
+
+# Softmax of these logits, by hand: e^2, e^1, e^0.5, e^0, e^-1 = 7.389, 2.718, 1.649, 1.0, 0.368
+# over 13.124: 0.563, 0.207, 0.126, 0.076, 0.028.
+ROW = [2.0, 1.0, 0.5, 0.0, -1.0]
+
+
+def _draws(params: list[SamplingParams], count: int) -> list[list[int]]:
+    """`count` batched draws of a batch with one row per params (all rows ROW): per row, the
+    tokens drawn."""
+    sampler = Sampler(1, torch.device("cpu"))
+    logits = torch.tensor([ROW] * len(params))
+    out: list[list[int]] = [[] for _ in params]
+    for _ in range(count):
+        for row, token in enumerate(sampler.sample(logits, params, [None] * len(params))):
+            out[row].append(token)
+    return out
+
+
+def test_each_row_of_a_batch_keeps_its_own_top_k_and_top_p() -> None:
+    params = [
+        SamplingParams(temperature=1.0, top_k=3),   # {0, 1, 2}
+        SamplingParams(temperature=1.0, top_p=0.6),  # 0.563 < 0.6: {0, 1}
+        SamplingParams(temperature=1.0, top_p=0.5),  # 0.563 reaches it alone: {0}
+        SamplingParams(temperature=0.0),             # greedy: 0
+        SamplingParams(temperature=1.0),             # everything
+        SamplingParams(temperature=1.0, top_k=4, top_p=0.75),  # 0.563 + 0.207 = 0.770: {0, 1}
+    ]
+    draws = _draws(params, 1500)
+    assert [set(d) for d in draws] == [{0, 1, 2}, {0, 1}, {0}, {0}, {0, 1, 2, 3, 4}, {0, 1}]
+    # Frequencies follow the renormalised probabilities: top_k=3 keeps 0.563/0.896 = 0.628 on
+    # token 0; top_p=0.6 keeps 0.563/0.770 = 0.731.
+    assert abs(draws[0].count(0) / 1500 - 0.628) < 0.05
+    assert abs(draws[1].count(0) / 1500 - 0.731) < 0.05
+    assert abs(draws[4].count(4) / 1500 - 0.028) < 0.015
+
+
+def test_tokens_tied_at_the_kth_logit_all_stay() -> None:
+    sampler = Sampler(2, torch.device("cpu"))
+    logits = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    drawn = {sampler.sample(logits, [SamplingParams(temperature=1.0, top_k=2)], [None])[0]
+             for _ in range(300)}
+    assert drawn == {0, 1, 2}
+
+
+def test_a_seeded_row_draws_the_same_whatever_its_batch() -> None:
+    sampler = Sampler(3, torch.device("cpu"))
+    seeded = SamplingParams(temperature=1.0, seed=11)
+    logits = torch.tensor([ROW] * 4)
+
+    def tokens_of(batch: list[SamplingParams], row: int) -> list[int]:
+        generators = [sampler.request_generator(p) for p in batch]
+        return [sampler.sample(logits[: len(batch)], batch, generators)[row] for _ in range(30)]
+
+    alone = tokens_of([seeded], 0)
+    among = tokens_of([SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=2),
+                       SamplingParams(temperature=0.0), seeded], 3)
+    assert alone == among and len(set(alone)) > 1
