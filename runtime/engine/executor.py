@@ -32,37 +32,40 @@ class ModelExecutor:
         self.vocab_size = model.config.vocab_size
 
     def build_batch(self, chunks: list[Chunk]) -> ForwardBatch:
+        """One step's batch. Each table's slots come from its device mirror (only what changed
+        since the last step is copied up), so the host work is O(new positions), not O(context)."""
+        to = self.device
         tokens: list[int] = []
         positions, store_slots, kv_slots, kv_shifts = [], [], [], []
         kv_lens, q_starts, logit_rows = [], [0], []
         gapped = False  # a chunk steps over spliced positions: queries carry their positions
         for chunk in chunks:
-            seq, table = chunk.seq, chunk.seq.table
-            runs = table.own_positions(seq.num_computed, chunk.end)
+            seq = chunk.seq
+            table_slots, table_shifts = seq.table.on_device(to)
+            runs = seq.table.own_positions(seq.num_computed, chunk.end)
             gapped |= len(runs) > 1
             for a, b in runs:
                 tokens.extend(seq.token_ids[a:b])
                 positions.append(torch.arange(a, b, dtype=torch.int64))
-                store_slots.append(table.slots[a:b])
+                store_slots.append(table_slots[a:b])
             end = runs[-1][1]  # the last computed position's successor: what it sees
-            kv_slots.append(table.slots[:end])
-            kv_shifts.append(None if table.shifts is None else table.shifts[:end])
+            kv_slots.append(table_slots[:end])
+            kv_shifts.append(None if table_shifts is None else table_shifts[:end])
             kv_lens.append(end)
             q_starts.append(q_starts[-1] + chunk.num_tokens)
             if chunk.wants_logits:
                 logit_rows.append(q_starts[-1] - 1)
-        to = self.device
         shifts = None
         if any(s is not None for s in kv_shifts):
             shifts = pad_sequence(
-                [torch.zeros(len(k), dtype=torch.int32) if s is None else s
-                 for s, k in zip(kv_shifts, kv_slots)], batch_first=True).to(to)
+                [torch.zeros(len(k), dtype=torch.int32, device=to) if s is None else s
+                 for s, k in zip(kv_shifts, kv_slots)], batch_first=True)
         all_positions = torch.cat(positions).to(to)
         return ForwardBatch(
             token_ids=torch.tensor(tokens, dtype=torch.int64, device=to),
             positions=all_positions,
-            store_slots=torch.cat(store_slots).to(to),
-            kv_slots=pad_sequence(kv_slots, batch_first=True).to(to),
+            store_slots=torch.cat(store_slots),
+            kv_slots=pad_sequence(kv_slots, batch_first=True),
             kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=to),
             q_starts=torch.tensor(q_starts, dtype=torch.int32, device=to),
             logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=to),

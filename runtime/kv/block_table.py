@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvrt.runtime.kv.device_mirror import DeviceMirror
 from kvrt.runtime.kv.owners import Owner
 from kvrt.runtime.kv.prefix_hash import ROOT_KEY
 
@@ -71,6 +72,10 @@ class BlockTable:
     num_keyed: int = 0  # leading full blocks already keyed (registered or hit)
     last_key: bytes = ROOT_KEY  # key of the last keyed block: the parent of the next one
     owner: Owner | None = None  # (run, agent) whose KV this is; None: unattributed
+    # The device's copies of slots and shifts (on_device), and the first position whose slot or
+    # shift changed since they were last brought up to date.
+    _mirrors: tuple[DeviceMirror, DeviceMirror] | None = None
+    _changed_from: int = 0
 
     @property
     def num_mapped(self) -> int:
@@ -88,6 +93,19 @@ class BlockTable:
         """The block holding own block `index` of a table whose rows are its positions (before
         any splice)."""
         return int(self.slots[index * self.block_size]) // self.block_size
+
+    def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`slots` and `shifts` on `device`, for a step's batch: mirrors that copy only what
+        changed since the last call (on a CPU device too, where the copy is as cheap, so that
+        every engine test checks the mirrors)."""
+        if self._mirrors is None:
+            self._mirrors = (DeviceMirror(device, self.slots.dtype),
+                             DeviceMirror(device, torch.int32))
+        slots_mirror, shifts_mirror = self._mirrors
+        changed, self._changed_from = self._changed_from, self.num_mapped
+        slots = slots_mirror.sync(self.slots, changed)
+        shifts = None if self.shifts is None else shifts_mirror.sync(self.shifts, changed)
+        return slots, shifts
 
     def adopt_prefix(self, block_ids: list[int], last_key: bytes) -> None:
         """An empty table reads these keyed blocks as its first positions (a prefix hit)."""
@@ -176,6 +194,7 @@ class BlockTable:
             position += take
             if splice is None:
                 break
+        self._changed(self.num_mapped)
         self.slots = torch.cat(pieces)
         if self.shifts is not None or any(shift for _, shift in shifts):
             self.shifts = torch.cat(
@@ -192,9 +211,11 @@ class BlockTable:
         end = start + slots.numel()
         assert self.num_own(start, end) == end - start, "share takes own positions only"
         freed = self.slots[start:end].clone()
+        self._changed(start)
         self.slots[start:end] = slots
         if shift and self.shifts is None:
             self.shifts = torch.zeros(self.num_mapped, dtype=torch.int32)
+            self._changed(0)
         if self.shifts is not None:
             self.shifts[start:end] = shift
         splice = Splice(start, end, slots, shift, blocks_of(slots, self.block_size))
@@ -224,6 +245,7 @@ class BlockTable:
             (available // self.block_size).tolist(), (available % self.block_size).tolist())]
         available = available[torch.tensor(order, dtype=torch.int64).argsort()]
         new = available[:positions.numel()]
+        self._changed(start)
         self.slots[positions] = new
         self.spare = available[positions.numel():]
         mapped = set(blocks_of(self.slots, self.block_size))
@@ -236,6 +258,9 @@ class BlockTable:
         moved = (new != rows) & (positions < computed)
         return rows[moved], new[moved], unused
 
+    def _changed(self, position: int) -> None:
+        self._changed_from = min(self._changed_from, position)
+
     def _take_spare(self, count: int) -> torch.Tensor:
         rows, self.spare = self.spare[:count], self.spare[count:]
         return rows
@@ -245,6 +270,7 @@ class BlockTable:
         self.slots = self.slots[:0]
         self.spare = self.spare[:0]
         self.shifts = None
+        self._changed_from = 0
         self.splices = []
         self.num_keyed, self.last_key = 0, ROOT_KEY
 

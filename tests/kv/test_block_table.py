@@ -77,3 +77,36 @@ def test_compaction_leaves_rows_of_fixed_blocks_where_they_are() -> None:
     assert table.slots.tolist() == [0, 1, 50, 3, 2, 4, 5, 6, 7, 8, 9, 10]
     assert (source.tolist(), target.tolist()) == ([4, 5, 6, 7, 8], [2, 4, 5, 6, 7])
     assert unused == [] and table.spare.tolist() == [11]
+
+
+def test_the_device_copy_follows_every_change_and_copies_only_what_changed() -> None:
+    cpu = torch.device("cpu")
+    table = BlockTable(BS)
+    table.splices = [splice(4, 8, 100, 7)]
+    table.entries = [BlockTableEntry(25, 7)]
+    slots_mirror = lambda: table._mirrors[0]  # noqa: E731 (the counter of rows copied)
+
+    def in_step() -> None:
+        slots, shifts = table.on_device(cpu)
+        assert slots.tolist() == table.slots.tolist()
+        assert (shifts is None) == (table.shifts is None)
+        if shifts is not None:
+            assert shifts.tolist() == table.shifts.tolist()
+
+    table.map_to(4, [0])
+    in_step()
+    assert slots_mirror().rows_copied == 8
+    in_step()  # nothing changed: nothing copied
+    assert slots_mirror().rows_copied == 8
+    table.map_to(9, [1])  # appends positions 8-11
+    in_step()
+    assert slots_mirror().rows_copied == 12
+    freed = table.share(0, torch.arange(96, 100), 7)  # rewrites positions 0-3
+    in_step()
+    assert slots_mirror().rows_copied == 24  # from position 0 again
+    table.compact(0, 9, freed, lambda block: True)  # moves positions 8-11
+    in_step()
+    table.clear()
+    table.map_to(2, [5])
+    in_step()
+    assert table.on_device(cpu)[0].tolist() == [20, 21, 22, 23]
