@@ -61,19 +61,23 @@ class Mover(Protocol):
 
 class _Staging:
     """One direction's staging buffers (touched by that direction's worker only): `device` on
-    the device pool's device, `host` on the CPU (pinned on CUDA); the same tensor on the CPU."""
+    the device pool's device, `host` on the CPU (pinned on CUDA); the same tensor on the CPU.
+    They only grow (doubling, up to `capacity` blocks), since pinning memory is slow."""
 
-    def __init__(self, like: Tensor, pinned: bool) -> None:
-        self._like, self._pinned = like, pinned
+    def __init__(self, like: Tensor, capacity: int) -> None:
+        self._like, self._capacity = like, capacity
         self.device = self.host = like.new_empty((0, *like.shape[1:]))
 
     def take(self, blocks: int) -> tuple[Tensor, Tensor]:
-        """Views of `blocks` blocks in each buffer (contiguous: leading rows), grown to fit."""
+        """Views of `blocks` (at most `capacity`) blocks in each buffer, contiguous."""
+        assert blocks <= self._capacity
         if self.device.shape[0] < blocks:
-            shape = (blocks, *self._like.shape[1:])
+            size = min(self._capacity, max(blocks, 2 * self.device.shape[0]))
+            shape = (size, *self._like.shape[1:])
             self.device = self._like.new_empty(shape)
-            self.host = (torch.empty(shape, dtype=self._like.dtype, pin_memory=self._pinned)
-                         if self._like.device.type != "cpu" else self.device)
+            on_cpu = self._like.device.type == "cpu"
+            self.host = self.device if on_cpu else torch.empty(
+                shape, dtype=self._like.dtype, pin_memory=self._like.is_cuda)
         return self.device[:blocks], self.host[:blocks]
 
 
@@ -91,10 +95,10 @@ class BlockMover:
                          for d in Direction}
         self._streams = {d: torch.cuda.Stream(device_kv.device) if device_kv.is_cuda else None
                          for d in Direction}
-        self._staging = {d: _Staging(device_kv, pinned=device_kv.is_cuda) for d in Direction}
         self._lock = threading.Lock()
         self.block_bytes = device_kv[0].numel() * device_kv.element_size()
         self.chunk_blocks = max(1, staging_bytes // self.block_bytes)
+        self._staging = {d: _Staging(device_kv, self.chunk_blocks) for d in Direction}
         self.bytes_moved = 0
         self.seconds = 0.0  # worker time spent copying: with bytes_moved, the observed bandwidth
 
