@@ -132,6 +132,8 @@ def test_staging_is_reused_and_bounded() -> None:
     mover.copy(move(Direction.OFFLOAD, list(range(7)), list(range(5, 12))))  # in chunks of 3
     assert staging.device.shape[0] == 3  # grown, never past a chunk
     assert staging.host is staging.device  # on the CPU, one buffer: no copy between them
+    device_buf, host_buf = staging.take(2)
+    assert host_buf is device_buf
     assert same_bits(mover.host_kv[5:12], device_kv[:7])
     mover.close()
 

@@ -78,7 +78,8 @@ class _Staging:
             on_cpu = self._like.device.type == "cpu"
             self.host = self.device if on_cpu else torch.empty(
                 shape, dtype=self._like.dtype, pin_memory=self._like.is_cuda)
-        return self.device[:blocks], self.host[:blocks]
+        device = self.device[:blocks]
+        return device, device if self.host is self.device else self.host[:blocks]
 
 
 class BlockMover:
