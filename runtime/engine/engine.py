@@ -323,6 +323,7 @@ class Engine:
             kv_blocks_uploaded=moved.uploaded,
             kv_blocks_backed_up=moved.backed_up,
             kv_blocks_evicted=self.kv.evicted_blocks(),
+            kv_move_failures=self.kv.move_failures(),
             kv_decisions=self.policy.kv_decisions(),
             upload_landing=self.landings.stats(),
             segment_requests=reuse.segment_requests,

@@ -98,10 +98,11 @@ def build_engine(
 
 
 def _host_tier(kv_pool: torch.Tensor, host_blocks: int, kernels: Kernels) -> HostSpec | None:
-    """The host tier's KV tensor (pinned on CUDA, for asynchronous copies) and its mover."""
+    """The host tier's KV tensor and its mover. The tensor is plain CPU memory: the mover copies
+    through its own pinned staging buffers (so only those, not the whole tier, are pinned), and
+    hands the kernels the device pool only."""
     if not host_blocks:
         return None
-    host_kv = torch.zeros((host_blocks, *kv_pool.shape[1:]), dtype=kv_pool.dtype,
-                          pin_memory=kv_pool.is_cuda)
+    host_kv = torch.zeros((host_blocks, *kv_pool.shape[1:]), dtype=kv_pool.dtype)
     return HostSpec(host_blocks, BlockMover(kv_pool, host_kv, kernels.pack_blocks,
                                             kernels.unpack_blocks))

@@ -132,6 +132,7 @@ class EngineStats:
     kv_blocks_uploaded: int = 0  # moved back from it
     kv_blocks_backed_up: int = 0  # copied to it, and kept on the device
     kv_blocks_evicted: int = 0  # cached device blocks taken for other content since start
+    kv_move_failures: dict[str, int] = field(default_factory=dict)  # failed copies, by direction
     kv_decisions: dict[str, int] = field(default_factory=dict)  # the policy's, at tool calls
     # The policy's predictive uploads: their landing against the tool's actual return.
     upload_landing: LandingStats = field(default_factory=LandingStats)

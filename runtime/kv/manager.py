@@ -50,7 +50,7 @@ from kvrt.runtime.kv.reuse.index import SegmentIndex
 from kvrt.runtime.kv.rows import KVRows
 from kvrt.runtime.kv.tiers.host_tier import HostTier
 from kvrt.runtime.kv.tiers.mover import Mover
-from kvrt.runtime.kv.tiers.moves import TierCounts
+from kvrt.runtime.kv.tiers.moves import Direction, TierCounts
 
 _KEPT_ROOT = b"\x01" * 32  # the parent of `keep_cached`'s keys: never a prefix chain's
 
@@ -435,6 +435,11 @@ class KVManager:
 
     def tier_counts(self) -> TierCounts:
         return TierCounts() if self.host is None else self.host.tiers.counts()
+
+    def move_failures(self) -> dict[str, int]:
+        """Tier moves whose copy failed since start, by direction (every direction listed)."""
+        failures = self.host.failures if self.host is not None else {}
+        return {d.value: failures.get(d, 0) for d in Direction}
 
     def moves_in_flight(self) -> bool:
         return self.host is not None and self.host.in_flight()

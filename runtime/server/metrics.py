@@ -117,6 +117,12 @@ class ServerMetrics:
         one("kvrt:kv_backed_up_blocks_total", "counter",
             "KV blocks copied to the host tier and kept on the device (write-through).",
             stats.kv_blocks_backed_up)
+        family("kvrt:kv_move_failures_total", "counter",
+               "KV moves between the device and the host tier whose copy failed (each logged "
+               "with its reason), by direction.", [
+                   f'kvrt:kv_move_failures_total{{{labels},direction="{_escape(d)}"}} {n}'
+                   for d, n in sorted(stats.kv_move_failures.items())
+               ])
         one("kvrt:segment_tokens_total", "counter",
             "Prompt tokens in segments (text reusable at any position).", stats.segment_tokens)
         one("kvrt:segment_reused_tokens_total", "counter",

@@ -5,6 +5,7 @@ same whether the KV came from the device, the host or nowhere."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -14,6 +15,7 @@ import torch
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.engine.protocol import Attribution, GenerateRequest
 from kvrt.runtime.model.checkpoint import load_checkpoint
+from kvrt.runtime.server.metrics import ServerMetrics
 from tests.engine.helpers import greedy, make_engine, run
 
 OWNER = ("run-1", "coder")
@@ -86,7 +88,8 @@ def test_a_request_never_reads_blocks_in_flight(tiny) -> None:
     engine.close()
 
 
-def test_a_failed_copy_leaves_the_kv_on_the_device(tiny) -> None:
+def test_a_failed_copy_leaves_the_kv_on_the_device(tiny, caplog) -> None:
+    """...and is a visible fault: logged with its reason, counted in the stats and /metrics."""
     engine = make_engine(tiny, host_cache_memory=HOST)
     tokens = prompt()
     first = run(engine, [call("a", tokens)])["a"]
@@ -98,12 +101,20 @@ def test_a_failed_copy_leaves_the_kv_on_the_device(tiny) -> None:
     engine.kv.host.mover._pack = broken
     cached = len(engine.kv.match_prefix(tokens, b"").block_ids)
     assert engine.kv.offload(OWNER) > 0
-    engine.kv.host.wait()
+    with caplog.at_level(logging.ERROR, logger="kvrt.runtime.kv.tiers.host_tier"):
+        engine.kv.host.wait()
     assert engine.kv.host.failed == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"KV offload of {cached} blocks failed: copy failed"]
     assert len(engine.kv.match_prefix(tokens, b"").block_ids) == cached
     again = run(engine, [call("b", tokens)])["b"]
     assert again.token_ids == first.token_ids and again.final.cached_tokens == cached * 16
-    assert engine.stats().kv_blocks_offloaded == 0
+    stats = engine.stats()
+    assert stats.kv_blocks_offloaded == 0
+    assert stats.kv_move_failures == {"offload": 1, "upload": 0}
+    text = ServerMetrics().render(stats, "tiny", 0)
+    assert 'kvrt:kv_move_failures_total{model_name="tiny",direction="offload"} 1\n' in text
+    assert 'kvrt:kv_move_failures_total{model_name="tiny",direction="upload"} 0\n' in text
     engine.check_integrity()
     engine.close()
 
@@ -112,6 +123,7 @@ def test_without_a_host_tier_nothing_moves(tiny) -> None:
     engine = make_engine(tiny)
     run(engine, [call("a", prompt())])
     assert engine.kv.host is None and engine.kv.offload(OWNER) == 0
+    assert engine.stats().kv_move_failures == {"offload": 0, "upload": 0}
     engine.close()
 
 
@@ -141,8 +153,8 @@ def test_the_engine_thread_sleeps_while_a_call_waits_for_its_upload(tiny) -> Non
     assert engine.kv.host is not None and engine.kv.offload(OWNER) > 0
     engine.kv.host.wait()
     release = threading.Event()
-    pack = engine.kv.host.mover._pack
-    engine.kv.host.mover._pack = lambda *args: (release.wait(5), pack(*args))[1]
+    unpack = engine.kv.host.mover._unpack  # an upload's device-side kernel
+    engine.kv.host.mover._unpack = lambda *args: (release.wait(5), unpack(*args))[1]
     steps = 0
     step = engine.step
 

@@ -11,6 +11,7 @@ from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.manager import HostSpec, KVManager
 from kvrt.runtime.kv.tiers.host_tier import HostTier
 from kvrt.runtime.kv.tiers.mover import BlockMover
+from kvrt.runtime.kv.tiers.moves import Direction
 
 BLOCKS, BLOCK = 6, 4
 OWNER = ("run", "agent")
@@ -61,10 +62,10 @@ def test_a_failed_upload_frees_the_device_side_and_drops_the_host_copy() -> None
     host_blocks = moves.offload(blocks)
     moves.wait()
     assert kv.match_prefix(TOKENS, b"").block_ids == []
-    moves.mover._pack = broken
+    moves.mover._unpack = broken  # an upload's device-side kernel
     assert moves.upload(host_blocks)
     moves.wait()
-    assert moves.failed == 1
+    assert moves.failures == {Direction.UPLOAD: 1}
     assert kv.match_prefix(TOKENS, b"").block_ids == []  # nothing landed on the device
     assert kv.pool.usage().free == BLOCKS
     # The host copy went too, so a waiting reader computes the KV instead of asking again.

@@ -13,7 +13,9 @@ upload lands, the owner is listed until `take_landed_uploads` (the engine times 
 A copy that fails, or cannot even start (the mover closed), is completed as failed: the two-phase
 protocol's abort path leaves each block in a known tier (KVTiers.complete). A failed upload also
 drops the host's copy of what it carried (the copy may be what failed), so the request waiting
-for it computes its KV instead of asking for the same upload again at every step.
+for it computes its KV instead of asking for the same upload again at every step. A failed
+move is a fault, never a quiet fallback: it is logged with its reason and counted by direction
+(`failures`, the engine's stats and `kvrt:kv_move_failures_total`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class HostTier:
         self._uploading: dict[int, Owner] = {}  # id of an owner's upload move in flight -> owner
         self._prefetching: dict[int, tuple[Owner, int]] = {}  # id of a prefetch -> owner, blocks
         self._landed_uploads: list[Owner] = []  # owners whose upload landed, not yet taken
-        self.failed = 0
+        self.failures: Counter[Direction] = Counter()  # moves whose copy failed, since start
 
     def offload(self, block_ids: list[int]) -> list[int]:
         """Moves these device blocks (the cached ones) to the host: those it holds already
@@ -74,6 +76,11 @@ class HostTier:
         last call."""
         landed, self._landed_uploads = self._landed_uploads, []
         return landed
+
+    @property
+    def failed(self) -> int:
+        """Moves whose copy failed (or could not start) since start, both directions."""
+        return self.failures.total()
 
     def offloaded_blocks(self, owner: Owner) -> int:
         return len(self._offloaded.get(owner, ()))
@@ -198,7 +205,7 @@ class HostTier:
     def _fail(self, move: Move, error: BaseException) -> None:
         """Completes a move whose copy failed: the content stays where it was, the pools stay
         consistent. A failed upload's source (host) copies are dropped."""
-        self.failed += 1
+        self.failures[move.direction] += 1
         log.error("KV %s of %d blocks failed: %s", move.direction.value, len(move), error)
         self.tiers.complete(move, ok=False)
         if move.direction is Direction.UPLOAD:
