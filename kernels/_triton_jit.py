@@ -202,6 +202,7 @@ def paged_attention_reduce_kernel(
     row = (tok * tl.num_programs(1) + head) * num_parts
     d = tl.arange(0, DIM_PAD)
     d_ok = d < HEAD_DIM
+    # Running max and sum as float32 scalar tensors: a loop-carried value keeps one type.
     m_run = tl.max(tl.full([PARTS_BLOCK], float("-inf"), tl.float32), 0)
     l_run = tl.sum(tl.zeros([PARTS_BLOCK], tl.float32), 0)
     acc = tl.zeros([DIM_PAD], tl.float32)

@@ -326,14 +326,7 @@ def paged_attention_triton(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    num_seqs, width = kv_slots.shape
-    if partition_size is None:
-        parts = split_kv_partitions(
-            width, num_tokens, num_seqs, num_kv_heads, _fill_programs(q.device)
-        )
-        partition_size = PARTITION_SIZE if parts > 1 else 0
-    else:
-        parts = max(1, -(-width // partition_size))
+    partition, parts = _split_plan(q, kv_slots, num_kv_heads, partition_size)
     group = num_heads // num_kv_heads
     group_pad = next_power_of_2(group)
     # A tile is BLOCK_M rows of (query token, head of the kv head's group): GQA heads share each
@@ -348,13 +341,13 @@ def paged_attention_triton(
     positions = q_positions if has_positions else kv_lens
     half = head_dim // 2
     jit = triton_kernels()
-    if partition_size:  # split-KV: partials [T, heads, parts(, head_dim)], then the reduce
+    if partition:  # split-KV: partials [T, heads, parts(, head_dim)], then the reduce
         part_m = torch.empty(num_tokens, num_heads, parts, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(num_tokens, num_heads, parts, head_dim, device=q.device)
     else:  # valid pointers the kernel never reads
         part_m = part_l = part_acc = kv_lens
-    grid = (tile_seq.shape[0], num_kv_heads, parts if partition_size else 1)
+    grid = (tile_seq.shape[0], num_kv_heads, parts)
     jit.paged_attention_kernel[grid](
         q, kv_pool, out, kv_slots, shifts, inv_freq, kv_lens, q_starts, positions, tile_seq,
         tile_q0, part_m, part_l, part_acc, layer, scale * math.log2(math.e), num_heads,
@@ -365,14 +358,26 @@ def paged_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # Triton's interpreter multiplies bfloat16 as raw integers; upcast only there.
         DOT_IN_FP32=jit.INTERPRETED and q.dtype == torch.bfloat16,
-        PARTITION=partition_size,
+        PARTITION=partition,
     )  # fmt: skip
-    if partition_size:
+    if partition:
         jit.paged_attention_reduce_kernel[(num_tokens, num_heads)](
             part_m, part_l, part_acc, out, parts, *out.stride(),
             HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), PARTS_BLOCK=_PARTS_BLOCK,
         )  # fmt: skip
     return out
+
+
+def _split_plan(
+    q: Tensor, kv_slots: Tensor, num_kv_heads: int, partition_size: int | None
+) -> tuple[int, int]:
+    """(KV positions per partition, partitions): (0, 1) runs the kernel unsplit."""
+    num_seqs, width = kv_slots.shape
+    if partition_size is not None:  # forced
+        return partition_size, max(1, -(-width // partition_size))
+    fill = _fill_programs(q.device)
+    parts = split_kv_partitions(width, q.shape[0], num_seqs, num_kv_heads, fill)
+    return (PARTITION_SIZE, parts) if parts > 1 else (0, 1)
 
 
 def _check_triton_layout(
