@@ -403,6 +403,28 @@ def test_triton_refuses_cpu_tensors_when_compiled(monkeypatch):
 SPLIT_SPECS = [(150, 1), (7, 1), (33, 1), (64, 1)]
 
 
+class LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch's grid, then launches it."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(triton_device, monkeypatch) -> dict[str, LaunchSpy]:
+    """The grids of the attention and reduce kernels' launches in this test."""
+    jit = _triton_support.triton_kernels()
+    spies = {}
+    for name in ("paged_attention_kernel", "paged_attention_reduce_kernel"):
+        spies[name] = LaunchSpy(getattr(jit, name))
+        monkeypatch.setattr(jit, name, spies[name])
+    return spies
+
+
 @pytest.mark.parametrize(
     "dtype,group,shifted,partition",
     [
@@ -413,16 +435,34 @@ SPLIT_SPECS = [(150, 1), (7, 1), (33, 1), (64, 1)]
         pytest.param(torch.float16, 3, True, 32, id="fp16-gqa3-shift"),
     ],
 )  # fmt: skip
-def test_triton_split_kv_matches_ref(triton_device, dtype, group, shifted, partition):
+def test_triton_split_kv_matches_ref(triton_device, launches, dtype, group, shifted, partition):
     case = build_case(SPLIT_SPECS, group=group, dtype=dtype, shifted=shifted, block_size=16)
     case = case.to(triton_device)
     out = paged_attention_triton(*case.args(), partition_size=partition)
+    parts = -(-153 // partition)
+    assert launches["paged_attention_kernel"].grids[0][1:] == (2, parts)  # (kv heads, parts)
+    assert launches["paged_attention_reduce_kernel"].grids == [(4, 2 * group)]  # (T, heads)
     expected = paged_attention_ref(*case.args())
     torch.testing.assert_close(out.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
     assert_matches(out, case.expected, dtype)
     if dtype == torch.float32:  # the same sums in another order: as the unsplit kernel
         unsplit = paged_attention_triton(*case.args())
         torch.testing.assert_close(out, unsplit, rtol=2e-6, atol=2e-6)
+
+
+def test_triton_split_kv_more_partitions_than_one_reduce_step(triton_device, launches):
+    # 600 positions in partitions of 32: 19, past the 16 the reduce merges per step. K of the
+    # last 88 positions is scaled up so that the top scores lie in the second step: its running
+    # max and sum must be rescaled there. (Against the reference: the scaling is not in
+    # case.expected.)
+    case = build_case([(600, 1), (40, 1)], kv_heads=1, group=2, block_size=16, seed=2)
+    late = case.kv_slots[0, 512:600]
+    case.kv_pool[late // 16, LAYER, 0, late % 16] *= 3
+    case = case.to(triton_device)
+    out = paged_attention_triton(*case.args(), partition_size=32)
+    assert launches["paged_attention_kernel"].grids[0][1:] == (1, 19)
+    expected = paged_attention_ref(*case.args())
+    torch.testing.assert_close(out, expected, rtol=TOL[torch.float32], atol=TOL[torch.float32])
 
 
 def test_triton_split_kv_prefill_chunks_and_skipped_spans(triton_device):
@@ -434,6 +474,23 @@ def test_triton_split_kv_prefill_chunks_and_skipped_spans(triton_device):
     gapped = gapped_case(shifted=True)
     out = paged_attention_triton(*gapped.to(triton_device).args(), partition_size=32)
     assert_matches(out, gapped.expected, torch.float32)
+
+
+def test_triton_split_kv_chosen_for_wide_slot_tables(triton_device, launches):
+    # Unforced, the interpreter splits only past 8,192 KV positions: slot tables that wide (the
+    # sequences short, the rest padding garbage) give 17 partitions, the empty ones ignored.
+    case = build_case(SCENARIOS["decode"], shifted=True, kv_heads=1, group=2)
+    garbage = torch.randint(-1, 10**6, (4, 8200 - case.kv_slots.shape[1]))
+    case.kv_slots = torch.cat((case.kv_slots, garbage), 1)
+    case.kv_shifts = torch.cat((case.kv_shifts, garbage.to(torch.int32)), 1)
+    out = paged_attention_triton(*case.to(triton_device).args())
+    assert launches["paged_attention_kernel"].grids[0][1:] == (1, 17)
+    assert launches["paged_attention_reduce_kernel"].grids == [(4, 2)]
+    assert_matches(out, case.expected, torch.float32)
+    case.kv_slots, case.kv_shifts = case.kv_slots[:, :8192], case.kv_shifts[:, :8192]
+    paged_attention_triton(*case.to(triton_device).args())  # 8,192 wide: one program a head
+    assert launches["paged_attention_kernel"].grids[1][1:] == (1, 1)
+    assert len(launches["paged_attention_reduce_kernel"].grids) == 1
 
 
 def test_split_kv_partitions_choice():
