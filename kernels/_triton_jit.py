@@ -67,7 +67,7 @@ def unpack_blocks_kernel(pool, packed, block_ids, block_numel, s_id, CHUNK: tl.c
 @triton.jit
 def paged_attention_kernel(
     q, pool, out, slots, shifts, inv_freq, kv_lens, q_starts, q_pos, tile_seq, tile_q0,
-    layer, qk_scale,
+    part_m, part_l, part_acc, layer, qk_scale, num_heads,
     sq_tok, sq_head, sq_dim,
     so_tok, so_head, so_dim,
     sp_blk, sp_layer, sp_kv, sp_row, sp_head, sp_dim,
@@ -77,9 +77,15 @@ def paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_POSITIONS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    PARTITION: tl.constexpr,
 ):  # fmt: skip
-    # One program per (query tile, kv head). Head dims are handled as two halves, x1 and x2,
-    # because the rotate-half RoPE on K mixes exactly those: q.k = q1.k1 + q2.k2.
+    # One program per (query tile, kv head), and with PARTITION > 0 per KV partition too
+    # (split-KV): program_id(2) = p covers KV positions [p * PARTITION, (p + 1) * PARTITION) and
+    # writes its rows' unnormalised partial softmax (max, sum, output) to part_m, part_l and
+    # part_acc, [T, heads, parts(, head_dim)] float32, which paged_attention_reduce_kernel
+    # merges; a partition past a row's end writes max -inf, sum 0, output 0.
+    # Head dims are handled as two halves, x1 and x2, because the rotate-half RoPE on K mixes
+    # exactly those: q.k = q1.k1 + q2.k2.
     seq = tl.load(tile_seq + tl.program_id(0))
     if seq < 0:
         return
@@ -117,9 +123,15 @@ def paged_attention_kernel(
     acc1 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALF_PAD], tl.float32)
     seq64 = seq.to(tl.int64)
-    for start in range(0, kv_end, BLOCK_N):
+    if PARTITION > 0:
+        kv_lo = tl.program_id(2) * PARTITION
+        kv_hi = tl.minimum(kv_end, kv_lo + PARTITION)
+    else:
+        kv_lo = 0
+        kv_hi = kv_end
+    for start in range(kv_lo, kv_hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
-        j_ok = j < kv_end
+        j_ok = j < kv_hi
         # Padding slots are never loaded (masked), so they may hold any value, even -1.
         slot = tl.load(slots + seq64 * ss_seq + j * ss_pos, mask=j_ok, other=0).to(tl.int64)
         base = (slot // BLOCK_SIZE) * sp_blk + (slot % BLOCK_SIZE) * sp_row
@@ -153,16 +165,67 @@ def paged_attention_kernel(
         acc2 = acc2 * alpha[:, None] + tl.dot(p, v2, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    o_ptr = out + (q_first + tok)[:, None].to(tl.int64) * so_tok + head[:, None] * so_head
-    tl.store(
-        o_ptr + d[None, :] * so_dim, (acc1 * inv_l[:, None]).to(out.dtype.element_ty), mask=q_mask
-    )
-    tl.store(
-        o_ptr + (d[None, :] + HALF) * so_dim,
-        (acc2 * inv_l[:, None]).to(out.dtype.element_ty),
-        mask=q_mask,
-    )
+    if PARTITION > 0:
+        num_parts = tl.num_programs(2)
+        part = ((q_first + tok).to(tl.int64) * num_heads + head) * num_parts + tl.program_id(2)
+        tl.store(part_m + part, m_i, mask=row_ok)
+        tl.store(part_l + part, l_i, mask=row_ok)
+        a_ptr = part_acc + part[:, None] * (2 * HALF) + d[None, :]
+        tl.store(a_ptr, acc1, mask=q_mask)
+        tl.store(a_ptr + HALF, acc2, mask=q_mask)
+    else:
+        inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+        o_ptr = out + (q_first + tok)[:, None].to(tl.int64) * so_tok + head[:, None] * so_head
+        tl.store(
+            o_ptr + d[None, :] * so_dim,
+            (acc1 * inv_l[:, None]).to(out.dtype.element_ty),
+            mask=q_mask,
+        )
+        tl.store(
+            o_ptr + (d[None, :] + HALF) * so_dim,
+            (acc2 * inv_l[:, None]).to(out.dtype.element_ty),
+            mask=q_mask,
+        )
+
+
+@triton.jit
+def paged_attention_reduce_kernel(
+    part_m, part_l, part_acc, out, num_parts,
+    so_tok, so_head, so_dim,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, PARTS_BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One program per (query token, head): merges its split-KV partials (paged_attention_kernel
+    # with PARTITION > 0) by their log-sum-exps, in base 2 like the kernel's online softmax:
+    # out = sum_p 2^(m_p - M) acc_p / sum_p 2^(m_p - M) l_p, M the running max over partitions.
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row = (tok * tl.num_programs(1) + head) * num_parts
+    d = tl.arange(0, DIM_PAD)
+    d_ok = d < HEAD_DIM
+    # Running max and sum as float32 scalar tensors: a loop-carried value keeps one type.
+    m_run = tl.max(tl.full([PARTS_BLOCK], float("-inf"), tl.float32), 0)
+    l_run = tl.sum(tl.zeros([PARTS_BLOCK], tl.float32), 0)
+    acc = tl.zeros([DIM_PAD], tl.float32)
+    for p0 in range(0, num_parts, PARTS_BLOCK):
+        p = p0 + tl.arange(0, PARTS_BLOCK)
+        p_ok = p < num_parts
+        m_p = tl.load(part_m + row + p, mask=p_ok, other=float("-inf"))
+        l_p = tl.load(part_l + row + p, mask=p_ok, other=0.0)
+        acc_p = tl.load(
+            part_acc + (row + p)[:, None] * HEAD_DIM + d[None, :],
+            mask=p_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m_run, tl.max(m_p, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN
+        alpha = tl.exp2(m_run - m_safe)
+        w = tl.exp2(m_p - m_safe)  # 0 for a partition that saw nothing
+        l_run = l_run * alpha + tl.sum(w * l_p, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * acc_p, 0)
+        m_run = m_new
+    result = acc / tl.where(l_run == 0.0, 1.0, l_run)
+    o_ptr = out + tok * so_tok + head * so_head + d * so_dim
+    tl.store(o_ptr, result.to(out.dtype.element_ty), mask=d_ok)
 
 
 @triton.jit

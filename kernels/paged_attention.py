@@ -18,10 +18,13 @@
 Grouped-query attention: head h reads kv head h // (heads // kv_heads).
 `paged_attention_ref` (torch, also the CPU runtime path) and `paged_attention_triton` (one kernel
 for prefill and decode) share this signature. Both need kv_lens[s] >= n_s for every s.
+For decode on long contexts the Triton path splits each sequence's KV into partitions computed
+by separate programs and merged by a reduce kernel (split-KV, `split_kv_partitions`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -264,23 +267,66 @@ def rotate_by_shift(k: Tensor, shifts: Tensor, inv_freq: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 _BLOCK_N = 32  # KV positions per inner-loop tile
+# Split-KV decode (flash-decoding): KV positions per partition, as vLLM's paged_attention_v2.
+# Fixed, so a program's work is bounded whatever the context, and a multiple of _BLOCK_N.
+PARTITION_SIZE = 512
+_SPLIT_ALWAYS_ABOVE = 8192  # KV width past which decode always splits (vLLM's v1/v2 line)
+_PARTS_BLOCK = 16  # partitions the reduce kernel merges per step
+
+
+def split_kv_partitions(
+    width: int, num_tokens: int, num_seqs: int, num_kv_heads: int, fill_programs: int,
+    partition_size: int = PARTITION_SIZE,
+) -> int:  # fmt: skip
+    """How many KV partitions the Triton kernel splits each sequence into (1: no split).
+
+    Decode-sized batches only (T <= S: the prefill tiles of a chunk already give many programs,
+    and the partials would cost T x heads x parts x head_dim floats). Unsplit, decode runs one
+    program per (sequence, kv head); a split pays a second launch and a round trip of the
+    partials through memory, which is worth it when those programs cannot fill the device
+    (fewer than `fill_programs`), or when the context is long enough that one long sequence
+    in a batch of short ones would leave its program running alone. `width` is kv_slots' width,
+    an upper bound of every kv_len known without a device sync; partitions past a sequence's
+    end exit after writing an empty partial.
+    """
+    parts = -(-width // partition_size)
+    if num_tokens > num_seqs or parts <= 1:
+        return 1
+    if width > _SPLIT_ALWAYS_ABOVE or num_seqs * num_kv_heads < fill_programs:
+        return parts
+    return 1
+
+
+@functools.cache
+def _fill_programs(device: torch.device) -> int:
+    """Programs that keep every SM of `device` busy: four resident per SM. 0 off CUDA (the
+    interpreter: nothing to fill, so only long contexts split there)."""
+    if device.type != "cuda":
+        return 0
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def paged_attention_triton(
     q: Tensor, kv_pool: Tensor, layer: int, kv_slots: Tensor, kv_lens: Tensor,
     q_starts: Tensor, scale: float,
     kv_shifts: Tensor | None = None, rope_inv_freq: Tensor | None = None,
-    q_positions: Tensor | None = None,
+    q_positions: Tensor | None = None, *, partition_size: int | None = None,
 ) -> Tensor:  # fmt: skip
+    """`partition_size`: None lets `split_kv_partitions` decide on split-KV; a multiple of 32
+    splits every sequence into partitions of that many KV positions, whatever the batch (tests
+    check the split path on short contexts this way)."""
     check_paged_attention_args(
         q, kv_pool, layer, kv_slots, kv_lens, q_starts, kv_shifts, rope_inv_freq, q_positions
     )
     _check_triton_layout(q, kv_pool, kv_lens, q_starts, kv_shifts, rope_inv_freq, q_positions)
+    assert partition_size is None or (partition_size > 0 and partition_size % _BLOCK_N == 0), \
+        f"partition_size must be a positive multiple of {_BLOCK_N}, not {partition_size}"
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = kv_pool.shape[4]
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
+    partition, parts = _split_plan(q, kv_slots, num_kv_heads, partition_size)
     group = num_heads // num_kv_heads
     group_pad = next_power_of_2(group)
     # A tile is BLOCK_M rows of (query token, head of the kv head's group): GQA heads share each
@@ -295,10 +341,16 @@ def paged_attention_triton(
     positions = q_positions if has_positions else kv_lens
     half = head_dim // 2
     jit = triton_kernels()
-    grid = (tile_seq.shape[0], num_kv_heads)
+    if partition:  # split-KV: partials [T, heads, parts(, head_dim)], then the reduce
+        part_m = torch.empty(num_tokens, num_heads, parts, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(num_tokens, num_heads, parts, head_dim, device=q.device)
+    else:  # valid pointers the kernel never reads
+        part_m = part_l = part_acc = kv_lens
+    grid = (tile_seq.shape[0], num_kv_heads, parts)
     jit.paged_attention_kernel[grid](
         q, kv_pool, out, kv_slots, shifts, inv_freq, kv_lens, q_starts, positions, tile_seq,
-        tile_q0, layer, scale * math.log2(math.e),
+        tile_q0, part_m, part_l, part_acc, layer, scale * math.log2(math.e), num_heads,
         *q.stride(), *out.stride(), *kv_pool.stride(), *kv_slots.stride(), *shifts.stride(),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=_BLOCK_N,
         BLOCK_SIZE=kv_pool.shape[3], HALF=half, HALF_PAD=max(16, next_power_of_2(half)),
@@ -306,8 +358,26 @@ def paged_attention_triton(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # Triton's interpreter multiplies bfloat16 as raw integers; upcast only there.
         DOT_IN_FP32=jit.INTERPRETED and q.dtype == torch.bfloat16,
+        PARTITION=partition,
     )  # fmt: skip
+    if partition:
+        jit.paged_attention_reduce_kernel[(num_tokens, num_heads)](
+            part_m, part_l, part_acc, out, parts, *out.stride(),
+            HEAD_DIM=head_dim, DIM_PAD=next_power_of_2(head_dim), PARTS_BLOCK=_PARTS_BLOCK,
+        )  # fmt: skip
     return out
+
+
+def _split_plan(
+    q: Tensor, kv_slots: Tensor, num_kv_heads: int, partition_size: int | None
+) -> tuple[int, int]:
+    """(KV positions per partition, partitions): (0, 1) runs the kernel unsplit."""
+    num_seqs, width = kv_slots.shape
+    if partition_size is not None:  # forced
+        return partition_size, max(1, -(-width // partition_size))
+    fill = _fill_programs(q.device)
+    parts = split_kv_partitions(width, q.shape[0], num_seqs, num_kv_heads, fill)
+    return (PARTITION_SIZE, parts) if parts > 1 else (0, 1)
 
 
 def _check_triton_layout(

@@ -25,10 +25,15 @@ from kvrt.kernels import (
     paged_attention_triton,
     triton_available,
 )
-from kvrt.kernels.paged_attention import rotate_by_shift
+from kvrt.kernels.paged_attention import (
+    PARTITION_SIZE,
+    _fill_programs,
+    rotate_by_shift,
+    split_kv_partitions,
+)
 
 LAYERS, LAYER = 3, 1
-TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 # (kv_len, new tokens) per sequence; the new tokens are the sequence's last positions.
 SCENARIOS = {
@@ -390,6 +395,146 @@ def test_triton_refuses_cpu_tensors_when_compiled(monkeypatch):
         paged_attention_triton(*case.args())
 
 
+# ------------------------------------------------------------------ split-KV decode
+
+# Forced to partitions of 32 KV positions (64 where said): 150 positions span 5 partitions, the
+# last one ragged (22); 33 span 2 (ragged 1); 64 exactly 2; 7 one. kv_slots is 153 wide, so the
+# shorter sequences also get partitions past their end (empty partials the reduce must ignore).
+SPLIT_SPECS = [(150, 1), (7, 1), (33, 1), (64, 1)]
+
+
+class LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch's grid, then launches it."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(triton_device, monkeypatch) -> dict[str, LaunchSpy]:
+    """The grids of the attention and reduce kernels' launches in this test."""
+    jit = _triton_support.triton_kernels()
+    spies = {}
+    for name in ("paged_attention_kernel", "paged_attention_reduce_kernel"):
+        spies[name] = LaunchSpy(getattr(jit, name))
+        monkeypatch.setattr(jit, name, spies[name])
+    return spies
+
+
+@pytest.mark.parametrize(
+    "dtype,group,shifted,partition",
+    [
+        pytest.param(torch.float32, 1, False, 32, id="fp32-mha-noshift"),
+        pytest.param(torch.float32, 4, True, 32, id="fp32-gqa4-shift"),
+        pytest.param(torch.bfloat16, 4, True, 32, id="bf16-gqa4-shift"),
+        pytest.param(torch.bfloat16, 1, False, 64, id="bf16-mha-noshift-p64"),
+        pytest.param(torch.float16, 3, True, 32, id="fp16-gqa3-shift"),
+    ],
+)  # fmt: skip
+def test_triton_split_kv_matches_ref(triton_device, launches, dtype, group, shifted, partition):
+    case = build_case(SPLIT_SPECS, group=group, dtype=dtype, shifted=shifted, block_size=16)
+    case = case.to(triton_device)
+    out = paged_attention_triton(*case.args(), partition_size=partition)
+    parts = -(-153 // partition)
+    assert launches["paged_attention_kernel"].grids[0][1:] == (2, parts)  # (kv heads, parts)
+    assert launches["paged_attention_reduce_kernel"].grids == [(4, 2 * group)]  # (T, heads)
+    expected = paged_attention_ref(*case.args())
+    torch.testing.assert_close(out.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    assert_matches(out, case.expected, dtype)
+    if dtype == torch.float32:  # the same sums in another order: as the unsplit kernel
+        unsplit = paged_attention_triton(*case.args())
+        torch.testing.assert_close(out, unsplit, rtol=2e-6, atol=2e-6)
+
+
+def test_triton_split_kv_more_partitions_than_one_reduce_step(triton_device, launches):
+    # 600 positions in partitions of 32: 19, past the 16 the reduce merges per step. K of the
+    # last 88 positions is scaled up so that the top scores lie in the second step: its running
+    # max and sum must be rescaled there. (Against the reference: the scaling is not in
+    # case.expected.)
+    case = build_case([(600, 1), (40, 1)], kv_heads=1, group=2, block_size=16, seed=2)
+    late = case.kv_slots[0, 512:600]
+    case.kv_pool[late // 16, LAYER, 0, late % 16] *= 3
+    case = case.to(triton_device)
+    out = paged_attention_triton(*case.args(), partition_size=32)
+    assert launches["paged_attention_kernel"].grids[0][1:] == (1, 19)
+    expected = paged_attention_ref(*case.args())
+    torch.testing.assert_close(out, expected, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+
+
+def test_triton_split_kv_prefill_chunks_and_skipped_spans(triton_device):
+    # Forced, the split also serves prefill tiles: causal rows that see nothing of a partition,
+    # and queries with explicit positions (q_positions) whose visible range ends mid-partition.
+    mixed = build_case(SCENARIOS["mixed"] + [(100, 1)], group=3, shifted=True, block_size=4)
+    out = paged_attention_triton(*mixed.to(triton_device).args(), partition_size=32)
+    assert_matches(out, mixed.expected, torch.float32)
+    gapped = gapped_case(shifted=True)
+    out = paged_attention_triton(*gapped.to(triton_device).args(), partition_size=32)
+    assert_matches(out, gapped.expected, torch.float32)
+
+
+def test_triton_split_kv_chosen_for_wide_slot_tables(triton_device, launches):
+    # Unforced, the interpreter splits only past 8,192 KV positions: slot tables that wide (the
+    # sequences short, the rest padding garbage) give 17 partitions, the empty ones ignored.
+    case = build_case(SCENARIOS["decode"], shifted=True, kv_heads=1, group=2)
+    garbage = torch.randint(-1, 10**6, (4, 8200 - case.kv_slots.shape[1]))
+    case.kv_slots = torch.cat((case.kv_slots, garbage), 1)
+    case.kv_shifts = torch.cat((case.kv_shifts, garbage.to(torch.int32)), 1)
+    out = paged_attention_triton(*case.to(triton_device).args())
+    assert launches["paged_attention_kernel"].grids[0][1:] == (1, 17)
+    assert launches["paged_attention_reduce_kernel"].grids == [(4, 2)]
+    assert_matches(out, case.expected, torch.float32)
+    case.kv_slots, case.kv_shifts = case.kv_slots[:, :8192], case.kv_shifts[:, :8192]
+    paged_attention_triton(*case.to(triton_device).args())  # 8,192 wide: one program a head
+    assert launches["paged_attention_kernel"].grids[1][1:] == (1, 1)
+    assert len(launches["paged_attention_reduce_kernel"].grids) == 1
+
+
+def test_split_kv_partitions_choice():
+    # (width, tokens, seqs, kv heads, programs that fill the device): one partition = no split.
+    fill = 4 * 132  # an H100
+    assert split_kv_partitions(4000, 2, 2, 8, fill) == 8  # few programs: ceil(4000 / 512)
+    assert split_kv_partitions(512, 1, 1, 8, fill) == 1  # fits one partition
+    assert split_kv_partitions(513, 1, 1, 8, fill) == 2
+    assert split_kv_partitions(4000, 128, 128, 8, fill) == 1  # 1,024 programs fill it already
+    assert split_kv_partitions(32768, 128, 128, 8, fill) == 64  # long: balance ragged lengths
+    assert split_kv_partitions(32768, 129, 128, 8, fill) == 1  # a prefill chunk in the batch
+    assert split_kv_partitions(4000, 2, 2, 8, fill, partition_size=256) == 16
+    assert split_kv_partitions(4000, 2, 2, 8, fill_programs=0) == 1  # interpreter: long only
+    assert split_kv_partitions(9000, 2, 2, 8, fill_programs=0) == 18
+
+
+def test_triton_split_kv_refuses_a_ragged_partition_size(triton_device):
+    case = build_case(SCENARIOS["decode"]).to(triton_device)
+    with pytest.raises(AssertionError, match="partition_size"):
+        paged_attention_triton(*case.args(), partition_size=48)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift"])
+def test_triton_split_kv_on_cuda_at_32k(cuda_triton, shifted, dtype):
+    # One 32k-token sequence decoding beside short ones: the launcher splits on its own.
+    specs = [(32768, 1), (100, 1), (3000, 1)]
+    case = build_case(
+        specs, block_size=16, kv_heads=2, group=4, head_dim=128, dtype=dtype, shifted=shifted
+    ).to(cuda_triton)
+    width = case.kv_slots.shape[1]
+    parts = split_kv_partitions(width, 3, 3, 2, _fill_programs(case.q.device))
+    assert parts == -(-width // PARTITION_SIZE)
+    out = paged_attention_triton(*case.args())
+    assert_matches(out, case.expected, dtype)
+    # Averaged over 32k values the long row's outputs are ~0.01, under bfloat16's absolute
+    # tolerance: hold every row to a relative error too. On CPU (torch reference, and this
+    # kernel interpreted) bfloat16 gives 3e-3 to 4e-3, float32 6e-7.
+    rel_tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for row, expected in zip(out.double().cpu(), case.expected):
+        assert (row - expected).norm() <= rel_tol * expected.norm()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift"])
@@ -423,17 +568,22 @@ def compile_for_sm90(fn, types, constexprs):
     source = ASTSource(fn=fn, signature=sig, constexprs=paths)
     triton.compile(source, target=GPUTarget("cuda", 90, 32))
 
-for dtype, has_shift, has_positions in itertools.product(["fp32", "bf16"], [False, True],
-                                                        [False, True]):
+variants = [(*v, 0) for v in itertools.product(["fp32", "bf16"], [False, True], [False, True])]
+variants += [("fp32", True, False, 512), ("bf16", False, True, 512)]  # split-KV
+for dtype, has_shift, has_positions, partition in variants:
     ptr = "*" + dtype
     types = dict(q=ptr, pool=ptr, out=ptr, slots="*i64", shifts="*i32", inv_freq="*fp32",
                  kv_lens="*i32", q_starts="*i32", q_pos="*i64", tile_seq="*i32", tile_q0="*i32",
-                 qk_scale="fp32")
+                 part_m="*fp32", part_l="*fp32", part_acc="*fp32", qk_scale="fp32")
     constexprs = dict(GROUP=3, GROUP_PAD=4, BLOCK_Q=16, BLOCK_M=64, BLOCK_N=32, BLOCK_SIZE=16,
-                      HALF=32, HALF_PAD=32, HAS_SHIFT=has_shift, HAS_POSITIONS=has_positions,
-                      DOT_IN_FP32=False,
-                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                      HALF=32, HALF_PAD=32, HAS_SHIFT=has_shift,
+                      HAS_POSITIONS=has_positions, DOT_IN_FP32=False,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", PARTITION=partition)
     compile_for_sm90(jit.paged_attention_kernel, types, constexprs)
+    if partition:
+        compile_for_sm90(jit.paged_attention_reduce_kernel,
+                         dict(part_m="*fp32", part_l="*fp32", part_acc="*fp32", out=ptr),
+                         dict(HEAD_DIM=64, DIM_PAD=64, PARTS_BLOCK=16))
 compile_for_sm90(jit.kv_store_kernel, dict(pool="*bf16", k="*bf16", v="*bf16", slots="*i64"),
                  dict(BLOCK_SIZE=16, NUM_HEADS=3, HEAD_DIM=64, HEADS_PAD=4, DIM_PAD=64))
 compile_for_sm90(jit.row_change_kernel, dict(pool="*bf16", rows="*i64", base="*i64",
