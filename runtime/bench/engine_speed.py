@@ -1,7 +1,7 @@
 """Engine speed beside transformers' `generate` on the same weights, in one run.
 
     python -m kvrt.runtime.bench.engine_speed [--dtypes float32,bfloat16] [--repeats 3]
-                                              [--out bench-out/engine_speed.json]
+                                              [--device auto] [--out bench-out/engine_speed.json]
 
 Four figures per dtype, each the median of `--repeats` runs, each beside its transformers twin:
 - single-stream decode tokens/s (one request, time after its first token);
@@ -11,8 +11,9 @@ Four figures per dtype, each the median of `--repeats` runs, each beside its tra
   done); and of one batch of the same 16 prompts with every output 64 tokens long;
 - prefill tokens/s of a 1,000-token prompt (cache off);
 - TTFT of a repeated 1,000-token prompt with the prefix cache on versus off.
-A benchmark, not a test: the machine is shared and noisy, so read the ratios, measured side by
-side, more than the absolute numbers.
+Both run on the same device (`--device`: auto is CUDA where there is one). A benchmark, not a
+test: the machine is shared and noisy, so read the ratios, measured side by side, more than the
+absolute numbers.
 """
 
 from __future__ import annotations
@@ -151,14 +152,16 @@ def _kvrt_figures(engine: Engine, cold: Engine, tok, repeats: int) -> dict[str, 
 
 
 def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
+    device = model.device
     short = _prompt(tok, 20, "s")
     pad = tok.hf.pad_token_id if tok.hf.pad_token_id is not None else 0
     batch = _batch_prompts(tok)
 
     def padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        return ids, torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+        return ids, torch.tensor(mask, device=device)
 
     def aggregate(lengths: list[int]) -> Callable[[], float]:
         # A static batch runs until its longest member is done; only requested tokens count.
@@ -182,15 +185,17 @@ def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
                 min_new_tokens=tokens,
                 pad_token_id=pad,
             )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    one = torch.tensor([short])
+    one = torch.tensor([short], device=device)
     ones = torch.ones_like(one)
 
     def decode() -> float:
         return (DECODE_TOKENS - 1) / (generate(one, ones, DECODE_TOKENS) - generate(one, ones, 1))
 
-    long = torch.tensor([_long_prompt(tok, LONG_PROMPT, "p")])
+    long = torch.tensor([_long_prompt(tok, LONG_PROMPT, "p")], device=device)
 
     def prefill() -> float:
         return LONG_PROMPT / generate(long, torch.ones_like(long), 1)
@@ -203,7 +208,8 @@ def _hf_figures(model, tok, repeats: int) -> dict[str, float]:
     }
 
 
-def run(dtype_name: str, model_path: str | None, repeats: int) -> dict[str, dict[str, float]]:
+def run(dtype_name: str, model_path: str | None, repeats: int,
+        device: str = "auto") -> dict[str, dict[str, float]]:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, dtype_name)
@@ -213,10 +219,11 @@ def run(dtype_name: str, model_path: str | None, repeats: int) -> dict[str, dict
         # The dequantized Hugging Face copy kvrt made of the GGUF: the same weights, loaded the
         # ordinary way (transformers' own GGUF path keeps weights packed and computes in fp32).
         hf_source = cache_folder(hf_source)
-    hf = AutoModelForCausalLM.from_pretrained(hf_source, dtype=dtype)
-    settings = dict(model=model_path, dtype=dtype_name, kv_cache_memory=1024**3, max_model_len=4096)
+    settings = dict(model=model_path, dtype=dtype_name, kv_cache_memory=1024**3, max_model_len=4096,
+                    device=device)
     engine, _ = build_engine(EngineConfig(**settings), checkpoint=checkpoint)
     cold, _ = build_engine(EngineConfig(**settings, prefix_caching=False))
+    hf = AutoModelForCausalLM.from_pretrained(hf_source, dtype=dtype).to(engine.executor.device)
     tok = engine.tokenizer
     return {
         "kvrt": _kvrt_figures(engine, cold, tok, repeats),
@@ -255,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M GGUF)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if any), cpu, cuda")
     parser.add_argument("--out", default="bench-out/engine_speed.json")
     args = parser.parse_args(argv)
     results = {
@@ -263,9 +271,11 @@ def main(argv: list[str] | None = None) -> None:
             "processor": platform.processor(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
         "repeats": args.repeats,
-        "dtypes": {d: run(d, args.model, args.repeats) for d in args.dtypes.split(",")},
+        "dtypes": {d: run(d, args.model, args.repeats, args.device)
+                   for d in args.dtypes.split(",")},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

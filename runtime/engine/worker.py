@@ -2,10 +2,11 @@
 
 A driver runs the worker (runtime/engine/async_engine.py's ThreadDriver on the engine thread;
 kvrt sim's on its simulated-time loop), never two calls at once. Commands (add, abort, notify,
-set_priorities, set_outlook, release_run, abort_all, ping; landed from the KV mover) come from the event loop through
-`send`; outputs, errors and run releases go back to the loop through its `LoopSide`, thread-
-safely. Once the worker shuts down the inbox is closed under a lock and drained, so no command
-is ever left unanswered.
+set_priorities, set_outlook, release_run, abort_all, ping) come from the event loop through
+`send` (and `landed` from the KV mover's thread, to wake a driver waiting on it); outputs,
+errors and run releases go back to the loop through its `LoopSide`, thread-safely. Once the
+worker shuts down the inbox is closed under a lock and drained, so no command is ever left
+unanswered.
 
 `step` aborts the requests past their `timeout_s` first (RequestTimedOut). A step that raises
 fails the requests of its batch (StepFailed) and the worker goes on; any other failure of a step
