@@ -1,0 +1,201 @@
+"""The engine on the Triton kernels (in Triton's CPU interpreter) gives what it gives on the torch
+kernels, on tiny llama, qwen2 and qwen3 checkpoints: plain prompts batched with chunked prefill,
+a prefix hit, an offload/upload round trip through the host tier, and segments spliced in at
+several shifts (rows read in place and rows copied: both paths store the same ones,
+runtime/kv/reuse/planner.py).
+
+What is compared: every request's greedy tokens, exactly, and the logits of every step, within
+`ATOL`. Logits are not bit-equal because the paths sum in different orders (the Triton kernel's
+online softmax over tiles of 32 keys and its RoPE of shifted K on load, against one SDPA call and
+the torch decode's rotation of the query); in float32 they differ by ~1e-5. Float order alone
+could flip a greedy token only at a near tie, so each step's lead of the top token over the next
+is checked to exceed twice `ATOL` (the tiny checkpoints spread their logits for this, tiny.py):
+a token that differs then is a real divergence, not rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvrt.kernels._triton_support import TRITON_INTERPRET_ENV, triton_available, triton_kernels
+from kvrt.runtime.engine.engine import Engine
+from kvrt.runtime.engine.protocol import Attribution, GenerateRequest
+from kvrt.runtime.model.tiny import ARCHS
+from tests.engine.helpers import Result, greedy, make_engine, run
+
+ATOL = 1e-4
+OWNER = ("run-1", "coder")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Triton in its interpreter for this module; a skip where Triton is missing, or was
+    imported compiled before (its mode is fixed per process at first import: tests/conftest.py
+    sets the variable early on a machine without a GPU)."""
+    if not triton_available():
+        pytest.skip("Triton is not installed")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(TRITON_INTERPRET_ENV, "1")  # select_kernels reads it when an engine is built
+        try:
+            interpreted = triton_kernels().INTERPRETED
+        except RuntimeError as err:
+            pytest.skip(str(err))
+        if not interpreted:
+            pytest.skip("Triton was imported compiled in this process: no interpreter")
+        yield
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def folder(request, tiny_checkpoint_dir):
+    return tiny_checkpoint_dir(request.param, seed=5)
+
+
+class Recorded:
+    """An engine whose executor records each request's logits rows, step by step."""
+
+    def __init__(self, folder, kernels: str, **settings) -> None:
+        self.engine: Engine = make_engine(folder, kernels=kernels, device="cpu",
+                                          dtype="float32", **settings)
+        self.logits: dict[str, list[torch.Tensor]] = {}
+        real = self.engine.executor.run
+
+        def run_and_record(chunks):
+            logits = real(chunks)
+            for chunk, row in zip([c for c in chunks if c.wants_logits], logits):
+                self.logits.setdefault(chunk.seq.request_id, []).append(row.clone())
+            return logits
+
+        self.engine.executor.run = run_and_record  # type: ignore[method-assign]
+
+
+def both(folder, scenario, **settings) -> dict[str, tuple[Recorded, dict[str, Result]]]:
+    """Runs `scenario(recorded) -> results` on a torch engine and on a Triton one; checks that
+    each ends with its KV accounted for."""
+    out = {}
+    for kernels in ("torch", "triton"):
+        recorded = Recorded(folder, kernels, **settings)
+        results = scenario(recorded.engine)
+        recorded.engine.check_integrity()
+        assert recorded.engine.kv.pool.usage().in_use == 0
+        recorded.engine.close()
+        out[kernels] = recorded, results
+    return out
+
+
+def assert_same(runs: dict[str, tuple[Recorded, dict[str, Result]]]) -> None:
+    """Each request's tokens equal, and its logits within ATOL, step by step; past a step
+    whose top two logits lie within 2 * ATOL (a near tie) the two may pick different tokens,
+    and then see different contexts: the comparison of that request stops there."""
+    (torch_rec, torch_out), (triton_rec, triton_out) = runs["torch"], runs["triton"]
+    assert torch_out.keys() == triton_out.keys()
+    for request_id, expected in torch_out.items():
+        got = triton_out[request_id]
+        assert got.final.cached_tokens == expected.final.cached_tokens, request_id
+        want_logits, got_logits = torch_rec.logits[request_id], triton_rec.logits[request_id]
+        assert len(want_logits) == len(got_logits) == len(expected.token_ids)
+        steps = zip(want_logits, got_logits, expected.token_ids, got.token_ids)
+        for step, (want, seen, want_token, got_token) in enumerate(steps):
+            torch.testing.assert_close(seen, want, atol=ATOL, rtol=0,
+                                       msg=lambda m, r=request_id, s=step: f"{r} step {s}: {m}")
+            if got_token != want_token:
+                top = want.topk(2).values
+                assert top[0] - top[1] <= 2 * ATOL, f"{request_id} step {step}: tokens differ"
+                break
+
+
+def tokens(seed: int, length: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 400, (length,), generator=gen).tolist()
+
+
+def test_plain_prompts_batched_with_chunked_prefill(interpreted, folder):
+    """Three prompts at once, prefill chunks of at most 24 tokens: steps mix prefill chunks
+    with decode tokens, and sequences of unlike lengths share the decode batch."""
+    prompts = {"a": tokens(1, 9), "b": tokens(2, 30), "c": tokens(3, 45)}
+
+    def scenario(engine):
+        return run(engine, [GenerateRequest(r, p, greedy(5)) for r, p in prompts.items()])
+
+    assert_same(both(folder, scenario, max_num_batched_tokens=24, prefix_caching=False))
+
+
+def test_a_prefix_hit(interpreted, folder):
+    first, shared = tokens(4, 40), 37
+
+    def scenario(engine):
+        out = run(engine, [GenerateRequest("first", first, greedy(4))])
+        out |= run(engine, [GenerateRequest("hit", first[:shared] + tokens(5, 9), greedy(5))])
+        assert out["hit"].final.cached_tokens == 32  # two full blocks of 16
+        return out
+
+    assert_same(both(folder, scenario))
+
+
+def test_an_offload_upload_round_trip(interpreted, folder):
+    """The owner's cached prefix goes to the host tier and back (admission uploads it): the
+    call that reads it must see the same rows on both paths."""
+    prompt = tokens(6, 50)
+
+    def call(request_id, prompt, max_tokens):
+        return GenerateRequest(request_id, prompt, greedy(max_tokens),
+                               attribution=Attribution(*OWNER))
+
+    def scenario(engine):
+        out = run(engine, [call("before", prompt, 4)])
+        moved = engine.kv.offload(OWNER)
+        assert moved > 0 and engine.kv.host is not None and engine.kv.host.wait() == moved
+        assert engine.kv.match_prefix(prompt, b"").block_ids == []  # gone from the device
+        out |= run(engine, [call("after", prompt + tokens(7, 5), 5)])
+        assert out["after"].final.cached_tokens == moved * 16
+        assert engine.stats().kv_blocks_uploaded == moved
+        return out
+
+    assert_same(both(folder, scenario, host_cache_memory=2 * 1024**2))
+
+
+SEGMENT, OTHER = tokens(8, 40), tokens(9, 36)
+FIRST_K = math.ceil(0.15 * len(SEGMENT))  # the reader recomputes this many of a segment
+
+
+def test_segments_spliced_at_several_shifts(interpreted, folder):
+    """Donors compute two segments; readers then splice them in at other positions: one reader
+    at two shifts (one read in place, the other copied, K rotated once), others each at one
+    shift, forwards and backwards. Default policy options: the recomputed rows that changed
+    least are given back for the master's (diff encode), which only rows read in place get."""
+    donors = [
+        GenerateRequest("donor-a", tokens(10, 7) + SEGMENT + tokens(11, 5), greedy(2),
+                        segments=((7, 47),)),
+        GenerateRequest("donor-b", tokens(12, 20) + OTHER + tokens(13, 3), greedy(2),
+                        segments=((20, 56),)),
+    ]
+    head = tokens(14, 12)
+    readers = [
+        GenerateRequest("two-shifts", head + SEGMENT + OTHER + tokens(15, 6), greedy(5),
+                        segments=((12, 52), (52, 88))),
+        GenerateRequest("forward", tokens(16, 33) + SEGMENT + tokens(17, 4), greedy(5),
+                        segments=((33, 73),)),
+        GenerateRequest("backward", tokens(18, 3) + OTHER + tokens(19, 4), greedy(5),
+                        segments=((3, 39),)),
+    ]
+
+    def scenario(engine):
+        out = run(engine, donors)
+        out |= run(engine, readers)
+        stats = engine.stats()
+        # Every reader read its segments: the first rows of each recomputed, the rest spliced.
+        # A donor's copy is its prefix's keyed rows (full blocks): donor-a's covers SEGMENT
+        # (7..47 of 52 + 3 positions), donor-b's OTHER's rows 20..48 only.
+        read_segment = len(SEGMENT) - FIRST_K
+        read_other = 48 - 20 - math.ceil(0.15 * len(OTHER))
+        reused = {"two-shifts": read_segment + read_other, "forward": read_segment,
+                  "backward": read_other}
+        assert {r: out[r].final.cached_tokens for r in reused} == reused
+        # The two-shift reader copied its smaller shift's rows (OTHER's), on either path.
+        assert stats.segment_copied_tokens == read_other
+        assert stats.segment_dropped_tokens > 0  # the diff encode ran
+        return out
+
+    assert_same(both(folder, scenario, policy="kvrt"))
