@@ -112,14 +112,14 @@ def tokens(seed: int, length: int) -> list[int]:
 
 
 def test_plain_prompts_batched_with_chunked_prefill(interpreted, folder):
-    """Three prompts at once, prefill chunks of at most 24 tokens: steps mix prefill chunks
+    """Three prompts at once, prefill chunks of at most 16 tokens: steps mix prefill chunks
     with decode tokens, and sequences of unlike lengths share the decode batch."""
-    prompts = {"a": tokens(1, 9), "b": tokens(2, 30), "c": tokens(3, 45)}
+    prompts = {"a": tokens(1, 7), "b": tokens(2, 19), "c": tokens(3, 30)}
 
     def scenario(engine):
         return run(engine, [GenerateRequest(r, p, greedy(5)) for r, p in prompts.items()])
 
-    assert_same(both(folder, scenario, max_num_batched_tokens=24, prefix_caching=False))
+    assert_same(both(folder, scenario, max_num_batched_tokens=16, prefix_caching=False))
 
 
 def test_a_prefix_hit(interpreted, folder):
@@ -156,45 +156,46 @@ def test_an_offload_upload_round_trip(interpreted, folder):
     assert_same(both(folder, scenario, host_cache_memory=2 * 1024**2))
 
 
-SEGMENT, OTHER = tokens(8, 40), tokens(9, 36)
-FIRST_K = math.ceil(0.15 * len(SEGMENT))  # the reader recomputes this many of a segment
+# Two segments, each inside its donor's full blocks (a donor's copy is its prompt's keyed rows).
+SEGMENT, OTHER = tokens(8, 24), tokens(9, 28)
+
+
+def reused(segment: list[int]) -> int:
+    """The rows a reader reads of `segment`: all but its first ones, which it recomputes."""
+    return len(segment) - math.ceil(0.15 * len(segment))
 
 
 def test_segments_spliced_at_several_shifts(interpreted, folder):
     """Donors compute two segments; readers then splice them in at other positions: one reader
-    at two shifts (one read in place, the other copied, K rotated once), others each at one
-    shift, forwards and backwards. Default policy options: the recomputed rows that changed
-    least are given back for the master's (diff encode), which only rows read in place get."""
+    at two shifts (the larger part read in place, the other copied, K rotated once), the others
+    each at one shift, forwards and backwards. Default policy options: the recomputed rows that
+    changed least are given back for the master's (diff encode) where rows are read in place."""
     donors = [
-        GenerateRequest("donor-a", tokens(10, 7) + SEGMENT + tokens(11, 5), greedy(2),
-                        segments=((7, 47),)),
-        GenerateRequest("donor-b", tokens(12, 20) + OTHER + tokens(13, 3), greedy(2),
-                        segments=((20, 56),)),
+        GenerateRequest("donor-a", tokens(10, 8) + SEGMENT + tokens(11, 2), greedy(2),
+                        segments=((8, 32),)),
+        GenerateRequest("donor-b", tokens(12, 4) + OTHER + tokens(13, 2), greedy(2),
+                        segments=((4, 32),)),
     ]
-    head = tokens(14, 12)
-    readers = [
-        GenerateRequest("two-shifts", head + SEGMENT + OTHER + tokens(15, 6), greedy(5),
-                        segments=((12, 52), (52, 88))),
-        GenerateRequest("forward", tokens(16, 33) + SEGMENT + tokens(17, 4), greedy(5),
-                        segments=((33, 73),)),
-        GenerateRequest("backward", tokens(18, 3) + OTHER + tokens(19, 4), greedy(5),
-                        segments=((3, 39),)),
+    readers = [  # shifts: +8 and +36; +12; -3
+        # Its recomputed rows of SEGMENT lie in an unkeyed block (16..31): a path that read
+        # them in place would give some back for the master's, one that copies keeps them.
+        GenerateRequest("two-shifts", tokens(14, 16) + SEGMENT + OTHER + tokens(15, 4),
+                        greedy(5), segments=((16, 40), (40, 68))),
+        GenerateRequest("forward", tokens(16, 20) + SEGMENT + tokens(17, 3), greedy(5),
+                        segments=((20, 44),)),
+        GenerateRequest("backward", tokens(18, 1) + OTHER + tokens(19, 3), greedy(5),
+                        segments=((1, 29),)),
     ]
 
     def scenario(engine):
         out = run(engine, donors)
         out |= run(engine, readers)
+        expected = {"two-shifts": reused(SEGMENT) + reused(OTHER), "forward": reused(SEGMENT),
+                    "backward": reused(OTHER)}
+        assert {r: out[r].final.cached_tokens for r in expected} == expected
         stats = engine.stats()
-        # Every reader read its segments: the first rows of each recomputed, the rest spliced.
-        # A donor's copy is its prefix's keyed rows (full blocks): donor-a's covers SEGMENT
-        # (7..47 of 52 + 3 positions), donor-b's OTHER's rows 20..48 only.
-        read_segment = len(SEGMENT) - FIRST_K
-        read_other = 48 - 20 - math.ceil(0.15 * len(OTHER))
-        reused = {"two-shifts": read_segment + read_other, "forward": read_segment,
-                  "backward": read_other}
-        assert {r: out[r].final.cached_tokens for r in reused} == reused
-        # The two-shift reader copied its smaller shift's rows (OTHER's), on either path.
-        assert stats.segment_copied_tokens == read_other
+        # The two-shift reader copied its smaller part's rows (SEGMENT's), on either path.
+        assert stats.segment_copied_tokens == reused(SEGMENT)
         assert stats.segment_dropped_tokens > 0  # the diff encode ran
         return out
 
