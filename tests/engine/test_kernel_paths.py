@@ -20,7 +20,12 @@ import math
 import pytest
 import torch
 
-from kvrt.kernels._triton_support import TRITON_INTERPRET_ENV, triton_available, triton_kernels
+from kvrt.kernels._triton_support import (
+    TRITON_INTERPRET_ENV,
+    interpret_enabled,
+    triton_available,
+    triton_kernels,
+)
 from kvrt.runtime.engine.engine import Engine
 from kvrt.runtime.engine.protocol import Attribution, GenerateRequest
 from kvrt.runtime.model.tiny import ARCHS
@@ -31,21 +36,21 @@ OWNER = ("run-1", "coder")
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    """Triton in its interpreter for this module; a skip where Triton is missing, or was
-    imported compiled before (its mode is fixed per process at first import: tests/conftest.py
-    sets the variable early on a machine without a GPU)."""
+def interpreted() -> None:
+    """Triton's interpreter, or a skip. Its mode is fixed per process at Triton's first import:
+    tests/conftest.py asks for the interpreter before anything imports Triton on a machine
+    without a GPU. On a GPU machine the kernels run compiled, and forcing the interpreter here
+    would fix it for every later test of the process."""
     if not triton_available():
         pytest.skip("Triton is not installed")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(TRITON_INTERPRET_ENV, "1")  # select_kernels reads it when an engine is built
-        try:
-            interpreted = triton_kernels().INTERPRETED
-        except RuntimeError as err:
-            pytest.skip(str(err))
-        if not interpreted:
-            pytest.skip("Triton was imported compiled in this process: no interpreter")
-        yield
+    if not interpret_enabled():
+        pytest.skip(f"{TRITON_INTERPRET_ENV} is not set: Triton runs compiled in this process")
+    try:
+        interpreted = triton_kernels().INTERPRETED
+    except RuntimeError as err:  # imported compiled before the variable was set
+        pytest.skip(str(err))
+    if not interpreted:
+        pytest.skip("Triton was imported compiled in this process")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
