@@ -41,15 +41,13 @@ def assemble_engine(
     max_model_len: int,
     host: HostSpec | None,
     rows: KVRows | None,
-    copy_other_shifts: bool,
     clock: Callable[[], float],
     sampler_device: torch.device | None = None,
 ) -> Engine:
     """`policy`: `config.policy` built (make_policy), early, so a bad option fails before the
-    model loads. `rows`: the KV tensor's (None: a simulation). `copy_other_shifts`: see
-    ReusePlanner."""
+    model loads. `rows`: the KV tensor's (None: a simulation)."""
     kv = KVManager(num_blocks, config.block_size, config.prefix_caching, host, rows)
-    reuse = ReusePlanner(kv, policy.reuse, rows, copy_other_shifts)
+    reuse = ReusePlanner(kv, policy.reuse, rows)
     scheduler = BatchScheduler(kv, policy, reuse, config.max_num_seqs,
                                config.max_num_batched_tokens)
     sampler = Sampler(config.seed, sampler_device or torch.device("cpu"))

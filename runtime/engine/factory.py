@@ -78,9 +78,6 @@ def build_engine(
         num_blocks=num_blocks, max_model_len=max_model_len,
         host=_host_tier(kv_pool, config.host_cache_memory // block_bytes, kernels),
         rows=executor,
-        # Shifted rows read in place would be rotated at every decode step on the torch path:
-        # a reader copies them once instead (the Triton kernel rotates them in registers).
-        copy_other_shifts=kernels.name == "torch",
         clock=clock, sampler_device=device,
     )
     log.info(

@@ -44,8 +44,9 @@ class Splice:
     """Positions [start, end) read `slots` (one per position) of another copy, at `shift`.
 
     `copied`: the rows are copied into own rows instead, K rotated by the shift, once, when
-    mapped (the torch path, where rotating shifted K at every decode step costs more than the
-    attention itself): not computed, but stored again."""
+    mapped (a reader's rows at its minority shifts, on both kernel paths: the torch decode
+    would rotate them at every step, at more than the attention's cost): not computed, but
+    stored again."""
 
     start: int
     end: int

@@ -104,6 +104,6 @@ def build_sim_engine(
         config, policy, executor, tokenizer,
         num_blocks=sim_kv_blocks(shape, device, config), max_model_len=max_model_len,
         host=None if link is None else HostSpec(host_blocks, link),
-        rows=None, copy_other_shifts=False, clock=clock.now,
+        rows=None, clock=clock.now,
     )
     return SimEngine(engine, executor, link)

@@ -84,14 +84,12 @@ class _Segment:
 
 
 class ReusePlanner:
-    def __init__(self, kv: KVManager, config: ReuseConfig, rows: KVRows | None = None,
-                 copy_other_shifts: bool = False) -> None:
-        """`rows`: the KV tensor's, to measure how much a reader's rows changed (None in a
-        simulation: no KV). `copy_other_shifts`: a reader copies rows it would read at a
-        second shift, once, into its own (the torch path, which would rotate them at every
-        decode step; the Triton kernel rotates them in registers)."""
+    def __init__(self, kv: KVManager, config: ReuseConfig, rows: KVRows | None = None) -> None:
+        """`rows`: the KV tensor's, to measure how much a reader's rows changed and to copy
+        rows (None in a simulation: no KV, so nothing is copied; see `plan`)."""
         self.kv, self.config = kv, config
-        self.rows, self.copy_other_shifts = rows, copy_other_shifts
+        self.rows = rows
+        self.copy_other_shifts = rows is not None
         self._segments: dict[Reader, list[_Segment]] = {}
         self._producers: dict[bytes, Reader] = {}  # segment key -> the live seq computing it
         # seq -> splice start -> the master's slots for the head the seq recomputes before it.
@@ -139,9 +137,14 @@ class ReusePlanner:
                 self._producers.setdefault(segment.key, seq)
         self._heads[seq] = heads
         if self.copy_other_shifts and splices:
-            # The torch path reads the rows of one shift in place at no cost (its decode rotates
-            # the query instead), but rows at several shifts only by rotating K at every step:
-            # the most common shift's are shared, the others copied (and rotated) once.
+            # One rule for both kernel paths, so that both store and read the same rows: the
+            # most common shift's rows are read in place, the others copied (K rotated) once.
+            # The torch decode reads rows of one shift at no cost (it rotates the query back,
+            # `_decode_shifted` in kernels/paged_attention.py) but rows at several shifts only
+            # by rotating every shifted K at every step (twice the step's time on CPU); the
+            # Triton kernel rotates K on load either way. Copied rows are never diff encoded
+            # (`_share_unchanged`), so paths reading different rows would compute different
+            # KV, not just round differently.
             by_shift: Counter[int] = Counter()
             for splice in splices:
                 by_shift[splice.shift] += splice.end - splice.start
