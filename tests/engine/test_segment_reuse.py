@@ -190,7 +190,7 @@ def engine_bytes(folder) -> int:
 
 
 def test_rows_at_a_second_shift_are_copied_once_and_read_the_same(folder):
-    """Two segments from two donors sit at two shifts in the reader. The torch path reads the
+    """Two segments from two donors sit at two shifts in the reader. The engine reads the
     larger one in place and copies the other (K rotated once); reading both in place (K
     rotated at every step) gives the same logits."""
     other = list(range(130, 170))
@@ -202,7 +202,7 @@ def test_rows_at_a_second_shift_are_copied_once_and_read_the_same(folder):
     for mode in ("copied", "in place"):
         # Every recomputed row kept: the diff encode skips copied rows (they are stored anyway).
         engine = make_engine(folder, policy="kvrt", policy_options={"diff_keep": "1"})
-        if mode == "in place":  # as the Triton kernel reads them
+        if mode == "in place":  # as the engine read them before both kernel paths copied
             engine.reuse.copy_other_shifts = False
         logits = recording_logits(engine)
         run(engine, donors)
