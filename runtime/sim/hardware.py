@@ -20,10 +20,11 @@ Assumptions (not datasheet figures; a calibration replaces them with fitted valu
 - `kv_bandwidth_efficiency`: decode attention gathers paged KV blocks; ~70% of HBM peak.
 - `host_link_latency`: a fixed cost per host<->device copy (driver call, DMA set-up).
 
-The engine's host costs (the fields below `kv_bandwidth_efficiency` but the host link's) are
-the engine's, not the device's: `engine_profiles.py` sets them per engine (`--engine-profile`,
-their sources there). H100 and A100 carry the `vllm-class` profile's: 1.5 ms per step, nothing
-per sequence, no slot-table or launch cost. On the CPU the calibration fits them to kvrt.
+The host costs (`step_overhead`, `sequence_overhead`, `slot_token_overhead`, `launch_overhead`,
+`layer_launch_overhead`) are the engine's, not the device's: `engine_profiles.py` sets them
+per engine (`--engine-profile`, their sources there). H100 and A100 carry the `vllm-class`
+profile's: 1.5 ms per step, nothing per sequence, no slot-table or launch cost. On the CPU the
+calibration fits the first two to kvrt's engine.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def engine_profile(args: argparse.Namespace, device: Device) -> tuple[Device, di
     """The device with the chosen engine's host costs, and the profile as the report names it:
     on cpu-calibrated, the calibration's (kvrt's engine, fitted on this machine)."""
     if args.device == CPU_CALIBRATED:
-        return device, {"name": CPU_CALIBRATED,
+        return device, {"name": "kvrt-calibrated",
                         "summary": "kvrt's engine, its host costs fitted on this machine"}
     profile = get_profile(args.engine_profile or DEFAULT_PROFILE)
     return profile.on(device), asdict(profile)

@@ -5,8 +5,10 @@ costs, checked by hand on H100 with Qwen2.5-7B from the constants engine_profile
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
+from dataclasses import replace
 
 import pytest
 
@@ -14,6 +16,7 @@ from kvrt.runtime.cli import main
 from kvrt.runtime.sim.cost_model import CostModel
 from kvrt.runtime.sim.engine_profiles import KVRT, VLLM_CLASS, get_profile, profile_names
 from kvrt.runtime.sim.hardware import A100, H100
+from kvrt.runtime.sim.main import engine_profile
 from kvrt.runtime.sim.measure_host import count_launches
 from kvrt.runtime.sim.model_shapes import QWEN25_7B, layer_parameters, lm_head_parameters
 
@@ -116,6 +119,18 @@ def test_an_unknown_profile_exits_2_naming_the_choices(capsys):
 def test_cpu_calibrated_takes_no_profile():
     with pytest.raises(SystemExit, match="--engine-profile applies to a GPU device"):
         main(["sim", "map-reduce", "--device", "cpu-calibrated", "--engine-profile", "kvrt"])
+
+
+def test_a_calibrated_cpu_keeps_its_fitted_costs_and_names_them():
+    fitted = replace(H100, name="cpu-calibrated", step_overhead=4e-3, sequence_overhead=5e-3)
+    args = argparse.Namespace(device="cpu-calibrated", engine_profile=None)
+    device, profile = engine_profile(args, fitted)
+    assert device is fitted and profile["name"] == "kvrt-calibrated"
+    args = argparse.Namespace(device="a100", engine_profile="kvrt")
+    device, profile = engine_profile(args, A100)
+    assert (device.name, device.step_overhead, device.peak_flops) == ("a100", KVRT.step_overhead,
+                                                                      312e12)
+    assert profile["name"] == "kvrt" and profile["launch_overhead"] == KVRT.launch_overhead
 
 
 def test_every_report_names_its_profile_and_kvrt_runs_slower(tiny_checkpoint_dir):
