@@ -33,28 +33,30 @@ Python loop over rows and detokenizes. Nothing of it overlaps the device but the
 
     constant        value     measured (M) here or estimated (E), from what
     --------------  --------  --------------------------------------------------------------
-    step            180 us    M 100 us: the engine's own host work per step (measure_host.py)
+    step            190 us    M 110 us: the engine's own host work per step (measure_host.py)
                               + E 8 x 10 us: build_batch's 7 tensors copied to the device and
                               the sampled ids copied back, each a small synchronous copy from
                               pageable memory (~10 us: a driver call and a DMA; not measured)
-    per-sequence    60 us     M: scheduler, build_batch's per-sequence work, the sampling loop
+    per-sequence    50 us     M: scheduler, build_batch's per-sequence work, the sampling loop
                               (greedy, as every bench workload asks), update, detokenizing
-    per-slot-token  9.2 ns    M 8.4 ns: map_to's concatenation and build_batch's padding, per
+    per-slot-token  7.8 ns    M 7.0 ns: map_to's concatenation and build_batch's padding, per
                               token of context + E 0.8 ns: 8 bytes (int64 slot) over a pageable
                               copy at ~10 GB/s
-    outside layers  82.5 us   11 launches (M: counted) x 7.5 us (below)
-    per layer       385.5 us  49 torch ops (M: 30 counted in a bf16 forward outside the two
-                              kernels, 19 in the Triton attention wrapper's tile table) x 7.5 us
+    outside layers  67.1 us   11 launches (M: counted) x 6.1 us (below)
+    per layer       316.9 us  49 torch ops (M: 30 counted in a bf16 forward outside the two
+                              kernels, 19 in the Triton attention wrapper's tile table) x 6.1 us
                               + 2 Triton launches (paged attention, KV store) x 9 us
-    a torch op      7.5 us    M 2.5 us: eager dispatch of a tiny op on this CPU + E 5 us: the
+    a torch op      6.1 us    M 1.1 us: eager dispatch of a tiny op on this CPU + E 5 us: the
                               CUDA launch itself (4-6 us measured in "pegainfer (3): From
                               Launch Overhead to CUDA Graph", susun-blog.com)
     a Triton call   9 us      E: Triton's JIT dispatch, 8.68 us per call on GB200 (vLLM PR
                               #34838); kvrt's launcher checks not counted
 
-M figures: `python -m kvrt.runtime.sim.measure_host` (2026-12-07, on an AMD EPYC development
-machine: 2 cores shared with other work, torch on one thread), median fit error 7%. A GPU
-server's host CPU is likely faster per core, so they lean high; the estimates have
+M figures: `python -m kvrt.runtime.sim.measure_host` (2026-12-07, an AMD EPYC development
+machine of 2 cores, torch on one thread), two runs while it was quiet: 108-110 us a step,
+49.8-50.6 us a sequence, 6.8-7.3 ns a slot-table token (median fit errors 1.9-2.2%), 1.1 us a
+dispatch; a run while other processes shared the cores gave 100 us, 60 us, 8.4 ns and 2.5 us.
+A GPU server's host CPU is likely faster per core, so they lean high; the estimates have
 not been checked on a GPU (`make gpu-check` would). The daemon's own per-token work (an SSE
 chunk per token on the event loop, which holds the GIL the engine thread needs to launch) is
 left out: the calibration's serving stage measures it on this CPU (+4.7 ms per sequence) but
@@ -97,14 +99,14 @@ VLLM_CLASS = EngineProfile(
 )
 
 # kvrt's constants, named as in the docstring's table (M: measured here; E: estimated).
-_HOST_STEP = 100e-6  # M
-_HOST_SEQUENCE = 60e-6  # M
-_HOST_SLOT_TOKEN = 8.4e-9  # M
+_HOST_STEP = 110e-6  # M
+_HOST_SEQUENCE = 50e-6  # M
+_HOST_SLOT_TOKEN = 7.0e-9  # M
 _SMALL_COPY = 10e-6  # E, per synchronous small copy
 _COPIES_PER_STEP = 8  # 7 batch tensors over, the sampled ids back
 _PAGEABLE_COPY = 10e9  # E, bytes/s
 _SLOT_BYTES = 8  # int64
-_DISPATCH = 2.5e-6  # M
+_DISPATCH = 1.1e-6  # M
 _CUDA_LAUNCH = 5e-6  # E
 _TRITON_CALL = 9e-6  # E
 _OPS_OUTSIDE_LAYERS = 11  # M
