@@ -42,10 +42,11 @@ Python loop over rows and detokenizes. Nothing of it overlaps the device but the
     per-slot-token  7.8 ns    M 7.0 ns: map_to's concatenation and build_batch's padding, per
                               token of context + E 0.8 ns: 8 bytes (int64 slot) over a pageable
                               copy at ~10 GB/s
-    outside layers  67.1 us   11 launches (M: counted) x 6.1 us (below)
-    per layer       316.9 us  49 torch ops (M: 30 counted in a bf16 forward outside the two
-                              kernels, 19 in the Triton attention wrapper's tile table) x 6.1 us
-                              + 2 Triton launches (paged attention, KV store) x 9 us
+    outside layers  85.4 us   14 launches (M: counted) x 6.1 us (below)
+    per layer       335.2 us  52 torch ops (M: counted in a bf16 forward of Qwen2.5's family,
+                              34 outside the two kernels, 18 in the Triton attention wrapper's
+                              tile table) x 6.1 us + 2 Triton launches (paged attention, KV
+                              store) x 9 us
     a torch op      6.1 us    M 1.1 us: eager dispatch of a tiny op on this CPU + E 5 us: the
                               CUDA launch itself (4-6 us measured in "pegainfer (3): From
                               Launch Overhead to CUDA Graph", susun-blog.com)
@@ -109,8 +110,8 @@ _SLOT_BYTES = 8  # int64
 _DISPATCH = 1.1e-6  # M
 _CUDA_LAUNCH = 5e-6  # E
 _TRITON_CALL = 9e-6  # E
-_OPS_OUTSIDE_LAYERS = 11  # M
-_OPS_PER_LAYER = 30 + 19  # M
+_OPS_OUTSIDE_LAYERS = 14  # M
+_OPS_PER_LAYER = 34 + 18  # M: the layer's own, the Triton attention wrapper's
 _TRITON_CALLS_PER_LAYER = 2  # paged attention, KV store
 
 KVRT = EngineProfile(

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.engine import Engine
@@ -117,11 +118,16 @@ class _Counter(TorchDispatchMode):
         self.launches = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        schema = func._schema
-        aliasing = any(r.alias_info is not None for r in schema.returns)
-        if not aliasing or schema.is_mutable:  # a view launches nothing
+        out = func(*args, **(kwargs or {}))
+        # A view (its outputs in its inputs' storage) launches nothing. The schema cannot tell:
+        # under inference mode `aten.to` arrives whole, and may alias or copy.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        view = bool(outputs) and all(t.untyped_storage().data_ptr() in inputs for t in outputs)
+        if func._schema.is_mutable or not view:
             self.launches += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
 
 def count_launches(checkpoint: str) -> tuple[int, int, int, int]:

@@ -1,7 +1,7 @@
 """Engine profiles: `vllm-class` is today's GPU figures to the bit; `kvrt` adds kvrt's host
 costs, checked by hand on H100 with Qwen2.5-7B from the constants engine_profiles.py documents
-(190 us a step, 50 us a sequence, 7.8 ns a slot-table token; launches of 67.1 us a step and
-316.9 us a layer, overlapping the device's kernels)."""
+(190 us a step, 50 us a sequence, 7.8 ns a slot-table token; launches of 85.4 us a step and
+335.2 us a layer, overlapping the device's kernels)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from kvrt.runtime.sim.model_shapes import QWEN25_7B, layer_parameters, lm_head_p
 LAYERS = layer_parameters(QWEN25_7B)
 HEAD = lm_head_parameters(QWEN25_7B)
 KV_PER_TOKEN = 2 * 28 * 4 * 128 * 2  # K and V, 28 layers, 4 KV heads of 128, bf16
-LAUNCHES = 67.1e-6 + 28 * 316.9e-6  # outside the layers + 28 layers: 8.94 ms
+LAUNCHES = 85.4e-6 + 28 * 335.2e-6  # outside the layers + 28 layers: 9.47 ms
 
 
 def device_seconds(batch: int, context: int) -> float:
@@ -43,8 +43,8 @@ def test_the_profiles_constants_are_the_documented_ones():
     assert KVRT.step_overhead == pytest.approx(110e-6 + 8 * 10e-6)
     assert KVRT.sequence_overhead == pytest.approx(50e-6)
     assert KVRT.slot_token_overhead == pytest.approx(7.0e-9 + 8 / 10e9)
-    assert KVRT.launch_overhead == pytest.approx(11 * (1.1e-6 + 5e-6))
-    assert KVRT.layer_launch_overhead == pytest.approx(49 * (1.1e-6 + 5e-6) + 2 * 9e-6)
+    assert KVRT.launch_overhead == pytest.approx(14 * (1.1e-6 + 5e-6))
+    assert KVRT.layer_launch_overhead == pytest.approx(52 * (1.1e-6 + 5e-6) + 2 * 9e-6)
     with pytest.raises(KeyError, match="unknown engine profile 'sglang'; known: vllm-class, kvrt"):
         get_profile("sglang")
 
@@ -81,7 +81,7 @@ def test_kvrt_costs_more_than_vllm_class_and_the_more_the_larger_the_batch():
     for batch in (1, 16, 64, 256):
         parts = [(1, 2048)] * batch
         extra.append(kvrt.step_time(parts) - vllm.step_time(parts))
-    # By hand: one decode is launch-bound (8.94 ms of launches over 5.3 ms of kernels); 256
+    # By hand: one decode is launch-bound (9.47 ms of launches over 5.3 ms of kernels); 256
     # are not (18.9 ms of kernels), and pay 256 sequences' host work and 512k slot-table tokens.
     assert device_seconds(1, 2048) < LAUNCHES < device_seconds(256, 2048)
     assert extra[0] == pytest.approx(190e-6 + 50e-6 + 7.8e-9 * 2048 + LAUNCHES
@@ -101,11 +101,13 @@ def test_a_long_prefill_hides_kvrts_launches():
 
 
 def test_the_counted_launches_are_the_profiles(tiny_checkpoint_dir):
-    """The forward's ops as measure_host counts them (qwen2: q/k/v bias, as Qwen2.5): the
-    profile's 30 per layer (+19 of the Triton wrapper, read from the code), 2 kernel calls and
-    11 outside the layers. A change to the forward fails here: re-derive the profile."""
+    """The bf16 forward's ops as measure_host counts them (qwen2: q/k/v bias, as Qwen2.5): the
+    profile's 34 per layer (+18 of the Triton wrapper, counted apart), 2 kernel calls and 14
+    outside the layers; qwen3's q/k norms add 16. A change to the forward fails here: re-derive
+    the profile."""
     per_layer, outside, kernel_calls, _ = count_launches(str(tiny_checkpoint_dir("qwen2")))
-    assert (per_layer, outside, kernel_calls) == (30, 11, 2)
+    assert (per_layer, outside, kernel_calls) == (34, 14, 2)
+    assert count_launches(str(tiny_checkpoint_dir("qwen3")))[0] == 34 + 16
 
 
 def test_an_unknown_profile_exits_2_naming_the_choices(capsys):
@@ -153,6 +155,6 @@ def test_every_report_names_its_profile_and_kvrt_runs_slower(tiny_checkpoint_dir
     assert kvrt["sim"]["device_spec"]["layer_launch_overhead"] == KVRT.layer_launch_overhead
     assert "simulated h100 (kvrt engine), qwen2.5-7b" in reports["kvrt"][1]
     # The same prompts and tokens, priced higher: decode steps of a few sequences are
-    # launch-bound under kvrt (9.2 ms a step against 6.8 ms).
+    # launch-bound under kvrt (9.7 ms a step against 6.8 ms).
     assert kvrt["policies"]["lru"]["prefill_tokens"] == default["policies"]["lru"]["prefill_tokens"]
     assert kvrt["policies"]["lru"]["tpot_ms"] > 1.25 * default["policies"]["lru"]["tpot_ms"]
