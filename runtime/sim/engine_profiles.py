@@ -44,9 +44,10 @@ Python loop over rows and detokenizes. Nothing of it overlaps the device but the
                               copy at ~10 GB/s
     outside layers  85.4 us   14 launches (M: counted) x 6.1 us (below)
     per layer       335.2 us  52 torch ops (M: counted in a bf16 forward of Qwen2.5's family,
-                              34 outside the two kernels, 18 in the Triton attention wrapper's
-                              tile table) x 6.1 us + 2 Triton launches (paged attention, KV
-                              store) x 9 us
+                              34 outside the two kernels; 18 in the Triton attention wrapper's
+                              tile table and output, counted once by hand under measure_host's
+                              counter in inference mode, as kernels/ stood at 8d8b59f) x 6.1 us
+                              + 2 Triton launches (paged attention, KV store) x 9 us
     a torch op      6.1 us    M 1.1 us: eager dispatch of a tiny op on this CPU + E 5 us: the
                               CUDA launch itself (4-6 us measured in "pegainfer (3): From
                               Launch Overhead to CUDA Graph", susun-blog.com)
@@ -58,7 +59,9 @@ machine of 2 cores, torch on one thread), two runs while it was quiet: 108-110 u
 49.8-50.6 us a sequence, 6.8-7.3 ns a slot-table token (median fit errors 1.9-2.2%), 1.1 us a
 dispatch; a run while other processes shared the cores gave 100 us, 60 us, 8.4 ns and 2.5 us.
 A GPU server's host CPU is likely faster per core, so they lean high; the estimates have
-not been checked on a GPU (`make gpu-check` would). The daemon's own per-token work (an SSE
+not been checked on a GPU. The figures describe the engine at commit 8d8b59f: work that keeps
+slot tables on the device or batches sampling changes them (measure_host again, then update
+the constants and their tests). The daemon's own per-token work (an SSE
 chunk per token on the event loop, which holds the GIL the engine thread needs to launch) is
 left out: the calibration's serving stage measures it on this CPU (+4.7 ms per sequence) but
 mixed with the daemon and the bench's client competing for the two cores with the CPU forward,
