@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from dataclasses import replace
 
 import pytest
@@ -135,17 +134,16 @@ def test_a_calibrated_cpu_keeps_its_fitted_costs_and_names_them():
     assert profile["name"] == "kvrt" and profile["launch_overhead"] == KVRT.launch_overhead
 
 
-def test_every_report_names_its_profile_and_kvrt_runs_slower(tiny_checkpoint_dir):
+def test_every_report_names_its_profile_and_kvrt_runs_slower(tiny_checkpoint_dir, tmp_path):
     common = ["sim", "map-reduce", "--quick", "--policies", "lru", "--tokenizer",
               str(tiny_checkpoint_dir())]
     reports = {}
-    with tempfile.TemporaryDirectory() as out:
-        for profile in (None, "kvrt"):
-            folder = f"{out}/{profile}"
-            flags = [] if profile is None else ["--engine-profile", profile]
-            assert main([*common, *flags, "--out", folder]) == 0
-            reports[profile] = (json.loads(open(f"{folder}/results.json").read()),
-                                open(f"{folder}/results.md").readline())
+    for profile in (None, "kvrt"):
+        folder = tmp_path / str(profile)
+        flags = [] if profile is None else ["--engine-profile", profile]
+        assert main([*common, *flags, "--out", str(folder)]) == 0
+        reports[profile] = (json.loads((folder / "results.json").read_text()),
+                            (folder / "results.md").read_text().splitlines()[0])
     default, kvrt = reports[None][0], reports["kvrt"][0]
     assert default["machine"]["engine_profile"] == "vllm-class"
     assert default["sim"]["engine_profile"]["step_overhead"] == 1.5e-3
