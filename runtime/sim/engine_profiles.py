@@ -55,9 +55,10 @@ Python loop over rows and detokenizes. Nothing of it overlaps the device but the
                               #34838); kvrt's launcher checks not counted
 
 M figures: `python -m kvrt.runtime.sim.measure_host` (2026-12-07, an AMD EPYC development
-machine of 2 cores, torch on one thread), two runs while it was quiet: 108-110 us a step,
-49.8-50.6 us a sequence, 6.8-7.3 ns a slot-table token (median fit errors 1.9-2.2%), 1.1 us a
-dispatch; a run while other processes shared the cores gave 100 us, 60 us, 8.4 ns and 2.5 us.
+machine of 2 cores, torch on one thread), three runs while it was quiet: 108-112 us a step,
+49.8-55.2 us a sequence, 6.5-7.3 ns a slot-table token (median fit errors 1.9-3.8%), 1.1-1.2 us
+a dispatch, of which the constants are round middles; a run while other processes shared the
+cores gave 100 us, 60 us, 8.4 ns and 2.5 us.
 A GPU server's host CPU is likely faster per core, so they lean high; the estimates have
 not been checked on a GPU. The figures describe the engine at commit 8d8b59f: work that keeps
 slot tables on the device or batches sampling changes them (measure_host again, then update
