@@ -13,9 +13,13 @@ sample, and for each sequence n new tokens ending at context c:
     KV read bytes     sum of c * kv_bytes_per_token                  attention
     KV write bytes    T * kv_bytes_per_token                         attention
 
-    step time = overhead + per-sequence cost * S
+    step time = overhead + per-sequence cost * S + per-slot-token cost * C     (the host)
               + max(linear FLOPs / FLOP/s, weight bytes / bandwidth)            (the GEMMs)
               + max(attention FLOPs / attention FLOP/s, KV bytes / KV bandwidth) (attention)
+              + max(0, launches - the GEMMs - attention)                        (launch-bound)
+
+    C = sum of c (every scheduled sequence's slot table, rebuilt each step by an engine that
+    does so); launches = launch cost per step + launch cost per layer * layers.
 
 The two phases are separate rooflines, added: a layer's GEMMs and its attention are separate
 kernels that run one after the other, and a batch of decodes is bound by reading the weights
@@ -23,7 +27,11 @@ in the first and by reading each sequence's KV in the second (one roofline over 
 terms would let a long-context batch's KV reads hide behind its GEMMs). Attention reaches its
 own fractions of peak (FlashAttention-class kernels, paged KV gathers). The per-sequence cost
 is the host's work for each sequence in a step (sampling, detokenizing and streaming its
-token), which a serving CPU pays and a GPU engine overlaps with the device.
+token), which a serving CPU pays and a GPU engine overlaps with the device. Kernel launches
+(an engine without CUDA graphs launches each kernel from Python) overlap the device's work: the
+device runs each kernel as soon as it is launched, so a step's forward takes the longer of its
+launches and its kernels. Which host costs apply is the engine's, not the device's
+(engine_profiles.py); all are 0 but the overhead in the `vllm-class` profile.
 
 Left out, being small next to the terms above at these shapes: activations' memory traffic,
 the embedding rows read, norms and RoPE, and attention's repeated KV reads inside a long
@@ -58,6 +66,7 @@ class StepWork:
     kv_read_bytes: float
     kv_write_bytes: float
     sequences: int = 0  # that sample a token
+    context_tokens: int = 0  # summed over the scheduled sequences: their slot tables' tokens
 
     @property
     def flops(self) -> float:
@@ -102,6 +111,7 @@ class CostModel:
             kv_read_bytes=float(self.kv_bytes_per_token * context),
             kv_write_bytes=float(self.kv_bytes_per_token * tokens),
             sequences=sampling,
+            context_tokens=context,
         )
 
     def time_of(self, work: StepWork) -> float:
@@ -110,7 +120,12 @@ class CostModel:
                      work.weight_bytes / d.effective_bandwidth)
         attention = max(work.attention_flops / d.effective_attention_flops,
                         work.kv_bytes / d.effective_kv_bandwidth)
-        return d.step_overhead + d.sequence_overhead * work.sequences + linear + attention
+        launches = d.launch_overhead + d.layer_launch_overhead * self.shape.num_layers
+        # Summed in this order, a profile without slot-table or launch costs adds exact zeros:
+        # its times are those of the model before those terms, to the bit.
+        return (d.step_overhead + d.sequence_overhead * work.sequences
+                + d.slot_token_overhead * work.context_tokens + linear + attention
+                + max(0.0, launches - (linear + attention)))
 
     def step_time(self, parts: Iterable[tuple]) -> float:
         """Seconds for one step of these parts; 0 for an empty step (nothing runs)."""

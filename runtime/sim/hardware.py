@@ -18,12 +18,13 @@ Assumptions (not datasheet figures; a calibration replaces them with fitted valu
   50-70% of A100's peak in its paper's forward-pass figures, FlashAttention-3 ~75% of H100's
   with BF16: 0.6 on both.
 - `kv_bandwidth_efficiency`: decode attention gathers paged KV blocks; ~70% of HBM peak.
-- `step_overhead`: the fixed cost of one engine step (scheduling, input preparation, kernel
-  launches under CUDA graphs, sampling), ~1.5 ms in a vLLM-class engine.
-- `sequence_overhead`: the host's work per sequence in a step (sampling, detokenizing,
-  streaming); 0 on the GPUs, where a vLLM-class engine overlaps it with the device's work. On
-  the CPU it is real, and the calibration measures it under the serving daemon.
 - `host_link_latency`: a fixed cost per host<->device copy (driver call, DMA set-up).
+
+The host costs (`step_overhead`, `sequence_overhead`, `slot_token_overhead`, `launch_overhead`,
+`layer_launch_overhead`) are the engine's, not the device's: `engine_profiles.py` sets them
+per engine (`--engine-profile`, their sources there). H100 and A100 carry the `vllm-class`
+profile's: 1.5 ms per step, nothing per sequence, no slot-table or launch cost. On the CPU the
+calibration fits the first two to kvrt's engine.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Device:
     sequence_overhead: float = 0.0  # seconds per sequence sampling in a step
     host_link_latency: float = 10e-6  # seconds per copy
     dtype_bytes: int = 2  # bytes per weight and KV element as served (bf16; 4 on the CPU)
+    slot_token_overhead: float = 0.0  # seconds per token of the slot tables built in a step
+    launch_overhead: float = 0.0  # seconds of kernel launches per step outside the layers
+    layer_launch_overhead: float = 0.0  # seconds of kernel launches per layer per step
 
     def __post_init__(self) -> None:
         positive = ("peak_flops", "memory_bandwidth", "memory_bytes", "host_link_bandwidth")
@@ -56,7 +60,9 @@ class Device:
         for name in (*positive, *efficiencies, "dtype_bytes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"device {self.name!r}: {name} must be positive")
-        if min(self.step_overhead, self.sequence_overhead, self.host_link_latency) < 0:
+        overheads = (self.step_overhead, self.sequence_overhead, self.host_link_latency,
+                     self.slot_token_overhead, self.launch_overhead, self.layer_launch_overhead)
+        if min(overheads) < 0:
             raise ValueError(f"device {self.name!r}: overheads cannot be negative")
 
     @property

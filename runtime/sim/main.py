@@ -6,6 +6,10 @@ roofline cost model of `--device` and `--model-shape`), and the event loop runs 
 time (virtual_loop.py), so a run of hundreds of agents and minutes of tool calls takes seconds.
 Text is tokenized with the default model's tokenizer (`--tokenizer`), whatever the shape.
 
+`--engine-profile` says whose engine the GPU's step times describe (engine_profiles.py):
+`vllm-class` (the default) or `kvrt`; the report names it. `cpu-calibrated` is kvrt's engine,
+measured on this machine, and takes no profile.
+
 `--compare RESULTS` replays the workload, parameters and engine settings of a `kvrt bench`
 report and adds, per policy, how far the simulated completion times are from the measured
 ones: with `--device cpu-calibrated` that is the check of the cost model against this machine.
@@ -38,6 +42,7 @@ from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.sim.driver import SimDriver
 from kvrt.runtime.sim.engine import build_sim_engine, kv_cache_bytes, sim_block_bytes
+from kvrt.runtime.sim.engine_profiles import DEFAULT_PROFILE, get_profile, profile_names
 from kvrt.runtime.sim.hardware import CPU_CALIBRATED, Device, device_names, get_device
 from kvrt.runtime.sim.model_shapes import get_shape, shape_names
 from kvrt.runtime.sim.virtual_loop import VirtualTimeLoop
@@ -55,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="h100", choices=device_names(),
                    help="simulated accelerator (default: %(default)s); cpu-calibrated: this "
                         "machine, fitted to the real engine (measured once, ~2 min, then cached)")
+    p.add_argument("--engine-profile", default=None, choices=profile_names(),
+                   help=f"whose engine the GPU's step times describe (default: "
+                        f"{DEFAULT_PROFILE}): vllm-class (CUDA graphs, host work overlapped) or "
+                        "kvrt (its own per-step, per-sequence and launch costs); not with "
+                        "cpu-calibrated, which measures kvrt's engine on this machine")
     p.add_argument("--model-shape", default=None, choices=shape_names(),
                    help=f"simulated model (default: {GPU_SHAPE}; {CPU_SHAPE} on cpu-calibrated)")
     p.add_argument("--kv-cache-memory", type=size_argument, default=None,
@@ -108,11 +118,22 @@ def sim_engine_factory(shape: ModelConfig, device: Device, tokenizer: Tokenizer,
     return make
 
 
-def simulated_machine(device: Device, shape_name: str) -> dict[str, Any]:
+def simulated_machine(device: Device, profile: str, shape_name: str) -> dict[str, Any]:
     host = machine()
-    return {"description": f"simulated {device.name}, {shape_name} (on {host['cpu']})",
-            "simulated": True, "device": device.name, "model_shape": shape_name,
-            "host": host}
+    return {"description": f"simulated {device.name} ({profile} engine), {shape_name} "
+                           f"(on {host['cpu']})",
+            "simulated": True, "device": device.name, "engine_profile": profile,
+            "model_shape": shape_name, "host": host}
+
+
+def engine_profile(args: argparse.Namespace, device: Device) -> tuple[Device, dict[str, Any]]:
+    """The device with the chosen engine's host costs, and the profile as the report names it:
+    on cpu-calibrated, the calibration's (kvrt's engine, fitted on this machine)."""
+    if args.device == CPU_CALIBRATED:
+        return device, {"name": "kvrt-calibrated",
+                        "summary": "kvrt's engine, its host costs fitted on this machine"}
+    profile = get_profile(args.engine_profile or DEFAULT_PROFILE)
+    return profile.on(device), asdict(profile)
 
 
 def comparison(bench: dict[str, Any], sim: dict[str, Any], source: str) -> dict[str, Any]:
@@ -134,7 +155,7 @@ def comparison(bench: dict[str, Any], sim: dict[str, Any], source: str) -> dict[
 async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None) -> dict[str, Any]:
     from kvrt.runtime.model.checkpoint import load_checkpoint
 
-    device = get_device(args.device)
+    device, profile = engine_profile(args, get_device(args.device))
     shape_name = args.model_shape or (CPU_SHAPE if args.device == CPU_CALIBRATED else GPU_SHAPE)
     shape = get_shape(shape_name)
     tokenizer = load_checkpoint(args.tokenizer).tokenizer
@@ -149,7 +170,8 @@ async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None) -> di
     loop = asyncio.get_running_loop()
     assert isinstance(loop, VirtualTimeLoop)
     make_engine = sim_engine_factory(shape, device, tokenizer, loop)
-    extra = {"sim": {"device": device.name, "model_shape": shape_name,
+    extra = {"sim": {"device": device.name, "engine_profile": profile,
+                     "model_shape": shape_name,
                      "kv_cache_bytes": kv_cache_bytes(shape, device, config.engine),
                      "device_spec": asdict(device)}}
 
@@ -157,7 +179,8 @@ async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None) -> di
         assert bench is not None
         results["comparison"] = comparison(bench, results, args.compare)
 
-    return await compare_policies(args, workload, config, simulated_machine(device, shape_name),
+    return await compare_policies(args, workload, config,
+                                  simulated_machine(device, profile["name"], shape_name),
                                   make_engine, extra, compare if bench is not None else None)
 
 
@@ -176,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
                              "`kvrt bench` report")
         args.time_scale = bench["params"].get("time_scale", args.time_scale)
     check_arguments(args, "kvrt sim")
+    if args.engine_profile is not None and args.device == CPU_CALIBRATED:
+        raise SystemExit("kvrt sim: --engine-profile applies to a GPU device; cpu-calibrated is "
+                         "kvrt's own engine, measured on this machine")
     try:
         with refused_calls_exit("kvrt sim"), asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
             runner.run(simulate(args, bench))

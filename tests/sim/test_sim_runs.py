@@ -21,6 +21,7 @@ from kvrt.runtime.cli import main
 from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.model.checkpoint import load_checkpoint
 from kvrt.runtime.sim.cost_model import CostModel
+from kvrt.runtime.sim.engine_profiles import KVRT
 from kvrt.runtime.sim.hardware import A100, H100
 from kvrt.runtime.sim.main import (
     GPU_MAX_NUM_BATCHED_TOKENS,
@@ -86,7 +87,8 @@ class OneAgentWithATool:
         await session.client.delete_graph(info)
 
 
-@pytest.mark.parametrize("device", [H100, A100], ids=lambda d: d.name)
+@pytest.mark.parametrize("device", [H100, A100, KVRT.on(H100)],
+                         ids=["h100", "a100", "h100-kvrt-engine"])
 def test_a_jobs_time_is_its_steps_priced_by_the_cost_model_plus_its_tool(tiny, device) -> None:
     run = simulate(tiny, OneAgentWithATool(n1=7, n2=5, tool_s=2.0), time_scale=1.5,
                    device=device)
