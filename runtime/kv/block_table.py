@@ -190,11 +190,15 @@ class BlockTable:
             if position >= end and splice is not None:
                 break
             take = self.spare.numel() if splice is None else min(end, splice.start) - position
-            pieces.append(self._take_spare(take))
-            shifts.append((take, 0))
+            if take:
+                pieces.append(self._take_spare(take))
+                shifts.append((take, 0))
             position += take
             if splice is None:
                 break
+        if len(pieces) == 1:  # mapped already (a decode step within its last block): no copy
+            assert self.num_mapped >= end, "map_to was given too few blocks"
+            return copies
         self._changed(self.num_mapped)
         self.slots = torch.cat(pieces)
         if self.shifts is not None or any(shift for _, shift in shifts):

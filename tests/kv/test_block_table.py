@@ -101,6 +101,11 @@ def test_the_device_copy_follows_every_change_and_copies_only_what_changed() -> 
     table.map_to(9, [1])  # appends positions 8-11
     in_step()
     assert slots_mirror().rows_copied == 12
+    mapped = table.slots
+    table.map_to(11, [])  # a decode step within the last block: mapped already, nothing copied
+    assert table.slots is mapped
+    in_step()
+    assert slots_mirror().rows_copied == 12
     freed = table.share(0, torch.arange(96, 100), 7)  # rewrites positions 0-3
     in_step()
     assert slots_mirror().rows_copied == 24  # from position 0 again
