@@ -119,7 +119,7 @@ class BatchScheduler:
         return True
 
     def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
-        plan = self.kv.plan_admission(seq.token_ids, seq.salt, budget)
+        plan = self.kv.plan_admission(seq.token_ids, seq.salt, budget, seq.table.owner)
         if plan.wait:
             return None  # its KV is on its way up: admitted once it has landed
         splices = self.reuse.plan(seq, plan.computed)

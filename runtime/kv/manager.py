@@ -125,11 +125,13 @@ class KVManager:
 
     # -- admission (the scheduler's contract) -------------------------------------------------
 
-    def plan_admission(self, token_ids: list[int], salt: bytes, budget: int) -> AdmissionPlan:
+    def plan_admission(self, token_ids: list[int], salt: bytes, budget: int,
+                       owner: Owner | None = None) -> AdmissionPlan:
         """The prompt's cached prefix on the device. When the host holds the blocks after it,
         they are brought up first (the plan waits), if the prompt could then be admitted with
         `budget` tokens of its own: uploaded blocks sit cached, and the growth of the running
-        would evict them again before it is."""
+        would evict them again before it is. Where retention levels are in use, the `owner` of
+        a call that waits for an upload goes to the highest level."""
         match = self.match_prefix(token_ids, salt)
         plan = AdmissionPlan(match, match.num_blocks * self.block_size)
         if self.host is None:
@@ -141,7 +143,14 @@ class KVManager:
             return plan
         loaded = (match.num_blocks + len(host.block_ids)) * self.block_size
         count = min(len(token_ids) - loaded, budget)
-        if not self.can_allocate(plan, loaded + count) or self.host.upload(host.block_ids):
+        if not self.can_allocate(plan, loaded + count):
+            return AdmissionPlan(match, plan.computed, wait=True)
+        if owner is not None and self.owners.has_levels:
+            # Its call waits for this KV: none is needed sooner. At a lower level the blocks
+            # could be the first to go, and the call's next upload (or another's) would evict
+            # them before it is admitted: in a pool held at higher levels it would wait forever.
+            self.set_retention(owner, RETENTION_LEVELS - 1)
+        if self.host.upload(host.block_ids):
             return AdmissionPlan(match, plan.computed, wait=True)
         return plan  # none could come up: computed instead
 

@@ -150,3 +150,40 @@ def test_without_a_host_tier_a_prefetch_does_nothing() -> None:
     compute(kv, A, PROMPT)
     assert kv.prefetchable_blocks(A) == 0 and kv.prefetch(A) == 0
     release(kv)
+
+
+def test_the_owner_of_a_call_waiting_for_its_upload_goes_to_the_top_level() -> None:
+    """In a pool held at high levels, the KV a waiting call has uploaded must not sit at its
+    owner's low level: the next upload (another call's, or this call's next part) would evict
+    it first, and the call would wait forever. Its owner goes to the highest level, so its
+    landed blocks are the most recent there and older KV goes first."""
+    kv = KVManager(8, BLOCK, host=host_spec(8, 16))
+    assert kv.host is not None
+    c_tokens = [200 + t for t in PROMPT]
+    offloaded(kv, A, PROMPT)
+    offloaded(kv, C, c_tokens)
+    b_blocks = compute(kv, B, list(range(100, 132)))  # 8 blocks: the whole pool
+    kv.set_retention(B, 7)  # B's next call is due: all of the pool at the top level
+    assert kv.retention_of(A) == DEFAULT_RETENTION
+    plan = kv.plan_admission(PROMPT + [99], b"", budget=64, owner=A)
+    assert plan.wait and kv.retention_of(A) == 7 and kv.host.wait() == 3
+    landed = kv.match_prefix(PROMPT, b"").block_ids
+    assert len(landed) == 3 and [kv.pool.blocks[b].retention for b in landed] == [7] * 3
+    # C's call now waits for its own: it evicts B's oldest, not A's landed blocks.
+    assert kv.plan_admission(c_tokens + [99], b"", budget=64, owner=C).wait
+    assert kv.host.wait() == 3
+    assert kv.match_prefix(PROMPT, b"").block_ids == landed
+    assert len(kv.match_prefix(c_tokens, b"").block_ids) == 3
+    assert len(kv.owners.blocks_of(B) & set(b_blocks)) == 2  # six of B's went instead
+    plan = kv.plan_admission(PROMPT + [99], b"", budget=64, owner=A)
+    assert not plan.wait and plan.computed == 3 * BLOCK
+    kv.check_integrity()
+
+
+def test_without_levels_a_waiting_call_leaves_eviction_plain_lru() -> None:
+    kv = KVManager(8, BLOCK, host=host_spec(8, 16))
+    offloaded(kv, A, PROMPT)
+    assert kv.plan_admission(PROMPT + [99], b"", budget=64, owner=A).wait
+    assert not kv.owners.has_levels and kv.retention_of(A) == DEFAULT_RETENTION
+    assert kv.host is not None and kv.host.wait() == 3
+    kv.check_integrity()
