@@ -145,11 +145,15 @@ class KVManager:
         count = min(len(token_ids) - loaded, budget)
         if not self.can_allocate(plan, loaded + count):
             return AdmissionPlan(match, plan.computed, wait=True)
-        if owner is not None and self.owners.has_levels:
-            # Its call waits for this KV: none is needed sooner. At a lower level the blocks
-            # could be the first to go, and the call's next upload (or another's) would evict
-            # them before it is admitted: in a pool held at higher levels it would wait forever.
-            self.set_retention(owner, RETENTION_LEVELS - 1)
+        if owner is not None:
+            # Its call waits for this KV, and will read it: its owner holds it from now on (the
+            # blocks land owned by it, shared ones too), at the highest level where levels are
+            # in use, since no KV is needed sooner. At a lower level the landed blocks could be
+            # the first to go, and the call's next upload (or another's) would evict them before
+            # it is admitted: in a pool held at higher levels it would wait forever.
+            self.host.tiers.host_owners.claim(owner, host.block_ids)
+            if self.owners.has_levels:
+                self.set_retention(owner, RETENTION_LEVELS - 1)
         if self.host.upload(host.block_ids):
             return AdmissionPlan(match, plan.computed, wait=True)
         return plan  # none could come up: computed instead

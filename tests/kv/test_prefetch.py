@@ -187,3 +187,23 @@ def test_without_levels_a_waiting_call_leaves_eviction_plain_lru() -> None:
     assert not kv.owners.has_levels and kv.retention_of(A) == DEFAULT_RETENTION
     assert kv.host is not None and kv.host.wait() == 3
     kv.check_integrity()
+
+
+def test_blocks_nobody_owns_land_owned_by_the_waiting_call_at_the_top_level() -> None:
+    """The usual case: a shared system prompt whose runs have ended sits on the host, owned by
+    nobody. The call waiting for it holds it once it lands, at its own (top) level."""
+    kv = KVManager(8, BLOCK, host=host_spec(8, 16))
+    assert kv.host is not None
+    offloaded(kv, A, PROMPT)
+    kv.release_run("run-a")  # A's host copies stay, owned by nobody
+    compute(kv, B, list(range(100, 132)))
+    kv.set_retention(B, 7)
+    waiting = ("run-d", "writer")
+    assert kv.plan_admission(PROMPT + [99], b"", budget=64, owner=waiting).wait
+    assert kv.host.wait() == 3
+    landed = kv.match_prefix(PROMPT, b"").block_ids
+    assert kv.owners.blocks_of(waiting) == set(landed) and len(landed) == 3
+    assert [kv.pool.blocks[b].retention for b in landed] == [7] * 3
+    kv.release_run("run-d")
+    assert [kv.pool.blocks[b].retention for b in landed] == [DEFAULT_RETENTION] * 3
+    kv.check_integrity()
