@@ -70,6 +70,10 @@ def _filtered_probabilities(logits: torch.Tensor, params: list[SamplingParams]) 
     before = mass.cumsum(-1) - mass  # the mass of the tokens ranked above each one
     # A top_p of 1 drops nothing, even where the rounded cumulative sum passes 1.
     keep_below = torch.tensor([q if q < 1.0 else float("inf") for q in top_p], device=device)
-    ordered = ordered.masked_fill(before >= keep_below.unsqueeze(1), float("-inf"))
+    drop = before >= keep_below.unsqueeze(1)
+    # The most likely token stays whatever top_p is: a top_p that rounds to 0 in float32 (the
+    # schema asks only > 0) would drop every token, and the draw would fail the whole batch.
+    drop[:, 0] = False
+    ordered = ordered.masked_fill(drop, float("-inf"))
     filtered = torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
     return filtered.softmax(-1)

@@ -78,3 +78,12 @@ def test_a_seeded_row_draws_the_same_whatever_its_batch() -> None:
     among = tokens_of([SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=2),
                        SamplingParams(temperature=0.0), seeded], 3)
     assert alone == among and len(set(alone)) > 1
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token_and_its_batch_mates() -> None:
+    sampler = Sampler(4, torch.device("cpu"))
+    logits = torch.tensor([ROW, ROW])
+    params = [SamplingParams(temperature=1.0, top_p=1e-50), SamplingParams(temperature=1.0)]
+    drawn = [sampler.sample(logits, params, [None, None]) for _ in range(200)]
+    assert {first for first, _ in drawn} == {0}  # only the most likely token is left
+    assert len({second for _, second in drawn}) > 1  # the batch-mate still draws freely
