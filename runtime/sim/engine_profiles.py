@@ -26,23 +26,27 @@ far, kept to the bit. Sources:
     launches        0        decode batches replay captured CUDA graphs (in `step`)
 
 `kvrt`: kvrt's own engine on a GPU as the code stands (runtime/engine): each step the engine
-thread schedules, rebuilds every sequence's slot table on the CPU (the KV manager's `map_to`
-concatenates it, `build_batch` pads it) and copies the batch over, launches every kernel from
-eager PyTorch (no CUDA graphs), waits for the logits (the sampler's `.tolist()`), samples in a
-Python loop over rows and detokenizes. Nothing of it overlaps the device but the launches.
+thread schedules, builds the batch (each sequence's slot table is mirrored on the device and
+copied up only where it changed, runtime/kv/device_mirror.py; the padded table is built on the
+device), launches every kernel from eager PyTorch (no CUDA graphs), waits for the logits (the
+sampler's `.tolist()`), samples the batch in a few tensor operations and detokenizes. Nothing
+of it overlaps the device but the launches.
 
     constant        value     measured (M) here or estimated (E), from what
     --------------  --------  --------------------------------------------------------------
-    step            190 us    M 110 us: the engine's own host work per step (measure_host.py)
-                              + E 8 x 10 us: build_batch's 7 tensors copied to the device and
-                              the sampled ids copied back, each a small synchronous copy from
-                              pageable memory (~10 us: a driver call and a DMA; not measured)
-    per-sequence    50 us     M: scheduler, build_batch's per-sequence work, the sampling loop
-                              (greedy, as every bench workload asks), update, detokenizing
-    per-slot-token  7.8 ns    M 7.0 ns: map_to's concatenation and build_batch's padding, per
-                              token of context + E 0.8 ns: 8 bytes (int64 slot) over a pageable
-                              copy at ~10 GB/s
-    outside layers  85.4 us   14 launches (M: counted) x 6.1 us (below)
+    step            170 us    M 110 us: the engine's own host work per step (measure_host.py)
+                              + E 6 x 10 us: build_batch's 5 small tensors copied to the device
+                              and the sampled ids copied back, each a small synchronous copy
+                              from pageable memory (~10 us: a driver call and a DMA)
+    per-sequence    60 us     M 50 us: scheduler, build_batch's per-sequence work, sampling,
+                              update, detokenizing + E 10 us: its slot mirror's new positions,
+                              one small copy
+    per-slot-token  0         the padded slot table is built on the device from the mirrors
+                              (8 bytes a token at TB/s: nothing against the rest). On the CPU,
+                              where measure_host runs, that padding is host work: it measures
+                              7.0-7.3 ns a token, which a GPU does not pay on the host
+    outside layers  97.6 us   16 launches (M: 14 counted in the forward, + the batch's 2 on the
+                              device: the padded slot table and the store slots) x 6.1 us
     per layer       335.2 us  52 torch ops (M: counted in a bf16 forward of Qwen2.5's family,
                               34 outside the two kernels; 18 in the Triton attention wrapper's
                               tile table and output, counted once by hand under measure_host's
@@ -55,14 +59,14 @@ Python loop over rows and detokenizes. Nothing of it overlaps the device but the
                               #34838); kvrt's launcher checks not counted
 
 M figures: `python -m kvrt.runtime.sim.measure_host` (2026-12-07, an AMD EPYC development
-machine of 2 cores, torch on one thread), three runs while it was quiet: 108-112 us a step,
-49.8-55.2 us a sequence, 6.5-7.3 ns a slot-table token (median fit errors 1.9-3.8%), 1.1-1.2 us
-a dispatch, of which the constants are round middles; a run while other processes shared the
-cores gave 100 us, 60 us, 8.4 ns and 2.5 us.
+machine of 2 cores, torch on one thread), three runs while it was quiet at 8d8b59f: 108-112 us
+a step, 49.8-55.2 us a sequence, 6.5-7.3 ns a slot-table token (median fit errors 1.9-3.8%),
+1.1-1.2 us a dispatch, of which the constants are round middles; a run while other processes
+shared the cores gave 100 us, 60 us, 8.4 ns and 2.5 us. After the slot tables moved to device
+mirrors and sampling was batched, a run gave 119 us, 46.9 us, 7.29 ns (the padding, now on the
+device on a GPU) and 1.2 us: within the spread, so the measured parts stand.
 A GPU server's host CPU is likely faster per core, so they lean high; the estimates have
-not been checked on a GPU. The figures describe the engine at commit 8d8b59f: work that keeps
-slot tables on the device or batches sampling changes them (measure_host again, then update
-the constants and their tests). The daemon's own per-token work (an SSE
+not been checked on a GPU. The daemon's own per-token work (an SSE
 chunk per token on the event loop, which holds the GIL the engine thread needs to launch) is
 left out: the calibration's serving stage measures it on this CPU (+4.7 ms per sequence) but
 mixed with the daemon and the bench's client competing for the two cores with the CPU forward,
@@ -106,24 +110,22 @@ VLLM_CLASS = EngineProfile(
 # kvrt's constants, named as in the docstring's table (M: measured here; E: estimated).
 _HOST_STEP = 110e-6  # M
 _HOST_SEQUENCE = 50e-6  # M
-_HOST_SLOT_TOKEN = 7.0e-9  # M
 _SMALL_COPY = 10e-6  # E, per synchronous small copy
-_COPIES_PER_STEP = 8  # 7 batch tensors over, the sampled ids back
-_PAGEABLE_COPY = 10e9  # E, bytes/s
-_SLOT_BYTES = 8  # int64
+_COPIES_PER_STEP = 6  # 5 batch tensors over, the sampled ids back
+_COPIES_PER_SEQUENCE = 1  # its slot mirror's new positions
 _DISPATCH = 1.1e-6  # M
 _CUDA_LAUNCH = 5e-6  # E
 _TRITON_CALL = 9e-6  # E
-_OPS_OUTSIDE_LAYERS = 14  # M
+_OPS_OUTSIDE_LAYERS = 14 + 2  # M: the forward's; the padded slot table and the store slots
 _OPS_PER_LAYER = 34 + 18  # M: the layer's own, the Triton attention wrapper's
 _TRITON_CALLS_PER_LAYER = 2  # paged attention, KV store
 
 KVRT = EngineProfile(
     name="kvrt",
-    summary="kvrt's engine: host work per step, sequence and slot-table token, eager launches",
+    summary="kvrt's engine: host work per step and sequence, eager launches",
     step_overhead=_HOST_STEP + _COPIES_PER_STEP * _SMALL_COPY,
-    sequence_overhead=_HOST_SEQUENCE,
-    slot_token_overhead=_HOST_SLOT_TOKEN + _SLOT_BYTES / _PAGEABLE_COPY,
+    sequence_overhead=_HOST_SEQUENCE + _COPIES_PER_SEQUENCE * _SMALL_COPY,
+    slot_token_overhead=0.0,  # built on the device from the mirrors
     launch_overhead=_OPS_OUTSIDE_LAYERS * (_DISPATCH + _CUDA_LAUNCH),
     layer_launch_overhead=(_OPS_PER_LAYER * (_DISPATCH + _CUDA_LAUNCH)
                            + _TRITON_CALLS_PER_LAYER * _TRITON_CALL),

@@ -3,12 +3,13 @@
     python -m kvrt.runtime.sim.measure_host [--arch qwen2]    ~1 min; prints what it measured
 
 On a GPU, kvrt's engine thread does in Python, every step and without overlap with the device
-(the sampler's `.tolist()` waits for the step's logits): schedule, `build_batch` (every
-sequence's slot table rebuilt on the CPU and copied over), the forward's kernel launches (eager
-PyTorch, no CUDA graphs), sampling (a Python loop over rows) and the scheduler's update and
-detokenizing. All but the launches and the copies are plain CPU work, measured here the way
-they run: the real engine on a tiny checkpoint (hidden 64, so its forward is a small share of a
-step), decode steps of B sequences at context C, each step's time less its forward's.
+(the sampler's `.tolist()` waits for the step's logits): schedule, `build_batch` (each
+sequence's slot-table mirror brought up to date, the padded table built; on the CPU that
+padding is host work, on a GPU it runs on the device), the forward's kernel launches (eager
+PyTorch, no CUDA graphs), sampling and the scheduler's update and detokenizing. All but the
+launches and the copies are plain CPU work, measured here the way they run: the real engine
+on a tiny checkpoint (hidden 64, so its forward is a small share of a step), decode steps of B
+sequences at context C, each step's time less its forward's.
 
     host seconds = fixed + per-sequence * B + per-slot-token * B * C    (least squares, >= 0)
 
