@@ -250,17 +250,43 @@ class Engine:
                 self._carry_out(self.policy.on_stall(self.kv, self.clock()))
             return []
         self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.kv.usage().in_use)
+        failed: list[tuple[Chunk, Exception]] = []
         try:
             tokens = self._run(chunks)
-            return self._update(chunks, tokens)
         except Exception as error:
-            # The batch's sequences are in an unknown state (KV half written, a token perhaps
-            # sampled): they are aborted, their blocks freed. The others never saw this step.
-            ids = [chunk.seq.request_id for chunk in chunks]
+            chunks, tokens, failed = self._isolate(chunks, error)
+        try:
+            emitted = self._update(chunks, tokens)
+        except Exception as error:
+            failed += [(chunk, error) for chunk in chunks]
+            emitted = []
+        if failed:
+            # The failed sequences are in an unknown state (KV half written, a token perhaps
+            # sampled): they are aborted, their blocks freed. The others never saw the failure.
+            ids = [chunk.seq.request_id for chunk, _ in failed]
             for request_id in ids:
                 self.abort(request_id)
-            raise StepFailed(f"engine step failed: {type(error).__name__}: {error}",
-                             ids) from error
+            error = failed[0][1]
+            raise StepFailed(f"engine step failed: {type(error).__name__}: {error}", ids,
+                             emitted) from error
+        return emitted
+
+    def _isolate(self, chunks: list[Chunk], error: Exception
+                 ) -> tuple[list[Chunk], list[int], list[tuple[Chunk, Exception]]]:
+        """The batch's forward or sampling raised: each chunk runs again alone, so that one
+        request's failure (its parameters, its data) fails that request only, and a passing
+        fault fails none. Re-running writes the same KV to the same slots. Returns the chunks
+        that ran, their tokens in order, and the failed chunks with their errors."""
+        if len(chunks) == 1:
+            return [], [], [(chunks[0], error)]
+        good, tokens, failed = [], [], []
+        for chunk in chunks:
+            try:
+                tokens += self._run([chunk])
+                good.append(chunk)
+            except Exception as alone:
+                failed.append((chunk, alone))
+        return good, tokens, failed
 
     def _run(self, chunks: list[Chunk]) -> list[int]:
         """One forward over the batch; a token for each chunk that wants one, in order."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 # Part of this seam (kv_residency's and stats' results): the server imports them from here.
 from kvrt.runtime.engine.landing import LandingStats
@@ -41,12 +41,15 @@ class ShuttingDown(EngineError):
 
 
 class StepFailed(EngineError):
-    """One engine step raised: the requests of its batch were aborted (their KV freed); the
-    others go on. `request_ids` are the aborted ones; the cause is chained."""
+    """One engine step raised for some of its requests: those were aborted (their KV freed);
+    the others go on, and `emitted` holds what the step gave them. `request_ids` are the
+    aborted ones; the (first) cause is chained."""
 
-    def __init__(self, message: str, request_ids: list[str]) -> None:
+    def __init__(self, message: str, request_ids: list[str],
+                 emitted: list[Any] | None = None) -> None:
         super().__init__(message)
         self.request_ids = request_ids
+        self.emitted = emitted or []
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,10 @@ errors and run releases go back to the loop through its `LoopSide`, thread-safel
 worker shuts down the inbox is closed under a lock and drained, so no command is ever left
 unanswered.
 
-`step` aborts the requests past their `timeout_s` first (RequestTimedOut). A step that raises
-fails the requests of its batch (StepFailed) and the worker goes on; any other failure of a step
-fails every live request.
+`step` aborts the requests past their `timeout_s` first (RequestTimedOut). A step whose batch
+raises fails the requests that fail alone (StepFailed, Engine._isolate), delivers its
+batch-mates' outputs, and the worker goes on; any other failure of a step fails every live
+request.
 """
 
 from __future__ import annotations
@@ -88,11 +89,12 @@ class EngineWorker:
         emitted: list[Emitted] = []
         try:
             emitted = self.engine.step()
-        except StepFailed as failure:  # one bad batch must not take the engine down
+        except StepFailed as failure:  # one bad request must not take the engine down
             log.error("%s; aborted %s", failure, ", ".join(failure.request_ids),
                       exc_info=failure.__cause__)
             for request_id in failure.request_ids:
                 self._deliver_error(request_id, failure)
+            emitted = failure.emitted  # its batch-mates' outputs
         except Exception as error:  # before the batch ran (scheduling): nothing is known good
             log.exception("engine step failed; failing the requests in flight")
             for request_id in self.engine.fail_all():

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvrt.runtime.engine.protocol import SamplingParams
 from kvrt.runtime.engine.sampler import Sampler
@@ -87,3 +89,31 @@ def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token_and_its_batch_m
     drawn = [sampler.sample(logits, params, [None, None]) for _ in range(200)]
     assert {first for first, _ in drawn} == {0}  # only the most likely token is left
     assert len({second for _, second in drawn}) > 1  # the batch-mate still draws freely
+
+
+# Every value the API's schema admits (sdk/protocol/openai_api.py): temperature in [0, 2],
+# top_p in (0, 1], top_k >= 0 once -1 is mapped to 0, any int64 seed.
+_PARAMS = st.builds(
+    SamplingParams,
+    temperature=st.one_of(st.floats(0, 2), st.sampled_from([0.0, 5e-324, 1e-5, 2.0])),
+    top_p=st.one_of(st.floats(5e-324, 1.0, exclude_min=False), st.sampled_from([1e-50, 1.0])),
+    top_k=st.integers(0, 12),
+    seed=st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
+)
+_LOGIT = st.one_of(st.floats(-30, 30), st.sampled_from([0.0, 1e4, -1e4, 88.0, -88.0]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch=st.lists(_PARAMS, min_size=1, max_size=6), data=st.data())
+def test_no_sampling_parameter_fails_its_row_or_its_batch_mates(batch, data) -> None:
+    vocab = 9
+    rows = [data.draw(st.lists(_LOGIT, min_size=vocab, max_size=vocab)) for _ in batch]
+    logits = torch.tensor(rows, dtype=torch.float32)
+    sampler = Sampler(0, torch.device("cpu"))
+    tokens = sampler.sample(logits, batch, [sampler.request_generator(p) for p in batch])
+    assert len(tokens) == len(batch) and all(0 <= t < vocab for t in tokens)
+    for row, (p, token) in enumerate(zip(batch, tokens)):
+        if p.temperature < 1e-5 or p.top_k == 1:
+            assert token == int(logits[row].argmax())
+        elif 0 < p.top_k < vocab:  # among the k largest (ties at the k-th included)
+            assert logits[row, token] >= logits[row].topk(p.top_k).values[-1]

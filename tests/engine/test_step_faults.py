@@ -1,6 +1,7 @@
-"""A step that raises (the executor failing) fails the requests of its batch only: they are
-aborted with StepFailed, their KV freed, and the engine serves the others and the next ones with
-the output a clean engine gives."""
+"""A step that raises (the executor failing) fails only the requests that fail when run alone:
+they are aborted with StepFailed, their KV freed; their batch-mates get their tokens from the
+same step, and the engine serves the others and the next ones with the output a clean engine
+gives. A fault that passes fails nobody."""
 
 from __future__ import annotations
 
@@ -96,3 +97,57 @@ def test_the_async_engine_fails_the_batch_and_goes_on_serving(tiny) -> None:
     assert (load.queued_requests, load.queued_tokens, load.in_flight) == (0, 0, 0)
     assert engine.kv.usage().in_use == 0
     engine.check_integrity()
+
+
+PROMPT_C = [9 + i % 17 for i in range(33)]
+
+
+def fail_when_running(engine: Engine, request_id: str) -> None:
+    """Every forward whose batch holds `request_id` raises (a fault tied to its data)."""
+    real = engine.executor.run
+
+    def run_unless(chunks):
+        if any(chunk.seq.request_id == request_id for chunk in chunks):
+            raise RuntimeError(f"kernel fault on {request_id}'s data")
+        return real(chunks)
+
+    engine.executor.run = run_unless
+
+
+def test_a_request_that_fails_alone_fails_alone_and_its_batch_mates_go_on(tiny) -> None:
+    reference = run(make_engine(tiny), [request("a", PROMPT_A, greedy(6)),
+                                        request("c", PROMPT_C, greedy(6))])
+    engine = make_engine(tiny)
+    for request_id, prompt in (("a", PROMPT_A), ("b", PROMPT_B), ("c", PROMPT_C)):
+        engine.add(request(request_id, prompt, greedy(6)))
+    fail_when_running(engine, "b")
+    with pytest.raises(StepFailed) as failed:
+        engine.step()  # the three prefills in one batch
+    assert failed.value.request_ids == ["b"] and "kernel fault on b" in str(failed.value)
+    first = {request_id: out.token_ids for request_id, out in failed.value.emitted}
+    assert first == {"a": reference["a"].token_ids[:1], "c": reference["c"].token_ids[:1]}
+    tokens = {request_id: list(ids) for request_id, ids in first.items()}
+    while engine.has_work():
+        for request_id, out in engine.step():
+            tokens[request_id] += out.token_ids
+    assert tokens == {"a": reference["a"].token_ids, "c": reference["c"].token_ids}
+    assert engine.kv.usage().in_use == 0
+    engine.check_integrity()
+    engine.close()
+
+
+def test_a_passing_fault_in_a_batch_fails_nobody(tiny) -> None:
+    reference = run(make_engine(tiny), [request("a", PROMPT_A, greedy(6)),
+                                        request("b", PROMPT_B, greedy(6))])
+    engine = make_engine(tiny)
+    for request_id, prompt in (("a", PROMPT_A), ("b", PROMPT_B)):
+        engine.add(request(request_id, prompt, greedy(6)))
+    break_next_run(engine)  # the batch's forward fails once; each alone then runs
+    tokens: dict[str, list[int]] = {"a": [], "b": []}
+    while engine.has_work():
+        for request_id, out in engine.step():  # no StepFailed
+            tokens[request_id] += out.token_ids
+    assert tokens == {"a": reference["a"].token_ids, "b": reference["b"].token_ids}
+    assert engine.kv.usage().in_use == 0
+    engine.check_integrity()
+    engine.close()
