@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def run(
             result.outputs.append(output)
             result.token_ids.extend(output.token_ids)
             result.text += output.text
+        if engine.waits_on_moves():  # as a driver does: sleep until a copy lands, not spin
+            landed = threading.Event()
+            engine.on_next_landing(landed.set)
+            landed.wait(5)
     assert not engine.has_work(), "the engine did not finish in time"
     engine.check_integrity()
     return results
