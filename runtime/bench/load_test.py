@@ -158,7 +158,7 @@ async def _call(session: aiohttp.ClientSession, body: dict, tally: _Tally,
     started = time.monotonic()
     try:
         text = await asyncio.wait_for(_chat(session, body, tally), limit)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         if cancel_after is None:
             tally.statuses["timeout"] += 1
         else:

@@ -64,7 +64,10 @@ def _tenant_for(header: str, config: ServeConfig) -> str:
     if scheme.lower() != "bearer" or not given.strip():
         raise APIError(401, "this server needs an API key: send Authorization: Bearer KEY",
                        code="missing_api_key")
-    given_bytes = given.strip().encode()
+    try:
+        given_bytes = given.strip().encode()
+    except UnicodeEncodeError:  # a header that was not UTF-8 (kept as surrogates): no key
+        raise APIError(401, "the API key is not valid", code="invalid_api_key") from None
     found = None
     for key, tenant in config.api_keys:  # every key, every time: constant time overall
         if hmac.compare_digest(given_bytes, key.encode()):

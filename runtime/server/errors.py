@@ -42,6 +42,7 @@ _TYPES = {
 
 # msgspec ends its messages with "- at `$.messages[0].role`"; the path is the `param`.
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_DECODING_TOO_DEEP = re.compile(r"while (deserializing an object|decoding a JSON)")
 
 
 class APIError(Exception):
@@ -80,6 +81,10 @@ def from_exception(exc: BaseException) -> APIError:
     internals in the message (they are logged with the traceback instead)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, BaseExceptionGroup):
+        # A round's calls run in a task group, which wraps the first failure (the calls it
+        # cancelled add nothing): the client gets what that failure gets on the chat route.
+        return from_exception(exc.exceptions[0])
     if isinstance(exc, msgspec.ValidationError):
         text = str(exc)
         match = _MSGSPEC_PATH.search(text)
@@ -87,6 +92,10 @@ def from_exception(exc: BaseException) -> APIError:
         return bad_request(text, param=param or None)
     if isinstance(exc, msgspec.DecodeError):
         return bad_request(f"request body is not valid JSON: {exc}", code="invalid_json")
+    if isinstance(exc, RecursionError) and _DECODING_TOO_DEEP.search(str(exc)):
+        # msgspec's and json's decoders give up on deep nesting with a RecursionError; any
+        # other RecursionError is a bug, and stays a 500.
+        return bad_request("the JSON nests too deeply to be read", code="invalid_json")
     if isinstance(exc, GraphError):
         return bad_request(str(exc), param=exc.param, code="invalid_graph")
     if isinstance(exc, NotFound):

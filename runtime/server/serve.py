@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Coroutine
 
 from aiohttp import web
@@ -84,8 +83,4 @@ def _run(main: Coroutine[None, None, None]) -> None:
     except ImportError:  # uvloop does not exist on Windows
         asyncio.run(main)
         return
-    if sys.version_info >= (3, 11):
-        uvloop.run(main)
-    else:
-        uvloop.install()
-        asyncio.run(main)
+    uvloop.run(main)

@@ -10,6 +10,7 @@ from tests.server.live_server import LiveServer, assert_error_shape, good_chat
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 80  # ~800 tokens > 256
+DEEP = b"[" * 100_000 + b"]" * 100_000  # past any decoder's recursion limit
 
 
 def chat(**fields):
@@ -64,6 +65,14 @@ CASES = [
     ("token-out-of-vocab", COMPLETIONS, {"prompt": [1, 10**6]}, {}, 400, "token ids"),
     ("token-out-of-vocab-stream", COMPLETIONS, {"prompt": [1, 10**6], "stream": True}, {}, 400,
      "token ids"),
+    ("deep-json-in-a-tool-schema", CHAT,
+     b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+     b'"function": {"name": "f", "parameters": {"a": ' + DEEP + b'}}}]}', {}, 400, "nests"),
+    ("deep-json-in-tool-call-arguments", CHAT, chat(messages=[
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "f", "arguments": DEEP.decode()}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+        {"role": "user", "content": "x"}]), {}, 400, "nests"),
 ]
 
 

@@ -4,6 +4,7 @@ none of its cache, and gets 404 for its graphs and runs (as for ids that do not 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,21 @@ def _swap(value: Any, graph: str, run: str) -> Any:
     if value == graph:
         return "graph-0"
     return "run-0" if value == run else value
+
+
+def test_an_authorization_header_that_is_not_utf8_is_a_401(server: LiveServer) -> None:
+    """Raw bytes on the wire (no HTTP client sends them): a key that is not UTF-8 is no key."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as conn:
+        conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: kvrt\r\n"
+                     b"Authorization: Bearer \xff\xfe\xc3\x28key\r\nConnection: close\r\n\r\n")
+        response = b""
+        while chunk := conn.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), response[:300]
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert server.request("GET", "/v1/models", headers=A).status == 200  # still serving

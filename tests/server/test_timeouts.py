@@ -17,6 +17,7 @@ from tests.server.live_server import (
     assert_error_shape,
     good_chat,
     live_server,
+    start_run,
     wait_released,
 )
 
@@ -77,3 +78,16 @@ def test_queue_time_counts(server: LiveServer) -> None:
     wait_released(server)
     reply = server.post("/v1/chat/completions", good_chat(max_tokens=2))
     assert reply.status == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_round_past_its_time_gets_the_504_a_chat_call_gets(server: LiveServer) -> None:
+    """A round's calls run in a task group: their failure arrives wrapped in an exception
+    group, and must come out as what the same failure is on the chat route, not a 500."""
+    run = start_run(server, "a", "b")
+    body = {"shared": [{"role": "user", "content": "Go on."}],
+            "agents": {"a": {"messages": []}, "b": {"messages": []}},
+            "max_tokens": LONG, "ignore_eos": True}
+    reply = server.post(f"/v1/runs/{run}/rounds", body)
+    error = assert_error_shape(reply, 504)
+    assert error["code"] == "request_timeout" and "time limit" in error["message"]
+    wait_released(server)
