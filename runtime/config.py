@@ -126,7 +126,7 @@ def parse_api_key(text: str) -> tuple[str, str]:
 def read_api_keys(path: str) -> list[tuple[str, str]]:
     """A keys file: one KEY[:TENANT] per line; blank lines and # comments are skipped."""
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:  # a BOM is not part of the first key
             lines = file.read().splitlines()
     except OSError as exc:
         raise ConfigError(f"cannot read the API keys file: {exc}") from None

@@ -190,3 +190,12 @@ def test_an_api_keys_file_adds_keys_and_skips_comments(tmp_path) -> None:
                                       "--api-keys-file", str(keys)])
     assert serve_config(args).api_keys == (("sk-flag-key-0", "acme"), ("sk-file-key-1", "ops"),
                                            ("sk-file-key-2", "default"))
+
+
+def test_a_keys_file_saved_with_a_bom_and_crlf_reads_the_same_keys(tmp_path) -> None:
+    """Windows editors save UTF-8 with a byte-order mark and CRLF: the first key must not
+    silently become another key (the BOM glued to it)."""
+    keys = tmp_path / "keys"
+    keys.write_bytes(b"\xef\xbb\xbfsk-file-key-1:ops\r\nsk-file-key-2\r\n\r\n")
+    args = build_parser().parse_args(["serve", "--api-keys-file", str(keys)])
+    assert serve_config(args).api_keys == (("sk-file-key-1", "ops"), ("sk-file-key-2", "default"))
