@@ -29,11 +29,15 @@ class Tokenizer:
     says (Qwen2.5 base models name only `<|endoftext|>`).
     """
 
-    __slots__ = ("bos_token_id", "eos_token_ids", "hf", "vocab_size")
+    __slots__ = ("bos_token_id", "eos_token_ids", "hf", "max_token_chars", "vocab_size")
 
     def __init__(self, hf: PreTrainedTokenizerBase, eos_token_ids: Iterable[int] = ()) -> None:
         self.hf = hf
         self.vocab_size: int = len(hf)
+        # The longest token as the vocabulary spells it (a byte-level BPE: one character per
+        # byte), an upper bound on the characters of text one token covers: so a text of N
+        # characters needs at least N / max_token_chars tokens, known without tokenizing it.
+        self.max_token_chars: int = max((len(t) for t in hf.get_vocab()), default=1)
         self.bos_token_id: int | None = hf.bos_token_id
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids) | _own_eos_ids(hf)
 

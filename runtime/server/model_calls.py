@@ -26,6 +26,7 @@ from kvrt.runtime.server.openai_requests import (
     ServedModel,
     check_common,
     check_message_count,
+    check_text_length,
     completion_prompt_ids,
     message_dicts,
     resolve_max_tokens,
@@ -128,6 +129,7 @@ def messages_call(messages: list[ChatMessage], marked: list[bool], body: Samplin
     """A call whose prompt is `messages` in the chat template, `marked[i]` saying whether
     message i is a segment; `param` names the messages in a 400."""
     turns = message_dicts(messages, param)
+    check_text_length(sum(len(t["content"]) for t in turns), engine, param)
     try:
         prompt = render_prompt(engine.tokenizer, turns, marked, tools)
     except (ValueError, TemplateError) as exc:  # no template, or the template refuses the turns

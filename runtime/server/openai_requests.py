@@ -162,8 +162,27 @@ def _message_text(index: int, message: ChatMessage, param: str) -> str:
     return text
 
 
+# A token covers at most max_token_chars characters of the text as the vocabulary spells it;
+# the factor leaves room for normalizers that compose characters before tokenizing.
+_CHARS_PER_TOKEN_MARGIN = 2
+
+
+def check_text_length(chars: int, engine: ServedModel, param: str) -> None:
+    """A 400 for text too long for any tokenization to fit the context, decided from its length
+    alone: tokenizing a text of megabytes would hold the event loop for seconds first."""
+    most = engine.max_model_len * engine.tokenizer.max_token_chars * _CHARS_PER_TOKEN_MARGIN
+    if chars > most:
+        raise bad_request(
+            f"This model's maximum context length is {engine.max_model_len} tokens, and the "
+            f"prompt's text has {chars} characters: more than any {engine.max_model_len} "
+            f"tokens of this model can spell ({most} characters at most). Shorten the prompt.",
+            param=param, code="context_length_exceeded")
+
+
 def completion_prompt_ids(body: CompletionRequest, engine: ServedModel) -> list[int]:
     prompt = body.prompt
+    if isinstance(prompt, str):
+        check_text_length(len(prompt), engine, "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         ids = list(prompt)  # type: ignore[arg-type]
     elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):

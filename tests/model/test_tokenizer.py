@@ -140,3 +140,14 @@ def test_encode_pieces_is_encode_piece_of_each(pair):
     pieces = ["", *TEXTS, ours.render_chat(CHATS[1], add_generation_prompt=False)]
     assert ours.encode_pieces(pieces) == [ours.encode_piece(p) for p in pieces]
     assert ours.encode_pieces([]) == []
+
+
+def test_no_token_spells_more_characters_than_max_token_chars(pair):
+    """What the early length check relies on: a token never decodes to more characters than
+    `max_token_chars`, so N characters of text need at least N / max_token_chars tokens."""
+    ours, _ = pair
+    longest = max(len(ours.hf.decode([i], skip_special_tokens=False))
+                  for i in range(ours.vocab_size))
+    assert 1 <= longest <= ours.max_token_chars
+    text = "word " * 2000  # and a real text takes at least its length over that many tokens
+    assert len(ours.encode(text)) >= len(text) / ours.max_token_chars

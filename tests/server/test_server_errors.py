@@ -65,6 +65,10 @@ CASES = [
     ("token-out-of-vocab", COMPLETIONS, {"prompt": [1, 10**6]}, {}, 400, "token ids"),
     ("token-out-of-vocab-stream", COMPLETIONS, {"prompt": [1, 10**6], "stream": True}, {}, 400,
      "token ids"),
+    ("text-longer-than-any-context", CHAT,
+     chat(messages=[{"role": "user", "content": "a" * 3_000_000}]), {}, 400, "characters"),
+    ("completion-text-longer-than-any-context", COMPLETIONS, {"prompt": "a" * 3_000_000}, {},
+     400, "characters"),
     ("deep-json-in-a-tool-schema", CHAT,
      b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
      b'"function": {"name": "f", "parameters": {"a": ' + DEEP + b'}}}]}', {}, 400, "nests"),
