@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the graph cost model's decode time per token (default: %(default)s)")
     p.add_argument("--max-live-runs", type=int, default=control["max_live_runs"], metavar="N",
                    help="runs live at once (default: %(default)s)")
+    p.add_argument("--max-runs-per-tenant", type=int, default=control["max_runs_per_tenant"],
+                   metavar="N", help="runs one tenant may have live at once; past it, a new run "
+                   "is a 429 quota_exceeded (default: %(default)s)")
+    p.add_argument("--max-graphs-per-tenant", type=int,
+                   default=control["max_graphs_per_tenant"], metavar="N",
+                   help="graphs one tenant may hold (default: %(default)s)")
     p.add_argument("--transition-prior-observations", type=int,
                    default=control["transition_prior_observations"], metavar="N",
                    help="a declared edge counts towards priorities until its source was seen "
@@ -180,6 +186,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     make_policy(engine.policy, engine.policy_options)  # a bad option fails here, not at load
     control = ControlConfig(seconds_per_output_token=args.seconds_per_output_token,
                             max_live_runs=args.max_live_runs,
+                            max_runs_per_tenant=args.max_runs_per_tenant,
+                            max_graphs_per_tenant=args.max_graphs_per_tenant,
                             transition_prior_observations=args.transition_prior_observations,
                             min_branch_share=args.min_branch_share)
     limits = ServerLimits(

@@ -75,14 +75,18 @@ class ControlConfig:
     seconds_per_output_token: float = 0.02  # a decode step of a small model on one GPU
     default_output_tokens: int = 256  # for agents that do not declare expected_output_tokens
     max_live_runs: int = 4096
+    # Per tenant, so that one tenant cannot take every run slot or fill the graph store.
+    max_runs_per_tenant: int = 1024
+    max_graphs_per_tenant: int = 1024
     transition_prior_observations: int = 3
     min_branch_share: float = 0.05
 
     def __post_init__(self) -> None:
         if self.seconds_per_output_token < 0 or self.default_output_tokens < 0:
             raise ConfigError("the control plane's cost model takes no negative values")
-        if self.max_live_runs < 1:
-            raise ConfigError(f"max_live_runs must be positive, got {self.max_live_runs}")
+        for name in ("max_live_runs", "max_runs_per_tenant", "max_graphs_per_tenant"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.transition_prior_observations < 1:
             raise ConfigError("transition_prior_observations must be positive, got "
                               f"{self.transition_prior_observations}")

@@ -26,7 +26,7 @@ from kvrt.runtime.config import DEFAULT_TENANT, ControlConfig, ServeConfig
 from kvrt.runtime.engine.protocol import Attribution
 from kvrt.runtime.graph.critical_path import Criticality, critical_path
 from kvrt.runtime.graph.declaration import AgentGraph, declare_graph
-from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound
+from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound, QuotaExceeded
 from kvrt.runtime.graph.learning import LearnedGraph
 from kvrt.runtime.graph.runs import CostModel, Run
 from kvrt.runtime.graph.store import SavedGraph, SavedRun, StateError, StateStore
@@ -96,6 +96,11 @@ class ControlPlane:
     # -- graphs -----------------------------------------------------------------------------
 
     def create_graph(self, spec: GraphSpec, tenant: str = DEFAULT_TENANT) -> GraphEntry:
+        held = len(self.graphs(tenant))
+        if held >= self.config.max_graphs_per_tenant:
+            raise QuotaExceeded("max_graphs_per_tenant", f"this tenant holds {held} graphs, its "
+                                "quota (--max-graphs-per-tenant); delete graphs it no longer "
+                                "runs (DELETE /v1/graphs/{id}) first")
         entry = self._declare(_new_id("graph"), tenant, spec, int(time.time()))
         if self._store is not None:
             self._store.add_graph(SavedGraph(entry.id, tenant, entry.created, spec))
@@ -134,6 +139,11 @@ class ControlPlane:
         existing = self.keyed_run(graph_id, key, tenant)
         if existing is not None:
             return existing
+        live = sum(len(e.runs) for e in self.graphs(tenant))
+        if live >= self.config.max_runs_per_tenant:
+            raise QuotaExceeded("max_runs_per_tenant", f"this tenant has {live} live runs, its "
+                                "quota (--max-runs-per-tenant); end finished runs "
+                                "(DELETE /v1/runs/{id}) first")
         if self.live_run_count() >= self.config.max_live_runs:
             raise Conflict("too_many_runs", f"{self.live_run_count()} runs are live, the "
                            "server's limit; end finished runs (DELETE /v1/runs/{id}) first")

@@ -25,3 +25,12 @@ class Conflict(RuntimeError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class QuotaExceeded(RuntimeError):
+    """A tenant holds as much as its quota allows (429): `quota` names the quota (the flag that
+    sets it, without its dashes: "max_runs_per_tenant")."""
+
+    def __init__(self, quota: str, message: str) -> None:
+        super().__init__(message)
+        self.quota = quota

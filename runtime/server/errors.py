@@ -20,7 +20,7 @@ from kvrt.runtime.engine.protocol import (
     RunEnded,
     ShuttingDown,
 )
-from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound
+from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound, QuotaExceeded
 from kvrt.sdk.protocol.errors import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,9 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(404, str(exc), code=f"{exc.kind}_not_found")
     if isinstance(exc, Conflict):
         return APIError(409, str(exc), code=exc.code)
+    if isinstance(exc, QuotaExceeded):
+        # No Retry-After: what it holds is freed by its own deletes, not by waiting.
+        return APIError(429, str(exc), param=exc.quota, code="quota_exceeded")
     if isinstance(exc, RequestRejected):
         return bad_request(str(exc), code="request_rejected")
     if isinstance(exc, RunEnded):

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from kvrt.runtime.config import ControlConfig
 from kvrt.sdk import Client, Graph, KvrtError
 from tests.server.live_server import LiveServer, Reply, assert_error_shape, live_server
 
@@ -243,3 +244,26 @@ def test_an_authorization_header_that_is_not_utf8_is_a_401(server: LiveServer) -
     assert head.startswith(b"HTTP/1.1 401"), response[:300]
     assert json.loads(body)["error"]["code"] == "invalid_api_key"
     assert server.request("GET", "/v1/models", headers=A).status == 200  # still serving
+
+
+@pytest.fixture(scope="module")
+def quotas(tiny_model: Path) -> Iterator[LiveServer]:
+    yield from live_server(tiny_model, api_keys=((KEY_A, "a"), (KEY_B, "b")),
+                           control=ControlConfig(max_runs_per_tenant=1, max_graphs_per_tenant=1))
+
+
+def test_past_its_quota_a_tenant_gets_429s_and_the_other_tenant_is_served(quotas) -> None:
+    spec = {"name": "g", "agents": [{"name": "a"}]}
+    graph = quotas.post("/v1/graphs", spec, headers=A)
+    assert graph.status == 201, graph.body
+    error = assert_error_shape(quotas.post("/v1/graphs", spec, headers=A), 429)
+    assert (error["code"], error["param"]) == ("quota_exceeded", "max_graphs_per_tenant")
+    run = quotas.post("/v1/runs", {"graph_id": graph.json()["id"]}, headers=A)
+    assert run.status == 201, run.body
+    error = assert_error_shape(quotas.post("/v1/runs", {"graph_id": graph.json()["id"]},
+                                           headers=A), 429)
+    assert (error["code"], error["param"]) == ("quota_exceeded", "max_runs_per_tenant")
+    assert "--max-runs-per-tenant" in error["message"]
+    other = quotas.post("/v1/graphs", spec, headers=B)
+    assert other.status == 201
+    assert quotas.post("/v1/runs", {"graph_id": other.json()["id"]}, headers=B).status == 201
