@@ -169,6 +169,9 @@ class StateStore:
             self._db.execute("DELETE FROM runs WHERE graph_id = ?", (graph_id,))
             self._db.execute("DELETE FROM learning WHERE graph_id = ?", (graph_id,))
             self._db.execute("DELETE FROM graphs WHERE id = ?", (graph_id,))
+        # The freed pages leave the file. The pragma frees one page per step, and execute()
+        # steps once: executescript runs it to the end.
+        self._db.executescript("PRAGMA incremental_vacuum;")
 
     def save_learning(self, graph_id: str, learning: SavedLearning) -> None:
         self._db.execute("INSERT OR REPLACE INTO learning VALUES (?, ?)",
@@ -189,6 +192,9 @@ class StateStore:
             raise StateError(f"cannot read the state file {self.path}: {_why(exc)}") from None
 
 
+_INCREMENTAL_VACUUM = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+
+
 def _prepare(db: sqlite3.Connection, path: str) -> None:
     """Locks the file, checks its version, and creates the tables of a new one (or those an
     older version lacks). The first statement that reads the file fails on one that is not
@@ -199,6 +205,13 @@ def _prepare(db: sqlite3.Connection, path: str) -> None:
         raise StateError(f"the state file {path} has schema version {version}; this "
                          f"kvrt reads version {SCHEMA_VERSION} and upgrades "
                          f"{', '.join(map(str, _MIGRATED))} (use another --state-dir)")
+    if db.execute("PRAGMA auto_vacuum").fetchone()[0] != _INCREMENTAL_VACUUM:
+        # So that a deleted graph's pages go back to the file system (remove_graph), not stay
+        # in the file for ever. A new file takes the mode as it is created; an older one by one
+        # VACUUM, once.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        if db.execute("PRAGMA page_count").fetchone()[0] > 0:
+            db.execute("VACUUM")
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
     with db:  # one transaction: committed, or rolled back on an error

@@ -275,7 +275,34 @@ def test_a_version_1_state_file_is_upgraded_in_place(tmp_path: Path) -> None:
     store.close()
     db = sqlite3.connect(tmp_path / FILE_NAME)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    # Made without auto_vacuum, it was vacuumed into the incremental mode once at its open.
+    assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
     db.close()
     store = StateStore.open(str(tmp_path))
     assert store.learning() == {"g1": learning}
+    store.close()
+
+
+def _file_bytes(state_dir: Path) -> int:
+    """The state file and its write-ahead log together: what the store takes on disk."""
+    return sum(p.stat().st_size for p in state_dir.glob(FILE_NAME + "*"))
+
+
+def test_the_state_file_shrinks_after_deletes(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    store = StateStore.open(str(state))
+    big = GraphSpec(name="big", agents=[AgentSpec(name=f"agent-{i}", system="x" * 2000)
+                                        for i in range(40)])
+    for i in range(60):  # ~5 MB of declarations
+        store.add_graph(SavedGraph(f"g{i}", "t", 100, big))
+    store.close()
+    full = _file_bytes(state)
+    store = StateStore.open(str(state))
+    for i in range(60):
+        store.remove_graph(f"g{i}")
+    store.close()
+    assert full > 4_000_000 and _file_bytes(state) < full / 10, (full, _file_bytes(state))
+    store = StateStore.open(str(state))  # and it still reads and writes
+    store.add_graph(SavedGraph("g", "t", 100, SPEC))
+    assert [g.id for g in store.graphs()] == ["g"]
     store.close()
