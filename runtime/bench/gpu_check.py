@@ -36,6 +36,7 @@ import time
 import traceback
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,8 @@ def host_round_trip(model: str | None, device: str) -> dict[str, Any]:
         blocks = engine.kv.match_prefix(prompt, b"").block_ids
         before = engine.executor.kv_pool[blocks].clone()
         offloaded = engine.kv.offload(owner)
-        engine.tick()
-        _wait_for_moves(engine)
+        assert engine.kv.host is not None
+        engine.kv.host.wait()  # the offload lands
         gone = len(engine.kv.match_prefix(prompt, b"").block_ids)
         second = _greedy(engine, [prompt], owner)[0]
         back = engine.kv.match_prefix(prompt, b"").block_ids[: len(blocks)]
@@ -239,21 +240,7 @@ def _hf_greedy(hf, prompt: list[int]) -> list[int]:
 
 def _agreeing(ours: list[int], theirs: list[int]) -> int:
     """How many tokens agree before the first difference."""
-    count = 0
-    for a, b in zip(ours, theirs):
-        if a != b:
-            break
-        count += 1
-    return count
-
-
-def _wait_for_moves(engine: Engine, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while engine.kv.moves_in_flight():
-        if time.monotonic() > deadline:
-            raise CheckFailed("KV moves did not land in time", {})
-        time.sleep(0.001)
-        engine.tick()
+    return sum(1 for _ in takewhile(lambda pair: pair[0] == pair[1], zip(ours, theirs)))
 
 
 def run_steps(steps: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, Any]:

@@ -139,7 +139,7 @@ class ControlPlane:
         existing = self.keyed_run(graph_id, key, tenant)
         if existing is not None:
             return existing
-        live = sum(len(e.runs) for e in self.graphs(tenant))
+        live = self.live_run_count(tenant)
         if live >= self.config.max_runs_per_tenant:
             raise QuotaExceeded("max_runs_per_tenant", f"this tenant has {live} live runs, its "
                                 "quota (--max-runs-per-tenant); end finished runs "
@@ -184,8 +184,9 @@ class ControlPlane:
                 if (graph_id is None or r.graph_id == graph_id) and (key is None or r.key == key)
                 and (tenant is None or r.tenant == tenant)]
 
-    def live_run_count(self) -> int:
-        return sum(len(entry.runs) for entry in self._graphs.values())
+    def live_run_count(self, tenant: str | None = None) -> int:
+        """Live runs of the tenant's graphs (None: of every tenant's)."""
+        return sum(len(entry.runs) for entry in self.graphs(tenant))
 
     def end_run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
         run = self.run(run_id, tenant)
