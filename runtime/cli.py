@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-graphs-per-tenant", type=int,
                    default=control["max_graphs_per_tenant"], metavar="N",
                    help="graphs one tenant may hold (default: %(default)s)")
+    # Tenant shares (runtime/server/admission.py) and abandoned runs (runtime/graph/runs.py)
+    p.add_argument("--max-queue-share-per-tenant", type=float,
+                   default=limits["max_queue_share_per_tenant"], metavar="F",
+                   help="with several tenants, the part of --max-queued-requests and "
+                   "--max-queued-tokens one tenant may hold; past it, 429 tenant_queue_full "
+                   "(default: %(default)s)")
+    p.add_argument("--run-idle-timeout", type=float, default=control["run_idle_timeout_s"],
+                   metavar="S", help="a live run with no call in flight and no event, call or "
+                   "round for S seconds ends by itself (status expired) and frees its KV; "
+                   "0: never (default: %(default)s)")
     p.add_argument("--transition-prior-observations", type=int,
                    default=control["transition_prior_observations"], metavar="N",
                    help="a declared edge counts towards priorities until its source was seen "
@@ -189,12 +199,14 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                             max_runs_per_tenant=args.max_runs_per_tenant,
                             max_graphs_per_tenant=args.max_graphs_per_tenant,
                             transition_prior_observations=args.transition_prior_observations,
-                            min_branch_share=args.min_branch_share)
+                            min_branch_share=args.min_branch_share,
+                            run_idle_timeout_s=args.run_idle_timeout)
     limits = ServerLimits(
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_size,
         max_messages=args.max_messages, max_events_per_s=args.max_events_per_second,
         shutdown_timeout_s=args.shutdown_timeout,
+        max_queue_share_per_tenant=args.max_queue_share_per_tenant,
     )
     keys = [parse_api_key(text) for text in args.api_key]
     if args.api_keys_file is not None:

@@ -78,6 +78,9 @@ class ControlConfig:
     # Per tenant, so that one tenant cannot take every run slot or fill the graph store.
     max_runs_per_tenant: int = 1024
     max_graphs_per_tenant: int = 1024
+    # A live run with no call in flight and no event, call or round for this long (past the
+    # predicted end of its running tools and waits) ends by itself, its KV released; 0: never.
+    run_idle_timeout_s: float = 3600.0
     transition_prior_observations: int = 3
     min_branch_share: float = 0.05
 
@@ -87,6 +90,9 @@ class ControlConfig:
         for name in ("max_live_runs", "max_runs_per_tenant", "max_graphs_per_tenant"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.run_idle_timeout_s < 0:
+            raise ConfigError(f"run_idle_timeout_s cannot be negative, got "
+                              f"{self.run_idle_timeout_s}")
         if self.transition_prior_observations < 1:
             raise ConfigError("transition_prior_observations must be positive, got "
                               f"{self.transition_prior_observations}")
@@ -101,6 +107,9 @@ class ServerLimits:
 
     max_queued_requests: int = 1024  # requests waiting for the engine
     max_queued_tokens: int = 4 * 1024**2  # their prompt tokens
+    # The part of both bounds one tenant may hold while the server has several tenants, so
+    # that one tenant's burst leaves room in the queue for the others.
+    max_queue_share_per_tenant: float = 0.5
     request_timeout_s: float = 600.0  # a request's whole life, queue included; 0: none
     max_body_bytes: int = 64 * 1024**2  # agent prompts carry long histories
     max_messages: int = 4096  # per chat request or round
@@ -111,6 +120,9 @@ class ServerLimits:
         _positive(self, "max_queued_requests", "max_queued_tokens", "max_body_bytes",
                   "max_messages", "max_events_per_s")
         _non_negative(self, "request_timeout_s", "shutdown_timeout_s")
+        if not 0 < self.max_queue_share_per_tenant <= 1:
+            raise ConfigError("max_queue_share_per_tenant must be in (0, 1], got "
+                              f"{self.max_queue_share_per_tenant}")
 
 
 DEFAULT_TENANT = "default"

@@ -13,6 +13,12 @@ listed and ended, but take no events and no calls (Conflict `run_interrupted`), 
 against `max_live_runs`, and no longer hold their key (its next start begins a new run).
 What the runs of a graph taught (runtime/graph/learning.py) is written at each episode's fold
 and brought back too; an episode in progress when the daemon stopped is lost.
+
+A live run idle past `run_idle_timeout_s` (Run.idle_deadline) expires (`expire_idle`, which
+the server calls about once a second and then releases the runs' KV): it is ended as a DELETE
+ends it (written as ended to the store, so a restart does not bring it back), frees its slot
+in the quotas and its key, and stays readable as "expired" (Conflict `run_expired` for events
+and calls) for as long again, or until deleted, before it is forgotten.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class GraphEntry:
     created: int  # unix seconds
     runs: set[str] = field(default_factory=set)  # live run ids
     interrupted: set[str] = field(default_factory=set)  # interrupted run ids, not yet ended
+    expired: set[str] = field(default_factory=set)  # expired run ids, not yet forgotten
 
     @property
     def learned(self) -> LearnedGraph:
@@ -69,6 +76,7 @@ class ControlPlane:
         self._graphs: dict[str, GraphEntry] = {}
         self._runs: dict[str, Run] = {}  # live and interrupted
         self._keyed: dict[tuple[str, str], str] = {}  # (graph id, key) -> live run id
+        self._expired: dict[str, float] = {}  # run id -> clock when it expired, oldest first
         self._store = store
         if store is not None:
             self._load(store)
@@ -126,6 +134,8 @@ class ControlPlane:
                            "graph")
         if self._store is not None:
             self._store.remove_graph(graph_id)
+        for run_id in entry.expired:  # they go with their graph
+            del self._runs[run_id], self._expired[run_id]
         del self._graphs[graph_id]
 
     # -- runs -------------------------------------------------------------------------------
@@ -158,20 +168,26 @@ class ControlPlane:
 
     def keyed_run(self, graph_id: str, key: str | None,
                   tenant: str = DEFAULT_TENANT) -> Run | None:
-        """The graph's live run started with `key`, if any."""
+        """The graph's live run started with `key`, if any (a start by its key is activity:
+        Run.touch)."""
         self.graph(graph_id, tenant)
         run_id = None if key is None else self._keyed.get((graph_id, key))
-        return None if run_id is None else self._runs[run_id]
+        if run_id is None:
+            return None
+        run = self._runs[run_id]
+        run.touch()
+        return run
 
     def run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
-        """The run, live or interrupted."""
+        """The run, live, interrupted or expired."""
         run = self._runs.get(run_id)
         if run is None or run.tenant != tenant:
             raise NotFound("run", f"no run with id {run_id!r}")
         return run
 
     def live_run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
-        """The run, for events and calls: Conflict `run_interrupted` if it was interrupted."""
+        """The run, for events and calls: Conflict `run_interrupted` or `run_expired` if it is
+        not live."""
         run = self.run(run_id, tenant)
         run.check_live()
         return run
@@ -190,11 +206,15 @@ class ControlPlane:
 
     def end_run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
         run = self.run(run_id, tenant)
+        entry = self._graphs[run.graph_id]
+        if run.status == "expired":  # ended already (expire_idle): forgotten now
+            del self._runs[run_id], self._expired[run_id]
+            entry.expired.discard(run_id)
+            return run
         run.end()
         if self._store is not None:
             self._store.end_run(run_id, int(time.time()))
         del self._runs[run_id]
-        entry = self._graphs[run.graph_id]
         if run.status == "interrupted":
             entry.interrupted.discard(run_id)
             return run
@@ -202,6 +222,38 @@ class ControlPlane:
         if run.key is not None:
             del self._keyed[run.graph_id, run.key]  # the key's next start begins a new run
         return run
+
+    def expire_idle(self) -> list[Run]:
+        """Expires the live runs idle past `run_idle_timeout_s` (see the module docstring) and
+        forgets those expired that long ago; returns the runs it expired, whose KV the caller
+        releases. O(live runs); nothing with a timeout of 0."""
+        timeout = self.config.run_idle_timeout_s
+        if not timeout:
+            return []
+        now = self.clock()
+        while self._expired:
+            run_id, expired_at = next(iter(self._expired.items()))
+            if now - expired_at < timeout:
+                break
+            run = self._runs.pop(run_id)
+            del self._expired[run_id]
+            self._graphs[run.graph_id].expired.discard(run_id)
+        idle = [run for run in self._runs.values() if run.status == "live"
+                and (deadline := run.idle_deadline(timeout)) is not None and deadline <= now]
+        for run in idle:
+            self._expire(run, now)
+        return idle
+
+    def _expire(self, run: Run, now: float) -> None:
+        if self._store is not None:
+            self._store.end_run(run.id, int(time.time()))
+        run.expire()
+        entry = self._graphs[run.graph_id]
+        entry.runs.discard(run.id)
+        entry.expired.add(run.id)
+        if run.key is not None:
+            del self._keyed[run.graph_id, run.key]  # the key's next start begins a new run
+        self._expired[run.id] = now
 
     def agent_of(self, attribution: Attribution,
                  tenant: str = DEFAULT_TENANT) -> tuple[Run, int] | None:

@@ -83,6 +83,7 @@ class AgentActivity:
     calls: int = 0  # model calls ended (finished, failed or aborted)
     tool_calls: int = 0  # tool calls started (applied start events)
     waiting: tuple[str, ToolCall] | None = None  # (reason, the wait) since agent.waiting
+    last_call_end: float = float("-inf")  # clock seconds
     done: bool = False
     episode: AgentEpisode = field(default_factory=AgentEpisode)
 
@@ -164,6 +165,7 @@ class AgentCall:
         activity.generating.discard(self.request_id)
         tokens = activity.call_tokens.pop(self.request_id, 0)
         if was_open:  # a second ended() of the same call must not count it twice
+            activity.last_call_end = self.clock()
             activity.calls += 1
             activity.episode.ended_calls += 1
             activity.episode.ended_tokens += tokens
@@ -174,8 +176,9 @@ class Run:
     """`key`: what the client started it with (a framework's thread id), so that starting the
     same key again finds this run (see ControlPlane.start_run). `tenant`: who started it; no
     one else sees it. An "interrupted" run (live when the daemon stopped) takes no events and
-    no calls: `apply` and `submit_call` raise Conflict `run_interrupted`. `event_budget`, if
-    any, limits the rate of its events (see `admit_event`)."""
+    no calls: `apply` and `submit_call` raise Conflict `run_interrupted`; nor does an
+    "expired" one (Conflict `run_expired`; see `idle_deadline`). `event_budget`, if any,
+    limits the rate of its events (see `admit_event`)."""
 
     def __init__(self, run_id: str, graph_id: str, graph: AgentGraph, costs: CostModel,
                  created: int, clock: Callable[[], float], key: str | None = None, *,
@@ -188,6 +191,7 @@ class Run:
         self.episodes = RunEpisodes(costs.learned, self.agents)
         self.event_count = 0
         self.rounds = 0  # All-Gather rounds started (POST /v1/runs/{id}/rounds)
+        self.last_active = clock()  # its last event, call or start by its key
         self._event_ids: OrderedDict[str, None] = OrderedDict()
 
     def agent_index(self, name: str) -> int:
@@ -202,6 +206,36 @@ class Run:
             raise Conflict("run_interrupted", f"run {self.id} was interrupted: it was live when "
                            "the daemon stopped, and takes no events or calls; start a new run "
                            "(and DELETE this one)")
+        if self.status == "expired":
+            raise Conflict("run_expired", f"run {self.id} expired: it was idle longer than the "
+                           "server's --run-idle-timeout, and its KV was released; start a new "
+                           "run (its key starts a fresh one)")
+
+    def touch(self) -> None:
+        """The client used the run: its idle time starts again."""
+        self.last_active = self.clock()
+
+    def idle_deadline(self, timeout_s: float) -> float | None:
+        """When the run expires if nothing happens before (clock seconds): `timeout_s` after
+        its last activity, or after the predicted end of its running tools and waits if that
+        is later (a long tool is no abandonment; a tool that never reports back is). None
+        while a model call of it is in flight: a call in flight is activity."""
+        last = self.last_active
+        for activity in self.agents:
+            if activity.queued or activity.generating:
+                return None
+            last = max(last, activity.last_call_end)
+            pending = [call for calls in activity.tools.values() for call in calls]
+            if activity.waiting is not None:
+                pending.append(activity.waiting[1])
+            last = max([last, *(call.started + call.predicted for call in pending)])
+        return last + timeout_s
+
+    def expire(self) -> None:
+        """The run was idle past its deadline (ControlPlane.expire_idle): it ends as a DELETE
+        ends it, and stays readable as "expired"."""
+        self.end()
+        self.status = "expired"
 
     def admit_event(self) -> float:
         """Counts an event against the run's budget: 0.0 if it may be handled, else the
@@ -213,6 +247,7 @@ class Run:
         duplicate. A started tool call carries its predicted seconds: the client's estimate,
         else the learned or declared one."""
         self.check_live()
+        self.touch()
         index = self.agent_index(event.agent)
         if event.id is not None and event.id in self._event_ids:
             return None
@@ -295,6 +330,7 @@ class Run:
     def submit_call(self, index: int, request_id: str) -> AgentCall:
         """A model call of the agent is queued: counts the transition it makes (episodes.py)."""
         self.check_live()
+        self.touch()
         self._end_wait(index)
         self.episodes.call_submitted(index, self.clock())
         activity = self.agents[index]

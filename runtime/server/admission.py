@@ -12,6 +12,15 @@ submitted that have produced no output yet. Past `max_queued_requests` of them, 
 `max_queued_tokens` of their prompt tokens, a new request gets 429 with a Retry-After estimated
 from the recent drain rate (1 s when there is none). An empty queue takes any request the engine
 can ever run, however long its prompt: a bound on waiting must not make a request unservable.
+
+With several tenants (API keys naming more than one), one tenant may hold at most
+`max_queue_share_per_tenant` of both bounds (runtime/server/tenant_queue.py counts each one's
+calls): past its share a new request of it gets 429 `tenant_queue_full` (param
+`max_queue_share_per_tenant`) with a Retry-After from its part of the drain rate, while the
+rest of the queue stays open to the others. The share reserves room for a tenant that comes
+later, so it applies whether or not another tenant waits now; with one tenant there is no one
+to reserve it for, and the tenant has the whole queue. A tenant with nothing queued is
+admitted whatever its share (as an empty queue takes any request).
 """
 
 from __future__ import annotations
@@ -24,19 +33,27 @@ from aiohttp import web
 
 from kvrt.runtime.config import ServerLimits
 from kvrt.runtime.engine.protocol import EngineClient, EngineLoad, GenerateRequest
+from kvrt.runtime.server.auth import tenant_of
 from kvrt.runtime.server.errors import APIError
+from kvrt.runtime.server.generation import CallObserver
 from kvrt.runtime.server.model_calls import PreparedCall
+from kvrt.runtime.server.tenant_queue import QueuedCall, TenantLoad, TenantQueue
 
 State = Literal["starting", "ready", "draining"]
 
 _ALWAYS_OPEN = frozenset({"/health", "/metrics", "/v1/models", "/openapi.json"})
 _MAX_RETRY_AFTER_S = 60  # an estimate from a momentary stall must not park clients for long
+_ADMITTED = "kvrt.admitted"  # the HTTP request's admitted request ids (for the middleware)
 
 
 class Admission:
-    def __init__(self, limits: ServerLimits) -> None:
+    """`shared`: the server has several tenants, so each gets its share of the queue."""
+
+    def __init__(self, limits: ServerLimits, *, shared: bool = False) -> None:
         self.limits = limits
+        self.shared = shared
         self.state: State = "starting"
+        self.tenants = TenantQueue()
 
     def open(self) -> None:
         if self.state == "starting":
@@ -56,17 +73,58 @@ class Admission:
                             retry_after_s=max(1, math.ceil(self.limits.shutdown_timeout_s)))
         return None
 
-    def admit(self, engine: EngineClient, calls: list[PreparedCall], arrival: float
-              ) -> list[GenerateRequest]:
-        """Calls that arrived together (one call, or a round's), admitted or refused whole:
-        400 for one that can never run (whatever the load), 429 past the queue bounds; returns
-        their requests, each with what is left of the time limit."""
+    def admit(self, http: web.Request, engine: EngineClient, calls: list[PreparedCall],
+              arrival: float) -> list[GenerateRequest]:
+        """Calls of the HTTP request `http` that arrived together (one call, or a round's),
+        admitted or refused whole: 400 for one that can never run (whatever the load), 429
+        past the queue bounds or the tenant's share of them; returns their requests, each with
+        what is left of the time limit, counted in the tenant's part of the queue (hand their
+        observers to `follow`)."""
         timeout = self.timeout_s(arrival)
         requests = [call.request(timeout) for call in calls]
         for request in requests:
             engine.validate(request)
-        self.check_queue(engine.load(), sum(len(r.prompt_token_ids) for r in requests))
+        tokens = sum(len(r.prompt_token_ids) for r in requests)
+        load, tenant = engine.load(), tenant_of(http)
+        self.check_queue(load, tokens)
+        self.check_share(load, self.tenants.load(tenant), tokens)
+        for request in requests:
+            self.tenants.enter(tenant, request.request_id, len(request.prompt_token_ids))
+        http.setdefault(_ADMITTED, []).extend(r.request_id for r in requests)
         return requests
+
+    def follow(self, requests: list[GenerateRequest], observers: list[CallObserver | None]
+               ) -> list[CallObserver]:
+        """The observers to generate `requests` with: each leaves the tenant's part of the
+        queue at its call's first output or end, then tells `observers` (the runs')."""
+        return [QueuedCall(self.tenants, request.request_id, observer)
+                for request, observer in zip(requests, observers, strict=True)]
+
+    def release(self, http: web.Request) -> None:
+        """The HTTP request ended: none of its calls is queued any longer."""
+        for request_id in http.get(_ADMITTED, ()):
+            self.tenants.leave(request_id)
+
+    def check_share(self, load: EngineLoad, held: TenantLoad, prompt_tokens: int) -> None:
+        """Raises a 429 if the tenant, holding `held` of the queue, would pass its share."""
+        if not self.shared or held.requests == 0:
+            return
+        limits, share = self.limits, self.limits.max_queue_share_per_tenant
+        max_requests = max(1, math.floor(share * limits.max_queued_requests))
+        max_tokens = max(1, math.floor(share * limits.max_queued_tokens))
+        if held.requests < max_requests and held.tokens + prompt_tokens <= max_tokens:
+            return
+        # Its calls leave the queue at their part of the drain rate (None: unknown).
+        rate = (None if not load.drain_per_s or not load.queued_requests else
+                load.drain_per_s * min(1.0, held.requests / load.queued_requests))
+        wait = _wait_s(rate, held.requests, held.tokens, prompt_tokens, max_requests, max_tokens)
+        raise APIError(
+            429,
+            f"this tenant has {held.requests} requests ({held.tokens} prompt tokens) waiting "
+            f"for the engine, its share of the queue (--max-queue-share-per-tenant {share:g}: "
+            f"{max_requests} requests, {max_tokens} tokens); retry after {wait} s",
+            code="tenant_queue_full", param="max_queue_share_per_tenant", retry_after_s=wait,
+        )
 
     def check_queue(self, load: EngineLoad, prompt_tokens: int) -> None:
         """Raises a 429 if a request of `prompt_tokens` would overfill the engine's queue."""
@@ -87,15 +145,9 @@ class Admission:
 
     def _retry_after_s(self, load: EngineLoad, prompt_tokens: int) -> int:
         """Seconds until enough of the queue has drained for this request, at the recent rate."""
-        rate = load.drain_per_s
-        if not rate:
-            return 1
         limits = self.limits
-        over_requests = load.queued_requests + 1 - limits.max_queued_requests
-        over_tokens = load.queued_tokens + prompt_tokens - limits.max_queued_tokens
-        tokens_per_request = max(1.0, load.queued_tokens / load.queued_requests)
-        to_drain = max(over_requests, math.ceil(over_tokens / tokens_per_request), 1)
-        return min(_MAX_RETRY_AFTER_S, max(1, math.ceil(to_drain / rate)))
+        return _wait_s(load.drain_per_s, load.queued_requests, load.queued_tokens,
+                       prompt_tokens, limits.max_queued_requests, limits.max_queued_tokens)
 
     def timeout_s(self, arrival: float) -> float | None:
         """What is left of the request's time limit (`arrival`: its time.perf_counter() when
@@ -106,13 +158,31 @@ class Admission:
         return max(limit - (time.perf_counter() - arrival), 1e-3)
 
 
+def _wait_s(rate: float | None, requests: int, tokens: int, prompt_tokens: int,
+            max_requests: int, max_tokens: int) -> int:
+    """Seconds until enough of `requests` queued calls (`tokens` prompt tokens) have drained,
+    at `rate` calls a second, for one more of `prompt_tokens` to fit the bounds (1 s when the
+    rate is not known)."""
+    if not rate:
+        return 1
+    over_requests = requests + 1 - max_requests
+    over_tokens = tokens + prompt_tokens - max_tokens
+    tokens_per_request = max(1.0, tokens / requests)
+    to_drain = max(over_requests, math.ceil(over_tokens / tokens_per_request), 1)
+    return min(_MAX_RETRY_AFTER_S, max(1, math.ceil(to_drain / rate)))
+
+
 ADMISSION = web.AppKey("admission", Admission)
 
 
 @web.middleware
 async def admission_middleware(request: web.Request, handler) -> web.StreamResponse:
+    admission = request.app[ADMISSION]
     if request.path not in _ALWAYS_OPEN:
-        refusal = request.app[ADMISSION].unavailable()
+        refusal = admission.unavailable()
         if refusal is not None:
             raise refusal
-    return await handler(request)
+    try:
+        return await handler(request)
+    finally:
+        admission.release(request)

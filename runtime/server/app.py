@@ -30,6 +30,7 @@ from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC, PrioritySync
 from kvrt.runtime.server.round_routes import routes as round_routes
+from kvrt.runtime.server.run_expiry import run_expiry
 from kvrt.runtime.server.tool_parsers import make_tool_parser
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     # Errors outermost: an auth refusal is an error in OpenAI's shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware, admission_middleware],
                           client_max_size=config.limits.max_body_bytes)
-    app[ADMISSION] = Admission(config.limits)
+    app[ADMISSION] = Admission(config.limits,
+                               shared=len({tenant for _, tenant in config.api_keys}) > 1)
     app[app_keys.CONFIG] = config
     app[app_keys.ENGINE] = engine
     app[PRIORITY_SYNC] = PrioritySync(engine)
@@ -54,6 +56,7 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app.add_routes(control_routes)
     app.add_routes(round_routes)
     app.cleanup_ctx.append(_engine_lifetime)
+    app.cleanup_ctx.append(run_expiry)  # inside the engine's lifetime: it releases KV
     app.on_shutdown.append(drain)
     app.on_cleanup.append(_close_control)
     return app

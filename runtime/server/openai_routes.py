@@ -109,8 +109,9 @@ def _include_usage(body: SamplingRequest) -> bool:
 async def _respond(request: web.Request, body: SamplingRequest, call: PreparedCall,
                    formatter: Formatter, arrival: float) -> web.StreamResponse:
     engine, metrics = request.app[app_keys.ENGINE], request.app[app_keys.METRICS]
-    [gen] = request.app[ADMISSION].admit(engine, [call], arrival)
-    [observer] = submit_calls([call], request.app[PRIORITY_SYNC])
+    admission = request.app[ADMISSION]
+    [gen] = admission.admit(request, engine, [call], arrival)
+    [observer] = admission.follow([gen], submit_calls([call], request.app[PRIORITY_SYNC]))
     if body.stream:
         return await respond_stream(request, engine, gen, metrics, arrival, formatter, observer)
     return await respond_json(engine, gen, metrics, arrival, formatter, observer)

@@ -54,10 +54,11 @@ async def run_round(request: web.Request) -> web.Response:
     contexts = round_contexts(run, body.agents)
     calls = [round_agent_call(body, name, context, engine, tenant=tenant)
              for name, context in zip(body.agents, contexts)]
-    gens = request.app[ADMISSION].admit(engine, calls, arrival)  # whole, or refused whole
+    admission = request.app[ADMISSION]
+    gens = admission.admit(request, engine, calls, arrival)  # whole, or refused whole
     run.rounds += 1
     number = run.rounds
-    observers = submit_calls(calls, request.app[PRIORITY_SYNC])
+    observers = admission.follow(gens, submit_calls(calls, request.app[PRIORITY_SYNC]))
     metrics = request.app[app_keys.METRICS]
     async with asyncio.TaskGroup() as group:  # one failure cancels the others
         tasks = [group.create_task(_generate(engine, gen, metrics, arrival, observer))

@@ -29,7 +29,9 @@ Id = Annotated[str, Meta(min_length=1, max_length=128)]
 AgentStatus = Literal["idle", "queued", "generating", "tool_call", "waiting", "done"]
 # "interrupted": the run was live when the daemon stopped; a daemon started on the same state
 # dir (--state-dir) shows it, and deletes it, but refuses its events and calls (409).
-RunStatus = Literal["live", "interrupted"]
+# "expired": it was idle past --run-idle-timeout and its KV was released; readable for as long
+# again (or until deleted), then forgotten; it refuses events and calls too (409).
+RunStatus = Literal["live", "interrupted", "expired"]
 Reuse = Literal["exact", "approximate"]
 
 

@@ -1,0 +1,59 @@
+"""Ends abandoned runs: the app's sweeper for `--run-idle-timeout`.
+
+A client that starts a run and goes away without DELETE would hold the run's KV, its slot in
+`--max-live-runs` and in its tenant's quota, for ever. About once a second (more often only
+for timeouts under 4 s) the sweeper asks the control plane which live runs were idle past the
+timeout (ControlPlane.expire_idle: that ends them, as "expired"), then releases each one's KV
+as DELETE /v1/runs/{id} does: the priority sync forgets it, the engine releases it. A sweep
+that fails (the state store cannot be written) is logged and the next one tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from kvrt.runtime.server import app_keys
+from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
+
+log = logging.getLogger(__name__)
+
+_MAX_PERIOD_S = 1.0
+
+
+async def run_expiry(app: web.Application) -> AsyncIterator[None]:
+    """The app's cleanup_ctx: sweeps while the engine runs (append it after the engine's)."""
+    timeout = app[app_keys.CONFIG].control.run_idle_timeout_s
+    if not timeout:
+        yield
+        return
+    task = asyncio.create_task(_sweep_forever(app, min(_MAX_PERIOD_S, timeout / 4)))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _sweep_forever(app: web.Application, period_s: float) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            await sweep(app)
+        except Exception:  # noqa: BLE001 - the sweeper outlives one failed sweep
+            log.exception("expiring idle runs failed; retrying at the next sweep")
+
+
+async def sweep(app: web.Application) -> None:
+    """Expires the idle runs now and releases their KV."""
+    control, engine, sync = app[app_keys.CONTROL], app[app_keys.ENGINE], app[PRIORITY_SYNC]
+    for run in control.expire_idle():
+        sync.forget(run)
+        released = await engine.release_run(run.id)
+        log.info("run %s of tenant %s expired after %g s idle; %d KV blocks released",
+                 run.id, run.tenant, control.config.run_idle_timeout_s, released)
