@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvrt.runtime.config import ControlConfig
+from kvrt.runtime.engine.protocol import Attribution
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.graph.errors import Conflict, NotFound, QuotaExceeded
-from kvrt.sdk.protocol.control import AgentSpec, GraphSpec
+from kvrt.runtime.graph.store import StateStore
+from kvrt.sdk.protocol.control import (
+    AgentDone,
+    AgentSpec,
+    AgentWaiting,
+    GraphSpec,
+    ToolCallFinished,
+    ToolCallStarted,
+)
+
+SPEC = GraphSpec(name="g", agents=[AgentSpec(name="a")])
 
 
 def test_live_runs_are_limited_and_ending_one_makes_room() -> None:
@@ -50,3 +63,134 @@ def test_one_tenant_cannot_take_the_run_slots_or_the_graph_store_of_another() ->
     control.end_run(runs[1].id, tenant="abuser")
     control.delete_graph(mine[1].id, tenant="abuser")
     assert control.create_graph(spec, tenant="abuser").tenant == "abuser"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def idle_plane(timeout: float = 60.0, store: StateStore | None = None,
+               **config: int) -> tuple[ControlPlane, Clock]:
+    clock = Clock()
+    return ControlPlane(ControlConfig(run_idle_timeout_s=timeout, **config), clock,
+                        store=store), clock
+
+
+def test_a_run_idle_past_the_timeout_expires_and_frees_its_slot_and_key() -> None:
+    control, clock = idle_plane(60.0, max_runs_per_tenant=1)
+    graph = control.create_graph(SPEC, "t")
+    run = control.start_run(graph.id, "thread", "t")
+    clock.now += 59.9
+    assert control.expire_idle() == []
+    with pytest.raises(QuotaExceeded):  # its one slot is taken
+        control.start_run(graph.id, tenant="t")
+    clock.now += 0.1
+    assert control.expire_idle() == [run]
+    assert run.status == "expired" and control.live_run_count("t") == 0
+    # Readable, refusing events and calls with its own code.
+    assert control.run(run.id, "t") is run
+    assert [r.status for r in control.runs(tenant="t")] == ["expired"]
+    for refused in (lambda: control.live_run(run.id, "t"),
+                    lambda: run.apply(AgentDone(agent="a")),
+                    lambda: control.agent_of(Attribution(run.id, "a"), "t")):
+        with pytest.raises(Conflict) as conflict:
+            refused()
+        assert conflict.value.code == "run_expired"
+    # The key starts a new run, in the slot the expired one freed.
+    fresh = control.start_run(graph.id, "thread", "t")
+    assert fresh is not run and fresh.status == "live"
+    assert control.expire_idle() == []  # an expired run does not expire again
+
+
+def test_events_calls_and_starts_by_key_are_activity() -> None:
+    control, clock = idle_plane(60.0)
+    graph = control.create_graph(SPEC)
+    run = control.start_run(graph.id, "thread")
+    clock.now += 50
+    run.apply(ToolCallStarted(agent="a", tool="t", expected_duration_s=0))
+    clock.now += 50
+    run.apply(ToolCallFinished(agent="a", tool="t"))
+    clock.now += 50
+    assert control.start_run(graph.id, "thread") is run  # the client came back to it
+    clock.now += 50
+    call = run.submit_call(0, "req-1")
+    clock.now += 1000  # a call in flight is activity, however long it takes
+    assert control.expire_idle() == []
+    call.ended()
+    clock.now += 59
+    assert control.expire_idle() == []
+    clock.now += 1
+    assert control.expire_idle() == [run]
+
+
+def test_a_running_tool_or_wait_holds_the_run_until_its_predicted_end_then_the_timeout() -> None:
+    control, clock = idle_plane(60.0)
+    graph = control.create_graph(SPEC)
+    tool, wait = control.start_run(graph.id), control.start_run(graph.id)
+    tool.apply(ToolCallStarted(agent="a", tool="crawl", expected_duration_s=500))
+    wait.apply(AgentWaiting(agent="a", reason="approval", expected_duration_s=300))
+    clock.now += 359
+    assert control.expire_idle() == []
+    clock.now += 1
+    assert control.expire_idle() == [wait]  # a person who never answered
+    clock.now += 199
+    assert control.expire_idle() == []
+    clock.now += 1
+    assert control.expire_idle() == [tool]  # a tool that never reported back
+
+
+def test_an_expired_run_is_forgotten_after_the_timeout_again_or_when_deleted() -> None:
+    control, clock = idle_plane(60.0)
+    graph = control.create_graph(SPEC, "t")
+    kept, deleted = control.start_run(graph.id, tenant="t"), control.start_run(graph.id, tenant="t")
+    clock.now += 60
+    assert control.expire_idle() == [kept, deleted]
+    assert control.end_run(deleted.id, "t").status == "expired"
+    with pytest.raises(NotFound):
+        control.run(deleted.id, "t")
+    clock.now += 59
+    control.expire_idle()
+    assert control.run(kept.id, "t").status == "expired"
+    clock.now += 1
+    control.expire_idle()
+    with pytest.raises(NotFound):
+        control.run(kept.id, "t")
+    assert control.runs(tenant="t") == [] and graph.expired == set()
+
+
+def test_a_graph_with_only_expired_runs_can_be_deleted() -> None:
+    control, clock = idle_plane(60.0)
+    graph = control.create_graph(SPEC)
+    run = control.start_run(graph.id)
+    clock.now += 60
+    assert control.expire_idle() == [run]
+    control.delete_graph(graph.id)
+    with pytest.raises(NotFound):
+        control.run(run.id)
+    clock.now += 60
+    assert control.expire_idle() == []  # its forgetting does not trip on the graph's absence
+
+
+def test_a_timeout_of_zero_never_expires_a_run() -> None:
+    control, clock = idle_plane(0.0)
+    run = control.start_run(control.create_graph(SPEC).id)
+    clock.now += 10**9
+    assert control.expire_idle() == [] and run.status == "live"
+
+
+def test_an_expired_run_is_ended_in_the_store_and_does_not_come_back(tmp_path: Path) -> None:
+    control, clock = idle_plane(60.0, StateStore.open(str(tmp_path)))
+    graph = control.create_graph(SPEC)
+    expired, live = control.start_run(graph.id, "k"), control.start_run(graph.id)
+    clock.now += 30
+    live.apply(AgentDone(agent="a"))
+    clock.now += 30
+    assert control.expire_idle() == [expired]
+    control.close()
+    control, _ = idle_plane(60.0, StateStore.open(str(tmp_path)))
+    assert [(r.id, r.status) for r in control.runs()] == [(live.id, "interrupted")]
+    control.close()
