@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -43,7 +43,9 @@ State = Literal["starting", "ready", "draining"]
 
 _ALWAYS_OPEN = frozenset({"/health", "/metrics", "/v1/models", "/openapi.json"})
 _MAX_RETRY_AFTER_S = 60  # an estimate from a momentary stall must not park clients for long
-_ADMITTED = "kvrt.admitted"  # the HTTP request's admitted request ids (for the middleware)
+# The HTTP request's admitted request ids, for the middleware (a str key before aiohttp 3.13).
+_ADMITTED: Any = (web.RequestKey("admitted", list[str]) if hasattr(web, "RequestKey")
+                  else "kvrt.admitted")
 
 
 class Admission:

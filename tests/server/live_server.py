@@ -51,7 +51,7 @@ class LiveServer:
 
     def start(self) -> LiveServer:
         self._thread.start()
-        app = create_app(self.config, self.engine)
+        app = self.app = create_app(self.config, self.engine)
         self._runner, self.url = self.call(lambda: start_site(app, "127.0.0.1", 0))
         return self
 
