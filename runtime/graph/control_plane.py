@@ -14,11 +14,12 @@ against `max_live_runs`, and no longer hold their key (its next start begins a n
 What the runs of a graph taught (runtime/graph/learning.py) is written at each episode's fold
 and brought back too; an episode in progress when the daemon stopped is lost.
 
-A live run idle past `run_idle_timeout_s` (Run.idle_deadline) expires (`expire_idle`, which
-the server calls about once a second and then releases the runs' KV): it is ended as a DELETE
-ends it (written as ended to the store, so a restart does not bring it back), frees its slot
-in the quotas and its key, and stays readable as "expired" (Conflict `run_expired` for events
-and calls) for as long again, or until deleted, before it is forgotten.
+A live run idle past `run_idle_timeout_s` (Run.idle_deadline, `idle_runs`) expires (`expire`,
+called by the server's sweeper about once a second, which then releases the run's KV): it is
+ended as a DELETE ends it (written as ended to the store, so a restart does not bring it
+back), frees its slot in the quotas and its key, and stays readable as "expired" (Conflict
+`run_expired` for events and calls) for as long again, or until deleted, before it is
+forgotten (`forget_expired`).
 """
 
 from __future__ import annotations
@@ -223,28 +224,19 @@ class ControlPlane:
             del self._keyed[run.graph_id, run.key]  # the key's next start begins a new run
         return run
 
-    def expire_idle(self) -> list[Run]:
-        """Expires the live runs idle past `run_idle_timeout_s` (see the module docstring) and
-        forgets those expired that long ago; returns the runs it expired, whose KV the caller
-        releases. O(live runs); nothing with a timeout of 0."""
+    def idle_runs(self) -> list[Run]:
+        """The live runs idle past `run_idle_timeout_s` now (none with a timeout of 0), for
+        `expire`. O(runs)."""
         timeout = self.config.run_idle_timeout_s
         if not timeout:
             return []
         now = self.clock()
-        while self._expired:
-            run_id, expired_at = next(iter(self._expired.items()))
-            if now - expired_at < timeout:
-                break
-            run = self._runs.pop(run_id)
-            del self._expired[run_id]
-            self._graphs[run.graph_id].expired.discard(run_id)
-        idle = [run for run in self._runs.values() if run.status == "live"
+        return [run for run in self._runs.values() if run.status == "live"
                 and (deadline := run.idle_deadline(timeout)) is not None and deadline <= now]
-        for run in idle:
-            self._expire(run, now)
-        return idle
 
-    def _expire(self, run: Run, now: float) -> None:
+    def expire(self, run: Run) -> None:
+        """Ends an idle run as "expired" (see the module docstring); the caller releases its
+        KV. A failed write to the store changes nothing."""
         if self._store is not None:
             self._store.end_run(run.id, int(time.time()))
         run.expire()
@@ -253,7 +245,18 @@ class ControlPlane:
         entry.expired.add(run.id)
         if run.key is not None:
             del self._keyed[run.graph_id, run.key]  # the key's next start begins a new run
-        self._expired[run.id] = now
+        self._expired[run.id] = self.clock()
+
+    def forget_expired(self) -> None:
+        """Forgets the runs that expired `run_idle_timeout_s` ago or more."""
+        now, timeout = self.clock(), self.config.run_idle_timeout_s
+        while self._expired:
+            run_id, expired_at = next(iter(self._expired.items()))
+            if now - expired_at < timeout:
+                return
+            run = self._runs.pop(run_id)
+            del self._expired[run_id]
+            self._graphs[run.graph_id].expired.discard(run_id)
 
     def agent_of(self, attribution: Attribution,
                  tenant: str = DEFAULT_TENANT) -> tuple[Run, int] | None:

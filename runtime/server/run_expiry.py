@@ -3,9 +3,9 @@
 A client that starts a run and goes away without DELETE would hold the run's KV, its slot in
 `--max-live-runs` and in its tenant's quota, for ever. About once a second (more often only
 for timeouts under 4 s) the sweeper asks the control plane which live runs were idle past the
-timeout (ControlPlane.expire_idle: that ends them, as "expired"), then releases each one's KV
-as DELETE /v1/runs/{id} does: the priority sync forgets it, the engine releases it. A sweep
-that fails (the state store cannot be written) is logged and the next one tries again.
+timeout (ControlPlane.idle_runs), ends them as "expired" (ControlPlane.expire), then releases
+each one's KV as DELETE /v1/runs/{id} does: the priority sync forgets it, the engine releases
+it. What fails is logged, and the next sweep tries again.
 """
 
 from __future__ import annotations
@@ -50,9 +50,19 @@ async def _sweep_forever(app: web.Application, period_s: float) -> None:
 
 
 async def sweep(app: web.Application) -> None:
-    """Expires the idle runs now and releases their KV."""
+    """Expires the idle runs now, then releases their KV. A run whose end cannot be written to
+    the state store stays live (it is tried again at the next sweep); the others expire."""
     control, engine, sync = app[app_keys.CONTROL], app[app_keys.ENGINE], app[PRIORITY_SYNC]
-    for run in control.expire_idle():
+    control.forget_expired()
+    expired = []
+    for run in control.idle_runs():  # all expired before the first await: none revives
+        try:
+            control.expire(run)
+        except Exception:  # noqa: BLE001 - one run's failed write must not keep the others
+            log.exception("cannot expire idle run %s; retrying at the next sweep", run.id)
+            continue
+        expired.append(run)
+    for run in expired:
         sync.forget(run)
         released = await engine.release_run(run.id)
         log.info("run %s of tenant %s expired after %g s idle; %d KV blocks released",

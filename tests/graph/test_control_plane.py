@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from kvrt.runtime.config import ControlConfig
 from kvrt.runtime.engine.protocol import Attribution
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.graph.errors import Conflict, NotFound, QuotaExceeded
+from kvrt.runtime.graph.runs import Run
 from kvrt.runtime.graph.store import StateStore
 from kvrt.sdk.protocol.control import (
     AgentDone,
@@ -73,6 +75,15 @@ class Clock:
         return self.now
 
 
+def expire_idle(control: ControlPlane) -> list[Run]:
+    """What the server's sweeper does (runtime/server/run_expiry.py), without the KV."""
+    control.forget_expired()
+    idle = control.idle_runs()
+    for run in idle:
+        control.expire(run)
+    return idle
+
+
 def idle_plane(timeout: float = 60.0, store: StateStore | None = None,
                **config: int) -> tuple[ControlPlane, Clock]:
     clock = Clock()
@@ -85,11 +96,11 @@ def test_a_run_idle_past_the_timeout_expires_and_frees_its_slot_and_key() -> Non
     graph = control.create_graph(SPEC, "t")
     run = control.start_run(graph.id, "thread", "t")
     clock.now += 59.9
-    assert control.expire_idle() == []
+    assert expire_idle(control) == []
     with pytest.raises(QuotaExceeded):  # its one slot is taken
         control.start_run(graph.id, tenant="t")
     clock.now += 0.1
-    assert control.expire_idle() == [run]
+    assert expire_idle(control) == [run]
     assert run.status == "expired" and control.live_run_count("t") == 0
     # Readable, refusing events and calls with its own code.
     assert control.run(run.id, "t") is run
@@ -103,7 +114,7 @@ def test_a_run_idle_past_the_timeout_expires_and_frees_its_slot_and_key() -> Non
     # The key starts a new run, in the slot the expired one freed.
     fresh = control.start_run(graph.id, "thread", "t")
     assert fresh is not run and fresh.status == "live"
-    assert control.expire_idle() == []  # an expired run does not expire again
+    assert expire_idle(control) == []  # an expired run does not expire again
 
 
 def test_events_calls_and_starts_by_key_are_activity() -> None:
@@ -119,12 +130,12 @@ def test_events_calls_and_starts_by_key_are_activity() -> None:
     clock.now += 50
     call = run.submit_call(0, "req-1")
     clock.now += 1000  # a call in flight is activity, however long it takes
-    assert control.expire_idle() == []
+    assert expire_idle(control) == []
     call.ended()
     clock.now += 59
-    assert control.expire_idle() == []
+    assert expire_idle(control) == []
     clock.now += 1
-    assert control.expire_idle() == [run]
+    assert expire_idle(control) == [run]
 
 
 def test_a_running_tool_or_wait_holds_the_run_until_its_predicted_end_then_the_timeout() -> None:
@@ -134,13 +145,13 @@ def test_a_running_tool_or_wait_holds_the_run_until_its_predicted_end_then_the_t
     tool.apply(ToolCallStarted(agent="a", tool="crawl", expected_duration_s=500))
     wait.apply(AgentWaiting(agent="a", reason="approval", expected_duration_s=300))
     clock.now += 359
-    assert control.expire_idle() == []
+    assert expire_idle(control) == []
     clock.now += 1
-    assert control.expire_idle() == [wait]  # a person who never answered
+    assert expire_idle(control) == [wait]  # a person who never answered
     clock.now += 199
-    assert control.expire_idle() == []
+    assert expire_idle(control) == []
     clock.now += 1
-    assert control.expire_idle() == [tool]  # a tool that never reported back
+    assert expire_idle(control) == [tool]  # a tool that never reported back
 
 
 def test_an_expired_run_is_forgotten_after_the_timeout_again_or_when_deleted() -> None:
@@ -148,15 +159,15 @@ def test_an_expired_run_is_forgotten_after_the_timeout_again_or_when_deleted() -
     graph = control.create_graph(SPEC, "t")
     kept, deleted = control.start_run(graph.id, tenant="t"), control.start_run(graph.id, tenant="t")
     clock.now += 60
-    assert control.expire_idle() == [kept, deleted]
+    assert expire_idle(control) == [kept, deleted]
     assert control.end_run(deleted.id, "t").status == "expired"
     with pytest.raises(NotFound):
         control.run(deleted.id, "t")
     clock.now += 59
-    control.expire_idle()
+    expire_idle(control)
     assert control.run(kept.id, "t").status == "expired"
     clock.now += 1
-    control.expire_idle()
+    expire_idle(control)
     with pytest.raises(NotFound):
         control.run(kept.id, "t")
     assert control.runs(tenant="t") == [] and graph.expired == set()
@@ -167,19 +178,19 @@ def test_a_graph_with_only_expired_runs_can_be_deleted() -> None:
     graph = control.create_graph(SPEC)
     run = control.start_run(graph.id)
     clock.now += 60
-    assert control.expire_idle() == [run]
+    assert expire_idle(control) == [run]
     control.delete_graph(graph.id)
     with pytest.raises(NotFound):
         control.run(run.id)
     clock.now += 60
-    assert control.expire_idle() == []  # its forgetting does not trip on the graph's absence
+    assert expire_idle(control) == []  # its forgetting does not trip on the graph's absence
 
 
 def test_a_timeout_of_zero_never_expires_a_run() -> None:
     control, clock = idle_plane(0.0)
     run = control.start_run(control.create_graph(SPEC).id)
     clock.now += 10**9
-    assert control.expire_idle() == [] and run.status == "live"
+    assert expire_idle(control) == [] and run.status == "live"
 
 
 def test_an_expired_run_is_ended_in_the_store_and_does_not_come_back(tmp_path: Path) -> None:
@@ -189,8 +200,20 @@ def test_an_expired_run_is_ended_in_the_store_and_does_not_come_back(tmp_path: P
     clock.now += 30
     live.apply(AgentDone(agent="a"))
     clock.now += 30
-    assert control.expire_idle() == [expired]
+    assert expire_idle(control) == [expired]
     control.close()
     control, _ = idle_plane(60.0, StateStore.open(str(tmp_path)))
     assert [(r.id, r.status) for r in control.runs()] == [(live.id, "interrupted")]
     control.close()
+
+
+def test_a_run_whose_expiry_cannot_be_written_stays_live(tmp_path: Path) -> None:
+    store = StateStore.open(str(tmp_path))
+    control, clock = idle_plane(60.0, store)
+    run = control.start_run(control.create_graph(SPEC).id, "k")
+    clock.now += 60
+    store.close()  # every write fails from now on
+    with pytest.raises(sqlite3.Error):
+        control.expire(run)
+    assert run.status == "live" and control.live_run_count() == 1
+    assert control.keyed_run(run.graph_id, "k") is run
