@@ -208,7 +208,7 @@ class ControlPlane:
     def end_run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
         run = self.run(run_id, tenant)
         entry = self._graphs[run.graph_id]
-        if run.status == "expired":  # ended already (expire_idle): forgotten now
+        if run.status == "expired":  # ended already (expire): forgotten now
             del self._runs[run_id], self._expired[run_id]
             entry.expired.discard(run_id)
             return run

@@ -232,7 +232,7 @@ class Run:
         return last + timeout_s
 
     def expire(self) -> None:
-        """The run was idle past its deadline (ControlPlane.expire_idle): it ends as a DELETE
+        """The run was idle past its deadline (ControlPlane.expire): it ends as a DELETE
         ends it, and stays readable as "expired"."""
         self.end()
         self.status = "expired"
