@@ -191,7 +191,9 @@ class Run:
         self.episodes = RunEpisodes(costs.learned, self.agents)
         self.event_count = 0
         self.rounds = 0  # All-Gather rounds started (POST /v1/runs/{id}/rounds)
-        self.last_active = clock()  # its last event, call or start by its key
+        # Its last event, call or start by its key. An interrupted run never expires (and is
+        # made as the daemon opens, before the loop whose clock it reads runs).
+        self.last_active = clock() if status == "live" else float("-inf")
         self._event_ids: OrderedDict[str, None] = OrderedDict()
 
     def agent_index(self, name: str) -> int:
