@@ -12,12 +12,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
-from kvrt.runtime.config import ControlConfig, EngineConfig, ServerLimits
+from kvrt.runtime.config import DEFAULT_TENANT, ControlConfig, EngineConfig, ServerLimits
 from kvrt.runtime.engine.protocol import EngineLoad
-from kvrt.runtime.server.admission import ADMISSION, Admission
+from kvrt.runtime.server.admission import ADMISSION, Admission, admission_middleware
 from kvrt.runtime.server.errors import APIError
+from kvrt.runtime.server.model_calls import completion_call
 from kvrt.runtime.server.tenant_queue import TenantLoad
+from kvrt.sdk.protocol.openai_api import CompletionRequest
 from tests.server.live_server import (
     LiveServer,
     assert_error_shape,
@@ -157,6 +161,28 @@ def test_the_count_returns_to_zero_however_a_call_ends(server) -> None:
     assert rounded.status == 200, rounded.body
     assert server.request("DELETE", f"/v1/runs/{run}", headers=B).status == 200
     assert server.request("DELETE", f"/v1/graphs/{graph}", headers=B).status == 200
+    assert_no_tenant_queued(server)
+
+
+def test_a_call_whose_generation_never_started_leaves_with_its_http_request(server) -> None:
+    """A round's call cancelled before its task ran never reaches the observer that would
+    count it out: the admission middleware does, at the end of the HTTP request."""
+    engine, admission = server.engine, server_admission(server)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = CompletionRequest(model="tiny", prompt=[5, 6, 7], max_tokens=1)
+        call = completion_call(body, None, engine, tenant=DEFAULT_TENANT)
+        admission.admit(request, engine, [call], time.perf_counter())  # no key: the default
+        assert admission.tenants.load(DEFAULT_TENANT) == TenantLoad(requests=1, tokens=3)
+        raise asyncio.CancelledError  # as a TaskGroup cancels a task that never ran
+
+    async def serve_one() -> None:
+        request = make_mocked_request("POST", "/v1/completions", app=server.app)
+        with pytest.raises(asyncio.CancelledError):
+            await admission_middleware(request, handler)
+
+    server.call(serve_one)
+    assert on_loop(server, lambda: admission.tenants.load(DEFAULT_TENANT)) == TenantLoad()
     assert_no_tenant_queued(server)
 
 
