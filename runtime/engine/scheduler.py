@@ -5,7 +5,8 @@ prefill continues with as much of its prompt as the budget allows), preempting b
 when the pool runs dry; then waiting sequences in the policy's admission order, interleaved by
 tenant (engine/fair_share.py), while the budget, the sequence limit and the pool allow,
 skipping those the reuse planner holds (their shared text is being computed by another).
-Sequences join and leave the batch between steps. A prefill chunk steps over the spans its sequence reads from another copy (splices).
+Sequences join and leave the batch between steps. A prefill chunk steps over the spans its
+sequence reads from another copy (splices).
 
 `update(chunks, tokens)`: after the step ran, its KV exists: full blocks are keyed (the policy
 hears of them), segment copies are offered to the index, and each sampled token is appended.
