@@ -244,6 +244,20 @@ def test_public_metrics_show_no_tenant_unless_the_operator_asks(
     assert_error_shape(public_metrics.request("GET", "/v1/models"), 401)  # only /metrics
 
 
+@pytest.fixture(scope="module")
+def operator_only(tiny_model: Path) -> Iterator[LiveServer]:
+    yield from live_server(tiny_model, admin_keys=(KEY_OP,))
+
+
+def test_an_admin_key_alone_closes_metrics_and_leaves_the_api_open(
+        operator_only: LiveServer) -> None:
+    """No tenant keys: one tenant, an open API; the operator's key still guards /metrics."""
+    assert_error_shape(operator_only.request("GET", "/metrics"), 401)
+    reply = operator_only.request("GET", "/metrics", headers=OP)
+    assert reply.status == 200 and b"tenant=" not in reply.body
+    assert operator_only.request("GET", "/v1/models").status == 200
+
+
 def test_per_tenant_figures_count_each_tenants_own_calls_and_runs(server: LiveServer) -> None:
     names = ("kvrt:tenant_request_success_total", "kvrt:tenant_prompt_tokens_total",
              "kvrt:tenant_prefix_cache_hits_total", "kvrt:tenant_generation_tokens_total",
