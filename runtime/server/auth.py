@@ -76,7 +76,7 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
         request[_OPERATOR] = _metrics_caller(header, config)
     elif config.api_keys and request.path not in _OPEN_PATHS:
         owner = _owner_of(header, config)
-        if owner is _ADMIN:
+        if owner == _ADMIN:
             raise APIError(403, "an admin key opens /metrics only; the model and control API "
                            "take a tenant's key", code="admin_key_not_a_tenant_key")
         request[_TENANT] = owner
@@ -96,7 +96,7 @@ def _metrics_caller(header: str, config: ServeConfig) -> bool:
         if config.metrics_public:
             return False
         raise
-    if owner is _ADMIN:
+    if owner == _ADMIN:
         return True
     if config.metrics_public:
         return False

@@ -18,7 +18,12 @@ aiohttp answers from `RequestHandler.handle_error` in plain text, and offers no 
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidHeader, LineTooLong
+from aiohttp.http_exceptions import (
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidURLError,
+    LineTooLong,
+)
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -26,8 +31,8 @@ from kvrt.runtime.server.errors import APIError, error_response
 
 _CODES: tuple[tuple[type[HttpProcessingError], str], ...] = (
     (LineTooLong, "http_line_too_long"),
-    (BadStatusLine, "bad_request_line"),
-    (InvalidHeader, "invalid_header"),
+    (BadStatusLine, "bad_request_line"),  # a bad method or version, or TLS on this HTTP port
+    (InvalidURLError, "invalid_url"),
 )
 
 
@@ -53,6 +58,8 @@ def _api_error(status: int, exc: BaseException | None, message: str | None) -> A
     # The parser's messages span lines, with a caret under the bad byte: one line is kept.
     lines = [line.strip() for line in (text or "malformed").splitlines()]
     text = " ".join(line for line in lines if line.strip("^ "))
+    if isinstance(exc, InvalidURLError):  # its message is the URL alone
+        text = f"invalid URL {text}"
     return APIError(status, f"the HTTP request could not be read: {text}", code=code)
 
 

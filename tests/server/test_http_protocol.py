@@ -111,6 +111,10 @@ MALFORMED = [
     ("too-many-headers", b"GET /health HTTP/1.1\r\n" + MANY_HEADERS + b"\r\n",
      "bad_http_request", "Too many headers"),
     ("not-a-request-line", b"HELLO\r\n\r\n", "bad_request_line", "HELLO"),
+    ("tls-on-the-http-port", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+     "bad_request_line", "HTTPS traffic"),
+    ("bad-url", b"GET http://[::1 HTTP/1.1\r\nHost: kvrt\r\n\r\n", "invalid_url",
+     "invalid URL http://[::1"),
     ("bad-http-version", b"GET /health HTTP/9.9\r\nHost: kvrt\r\n\r\n", "bad_request_line",
      "HTTP version"),
     ("bad-content-length", b"POST /v1/chat/completions HTTP/1.1\r\nHost: kvrt\r\n"
