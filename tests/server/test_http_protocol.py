@@ -100,6 +100,22 @@ def test_a_keep_alive_connection_serves_requests_that_come_in_time(server: LiveS
             time.sleep(HEADER_TIMEOUT_S * 0.6)  # 2.4 s in all: past the timeout, in pieces
 
 
+def test_only_the_head_is_timed_a_body_may_take_longer(server: LiveServer) -> None:
+    """Once the head is in, the handler runs and the header timeout is out of the picture."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                       "ignore_eos": True, "temperature": 0}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: kvrt\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    with connect(server) as conn:
+        conn.sendall(head)
+        for piece in (body[:10], body[10:20], body[20:]):  # 3 s in all, thrice the timeout
+            time.sleep(HEADER_TIMEOUT_S)
+            conn.sendall(piece)
+        response = read_all(conn)
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+    assert json.loads(response.partition(b"\r\n\r\n")[2])["usage"]["completion_tokens"] == 2
+
+
 MANY_HEADERS = b"".join(b"X-H%d: 1\r\n" % i for i in range(200))
 
 # (id, raw request, error code, words of the message)
