@@ -103,8 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "graphs and runs (default tenant: default)")
     p.add_argument("--api-keys-file", default=None, metavar="PATH",
                    help="more keys, one KEY[:TENANT] per line")
+    p.add_argument("--admin-key", action="append", default=[], metavar="KEY",
+                   help="an operator's key (repeatable): it opens /metrics, with per-tenant "
+                   "figures, and nothing else; with any key set, tenant keys get 403 there")
     p.add_argument("--metrics-public", action="store_true",
-                   help="serve /metrics without a key even when keys are set")
+                   help="serve /metrics without a key even when keys are set (without "
+                   "per-tenant figures, which need an admin key)")
     p.add_argument("--state-dir", default=serve["state_dir"], metavar="DIR",
                    help="persist graphs and run metadata here (SQLite; default: none)")
     p.add_argument("--max-queued-requests", type=int, default=limits["max_queued_requests"],
@@ -124,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=limits["shutdown_timeout_s"],
                    metavar="S", help="seconds in-flight work gets to finish on shutdown "
                    "(default: %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=limits["header_timeout_s"],
+                   metavar="S", help="seconds a connection gets to send a request's line and "
+                   "headers, from its opening or its previous response; an idle keep-alive "
+                   "connection is closed after as long (default: %(default)s)")
     p.add_argument("--seconds-per-output-token", type=float,
                    default=control["seconds_per_output_token"], metavar="S",
                    help="the graph cost model's decode time per token (default: %(default)s)")
@@ -205,7 +213,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_size,
         max_messages=args.max_messages, max_events_per_s=args.max_events_per_second,
-        shutdown_timeout_s=args.shutdown_timeout,
+        shutdown_timeout_s=args.shutdown_timeout, header_timeout_s=args.header_timeout,
         max_queue_share_per_tenant=args.max_queue_share_per_tenant,
     )
     keys = [parse_api_key(text) for text in args.api_key]
@@ -214,7 +222,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(host=args.host, port=args.port, log_level=args.log_level,
                        served_model_name=args.served_model_name,
                        tool_call_parser=args.tool_call_parser, api_keys=tuple(keys),
-                       metrics_public=args.metrics_public, state_dir=args.state_dir,
+                       admin_keys=tuple(args.admin_key), metrics_public=args.metrics_public,
+                       state_dir=args.state_dir,
                        limits=limits, engine=engine, control=control)
 
 

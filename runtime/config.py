@@ -115,10 +115,14 @@ class ServerLimits:
     max_messages: int = 4096  # per chat request or round
     max_events_per_s: float = 500.0  # per run, averaged over a burst of as many
     shutdown_timeout_s: float = 30.0  # in-flight work finishes within this, then is aborted
+    # A connection's request line and headers must be in within this many seconds of its
+    # opening or of its previous response (runtime/server/http_protocol.py), so a client that
+    # sends nothing, or its headers a byte at a time, cannot hold a connection for long.
+    header_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _positive(self, "max_queued_requests", "max_queued_tokens", "max_body_bytes",
-                  "max_messages", "max_events_per_s")
+                  "max_messages", "max_events_per_s", "header_timeout_s")
         _non_negative(self, "request_timeout_s", "shutdown_timeout_s")
         if not 0 < self.max_queue_share_per_tenant <= 1:
             raise ConfigError("max_queue_share_per_tenant must be in (0, 1], got "
@@ -126,28 +130,67 @@ class ServerLimits:
 
 
 DEFAULT_TENANT = "default"
+_TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_KEY_CHARS = re.compile(r"[\x21-\x7e]*")  # printable ASCII, no spaces: what a header carries
+
+
+def check_key(key: str) -> str:
+    """An API or admin key as given: at least 8 printable ASCII characters, no spaces. The
+    message never shows the key (it may be a real one, and errors end up in logs)."""
+    if not key:
+        raise ConfigError("an API key is empty")
+    if not _KEY_CHARS.fullmatch(key):
+        at = next(i for i, c in enumerate(key) if not _KEY_CHARS.fullmatch(c))
+        raise ConfigError(f"an API key may hold only printable ASCII characters and no spaces; "
+                          f"this one has {key[at]!r} at position {at + 1}")
+    if len(key) < 8:
+        raise ConfigError(f"an API key needs at least 8 characters, this one has {len(key)}")
+    return key
 
 
 def parse_api_key(text: str) -> tuple[str, str]:
-    """'KEY[:TENANT]' -> (key, tenant); a key without a tenant belongs to the default one."""
-    key, _, tenant = text.strip().partition(":")
+    """'KEY[:TENANT]' -> (key, tenant); a key without a tenant belongs to the default one.
+    Spaces around the line and around the ':' are not part of either."""
+    key, colon, tenant = (part.strip() for part in text.strip().partition(":"))
+    if colon and not key:
+        raise ConfigError("no key before the ':'")
+    if colon and not tenant:
+        raise ConfigError("no tenant after the ':' (leave the ':' out for the default tenant)")
+    check_key(key)
     tenant = tenant or DEFAULT_TENANT
-    if len(key) < 8 or any(c.isspace() for c in key):
-        raise ConfigError("an API key needs at least 8 characters and no spaces")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant):
+    if not _TENANT_NAME.fullmatch(tenant):
         raise ConfigError(f"bad tenant name {tenant!r} (letters, digits, _ . -; at most 64)")
     return key, tenant
 
 
 def read_api_keys(path: str) -> list[tuple[str, str]]:
-    """A keys file: one KEY[:TENANT] per line; blank lines and # comments are skipped."""
+    """A keys file: one KEY[:TENANT] per line; blank lines and # comments are skipped. Editors'
+    habits are taken as meant: a UTF-8 byte-order mark, CRLF line ends, spaces around a line.
+    Anything else is refused naming the line (a malformed key, a key given twice), so that no
+    key silently becomes another."""
     try:
-        with open(path, encoding="utf-8-sig") as file:  # a BOM is not part of the first key
-            lines = file.read().splitlines()
+        with open(path, encoding="utf-8-sig") as file:  # universal newlines: CRLF is a line end
+            text = file.read()
     except OSError as exc:
         raise ConfigError(f"cannot read the API keys file: {exc}") from None
-    return [parse_api_key(line) for line in lines if line.strip() and not line.lstrip()
-            .startswith("#")]
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the API keys file {path} is not UTF-8 text (byte {exc.start + 1}: "
+                          f"{exc.reason}); save it as UTF-8") from None
+    keys: list[tuple[str, str]] = []
+    first_seen: dict[str, int] = {}
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            key, tenant = parse_api_key(line)
+        except ConfigError as exc:
+            raise ConfigError(f"the API keys file {path}, line {number}: {exc}") from None
+        if key in first_seen:
+            raise ConfigError(f"the API keys file {path}, line {number}: the key of line "
+                              f"{first_seen[key]} again (each key belongs to one tenant)")
+        first_seen[key] = number
+        keys.append((key, tenant))
+    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +204,10 @@ class ServeConfig:
     # Tenants (runtime/server/auth.py): (API key, tenant) pairs. None given: no key is asked
     # for, and every caller is the default tenant.
     api_keys: tuple[tuple[str, str], ...] = ()
-    metrics_public: bool = False  # /metrics answers without a key even when keys are set
+    # Operator keys (`--admin-key`): they open /metrics, with per-tenant figures, and nothing
+    # else. Given any, or any tenant key, /metrics needs one (unless public).
+    admin_keys: tuple[str, ...] = ()
+    metrics_public: bool = False  # /metrics answers without a key (no per-tenant figures)
     state_dir: str | None = None  # graphs and run metadata persist here (SQLite); None: not
     limits: ServerLimits = field(default_factory=ServerLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -170,9 +216,19 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
-        keys = [key for key, _ in self.api_keys]
-        if len(set(keys)) != len(keys):
-            raise ConfigError("an API key is given twice")
+        tenant_of: dict[str, str] = {}
+        for key, tenant in self.api_keys:
+            if key in tenant_of:
+                raise ConfigError(f"an API key is given twice (for tenant {tenant_of[key]!r} "
+                                  f"and for {tenant!r})")
+            tenant_of[key] = tenant
+        for number, key in enumerate(self.admin_keys, start=1):
+            check_key(key)
+            if key in tenant_of:
+                raise ConfigError(f"admin key {number} is also an API key of tenant "
+                                  f"{tenant_of[key]!r}; give the operator a key of its own")
+        if len(set(self.admin_keys)) != len(self.admin_keys):
+            raise ConfigError("an admin key is given twice")
 
 
 def _positive(config: object, *names: str) -> None:

@@ -42,16 +42,16 @@ def test_serve_flags_reach_the_config() -> None:
         "--api-key", "sk-beta-4567", "--metrics-public", "--state-dir", "/var/kvrt",
         "--max-queued-requests", "7", "--max-queued-tokens", "9000", "--request-timeout", "5",
         "--max-body-size", "1MiB", "--max-messages", "12", "--max-events-per-second", "3",
-        "--shutdown-timeout", "2",
+        "--shutdown-timeout", "2", "--admin-key", "sk-operator-1", "--header-timeout", "4",
     ])
     assert serve_config(args) == ServeConfig(
         host="0.0.0.0", port=0, log_level="debug", served_model_name="m",
         tool_call_parser="hermes",
         api_keys=(("sk-alpha-123", "acme"), ("sk-beta-4567", "default")), metrics_public=True,
-        state_dir="/var/kvrt",
+        admin_keys=("sk-operator-1",), state_dir="/var/kvrt",
         limits=ServerLimits(max_queued_requests=7, max_queued_tokens=9000, request_timeout_s=5,
                             max_body_bytes=1024**2, max_messages=12, max_events_per_s=3,
-                            shutdown_timeout_s=2),
+                            shutdown_timeout_s=2, header_timeout_s=4),
         engine=EngineConfig(model="/m", device="cpu", dtype="bfloat16",
                             kv_cache_memory=2 * 1024**3, host_cache_memory=8 * 1024**3,
                             block_size=32, max_model_len=4096,
@@ -71,6 +71,15 @@ def test_serve_flags_reach_the_config() -> None:
     (["serve", "--api-key", "short"], "at least 8 characters"),
     (["serve", "--api-key", "long-enough-key:bad tenant"], "bad tenant name"),
     (["serve", "--api-key", "sk-same-key-1", "--api-key", "sk-same-key-1:b"], "given twice"),
+    (["serve", "--api-key", ":acme"], "no key before the ':'"),
+    (["serve", "--api-key", "long-enough-key:"], "no tenant after the ':'"),
+    (["serve", "--api-key", "long-enough-k\u00e9y"], "printable ASCII"),
+    (["serve", "--admin-key", "short"], "at least 8 characters"),
+    (["serve", "--api-key", "sk-same-key-1:a", "--admin-key", "sk-same-key-1"],
+     "also an API key of tenant 'a'"),
+    (["serve", "--admin-key", "sk-operator-1", "--admin-key", "sk-operator-1"],
+     "admin key is given twice"),
+    (["serve", "--header-timeout", "0"], "header_timeout_s must be positive"),
     (["serve", "--api-keys-file", "/nonexistent/keys"], "cannot read the API keys file"),
     (["serve", "--max-queued-requests", "0"], "max_queued_requests must be positive"),
     (["serve", "--min-branch-share", "2"], "min_branch_share must be in [0, 1]"),
@@ -190,6 +199,44 @@ def test_an_api_keys_file_adds_keys_and_skips_comments(tmp_path) -> None:
                                       "--api-keys-file", str(keys)])
     assert serve_config(args).api_keys == (("sk-flag-key-0", "acme"), ("sk-file-key-1", "ops"),
                                            ("sk-file-key-2", "default"))
+
+
+# (id, the file's bytes, words of the one-line error: the line's number and what is wrong)
+BAD_KEYS_FILES = [
+    ("repeated-key", b"sk-file-key-1:ops\n# note\nsk-file-key-1:dev\n",
+     "line 3: the key of line 1 again"),
+    ("repeated-key-crlf", b"\xef\xbb\xbfsk-file-key-1\r\n\r\nsk-file-key-1 \r\n",
+     "line 3: the key of line 1 again"),
+    ("empty-key", b"sk-file-key-1\n:ops\n", "line 2: no key before the ':'"),
+    ("empty-tenant", b"sk-file-key-1:\n", "line 1: no tenant after the ':'"),
+    ("space-in-key", b"sk-file-key-1\nsk file key 2:ops\n", "line 2: an API key may hold only"),
+    ("bom-inside", b"sk-file-key-1\n\xef\xbb\xbfsk-file-key-2\n", "line 2: an API key may hold"),
+    ("utf16", "sk-file-key-1:ops\n".encode("utf-16"), "is not UTF-8 text"),
+    ("short-key", b"# keys\n\nsk-1\n", "line 3: an API key needs at least 8 characters"),
+]
+
+
+@pytest.mark.parametrize(("content", "words"), [case[1:] for case in BAD_KEYS_FILES],
+                         ids=[case[0] for case in BAD_KEYS_FILES])
+def test_a_bad_keys_file_stops_serve_naming_the_line(tmp_path, content: bytes, words: str,
+                                                     capsys) -> None:
+    keys = tmp_path / "keys"
+    keys.write_bytes(content)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--api-keys-file", str(keys)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(keys) in err and words in err, err
+    assert "sk-file-key" not in err  # a key is never shown: the message goes to logs
+
+
+def test_a_keys_file_key_given_by_flag_too_is_refused_naming_the_tenants(tmp_path,
+                                                                       capsys) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("sk-file-key-1:ops\n")
+    with pytest.raises(SystemExit):
+        main(["serve", "--api-key", "sk-file-key-1:dev", "--api-keys-file", str(keys)])
+    assert "given twice (for tenant 'dev' and for 'ops')" in capsys.readouterr().err
 
 
 def test_a_keys_file_saved_with_a_bom_and_crlf_reads_the_same_keys(tmp_path) -> None:

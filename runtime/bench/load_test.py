@@ -2,7 +2,7 @@
 
     python -m kvrt.runtime.bench.load_test --url http://127.0.0.1:8400 --seconds 60
         [--agents 16] [--stream-fraction 0.3] [--cancel-fraction 0.1] [--burst 256]
-        [--max-tokens 8] [--api-key KEY] [--json]
+        [--max-tokens 8] [--api-key KEY] [--admin-key KEY] [--json]
 
 Two phases inside the time budget, then a drain check:
 
@@ -51,6 +51,7 @@ class LoadConfig:
     max_tokens: int = 8
     api_key: str | None = None
     seed: int = 0
+    admin_key: str | None = None  # for /metrics on a server with keys (it is the operator's)
 
 
 @dataclass(slots=True)
@@ -115,7 +116,7 @@ async def run_load(config: LoadConfig) -> LoadReport:
         await _overload(session, config, started + config.seconds, overload)
         await run.close()
         wall = time.monotonic() - started
-        drained, metrics = await _drain(session)
+        drained, metrics = await _drain(session, config.admin_key)
     return _report(steady, overload, wall, drained, metrics)
 
 
@@ -190,11 +191,15 @@ async def _chat(session: aiohttp.ClientSession, body: dict, tally: _Tally) -> st
         return "".join(parts)
 
 
-async def _drain(session: aiohttp.ClientSession) -> tuple[bool, dict[str, float]]:
+async def _drain(session: aiohttp.ClientSession,
+                 admin_key: str | None) -> tuple[bool, dict[str, float]]:
     """Polls /metrics until no request runs or waits and no KV is in use (or time is up)."""
     deadline = time.monotonic() + _DRAIN_TIMEOUT_S
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else None
     while True:
-        async with session.get("/metrics") as resp:
+        async with session.get("/metrics", headers=headers) as resp:
+            if resp.status != 200:  # a server with keys: /metrics takes an admin key
+                raise RuntimeError(f"/metrics answered {resp.status}: {await resp.text()}")
             metrics = parse_metrics(await resp.text())
         idle = not any(metrics.get(name) for name in (
             "kvrt:num_requests_running", "kvrt:num_requests_waiting", "kvrt:kv_cache_usage_perc"))
@@ -277,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--api-key", default=None)
+    p.add_argument("--admin-key", default=None, help="for /metrics, if the server has keys")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
     config = LoadConfig(args.url.rstrip("/"), args.seconds, args.agents, args.stream_fraction,
                         args.cancel_fraction, args.burst, args.max_tokens, args.api_key,
-                        args.seed)
+                        args.seed, admin_key=args.admin_key)
     report = asyncio.run(run_load(config))
     print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
     return 0 if report.server_errors == 0 and report.drained else 1

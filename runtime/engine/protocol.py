@@ -81,6 +81,7 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     salt: bytes = b""  # tenant salt, set by the server, never from the body
+    tenant: str = ""  # whose call it is: the scheduler shares batch slots among tenants
     attribution: Attribution = field(default_factory=Attribution)
     # Token spans [start, end) of the prompt that are segments: text whose KV may be reused at
     # another position (marked messages, or every message of an "approximate" graph's calls).

@@ -2,10 +2,11 @@
 
 `schedule()`: running sequences first (oldest admission first; a decode costs one token, a
 prefill continues with as much of its prompt as the budget allows), preempting by the policy
-when the pool runs dry; then waiting sequences in the policy's admission order, while the
-budget, the sequence limit and the pool allow, skipping those the reuse planner holds (their
-shared text is being computed by another). Sequences join and leave the batch between steps. A
-prefill chunk steps over the spans its sequence reads from another copy (splices).
+when the pool runs dry; then waiting sequences in the policy's admission order, interleaved by
+tenant (engine/fair_share.py), while the budget, the sequence limit and the pool allow,
+skipping those the reuse planner holds (their shared text is being computed by another).
+Sequences join and leave the batch between steps. A prefill chunk steps over the spans its
+sequence reads from another copy (splices).
 
 `update(chunks, tokens)`: after the step ran, its KV exists: full blocks are keyed (the policy
 hears of them), segment copies are offered to the index, and each sampled token is appended.
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvrt.runtime.engine.decide import carry_out
+from kvrt.runtime.engine.fair_share import fair_order
 from kvrt.runtime.engine.sequence import Sequence, Status
 from kvrt.runtime.kv.block_table import next_chunk
 from kvrt.runtime.kv.manager import KVManager
@@ -73,7 +75,7 @@ class BatchScheduler:
             chunks.append(Chunk(seq, count, end))
             budget -= count
         self.waiting.sort(key=self.policy.admission_key)
-        for seq in list(self.waiting):
+        for seq in fair_order(self.waiting, self.running):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             if self.reuse.hold(seq):  # its shared text is being computed by another

@@ -68,5 +68,9 @@ class Sequence:
         return self.request.salt
 
     @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
     def segments(self) -> tuple[tuple[int, int], ...]:
         return self.request.segments

@@ -1,11 +1,24 @@
 """API keys and tenants: who is calling, checked before any handler runs.
 
 With keys configured (`--api-key KEY[:TENANT]`, `--api-keys-file`), every endpoint but
-`/health` (and `/metrics` with `--metrics-public`) needs `Authorization: Bearer KEY`; a missing
-or unknown key is a 401 in OpenAI's error shape. The key's tenant is put on the request
-(`tenant_of`): it salts every cache index (`request_salt`: a tenant never hits another's KV) and
-owns the graphs and runs it declares (another tenant gets 404 for them, as for ids that do not
-exist). Without keys, every caller is the default tenant.
+`/health` and `/metrics` needs `Authorization: Bearer KEY`; a missing or unknown key is a 401
+in OpenAI's error shape. The key's tenant is put on the request (`tenant_of`): it salts every
+cache index (`request_salt`: a tenant never hits another's KV) and owns the graphs and runs it
+declares (another tenant gets 404 for them, as for ids that do not exist). Without keys, every
+caller is the default tenant.
+
+/metrics is the operator's, since its figures are every tenant's (a tenant reading the
+server's cache hits learns about the others' traffic):
+
+    keys set          | the caller sends       | /metrics answers
+    ------------------+------------------------+-------------------------------------------
+    none at all       | anything               | 200, no per-tenant figures (one tenant)
+    tenant or admin   | an admin key           | 200, per-tenant figures (`tenant` label)
+    tenant or admin   | a tenant key           | 403 (or, --metrics-public, as no key)
+    tenant or admin   | no key, an unknown one | 401 (or, --metrics-public, 200 without
+                      |                        |      per-tenant figures)
+
+An admin key (`--admin-key`) is no tenant's: on the model API it gets 403.
 
 Keys are compared in constant time (`hmac.compare_digest` against each configured key, all of
 them every time), so the time a refusal takes says nothing about how close a guess was.
@@ -25,11 +38,19 @@ from kvrt.runtime.server.errors import APIError
 
 # aiohttp 3.13+ types the keys of request storage (and warns on a str); older ones take a str.
 _TENANT: Any = web.RequestKey("tenant", str) if hasattr(web, "RequestKey") else "kvrt.tenant"
+_OPERATOR: Any = web.RequestKey("operator", bool) if hasattr(web, "RequestKey") else "kvrt.op"
 _OPEN_PATHS = frozenset({"/health"})
+_METRICS_PATH = "/metrics"
+_ADMIN = "(admin)"  # what an admin key maps to in place of a tenant: no tenant has "("
 
 
 def tenant_of(request: web.Request) -> str:
     return request.get(_TENANT, DEFAULT_TENANT)
+
+
+def is_operator(request: web.Request) -> bool:
+    """Whether the caller showed an admin key (only /metrics looks)."""
+    return request.get(_OPERATOR, False)
 
 
 def tenant_salt(tenant: str) -> bytes:
@@ -50,16 +71,42 @@ def request_salt(tenant: str, cache_salt: str | None = None) -> bytes:
 @web.middleware
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     config: ServeConfig = request.app[app_keys.CONFIG]
-    if config.api_keys and not _is_open(request.path, config):
-        request[_TENANT] = _tenant_for(request.headers.get("Authorization", ""), config)
-    return await handler(request)
+    header = request.headers.get("Authorization", "")
+    if request.path == _METRICS_PATH:
+        request[_OPERATOR] = _metrics_caller(header, config)
+    elif config.api_keys and request.path not in _OPEN_PATHS:
+        owner = _owner_of(header, config)
+        if owner == _ADMIN:
+            raise APIError(403, "an admin key opens /metrics only; the model and control API "
+                           "take a tenant's key", code="admin_key_not_a_tenant_key")
+        request[_TENANT] = owner
+    # The figures the request's calls add to /metrics are its tenant's.
+    with request.app[app_keys.METRICS].attributed_to(tenant_of(request)):
+        return await handler(request)
 
 
-def _is_open(path: str, config: ServeConfig) -> bool:
-    return path in _OPEN_PATHS or (config.metrics_public and path == "/metrics")
+def _metrics_caller(header: str, config: ServeConfig) -> bool:
+    """Whether a /metrics caller is the operator; raises 401 or 403 for one who may not read
+    it at all (see the table above)."""
+    if not config.api_keys and not config.admin_keys:
+        return False
+    try:
+        owner = _owner_of(header, config)
+    except APIError:
+        if config.metrics_public:
+            return False
+        raise
+    if owner == _ADMIN:
+        return True
+    if config.metrics_public:
+        return False
+    raise APIError(403, "/metrics shows every tenant's figures: it takes an admin key "
+                   "(--admin-key), not a tenant's", code="admin_key_required")
 
 
-def _tenant_for(header: str, config: ServeConfig) -> str:
+def _owner_of(header: str, config: ServeConfig) -> str:
+    """The tenant of the bearer key in `header`, or `_ADMIN`; 401 for no key or an unknown
+    one."""
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         raise APIError(401, "this server needs an API key: send Authorization: Bearer KEY",
@@ -68,10 +115,11 @@ def _tenant_for(header: str, config: ServeConfig) -> str:
         given_bytes = given.strip().encode()
     except UnicodeEncodeError:  # a header that was not UTF-8 (kept as surrogates): no key
         raise APIError(401, "the API key is not valid", code="invalid_api_key") from None
-    found = None
-    for key, tenant in config.api_keys:  # every key, every time: constant time overall
+    found: str | None = None
+    owners = [*config.api_keys, *((key, _ADMIN) for key in config.admin_keys)]
+    for key, owner in owners:  # every key, every time: constant time overall
         if hmac.compare_digest(given_bytes, key.encode()):
-            found = tenant
+            found = owner
     if found is None:
         raise APIError(401, "the API key is not valid", code="invalid_api_key")
     return found

@@ -44,7 +44,7 @@ async def observed_outputs(
                 first = False
             # "abort" is the engine's answer to our own close; it is no success to count.
             if output.finish_reason is not None and output.finish_reason != "abort":
-                metrics.observe_finish(now - arrival, output.finish_reason)
+                metrics.observe_finish(now - arrival, output)
             if observer is not None:
                 observer.produced(len(output.token_ids))
             yield output

@@ -4,15 +4,25 @@ Written by hand to keep the daemon's dependencies small. Gauges and token counte
 from `engine.stats()` at scrape time (the engine counts them once, in one place); latencies and
 finish reasons are observed here, per request, since only the server sees a request's wall
 clock from arrival to last byte. Names carry the `kvrt:` prefix, as vLLM's carry `vllm:`.
+
+Per-tenant figures (`kvrt:tenant_*`, with a `tenant` label) are rendered for the operator only
+(runtime/server/auth.py decides who that is). A finished call is counted for the tenant its
+HTTP request was attributed to (`attributed_to`, entered by the auth middleware around the
+handler): a context variable, because the call's tenant is known at the edge and its tokens deep
+in the handler, and the variable follows the handler into the tasks it starts (a round's calls).
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
-from kvrt.runtime.engine.protocol import EngineStats, LandingStats
+from kvrt.runtime.config import DEFAULT_TENANT
+from kvrt.runtime.engine.protocol import EngineStats, GenerateOutput, LandingStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -56,6 +66,16 @@ class Histogram:
         return out
 
 
+@dataclass(slots=True)
+class TenantCounts:
+    """One tenant's finished calls and their tokens."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generation_tokens: int = 0
+
+
 class ServerMetrics:
     """Per-request observations. Lives on the event loop thread only, so no lock."""
 
@@ -65,20 +85,41 @@ class ServerMetrics:
         self.finished: Counter[str] = Counter()
         self.event_seconds = Histogram(EVENT_BUCKETS)
         self.events: Counter[str] = Counter()
+        self.tenants: defaultdict[str, TenantCounts] = defaultdict(TenantCounts)
+        self._tenant: ContextVar[str] = ContextVar("kvrt_metrics_tenant", default=DEFAULT_TENANT)
+
+    @contextmanager
+    def attributed_to(self, tenant: str) -> Iterator[None]:
+        """Calls finished within (in this task, or tasks it starts) count for `tenant`."""
+        token = self._tenant.set(tenant)
+        try:
+            yield
+        finally:
+            self._tenant.reset(token)
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 
-    def observe_finish(self, seconds: float, finish_reason: str) -> None:
+    def observe_finish(self, seconds: float, last: GenerateOutput) -> None:
+        """A call's `last` output (its finish reason set) came `seconds` after its arrival."""
+        assert last.finish_reason is not None
         self.e2e.observe(seconds)
-        self.finished[finish_reason] += 1
+        self.finished[last.finish_reason] += 1
+        counts = self.tenants[self._tenant.get()]
+        counts.calls += 1
+        counts.prompt_tokens += last.prompt_tokens
+        counts.cached_tokens += last.cached_tokens
+        counts.generation_tokens += last.completion_tokens
 
     def observe_event(self, event_type: str, seconds: float) -> None:
         """A control-plane event handled in `seconds` of server time (decode, apply, encode)."""
         self.events[event_type] += 1
         self.event_seconds.observe(seconds)
 
-    def render(self, stats: EngineStats, model_name: str, live_runs: int) -> str:
+    def render(self, stats: EngineStats, model_name: str, live_runs: int,
+               tenant_live_runs: Mapping[str, int] | None = None) -> str:
+        """The exposition; per-tenant families only with `tenant_live_runs` (the operator's
+        view: each tenant's live runs)."""
         labels = f'model_name="{_escape(model_name)}"'
         usage = kv_cache_usage(stats)
         out: list[str] = []
@@ -170,7 +211,31 @@ class ServerMetrics:
         family("kvrt:e2e_request_latency_seconds", "histogram",
                "Seconds from a request's arrival to its last generated token.",
                self.e2e.lines("kvrt:e2e_request_latency_seconds", labels))
+        if tenant_live_runs is not None:
+            out.extend(self._tenant_lines(labels, tenant_live_runs))
         return "\n".join(out) + "\n"
+
+    def _tenant_lines(self, labels: str, live_runs: Mapping[str, int]) -> list[str]:
+        tenants = sorted({*live_runs, *self.tenants})
+        counts = {tenant: self.tenants.get(tenant, TenantCounts()) for tenant in tenants}
+        families = [
+            ("kvrt:tenant_live_runs", "gauge", "Runs started and not yet ended, by tenant.",
+             lambda t: live_runs.get(t, 0)),
+            ("kvrt:tenant_request_success_total", "counter", "Model calls finished, by tenant.",
+             lambda t: counts[t].calls),
+            ("kvrt:tenant_prompt_tokens_total", "counter",
+             "Prompt tokens of the tenant's finished calls.", lambda t: counts[t].prompt_tokens),
+            ("kvrt:tenant_prefix_cache_hits_total", "counter",
+             "Of those, tokens found in the prefix cache.", lambda t: counts[t].cached_tokens),
+            ("kvrt:tenant_generation_tokens_total", "counter",
+             "Tokens generated for the tenant's finished calls.",
+             lambda t: counts[t].generation_tokens),
+        ]
+        out: list[str] = []
+        for name, kind, help_text, value in families:
+            out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            out += [f'{name}{{{labels},tenant="{_escape(t)}"}} {value(t)}' for t in tenants]
+        return out
 
 
 def kv_cache_usage(stats: EngineStats) -> float:

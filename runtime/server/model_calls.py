@@ -54,6 +54,7 @@ class PreparedCall:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    tenant: str  # the caller's (auth.tenant_of)
     salt: bytes  # the tenant's, narrowed by the body's cache_salt
     segments: tuple[Span, ...]
     context: CallContext | None  # None: the call belongs to no run
@@ -62,7 +63,7 @@ class PreparedCall:
         attribution = Attribution() if self.context is None else self.context.attribution
         return GenerateRequest(
             request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
-            params=self.params, salt=self.salt, attribution=attribution,
+            params=self.params, salt=self.salt, tenant=self.tenant, attribution=attribution,
             segments=self.segments, timeout_s=timeout_s)
 
     def submit(self, sync: PrioritySync) -> CallObserver | None:
@@ -155,5 +156,5 @@ def prepare_call(request_id: str, body: SamplingRequest, prompt_ids: list[int],
     """`tenant`: the caller's; with the body's cache_salt it makes the salt."""
     resolved = resolve_max_tokens(
         max_tokens, len(prompt_ids), engine.max_model_len, default_max_tokens, prompt_param)
-    return PreparedCall(request_id, prompt_ids, sampling_params(body, resolved),
+    return PreparedCall(request_id, prompt_ids, sampling_params(body, resolved), tenant,
                         request_salt(tenant, body.cache_salt), segments, context)

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
-from kvrt.runtime.server.auth import tenant_of
+from kvrt.runtime.server.auth import is_operator, tenant_of
 from kvrt.runtime.server.call_context import call_context
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
@@ -91,9 +91,13 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    engine = request.app[app_keys.ENGINE]
-    live_runs = request.app[app_keys.CONTROL].live_run_count()
-    text = request.app[app_keys.METRICS].render(engine.stats(), engine.model_name, live_runs)
+    """The server's figures; each tenant's too for the operator (auth.py: who may read)."""
+    engine, control = request.app[app_keys.ENGINE], request.app[app_keys.CONTROL]
+    tenants = {tenant for _, tenant in request.app[app_keys.CONFIG].api_keys}
+    per_tenant = ({tenant: control.live_run_count(tenant) for tenant in tenants}
+                  if is_operator(request) and tenants else None)
+    text = request.app[app_keys.METRICS].render(engine.stats(), engine.model_name,
+                                                control.live_run_count(), per_tenant)
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from kvrt.runtime.config import ServeConfig
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.app import create_app, drain
+from kvrt.runtime.server.http_protocol import AppRunner
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,12 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     """Starts `app` on host:port (0 = any free port); returns the runner and the base URL.
 
     Handlers are cancelled when their client disconnects, so that a non-streaming request
-    whose client gave up is aborted in the engine instead of running to its end.
+    whose client gave up is aborted in the engine instead of running to its end. Connections
+    get the config's header timeout, and parser errors in OpenAI's shape (http_protocol.py).
     """
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    header_timeout_s = app[app_keys.CONFIG].limits.header_timeout_s
+    runner = AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                       keepalive_timeout=header_timeout_s)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

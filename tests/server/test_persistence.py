@@ -26,13 +26,15 @@ from tests.server.live_server import (
 KEYS = (("key-of-tenant-a", "a"), ("key-of-tenant-b", "b"))
 A = {"Authorization": "Bearer key-of-tenant-a"}
 B = {"Authorization": "Bearer key-of-tenant-b"}
+OPERATOR = "key-of-the-operator"
 PIPELINE = {"name": "pipeline", "agents": [
     {"name": "planner", "tools": {"search": 3}}, {"name": "writer", "importance": 2}],
     "edges": [["planner", "writer"]]}
 
 
 def daemon(model: Path, state_dir: Path) -> AbstractContextManager[LiveServer]:
-    return contextmanager(live_server)(model, state_dir=str(state_dir), api_keys=KEYS)
+    return contextmanager(live_server)(model, state_dir=str(state_dir), api_keys=KEYS,
+                                       admin_keys=(OPERATOR,))
 
 
 def ok(reply: Reply, status: int = 200) -> Any:
@@ -47,7 +49,8 @@ def runs(server: LiveServer, headers: dict[str, str]) -> dict[str, str]:
 
 
 def live_runs_metric(server: LiveServer) -> float:
-    text = server.request("GET", "/metrics", headers=A).body.decode()
+    text = server.request("GET", "/metrics",
+                          headers={"Authorization": f"Bearer {OPERATOR}"}).body.decode()
     return float(next(line for line in text.splitlines()
                       if line.startswith("kvrt:live_runs{")).rsplit(" ", 1)[1])
 

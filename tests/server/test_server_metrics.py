@@ -91,6 +91,14 @@ def test_counters_move_with_requests(server: LiveServer) -> None:
     assert value(after, "kvrt:kv_cache_usage_perc") == 0.0
 
 
+def test_without_keys_there_is_one_tenant_and_no_tenant_label(server: LiveServer) -> None:
+    """Per-tenant figures are for an operator telling tenants apart; with no keys there is one
+    tenant, and /metrics is as it always was."""
+    types, samples = scrape(server)
+    assert not [name for name in types if name.startswith("kvrt:tenant_")]
+    assert not [name for name, labels in samples if "tenant" in dict(labels)]
+
+
 def test_histogram_buckets_are_cumulative(server: LiveServer) -> None:
     server.post("/v1/completions", {"prompt": "Once", "max_tokens": 2})
     _, samples = scrape(server)

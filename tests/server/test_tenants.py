@@ -14,10 +14,12 @@ import pytest
 from kvrt.runtime.config import ControlConfig
 from kvrt.sdk import Client, Graph, KvrtError
 from tests.server.live_server import LiveServer, Reply, assert_error_shape, live_server
+from tests.server.test_server_metrics import parse_metrics
 
-KEY_A, KEY_B = "key-of-tenant-a", "key-of-tenant-b"
+KEY_A, KEY_B, KEY_OP = "key-of-tenant-a", "key-of-tenant-b", "key-of-the-operator"
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
+OP = {"Authorization": f"Bearer {KEY_OP}"}
 
 
 def system(topic: str) -> str:
@@ -28,12 +30,14 @@ def system(topic: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Path) -> Iterator[LiveServer]:
-    yield from live_server(tiny_model, api_keys=((KEY_A, "a"), (KEY_B, "b")))
+    yield from live_server(tiny_model, api_keys=((KEY_A, "a"), (KEY_B, "b")),
+                           admin_keys=(KEY_OP,))
 
 
 @pytest.fixture(scope="module")
 def public_metrics(tiny_model: Path) -> Iterator[LiveServer]:
-    yield from live_server(tiny_model, api_keys=((KEY_A, "a"),), metrics_public=True)
+    yield from live_server(tiny_model, api_keys=((KEY_A, "a"),), admin_keys=(KEY_OP,),
+                           metrics_public=True)
 
 
 def chat(server: LiveServer, headers: dict[str, str], question: str, topic: str = "tenants",
@@ -58,13 +62,17 @@ def graph_and_run(server: LiveServer, headers: dict[str, str]) -> tuple[str, str
     return graph.json()["id"], run.json()["id"]
 
 
-def metric(server: LiveServer, name: str, headers: dict[str, str] | None = None) -> float:
-    reply = server.request("GET", "/metrics", headers=headers)
+def metric(server: LiveServer, name: str, tenant: str | None = None) -> float:
+    """A sample of /metrics as the operator reads it (`tenant`: the one with that label)."""
+    reply = server.request("GET", "/metrics", headers=OP)
     assert reply.status == 200, reply.body
     for line in reply.body.decode().splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} is not in /metrics")
+        sample, _, value = line.rpartition(" ")
+        labelled = ',tenant="' in sample
+        if sample.startswith(name + "{") and (
+                sample.endswith(f',tenant="{tenant}"}}') if tenant else not labelled):
+            return float(value)
+    raise AssertionError(f"{name} (tenant {tenant}) is not in /metrics")
 
 
 def assert_kv_idle(server: LiveServer) -> None:
@@ -73,7 +81,7 @@ def assert_kv_idle(server: LiveServer) -> None:
         server.engine.engine.check_integrity()
 
     server.call(settle)
-    assert metric(server, "kvrt:kv_cache_usage_perc", A) == 0.0
+    assert metric(server, "kvrt:kv_cache_usage_perc") == 0.0
 
 
 def test_a_tenant_never_hits_another_tenants_cache(server: LiveServer) -> None:
@@ -201,17 +209,86 @@ def test_no_key_or_a_wrong_key_is_401_everywhere_but_health(server: LiveServer) 
     assert server.request("GET", "/v1/models").status == 401  # still refusing, still serving
 
 
-def test_metrics_need_a_key_unless_public(server: LiveServer,
-                                          public_metrics: LiveServer) -> None:
-    assert_error_shape(server.request("GET", "/metrics"), 401)
-    assert server.request("GET", "/metrics", headers=B).status == 200
-    assert public_metrics.request("GET", "/metrics").status == 200
+def test_metrics_are_the_operators(server: LiveServer) -> None:
+    """Every tenant's figures (cache hits, tokens, runs) say what the others do: a tenant's key
+    does not open /metrics, an admin key does, and opens nothing else."""
+    assert assert_error_shape(server.request("GET", "/metrics"), 401)["code"] == \
+        "missing_api_key"
+    for tenant in (A, B):
+        error = assert_error_shape(server.request("GET", "/metrics", headers=tenant), 403)
+        assert error["code"] == "admin_key_required" and "--admin-key" in error["message"]
+    operator = server.request("GET", "/metrics", headers=OP)
+    assert operator.status == 200, operator.body
+    types, samples = parse_metrics(operator.body.decode())  # well-formed, no duplicate
+    assert {name: kind for name, kind in types.items() if name.startswith("kvrt:tenant_")} == {
+        "kvrt:tenant_live_runs": "gauge", "kvrt:tenant_request_success_total": "counter",
+        "kvrt:tenant_prompt_tokens_total": "counter",
+        "kvrt:tenant_prefix_cache_hits_total": "counter",
+        "kvrt:tenant_generation_tokens_total": "counter"}
+    assert {dict(labels).get("tenant") for name, labels in samples
+            if name == "kvrt:tenant_live_runs"} == {"a", "b"}
+    for method, path in (("GET", "/v1/models"), ("GET", "/v1/graphs"), ("GET", "/v1/runs")):
+        error = assert_error_shape(server.request(method, path, headers=OP), 403)
+        assert error["code"] == "admin_key_not_a_tenant_key"
+    assert server.request("GET", "/v1/models", headers=A).status == 200
+
+
+def test_public_metrics_show_no_tenant_unless_the_operator_asks(
+        public_metrics: LiveServer) -> None:
+    for headers in ({}, A, {"Authorization": "Bearer not-a-key-at-all"}):
+        reply = public_metrics.request("GET", "/metrics", headers=headers)
+        assert reply.status == 200, reply.body
+        assert b"kvrt:live_runs{" in reply.body and b"tenant=" not in reply.body
+    operator = public_metrics.request("GET", "/metrics", headers=OP)
+    assert b'kvrt:tenant_live_runs{model_name="tiny",tenant="a"} 0' in operator.body
     assert_error_shape(public_metrics.request("GET", "/v1/models"), 401)  # only /metrics
+
+
+@pytest.fixture(scope="module")
+def operator_only(tiny_model: Path) -> Iterator[LiveServer]:
+    yield from live_server(tiny_model, admin_keys=(KEY_OP,))
+
+
+def test_an_admin_key_alone_closes_metrics_and_leaves_the_api_open(
+        operator_only: LiveServer) -> None:
+    """No tenant keys: one tenant, an open API; the operator's key still guards /metrics."""
+    assert_error_shape(operator_only.request("GET", "/metrics"), 401)
+    reply = operator_only.request("GET", "/metrics", headers=OP)
+    assert reply.status == 200 and b"tenant=" not in reply.body
+    assert operator_only.request("GET", "/v1/models").status == 200
+
+
+def test_per_tenant_figures_count_each_tenants_own_calls_and_runs(server: LiveServer) -> None:
+    names = ("kvrt:tenant_request_success_total", "kvrt:tenant_prompt_tokens_total",
+             "kvrt:tenant_prefix_cache_hits_total", "kvrt:tenant_generation_tokens_total",
+             "kvrt:tenant_live_runs")
+    before = {(name, t): metric(server, name, t) for name in names for t in "ab"}
+    first = chat(server, A, "What do I count?", topic="per-tenant figures")
+    second = chat(server, A, "What do I count?", topic="per-tenant figures")
+    usages = [first.json()["usage"], second.json()["usage"]]
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] > 0  # a hit to count
+    _, run = graph_and_run(server, B)
+    moved = {key: metric(server, *key) - value for key, value in before.items()}
+    assert server.request("DELETE", f"/v1/runs/{run}", headers=B).status == 200
+    assert moved == {
+        ("kvrt:tenant_request_success_total", "a"): 2,
+        ("kvrt:tenant_prompt_tokens_total", "a"): sum(u["prompt_tokens"] for u in usages),
+        ("kvrt:tenant_prefix_cache_hits_total", "a"):
+            sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages),
+        ("kvrt:tenant_generation_tokens_total", "a"):
+            sum(u["completion_tokens"] for u in usages),
+        ("kvrt:tenant_live_runs", "a"): 0,
+        ("kvrt:tenant_request_success_total", "b"): 0,
+        ("kvrt:tenant_prompt_tokens_total", "b"): 0,
+        ("kvrt:tenant_prefix_cache_hits_total", "b"): 0,
+        ("kvrt:tenant_generation_tokens_total", "b"): 0,
+        ("kvrt:tenant_live_runs", "b"): 1,
+    }
 
 
 def test_after_all_that_no_kv_is_held_and_the_pool_is_sound(server: LiveServer) -> None:
     assert_kv_idle(server)
-    assert metric(server, "kvrt:live_runs", A) == 0
+    assert metric(server, "kvrt:live_runs") == 0
 
 
 def ids(reply: Reply) -> list[str]:
