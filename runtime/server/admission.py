@@ -20,7 +20,9 @@ calls): past its share a new request of it gets 429 `tenant_queue_full` (param
 rest of the queue stays open to the others. The share reserves room for a tenant that comes
 later, so it applies whether or not another tenant waits now; with one tenant there is no one
 to reserve it for, and the tenant has the whole queue. A tenant with nothing queued is
-admitted whatever its share (as an empty queue takes any request).
+admitted whatever its share (as an empty queue takes any request); what a tenant holds past
+its share does not count against the others' admission, so its oversized round cannot close
+the queue to them. A round's calls count as many as they are against both bounds.
 """
 
 from __future__ import annotations
@@ -88,8 +90,8 @@ class Admission:
             engine.validate(request)
         tokens = sum(len(r.prompt_token_ids) for r in requests)
         load, tenant = engine.load(), tenant_of(http)
-        self.check_queue(load, tokens)
-        self.check_share(load, self.tenants.load(tenant), tokens)
+        self.check_queue(load, tokens, len(requests), self._excess_beside(tenant))
+        self.check_share(load, self.tenants.load(tenant), tokens, len(requests))
         for request in requests:
             self.tenants.enter(tenant, request.request_id, len(request.prompt_token_ids))
         http.setdefault(_ADMITTED, []).extend(r.request_id for r in requests)
@@ -107,36 +109,52 @@ class Admission:
         for request_id in http.get(_ADMITTED, ()):
             self.tenants.leave(request_id)
 
-    def check_share(self, load: EngineLoad, held: TenantLoad, prompt_tokens: int) -> None:
-        """Raises a 429 if the tenant, holding `held` of the queue, would pass its share."""
+    def share(self) -> TenantLoad:
+        """The most of the queue one tenant may hold (requests, prompt tokens)."""
+        limits, share = self.limits, self.limits.max_queue_share_per_tenant
+        return TenantLoad(max(1, math.floor(share * limits.max_queued_requests)),
+                          max(1, math.floor(share * limits.max_queued_tokens)))
+
+    def check_share(self, load: EngineLoad, held: TenantLoad, prompt_tokens: int,
+                    count: int = 1) -> None:
+        """Raises a 429 if the tenant, holding `held` of the queue, would pass its share with
+        `count` more calls of `prompt_tokens` in all."""
         if not self.shared or held.requests == 0:
             return
-        limits, share = self.limits, self.limits.max_queue_share_per_tenant
-        max_requests = max(1, math.floor(share * limits.max_queued_requests))
-        max_tokens = max(1, math.floor(share * limits.max_queued_tokens))
-        if held.requests < max_requests and held.tokens + prompt_tokens <= max_tokens:
+        cap = self.share()
+        if held.requests + count <= cap.requests and held.tokens + prompt_tokens <= cap.tokens:
             return
         # Its calls leave the queue at their part of the drain rate (None: unknown).
         rate = (None if not load.drain_per_s or not load.queued_requests else
                 load.drain_per_s * min(1.0, held.requests / load.queued_requests))
-        wait = _wait_s(rate, held.requests, held.tokens, prompt_tokens, max_requests, max_tokens)
+        wait = _wait_s(rate, held.requests, held.tokens, prompt_tokens, count, cap.requests,
+                       cap.tokens)
+        share = self.limits.max_queue_share_per_tenant
         raise APIError(
             429,
             f"this tenant has {held.requests} requests ({held.tokens} prompt tokens) waiting "
             f"for the engine, its share of the queue (--max-queue-share-per-tenant {share:g}: "
-            f"{max_requests} requests, {max_tokens} tokens); retry after {wait} s",
+            f"{cap.requests} requests, {cap.tokens} tokens); retry after {wait} s",
             code="tenant_queue_full", param="max_queue_share_per_tenant", retry_after_s=wait,
         )
 
-    def check_queue(self, load: EngineLoad, prompt_tokens: int) -> None:
-        """Raises a 429 if a request of `prompt_tokens` would overfill the engine's queue."""
+    def check_queue(self, load: EngineLoad, prompt_tokens: int, count: int = 1,
+                    excess: TenantLoad | None = None) -> None:
+        """Raises a 429 if `count` calls of `prompt_tokens` in all would overfill the engine's
+        queue. `excess`: what other tenants hold past their share, not counted: a tenant let
+        past its share with nothing queued (a round larger than it) must not close the queue
+        to the others."""
         limits = self.limits
         if load.queued_requests == 0:
             return
-        if (load.queued_requests < limits.max_queued_requests
-                and load.queued_tokens + prompt_tokens <= limits.max_queued_tokens):
+        excess = excess or TenantLoad()
+        requests = max(0, load.queued_requests - excess.requests)
+        tokens = max(0, load.queued_tokens - excess.tokens)
+        if (requests + count <= limits.max_queued_requests
+                and tokens + prompt_tokens <= limits.max_queued_tokens):
             return
-        wait = self._retry_after_s(load, prompt_tokens)
+        wait = _wait_s(load.drain_per_s, requests, tokens, prompt_tokens, count,
+                       limits.max_queued_requests, limits.max_queued_tokens)
         raise APIError(
             429,
             f"the server is busy: {load.queued_requests} requests ({load.queued_tokens} prompt "
@@ -145,11 +163,9 @@ class Admission:
             code="queue_full", retry_after_s=wait,
         )
 
-    def _retry_after_s(self, load: EngineLoad, prompt_tokens: int) -> int:
-        """Seconds until enough of the queue has drained for this request, at the recent rate."""
-        limits = self.limits
-        return _wait_s(load.drain_per_s, load.queued_requests, load.queued_tokens,
-                       prompt_tokens, limits.max_queued_requests, limits.max_queued_tokens)
+    def _excess_beside(self, tenant: str) -> TenantLoad:
+        """What the tenants other than `tenant` hold past their share (none unless shared)."""
+        return self.tenants.excess(self.share(), beside=tenant) if self.shared else TenantLoad()
 
     def timeout_s(self, arrival: float) -> float | None:
         """What is left of the request's time limit (`arrival`: its time.perf_counter() when
@@ -160,14 +176,14 @@ class Admission:
         return max(limit - (time.perf_counter() - arrival), 1e-3)
 
 
-def _wait_s(rate: float | None, requests: int, tokens: int, prompt_tokens: int,
+def _wait_s(rate: float | None, requests: int, tokens: int, prompt_tokens: int, count: int,
             max_requests: int, max_tokens: int) -> int:
     """Seconds until enough of `requests` queued calls (`tokens` prompt tokens) have drained,
-    at `rate` calls a second, for one more of `prompt_tokens` to fit the bounds (1 s when the
-    rate is not known)."""
+    at `rate` calls a second, for `count` more of `prompt_tokens` in all to fit the bounds (1 s
+    when the rate is not known)."""
     if not rate:
         return 1
-    over_requests = requests + 1 - max_requests
+    over_requests = requests + count - max_requests
     over_tokens = tokens + prompt_tokens - max_tokens
     tokens_per_request = max(1.0, tokens / requests)
     to_drain = max(over_requests, math.ceil(over_tokens / tokens_per_request), 1)

@@ -41,6 +41,15 @@ class TenantQueue:
         held = self._tenants.get(tenant)
         return TenantLoad() if held is None else TenantLoad(held.requests, held.tokens)
 
+    def excess(self, share: TenantLoad, beside: str) -> TenantLoad:
+        """What the tenants other than `beside` hold past `share` each, summed."""
+        over = TenantLoad()
+        for tenant, held in self._tenants.items():
+            if tenant != beside:
+                over.requests += max(0, held.requests - share.requests)
+                over.tokens += max(0, held.tokens - share.tokens)
+        return over
+
     def enter(self, tenant: str, request_id: str, prompt_tokens: int) -> None:
         self._calls[request_id] = (tenant, prompt_tokens)
         held = self._tenants.setdefault(tenant, TenantLoad())

@@ -35,7 +35,7 @@ def test_the_victim_is_served_while_the_abuser_is_refused(server: LiveServer) ->
     print(format_report(report))
     assert report.alone.served > 0 and report.abused.served > 0
     assert set(report.alone.statuses) == {"200"}
-    assert set(report.abused.statuses) <= {"200", "429"}
+    assert set(report.abused.statuses) == {"200"}  # never refused: its share is its own
     assert report.abuser["burst"].get("429", 0) > 0
     assert set(report.abuser["giant_prompt"]) == {"400"}
     assert report.graphs_before_refusal == 6 - 1  # one graph is the giant round's

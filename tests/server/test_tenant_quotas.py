@@ -205,6 +205,45 @@ def test_the_share_applies_with_several_tenants_only() -> None:
     assert tokens.value.retry_after_s == 2
 
 
+def test_a_rounds_calls_count_as_many_against_both_bounds() -> None:
+    limits = ServerLimits(max_queued_requests=10, max_queued_tokens=1000,
+                          max_queue_share_per_tenant=0.5)
+    admission = Admission(limits, shared=True)
+    load = EngineLoad(queued_requests=7, queued_tokens=70, in_flight=8, drain_per_s=None)
+    admission.check_queue(load, 30, count=3)  # 10 of 10: fits
+    with pytest.raises(APIError) as queue:
+        admission.check_queue(load, 40, count=4)  # 11 of 10
+    assert queue.value.code == "queue_full"
+    admission.check_share(load, TenantLoad(requests=2, tokens=20), 30, count=3)  # 5 of 5
+    with pytest.raises(APIError) as share:
+        admission.check_share(load, TenantLoad(requests=2, tokens=20), 40, count=4)  # 6 of 5
+    assert share.value.code == "tenant_queue_full"
+
+
+def test_what_a_tenant_holds_past_its_share_does_not_close_the_queue_to_others() -> None:
+    """Tenant a, with nothing queued, was let in with a round of 40 calls (past its share of 5
+    and the queue's 10): b, holding 1, is still admitted, as if a held its share alone."""
+    limits = ServerLimits(max_queued_requests=10, max_queued_tokens=10_000,
+                          max_queue_share_per_tenant=0.5)
+    admission = Admission(limits, shared=True)
+    admission.tenants.enter("b", "b-call", 10)
+    for i in range(40):
+        admission.tenants.enter("a", f"a-call-{i}", 10)
+    load = EngineLoad(queued_requests=41, queued_tokens=410, in_flight=41, drain_per_s=None)
+    excess = admission.tenants.excess(admission.share(), beside="b")
+    assert excess == TenantLoad(requests=35, tokens=0)  # 400 tokens: within its 5,000
+    admission.check_queue(load, 10, excess=excess)  # 41 - 35 + 1 = 7 of 10
+    admission.check_share(load, admission.tenants.load("b"), 10)  # b: 2 of 5
+    with pytest.raises(APIError) as alone:  # counted whole, the queue would be full
+        admission.check_queue(load, 10)
+    assert alone.value.code == "queue_full"
+    # a itself is held to its share: its next call waits
+    assert admission.tenants.excess(admission.share(), beside="a") == TenantLoad()
+    with pytest.raises(APIError) as over:
+        admission.check_share(load, admission.tenants.load("a"), 10)
+    assert over.value.code == "tenant_queue_full"
+
+
 def run_state(server: LiveServer, run: str) -> dict:
     reply = server.request("GET", f"/v1/runs/{run}", headers=A)
     assert reply.status == 200, reply.body
