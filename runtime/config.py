@@ -78,13 +78,17 @@ class ControlConfig:
     # Per tenant, so that one tenant cannot take every run slot or fill the graph store.
     max_runs_per_tenant: int = 1024
     max_graphs_per_tenant: int = 1024
+    # Their declarations' compact JSON together (GraphInfo.declared_bytes): what the state
+    # store keeps and a restart reads back. The default is one largest request (--max-body-size).
+    max_graph_bytes_per_tenant: int = 64 * 1024**2
     transition_prior_observations: int = 3
     min_branch_share: float = 0.05
 
     def __post_init__(self) -> None:
         if self.seconds_per_output_token < 0 or self.default_output_tokens < 0:
             raise ConfigError("the control plane's cost model takes no negative values")
-        for name in ("max_live_runs", "max_runs_per_tenant", "max_graphs_per_tenant"):
+        for name in ("max_live_runs", "max_runs_per_tenant", "max_graphs_per_tenant",
+                     "max_graph_bytes_per_tenant"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.transition_prior_observations < 1:

@@ -18,9 +18,10 @@ and brought back too; an episode in progress when the daemon stopped is lost.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import msgspec
 
 from kvrt.runtime.config import DEFAULT_TENANT, ControlConfig, ServeConfig
 from kvrt.runtime.engine.protocol import Attribution
@@ -28,6 +29,8 @@ from kvrt.runtime.graph.critical_path import Criticality, critical_path
 from kvrt.runtime.graph.declaration import AgentGraph, declare_graph
 from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound, QuotaExceeded
 from kvrt.runtime.graph.learning import LearnedGraph
+from kvrt.runtime.graph.listing import Listing, Page
+from kvrt.runtime.graph.listing import new_id as _new_id
 from kvrt.runtime.graph.runs import CostModel, Run
 from kvrt.runtime.graph.store import SavedGraph, SavedRun, StateError, StateStore
 from kvrt.runtime.graph.token_bucket import TokenBucket
@@ -42,6 +45,7 @@ class GraphEntry:
     graph: AgentGraph
     costs: CostModel  # what every run of the graph taught: tool estimates, means, edges
     created: int  # unix seconds
+    declared_bytes: int  # its declaration's compact JSON, as stored (the tenant's byte quota)
     runs: set[str] = field(default_factory=set)  # live run ids
     interrupted: set[str] = field(default_factory=set)  # interrupted run ids, not yet ended
 
@@ -66,8 +70,9 @@ class ControlPlane:
         self.config = config
         self.clock = clock
         self.max_events_per_s = max_events_per_s
-        self._graphs: dict[str, GraphEntry] = {}
-        self._runs: dict[str, Run] = {}  # live and interrupted
+        # Listings page through these in creation order (runtime/graph/listing.py).
+        self._graphs: Listing[GraphEntry] = Listing(lambda e: (("tenant", e.tenant),))
+        self._runs: Listing[Run] = Listing(_run_groups)  # live and interrupted
         self._keyed: dict[tuple[str, str], str] = {}  # (graph id, key) -> live run id
         self._store = store
         if store is not None:
@@ -96,12 +101,14 @@ class ControlPlane:
     # -- graphs -----------------------------------------------------------------------------
 
     def create_graph(self, spec: GraphSpec, tenant: str = DEFAULT_TENANT) -> GraphEntry:
-        held = len(self.graphs(tenant))
+        held = self._graphs.count(("tenant", tenant))
         if held >= self.config.max_graphs_per_tenant:
             raise QuotaExceeded("max_graphs_per_tenant", f"this tenant holds {held} graphs, its "
                                 "quota (--max-graphs-per-tenant); delete graphs it no longer "
                                 "runs (DELETE /v1/graphs/{id}) first")
-        entry = self._declare(_new_id("graph"), tenant, spec, int(time.time()))
+        size = declared_bytes(spec)
+        self._check_bytes(size, tenant)
+        entry = self._declare(_new_id("graph"), tenant, spec, int(time.time()), size)
         if self._store is not None:
             self._store.add_graph(SavedGraph(entry.id, tenant, entry.created, spec))
         self._graphs[entry.id] = entry
@@ -114,8 +121,15 @@ class ControlPlane:
         return entry
 
     def graphs(self, tenant: str | None = None) -> list[GraphEntry]:
-        """The tenant's graphs (None: every tenant's)."""
-        return [e for e in self._graphs.values() if tenant is None or e.tenant == tenant]
+        """The tenant's graphs in creation order (None: every tenant's)."""
+        return list(self._graphs.values()) if tenant is None else self._graphs.group(
+            ("tenant", tenant))
+
+    def graph_page(self, tenant: str, limit: int, after: str | None = None
+                   ) -> Page[GraphEntry]:
+        """Up to `limit` of the tenant's graphs, in creation order, after the graph id `after`
+        (which need not exist any more: see runtime/graph/listing.py)."""
+        return self._graphs.page(("tenant", tenant), limit, after)
 
     def delete_graph(self, graph_id: str, tenant: str = DEFAULT_TENANT) -> None:
         entry = self.graph(graph_id, tenant)
@@ -179,10 +193,23 @@ class ControlPlane:
     def runs(self, graph_id: str | None = None, key: str | None = None, *,
              tenant: str | None = None) -> list[Run]:
         """Runs, live and interrupted, of one graph, key and tenant if given (tenant None:
-        every tenant's)."""
-        return [r for r in self._runs.values()
-                if (graph_id is None or r.graph_id == graph_id) and (key is None or r.key == key)
-                and (tenant is None or r.tenant == tenant)]
+        every tenant's), in creation order."""
+        if tenant is None:
+            return [r for r in self._runs.values()
+                    if (graph_id is None or r.graph_id == graph_id)
+                    and (key is None or r.key == key)]
+        return self.run_page(tenant, len(self._runs), None, graph_id, key).items
+
+    def run_page(self, tenant: str, limit: int, after: str | None = None,
+                 graph_id: str | None = None, key: str | None = None) -> Page[Run]:
+        """Up to `limit` of the tenant's runs (of one graph and key if given), in creation
+        order, after the run id `after` (which need not exist any more)."""
+        if key is not None:  # the smallest group: a key's runs are one live, a few interrupted
+            return self._runs.page(("key", tenant, key), limit, after,
+                                   None if graph_id is None else
+                                   lambda r: r.graph_id == graph_id)
+        group = ("tenant", tenant) if graph_id is None else ("graph", tenant, graph_id)
+        return self._runs.page(group, limit, after)
 
     def live_run_count(self, tenant: str | None = None) -> int:
         """Live runs of the tenant's graphs (None: of every tenant's)."""
@@ -213,7 +240,22 @@ class ControlPlane:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _declare(self, graph_id: str, tenant: str, spec: GraphSpec, created: int) -> GraphEntry:
+    def _check_bytes(self, size: int, tenant: str) -> None:
+        quota = self.config.max_graph_bytes_per_tenant
+        if size > quota:
+            raise QuotaExceeded("max_graph_bytes_per_tenant", f"this graph's declaration is "
+                                f"{size} bytes (compact JSON), more than a tenant may hold "
+                                f"in all, {quota} (--max-graph-bytes-per-tenant)",
+                                too_large=True)
+        held = sum(entry.declared_bytes for entry in self.graphs(tenant))
+        if held + size > quota:
+            raise QuotaExceeded("max_graph_bytes_per_tenant", f"this tenant's graphs hold "
+                                f"{held} bytes of declarations; this one's {size} would pass "
+                                f"its quota of {quota} (--max-graph-bytes-per-tenant); delete "
+                                "graphs it no longer runs (DELETE /v1/graphs/{id}) first")
+
+    def _declare(self, graph_id: str, tenant: str, spec: GraphSpec, created: int,
+                 size: int) -> GraphEntry:
         graph = declare_graph(spec, self.config.default_output_tokens)
         declared = {(agent.name, tool): seconds
                     for agent in graph.agents for tool, seconds in agent.tools.items()}
@@ -222,7 +264,7 @@ class ControlPlane:
                                self.config.min_branch_share,
                                on_fold=lambda: self._save_learning(graph_id))
         costs = CostModel(self.config.seconds_per_output_token, learned)
-        return GraphEntry(graph_id, tenant, graph, costs, created)
+        return GraphEntry(graph_id, tenant, graph, costs, created, size)
 
     def _save_learning(self, graph_id: str) -> None:
         if self._store is not None:
@@ -240,7 +282,8 @@ class ControlPlane:
     def _load(self, store: StateStore) -> None:
         for saved in store.graphs():
             try:
-                entry = self._declare(saved.id, saved.tenant, saved.spec, saved.created)
+                entry = self._declare(saved.id, saved.tenant, saved.spec, saved.created,
+                                      declared_bytes(saved.spec))
             except GraphError as exc:
                 raise StateError(f"graph {saved.id} in {store.path} is no longer valid: {exc}"
                                  ) from None
@@ -261,5 +304,13 @@ class ControlPlane:
             owner.interrupted.add(run.id)
 
 
-def _new_id(kind: str) -> str:
-    return f"{kind}-{uuid.uuid4().hex[:16]}"
+def declared_bytes(spec: GraphSpec) -> int:
+    """What a declaration counts against its tenant's byte quota: its compact JSON, every field
+    written (defaults too), which is what the state store keeps of it. Independent of how the
+    client formatted its request; GraphInfo.declared_bytes shows it."""
+    return len(msgspec.json.encode(spec))
+
+
+def _run_groups(run: Run) -> tuple[tuple[str | None, ...], ...]:
+    by_key = (("key", run.tenant, run.key),) if run.key is not None else ()
+    return (("tenant", run.tenant), ("graph", run.tenant, run.graph_id), *by_key)
