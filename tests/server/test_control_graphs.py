@@ -4,12 +4,20 @@ work is its tools' expected seconds."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvrt.runtime.config import ControlConfig
 from kvrt.sdk.protocol.control import MAX_AGENTS
-from tests.server.live_server import LiveServer, assert_error_shape, listed
+from tests.server.live_server import LiveServer, assert_error_shape, listed, live_server
+
+# {"name": "g", "agents": [{"name": "a"}]} as the byte quota counts it: compact JSON, every
+# field written.
+TINY_JSON = ('{"name":"g","agents":[{"name":"a","system":null,"tools":{},'
+             '"expected_output_tokens":null,"importance":1.0}],"edges":[],"reuse":"exact"}')
 
 
 def agent(name: str, seconds: float = 0, **extra: Any) -> dict[str, Any]:
@@ -130,6 +138,28 @@ def test_graphs_are_listed_a_page_at_a_time_in_creation_order(server: LiveServer
 def test_a_bad_page_is_a_400_naming_the_parameter(server: LiveServer, query, param) -> None:
     error = assert_error_shape(server.request("GET", f"/v1/graphs?{query}"), 400)
     assert error["param"] == param and param in error["message"]
+
+
+@pytest.fixture(scope="module")
+def two_tiny_graphs(tiny_model: Path) -> Iterator[LiveServer]:
+    """A daemon whose tenants may hold two TINY_JSON graphs' worth of declarations."""
+    yield from live_server(tiny_model, control=ControlConfig(
+        max_graph_bytes_per_tenant=2 * len(TINY_JSON)))
+
+
+def test_declared_bytes_past_the_quota_are_a_429_and_one_graph_past_it_a_413(
+        two_tiny_graphs: LiveServer) -> None:
+    server, tiny = two_tiny_graphs, {"name": "g", "agents": [{"name": "a"}]}
+    held = [server.post("/v1/graphs", tiny).json() for _ in range(2)]
+    assert [g["declared_bytes"] for g in held] == [len(TINY_JSON)] * 2
+    error = assert_error_shape(server.post("/v1/graphs", tiny), 429)
+    assert (error["code"], error["param"]) == ("quota_exceeded", "max_graph_bytes_per_tenant")
+    assert "--max-graph-bytes-per-tenant" in error["message"]
+    big = {"name": "g", "agents": [{"name": "a", "system": "x" * 3 * len(TINY_JSON)}]}
+    error = assert_error_shape(server.post("/v1/graphs", big), 413)
+    assert (error["code"], error["param"]) == ("quota_exceeded", "max_graph_bytes_per_tenant")
+    server.request("DELETE", f"/v1/graphs/{held[0]['id']}")
+    assert server.post("/v1/graphs", tiny).status == 201
 
 
 def test_a_graph_with_live_runs_cannot_be_deleted(server: LiveServer) -> None:
