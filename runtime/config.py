@@ -79,8 +79,9 @@ class ControlConfig:
     max_runs_per_tenant: int = 1024
     max_graphs_per_tenant: int = 1024
     # Their declarations' compact JSON together (GraphInfo.declared_bytes): what the state
-    # store keeps and a restart reads back. The default is one largest request (--max-body-size).
-    max_graph_bytes_per_tenant: int = 64 * 1024**2
+    # store keeps and a restart declares again, at some 0.15 s a MiB of the densest graphs
+    # (runtime/bench/restart_speed.py), so a tenant at this default adds about 2.5 s.
+    max_graph_bytes_per_tenant: int = 16 * 1024**2
     transition_prior_observations: int = 3
     min_branch_share: float = 0.05
 
