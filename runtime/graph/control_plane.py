@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import msgspec
@@ -85,11 +85,11 @@ class ControlPlane:
              ) -> ControlPlane:
         """The daemon's control plane: on `config.state_dir` if it names one (StateError, a
         ConfigError, if the dir cannot be used), with `config.limits.max_events_per_s`. What
-        it loads is left out of the garbage collector's passes (see
+        it loads from the dir is left out of the garbage collector's passes (see
         _loading_without_collections)."""
         store = StateStore.open(config.state_dir) if config.state_dir is not None else None
         try:
-            with _loading_without_collections():
+            with _loading_without_collections() if store is not None else nullcontext():
                 return cls(config.control, clock, store=store,
                            max_events_per_s=config.limits.max_events_per_s)
         except BaseException:
@@ -316,7 +316,9 @@ def _loading_without_collections() -> Iterator[None]:
     that live as long as the daemon: each collection while they are made would walk all made
     so far (a third of the load's time, measured with runtime/bench/restart_speed.py), and
     each full collection afterwards would walk them again, a pause of the event loop. Frozen,
-    they are still freed by reference counting (a deleted graph), only never scanned."""
+    they are still freed by reference counting (a deleted graph), only never scanned. Garbage
+    from before is collected first, so that none of it is frozen with them."""
+    gc.collect()
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -5,7 +5,8 @@ Ids sort in creation order (`new_id`: nanoseconds first), so the order of a grou
 its items were created in, ties broken by id. A page starts after an id, which need not exist:
 an id deleted since (or one never held, or another tenant's) still marks a place in that order.
 So a client paging through while items come and go never sees a surviving item twice nor
-misses one; items created meanwhile come at the end.
+misses one; items created meanwhile come at the end. (Ids a state dir kept from before ids
+began with the time are random: they sort by id, a stable order but not their creation order.)
 
     group                     ids (sorted)
     ------------------------  -----------------------------------------

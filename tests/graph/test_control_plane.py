@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from kvrt.runtime.config import ControlConfig, ServeConfig
@@ -138,3 +140,19 @@ def test_graphs_brought_back_from_the_state_dir_count_against_the_quota(tmp_path
     with pytest.raises(QuotaExceeded):
         control.create_graph(TINY, tenant="a")
     control.close()
+
+
+def test_a_load_freezes_what_it_made_and_leaves_the_collector_on(tmp_path) -> None:
+    config = ServeConfig(state_dir=str(tmp_path))
+    first = ControlPlane.open(config)
+    first.create_graph(TINY)
+    first.close()
+    gc.unfreeze()
+    try:
+        control = ControlPlane.open(config)
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        [entry] = control.graphs()
+        assert all(tracked is not entry for tracked in gc.get_objects())  # frozen: not walked
+        control.close()
+    finally:
+        gc.unfreeze()
