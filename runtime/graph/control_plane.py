@@ -98,10 +98,12 @@ class ControlPlane:
             raise
 
     def close(self) -> None:
-        """Closes the state store (everything in it is written already)."""
+        """Closes the state store (everything in it is written already), and gives what its
+        load froze back to the collector, so that an exit finalizes it."""
         if self._store is not None:
             self._store.close()
             self._store = None
+            gc.unfreeze()
 
     # -- graphs -----------------------------------------------------------------------------
 
@@ -317,7 +319,8 @@ def _loading_without_collections() -> Iterator[None]:
     so far (a third of the load's time, measured with runtime/bench/restart_speed.py), and
     each full collection afterwards would walk them again, a pause of the event loop. Frozen,
     they are still freed by reference counting (a deleted graph), only never scanned. Garbage
-    from before is collected first, so that none of it is frozen with them."""
+    from before is collected first, so that none of it is frozen with them; `close` unfreezes
+    (objects left frozen at exit are never finalized: extensions report them as leaks)."""
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()

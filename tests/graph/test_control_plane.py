@@ -154,5 +154,6 @@ def test_a_load_freezes_what_it_made_and_leaves_the_collector_on(tmp_path) -> No
         [entry] = control.graphs()
         assert all(tracked is not entry for tracked in gc.get_objects())  # frozen: not walked
         control.close()
+        assert gc.get_freeze_count() == 0  # back to the collector, for the exit's
     finally:
         gc.unfreeze()
