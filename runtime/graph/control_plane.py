@@ -39,6 +39,11 @@ from kvrt.runtime.graph.token_bucket import TokenBucket
 from kvrt.runtime.graph.tool_estimates import ToolEstimates
 from kvrt.sdk.protocol.control import GraphSpec
 
+# A page of graphs stops before its declarations pass this together. A graph's view (GraphInfo:
+# priorities, edges, transitions) is some 6 times its declaration and takes some 0.1 s a MiB
+# of it to make, on the event loop: a page of the largest graphs is a few MB, not 100.
+PAGE_DECLARED_BYTES = 1024**2
+
 
 @dataclass(slots=True)
 class GraphEntry:
@@ -135,8 +140,10 @@ class ControlPlane:
     def graph_page(self, tenant: str, limit: int, after: str | None = None
                    ) -> Page[GraphEntry]:
         """Up to `limit` of the tenant's graphs, in creation order, after the graph id `after`
-        (which need not exist any more: see runtime/graph/listing.py)."""
-        return self._graphs.page(("tenant", tenant), limit, after)
+        (which need not exist any more: see runtime/graph/listing.py); fewer if their
+        declarations pass PAGE_DECLARED_BYTES together (but at least one)."""
+        return self._graphs.page(("tenant", tenant), limit, after,
+                                 size=(_declared_size, PAGE_DECLARED_BYTES))
 
     def delete_graph(self, graph_id: str, tenant: str = DEFAULT_TENANT) -> None:
         entry = self.graph(graph_id, tenant)
@@ -330,6 +337,10 @@ def _loading_without_collections() -> Iterator[None]:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def _declared_size(entry: GraphEntry) -> int:
+    return entry.declared_bytes
 
 
 def declared_bytes(spec: GraphSpec) -> int:

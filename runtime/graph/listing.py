@@ -79,17 +79,22 @@ class Listing(MutableMapping[str, T]):
         return [self._items[i] for i in self._sorted.get(group, ())]
 
     def page(self, group: Hashable, limit: int, after: str | None = None,
-             keep: Callable[[T], bool] | None = None) -> Page[T]:
+             keep: Callable[[T], bool] | None = None,
+             size: tuple[Callable[[T], int], int] | None = None) -> Page[T]:
         """Up to `limit` of the group's items that `keep` accepts (all if None), the first
-        ones after the id `after` (from the start if None)."""
+        ones after the id `after` (from the start if None). `size`, (size of an item, most):
+        fewer if their sizes together would pass the most, but never none."""
         ids = self._sorted.get(group, [])
         start = 0 if after is None else bisect.bisect_right(ids, after)
         items: list[T] = []
+        total = 0
         for position in range(start, len(ids)):
             item = self._items[ids[position]]
             if keep is not None and not keep(item):
                 continue
-            if len(items) == limit:
+            if size is not None:
+                total += size[0](item)
+            if len(items) == limit or (items and size is not None and total > size[1]):
                 return Page(items, has_more=True)
             items.append(item)
         return Page(items, has_more=False)

@@ -5,7 +5,8 @@ are 404 and left out of listings. A run's events are limited to `--max-events-pe
 (a burst of as many), past which they get 429 with Retry-After.
 
 Listings page as OpenAI's do: `limit` (1 to 100, default 20) items in creation order, those
-after the id `after`. Any id of the listing's kind is a place to start after, even one deleted
+after the id `after` (fewer graphs when their declarations are large: ControlPlane.graph_page).
+Any id of the listing's kind is a place to start after, even one deleted
 since (runtime/graph/listing.py), so `after` is never a 404.
 """
 

@@ -135,8 +135,9 @@ class GraphInfo(Struct, kw_only=True):
 
 
 class GraphList(Struct, kw_only=True):
-    """A page of GET /v1/graphs (`?limit=N&after=ID`), in creation order. `has_more`: another
-    page follows; ask for it with `after=last_id`. Defaults: an older daemon sent no pages."""
+    """A page of GET /v1/graphs (`?limit=N&after=ID`), in creation order: up to `limit`
+    graphs, fewer once their declarations pass 1 MiB together. `has_more`: another page
+    follows; ask for it with `after=last_id`. Defaults: an older daemon sent no pages."""
 
     object: Literal["list"] = "list"
     data: list[GraphInfo]

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from kvrt.runtime.config import ControlConfig, ServeConfig
+from kvrt.runtime.config import DEFAULT_TENANT, ControlConfig, ServeConfig
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.graph.errors import Conflict, NotFound, QuotaExceeded
 from kvrt.sdk.protocol.control import AgentSpec, GraphSpec
@@ -82,6 +82,24 @@ def test_graphs_page_in_creation_order_while_graphs_come_and_go() -> None:
     assert (ids(last), last.has_more) == (mine[4:], False)
     assert control.graph_page("a", 2, after=mine[5]).items == []
     assert [e.id for e in control.graphs("a")] == [mine[0], *mine[2:]]
+
+
+def test_a_page_of_graphs_stops_before_a_mebibyte_of_declarations() -> None:
+    control = ControlPlane(ControlConfig())
+    # Each some 0.4 MiB declared: two fit in a page, three do not.
+    wide = GraphSpec(name="g", agents=[AgentSpec(name="a", system="x" * 400 * 1024)])
+    made = [control.create_graph(wide).id for _ in range(5)]
+    assert all(400 * 1024 < g.declared_bytes < 512 * 1024 for g in control.graphs())
+    first = control.graph_page(DEFAULT_TENANT, 20)
+    assert (ids(first), first.has_more) == (made[:2], True)
+    second = control.graph_page(DEFAULT_TENANT, 20, after=made[1])
+    assert (ids(second), second.has_more) == (made[2:4], True)
+    # One graph larger than the whole page still comes, alone.
+    huge = control.create_graph(GraphSpec(name="g", agents=[
+        AgentSpec(name="a", system="x" * 2 * 1024**2)])).id
+    assert ids(control.graph_page(DEFAULT_TENANT, 20, after=made[3])) == [made[4]]
+    last = control.graph_page(DEFAULT_TENANT, 20, after=made[4])
+    assert (ids(last), last.has_more) == ([huge], False)
 
 
 def test_runs_page_by_tenant_graph_and_key() -> None:
