@@ -323,7 +323,7 @@ def _loading_without_collections() -> Iterator[None]:
     """Pauses Python's cyclic garbage collector while a state dir loads, then freezes what it
     made (gc.freeze). Loading the largest graphs a tenant may hold makes millions of objects
     that live as long as the daemon: each collection while they are made would walk all made
-    so far (a third of the load's time, measured with runtime/bench/restart_speed.py), and
+    so far (two thirds of the load's time, measured with runtime/bench/restart_speed.py), and
     each full collection afterwards would walk them again, a pause of the event loop. Frozen,
     they are still freed by reference counting (a deleted graph), only never scanned. Garbage
     from before is collected first, so that none of it is frozen with them; `close` unfreezes
