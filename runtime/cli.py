@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="S", help="a live run with no call in flight and no event, call or "
                    "round for S seconds ends by itself (status expired) and frees its KV; "
                    "0: never (default: %(default)s)")
+    p.add_argument("--max-graph-bytes-per-tenant", type=size_argument,
+                   default=control["max_graph_bytes_per_tenant"], metavar="SIZE",
+                   help="the declarations of one tenant's graphs together, as compact JSON; "
+                   "past it a new graph is a 429 quota_exceeded, a 413 if it alone is larger "
+                   "(default: %(default)s bytes)")
     p.add_argument("--transition-prior-observations", type=int,
                    default=control["transition_prior_observations"], metavar="N",
                    help="a declared edge counts towards priorities until its source was seen "
@@ -206,6 +211,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                             max_live_runs=args.max_live_runs,
                             max_runs_per_tenant=args.max_runs_per_tenant,
                             max_graphs_per_tenant=args.max_graphs_per_tenant,
+                            max_graph_bytes_per_tenant=args.max_graph_bytes_per_tenant,
                             transition_prior_observations=args.transition_prior_observations,
                             min_branch_share=args.min_branch_share,
                             run_idle_timeout_s=args.run_idle_timeout)

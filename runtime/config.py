@@ -81,13 +81,18 @@ class ControlConfig:
     # A live run with no call in flight and no event, call or round for this long (past the
     # predicted end of its running tools and waits) ends by itself, its KV released; 0: never.
     run_idle_timeout_s: float = 3600.0
+    # Their declarations' compact JSON together (GraphInfo.declared_bytes): what the state
+    # store keeps and a restart declares again, at some 0.15 s a MiB of the densest graphs
+    # (runtime/bench/restart_speed.py), so a tenant at this default adds about 2.5 s.
+    max_graph_bytes_per_tenant: int = 16 * 1024**2
     transition_prior_observations: int = 3
     min_branch_share: float = 0.05
 
     def __post_init__(self) -> None:
         if self.seconds_per_output_token < 0 or self.default_output_tokens < 0:
             raise ConfigError("the control plane's cost model takes no negative values")
-        for name in ("max_live_runs", "max_runs_per_tenant", "max_graphs_per_tenant"):
+        for name in ("max_live_runs", "max_runs_per_tenant", "max_graphs_per_tenant",
+                     "max_graph_bytes_per_tenant"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.run_idle_timeout_s < 0:

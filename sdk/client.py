@@ -21,6 +21,7 @@ from kvrt.sdk.chat import ChatReply, ChatStream, Message, chat_body, complete
 from kvrt.sdk.graph import Graph
 from kvrt.sdk.http import Transport
 from kvrt.sdk.protocol.control import (
+    MAX_PAGE_LIMIT,
     Deleted,
     GraphInfo,
     GraphList,
@@ -33,6 +34,7 @@ from kvrt.sdk.protocol.control import (
 from kvrt.sdk.run import Run
 
 T = TypeVar("T")
+P = TypeVar("P", GraphList, RunList)
 
 _graph_decoder = msgspec.json.Decoder(GraphInfo)
 _graph_list_decoder = msgspec.json.Decoder(GraphList)
@@ -101,7 +103,9 @@ class Client:
         return await self._get(f"/v1/graphs/{_q(graph_id)}", _graph_decoder)
 
     async def list_graphs(self) -> list[GraphInfo]:
-        return (await self._get("/v1/graphs", _graph_list_decoder)).data
+        """Every graph of the caller's, in creation order (fetched a page at a time)."""
+        return [g for page in await self._pages("/v1/graphs", {}, _graph_list_decoder)
+                for g in page.data]
 
     async def delete_graph(self, graph: GraphInfo | str) -> Deleted:
         """Deletes a graph; KvrtError 409 `graph_in_use` while it has live runs."""
@@ -137,12 +141,13 @@ class Client:
 
     async def list_runs(self, graph_id: str | None = None, key: str | None = None
                         ) -> list[RunInfo]:
-        """The caller's runs, of one graph and/or one key if given: live ones, and those a
-        daemon restart interrupted (`status` "interrupted": end them with DELETE)."""
+        """The caller's runs, of one graph and/or one key if given, in creation order (fetched
+        a page at a time): live ones, and those a daemon restart interrupted (`status`
+        "interrupted": end them with DELETE)."""
         filters = {name: value for name, value in (("graph_id", graph_id), ("key", key))
                    if value is not None}
-        query = "?" + urlencode(filters) if filters else ""
-        return (await self._get("/v1/runs" + query, _run_list_decoder)).data
+        return [r for page in await self._pages("/v1/runs", filters, _run_list_decoder)
+                for r in page.data]
 
     # ---- model calls without attribution -------------------------------------------------
 
@@ -171,6 +176,17 @@ class Client:
 
     async def _get(self, path: str, decoder: msgspec.json.Decoder[T]) -> T:
         return await self._transport.request("GET", path, decoder, idempotent=True)
+
+    async def _pages(self, path: str, filters: dict[str, str],
+                     decoder: msgspec.json.Decoder[P]) -> list[P]:
+        """Every page of a listing, each after the last id of the one before. Items created
+        meanwhile may come at the end; none that lives throughout is missed or repeated."""
+        pages: list[P] = []
+        query: dict[str, str | int] = {**filters, "limit": MAX_PAGE_LIMIT}
+        while not pages or pages[-1].has_more:
+            pages.append(await self._get(f"{path}?{urlencode(query)}", decoder))
+            query["after"] = pages[-1].last_id or ""
+        return pages
 
     def __repr__(self) -> str:
         return f"Client({self.base_url!r})"

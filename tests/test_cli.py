@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from kvrt.runtime.cli import build_parser, main, serve_config
-from kvrt.runtime.config import ControlConfig, EngineConfig, ServeConfig, ServerLimits
+from kvrt.runtime.config import (
+    ConfigError,
+    ControlConfig,
+    EngineConfig,
+    ServeConfig,
+    ServerLimits,
+)
 
 READY = re.compile(r"^kvrt ready: serving (\S+) at (http://127\.0\.0\.1:(\d+))$")
 
@@ -62,6 +68,14 @@ def test_serve_flags_reach_the_config() -> None:
         control=ControlConfig(seconds_per_output_token=0.05, max_live_runs=10,
                               transition_prior_observations=5, min_branch_share=0.1),
     )
+
+
+def test_the_graph_bytes_quota_takes_a_size_and_must_be_positive() -> None:
+    args = build_parser().parse_args(["serve", "--max-graph-bytes-per-tenant", "2MiB"])
+    assert serve_config(args).control.max_graph_bytes_per_tenant == 2 * 1024**2
+    args = build_parser().parse_args(["serve", "--max-graph-bytes-per-tenant", "0"])
+    with pytest.raises(ConfigError, match="max_graph_bytes_per_tenant must be positive"):
+        serve_config(args)
 
 
 @pytest.mark.parametrize(("argv", "words"), [

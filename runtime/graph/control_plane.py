@@ -24,10 +24,13 @@ forgotten (`forget_expired`).
 
 from __future__ import annotations
 
+import gc
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+
+import msgspec
 
 from kvrt.runtime.config import DEFAULT_TENANT, ControlConfig, ServeConfig
 from kvrt.runtime.engine.protocol import Attribution
@@ -35,11 +38,18 @@ from kvrt.runtime.graph.critical_path import Criticality, critical_path
 from kvrt.runtime.graph.declaration import AgentGraph, declare_graph
 from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound, QuotaExceeded
 from kvrt.runtime.graph.learning import LearnedGraph
+from kvrt.runtime.graph.listing import Listing, Page
+from kvrt.runtime.graph.listing import new_id as _new_id
 from kvrt.runtime.graph.runs import CostModel, Run
 from kvrt.runtime.graph.store import SavedGraph, SavedRun, StateError, StateStore
 from kvrt.runtime.graph.token_bucket import TokenBucket
 from kvrt.runtime.graph.tool_estimates import ToolEstimates
 from kvrt.sdk.protocol.control import GraphSpec
+
+# A page of graphs stops before its declarations pass this together. A graph's view (GraphInfo:
+# priorities, edges, transitions) is some 6 times its declaration and takes some 0.1 s a MiB
+# of it to make, on the event loop: a page of the largest graphs is a few MB, not 100.
+PAGE_DECLARED_BYTES = 1024**2
 
 
 @dataclass(slots=True)
@@ -49,6 +59,7 @@ class GraphEntry:
     graph: AgentGraph
     costs: CostModel  # what every run of the graph taught: tool estimates, means, edges
     created: int  # unix seconds
+    declared_bytes: int  # its declaration's compact JSON, as stored (the tenant's byte quota)
     runs: set[str] = field(default_factory=set)  # live run ids
     interrupted: set[str] = field(default_factory=set)  # interrupted run ids, not yet ended
     expired: set[str] = field(default_factory=set)  # expired run ids, not yet forgotten
@@ -74,8 +85,9 @@ class ControlPlane:
         self.config = config
         self.clock = clock
         self.max_events_per_s = max_events_per_s
-        self._graphs: dict[str, GraphEntry] = {}
-        self._runs: dict[str, Run] = {}  # live and interrupted
+        # Listings page through these in creation order (runtime/graph/listing.py).
+        self._graphs: Listing[GraphEntry] = Listing(lambda e: (("tenant", e.tenant),))
+        self._runs: Listing[Run] = Listing(_run_groups)  # live and interrupted
         self._keyed: dict[tuple[str, str], str] = {}  # (graph id, key) -> live run id
         self._expired: dict[str, float] = {}  # run id -> clock when it expired, oldest first
         self._store = store
@@ -86,31 +98,38 @@ class ControlPlane:
     def open(cls, config: ServeConfig, clock: Callable[[], float] = time.monotonic
              ) -> ControlPlane:
         """The daemon's control plane: on `config.state_dir` if it names one (StateError, a
-        ConfigError, if the dir cannot be used), with `config.limits.max_events_per_s`."""
+        ConfigError, if the dir cannot be used), with `config.limits.max_events_per_s`. What
+        it loads from the dir is left out of the garbage collector's passes (see
+        _loading_without_collections)."""
         store = StateStore.open(config.state_dir) if config.state_dir is not None else None
         try:
-            return cls(config.control, clock, store=store,
-                       max_events_per_s=config.limits.max_events_per_s)
+            with _loading_without_collections() if store is not None else nullcontext():
+                return cls(config.control, clock, store=store,
+                           max_events_per_s=config.limits.max_events_per_s)
         except BaseException:
             if store is not None:
                 store.close()
             raise
 
     def close(self) -> None:
-        """Closes the state store (everything in it is written already)."""
+        """Closes the state store (everything in it is written already), and gives what its
+        load froze back to the collector, so that an exit finalizes it."""
         if self._store is not None:
             self._store.close()
             self._store = None
+            gc.unfreeze()
 
     # -- graphs -----------------------------------------------------------------------------
 
     def create_graph(self, spec: GraphSpec, tenant: str = DEFAULT_TENANT) -> GraphEntry:
-        held = len(self.graphs(tenant))
+        held = self._graphs.count(("tenant", tenant))
         if held >= self.config.max_graphs_per_tenant:
             raise QuotaExceeded("max_graphs_per_tenant", f"this tenant holds {held} graphs, its "
                                 "quota (--max-graphs-per-tenant); delete graphs it no longer "
                                 "runs (DELETE /v1/graphs/{id}) first")
-        entry = self._declare(_new_id("graph"), tenant, spec, int(time.time()))
+        size = declared_bytes(spec)
+        self._check_bytes(size, tenant)
+        entry = self._declare(_new_id("graph"), tenant, spec, int(time.time()), size)
         if self._store is not None:
             self._store.add_graph(SavedGraph(entry.id, tenant, entry.created, spec))
         self._graphs[entry.id] = entry
@@ -123,8 +142,17 @@ class ControlPlane:
         return entry
 
     def graphs(self, tenant: str | None = None) -> list[GraphEntry]:
-        """The tenant's graphs (None: every tenant's)."""
-        return [e for e in self._graphs.values() if tenant is None or e.tenant == tenant]
+        """The tenant's graphs in creation order (None: every tenant's)."""
+        return list(self._graphs.values()) if tenant is None else self._graphs.group(
+            ("tenant", tenant))
+
+    def graph_page(self, tenant: str, limit: int, after: str | None = None
+                   ) -> Page[GraphEntry]:
+        """Up to `limit` of the tenant's graphs, in creation order, after the graph id `after`
+        (which need not exist any more: see runtime/graph/listing.py); fewer if their
+        declarations pass PAGE_DECLARED_BYTES together (but at least one)."""
+        return self._graphs.page(("tenant", tenant), limit, after,
+                                 size=(_declared_size, PAGE_DECLARED_BYTES))
 
     def delete_graph(self, graph_id: str, tenant: str = DEFAULT_TENANT) -> None:
         entry = self.graph(graph_id, tenant)
@@ -196,10 +224,23 @@ class ControlPlane:
     def runs(self, graph_id: str | None = None, key: str | None = None, *,
              tenant: str | None = None) -> list[Run]:
         """Runs, live and interrupted, of one graph, key and tenant if given (tenant None:
-        every tenant's)."""
-        return [r for r in self._runs.values()
-                if (graph_id is None or r.graph_id == graph_id) and (key is None or r.key == key)
-                and (tenant is None or r.tenant == tenant)]
+        every tenant's), in creation order."""
+        if tenant is None:
+            return [r for r in self._runs.values()
+                    if (graph_id is None or r.graph_id == graph_id)
+                    and (key is None or r.key == key)]
+        return self.run_page(tenant, len(self._runs), None, graph_id, key).items
+
+    def run_page(self, tenant: str, limit: int, after: str | None = None,
+                 graph_id: str | None = None, key: str | None = None) -> Page[Run]:
+        """Up to `limit` of the tenant's runs (of one graph and key if given), in creation
+        order, after the run id `after` (which need not exist any more)."""
+        if key is not None:  # the smallest group: a key's runs are one live, a few interrupted
+            return self._runs.page(("key", tenant, key), limit, after,
+                                   None if graph_id is None else
+                                   lambda r: r.graph_id == graph_id)
+        group = ("tenant", tenant) if graph_id is None else ("graph", tenant, graph_id)
+        return self._runs.page(group, limit, after)
 
     def live_run_count(self, tenant: str | None = None) -> int:
         """Live runs of the tenant's graphs (None: of every tenant's)."""
@@ -268,7 +309,22 @@ class ControlPlane:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _declare(self, graph_id: str, tenant: str, spec: GraphSpec, created: int) -> GraphEntry:
+    def _check_bytes(self, size: int, tenant: str) -> None:
+        quota = self.config.max_graph_bytes_per_tenant
+        if size > quota:
+            raise QuotaExceeded("max_graph_bytes_per_tenant", f"this graph's declaration is "
+                                f"{size} bytes (compact JSON), more than a tenant may hold "
+                                f"in all, {quota} (--max-graph-bytes-per-tenant)",
+                                too_large=True)
+        held = sum(entry.declared_bytes for entry in self.graphs(tenant))
+        if held + size > quota:
+            raise QuotaExceeded("max_graph_bytes_per_tenant", f"this tenant's graphs hold "
+                                f"{held} bytes of declarations; this one's {size} would pass "
+                                f"its quota of {quota} (--max-graph-bytes-per-tenant); delete "
+                                "graphs it no longer runs (DELETE /v1/graphs/{id}) first")
+
+    def _declare(self, graph_id: str, tenant: str, spec: GraphSpec, created: int,
+                 size: int) -> GraphEntry:
         graph = declare_graph(spec, self.config.default_output_tokens)
         declared = {(agent.name, tool): seconds
                     for agent in graph.agents for tool, seconds in agent.tools.items()}
@@ -277,7 +333,7 @@ class ControlPlane:
                                self.config.min_branch_share,
                                on_fold=lambda: self._save_learning(graph_id))
         costs = CostModel(self.config.seconds_per_output_token, learned)
-        return GraphEntry(graph_id, tenant, graph, costs, created)
+        return GraphEntry(graph_id, tenant, graph, costs, created, size)
 
     def _save_learning(self, graph_id: str) -> None:
         if self._store is not None:
@@ -295,7 +351,8 @@ class ControlPlane:
     def _load(self, store: StateStore) -> None:
         for saved in store.graphs():
             try:
-                entry = self._declare(saved.id, saved.tenant, saved.spec, saved.created)
+                entry = self._declare(saved.id, saved.tenant, saved.spec, saved.created,
+                                      declared_bytes(saved.spec))
             except GraphError as exc:
                 raise StateError(f"graph {saved.id} in {store.path} is no longer valid: {exc}"
                                  ) from None
@@ -316,5 +373,38 @@ class ControlPlane:
             owner.interrupted.add(run.id)
 
 
-def _new_id(kind: str) -> str:
-    return f"{kind}-{uuid.uuid4().hex[:16]}"
+@contextmanager
+def _loading_without_collections() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector while a state dir loads, then freezes what it
+    made (gc.freeze). Loading the largest graphs a tenant may hold makes millions of objects
+    that live as long as the daemon: each collection while they are made would walk all made
+    so far (two thirds of the load's time, measured with runtime/bench/restart_speed.py), and
+    each full collection afterwards would walk them again, a pause of the event loop. Frozen,
+    they are still freed by reference counting (a deleted graph), only never scanned. Garbage
+    from before is collected first, so that none of it is frozen with them; `close` unfreezes
+    (objects left frozen at exit are never finalized: extensions report them as leaks)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def _declared_size(entry: GraphEntry) -> int:
+    return entry.declared_bytes
+
+
+def declared_bytes(spec: GraphSpec) -> int:
+    """What a declaration counts against its tenant's byte quota: its compact JSON, every field
+    written (defaults too), which is what the state store keeps of it. Independent of how the
+    client formatted its request; GraphInfo.declared_bytes shows it."""
+    return len(msgspec.json.encode(spec))
+
+
+def _run_groups(run: Run) -> tuple[tuple[str | None, ...], ...]:
+    by_key = (("key", run.tenant, run.key),) if run.key is not None else ()
+    return (("tenant", run.tenant), ("graph", run.tenant, run.graph_id), *by_key)

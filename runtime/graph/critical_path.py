@@ -7,9 +7,13 @@ repetitions are in those costs already: an agent's cost is its whole expected wo
 every call it is expected to make (runtime/graph/learning.py). The condensation is a DAG, so
 longest paths are two linear passes.
 
-networkx builds the condensation once per set of edges (a graph's likely edges change rarely);
-the per-event recomputation below is plain Python over precomputed adjacency lists (no
-networkx, no allocation per edge), so it stays in the low milliseconds for thousands of agents.
+The condensation is built once per set of edges (a graph's likely edges change rarely), in
+O(V + E): Tarjan's components, then a topological order (Kahn's, ties broken by a component's
+first agent). It is plain Python over lists, as networkx's condensation gives it (the tests
+hold it to networkx) but some 5x faster: a daemon restarting on a state dir builds every
+declared graph's, up to 65,536 edges each. The per-event recomputation below is plain Python
+over the precomputed adjacency lists too (no allocation per edge), so it stays in the low
+milliseconds for thousands of agents.
 
 For a component c with cost w(c):
     down(c)    = w(c) + max(down(s) for successors s)    longest remaining path from c on
@@ -22,10 +26,9 @@ An agent is on a critical path when through = L (zero slack). Its criticality is
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import networkx as nx
 
 from kvrt.sdk.protocol.control import DEFAULT_EXPECTED_ITERATIONS
 
@@ -47,26 +50,95 @@ class GraphStructure:
     @classmethod
     def build(cls, num_agents: int, edges: Sequence[tuple[int, int, int | None]]) -> GraphStructure:
         """`edges` are (source, target, expected_iterations or None) over agent indices."""
-        graph = nx.DiGraph()
-        graph.add_nodes_from(range(num_agents))
-        graph.add_edges_from((s, t) for s, t, _ in edges)
-        dag = nx.condensation(graph)
-        order = list(nx.lexicographical_topological_sort(
-            dag, key=lambda c: min(dag.nodes[c]["members"])))
-        renumber = {old: new for new, old in enumerate(order)}
-        component = [0] * num_agents
-        for agent, old in dag.graph["mapping"].items():
-            component[agent] = renumber[old]
-        members = tuple(tuple(sorted(dag.nodes[old]["members"])) for old in order)
-        successors = tuple(tuple(sorted(renumber[s] for s in dag.successors(old)))
-                           for old in order)
-        predecessors = tuple(tuple(sorted(renumber[p] for p in dag.predecessors(old)))
-                             for old in order)
-        return cls(tuple(component), members, successors, predecessors,
-                   _iterations(component, len(order), edges))
+        out: list[list[int]] = [[] for _ in range(num_agents)]
+        for source, target, _ in edges:
+            out[source].append(target)
+        found, count = _components(out)  # numbered as Tarjan finds them, not yet in order
+        first = [num_agents] * count  # each component's first agent, its key in the order
+        for agent in range(num_agents - 1, -1, -1):
+            first[found[agent]] = agent
+        linked: list[set[int]] = [set() for _ in range(count)]
+        for source, target, _ in edges:
+            if found[source] != found[target]:
+                linked[found[source]].add(found[target])
+        renumber = _topological(linked, first)
+        component = [renumber[c] for c in found]
+        members: list[list[int]] = [[] for _ in range(count)]
+        successors: list[list[int]] = [[] for _ in range(count)]
+        predecessors: list[list[int]] = [[] for _ in range(count)]
+        for agent in range(num_agents):
+            members[component[agent]].append(agent)
+        for old, targets in enumerate(linked):
+            for target in targets:
+                successors[renumber[old]].append(renumber[target])
+                predecessors[renumber[target]].append(renumber[old])
+        return cls(tuple(component), tuple(map(tuple, members)),
+                   tuple(tuple(sorted(s)) for s in successors),
+                   tuple(tuple(sorted(p)) for p in predecessors),
+                   _iterations(component, count, edges))
 
     def in_loop(self, source: int, target: int) -> bool:
         return self.component[source] == self.component[target]
+
+
+def _components(out: list[list[int]]) -> tuple[list[int], int]:
+    """Tarjan's strongly connected components, without recursion: each agent's component, and
+    how many there are."""
+    count = len(out)
+    order, low, component = [-1] * count, [0] * count, [-1] * count
+    stack: list[int] = []  # agents visited whose component is not known yet
+    seen = found = 0
+    for root in range(count):
+        if order[root] >= 0:
+            continue
+        order[root] = low[root] = seen
+        seen += 1
+        stack.append(root)
+        path = [(root, iter(out[root]))]
+        while path:
+            agent, targets = path[-1]
+            for target in targets:
+                if order[target] < 0:  # a new agent: go down into it
+                    order[target] = low[target] = seen
+                    seen += 1
+                    stack.append(target)
+                    path.append((target, iter(out[target])))
+                    break
+                if component[target] < 0:  # on the stack: a way back up
+                    low[agent] = min(low[agent], order[target])
+            else:  # every edge out of `agent` followed
+                path.pop()
+                if path:
+                    parent = path[-1][0]
+                    low[parent] = min(low[parent], low[agent])
+                if low[agent] == order[agent]:  # it roots a component: pop it
+                    while True:
+                        member = stack.pop()
+                        component[member] = found
+                        if member == agent:
+                            break
+                    found += 1
+    return component, found
+
+
+def _topological(successors: list[set[int]], key: list[int]) -> list[int]:
+    """Each component's place in a topological order of the components (a DAG), ties broken
+    by the smallest `key` (Kahn's algorithm over a heap)."""
+    waiting = [0] * len(successors)  # predecessors not yet placed
+    for targets in successors:
+        for target in targets:
+            waiting[target] += 1
+    ready = [(key[c], c) for c in range(len(successors)) if not waiting[c]]
+    heapq.heapify(ready)
+    place = [0] * len(successors)
+    for position in range(len(successors)):
+        _, c = heapq.heappop(ready)
+        place[c] = position
+        for target in successors[c]:
+            waiting[target] -= 1
+            if not waiting[target]:
+                heapq.heappush(ready, (key[target], target))
+    return place
 
 
 def _iterations(component: list[int], count: int,

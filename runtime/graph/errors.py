@@ -29,8 +29,10 @@ class Conflict(RuntimeError):
 
 class QuotaExceeded(RuntimeError):
     """A tenant holds as much as its quota allows (429): `quota` names the quota (the flag that
-    sets it, without its dashes: "max_runs_per_tenant")."""
+    sets it, without its dashes: "max_runs_per_tenant"). `too_large`: the thing asked for
+    alone is more than the whole quota, so freeing room cannot help (413)."""
 
-    def __init__(self, quota: str, message: str) -> None:
+    def __init__(self, quota: str, message: str, *, too_large: bool = False) -> None:
         super().__init__(message)
         self.quota = quota
+        self.too_large = too_large

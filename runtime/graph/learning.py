@@ -25,9 +25,9 @@ critical. The declaration is therefore only the prior, and fades as runs are obs
 E is the number of folded episodes; `calls` and `tokens` are sums over them (tokens of ended
 calls only). The prior is worth one pseudo-episode: one episode of the declared work.
 
-Priorities use the structure (GraphStructure) of the likely edges. It is rebuilt (networkx,
-O(V+E)) only when the set of likely edges has changed, and only when next asked for; counting
-a transition updates the likely flags of its source's edges only.
+Priorities use the structure (GraphStructure) of the likely edges. It is rebuilt (Tarjan's
+components, O(V+E)) only when the set of likely edges has changed, and only when next asked
+for; counting a transition updates the likely flags of its source's edges only.
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 Every handler acts as the caller's tenant (auth.tenant_of): another tenant's graphs and runs
 are 404 and left out of listings. A run's events are limited to `--max-events-per-second`
 (a burst of as many), past which they get 429 with Retry-After.
+
+Listings page as OpenAI's do: `limit` (1 to 100, default 20) items in creation order, those
+after the id `after` (fewer graphs when their declarations are large: ControlPlane.graph_page).
+Any id of the listing's kind is a place to start after, even one deleted
+since (runtime/graph/listing.py), so `after` is never a 404.
 """
 
 from __future__ import annotations
@@ -14,16 +19,16 @@ from aiohttp import web
 
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.auth import tenant_of
-from kvrt.runtime.server.control_views import graph_info, run_info, run_state
-from kvrt.runtime.server.errors import APIError
+from kvrt.runtime.server.control_views import graph_info, graph_list, run_info, run_list, run_state
+from kvrt.runtime.server.errors import APIError, bad_request
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
 from kvrt.sdk.protocol.control import (
+    DEFAULT_PAGE_LIMIT,
+    MAX_PAGE_LIMIT,
     Deleted,
     EventAck,
-    GraphList,
     RunClosed,
-    RunList,
     event_decoder,
     graph_spec_decoder,
     run_spec_decoder,
@@ -41,8 +46,9 @@ async def create_graph(request: web.Request) -> web.Response:
 
 @routes.get("/v1/graphs")
 async def list_graphs(request: web.Request) -> web.Response:
-    entries = request.app[app_keys.CONTROL].graphs(tenant_of(request))
-    return json_response(GraphList(data=[graph_info(e) for e in entries]))
+    limit, after = _page_query(request, "graph")
+    page = request.app[app_keys.CONTROL].graph_page(tenant_of(request), limit, after)
+    return json_response(graph_list(page))
 
 
 @routes.get("/v1/graphs/{graph_id}")
@@ -71,9 +77,11 @@ async def start_run(request: web.Request) -> web.Response:
 
 @routes.get("/v1/runs")
 async def list_runs(request: web.Request) -> web.Response:
-    runs = request.app[app_keys.CONTROL].runs(request.query.get("graph_id"),
-                                          request.query.get("key"), tenant=tenant_of(request))
-    return json_response(RunList(data=[run_info(r) for r in runs]))
+    limit, after = _page_query(request, "run")
+    page = request.app[app_keys.CONTROL].run_page(tenant_of(request), limit, after,
+                                                  request.query.get("graph_id"),
+                                                  request.query.get("key"))
+    return json_response(run_list(page))
 
 
 @routes.get("/v1/runs/{run_id}")
@@ -117,3 +125,18 @@ async def end_run(request: web.Request) -> web.Response:
     released = await request.app[app_keys.ENGINE].release_run(run.id)
     return json_response(RunClosed(id=run.id, released_blocks=released))
 
+
+
+def _page_query(request: web.Request, kind: str) -> tuple[int, str | None]:
+    """A listing's `limit` and `after` (400 naming the one that is wrong)."""
+    limit, text = DEFAULT_PAGE_LIMIT, request.query.get("limit")
+    if text is not None:
+        limit = int(text) if text.isascii() and text.isdigit() else 0
+        if not 1 <= limit <= MAX_PAGE_LIMIT:
+            raise bad_request(f"limit must be a whole number from 1 to {MAX_PAGE_LIMIT}, got "
+                              f"{text!r}", param="limit", code="invalid_limit")
+    after = request.query.get("after")
+    if after is not None and not after.startswith(f"{kind}-"):
+        raise bad_request(f"after must be a {kind} id ({kind}-...), got {after!r}",
+                          param="after", code="invalid_after")
+    return limit, after

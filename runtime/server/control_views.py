@@ -6,14 +6,17 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from kvrt.runtime.graph.control_plane import GraphEntry
+from kvrt.runtime.graph.listing import Page
 from kvrt.runtime.graph.runs import Run
 from kvrt.sdk.protocol.control import (
     AgentInfo,
     AgentState,
     Edge,
     GraphInfo,
+    GraphList,
     KVResidency,
     RunInfo,
+    RunList,
     RunState,
     ToolEstimate,
     Transition,
@@ -55,7 +58,14 @@ def graph_info(entry: GraphEntry) -> GraphInfo:
         edges=edges, critical_path=[graph.agents[i].name for i in criticality.path],
         critical_path_seconds=criticality.length, live_runs=len(entry.runs),
         transitions=_transitions(entry), episodes=learned.episodes,
+        declared_bytes=entry.declared_bytes,
     )
+
+
+def graph_list(page: Page[GraphEntry]) -> GraphList:
+    data = [graph_info(entry) for entry in page.items]
+    return GraphList(data=data, first_id=data[0].id if data else None,
+                     last_id=data[-1].id if data else None, has_more=page.has_more)
 
 
 def _transitions(entry: GraphEntry) -> list[Transition]:
@@ -75,6 +85,12 @@ def _transitions(entry: GraphEntry) -> list[Transition]:
 def run_info(run: Run) -> RunInfo:
     return RunInfo(id=run.id, graph_id=run.graph_id, created=run.created,
                    event_count=run.event_count, key=run.key, status=run.status)
+
+
+def run_list(page: Page[Run]) -> RunList:
+    data = [run_info(run) for run in page.items]
+    return RunList(data=data, first_id=data[0].id if data else None,
+                   last_id=data[-1].id if data else None, has_more=page.has_more)
 
 
 def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:

@@ -104,7 +104,8 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(409, str(exc), code=exc.code)
     if isinstance(exc, QuotaExceeded):
         # No Retry-After: what it holds is freed by its own deletes, not by waiting.
-        return APIError(429, str(exc), param=exc.quota, code="quota_exceeded")
+        return APIError(413 if exc.too_large else 429, str(exc), param=exc.quota,
+                        code="quota_exceeded")
     if isinstance(exc, RequestRejected):
         return bad_request(str(exc), code="request_rejected")
     if isinstance(exc, RunEnded):

@@ -104,7 +104,8 @@ def _control_paths(ref: dict, errors: dict) -> dict:
     return {
         "/v1/graphs": {
             "post": op("Declare an agent graph", "201", control.GraphInfo, control.GraphSpec),
-            "get": op("List graphs", "200", control.GraphList)},
+            "get": {**op("List graphs, a page in creation order", "200", control.GraphList),
+                    "parameters": _page_params()}},
         "/v1/graphs/{graph_id}": {
             "get": op("A graph, with its critical path and priorities", "200",
                       control.GraphInfo, params=graph),
@@ -114,9 +115,10 @@ def _control_paths(ref: dict, errors: dict) -> dict:
             "post": _with_response(
                 op("Start a run of a graph", "201", control.RunInfo, control.RunSpec), "200",
                 _body("The live run of the graph with the given key", ref[control.RunInfo])),
-            "get": {**op("List live runs", "200", control.RunList), "parameters": [
-                {"name": "graph_id", "in": "query", "required": False,
-                 "schema": {"type": "string"}}]}},
+            "get": {**op("List live and interrupted runs, a page in creation order", "200",
+                         control.RunList), "parameters": [
+                {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                for name in ("graph_id", "key")] + _page_params()}},
         "/v1/runs/{run_id}": {
             "get": op("A run's agents: state, priority, KV residency", "200", control.RunState,
                       params=run),
@@ -129,6 +131,15 @@ def _control_paths(ref: dict, errors: dict) -> dict:
                        "generates", "200", rounds.RoundResult, rounds.RoundRequest,
                        params=run)},
     }
+
+
+def _page_params() -> list[dict]:
+    """A listing's `limit` and `after` (runtime/server/control_routes.py)."""
+    limit = {"type": "integer", "minimum": 1, "maximum": control.MAX_PAGE_LIMIT,
+             "default": control.DEFAULT_PAGE_LIMIT}
+    return [{"name": "limit", "in": "query", "required": False, "schema": limit},
+            {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "list the items after this id (one deleted since too)"}]
 
 
 def _body(description: str, schema: dict) -> dict:

@@ -24,6 +24,7 @@ import msgspec
 from kvrt.sdk.client import Client
 from kvrt.sdk.errors import KvrtConnectionError, error_from_response
 from kvrt.sdk.protocol.control import (
+    MAX_PAGE_LIMIT,
     Event,
     EventAck,
     GraphInfo,
@@ -37,6 +38,7 @@ from kvrt.sdk.protocol.control import (
 from kvrt.sdk.run import Run
 
 T = TypeVar("T")
+P = TypeVar("P", GraphList, RunList)
 
 _SYNC_TIMEOUT = 30.0  # seconds; control-plane calls answer in milliseconds
 
@@ -67,9 +69,18 @@ class SyncHttp:
             raise error_from_response(reply.status_code, reply.content)
         return msgspec.json.decode(reply.content, type=kind)
 
+    def pages(self, path: str, filters: dict[str, str], kind: type[P]) -> list[P]:
+        """Every page of a listing (as the async Client's list calls fetch them)."""
+        pages: list[P] = []
+        query: dict[str, str | int] = {**filters, "limit": MAX_PAGE_LIMIT}
+        while not pages or pages[-1].has_more:
+            pages.append(self.request("GET", f"{path}?{urlencode(query)}", None, kind))
+            query["after"] = pages[-1].last_id or ""
+        return pages
+
     def declared(self, spec: GraphSpec, same: Any) -> GraphInfo:
         """The graph on the daemon that `same(spec, info)` finds, else a new one."""
-        graphs = self.request("GET", "/v1/graphs", None, GraphList).data
+        graphs = (info for page in self.pages("/v1/graphs", {}, GraphList) for info in page.data)
         found = next((info for info in graphs if same(spec, info)), None)
         return found or self.request("POST", "/v1/graphs", spec, GraphInfo)
 
@@ -133,9 +144,9 @@ class ThreadRuns:
             run = self._runs.pop(thread, None)
         run_id = run.id if run is not None else None
         if run_id is None:
-            query = urlencode({"graph_id": self.graph.id, "key": thread})
-            found = self.http.request("GET", "/v1/runs?" + query, None, RunList).data
-            live = [info for info in found if info.status == "live"]
+            pages = self.http.pages("/v1/runs", {"graph_id": self.graph.id, "key": thread},
+                                    RunList)
+            live = [info for page in pages for info in page.data if info.status == "live"]
             if not live:
                 return None
             run_id = live[0].id

@@ -21,6 +21,10 @@ MAX_TOOLS_PER_AGENT = 64
 MAX_EXPECTED_ITERATIONS = 1000
 DEFAULT_EXPECTED_ITERATIONS = 2  # of a loop whose edges do not say
 
+# Listings (GET /v1/graphs, GET /v1/runs) come in pages of `limit` items, OpenAI's bounds.
+DEFAULT_PAGE_LIMIT = 20
+MAX_PAGE_LIMIT = 100
+
 # Names travel in X-Kvrt-Agent headers too, so no control characters.
 Name = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Seconds = Annotated[float, Meta(ge=0, le=7 * 24 * 3600)]
@@ -127,11 +131,21 @@ class GraphInfo(Struct, kw_only=True):
     # Every declared edge (count 0 until taken) and the observed "__start__"/"__end__" rows.
     transitions: list[Transition] = []
     episodes: int = 0  # passes through the graph folded into its statistics, over its runs
+    # What it counts against --max-graph-bytes-per-tenant: its declaration as compact JSON,
+    # every field written (None: an older daemon).
+    declared_bytes: int | None = None
 
 
 class GraphList(Struct, kw_only=True):
+    """A page of GET /v1/graphs (`?limit=N&after=ID`), in creation order: up to `limit`
+    graphs, fewer once their declarations pass 1 MiB together. `has_more`: another page
+    follows; ask for it with `after=last_id`. Defaults: an older daemon sent no pages."""
+
     object: Literal["list"] = "list"
     data: list[GraphInfo]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
 
 
 class Deleted(Struct, kw_only=True):
@@ -233,8 +247,13 @@ class RunClosed(Struct, kw_only=True):
 
 
 class RunList(Struct, kw_only=True):
+    """A page of GET /v1/runs (`?graph_id=&key=&limit=&after=`), as GraphList."""
+
     object: Literal["list"] = "list"
     data: list[RunInfo]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
 
 
 # ---- events --------------------------------------------------------------------------------

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from kvrt.runtime.config import ControlConfig
+from kvrt.runtime.config import DEFAULT_TENANT, ControlConfig, ServeConfig
 from kvrt.runtime.engine.protocol import Attribution
 from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.graph.errors import Conflict, NotFound, QuotaExceeded
@@ -217,3 +218,126 @@ def test_a_run_whose_expiry_cannot_be_written_stays_live(tmp_path: Path) -> None
         control.expire(run)
     assert run.status == "live" and control.live_run_count() == 1
     assert control.keyed_run(run.graph_id, "k") is run
+
+
+TINY = GraphSpec(name="g", agents=[AgentSpec(name="a")])
+# TINY as the byte quota counts it: compact JSON with every field, defaults too.
+TINY_JSON = ('{"name":"g","agents":[{"name":"a","system":null,"tools":{},'
+             '"expected_output_tokens":null,"importance":1.0}],"edges":[],"reuse":"exact"}')
+
+
+def ids(page) -> list[str]:
+    return [item.id for item in page.items]
+
+
+def test_graphs_page_in_creation_order_while_graphs_come_and_go() -> None:
+    control = ControlPlane(ControlConfig())
+    mine = []
+    for _ in range(5):  # another tenant's graphs in between are never shown
+        mine.append(control.create_graph(TINY, tenant="a").id)
+        control.create_graph(TINY, tenant="b")
+    first = control.graph_page("a", 2)
+    assert (ids(first), first.has_more) == (mine[:2], True)
+    # The page's last graph is deleted, and one is created, before the next page is asked for:
+    # the deleted id still marks the place, the new graph comes at the end.
+    control.delete_graph(mine[1], tenant="a")
+    mine.append(control.create_graph(TINY, tenant="a").id)
+    second = control.graph_page("a", 2, after=mine[1])
+    assert (ids(second), second.has_more) == (mine[2:4], True)
+    last = control.graph_page("a", 2, after=mine[3])
+    assert (ids(last), last.has_more) == (mine[4:], False)
+    assert control.graph_page("a", 2, after=mine[5]).items == []
+    assert [e.id for e in control.graphs("a")] == [mine[0], *mine[2:]]
+
+
+def test_a_page_of_graphs_stops_before_a_mebibyte_of_declarations() -> None:
+    control = ControlPlane(ControlConfig())
+    # Each some 0.4 MiB declared: two fit in a page, three do not.
+    wide = GraphSpec(name="g", agents=[AgentSpec(name="a", system="x" * 400 * 1024)])
+    made = [control.create_graph(wide).id for _ in range(5)]
+    assert all(400 * 1024 < g.declared_bytes < 512 * 1024 for g in control.graphs())
+    first = control.graph_page(DEFAULT_TENANT, 20)
+    assert (ids(first), first.has_more) == (made[:2], True)
+    second = control.graph_page(DEFAULT_TENANT, 20, after=made[1])
+    assert (ids(second), second.has_more) == (made[2:4], True)
+    # One graph larger than the whole page still comes, alone.
+    huge = control.create_graph(GraphSpec(name="g", agents=[
+        AgentSpec(name="a", system="x" * 2 * 1024**2)])).id
+    assert ids(control.graph_page(DEFAULT_TENANT, 20, after=made[3])) == [made[4]]
+    last = control.graph_page(DEFAULT_TENANT, 20, after=made[4])
+    assert (ids(last), last.has_more) == ([huge], False)
+
+
+def test_runs_page_by_tenant_graph_and_key() -> None:
+    control = ControlPlane(ControlConfig())
+    one, two = (control.create_graph(TINY, tenant="a") for _ in range(2))
+    runs = [control.start_run(graph.id, key=key, tenant="a").id
+            for graph, key in ((one, "k"), (two, "k"), (one, None), (two, None), (one, "j"))]
+    control.start_run(control.create_graph(TINY, tenant="b").id, key="k", tenant="b")
+    assert ids(control.run_page("a", 10)) == runs
+    of_one = control.run_page("a", 2, graph_id=one.id)
+    assert (ids(of_one), of_one.has_more) == ([runs[0], runs[2]], True)
+    rest = control.run_page("a", 2, after=runs[2], graph_id=one.id)
+    assert (ids(rest), rest.has_more) == ([runs[4]], False)
+    assert ids(control.run_page("a", 10, key="k")) == runs[:2]
+    assert ids(control.run_page("a", 10, key="k", graph_id=two.id)) == [runs[1]]
+    assert ids(control.run_page("a", 1, after=runs[0], key="k")) == [runs[1]]
+    control.end_run(runs[2], tenant="a")
+    assert ids(control.run_page("a", 10, graph_id=one.id)) == [runs[0], runs[4]]
+    assert control.run_page("b", 10, graph_id=one.id).items == []  # not theirs
+
+
+def test_ids_sort_in_the_order_they_were_made() -> None:
+    control = ControlPlane(ControlConfig())
+    made = [control.create_graph(TINY).id for _ in range(50)]
+    assert sorted(made) == made and len(set(made)) == 50
+
+
+def test_declared_bytes_are_a_tenant_quota_freed_by_deletes() -> None:
+    size = len(TINY_JSON)
+    control = ControlPlane(ControlConfig(max_graph_bytes_per_tenant=3 * size))
+    held = [control.create_graph(TINY, tenant="a") for _ in range(3)]
+    assert [g.declared_bytes for g in held] == [size] * 3
+    with pytest.raises(QuotaExceeded) as full:
+        control.create_graph(TINY, tenant="a")
+    assert (full.value.quota, full.value.too_large) == ("max_graph_bytes_per_tenant", False)
+    assert f"hold {3 * size} bytes" in str(full.value)
+    assert control.create_graph(TINY, tenant="b").tenant == "b"  # another tenant's room
+    control.delete_graph(held[0].id, tenant="a")
+    assert control.create_graph(TINY, tenant="a").declared_bytes == size
+    # One graph larger than the whole quota can never fit: too large, not "full".
+    big = GraphSpec(name="g", agents=[AgentSpec(name="a", system="x" * 3 * size)])
+    with pytest.raises(QuotaExceeded) as alone:
+        control.create_graph(big, tenant="c")
+    assert alone.value.too_large and control.graphs("c") == []
+
+
+def test_graphs_brought_back_from_the_state_dir_count_against_the_quota(tmp_path) -> None:
+    config = ServeConfig(state_dir=str(tmp_path), control=ControlConfig(
+        max_graph_bytes_per_tenant=2 * len(TINY_JSON)))
+    control = ControlPlane.open(config)
+    kept = [control.create_graph(TINY, tenant="a").id for _ in range(2)]
+    control.close()
+    control = ControlPlane.open(config)
+    assert [(g.id, g.declared_bytes) for g in control.graphs("a")] == [
+        (graph_id, len(TINY_JSON)) for graph_id in kept]
+    with pytest.raises(QuotaExceeded):
+        control.create_graph(TINY, tenant="a")
+    control.close()
+
+
+def test_a_load_freezes_what_it_made_and_leaves_the_collector_on(tmp_path) -> None:
+    config = ServeConfig(state_dir=str(tmp_path))
+    first = ControlPlane.open(config)
+    first.create_graph(TINY)
+    first.close()
+    gc.unfreeze()
+    try:
+        control = ControlPlane.open(config)
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        [entry] = control.graphs()
+        assert all(tracked is not entry for tracked in gc.get_objects())  # frozen: not walked
+        control.close()
+        assert gc.get_freeze_count() == 0  # back to the collector, for the exit's
+    finally:
+        gc.unfreeze()

@@ -68,3 +68,38 @@ def test_ties_follow_declaration_order() -> None:
     result = critical_path(GraphStructure.build(3, [(0, 1, None), (0, 2, None)]), [1, 1, 1])
     assert result.path == [0, 1]
     assert result.on_critical_path(2) and result.criticality(2) == 1
+
+
+def networkx_structure(n: int, edges: list[tuple[int, int]]):
+    """The condensation as networkx makes it: components in a topological order, ties broken
+    by their first agent; members, successors and predecessors sorted."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(range(n))
+    graph.add_edges_from(edges)
+    dag = nx.condensation(graph)
+    order = list(nx.lexicographical_topological_sort(
+        dag, key=lambda c: min(dag.nodes[c]["members"])))
+    renumber = {old: new for new, old in enumerate(order)}
+    component = tuple(renumber[dag.graph["mapping"][a]] for a in range(n))
+    members = tuple(tuple(sorted(dag.nodes[old]["members"])) for old in order)
+    successors = tuple(tuple(sorted(renumber[s] for s in dag.successors(old))) for old in order)
+    predecessors = tuple(tuple(sorted(renumber[p] for p in dag.predecessors(old)))
+                         for old in order)
+    return component, members, successors, predecessors
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_structure_is_the_networkx_condensation(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(1, 60)
+    density = rng.choice([0.02, 0.05, 0.1, 0.3])
+    edges = [(s, t) for s in range(n) for t in range(n) if rng.random() < density]
+    built = GraphStructure.build(n, [(s, t, None) for s, t in edges])
+    assert (built.component, built.members, built.successors,
+            built.predecessors) == networkx_structure(n, edges)
+
+
+def test_a_deep_chain_needs_no_recursion() -> None:
+    n = 50_000  # far past Python's recursion limit
+    built = GraphStructure.build(n, [(a, a + 1, None) for a in range(n - 1)] + [(n - 1, 0, 2)])
+    assert built.members == (tuple(range(n)),) and built.iterations == (2,)

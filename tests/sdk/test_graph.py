@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from kvrt.sdk import Client, Graph, KvrtError
-from kvrt.sdk.protocol.control import AgentSpec, EdgeSpec, GraphSpec
+from kvrt.sdk.protocol.control import MAX_PAGE_LIMIT, AgentSpec, EdgeSpec, GraphSpec
 from tests.server.live_server import LiveServer
 
 
@@ -108,5 +108,20 @@ def test_a_graph_with_live_runs_cannot_be_deleted(server: LiveServer) -> None:
             assert (await client.get_graph(graph.id)).live_runs == 1
             await run.close()
             await client.delete_graph(graph)
+
+    asyncio.run(go())
+
+
+def test_every_graph_is_listed_past_one_page(server: LiveServer) -> None:
+    async def go() -> None:
+        async with Client(server.url) as client:
+            before = [g.id for g in await client.list_graphs()]
+            made = [(await client.create_graph(Graph(f"many{i}").agent("a"))).id
+                    for i in range(MAX_PAGE_LIMIT + 5)]
+            # Creation order, over two pages, nothing repeated.
+            assert [g.id for g in await client.list_graphs()] == before + made
+            for graph_id in made:
+                await client.delete_graph(graph_id)
+            assert [g.id for g in await client.list_graphs()] == before
 
     asyncio.run(go())

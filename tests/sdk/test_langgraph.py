@@ -26,10 +26,13 @@ from kvrt.sdk.langgraph import (
     agent_graph,
     close,
     close_all,
+    close_all_sync,
     register,
+    register_sync,
     tool_call,
 )
 from kvrt.sdk.langgraph.declare import annotated_names
+from kvrt.sdk.protocol.control import MAX_PAGE_LIMIT
 from tests.server.live_server import LiveServer, wait_released
 
 TOKENS = 4  # every call generates exactly this many (ignore_eos)
@@ -166,6 +169,38 @@ def assert_attributed(state: RunState, did: Did, invocations: int = 1) -> None:
 
 
 # ---- declaring the graph -------------------------------------------------------------------
+
+
+def test_a_declaration_is_found_again_past_the_first_page_of_graphs(server: LiveServer) -> None:
+    async def go() -> tuple[str, list[str]]:
+        async with Client(server.url) as client:
+            others = [(await client.create_graph(agent_graph(
+                research(make_model(server), Did()).compile(), f"other{i}").spec())).id
+                for i in range(MAX_PAGE_LIMIT + 1)]
+            first = await register(research(make_model(server), Did()).compile(), client,
+                                   name="paged")  # declared after the others: on page two
+            again = await register(research(make_model(server), Did()).compile(), client,
+                                   name="paged")
+            assert kvrt_graph_id(again) == kvrt_graph_id(first)
+            return kvrt_graph_id(first), others
+
+    graph_id, others = asyncio.run(go())
+    # The blocking registration reads the listing a page at a time too.
+    bound = register_sync(research(make_model(server), Did()).compile(), server.url,
+                          name="paged")
+    assert kvrt_graph_id(bound) == graph_id
+    close_all_sync(bound)  # no runs; closes its blocking client
+
+    async def tidy() -> None:
+        async with Client(server.url) as client:
+            for other in [*others, graph_id]:
+                await client.delete_graph(other)
+
+    asyncio.run(tidy())
+
+
+def kvrt_graph_id(graph: Any) -> str:
+    return graph.config["metadata"]["kvrt_graph_id"]
 
 
 def test_register_declares_the_nodes_and_every_possible_edge(server: LiveServer) -> None:

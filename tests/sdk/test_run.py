@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kvrt.sdk import Client, Graph, GraphInfo, KvrtError, Run
-from kvrt.sdk.protocol.control import AgentState, RunState, ToolEstimate
+from kvrt.sdk.protocol.control import MAX_PAGE_LIMIT, AgentState, RunState, ToolEstimate
 from tests.server.live_server import LiveServer
 
 # Long enough to span more than one 16-token KV block, so a repeat can hit the prefix cache.
@@ -255,5 +255,19 @@ def test_start_run_of_an_unknown_graph(server: LiveServer) -> None:
             with pytest.raises(KvrtError) as caught:
                 await client.start_run("no-such-graph")
             assert (caught.value.status, caught.value.code) == (404, "graph_not_found")
+
+    asyncio.run(go())
+
+
+def test_every_run_is_listed_past_one_page(server: LiveServer, graph: GraphInfo) -> None:
+    async def go() -> None:
+        async with Client(server.url) as client:
+            runs = [await client.start_run(graph, key=f"t{i}") for i in range(MAX_PAGE_LIMIT + 5)]
+            listed = await client.list_runs(graph_id=graph.id)
+            assert [r.id for r in listed] == [r.id for r in runs]
+            assert [r.key for r in listed] == [f"t{i}" for i in range(MAX_PAGE_LIMIT + 5)]
+            for run in runs:
+                await run.close()
+            assert await client.list_runs(graph_id=graph.id) == []
 
     asyncio.run(go())

@@ -142,6 +142,25 @@ def assert_error_shape(reply: Reply, status: int) -> dict[str, Any]:
     return error
 
 
+def listed(server: LiveServer, path: str, limit: int = 100,
+           headers: dict[str, str] | None = None) -> list[Any]:
+    """Every item of a listing (GET /v1/graphs or /v1/runs, `path` with its filters), page by
+    page, each page checked: at most `limit` items, first_id and last_id its ends."""
+    items: list[Any] = []
+    query = f"{path}{'&' if '?' in path else '?'}limit={limit}"
+    while True:
+        reply = server.request("GET", query + (f"&after={items[-1]['id']}" if items else ""),
+                               headers=headers)
+        assert reply.status == 200, reply.body
+        page = reply.json()
+        assert page["object"] == "list" and len(page["data"]) <= limit
+        ends = [page["data"][0]["id"], page["data"][-1]["id"]] if page["data"] else [None, None]
+        assert [page["first_id"], page["last_id"]] == ends
+        items += page["data"]
+        if not page["has_more"]:
+            return items
+
+
 def live_server(model: Path | None, engine_config: EngineConfig = SMALL_ENGINE,
                 served_model_name: str | None = "tiny", **serve: Any) -> Iterator[LiveServer]:
     """Body of a module fixture: one engine + daemon for the module (model None: the default

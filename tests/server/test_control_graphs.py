@@ -4,12 +4,20 @@ work is its tools' expected seconds."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvrt.runtime.config import ControlConfig
 from kvrt.sdk.protocol.control import MAX_AGENTS
-from tests.server.live_server import LiveServer, assert_error_shape
+from tests.server.live_server import LiveServer, assert_error_shape, listed, live_server
+
+# {"name": "g", "agents": [{"name": "a"}]} as the byte quota counts it: compact JSON, every
+# field written.
+TINY_JSON = ('{"name":"g","agents":[{"name":"a","system":null,"tools":{},'
+             '"expected_output_tokens":null,"importance":1.0}],"edges":[],"reuse":"exact"}')
 
 
 def agent(name: str, seconds: float = 0, **extra: Any) -> dict[str, Any]:
@@ -101,13 +109,57 @@ def test_get_list_delete(server: LiveServer) -> None:
     assert created["reuse"] == "approximate" and created["id"].startswith("graph-")
     fetched = server.request("GET", f"/v1/graphs/{created['id']}").json()
     assert fetched == created
-    listed = server.request("GET", "/v1/graphs").json()
-    assert created["id"] in [g["id"] for g in listed["data"]]
+    assert created in listed(server, "/v1/graphs")
     deleted = server.request("DELETE", f"/v1/graphs/{created['id']}")
     assert deleted.json() == {"id": created["id"], "object": "graph", "deleted": True}
     error = assert_error_shape(server.request("GET", f"/v1/graphs/{created['id']}"), 404)
     assert error["code"] == "graph_not_found"
     assert_error_shape(server.request("DELETE", f"/v1/graphs/{created['id']}"), 404)
+
+
+def test_graphs_are_listed_a_page_at_a_time_in_creation_order(server: LiveServer) -> None:
+    made = [declare(server, [agent("x", 1)], [])["id"] for _ in range(5)]
+    everything = [g["id"] for g in listed(server, "/v1/graphs", limit=2)]
+    assert len(everything) == len(set(everything)) >= 5
+    assert [i for i in everything if i in made] == made
+    first = server.request("GET", "/v1/graphs").json()  # 20 by default
+    assert [g["id"] for g in first["data"]] == everything[:20]
+    assert first["has_more"] == (len(everything) > 20)
+    # A page after a graph deleted since starts where that graph was.
+    server.request("DELETE", f"/v1/graphs/{made[1]}")
+    after = server.request("GET", f"/v1/graphs?limit=2&after={made[1]}").json()
+    assert [g["id"] for g in after["data"]] == made[2:4] and after["has_more"]
+
+
+@pytest.mark.parametrize("query, param", [
+    ("limit=0", "limit"), ("limit=101", "limit"), ("limit=ten", "limit"), ("limit=-1", "limit"),
+    ("limit=", "limit"), ("after=", "after"), ("after=run-0", "after"),
+])
+def test_a_bad_page_is_a_400_naming_the_parameter(server: LiveServer, query, param) -> None:
+    error = assert_error_shape(server.request("GET", f"/v1/graphs?{query}"), 400)
+    assert error["param"] == param and param in error["message"]
+
+
+@pytest.fixture(scope="module")
+def two_tiny_graphs(tiny_model: Path) -> Iterator[LiveServer]:
+    """A daemon whose tenants may hold two TINY_JSON graphs' worth of declarations."""
+    yield from live_server(tiny_model, control=ControlConfig(
+        max_graph_bytes_per_tenant=2 * len(TINY_JSON)))
+
+
+def test_declared_bytes_past_the_quota_are_a_429_and_one_graph_past_it_a_413(
+        two_tiny_graphs: LiveServer) -> None:
+    server, tiny = two_tiny_graphs, {"name": "g", "agents": [{"name": "a"}]}
+    held = [server.post("/v1/graphs", tiny).json() for _ in range(2)]
+    assert [g["declared_bytes"] for g in held] == [len(TINY_JSON)] * 2
+    error = assert_error_shape(server.post("/v1/graphs", tiny), 429)
+    assert (error["code"], error["param"]) == ("quota_exceeded", "max_graph_bytes_per_tenant")
+    assert "--max-graph-bytes-per-tenant" in error["message"]
+    big = {"name": "g", "agents": [{"name": "a", "system": "x" * 3 * len(TINY_JSON)}]}
+    error = assert_error_shape(server.post("/v1/graphs", big), 413)
+    assert (error["code"], error["param"]) == ("quota_exceeded", "max_graph_bytes_per_tenant")
+    server.request("DELETE", f"/v1/graphs/{held[0]['id']}")
+    assert server.post("/v1/graphs", tiny).status == 201
 
 
 def test_a_graph_with_live_runs_cannot_be_deleted(server: LiveServer) -> None:

@@ -13,7 +13,13 @@ import aiohttp
 import pytest
 
 from kvrt.runtime.config import EngineConfig
-from tests.server.live_server import LiveServer, assert_error_shape, live_server, sse_events
+from tests.server.live_server import (
+    LiveServer,
+    assert_error_shape,
+    listed,
+    live_server,
+    sse_events,
+)
 
 
 @pytest.fixture(scope="module")
@@ -185,11 +191,29 @@ def test_bad_events(server: LiveServer, path, body, status, code) -> None:
 def test_runs_are_listed_by_graph(server: LiveServer) -> None:
     first, second = diamond_run(server), diamond_run(server)
     graph_id = state(server, first)["graph_id"]
-    listed = server.request("GET", f"/v1/runs?graph_id={graph_id}").json()["data"]
-    assert [r["id"] for r in listed] == [first]
-    everything = [r["id"] for r in server.request("GET", "/v1/runs").json()["data"]]
+    of_graph = server.request("GET", f"/v1/runs?graph_id={graph_id}").json()["data"]
+    assert [r["id"] for r in of_graph] == [first]
+    everything = [r["id"] for r in listed(server, "/v1/runs")]
     assert first in everything and second in everything
     assert_error_shape(server.post("/v1/runs", {"graph_id": "graph-nope"}), 404)
+
+
+def test_runs_of_a_graph_and_a_key_are_listed_a_page_at_a_time(server: LiveServer) -> None:
+    graph = server.post("/v1/graphs", {"name": "pages", "agents": [{"name": "a"}]}).json()
+    runs = [server.post("/v1/runs", {"graph_id": graph["id"], "key": key}).json()["id"]
+            for key in ("k1", "k2", None, "k3")]
+    of_graph = listed(server, f"/v1/runs?graph_id={graph['id']}", limit=3)
+    assert [r["id"] for r in of_graph] == runs
+    assert [r["id"] for r in listed(server, f"/v1/runs?graph_id={graph['id']}&key=k2",
+                                    limit=1)] == [runs[1]]
+    # Ending the run a page ended with does not lose the next one.
+    server.request("DELETE", f"/v1/runs/{runs[1]}")
+    page = server.request("GET", f"/v1/runs?graph_id={graph['id']}&limit=1&after={runs[1]}")
+    assert [r["id"] for r in page.json()["data"]] == [runs[2]] and page.json()["has_more"]
+    error = assert_error_shape(server.request("GET", f"/v1/runs?after={graph['id']}"), 400)
+    assert error["param"] == "after"
+    for run in (runs[0], runs[2], runs[3]):
+        server.request("DELETE", f"/v1/runs/{run}")
 
 
 # ---- model calls and KV ----------------------------------------------------------------------
