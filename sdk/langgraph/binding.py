@@ -29,9 +29,10 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 
 from kvrt.sdk.client import Client
+from kvrt.sdk.errors import KvrtError
 from kvrt.sdk.langgraph.context import NodeCall, binding_in, locate, run_key
 from kvrt.sdk.langgraph.lifecycle import Lifecycle
-from kvrt.sdk.langgraph.threads import SyncHttp, ThreadRuns
+from kvrt.sdk.langgraph.threads import ENDED_CODES, SyncHttp, ThreadRuns
 from kvrt.sdk.langgraph.watch import GraphWatch
 from kvrt.sdk.protocol.control import GraphInfo, ToolCallFinished, ToolCallStarted
 from kvrt.sdk.run import Run
@@ -69,8 +70,7 @@ class KvrtCallbacks(BaseCallbackHandler):
             return
         tool = (serialized or {}).get("name") or kwargs.get("name") or "tool"
         self.lifecycle.saw(call.thread, call.agent)
-        run = self.runs.run_sync(call.thread)
-        self.runs.event_sync(run, ToolCallStarted(agent=call.agent, tool=tool))
+        run = self.runs.send_sync(call.thread, ToolCallStarted(agent=call.agent, tool=tool))
         with self._lock:
             self._open[run_id] = (run, call.agent, tool)
 
@@ -94,7 +94,11 @@ class KvrtCallbacks(BaseCallbackHandler):
             opened = self._open.pop(run_id, None)
         if opened is not None:
             run, agent, tool = opened
-            self.runs.event_sync(run, ToolCallFinished(agent=agent, tool=tool))
+            try:
+                self.runs.event_sync(run, ToolCallFinished(agent=agent, tool=tool))
+            except KvrtError as exc:  # the run ended while the tool ran: nothing to finish
+                if exc.code not in ENDED_CODES:
+                    raise
 
     def unplaced(self, metadata: Mapping[str, Any], no_thread: bool) -> None:
         """Warns, once per reason, of calls in the graph that go unattributed."""

@@ -108,7 +108,5 @@ class Lifecycle(BaseCallbackHandler):
         self._send(thread, events + [AgentDone(agent=agent) for agent in sorted(done)])
 
     def _send(self, thread: str, events: list[Event]) -> None:
-        if events:
-            run = self.runs.run_sync(thread)
-            for event in events:
-                self.runs.event_sync(run, event)
+        for event in events:
+            self.runs.send_sync(thread, event)

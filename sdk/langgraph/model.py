@@ -21,6 +21,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import PrivateAttr
 
 from kvrt.sdk.langgraph.context import NodeCall, in_config, locate
+from kvrt.sdk.langgraph.threads import ENDED_CODES
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8400"
 # `model=None` sends no model name, which the daemon takes as the model it serves; LangChain
@@ -78,30 +79,65 @@ class KvrtChatModel(ChatOpenAI):
         return payload
 
     # Each entry point LangChain calls places the call, then leaves the rest to ChatOpenAI.
+    # A call refused because the daemon ended its thread's run by itself (idle past its
+    # timeout, a restart) or no longer knows it is placed again, in a new run of the thread,
+    # once (threads.ENDED_CODES).
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
-        kwargs = self._placed_sync(run_manager, kwargs)
-        return super()._generate(messages, stop, run_manager, **kwargs)
+        placed = self._placed_sync(run_manager, kwargs)
+        try:
+            return super()._generate(messages, stop, run_manager, **placed)
+        except openai.APIStatusError as exc:
+            if not _forget_ended_run(exc, run_manager, placed):
+                raise
+        return super()._generate(messages, stop, run_manager,
+                                 **self._placed_sync(run_manager, kwargs))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> ChatResult:
-        kwargs = await self._placed_async(run_manager, kwargs)
-        return await super()._agenerate(messages, stop, run_manager, **kwargs)
+        placed = await self._placed_async(run_manager, kwargs)
+        try:
+            return await super()._agenerate(messages, stop, run_manager, **placed)
+        except openai.APIStatusError as exc:
+            if not _forget_ended_run(exc, run_manager, placed):
+                raise
+        return await super()._agenerate(messages, stop, run_manager,
+                                        **await self._placed_async(run_manager, kwargs))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        kwargs = self._placed_sync(run_manager, kwargs)
-        yield from super()._stream(messages, stop, run_manager, **kwargs)
+        placed = self._placed_sync(run_manager, kwargs)
+        streamed = False
+        try:
+            for chunk in super()._stream(messages, stop, run_manager, **placed):
+                streamed = True
+                yield chunk
+            return
+        except openai.APIStatusError as exc:
+            if streamed or not _forget_ended_run(exc, run_manager, placed):
+                raise
+        yield from super()._stream(messages, stop, run_manager,
+                                   **self._placed_sync(run_manager, kwargs))
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        kwargs = await self._placed_async(run_manager, kwargs)
-        async for chunk in super()._astream(messages, stop, run_manager, **kwargs):
+        placed = await self._placed_async(run_manager, kwargs)
+        streamed = False
+        try:
+            async for chunk in super()._astream(messages, stop, run_manager, **placed):
+                streamed = True
+                yield chunk
+            return
+        except openai.APIStatusError as exc:
+            if streamed or not _forget_ended_run(exc, run_manager, placed):
+                raise
+        async for chunk in super()._astream(messages, stop, run_manager,
+                                            **await self._placed_async(run_manager, kwargs)):
             yield chunk
 
     def _placed_sync(self, run_manager: RunManager, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +179,18 @@ class KvrtChatModel(ChatOpenAI):
         extra = {**(self.extra_body or {}), **(kwargs.get("extra_body") or {}),
                  "kvrt": {"run": run_id, "agent": call.agent}}
         return {**kwargs, "extra_body": extra}
+
+
+def _forget_ended_run(exc: openai.APIStatusError, run_manager: RunManager,
+                      placed: dict[str, Any]) -> bool:
+    """Whether `exc` refused a placed call because the daemon ended its run by itself; if so,
+    the thread forgets that run, so that placing the call again starts a new one."""
+    attributed = (placed.get("extra_body") or {}).get("kvrt")
+    call = _placed(run_manager)
+    if exc.code not in ENDED_CODES or attributed is None or call is None:
+        return False
+    call.binding.runs.forget(call.thread, attributed["run"])
+    return True
 
 
 def _placed(run_manager: RunManager) -> NodeCall | None:

@@ -3,7 +3,11 @@
 A thread's run is started by its first model call or tool event, as `POST /v1/runs {graph_id,
 key: thread}`: the daemon returns the graph's live run of that key if there is one, so nodes of
 one thread that start at once (or other processes) all get the same run. Runs are cached here
-and closed only when asked (`close`): a thread may be resumed later.
+and closed only when asked (`close`): a thread may be resumed later. A run the daemon ended
+by itself (`run_expired`: idle past `--run-idle-timeout`; `run_interrupted`: a restart) or no
+longer knows (`run_not_found`) is forgotten when a call or event of the thread is refused for
+it, and the thread goes on in a new run of its key (`ENDED_CODES`; the model's calls retry
+the same way, model.py).
 
 Calls come from async code (on the application's loop, through the SDK's `Client`) and from
 synchronous code (a sync node, a sync `invoke`, LangChain's sync callbacks, possibly while
@@ -22,7 +26,7 @@ import httpx
 import msgspec
 
 from kvrt.sdk.client import Client
-from kvrt.sdk.errors import KvrtConnectionError, error_from_response
+from kvrt.sdk.errors import KvrtConnectionError, KvrtError, error_from_response
 from kvrt.sdk.protocol.control import (
     MAX_PAGE_LIMIT,
     Event,
@@ -41,6 +45,10 @@ T = TypeVar("T")
 P = TypeVar("P", GraphList, RunList)
 
 _SYNC_TIMEOUT = 30.0  # seconds; control-plane calls answer in milliseconds
+# The codes of a remembered run the daemon ended by itself (409: idle past its timeout, or
+# interrupted by a restart) or no longer knows (404: forgotten after its expiry, ended by
+# another process, a daemon without a state dir restarted): the thread starts a new one.
+ENDED_CODES = frozenset({"run_expired", "run_interrupted", "run_not_found"})
 
 
 class SyncHttp:
@@ -119,6 +127,27 @@ class ThreadRuns:
             run = self._remember(thread, self.client.run(info, self.graph))
         return run
 
+    def forget(self, thread: str, run_id: str) -> None:
+        """The daemon ended the thread's run `run_id`: the thread's next call starts a new
+        one (a newer run already remembered for the thread is kept)."""
+        with self._lock:
+            if (run := self._runs.get(thread)) is not None and run.id == run_id:
+                del self._runs[thread]
+
+    def send_sync(self, thread: str, event: Event) -> Run:
+        """Sends the event to the thread's run (started if it has none, again if the daemon
+        ended it by itself); returns the run it went to."""
+        run = self.run_sync(thread)
+        try:
+            self.event_sync(run, event)
+        except KvrtError as exc:
+            if exc.code not in ENDED_CODES:
+                raise
+            self.forget(thread, run.id)
+            run = self.run_sync(thread)
+            self.event_sync(run, event)
+        return run
+
     def event_sync(self, run: Run, event: Event) -> EventAck:
         """Sends one event from synchronous code (with a fresh id, as `Run.event` does)."""
         event = msgspec.structs.replace(event, id=event.id or uuid.uuid4().hex)
@@ -129,27 +158,36 @@ class ThreadRuns:
         """Ends the thread's live run, if it has one (known here or found on the daemon)."""
         with self._lock:
             run = self._runs.pop(thread, None)
-        if run is None:
-            found = await self.client.list_runs(self.graph.id, key=thread)
-            # Runs a daemon restart interrupted keep their key too; the thread's is the live one.
-            live = [info for info in found if info.status == "live"]
-            if not live:
-                return None
-            run = self.client.run(live[0], self.graph)
-        return await run.close()
+        if run is not None:
+            try:
+                return await run.close()
+            except KvrtError as exc:  # gone already: the thread may have another run
+                if exc.code not in ENDED_CODES:
+                    raise
+        found = await self.client.list_runs(self.graph.id, key=thread)
+        # Runs a daemon restart interrupted keep their key too; the thread's is the live one.
+        live = [info for info in found if info.status == "live"]
+        if not live:
+            return None
+        return await self.client.run(live[0], self.graph).close()
 
     def close_sync(self, thread: str) -> RunClosed | None:
         """`close` from synchronous code."""
         with self._lock:
             run = self._runs.pop(thread, None)
-        run_id = run.id if run is not None else None
-        if run_id is None:
-            pages = self.http.pages("/v1/runs", {"graph_id": self.graph.id, "key": thread},
-                                    RunList)
-            live = [info for page in pages for info in page.data if info.status == "live"]
-            if not live:
-                return None
-            run_id = live[0].id
+        if run is not None:
+            try:
+                return self._delete_sync(run.id)
+            except KvrtError as exc:  # gone already: the thread may have another run
+                if exc.code not in ENDED_CODES:
+                    raise
+        pages = self.http.pages("/v1/runs", {"graph_id": self.graph.id, "key": thread}, RunList)
+        live = [info for page in pages for info in page.data if info.status == "live"]
+        if not live:
+            return None
+        return self._delete_sync(live[0].id)
+
+    def _delete_sync(self, run_id: str) -> RunClosed:
         return self.http.request("DELETE", f"/v1/runs/{quote(run_id, safe='')}", None,
                                  RunClosed)
 

@@ -12,12 +12,14 @@ that cannot be placed, the block just runs.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
 
+from kvrt.sdk.errors import KvrtError
 from kvrt.sdk.langgraph.context import in_config, locate
+from kvrt.sdk.langgraph.threads import ENDED_CODES
 from kvrt.sdk.protocol.control import EventAck
 
 
@@ -33,5 +35,13 @@ async def tool_call(name: str, expected_s: float | None = None, *,
         return
     call.binding.lifecycle.saw(call.thread, call.agent)
     run = await call.binding.runs.run(call.thread)
-    async with run.agent(call.agent).tool_call(name, expected_s) as ack:
+    async with AsyncExitStack() as stack:
+        try:
+            ack = await stack.enter_async_context(run.agent(call.agent).tool_call(name, expected_s))
+        except KvrtError as exc:  # the daemon ended the thread's run by itself: a new one
+            if exc.code not in ENDED_CODES:
+                raise
+            call.binding.runs.forget(call.thread, run.id)
+            run = await call.binding.runs.run(call.thread)
+            ack = await stack.enter_async_context(run.agent(call.agent).tool_call(name, expected_s))
         yield ack
