@@ -38,14 +38,17 @@ def build_openapi(version: str) -> dict[str, Any]:
             "/v1/completions": _generate_op(
                 "Text completion", ref[CompletionRequest], ref[Completion], ref[Completion],
                 errors),
-            "/v1/models": {"get": {"summary": "The served model",
-                                   "responses": {"200": _body("Model list", ref[ModelList])}}},
+            "/v1/models": {"get": {"summary": "The served model", "responses": {
+                "200": _body("Model list", ref[ModelList]), **errors}}},
             "/health": {"get": {"summary": "200 when ready; 503 while starting or draining, or "
                                            "with the engine down",
                                 "responses": {"200": _body("Alive", ref[Health]), **errors}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics (kvrt:*)", "responses": {
+            "/metrics": {"get": {"summary": "Prometheus metrics (kvrt:*); with keys set, the "
+                                            "operator's (--admin-key): 403 to a tenant's key",
+                                 "responses": {
                 "200": {"description": "Prometheus text format 0.0.4",
-                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                **errors}}},
             **_control_paths(ref, errors),
         },
         "components": {"schemas": components},
@@ -115,7 +118,8 @@ def _control_paths(ref: dict, errors: dict) -> dict:
             "post": _with_response(
                 op("Start a run of a graph", "201", control.RunInfo, control.RunSpec), "200",
                 _body("The live run of the graph with the given key", ref[control.RunInfo])),
-            "get": {**op("List live and interrupted runs, a page in creation order", "200",
+            "get": {**op("List live, interrupted and expired runs, a page in creation order",
+                         "200",
                          control.RunList), "parameters": [
                 {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
                 for name in ("graph_id", "key")] + _page_params()}},
