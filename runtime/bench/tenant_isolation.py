@@ -20,7 +20,8 @@ Two phases of `--seconds` each against a daemon that knows both keys:
                                   another
                                   quotas: graphs and runs created until refused (once, first)
 
-and /health is polled every 50 ms throughout. The report: per phase, the victim's served
+and /health is polled every 50 ms throughout; at the phase's end the abuser's calls still in
+flight are dropped (their connections closed). The report: per phase, the victim's served
 calls, p50 / p99 latency and statuses, /health's worst answer; for the abuser, the statuses
 of each kind of abuse. The abuser's graphs and runs are deleted at the end. Run the daemon in
 another process (the benchmark's own CPU use is the abuser's; on a small machine it competes
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from collections import Counter
@@ -127,8 +129,10 @@ async def _phase(victim: aiohttp.ClientSession, config: IsolationConfig,
     tasks.append(asyncio.create_task(_poll_health(victim, until, health)))
     abuse_task = asyncio.create_task(abuse.run(until)) if abuse is not None else None
     await asyncio.gather(*tasks)
-    if abuse_task is not None:
-        await abuse_task
+    if abuse_task is not None:  # the abuser's calls in flight are dropped (disconnects)
+        abuse_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await abuse_task
     latencies = sorted(tally.latencies)
     health_ms = [s * 1000 for s in health.latencies]
     return PhaseReport(
