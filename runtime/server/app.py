@@ -29,6 +29,7 @@ from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC, PrioritySync
+from kvrt.runtime.server.prompt_workers import PROMPT_WORKERS, PromptWorkers
 from kvrt.runtime.server.round_routes import routes as round_routes
 from kvrt.runtime.server.tool_parsers import make_tool_parser
 
@@ -45,6 +46,7 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app[app_keys.CONFIG] = config
     app[app_keys.ENGINE] = engine
     app[PRIORITY_SYNC] = PrioritySync(engine)
+    app[PROMPT_WORKERS] = PromptWorkers(engine)  # its threads start with the first calls
     app[app_keys.METRICS] = ServerMetrics()
     app[app_keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
     app[app_keys.STARTED_AT] = int(time.time())
@@ -56,7 +58,13 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app.cleanup_ctx.append(_engine_lifetime)
     app.on_shutdown.append(drain)
     app.on_cleanup.append(_close_control)
+    app.on_cleanup.append(_close_prompt_workers)
     return app
+
+
+async def _close_prompt_workers(app: web.Application) -> None:
+    # Off the loop: a call being built (a long prompt's tokenization) may take seconds to end.
+    await asyncio.get_running_loop().run_in_executor(None, app[PROMPT_WORKERS].close)
 
 
 async def _close_control(app: web.Application) -> None:

@@ -31,6 +31,7 @@ from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.model_calls import round_agent_call, submit_calls
 from kvrt.runtime.server.openai_requests import check_common, check_message_count
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
+from kvrt.runtime.server.prompt_workers import build_calls
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 from kvrt.sdk.protocol.rounds import (
     RoundOutput,
@@ -52,8 +53,9 @@ async def run_round(request: web.Request) -> web.Response:
     _check_round(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
     # 404 for an agent the run's graph lacks, before anything starts
     contexts = round_contexts(run, body.agents)
-    calls = [round_agent_call(body, name, context, engine, tenant=tenant)
-             for name, context in zip(body.agents, contexts)]
+    calls = await build_calls(request, lambda model: [  # one job for the round, not one a call
+        round_agent_call(body, name, context, model, tenant=tenant)
+        for name, context in zip(body.agents, contexts)], run)
     gens = request.app[ADMISSION].admit(engine, calls, arrival)  # whole, or refused whole
     run.rounds += 1
     number = run.rounds
