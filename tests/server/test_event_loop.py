@@ -124,10 +124,12 @@ def test_health_answers_while_a_completion_prompt_is_tokenized(server) -> None:
 
 
 def round_of(agents: list[str]) -> dict[str, Any]:
+    """The news first and each agent's question after it: the engine computes the news once
+    (a cached prefix), but every prompt is rendered and tokenized whole."""
     return {"shared": [{"role": "user", "content": NEWS}],
-            "agents": {name: {"messages": [{"role": "system", "content": f"You are {name}."}]}
-                       for name in agents},
-            "instruction": [{"role": "user", "content": "Say what you do next."}],
+            "agents": {name: {"messages": [], "after": [
+                {"role": "user", "content": f"You are {name}. Say what you do next."}]}
+                for name in agents},
             "max_tokens": 1, "ignore_eos": True}
 
 
