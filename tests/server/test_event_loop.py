@@ -1,7 +1,8 @@
 """Nothing heavy runs on the daemon's event loop: while one client's prompt of megabytes or
 round of 2,000 agents is built, /health answers (tiny model, given a context of 131,072 tokens
 so that a text of megabytes can be a prompt). The bound asserted is a generous 1 s on this
-shared machine; the 100 ms goal is measured by `kvrt bench loop-latency`.
+shared machine; the 100 ms goal is measured by `make bench-loop`
+(runtime/bench/loop_latency.py).
 
 Also: a round costs one critical path, and a call whose run ends while its prompt is built is
 refused (404) rather than queued for a run that is gone.
@@ -14,7 +15,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ import aiohttp
 import pytest
 
 from kvrt.runtime.config import EngineConfig
+from kvrt.runtime.engine.protocol import EngineError, GenerateOutput, GenerateRequest
 from kvrt.runtime.graph.runs import Run
 from kvrt.runtime.model.tiny import init_tiny
 from kvrt.runtime.server.prompt_workers import PROMPT_WORKERS
+from kvrt.runtime.server.round_routes import START_BATCH
 from tests.server.live_server import LiveServer, Reply, live_server, start_run, wait_released
 
 LONG_CONTEXT = 131_072
@@ -189,4 +192,27 @@ def test_a_call_whose_run_ends_while_its_prompt_is_built_is_refused(server) -> N
     [reply] = replies
     assert reply.status == 404, reply.body
     assert reply.json()["error"]["code"] == "run_not_found"
+    wait_released(server)
+
+
+def test_a_failed_round_ends_the_calls_of_every_agent(server, monkeypatch) -> None:
+    """The round's calls start START_BATCH at a time: the first call's failure cancels the
+    round before the second batch starts, and the run counts every agent's call ended, started
+    or not."""
+    agents = [f"agent{i}" for i in range(3 * START_BATCH)]
+    run = start_run(server, *agents)
+    generate = server.engine.generate
+
+    async def failing(request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        if request.attribution.agent == "agent0":
+            raise EngineError("injected fault")
+        async for output in generate(request):
+            yield output
+
+    monkeypatch.setattr(server.engine, "generate", failing)
+    reply = server.post(f"/v1/runs/{run}/rounds", round_of(agents))
+    assert reply.status == 500, reply.body
+    assert "injected fault" in reply.json()["error"]["message"]
+    states = server.request("GET", f"/v1/runs/{run}").json()["agents"]
+    assert [(a["state"], a["calls"]) for a in states] == [("idle", 1)] * len(agents)
     wait_released(server)
