@@ -30,6 +30,9 @@ bench-engine: setup
 bench-control: setup
 	PYTHONSAFEPATH=1 $(PY) -m kvrt.runtime.bench.control_speed $(ARGS)
 
+bench-loop: setup
+	PYTHONSAFEPATH=1 $(PY) -m kvrt.runtime.bench.loop_latency $(ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check runtime sdk kernels tests
 

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import platform
 import re
 import socket
@@ -40,7 +41,6 @@ from typing import Any
 
 import aiohttp
 
-from kvrt.runtime.bench.control_speed import wait_healthy
 from kvrt.runtime.config import ServerLimits, parse_size
 
 POLL_S = 0.01
@@ -201,7 +201,24 @@ def start_server(model: str | None, port: int, log: Path, extra: list[str]) -> s
     command = [sys.executable, "-m", "kvrt.runtime.cli", "serve", "--port", str(port), *extra]
     if model is not None:
         command += ["--model", model]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    # PYTHONSAFEPATH: run from a checkout, the repo's kernels/ would shadow the `kernels`
+    # distribution that transformers imports.
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
+
+
+async def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                async with session.get(url + "/health") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"the server at {url} did not come up (exit status {server.poll()})")
 
 
 def measure(model: str | None, url: str | None, body_bytes: int, agents: int,
@@ -219,7 +236,7 @@ def measure(model: str | None, url: str | None, body_bytes: int, agents: int,
         server = start_server(model, port, log, serve_args)
         url = f"http://127.0.0.1:{port}"
         try:
-            asyncio.run(wait_healthy(url, timeout=300))
+            asyncio.run(wait_healthy(url, server, timeout=300))
             return asyncio.run(run_phases(url, body_bytes, agents, baseline_s))
         except BaseException:
             sys.stderr.write(log.read_text()[-4000:])
