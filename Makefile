@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup serve test bench-engine bench-control lint gpu-check
+.PHONY: setup serve test bench-engine bench-control bench-loop lint gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py requirements-dev.txt
 	python3 -m venv $(VENV)
