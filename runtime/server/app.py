@@ -10,6 +10,7 @@ anyone who runs `runner.cleanup()` alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -95,12 +96,18 @@ async def drain(app: web.Application) -> int:
 async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
     engine = app[app_keys.ENGINE]
     await engine.start()
+    # What exists now (the model, the tokenizer, the imported modules: ~400k objects) lives as
+    # long as the daemon; frozen, a full collection skips it: ~25 ms instead of ~250 ms of the
+    # loop's time, taken while serving.
+    gc.collect()
+    gc.freeze()
     app[ADMISSION].open()
     try:
         yield
     finally:
         app[ADMISSION].begin_drain()
         await engine.stop()  # logs whether every request's KV was released
+        gc.unfreeze()
 
 
 def _loop_time() -> float:
