@@ -17,6 +17,8 @@ from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvrt.runtime.server.model_calls import (
     PreparedCall,
     chat_call,
+    check_chat,
+    check_completion,
     completion_call,
     submit_calls,
 )
@@ -49,9 +51,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
     context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
     tools = chat_tools(body)
-    max_messages = request.app[app_keys.CONFIG].limits.max_messages
+    check_chat(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
     call = await build_calls(request, lambda model: chat_call(
-        body, tools, context, model, tenant=tenant, max_messages=max_messages), _run_of(context))
+        body, tools, context, model, tenant=tenant), _run_of(context))
     formatter = ChatFormatter(
         call.request_id, engine.model_name, _include_usage(body),
         tool_parser=request.app[app_keys.TOOL_PARSER] if tools is not None else None,
@@ -66,6 +68,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = completion_request_decoder.decode(await read_json(request))
     engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
     context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
+    check_completion(body, engine)
     call = await build_calls(
         request, lambda model: completion_call(body, context, model, tenant=tenant),
         _run_of(context))

@@ -29,7 +29,12 @@ from kvrt.runtime.server.generation import CallObserver, collect, usage_of
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.model_calls import round_agent_call, submit_calls
-from kvrt.runtime.server.openai_requests import check_common, check_message_count
+from kvrt.runtime.server.openai_requests import (
+    check_common,
+    check_message_count,
+    check_text_length,
+    text_length,
+)
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
 from kvrt.runtime.server.prompt_workers import build_calls
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
@@ -55,6 +60,7 @@ async def run_round(request: web.Request) -> web.Response:
     _check_round(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
     # 404 for an agent the run's graph lacks, before anything starts
     contexts = round_contexts(run, body.agents)
+    _check_text_lengths(body, engine)
     calls = await build_calls(request, lambda model: [  # one job for the round, not one a call
         round_agent_call(body, name, context, model, tenant=tenant)
         for name, context in zip(body.agents, contexts)], run)
@@ -79,6 +85,15 @@ def _check_round(body: RoundRequest, engine: EngineClient, max_messages: int) ->
     if body.kvrt is not None:
         raise bad_request("a round's run is in its path and its agents are the keys of "
                           "`agents`; leave `kvrt` out", param="kvrt")
+
+
+def _check_text_lengths(body: RoundRequest, engine: EngineClient) -> None:
+    """Each agent's text (its own, the shared, its after or the instruction) against what any
+    prompt can hold: a 400 naming the agent before any prompt is built."""
+    shared, instruction = text_length(body.shared), text_length(body.instruction or [])
+    for name, spec in body.agents.items():
+        after = instruction if spec.after is None else text_length(spec.after)
+        check_text_length(text_length(spec.messages) + shared + after, engine, f"agents.{name}")
 
 
 def _check_messages(body: RoundRequest, max_messages: int) -> None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ LONG_CONTEXT = 131_072
 AGENTS = 2_000
 POLL_S = 0.01
 BOUND_S = 1.0
+HELD_S = 30.0  # the longest `workers_busy` holds the workers
 # Every agent's prompt holds this (~360 tokens): rendering and tokenizing 2,000 of them takes
 # over a second of CPU here.
 NEWS = " ".join(f"Item {k}: the bridge on road {k} is closed, take the ferry at pier {k}."
@@ -166,33 +168,63 @@ def count_criticality_callers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return callers
 
 
-def test_a_call_whose_run_ends_while_its_prompt_is_built_is_refused(server) -> None:
-    run = start_run(server, "alice")
+@contextmanager
+def workers_busy(server: LiveServer) -> Iterator[None]:
+    """Every prompt worker waits until the block ends: builds queue meanwhile."""
     workers = server._runner.app[PROMPT_WORKERS]
     gate = threading.Event()
 
-    async def occupy() -> None:  # every worker waits on the gate: the chat's build queues
+    async def occupy() -> None:
         for _ in range(workers.threads):
-            asyncio.ensure_future(workers.run(lambda _model: gate.wait(30)))
+            asyncio.ensure_future(workers.run(lambda _model: gate.wait(HELD_S)))
 
     server.call(occupy)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+def test_a_call_whose_run_ends_while_its_prompt_is_built_is_refused(server) -> None:
+    run = start_run(server, "alice")
     body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1,
             "kvrt": {"run": run, "agent": "alice"}}
     replies: list[Reply] = []
     chat = threading.Thread(target=lambda: replies.append(
         server.post("/v1/chat/completions", body)))
-    chat.start()
-    try:
+    with workers_busy(server):
+        chat.start()
         time.sleep(0.5)  # the chat passed its checks and waits for a worker
         assert not replies
         assert server.request("DELETE", f"/v1/runs/{run}").status == 200
-    finally:
-        gate.set()
-        chat.join(30)
+    chat.join(30)
     [reply] = replies
     assert reply.status == 404, reply.body
     assert reply.json()["error"]["code"] == "run_not_found"
     wait_released(server)
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion", "round"])
+def test_a_text_longer_than_any_prompt_is_refused_without_waiting_for_a_worker(
+        server, kind) -> None:
+    too_long = "lorem ipsum " * (char_limit(server) // 12 + 1)
+    if kind == "chat":
+        path, body, param = "/v1/chat/completions", json.loads(chat_body(too_long)), "messages"
+    elif kind == "completion":
+        path, body, param = "/v1/completions", {"prompt": too_long, "max_tokens": 1}, "prompt"
+    else:
+        run = start_run(server, "alice", "bob")
+        body = round_of(["alice", "bob"])
+        body["agents"]["bob"]["messages"] = [{"role": "system", "content": too_long}]
+        path, param = f"/v1/runs/{run}/rounds", "agents.bob"
+    with workers_busy(server):
+        started = time.monotonic()
+        reply = server.post(path, body)
+        assert time.monotonic() - started < HELD_S / 3  # answered while the workers were held
+    error = reply.json()["error"]
+    assert (reply.status, error["param"], error["code"]) == (
+        400, param, "context_length_exceeded")
+    assert "characters" in error["message"]
 
 
 def test_a_failed_round_ends_the_calls_of_every_agent(server, monkeypatch) -> None:
