@@ -15,8 +15,9 @@ borrow it only to read, but a copy per thread does not depend on that.
 
 Tokenization in Rust releases the GIL, so the threads encode in parallel with the loop and
 with each other; rendering a template is Python, and the loop gets the GIL back within the
-switch interval (5 ms). Decoding a JSON body (msgspec) holds the GIL throughout, so it gains
-nothing here and stays on the loop (~20 ms for a 64 MiB prompt).
+switch interval (5 ms). Decoding a JSON body (msgspec) holds the GIL throughout, so a thread
+would gain nothing: it stays on the loop (a 64 MiB text: 25 ms on an idle core, up to ~250 ms
+on a loaded one; only another process could take that off the loop).
 """
 
 from __future__ import annotations
