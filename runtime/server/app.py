@@ -47,7 +47,7 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app[app_keys.CONFIG] = config
     app[app_keys.ENGINE] = engine
     app[PRIORITY_SYNC] = PrioritySync(engine)
-    app[PROMPT_WORKERS] = PromptWorkers(engine)  # its threads start with the first calls
+    app[PROMPT_WORKERS] = PromptWorkers(engine)
     app[app_keys.METRICS] = ServerMetrics()
     app[app_keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
     app[app_keys.STARTED_AT] = int(time.time())

@@ -7,7 +7,8 @@ a round in one job) to these threads and await it. What touches run state (conte
 admission, submission) stays on the loop, and `build_calls` checks after the await that what
 held before it still does: the server takes work, and the call's run is live.
 
-Each thread holds its own copy of the tokenizer, made once, in the thread, when it starts. A
+Each thread holds its own copy of the tokenizer, made with the pool (with the app, before it
+serves: a copy holds the GIL for ~0.1 s with SmolLM2's, which no call should cost the loop). A
 Hugging Face fast tokenizer is one Rust object behind a RefCell: a call that borrows it mutably
 (transformers resets truncation or padding before encoding when they differ from the call's)
 while another thread encodes fails with "RuntimeError: Already borrowed". kvrt's own calls
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,11 +62,13 @@ class PromptWorkers:
     MAX_THREADS) that run `build(model)` jobs; `close` waits for the jobs running."""
 
     def __init__(self, model: ServedModel, threads: int | None = None) -> None:
-        self._model = model
         self._local = threading.local()
         self.threads = threads or min(len(os.sched_getaffinity(0)), MAX_THREADS)
+        models: queue.SimpleQueue[ThreadModel] = queue.SimpleQueue()
+        for _ in range(self.threads):
+            models.put(_own_model(model))
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kvrt-prompt",
-                                        initializer=self._own_model)
+                                        initializer=self._take, initargs=(models,))
 
     async def run(self, build: Callable[[ServedModel], T]) -> T:
         # run_in_executor, not a bare future: kvrt sim's loop stops its clock while it runs.
@@ -73,13 +77,17 @@ class PromptWorkers:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _own_model(self) -> None:
-        model, tokenizer = self._model, self._model.tokenizer
-        own = Tokenizer(copy.deepcopy(tokenizer.hf), tokenizer.eos_token_ids)
-        self._local.model = ThreadModel(model.model_name, model.max_model_len, own)
+    def _take(self, models: queue.SimpleQueue[ThreadModel]) -> None:
+        self._local.model = models.get_nowait()  # one a thread, as each starts
 
     def _build(self, build: Callable[[ServedModel], T]) -> T:
         return build(self._local.model)
+
+
+def _own_model(model: ServedModel) -> ThreadModel:
+    tokenizer = model.tokenizer
+    own = Tokenizer(copy.deepcopy(tokenizer.hf), tokenizer.eos_token_ids)
+    return ThreadModel(model.model_name, model.max_model_len, own)
 
 
 PROMPT_WORKERS = web.AppKey("prompt_workers", PromptWorkers)
