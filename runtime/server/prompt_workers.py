@@ -62,6 +62,7 @@ class PromptWorkers:
     MAX_THREADS) that run `build(model)` jobs; `close` waits for the jobs running."""
 
     def __init__(self, model: ServedModel, threads: int | None = None) -> None:
+        self._model = model  # for a job run on the loop's own thread (kvrt sim's loop does)
         self._local = threading.local()
         self.threads = threads or min(len(os.sched_getaffinity(0)), MAX_THREADS)
         models: queue.SimpleQueue[ThreadModel] = queue.SimpleQueue()
@@ -81,7 +82,7 @@ class PromptWorkers:
         self._local.model = models.get_nowait()  # one a thread, as each starts
 
     def _build(self, build: Callable[[ServedModel], T]) -> T:
-        return build(self._local.model)
+        return build(getattr(self._local, "model", self._model))
 
 
 def _own_model(model: ServedModel) -> ThreadModel:
