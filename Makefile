@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup serve test bench-engine bench-control lint gpu-check
+.PHONY: setup serve test bench-engine bench-control bench-loop lint gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -29,6 +29,9 @@ bench-engine: setup
 
 bench-control: setup
 	PYTHONSAFEPATH=1 $(PY) -m kvrt.runtime.bench.control_speed $(ARGS)
+
+bench-loop: setup
+	PYTHONSAFEPATH=1 $(PY) -m kvrt.runtime.bench.loop_latency $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check runtime sdk kernels tests

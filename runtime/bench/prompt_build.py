@@ -104,7 +104,7 @@ def time_chat(model: Model, messages: int, repeats: int) -> dict[str, Any]:
     def build(attributed: bool) -> GenerateRequest:
         options = KvrtOptions(run=run.id, agent="taker") if attributed else None
         context = call_context(control, options, {}, TENANT)
-        call = chat_call(body, None, context, model, tenant=TENANT, max_messages=messages)
+        call = chat_call(body, None, context, model, tenant=TENANT)
         return call.request(None)
 
     marked, unmarked = build(True), build(False)

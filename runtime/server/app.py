@@ -10,6 +10,7 @@ anyone who runs `runner.cleanup()` alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC, PrioritySync
+from kvrt.runtime.server.prompt_workers import PROMPT_WORKERS, PromptWorkers
 from kvrt.runtime.server.round_routes import routes as round_routes
 from kvrt.runtime.server.run_expiry import run_expiry
 from kvrt.runtime.server.tool_parsers import make_tool_parser
@@ -47,6 +49,7 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app[app_keys.CONFIG] = config
     app[app_keys.ENGINE] = engine
     app[PRIORITY_SYNC] = PrioritySync(engine)
+    app[PROMPT_WORKERS] = PromptWorkers(engine)
     app[app_keys.METRICS] = ServerMetrics()
     app[app_keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
     app[app_keys.STARTED_AT] = int(time.time())
@@ -59,7 +62,13 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app.cleanup_ctx.append(run_expiry)  # inside the engine's lifetime: it releases KV
     app.on_shutdown.append(drain)
     app.on_cleanup.append(_close_control)
+    app.on_cleanup.append(_close_prompt_workers)
     return app
+
+
+async def _close_prompt_workers(app: web.Application) -> None:
+    # Off the loop: a call being built (a long prompt's tokenization) may take seconds to end.
+    await asyncio.get_running_loop().run_in_executor(None, app[PROMPT_WORKERS].close)
 
 
 async def _close_control(app: web.Application) -> None:
@@ -90,12 +99,18 @@ async def drain(app: web.Application) -> int:
 async def _engine_lifetime(app: web.Application) -> AsyncIterator[None]:
     engine = app[app_keys.ENGINE]
     await engine.start()
+    # What exists now (the model, the tokenizer, the imported modules: ~400k objects) lives as
+    # long as the daemon; frozen, a full collection skips it: ~25 ms instead of ~250 ms of the
+    # loop's time, taken while serving.
+    gc.collect()
+    gc.freeze()
     app[ADMISSION].open()
     try:
         yield
     finally:
         app[ADMISSION].begin_drain()
         await engine.stop()  # logs whether every request's KV was released
+        gc.unfreeze()
 
 
 def _loop_time() -> float:

@@ -32,6 +32,7 @@ from kvrt.runtime.server.openai_requests import (
     resolve_max_tokens,
     sampling_params,
     segment_marks,
+    text_length,
 )
 from kvrt.runtime.server.priority_sync import PrioritySync, SyncedCall
 from kvrt.sdk.protocol.openai_api import (
@@ -95,13 +96,18 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def chat_call(body: ChatCompletionRequest, tools: PromptTools | None,
-              context: CallContext | None, engine: ServedModel, *, tenant: str,
-              max_messages: int) -> PreparedCall:
-    """`tools`: what `chat_tools(body)` returned (the caller also needs it to read the reply).
-    `tenant`: the caller's (auth.tenant_of); `max_messages`: the server's limit."""
+def check_chat(body: ChatCompletionRequest, engine: ServedModel, max_messages: int) -> None:
+    """What a chat call can get wrong before its prompt is built (cheap: the handler checks it
+    on the loop, and builds the call off it). `max_messages`: the server's limit."""
     check_common(body, engine)
     check_message_count(len(body.messages), max_messages, "messages")
+    check_text_length(text_length(body.messages), engine, "messages")
+
+
+def chat_call(body: ChatCompletionRequest, tools: PromptTools | None,
+              context: CallContext | None, engine: ServedModel, *, tenant: str) -> PreparedCall:
+    """A call of a body that passed `check_chat`. `tools`: what `chat_tools(body)` returned (the
+    caller also needs it to read the reply). `tenant`: the caller's (auth.tenant_of)."""
     approximate = context is not None and context.approximate_reuse
     return messages_call(
         body.messages, segment_marks(body.messages, approximate), body,
@@ -128,9 +134,9 @@ def messages_call(messages: list[ChatMessage], marked: list[bool], body: Samplin
                   request_id: str, param: str, tenant: str,
                   tools: PromptTools | None = None) -> PreparedCall:
     """A call whose prompt is `messages` in the chat template, `marked[i]` saying whether
-    message i is a segment; `param` names the messages in a 400."""
+    message i is a segment; `param` names the messages in a 400. Their text's length was
+    checked by the caller, on the loop (`check_text_length`)."""
     turns = message_dicts(messages, param)
-    check_text_length(sum(len(t["content"]) for t in turns), engine, param)
     try:
         prompt = render_prompt(engine.tokenizer, turns, marked, tools)
     except (ValueError, TemplateError) as exc:  # no template, or the template refuses the turns
@@ -140,9 +146,16 @@ def messages_call(messages: list[ChatMessage], marked: list[bool], body: Samplin
                         tenant=tenant)
 
 
+def check_completion(body: CompletionRequest, engine: ServedModel) -> None:
+    """What a completion can get wrong before its prompt is tokenized (see `check_chat`)."""
+    check_common(body, engine)
+    if isinstance(body.prompt, str):
+        check_text_length(len(body.prompt), engine, "prompt")
+
+
 def completion_call(body: CompletionRequest, context: CallContext | None, engine: ServedModel,
                     *, tenant: str) -> PreparedCall:
-    check_common(body, engine)
+    """A call of a body that passed `check_completion`."""
     return prepare_call(new_request_id("cmpl"), body, completion_prompt_ids(body, engine),
                         body.max_tokens, context, engine,
                         default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS, prompt_param="prompt",

@@ -179,10 +179,21 @@ def check_text_length(chars: int, engine: ServedModel, param: str) -> None:
             param=param, code="context_length_exceeded")
 
 
+def text_length(messages: list[ChatMessage]) -> int:
+    """The characters of the messages' text as `message_dicts` joins it (a part that is not
+    text counts none: `message_dicts` refuses it)."""
+    chars = 0
+    for message in messages:
+        content = message.content
+        if isinstance(content, str):
+            chars += len(content)
+        elif content is not None:
+            chars += sum(len(part.text or "") for part in content)
+    return chars
+
+
 def completion_prompt_ids(body: CompletionRequest, engine: ServedModel) -> list[int]:
     prompt = body.prompt
-    if isinstance(prompt, str):
-        check_text_length(len(prompt), engine, "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
         ids = list(prompt)  # type: ignore[arg-type]
     elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):

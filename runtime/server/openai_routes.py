@@ -6,16 +6,19 @@ import time
 
 from aiohttp import web
 
+from kvrt.runtime.graph.runs import Run
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
 from kvrt.runtime.server.auth import is_operator, tenant_of
-from kvrt.runtime.server.call_context import call_context
+from kvrt.runtime.server.call_context import CallContext, call_context
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvrt.runtime.server.model_calls import (
     PreparedCall,
     chat_call,
+    check_chat,
+    check_completion,
     completion_call,
     submit_calls,
 )
@@ -28,6 +31,7 @@ from kvrt.runtime.server.openai_serving import (
     respond_stream,
 )
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
+from kvrt.runtime.server.prompt_workers import build_calls
 from kvrt.sdk.protocol.openai_api import (
     Health,
     ModelCard,
@@ -47,8 +51,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
     context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
     tools = chat_tools(body)
-    call = chat_call(body, tools, context, engine, tenant=tenant,
-                     max_messages=request.app[app_keys.CONFIG].limits.max_messages)
+    check_chat(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
+    call = await build_calls(request, lambda model: chat_call(
+        body, tools, context, model, tenant=tenant), _run_of(context))
     formatter = ChatFormatter(
         call.request_id, engine.model_name, _include_usage(body),
         tool_parser=request.app[app_keys.TOOL_PARSER] if tools is not None else None,
@@ -63,7 +68,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = completion_request_decoder.decode(await read_json(request))
     engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
     context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
-    call = completion_call(body, context, engine, tenant=tenant)
+    check_completion(body, engine)
+    call = await build_calls(
+        request, lambda model: completion_call(body, context, model, tenant=tenant),
+        _run_of(context))
     formatter = CompletionFormatter(call.request_id, engine.model_name, _include_usage(body))
     return await _respond(request, body, call, formatter, arrival)
 
@@ -104,6 +112,10 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[app_keys.OPENAPI_JSON], content_type="application/json")
+
+
+def _run_of(context: CallContext | None) -> Run | None:
+    return None if context is None else context.run
 
 
 def _include_usage(body: SamplingRequest) -> bool:

@@ -29,8 +29,14 @@ from kvrt.runtime.server.generation import CallObserver, collect, usage_of
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.model_calls import round_agent_call, submit_calls
-from kvrt.runtime.server.openai_requests import check_common, check_message_count
+from kvrt.runtime.server.openai_requests import (
+    check_common,
+    check_message_count,
+    check_text_length,
+    text_length,
+)
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
+from kvrt.runtime.server.prompt_workers import build_calls
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage
 from kvrt.sdk.protocol.rounds import (
     RoundOutput,
@@ -40,6 +46,8 @@ from kvrt.sdk.protocol.rounds import (
 )
 
 routes = web.RouteTableDef()
+
+START_BATCH = 64
 
 
 @routes.post("/v1/runs/{run_id}/rounds")
@@ -52,18 +60,18 @@ async def run_round(request: web.Request) -> web.Response:
     _check_round(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
     # 404 for an agent the run's graph lacks, before anything starts
     contexts = round_contexts(run, body.agents)
-    calls = [round_agent_call(body, name, context, engine, tenant=tenant)
-             for name, context in zip(body.agents, contexts)]
+    _check_text_lengths(body, engine)
+    calls = await build_calls(request, lambda model: [  # one job for the round, not one a call
+        round_agent_call(body, name, context, model, tenant=tenant)
+        for name, context in zip(body.agents, contexts)], run)
     admission = request.app[ADMISSION]
     gens = admission.admit(request, engine, calls, arrival)  # whole, or refused whole
     run.rounds += 1
     number = run.rounds
     observers = admission.follow(gens, submit_calls(calls, request.app[PRIORITY_SYNC]))
-    metrics = request.app[app_keys.METRICS]
-    async with asyncio.TaskGroup() as group:  # one failure cancels the others
-        tasks = [group.create_task(_generate(engine, gen, metrics, arrival, observer))
-                 for gen, observer in zip(gens, observers)]
-    outputs = dict(zip(body.agents, (task.result() for task in tasks)))
+    results = await _generate_all(engine, gens, observers, request.app[app_keys.METRICS],
+                                  arrival)
+    outputs = dict(zip(body.agents, results))
     return json_response(RoundResult(
         run=run.id, round=number, agents=outputs,
         usage=_total([output.usage for output in outputs.values()])))
@@ -80,6 +88,15 @@ def _check_round(body: RoundRequest, engine: EngineClient, max_messages: int) ->
                           "`agents`; leave `kvrt` out", param="kvrt")
 
 
+def _check_text_lengths(body: RoundRequest, engine: EngineClient) -> None:
+    """Each agent's text (its own, the shared, its after or the instruction) against what any
+    prompt can hold: a 400 naming the agent before any prompt is built."""
+    shared, instruction = text_length(body.shared), text_length(body.instruction or [])
+    for name, spec in body.agents.items():
+        after = instruction if spec.after is None else text_length(spec.after)
+        check_text_length(text_length(spec.messages) + shared + after, engine, f"agents.{name}")
+
+
 def _check_messages(body: RoundRequest, max_messages: int) -> None:
     """Every message of the body counts against the limit; the 400 names the list in which
     the count passes it."""
@@ -94,6 +111,29 @@ def _check_messages(body: RoundRequest, max_messages: int) -> None:
         if count > max_messages:
             check_message_count(total, max_messages, param,
                                 "the round (shared, instruction, and every agent's lists)")
+
+
+async def _generate_all(engine: EngineClient, gens: list[GenerateRequest],
+                        observers: list[CallObserver | None], metrics: ServerMetrics,
+                        arrival: float) -> list[RoundOutput]:
+    """Runs the calls together; one failure cancels the others. They start START_BATCH at a
+    time, the loop turning between batches: a start (a stream, a message to the engine thread)
+    costs ~0.1 ms, and 2,000 at once would hold the loop for a quarter of a second."""
+    tasks: list[asyncio.Task[RoundOutput]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            for gen, observer in zip(gens, observers):
+                tasks.append(group.create_task(_generate(engine, gen, metrics, arrival, observer)))
+                if len(tasks) % START_BATCH == 0:
+                    await asyncio.sleep(0)
+    except BaseException:
+        # A call cancelled before it started, or never started, did not end itself; ended()
+        # of one that did is a no-op (AgentCall.ended).
+        for observer in observers:
+            if observer is not None:
+                observer.ended()
+        raise
+    return [task.result() for task in tasks]
 
 
 async def _generate(engine: EngineClient, gen: GenerateRequest, metrics: ServerMetrics,
