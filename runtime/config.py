@@ -85,11 +85,11 @@ class ControlConfig:
     # store keeps and a restart declares again, at some 0.15 s a MiB of the densest graphs
     # (runtime/bench/restart_speed.py), so a tenant at this default adds about 2.5 s.
     max_graph_bytes_per_tenant: int = 16 * 1024**2
-    # The agents of a tenant's live runs together (a run holds one activity per agent of its
-    # graph: some 300 bytes idle, about 1 KB once it has called, used a tool and waited; see
-    # runtime/graph/runs.py), so that 1,024 runs of 4,096-agent graphs (4 GB) cannot be
-    # started: this default, 1,024 runs of 256 agents or 64 of the largest, is some 75 MB
-    # fresh and 250 MB at most.
+    # The agents of a tenant's live runs together. A run holds one activity per agent of its
+    # graph (runtime/graph/runs.py): some 300 bytes idle, about 1 KB once the agent has called,
+    # used a tool and waited. Without it 1,024 runs of 4,096-agent graphs (the run quota, the
+    # declaration limit) would hold 4 to 7 GB; this default, 1,024 runs of 256 agents or 64 of
+    # the largest, holds some 65 MB fresh and 250 MB with every agent used.
     max_run_agents_per_tenant: int = 256 * 1024
     transition_prior_observations: int = 3
     min_branch_share: float = 0.05

@@ -11,7 +11,7 @@ nothing). Opened on a store, the control plane brings back its graphs (same ids 
 and, as "interrupted", the runs that were live when the last daemon stopped: they can be read,
 listed and ended, but take no events and no calls (Conflict `run_interrupted`), do not count
 against `max_live_runs` nor the tenant's quotas of live runs and their agents (nothing changes
-them, so their agents share one idle activity, some 40 bytes each: Run), and no longer hold
+them, so their agents share one idle activity, a reference each: Run), and no longer hold
 their key (its next start begins a new run).
 What the runs of a graph taught (runtime/graph/learning.py) is written at each episode's fold
 and brought back too; an episode in progress when the daemon stopped is lost.
