@@ -74,7 +74,7 @@ class ToolCall:
     predicted: float  # expected seconds of this call
 
 
-_NONE: frozenset[str] = frozenset()
+_NO_REQUESTS: frozenset[str] = frozenset()
 _NO_TOOLS: Mapping[str, list[ToolCall]] = MappingProxyType({})
 _NO_TOKENS: Mapping[str, int] = MappingProxyType({})
 
@@ -102,11 +102,11 @@ class AgentActivity:
 
     @property
     def queued(self) -> AbstractSet[str]:
-        return self._queued or _NONE
+        return self._queued or _NO_REQUESTS
 
     @property
     def generating(self) -> AbstractSet[str]:
-        return self._generating or _NONE
+        return self._generating or _NO_REQUESTS
 
     @property
     def call_tokens(self) -> Mapping[str, int]:
