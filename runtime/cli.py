@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the declarations of one tenant's graphs together, as compact JSON; "
                    "past it a new graph is a 429 quota_exceeded, a 413 if it alone is larger "
                    "(default: %(default)s bytes)")
+    p.add_argument("--max-run-agents-per-tenant", type=int,
+                   default=control["max_run_agents_per_tenant"], metavar="N",
+                   help="the agents of one tenant's live runs together (each run counts its "
+                   "graph's agents); past it a new run is a 429 quota_exceeded, a 413 if its "
+                   "graph alone has more (default: %(default)s)")
     p.add_argument("--transition-prior-observations", type=int,
                    default=control["transition_prior_observations"], metavar="N",
                    help="a declared edge counts towards priorities until its source was seen "
@@ -212,6 +217,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                             max_runs_per_tenant=args.max_runs_per_tenant,
                             max_graphs_per_tenant=args.max_graphs_per_tenant,
                             max_graph_bytes_per_tenant=args.max_graph_bytes_per_tenant,
+                            max_run_agents_per_tenant=args.max_run_agents_per_tenant,
                             transition_prior_observations=args.transition_prior_observations,
                             min_branch_share=args.min_branch_share,
                             run_idle_timeout_s=args.run_idle_timeout)

@@ -85,6 +85,12 @@ class ControlConfig:
     # store keeps and a restart declares again, at some 0.15 s a MiB of the densest graphs
     # (runtime/bench/restart_speed.py), so a tenant at this default adds about 2.5 s.
     max_graph_bytes_per_tenant: int = 16 * 1024**2
+    # The agents of a tenant's live runs together. A run holds one activity per agent of its
+    # graph (runtime/graph/runs.py): some 300 bytes idle, about 1 KB once the agent has called,
+    # used a tool and waited. Without it 1,024 runs of 4,096-agent graphs (the run quota, the
+    # declaration limit) would hold 4 to 7 GB; this default, 1,024 runs of 256 agents or 64 of
+    # the largest, holds some 65 MB fresh and 250 MB with every agent used.
+    max_run_agents_per_tenant: int = 256 * 1024
     transition_prior_observations: int = 3
     min_branch_share: float = 0.05
 
@@ -92,7 +98,7 @@ class ControlConfig:
         if self.seconds_per_output_token < 0 or self.default_output_tokens < 0:
             raise ConfigError("the control plane's cost model takes no negative values")
         for name in ("max_live_runs", "max_runs_per_tenant", "max_graphs_per_tenant",
-                     "max_graph_bytes_per_tenant"):
+                     "max_graph_bytes_per_tenant", "max_run_agents_per_tenant"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.run_idle_timeout_s < 0:

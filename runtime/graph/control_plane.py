@@ -10,7 +10,9 @@ are declared, started and ended, before the change is made in memory (a failed w
 nothing). Opened on a store, the control plane brings back its graphs (same ids and tenants)
 and, as "interrupted", the runs that were live when the last daemon stopped: they can be read,
 listed and ended, but take no events and no calls (Conflict `run_interrupted`), do not count
-against `max_live_runs`, and no longer hold their key (its next start begins a new run).
+against `max_live_runs` nor the tenant's quotas of live runs and their agents (nothing changes
+them, so their agents share one idle activity, a reference each: Run), and no longer hold
+their key (its next start begins a new run).
 What the runs of a graph taught (runtime/graph/learning.py) is written at each episode's fold
 and brought back too; an episode in progress when the daemon stopped is lost.
 
@@ -183,6 +185,7 @@ class ControlPlane:
             raise QuotaExceeded("max_runs_per_tenant", f"this tenant has {live} live runs, its "
                                 "quota (--max-runs-per-tenant); end finished runs "
                                 "(DELETE /v1/runs/{id}) first")
+        self._check_run_agents(entry, tenant)
         if self.live_run_count() >= self.config.max_live_runs:
             raise Conflict("too_many_runs", f"{self.live_run_count()} runs are live, the "
                            "server's limit; end finished runs (DELETE /v1/runs/{id}) first")
@@ -245,6 +248,11 @@ class ControlPlane:
     def live_run_count(self, tenant: str | None = None) -> int:
         """Live runs of the tenant's graphs (None: of every tenant's)."""
         return sum(len(entry.runs) for entry in self.graphs(tenant))
+
+    def live_run_agents(self, tenant: str) -> int:
+        """The agents of the tenant's live runs together (each run counts its graph's):
+        what `max_run_agents_per_tenant` bounds."""
+        return sum(len(entry.graph.agents) * len(entry.runs) for entry in self.graphs(tenant))
 
     def end_run(self, run_id: str, tenant: str = DEFAULT_TENANT) -> Run:
         run = self.run(run_id, tenant)
@@ -322,6 +330,20 @@ class ControlPlane:
                                 f"{held} bytes of declarations; this one's {size} would pass "
                                 f"its quota of {quota} (--max-graph-bytes-per-tenant); delete "
                                 "graphs it no longer runs (DELETE /v1/graphs/{id}) first")
+
+    def _check_run_agents(self, entry: GraphEntry, tenant: str) -> None:
+        quota, agents = self.config.max_run_agents_per_tenant, len(entry.graph.agents)
+        if agents > quota:
+            raise QuotaExceeded("max_run_agents_per_tenant", f"graph {entry.id} has {agents} "
+                                f"agents, more than a tenant's live runs may have in all, "
+                                f"{quota} (--max-run-agents-per-tenant)", too_large=True)
+        held = self.live_run_agents(tenant)
+        if held + agents > quota:
+            raise QuotaExceeded("max_run_agents_per_tenant", f"this tenant's live runs have "
+                                f"{held} agents together; a run of graph {entry.id} "
+                                f"({agents} agents) would pass its quota of {quota} "
+                                "(--max-run-agents-per-tenant); end finished runs "
+                                "(DELETE /v1/runs/{id}) first")
 
     def _declare(self, graph_id: str, tenant: str, spec: GraphSpec, created: int,
                  size: int) -> GraphEntry:

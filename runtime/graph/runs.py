@@ -40,8 +40,10 @@ policy brings its KV back on demand).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from kvrt.runtime.config import DEFAULT_TENANT
 from kvrt.runtime.engine.protocol import AgentEvent
@@ -72,13 +74,24 @@ class ToolCall:
     predicted: float  # expected seconds of this call
 
 
+_NO_REQUESTS: frozenset[str] = frozenset()
+_NO_TOOLS: Mapping[str, list[ToolCall]] = MappingProxyType({})
+_NO_TOKENS: Mapping[str, int] = MappingProxyType({})
+
+
 @dataclass(slots=True)
 class AgentActivity:
-    queued: set[str] = field(default_factory=set)  # request ids
-    generating: set[str] = field(default_factory=set)
-    tools: dict[str, list[ToolCall]] = field(default_factory=dict)  # running, by tool name
-    finished_tools: set[str] = field(default_factory=set)  # finished and not restarted
-    call_tokens: dict[str, int] = field(default_factory=dict)  # of each call in flight
+    """One agent's activity in a run. A run holds one per agent of its graph (up to 4,096),
+    and most of them stay idle: what is in flight is kept in containers made on first use and
+    dropped once empty, so that an idle agent costs its counters and its episode only (some
+    300 bytes, not 1 KB: see README "Quotas"). Read them through the properties; change them
+    through the verbs."""
+
+    _queued: set[str] | None = None  # request ids
+    _generating: set[str] | None = None
+    _call_tokens: dict[str, int] | None = None  # of each call in flight
+    _tools: dict[str, list[ToolCall]] | None = None  # running, by tool name
+    _finished_tools: set[str] | None = None  # finished and not restarted
     generated_tokens: int = 0
     calls: int = 0  # model calls ended (finished, failed or aborted)
     tool_calls: int = 0  # tool calls started (applied start events)
@@ -88,16 +101,94 @@ class AgentActivity:
     episode: AgentEpisode = field(default_factory=AgentEpisode)
 
     @property
+    def queued(self) -> AbstractSet[str]:
+        return self._queued or _NO_REQUESTS
+
+    @property
+    def generating(self) -> AbstractSet[str]:
+        return self._generating or _NO_REQUESTS
+
+    @property
+    def call_tokens(self) -> Mapping[str, int]:
+        return self._call_tokens or _NO_TOKENS
+
+    @property
+    def tools(self) -> Mapping[str, list[ToolCall]]:
+        return self._tools or _NO_TOOLS
+
+    @property
     def state(self) -> AgentStatus:
-        if self.generating:
+        if self._generating:
             return "generating"
-        if self.queued:
+        if self._queued:
             return "queued"
-        if self.tools:
+        if self._tools:
             return "tool_call"
         if self.waiting is not None:
             return "waiting"
         return "done" if self.done else "idle"
+
+    def queue(self, request_id: str) -> None:
+        """A model call was submitted."""
+        if self._queued is None:
+            self._queued = set()
+        if self._call_tokens is None:
+            self._call_tokens = {}
+        self._queued.add(request_id)
+        self._call_tokens[request_id] = 0
+
+    def produce(self, request_id: str, tokens: int) -> None:
+        """The call produced `tokens` more output tokens: it is generating."""
+        if self._queued is not None:
+            self._queued.discard(request_id)
+            self._queued = self._queued or None
+        if self._generating is None:
+            self._generating = set()
+        if self._call_tokens is None:
+            self._call_tokens = {}
+        self._generating.add(request_id)
+        self._call_tokens[request_id] = self._call_tokens.get(request_id, 0) + tokens
+
+    def end_call(self, request_id: str) -> tuple[bool, int]:
+        """The call ended: (whether it was still in flight, its output tokens)."""
+        was_open = request_id in self.queued or request_id in self.generating
+        if self._queued is not None:
+            self._queued.discard(request_id)
+            self._queued = self._queued or None
+        if self._generating is not None:
+            self._generating.discard(request_id)
+            self._generating = self._generating or None
+        tokens = 0
+        if self._call_tokens is not None:
+            tokens = self._call_tokens.pop(request_id, 0)
+            self._call_tokens = self._call_tokens or None
+        return was_open, tokens
+
+    def start_tool(self, tool: str, call: ToolCall) -> None:
+        if self._tools is None:
+            self._tools = {}
+        self._tools.setdefault(tool, []).append(call)
+        if self._finished_tools is not None:
+            self._finished_tools.discard(tool)
+            self._finished_tools = self._finished_tools or None
+
+    def finish_tool(self, tool: str) -> ToolCall | None:
+        """Ends the oldest running call of `tool` (None if none runs); the last one ended, the
+        tool counts as finished."""
+        if self._tools is None or not (calls := self._tools.get(tool)):
+            return None
+        call = calls.pop(0)
+        if not calls:
+            del self._tools[tool]
+            self._tools = self._tools or None
+            if self._finished_tools is None:
+                self._finished_tools = set()
+            self._finished_tools.add(tool)
+        return call
+
+    def tool_finished(self, tool: str) -> bool:
+        """Whether `tool` finished and was not started again."""
+        return self._finished_tools is not None and tool in self._finished_tools
 
 
 @dataclass(slots=True)
@@ -151,19 +242,12 @@ class AgentCall:
     clock: Callable[[], float]
 
     def produced(self, tokens: int) -> None:
-        activity = self.activity
-        activity.queued.discard(self.request_id)
-        activity.generating.add(self.request_id)
-        activity.generated_tokens += tokens
-        activity.call_tokens[self.request_id] = (
-            activity.call_tokens.get(self.request_id, 0) + tokens)
+        self.activity.produce(self.request_id, tokens)
+        self.activity.generated_tokens += tokens
 
     def ended(self) -> None:
         activity = self.activity
-        was_open = self.request_id in activity.queued or self.request_id in activity.generating
-        activity.queued.discard(self.request_id)
-        activity.generating.discard(self.request_id)
-        tokens = activity.call_tokens.pop(self.request_id, 0)
+        was_open, tokens = activity.end_call(self.request_id)
         if was_open:  # a second ended() of the same call must not count it twice
             activity.last_call_end = self.clock()
             activity.calls += 1
@@ -187,7 +271,11 @@ class Run:
         self.id, self.graph_id, self.graph, self.key = run_id, graph_id, graph, key
         self.costs, self.created, self.clock = costs, created, clock
         self.tenant, self.status, self.event_budget = tenant, status, event_budget
-        self.agents = [AgentActivity() for _ in graph.agents]
+        # An interrupted run takes no events and no calls (check_live): nothing changes its
+        # agents, so they can all be one idle activity, which keeps the restart of a daemon
+        # that stopped with many runs of large graphs short.
+        self.agents = ([AgentActivity()] * len(graph.agents) if status == "interrupted"
+                       else [AgentActivity() for _ in graph.agents])
         self.episodes = RunEpisodes(costs.learned, self.agents)
         self.event_count = 0
         self.rounds = 0  # All-Gather rounds started (POST /v1/runs/{id}/rounds)
@@ -273,23 +361,18 @@ class Run:
                 return None
             predicted = (event.expected_duration_s if event.expected_duration_s is not None
                          else self.costs.estimates.seconds(name, event.tool))
-            activity.tools.setdefault(event.tool, []).append(ToolCall(self.clock(), predicted))
+            activity.start_tool(event.tool, ToolCall(self.clock(), predicted))
             activity.tool_calls += 1
             self.episodes.tool_started(index, event.tool)
-            activity.finished_tools.discard(event.tool)
             activity.done = False
             return AgentEvent("tool_call.started", self.id, name, predicted)
         if isinstance(event, ToolCallFinished):
-            calls = activity.tools.get(event.tool)
-            if not calls:
-                if event.tool in activity.finished_tools:
+            call = activity.finish_tool(event.tool)
+            if call is None:
+                if activity.tool_finished(event.tool):
                     return None
                 raise Conflict("tool_not_started", f"agent {name!r} of run {self.id} reports "
                                f"tool {event.tool!r} finished, but no call of it was started")
-            call = calls.pop(0)
-            if not calls:
-                del activity.tools[event.tool]
-                activity.finished_tools.add(event.tool)
             now = self.clock()
             self.costs.estimates.observe(name, event.tool, now - call.started)
             activity.episode.last_end = now
@@ -336,8 +419,7 @@ class Run:
         self._end_wait(index)
         self.episodes.call_submitted(index, self.clock())
         activity = self.agents[index]
-        activity.queued.add(request_id)
-        activity.call_tokens[request_id] = 0
+        activity.queue(request_id)
         activity.done = False
         return AgentCall(activity, request_id, self.clock)
 

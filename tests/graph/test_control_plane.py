@@ -341,3 +341,76 @@ def test_a_load_freezes_what_it_made_and_leaves_the_collector_on(tmp_path) -> No
         assert gc.get_freeze_count() == 0  # back to the collector, for the exit's
     finally:
         gc.unfreeze()
+
+
+def agents(count: int) -> GraphSpec:
+    return GraphSpec(name=f"g{count}", agents=[AgentSpec(name=f"a{i}") for i in range(count)])
+
+
+def test_the_agents_of_a_tenants_live_runs_are_a_quota_refused_exactly_past_it() -> None:
+    control = ControlPlane(ControlConfig(max_run_agents_per_tenant=10))
+    four, two = (control.create_graph(agents(n), tenant="a") for n in (4, 2))
+    first = control.start_run(four.id, key="k", tenant="a")
+    control.start_run(four.id, tenant="a")
+    with pytest.raises(QuotaExceeded) as full:  # 8 + 4 > 10
+        control.start_run(four.id, tenant="a")
+    assert (full.value.quota, full.value.too_large) == ("max_run_agents_per_tenant", False)
+    assert "have 8 agents together" in str(full.value)
+    control.start_run(two.id, tenant="a")  # 8 + 2 = 10: exactly the quota
+    assert control.live_run_agents("a") == 10
+    with pytest.raises(QuotaExceeded):
+        control.start_run(two.id, tenant="a")
+    # A keyed start of a live run is no new run; another tenant has its own room.
+    assert control.start_run(four.id, key="k", tenant="a") is first
+    theirs = control.create_graph(agents(4), tenant="b")
+    assert control.start_run(theirs.id, tenant="b").tenant == "b"
+    # Ending a run gives its agents back.
+    control.end_run(first.id, tenant="a")
+    assert control.live_run_agents("a") == 6
+    control.start_run(four.id, tenant="a")
+
+
+def test_an_expired_run_frees_its_agents_from_the_quota() -> None:
+    control, clock = idle_plane(60.0, max_run_agents_per_tenant=4)
+    graph = control.create_graph(agents(4))
+    control.start_run(graph.id)
+    with pytest.raises(QuotaExceeded):
+        control.start_run(graph.id)
+    clock.now += 61
+    assert len(expire_idle(control)) == 1
+    assert control.live_run_agents(DEFAULT_TENANT) == 0
+    control.start_run(graph.id)
+
+
+def test_a_graph_with_more_agents_than_the_quota_is_too_large_to_run() -> None:
+    control = ControlPlane(ControlConfig(max_run_agents_per_tenant=3))
+    graph = control.create_graph(agents(4))  # declaring it is not running it
+    with pytest.raises(QuotaExceeded) as alone:
+        control.start_run(graph.id)
+    assert (alone.value.quota, alone.value.too_large) == ("max_run_agents_per_tenant", True)
+    assert control.runs(graph.id) == []
+
+
+def test_interrupted_runs_share_one_idle_activity_and_leave_the_quota(tmp_path) -> None:
+    config = ServeConfig(state_dir=str(tmp_path),
+                         control=ControlConfig(max_run_agents_per_tenant=6))
+    control = ControlPlane.open(config)
+    graph = control.create_graph(agents(3))
+    left = [control.start_run(graph.id).id for _ in range(2)]
+    control.close()
+    control = ControlPlane.open(config)
+    for run_id in left:
+        run = control.run(run_id)
+        assert run.status == "interrupted"
+        assert [a.state for a in run.agents] == ["idle"] * 3
+        assert len({id(activity) for activity in run.agents}) == 1  # one shared activity
+        with pytest.raises(Conflict) as refused:
+            run.apply(AgentDone(agent="a0"))
+        assert refused.value.code == "run_interrupted"
+    # They hold none of the quota: two live runs fit beside them, a third does not.
+    assert control.live_run_agents(DEFAULT_TENANT) == 0
+    fresh = [control.start_run(graph.id) for _ in range(2)]
+    assert len({id(activity) for run in fresh for activity in run.agents}) == 6
+    with pytest.raises(QuotaExceeded):
+        control.start_run(graph.id)
+    control.close()

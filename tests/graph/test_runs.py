@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from kvrt.runtime.config import ControlConfig
 from kvrt.runtime.engine.protocol import AgentEvent
 from kvrt.runtime.graph.control_plane import ControlPlane
-from kvrt.runtime.graph.runs import Run
+from kvrt.runtime.graph.runs import AgentActivity, Run
 from kvrt.sdk.protocol.control import (
     AgentDone,
     AgentResumed,
@@ -105,3 +107,41 @@ def test_a_done_agent_waiting_is_revived() -> None:
     run.apply(AgentDone(agent="a"))
     assert run.apply(AgentWaiting(agent="a")) is not None
     assert run.agent_state("a") == "waiting"
+
+
+# ---- what an agent holds (a run holds one activity per agent of its graph) --------------------
+
+
+def containers(activity: AgentActivity) -> list[object]:
+    """The sets and dicts the activity itself holds (its episode's aside)."""
+    return [held for held in gc.get_referents(activity) if isinstance(held, (set, dict))]
+
+
+def test_an_agent_holds_containers_only_while_something_of_it_is_in_flight() -> None:
+    now = [0.0]
+    run = new_run(now)
+    activity = run.agents[0]
+    assert containers(activity) == []  # a fresh agent: its counters and its episode only
+    call = run.submit_call(0, "req-1")
+    assert (run.agent_state("a"), activity.queued, dict(activity.call_tokens)) == (
+        "queued", {"req-1"}, {"req-1": 0})
+    call.produced(3)
+    assert (run.agent_state("a"), activity.queued, activity.generating) == (
+        "generating", set(), {"req-1"})
+    call.ended()
+    assert (run.agent_state("a"), activity.calls, activity.generated_tokens) == ("idle", 1, 3)
+    assert containers(activity) == []
+    run.apply(ToolCallStarted(id="t1", agent="a", tool="search"))
+    run.apply(ToolCallStarted(id="t2", agent="a", tool="search"))  # two at once
+    assert [len(calls) for calls in activity.tools.values()] == [2]
+    run.apply(ToolCallFinished(agent="a", tool="search"))
+    assert run.agent_state("a") == "tool_call"  # until the last one ends
+    run.apply(ToolCallFinished(agent="a", tool="search"))
+    # What is left is the name of the finished tool, so that a repeated finish is a no-op.
+    assert containers(activity) == [{"search"}]
+    assert run.apply(ToolCallFinished(agent="a", tool="search")) is None
+    run.apply(ToolCallStarted(agent="a", tool="search"))  # started again: no longer finished
+    assert [type(held) for held in containers(activity)] == [dict]  # the running calls
+    now[0] = 1.0
+    run.apply(ToolCallFinished(agent="a", tool="search"))
+    assert containers(activity) == [{"search"}] and run.agent_state("a") == "idle"

@@ -1,4 +1,5 @@
-"""One tenant must not stop the others: its share of the request queue, and runs it abandoned.
+"""One tenant must not stop the others: its share of the request queue, runs it abandoned, and
+the agents of its runs.
 
 Two tenants on one daemon that runs one sequence at a time, so that a few long requests fill
 the queue; runs idle for a second expire."""
@@ -42,7 +43,9 @@ ENGINE = EngineConfig(kv_cache_memory=4 * 1024**2, max_model_len=2048, max_num_s
 def server(tiny_model: Path) -> Iterator[LiveServer]:
     # A share of 0.5 of 4 queued requests: 2 per tenant.
     limits = ServerLimits(max_queued_requests=4, max_queue_share_per_tenant=0.5)
-    control = ControlConfig(run_idle_timeout_s=IDLE_S, max_runs_per_tenant=1)
+    # One run per tenant, of at most 3 agents.
+    control = ControlConfig(run_idle_timeout_s=IDLE_S, max_runs_per_tenant=1,
+                            max_run_agents_per_tenant=3)
     yield from live_server(tiny_model, ENGINE, limits=limits, control=control,
                            api_keys=((KEY_A, "a"), (KEY_B, "b")))
 
@@ -308,3 +311,25 @@ def test_a_run_with_a_call_in_flight_does_not_expire(server) -> None:
     assert server.request("DELETE", f"/v1/runs/{run}", headers=B).status == 200
     assert server.request("DELETE", f"/v1/graphs/{graph}", headers=B).status == 200
     wait_released(server)
+
+
+def test_a_run_of_more_agents_than_the_tenants_quota_is_too_large(server) -> None:
+    def graph(headers: dict, count: int) -> str:
+        spec = {"name": f"wide-{count}", "agents": [{"name": f"a{i}"} for i in range(count)]}
+        return server.post("/v1/graphs", spec, headers=headers).json()["id"]
+
+    wide, fits = graph(A, 4), graph(A, 3)
+    refused = server.post("/v1/runs", {"graph_id": wide}, headers=A)
+    error = assert_error_shape(refused, 413)
+    assert (error["code"], error["param"]) == ("quota_exceeded", "max_run_agents_per_tenant")
+    assert "4 agents" in error["message"] and refused.headers.get("Retry-After") is None
+    run = server.post("/v1/runs", {"graph_id": fits}, headers=A)
+    assert run.status == 201, run.body
+    # The other tenant's room is its own.
+    theirs = server.post("/v1/runs", {"graph_id": graph(B, 3)}, headers=B)
+    assert theirs.status == 201, theirs.body
+    for headers, started in ((A, run), (B, theirs)):
+        assert server.request("DELETE", f"/v1/runs/{started.json()['id']}",
+                              headers=headers).status == 200
+    for headers, graph_id in ((A, wide), (A, fits), (B, theirs.json()["graph_id"])):
+        assert server.request("DELETE", f"/v1/graphs/{graph_id}", headers=headers).status == 200
