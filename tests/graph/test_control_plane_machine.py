@@ -1,8 +1,9 @@
 """The control plane's quotas, listings and run expiry under random sequences of operations by
 two tenants (a hypothesis state machine), held to a model kept by the test: per-tenant graph,
-byte and run quotas and the server-wide run limit refuse exactly when the model says, a tenant
-never sees or touches the other's graphs and runs, idle runs expire and are forgotten on time,
-and paging through every listing (two at a time) yields the model's items in creation order."""
+byte, run and run-agent quotas and the server-wide run limit refuse exactly when the model
+says, a tenant never sees or touches the other's graphs and runs, idle runs expire and are
+forgotten on time, and paging through every listing (two at a time) yields the model's items
+in creation order."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kvrt.sdk.protocol.control import AgentSpec, GraphSpec
 TENANTS = ("a", "b")
 IDLE_S = 10.0
 MAX_GRAPHS, MAX_RUNS, MAX_LIVE = 3, 3, 4  # two tenants reach MAX_LIVE first
+MAX_RUN_AGENTS = 20  # two runs of the 12-agent graph pass it
 SPECS = {n: GraphSpec(name=f"g{n}", agents=[AgentSpec(name=f"x{i}") for i in range(n)])
          for n in (1, 3, 12)}
 # Room for two of the largest declarations and a little: a third large one passes it.
@@ -41,6 +43,7 @@ class ModelRun:
 class ModelGraph:
     tenant: str
     size: int
+    agents: int
     runs: list[str] = field(default_factory=list)
 
 
@@ -51,6 +54,7 @@ class ControlPlaneMachine(RuleBasedStateMachine):
         self.control = ControlPlane(
             ControlConfig(max_graphs_per_tenant=MAX_GRAPHS, max_runs_per_tenant=MAX_RUNS,
                           max_live_runs=MAX_LIVE, max_graph_bytes_per_tenant=BYTE_QUOTA,
+                          max_run_agents_per_tenant=MAX_RUN_AGENTS,
                           run_idle_timeout_s=IDLE_S),
             clock=lambda: self.now)
         self.graphs: dict[str, ModelGraph] = {}  # in creation order
@@ -71,7 +75,7 @@ class ControlPlaneMachine(RuleBasedStateMachine):
             quota = "max_graph_bytes_per_tenant"
         else:
             entry = self.control.create_graph(spec, tenant)
-            self.graphs[entry.id] = ModelGraph(tenant, size)
+            self.graphs[entry.id] = ModelGraph(tenant, size, agents)
             return
         try:
             self.control.create_graph(spec, tenant)
@@ -116,6 +120,10 @@ class ControlPlaneMachine(RuleBasedStateMachine):
         elif len(self.live(tenant)) >= MAX_RUNS:
             with_quota = _raises(QuotaExceeded, self.control.start_run, graph_id, key, tenant)
             assert with_quota.quota == "max_runs_per_tenant"
+        elif sum(self.graphs[self.runs[r].graph].agents
+                 for r in self.live(tenant)) + graph.agents > MAX_RUN_AGENTS:
+            with_quota = _raises(QuotaExceeded, self.control.start_run, graph_id, key, tenant)
+            assert with_quota.quota == "max_run_agents_per_tenant"
         elif len(self.live()) >= MAX_LIVE:
             conflict = _raises(Conflict, self.control.start_run, graph_id, key, tenant)
             assert conflict.code == "too_many_runs"
