@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--max-body-size", type=size_argument, default=limits["max_body_bytes"],
                    metavar="SIZE", help="largest request body (default: %(default)s bytes)")
+    p.add_argument("--max-body-rate-per-tenant", type=size_argument,
+                   default=limits["max_body_bytes_per_s_per_tenant"], metavar="SIZE",
+                   help="with several tenants, the bytes of request bodies one tenant may send "
+                   "a second (bursts of --max-body-size); past it, 429 body_rate_exceeded; 0: "
+                   "no limit (default: %(default)s)")
     p.add_argument("--max-messages", type=int, default=limits["max_messages"], metavar="N",
                    help="messages per chat request or round (default: %(default)s)")
     p.add_argument("--max-events-per-second", type=float, default=limits["max_events_per_s"],
@@ -227,6 +232,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_messages=args.max_messages, max_events_per_s=args.max_events_per_second,
         shutdown_timeout_s=args.shutdown_timeout, header_timeout_s=args.header_timeout,
         max_queue_share_per_tenant=args.max_queue_share_per_tenant,
+        max_body_bytes_per_s_per_tenant=args.max_body_rate_per_tenant,
     )
     keys = [parse_api_key(text) for text in args.api_key]
     if args.api_keys_file is not None:

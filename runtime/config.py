@@ -123,6 +123,9 @@ class ServerLimits:
     max_queue_share_per_tenant: float = 0.5
     request_timeout_s: float = 600.0  # a request's whole life, queue included; 0: none
     max_body_bytes: int = 64 * 1024**2  # agent prompts carry long histories
+    # With several tenants, the bytes of bodies one tenant may send a second (in bursts of
+    # max_body_bytes): decoding them holds the event loop (runtime/server/body_rate.py).
+    max_body_bytes_per_s_per_tenant: int = 32 * 1024**2
     max_messages: int = 4096  # per chat request or round
     max_events_per_s: float = 500.0  # per run, averaged over a burst of as many
     shutdown_timeout_s: float = 30.0  # in-flight work finishes within this, then is aborted
@@ -134,7 +137,8 @@ class ServerLimits:
     def __post_init__(self) -> None:
         _positive(self, "max_queued_requests", "max_queued_tokens", "max_body_bytes",
                   "max_messages", "max_events_per_s", "header_timeout_s")
-        _non_negative(self, "request_timeout_s", "shutdown_timeout_s")
+        _non_negative(self, "request_timeout_s", "shutdown_timeout_s",
+                      "max_body_bytes_per_s_per_tenant")
         if not 0 < self.max_queue_share_per_tenant <= 1:
             raise ConfigError("max_queue_share_per_tenant must be in (0, 1], got "
                               f"{self.max_queue_share_per_tenant}")

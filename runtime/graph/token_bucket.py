@@ -1,4 +1,4 @@
-"""A token bucket: at most `rate` actions a second on average, `burst` at once."""
+"""A token bucket: at most `rate` actions (or bytes) a second on average, `burst` at once."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ class TokenBucket:
             raise ValueError(f"a token bucket needs rate > 0 and burst >= 1, got {rate}, {burst}")
         return cls(rate, burst, burst, now)
 
-    def take(self, now: float) -> float:
-        """Takes a token: 0.0 if there was one, else the seconds until there is one (and
-        nothing is taken)."""
+    def take(self, now: float, amount: float = 1.0) -> float:
+        """Takes `amount` tokens (at most `burst`): 0.0 if there were as many, else the
+        seconds until there are (and nothing is taken)."""
         self.tokens = min(self.burst, self.tokens + max(now - self.updated, 0.0) * self.rate)
         self.updated = max(now, self.updated)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= amount:
+            self.tokens -= amount
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (amount - self.tokens) / self.rate

@@ -24,6 +24,7 @@ from kvrt.runtime.graph.control_plane import ControlPlane
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION, Admission, admission_middleware
 from kvrt.runtime.server.auth import auth_middleware
+from kvrt.runtime.server.body_rate import BODY_RATE, BodyRate
 from kvrt.runtime.server.control_routes import routes as control_routes
 from kvrt.runtime.server.errors import error_middleware
 from kvrt.runtime.server.metrics import ServerMetrics
@@ -44,8 +45,9 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     # Errors outermost: an auth refusal is an error in OpenAI's shape too.
     app = web.Application(middlewares=[error_middleware, auth_middleware, admission_middleware],
                           client_max_size=config.limits.max_body_bytes)
-    app[ADMISSION] = Admission(config.limits,
-                               shared=len({tenant for _, tenant in config.api_keys}) > 1)
+    shared = len({tenant for _, tenant in config.api_keys}) > 1  # several tenants to protect
+    app[ADMISSION] = Admission(config.limits, shared=shared)
+    app[BODY_RATE] = BodyRate(config.limits, shared=shared)
     app[app_keys.CONFIG] = config
     app[app_keys.ENGINE] = engine
     app[PRIORITY_SYNC] = PrioritySync(engine)

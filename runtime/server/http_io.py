@@ -5,18 +5,23 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
+from kvrt.runtime.server.auth import tenant_of
+from kvrt.runtime.server.body_rate import BODY_RATE
 from kvrt.runtime.server.errors import APIError
 
 _encoder = msgspec.json.Encoder()
 
 
 async def read_json(request: web.Request) -> bytes:
+    """The body, to be decoded, once its tenant's body rate admits it (body_rate.py)."""
     # A missing Content-Type is taken as JSON (bare clients); a different one is refused.
     if request.headers.get("Content-Type"):
         ctype = request.content_type
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise APIError(415, f"Content-Type must be application/json, got {ctype!r}")
-    return await request.read()
+    body = await request.read()
+    request.app[BODY_RATE].charge(tenant_of(request), len(body))
+    return body
 
 
 def json_response(value: object, status: int = 200) -> web.Response:

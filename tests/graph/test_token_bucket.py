@@ -36,3 +36,11 @@ def test_bad_parameters_are_refused() -> None:
         TokenBucket.full(rate=0, burst=1, now=0.0)
     with pytest.raises(ValueError):
         TokenBucket.full(rate=1, burst=0.5, now=0.0)
+
+
+def test_a_take_of_many_tokens_waits_for_all_of_them() -> None:
+    bucket = TokenBucket.full(rate=100, burst=1000, now=0.0)
+    assert bucket.take(0.0, 700) == 0.0
+    assert bucket.take(0.0, 500) == pytest.approx(2.0)  # 300 held: 200 more, at 100 a second
+    assert bucket.take(1.0, 500) == pytest.approx(1.0)  # nothing was taken meanwhile
+    assert bucket.take(2.0, 500) == 0.0
