@@ -5,7 +5,8 @@ it: some 4 ms a MiB on this 2-core machine, so a few giant bodies a second take 
 core from everybody's calls and the engine's thread). With several tenants (API keys naming
 more than one), each may send `--max-body-rate-per-tenant` bytes of bodies a second on
 average, in bursts of `--max-body-size` (so any body the size limit admits passes when the
-tenant has sent nothing for a while). Past it a body is refused before it is decoded: 429
+tenant has sent nothing for a while). Past it a body is refused before it is read (by its
+Content-Length; a chunked one once read) or decoded: 429
 `body_rate_exceeded` (param `max_body_rate_per_tenant`) with the Retry-After that lets it
 pass. A single-tenant server has no such limit (there is no other tenant to protect).
 """

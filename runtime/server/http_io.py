@@ -19,8 +19,12 @@ async def read_json(request: web.Request) -> bytes:
         ctype = request.content_type
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise APIError(415, f"Content-Type must be application/json, got {ctype!r}")
-    body = await request.read()
-    request.app[BODY_RATE].charge(tenant_of(request), len(body))
+    rate, tenant = request.app[BODY_RATE], tenant_of(request)
+    if request.content_length is not None:  # refused before it is even read
+        rate.charge(tenant, request.content_length)
+        return await request.read()
+    body = await request.read()  # chunked: counted once read, before it is decoded
+    rate.charge(tenant, len(body))
     return body
 
 
