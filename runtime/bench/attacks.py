@@ -12,12 +12,12 @@ of: run this against two builds of the daemon to compare them.
 
     attack            what the attacker does
     ----------------  ---------------------------------------------------------------------
-    top_p_extreme     a call with top_p 1e-45 (rounds to 0 in float32) beside a victim's call
+    top_p_extreme     a call with top_p 1e-50 (0 in float32) beside a victim's call
     giant_prompt      a chat body of 4 MiB of text (--giant-prompt-bytes)
     near_limit_prompt a chat prompt of as many characters as the context could hold
     giant_round       a round of 2,000 agents (--round-agents), 1 token each
     round_run_ended   a round whose run is ended (DELETE) while its calls run
-    deep_json         a chat body nested 100,000 arrays deep
+    deep_json         a chat body whose tool's parameters nest 100,000 arrays deep
     non_utf8_auth     an Authorization header with bytes that are not UTF-8
     oversized_header  a header of 64 KiB
     bad_request_line  a request line that is not HTTP
@@ -181,7 +181,7 @@ def _round(agents: int, max_tokens: int = 1) -> dict:
 
 
 async def top_p_extreme(ctx: _Context) -> tuple[str, str, str]:
-    attack = _post(ctx.attacker, "/v1/chat/completions", _chat("Hi", 8, top_p=1e-45))
+    attack = _post(ctx.attacker, "/v1/chat/completions", _chat("Hi", 8, top_p=1e-50))
     (status, reply), victim = await asyncio.gather(attack, _victim_call(ctx))
     return _said(status, reply), victim, ""
 
@@ -227,8 +227,9 @@ async def round_run_ended(ctx: _Context) -> tuple[str, str, str]:
 
 async def deep_json(ctx: _Context) -> tuple[str, str, str]:
     depth = 100_000
-    body = (b'{"messages": [{"role": "user", "content": "x"}], "stop": ' + b"[" * depth
-            + b"]" * depth + b"}")
+    body = (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+            b'"function": {"name": "f", "parameters": {"a": ' + b"[" * depth + b"]" * depth
+            + b"}}}]}")
     status, reply = await _post(ctx.attacker, "/v1/chat/completions", data=body)
     return _said(status, reply), "", f"{depth} levels"
 
