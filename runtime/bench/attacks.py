@@ -216,8 +216,9 @@ async def giant_round(ctx: _Context) -> tuple[str, str, str]:
 
 async def round_run_ended(ctx: _Context) -> tuple[str, str, str]:
     run = await _graph_and_run(ctx, 8)
+    # 200 tokens each, whatever the model samples: still running when the run ends
     round_call = asyncio.create_task(_post(ctx.attacker, f"/v1/runs/{run}/rounds",
-                                           _round(8, max_tokens=200)))
+                                           {**_round(8, max_tokens=200), "ignore_eos": True}))
     await asyncio.sleep(0.3)
     async with ctx.attacker.delete(f"/v1/runs/{run}") as resp:
         await resp.read()

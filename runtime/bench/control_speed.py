@@ -160,10 +160,13 @@ def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"))
 
 
-async def wait_healthy(url: str, timeout: float = 120) -> None:
+async def wait_healthy(url: str, timeout: float = 120,
+                       server: subprocess.Popen | None = None) -> None:
+    """Until `/health` is 200; TimeoutError past `timeout`, or once `server` (the daemon's
+    process, if given) has exited."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and (server is None or server.poll() is None):
             try:
                 async with session.get(url + "/health") as resp:
                     if resp.status == 200:
@@ -171,7 +174,8 @@ async def wait_healthy(url: str, timeout: float = 120) -> None:
             except aiohttp.ClientConnectionError:
                 pass
             await asyncio.sleep(0.2)
-    raise TimeoutError(f"the server at {url} did not come up")
+    status = "" if server is None else f" (exit status {server.poll()})"
+    raise TimeoutError(f"the server at {url} did not come up{status}")
 
 
 async def server_event_seconds(session: aiohttp.ClientSession, url: str) -> tuple[float, int]:

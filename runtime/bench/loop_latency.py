@@ -41,6 +41,7 @@ from typing import Any
 
 import aiohttp
 
+from kvrt.runtime.bench.control_speed import wait_healthy
 from kvrt.runtime.config import ServerLimits, parse_size
 
 POLL_S = 0.01
@@ -207,20 +208,6 @@ def start_server(model: str | None, port: int, log: Path, extra: list[str]) -> s
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
 
 
-async def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while server.poll() is None and time.monotonic() < deadline:
-            try:
-                async with session.get(url + "/health") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"the server at {url} did not come up (exit status {server.poll()})")
-
-
 def measure(model: str | None, url: str | None, body_bytes: int, agents: int,
             baseline_s: float, serve_args: list[str]) -> dict[str, Any]:
     """Runs the phases against `url`, or a daemon started for them (`model` None: the
@@ -236,7 +223,7 @@ def measure(model: str | None, url: str | None, body_bytes: int, agents: int,
         server = start_server(model, port, log, serve_args)
         url = f"http://127.0.0.1:{port}"
         try:
-            asyncio.run(wait_healthy(url, server, timeout=300))
+            asyncio.run(wait_healthy(url, timeout=300, server=server))
             return asyncio.run(run_phases(url, body_bytes, agents, baseline_s))
         except BaseException:
             sys.stderr.write(log.read_text()[-4000:])
