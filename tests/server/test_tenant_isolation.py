@@ -1,7 +1,8 @@
 """The tenant-isolation benchmark (runtime/bench/tenant_isolation.py), short, against a live tiny
 daemon with two tenants whose quotas are small: the victim is served in both phases and never
-refused, the abuser's burst is refused with 429s past its share, its giant prompts are 400s,
-its quotas are found, and the daemon is left as found (no KV in use, no abuser graph)."""
+refused, the abuser's burst is refused with 429s past its share, its giant prompts are 400s
+(or 429s past its body rate), its quotas are found, and the daemon is left as found (no KV in
+use, no abuser graph)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def test_the_victim_is_served_while_the_abuser_is_refused(server: LiveServer) ->
     assert set(report.alone.statuses) == {"200"}
     assert set(report.abused.statuses) == {"200"}  # never refused: its share is its own
     assert report.abuser["burst"].get("429", 0) > 0
-    assert set(report.abuser["giant_prompt"]) == {"400"}
+    # too long when decoded (400), or refused unread past its body rate (429)
+    assert "400" in report.abuser["giant_prompt"]
+    assert set(report.abuser["giant_prompt"]) <= {"400", "429"}
     assert report.graphs_before_refusal == 6 - 1  # one graph is the giant round's
     assert report.runs_before_refusal == 4 - 1  # one run is the giant round's
     assert report.alone.health_polls > 0 and report.abused.health_failed == 0
