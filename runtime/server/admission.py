@@ -77,6 +77,16 @@ class Admission:
                             retry_after_s=max(1, math.ceil(self.limits.shutdown_timeout_s)))
         return None
 
+    def check_room(self, http: web.Request, engine: EngineClient, count: int) -> None:
+        """The queue's bounds for a round of `count` calls before its prompts are built: a round
+        the count alone refuses gets its 429 without its thousands of prompts being rendered
+        and tokenized (retried every few milliseconds, they took the machine's CPU from every
+        other tenant). `admit` checks again, with the prompts' tokens. (A single call is built
+        first: its 400, if it can never run, comes before a 429.)"""
+        load, tenant = engine.load(), tenant_of(http)
+        self.check_queue(load, 0, count, self._excess_beside(tenant))
+        self.check_share(load, self.tenants.load(tenant), 0, count)
+
     def admit(self, http: web.Request, engine: EngineClient, calls: list[PreparedCall],
               arrival: float) -> list[GenerateRequest]:
         """Calls of the HTTP request `http` that arrived together (one call, or a round's),

@@ -61,6 +61,7 @@ async def run_round(request: web.Request) -> web.Response:
     # 404 for an agent the run's graph lacks, before anything starts
     contexts = round_contexts(run, body.agents)
     _check_text_lengths(body, engine)
+    request.app[ADMISSION].check_room(request, engine, len(body.agents))
     calls = await build_calls(request, lambda model: [  # one job for the round, not one a call
         round_agent_call(body, name, context, model, tenant=tenant)
         for name, context in zip(body.agents, contexts)], run)

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.model.checkpoint import load_checkpoint
 from kvrt.runtime.server.app import create_app
+from kvrt.runtime.server.prompt_workers import PROMPT_WORKERS
 from kvrt.runtime.server.serve import start_site
 
 # Small enough that "too long" prompts are cheap to build; KV pool of a few hundred blocks.
@@ -197,3 +199,23 @@ def tokencake_engine(model: Path, pool_blocks: int) -> EngineConfig:
     return EngineConfig(kv_cache_memory=pool_blocks * block_bytes,
                         host_cache_memory=4 * pool_blocks * block_bytes,
                         max_model_len=512, max_num_seqs=8, policy="tokencake")
+
+
+HELD_S = 30.0  # the longest `workers_busy` holds the workers
+
+
+@contextmanager
+def workers_busy(server: LiveServer) -> Iterator[None]:
+    """Every prompt worker waits until the block ends: builds queue meanwhile."""
+    workers = server.app[PROMPT_WORKERS]
+    gate = threading.Event()
+
+    async def occupy() -> None:
+        for _ in range(workers.threads):
+            asyncio.ensure_future(workers.run(lambda _model: gate.wait(HELD_S)))
+
+    server.call(occupy)
+    try:
+        yield
+    finally:
+        gate.set()

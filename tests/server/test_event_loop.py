@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,21 @@ from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.protocol import EngineError, GenerateOutput, GenerateRequest
 from kvrt.runtime.graph.runs import Run
 from kvrt.runtime.model.tiny import init_tiny
-from kvrt.runtime.server.prompt_workers import PROMPT_WORKERS
 from kvrt.runtime.server.round_routes import START_BATCH
-from tests.server.live_server import LiveServer, Reply, live_server, start_run, wait_released
+from tests.server.live_server import (
+    HELD_S,
+    LiveServer,
+    Reply,
+    live_server,
+    start_run,
+    wait_released,
+    workers_busy,
+)
 
 LONG_CONTEXT = 131_072
 AGENTS = 2_000
 POLL_S = 0.01
 BOUND_S = 1.0
-HELD_S = 30.0  # the longest `workers_busy` holds the workers
 # Every agent's prompt holds this (~360 tokens): rendering and tokenizing 2,000 of them takes
 # over a second of CPU here.
 NEWS = " ".join(f"Item {k}: the bridge on road {k} is closed, take the ferry at pier {k}."
@@ -166,23 +171,6 @@ def count_criticality_callers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(Run, "criticality", counted)
     return callers
-
-
-@contextmanager
-def workers_busy(server: LiveServer) -> Iterator[None]:
-    """Every prompt worker waits until the block ends: builds queue meanwhile."""
-    workers = server._runner.app[PROMPT_WORKERS]
-    gate = threading.Event()
-
-    async def occupy() -> None:
-        for _ in range(workers.threads):
-            asyncio.ensure_future(workers.run(lambda _model: gate.wait(HELD_S)))
-
-    server.call(occupy)
-    try:
-        yield
-    finally:
-        gate.set()
 
 
 def test_a_call_whose_run_ends_while_its_prompt_is_built_is_refused(server) -> None:

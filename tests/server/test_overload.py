@@ -22,7 +22,9 @@ from tests.server.live_server import (
     good_chat,
     live_server,
     sse_events,
+    start_run,
     wait_released,
+    workers_busy,
 )
 
 LONG = 1000  # tokens a long request would generate: seconds of work, always closed early
@@ -108,6 +110,23 @@ def test_past_max_queued_requests_a_request_gets_429_with_retry_after(busy, stre
     assert "2 requests" in error["message"]
     assert_idle_and_consistent(busy)
     assert busy.post("/v1/chat/completions", good_chat()).status == 200  # still serving
+
+
+def test_a_round_is_refused_by_its_count_before_its_prompts_are_built(busy) -> None:
+    """With every prompt worker held, a round the queue's count refuses is refused at once:
+    its prompts are never rendered or tokenized."""
+    run = start_run(busy, "a", "b")
+    body = {"agents": {"a": {}, "b": {}}, "shared": [{"role": "user", "content": "News."}],
+            "max_tokens": 2}
+
+    async def probe(session):
+        with workers_busy(busy):
+            return await refused(session, f"{busy.url}/v1/runs/{run}/rounds", body)
+
+    status, _, reply = asyncio.run(with_a_full_queue(busy, 8, probe))
+    assert status == 429 and reply["error"]["code"] == "queue_full", reply
+    assert busy.request("DELETE", f"/v1/runs/{run}").status == 200
+    assert_idle_and_consistent(busy)
 
 
 def test_past_max_queued_tokens_a_request_gets_429(busy) -> None:
