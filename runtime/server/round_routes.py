@@ -57,11 +57,12 @@ async def run_round(request: web.Request) -> web.Response:
     tenant = tenant_of(request)
     run = control.live_run(request.match_info["run_id"], tenant)
     body = round_request_decoder.decode(await read_json(request))
+    # A round the queue's count refuses costs nothing more: no critical path, no prompts.
+    request.app[ADMISSION].check_room(request, engine, len(body.agents))
     _check_round(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
     # 404 for an agent the run's graph lacks, before anything starts
     contexts = round_contexts(run, body.agents)
     _check_text_lengths(body, engine)
-    request.app[ADMISSION].check_room(request, engine, len(body.agents))
     calls = await build_calls(request, lambda model: [  # one job for the round, not one a call
         round_agent_call(body, name, context, model, tenant=tenant)
         for name, context in zip(body.agents, contexts)], run)
