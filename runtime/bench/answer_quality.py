@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,7 +171,8 @@ def text_of(tokenizer, tokens: list[int]) -> str:
 
 
 def recalls(key: str, text: str) -> bool:
-    return key.lower() in text.lower()
+    """The key as a word ("9" is not recalled by "90")."""
+    return re.search(rf"\b{re.escape(key)}\b", text, re.IGNORECASE) is not None
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
