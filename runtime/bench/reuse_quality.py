@@ -33,7 +33,7 @@ from kvrt.runtime.bench.workloads import text
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.executor import ModelExecutor
 from kvrt.runtime.engine.factory import build_engine
-from kvrt.runtime.model.blend import blend_prefill
+from kvrt.runtime.model.blend import Blend, blend_prefill
 from kvrt.runtime.model.dense_forward import DenseKV, dense_forward
 
 PERSONAS = [
@@ -71,16 +71,18 @@ DIFF_KEEPS = (0.5, 1 / 3, 0.0)  # of the default ratio's recomputed rows, kept a
 DEFAULT_RATIO = 0.15
 
 
-def pieces(tokenizer, persona: str, per_message: bool = False
-           ) -> tuple[list[int], list[int], list[int], list[int]]:
+def pieces(tokenizer, persona: str, per_message: bool = False, messages: list[str] | None = None,
+           question: str = INSTRUCTION) -> tuple[list[int], list[int], list[int], list[int]]:
     """(prefix, segment, suffix, message lengths) token ids: the templated prompt split at
     message boundaries, each message tokenized alone (as the runtime's segment finder does).
     `per_message`: the shared text is one message per line (as `kvrt bench generative-agents`
-    sends it), each a segment."""
+    sends it), each a segment. `messages` and `question` replace the shared text and the
+    instruction (`answer_quality.py`'s rounds)."""
     system = {"role": "system", "content": persona}
-    shared = [{"role": "user", "content": line}
-              for line in (SHARED.split("\n") if per_message else [SHARED])]
-    instruction = {"role": "user", "content": INSTRUCTION}
+    if messages is None:
+        messages = SHARED.split("\n") if per_message else [SHARED]
+    shared = [{"role": "user", "content": line} for line in messages]
+    instruction = {"role": "user", "content": question}
 
     def encode(text: str) -> list[int]:
         return list(tokenizer.hf.encode(text, add_special_tokens=False))
@@ -110,6 +112,15 @@ def greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
         past = DenseKV.concat([past, new])
         tokens.append(int(logits[-1].argmax()))
     return torch.tensor(tokens)
+
+
+def teacher_forced(model, blend: Blend, reference: torch.Tensor) -> torch.Tensor:
+    """[len(reference), vocab]: the logits of each reference token after the blended prompt,
+    the reference's earlier tokens decoded over the KV the prompt left (teacher forcing)."""
+    start = int(blend.kv.positions[-1]) + 1
+    decode_at = torch.arange(start, start + len(reference) - 1)
+    decoded, _ = dense_forward(model, reference[:-1], decode_at, blend.kv)
+    return torch.cat([blend.logits[-1:], decoded])
 
 
 def personas(memory_words: int, seed: int = 0) -> list[str]:
@@ -143,15 +154,12 @@ def measure(model, tokenizer, pairs: list[tuple[int, int]], memory_words: int = 
         prompt = torch.cat([prefix, segment, suffix, reference[:-1]])
         full, _ = dense_forward(model, prompt, torch.arange(len(prompt)))
         full = full[len(prefix) + len(segment) + len(suffix) - 1:]
-        decode_at = torch.arange(len(prompt) - STEPS + 1, len(prompt))
         donor_prompt = torch.cat([d_prefix, segment])
         _, donor_kv = dense_forward(model, donor_prompt, torch.arange(len(donor_prompt)))
         donor_kv = donor_kv.select(torch.arange(len(d_prefix), len(donor_prompt)))
         for mode, how in modes.items():
-            # The prompt, then the reference's tokens decoded over the KV the prompt left.
             blend = blend_prefill(model, prefix, segment, donor_kv, suffix, **how)
-            decoded, _ = dense_forward(model, reference[:-1], decode_at, blend.kv)
-            approx = torch.cat([blend.logits[-1:], decoded])
+            approx = teacher_forced(model, blend, reference)
             agreement = float((approx.argmax(-1) == reference).float().mean())
             kl = float(F.kl_div(F.log_softmax(approx[0], -1), F.log_softmax(full[0], -1),
                                 log_target=True, reduction="sum"))
