@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvrt.runtime.bench.reuse_quality import pieces, teacher_forced
+from kvrt.runtime.bench.reuse_quality import pieces, segment_kv, teacher_forced
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.executor import ModelExecutor
 from kvrt.runtime.engine.factory import build_engine
@@ -145,9 +145,7 @@ def measure(model, tokenizer, rounds: list[Round], ratios: tuple[float, ...],
             prompt = torch.cat([prefix, segment, suffix])
             logits, kv = dense_forward(model, prompt, torch.arange(len(prompt)))
             reference = answer(model, tokenizer, logits[-1], kv)
-            donor_prompt = torch.cat([d_prefix, segment])
-            _, donor_kv = dense_forward(model, donor_prompt, torch.arange(len(donor_prompt)))
-            donor_kv = donor_kv.select(torch.arange(len(d_prefix), len(donor_prompt)))
+            donor_kv = segment_kv(model, d_prefix, segment)
             question, full_text = round_.questions[reader], text_of(tokenizer, reference)
             for ratio in ratios:
                 blend = blend_prefill(model, prefix, segment, donor_kv, suffix, ratio=ratio,

@@ -42,6 +42,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 
+from kvrt.runtime.bench.tenant_isolation import tenant_session
 from kvrt.runtime.config import parse_size
 
 _TIMEOUT = aiohttp.ClientTimeout(total=600)
@@ -75,7 +76,8 @@ async def run_attacks(url: str, attacker_key: str | None, victim_key: str | None
                       only: list[str] | None = None, giant_prompt_bytes: int = 4 * 1024**2,
                       round_agents: int = 2000, flood: int = 3000) -> list[AttackResult]:
     results = []
-    async with (_session(url, attacker_key) as attacker, _session(url, victim_key) as victim):
+    async with (tenant_session(url, attacker_key, _TIMEOUT) as attacker,
+                tenant_session(url, victim_key, _TIMEOUT) as victim):
         ctx = _Context(url, attacker, victim, giant_prompt_bytes, round_agents, flood)
         try:
             for name, attack in ATTACKS.items():
@@ -85,12 +87,6 @@ async def run_attacks(url: str, attacker_key: str | None, victim_key: str | None
         finally:
             await _clean_up(ctx)
     return results
-
-
-def _session(url: str, key: str | None) -> aiohttp.ClientSession:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return aiohttp.ClientSession(url, headers=headers, timeout=_TIMEOUT,
-                                 connector=aiohttp.TCPConnector(limit=0))
 
 
 async def _measured(ctx: _Context, name: str,

@@ -114,6 +114,13 @@ def greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.tensor(tokens)
 
 
+def segment_kv(model, prefix: torch.Tensor, segment: torch.Tensor) -> DenseKV:
+    """The segment's KV as its donor computed it: after the donor's own `prefix`."""
+    prompt = torch.cat([prefix, segment])
+    _, kv = dense_forward(model, prompt, torch.arange(len(prompt)))
+    return kv.select(torch.arange(len(prefix), len(prompt)))
+
+
 def teacher_forced(model, blend: Blend, reference: torch.Tensor) -> torch.Tensor:
     """[len(reference), vocab]: the logits of each reference token after the blended prompt,
     the reference's earlier tokens decoded over the KV the prompt left (teacher forcing)."""
@@ -154,9 +161,7 @@ def measure(model, tokenizer, pairs: list[tuple[int, int]], memory_words: int = 
         prompt = torch.cat([prefix, segment, suffix, reference[:-1]])
         full, _ = dense_forward(model, prompt, torch.arange(len(prompt)))
         full = full[len(prefix) + len(segment) + len(suffix) - 1:]
-        donor_prompt = torch.cat([d_prefix, segment])
-        _, donor_kv = dense_forward(model, donor_prompt, torch.arange(len(donor_prompt)))
-        donor_kv = donor_kv.select(torch.arange(len(d_prefix), len(donor_prompt)))
+        donor_kv = segment_kv(model, d_prefix, segment)
         for mode, how in modes.items():
             blend = blend_prefill(model, prefix, segment, donor_kv, suffix, **how)
             approx = teacher_forced(model, blend, reference)

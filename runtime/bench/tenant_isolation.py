@@ -100,8 +100,8 @@ class _Tally:
 
 async def run_isolation(config: IsolationConfig) -> IsolationReport:
     timeout = aiohttp.ClientTimeout(total=_REQUEST_TIMEOUT_S)
-    async with (_session(config, config.victim_key, timeout) as victim,
-                _session(config, config.abuser_key, timeout) as abuser):
+    async with (tenant_session(config.url, config.victim_key, timeout) as victim,
+                tenant_session(config.url, config.abuser_key, timeout) as abuser):
         alone = await _phase(victim, config, abuse=None)
         created = _Created()
         abuse = _Abuse(abuser, config, created)
@@ -113,10 +113,12 @@ async def run_isolation(config: IsolationConfig) -> IsolationReport:
                            abuse.graphs_before_refusal, abuse.runs_before_refusal)
 
 
-def _session(config: IsolationConfig, key: str | None, timeout: aiohttp.ClientTimeout
-             ) -> aiohttp.ClientSession:
+def tenant_session(url: str, key: str | None, timeout: aiohttp.ClientTimeout
+                   ) -> aiohttp.ClientSession:
+    """A client session of the tenant whose key is `key` (None: no key), without a limit on
+    its connections."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return aiohttp.ClientSession(config.url, headers=headers, timeout=timeout,
+    return aiohttp.ClientSession(url, headers=headers, timeout=timeout,
                                  connector=aiohttp.TCPConnector(limit=0))
 
 

@@ -19,9 +19,9 @@ from kvrt.runtime.engine.sequence import Sequence
 
 def fair_order(waiting: Seq[Sequence], running: Seq[Sequence]) -> list[Sequence]:
     """`waiting` in the policy's order, interleaved by tenant (see the module's docstring)."""
-    held = Counter(seq.tenant for seq in running)
-    if len({seq.tenant for seq in waiting}) < 2:
+    if len({seq.tenant for seq in waiting}) < 2:  # one tenant waits: nothing to interleave
         return list(waiting)
+    held = Counter(seq.tenant for seq in running)
     ranked = Counter[str]()
     turns = []
     for seq in waiting:

@@ -280,7 +280,10 @@ class ControlPlane:
         if not timeout:
             return []
         now = self.clock()
+        # A run active within the timeout is not idle, whatever its agents did: only the others
+        # have their agents' calls and tools looked at (a sweep a second, over every live run).
         return [run for run in self._runs.values() if run.status == "live"
+                and run.last_active + timeout <= now
                 and (deadline := run.idle_deadline(timeout)) is not None and deadline <= now]
 
     def expire(self, run: Run) -> None:

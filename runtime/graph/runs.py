@@ -130,34 +130,22 @@ class AgentActivity:
 
     def queue(self, request_id: str) -> None:
         """A model call was submitted."""
-        if self._queued is None:
-            self._queued = set()
-        if self._call_tokens is None:
-            self._call_tokens = {}
-        self._queued.add(request_id)
+        self._queued = _with(self._queued, request_id)
+        self._call_tokens = self._call_tokens or {}
         self._call_tokens[request_id] = 0
 
     def produce(self, request_id: str, tokens: int) -> None:
         """The call produced `tokens` more output tokens: it is generating."""
-        if self._queued is not None:
-            self._queued.discard(request_id)
-            self._queued = self._queued or None
-        if self._generating is None:
-            self._generating = set()
-        if self._call_tokens is None:
-            self._call_tokens = {}
-        self._generating.add(request_id)
+        self._queued = _without(self._queued, request_id)
+        self._generating = _with(self._generating, request_id)
+        self._call_tokens = self._call_tokens or {}
         self._call_tokens[request_id] = self._call_tokens.get(request_id, 0) + tokens
 
     def end_call(self, request_id: str) -> tuple[bool, int]:
         """The call ended: (whether it was still in flight, its output tokens)."""
         was_open = request_id in self.queued or request_id in self.generating
-        if self._queued is not None:
-            self._queued.discard(request_id)
-            self._queued = self._queued or None
-        if self._generating is not None:
-            self._generating.discard(request_id)
-            self._generating = self._generating or None
+        self._queued = _without(self._queued, request_id)
+        self._generating = _without(self._generating, request_id)
         tokens = 0
         if self._call_tokens is not None:
             tokens = self._call_tokens.pop(request_id, 0)
@@ -165,12 +153,9 @@ class AgentActivity:
         return was_open, tokens
 
     def start_tool(self, tool: str, call: ToolCall) -> None:
-        if self._tools is None:
-            self._tools = {}
+        self._tools = self._tools or {}
         self._tools.setdefault(tool, []).append(call)
-        if self._finished_tools is not None:
-            self._finished_tools.discard(tool)
-            self._finished_tools = self._finished_tools or None
+        self._finished_tools = _without(self._finished_tools, tool)
 
     def finish_tool(self, tool: str) -> ToolCall | None:
         """Ends the oldest running call of `tool` (None if none runs); the last one ended, the
@@ -181,14 +166,26 @@ class AgentActivity:
         if not calls:
             del self._tools[tool]
             self._tools = self._tools or None
-            if self._finished_tools is None:
-                self._finished_tools = set()
-            self._finished_tools.add(tool)
+            self._finished_tools = _with(self._finished_tools, tool)
         return call
 
     def tool_finished(self, tool: str) -> bool:
         """Whether `tool` finished and was not started again."""
         return self._finished_tools is not None and tool in self._finished_tools
+
+
+def _with(items: set[str] | None, item: str) -> set[str]:
+    """`items` (made if None) with `item` added."""
+    items = items if items is not None else set()
+    items.add(item)
+    return items
+
+
+def _without(items: set[str] | None, item: str) -> set[str] | None:
+    """`items` without `item`; None once empty (an idle agent holds no set)."""
+    if items is not None:
+        items.discard(item)
+    return items or None
 
 
 @dataclass(slots=True)

@@ -63,9 +63,7 @@ def graph_info(entry: GraphEntry) -> GraphInfo:
 
 
 def graph_list(page: Page[GraphEntry]) -> GraphList:
-    data = [graph_info(entry) for entry in page.items]
-    return GraphList(data=data, first_id=data[0].id if data else None,
-                     last_id=data[-1].id if data else None, has_more=page.has_more)
+    return GraphList(**_listed([graph_info(entry) for entry in page.items], page.has_more))
 
 
 def _transitions(entry: GraphEntry) -> list[Transition]:
@@ -88,9 +86,13 @@ def run_info(run: Run) -> RunInfo:
 
 
 def run_list(page: Page[Run]) -> RunList:
-    data = [run_info(run) for run in page.items]
-    return RunList(data=data, first_id=data[0].id if data else None,
-                   last_id=data[-1].id if data else None, has_more=page.has_more)
+    return RunList(**_listed([run_info(run) for run in page.items], page.has_more))
+
+
+def _listed(data: list, has_more: bool) -> dict:
+    """A page's fields: its items, the ids at its ends, and whether more follow."""
+    return {"data": data, "first_id": data[0].id if data else None,
+            "last_id": data[-1].id if data else None, "has_more": has_more}
 
 
 def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
