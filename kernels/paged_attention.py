@@ -27,6 +27,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +85,8 @@ class _Plan:
 
 
 def _plan(kv_lens: Tensor, q_starts: Tensor) -> _Plan:
-    # The shapes of the SDPA calls depend on these values: a host sync (shifted decode adds one,
-    # `_main_shift`).
+    # The shapes of the SDPA calls depend on these values: a host sync (shifted decode adds
+    # more, `_split_shared`, once a step).
     lens, starts = kv_lens.tolist(), q_starts.tolist()
     counts = [b - a for a, b in itertools.pairwise(starts)]
     decode = [s for s, n in enumerate(counts) if n == 1]
@@ -127,23 +129,21 @@ def _decode_batch(
         seqs = torch.tensor(plan.decode, device=q.device)
         slots, lens = kv_slots[seqs, :width], kv_lens[seqs]
         shifts = None if kv_shifts is None else kv_shifts[seqs, :width]
-    valid = torch.arange(width, device=q.device) < lens[:, None]
-    # Padding may hold any value: point it at the sequence's first slot, real data it can read.
-    kv = _gather_kv(kv_pool, layer, torch.where(valid, slots, slots[:, :1]))
-    k, v = kv[:, :, 0], kv[:, :, 1]  # [B, W, kv_heads, D]
+    row_index = torch.tensor(rows, device=q.device)
+    num_kv_heads, head_dim = kv_pool.shape[4:]
     # With one query token, a kv head's group of query heads can be SDPA's query length:
     # q [B, kv_heads, group, D]. Same result as enable_gqa=True, and in bfloat16 on CPU 7x faster
     # (0.75 vs 5.2 ms for 16 x 320 positions, 9/3 heads, one thread); no slower in float32.
-    row_index = torch.tensor(rows, device=q.device)
-    num_kv_heads, head_dim = kv_pool.shape[4:]
     q_rows = q[row_index].view(len(rows), num_kv_heads, -1, head_dim)
-    main = None
     if shifts is not None and _FLASH_CPU is not None and q.device.type == "cpu":
-        shifts = torch.where(valid, shifts, 0)  # padding may hold any value
-        main = _main_shift(shifts)
-    if main is not None:
-        attn = _decode_shifted(q_rows, k, v, valid, shifts, main, inv_freq, scale)
+        split = _shared_split(kv_slots, kv_lens, kv_shifts, plan, kv_pool.shape[3])
+        attn = _decode_shared(q_rows, kv_pool, layer, split, inv_freq, scale)
     else:
+        valid = torch.arange(width, device=q.device) < lens[:, None]
+        # Padding may hold any value: point it at the sequence's first slot, real data it can
+        # read.
+        kv = _gather_kv(kv_pool, layer, torch.where(valid, slots, slots[:, :1]))
+        k, v = kv[:, :, 0], kv[:, :, 1]  # [B, W, kv_heads, D]
         if shifts is not None:
             k = rotate_by_shift(k, shifts, inv_freq)
         attn = F.scaled_dot_product_attention(
@@ -154,48 +154,169 @@ def _decode_batch(
 
 
 # The CPU flash attention that also returns each row's log-sum-exp (private to torch, hence the
-# fallback), so that two attentions over disjoint keys can be merged.
+# fallback), so that attentions over disjoint sets of keys can be merged.
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _main_shift(shifts: Tensor) -> Tensor | None:
-    """[B, 1]: each row's one non-zero shift (0 for a row with none); None when some row has
-    two."""
-    main = shifts.gather(1, shifts.abs().argmax(1, keepdim=True))  # a non-zero one, if any
-    return main if bool(((shifts == 0) | (shifts == main)).all()) else None
+@dataclass(slots=True)
+class _SharedBlocks:
+    """Blocks that several (sequence, shift) readers read, or one reads at a non-zero shift,
+    and as many readers per block as `readers` is wide."""
+
+    slots: Tensor  # [U, block_size] each block's rows (a row nobody reads: a row somebody does)
+    readers: Tensor  # [U, R] the decode sequence (index into the step's decode rows) reading it
+    shifts: Tensor  # [U, R] ... at this shift
+    keep: Tensor  # [U, R, block_size] ... these rows of it (none: padding)
 
 
-def _decode_shifted(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, shifts: Tensor,
-                    main: Tensor, inv_freq: Tensor, scale: float) -> Tensor:
-    """Decode attention where K is seen at shifts, without rotating the context's K.
+@dataclass(slots=True)
+class _SharedSplit:
+    """A decode step's KV, split into what one sequence alone reads at shift 0 (its private
+    rows, padded to a batch) and the shared blocks, grouped by their number of readers."""
 
-    q.R(d)k = (R(-d)q).k: rotating the one query by -d costs nothing next to rotating every K.
-    For rows that each see their shifted keys at one shift (a reader of one master copy: its
-    private history is longer or shorter than the master's by the same amount everywhere):
-    each row attends with q over its unshifted keys and with q rotated back by its shift over
-    the shifted ones, and the two are merged by their log-sum-exps. On this 2-core CPU, 16
-    sequences x 1,300 positions (950 shifted) x 30 layers: 171 ms a step, as unshifted
-    attention (172), against 318 ms rotating K first. (A reader of several copies, e.g. outputs
-    of several speakers, sees several shifts: its K is rotated instead.)
-    q [B, kv_heads, group, D], k and v [B, W, kv_heads, D], valid and shifts [B, W], main
-    [B, 1] (`_main_shift`)."""
-    at_main = (shifts == main) & (main != 0)
+    private_slots: Tensor  # [B, Wp]
+    private_keep: Tensor  # [B, Wp]
+    shared: list[_SharedBlocks]
+
+
+# The last step's split, for the next layers of the same step (the batch's tensors are the same
+# objects in every layer): one per thread, as each engine steps in its own.
+_LAST_SPLIT = threading.local()
+
+
+def _shared_split(kv_slots: Tensor, kv_lens: Tensor, kv_shifts: Tensor, plan: _Plan,
+                  block_size: int) -> _SharedSplit:
+    key = (kv_slots, kv_lens, kv_shifts)
+    last = getattr(_LAST_SPLIT, "value", None)
+    if last is not None and all(a() is b for a, b in zip(last[0], key)):
+        return last[1]
+    split = _split_shared(kv_slots, kv_lens, kv_shifts, plan, block_size)
+    _LAST_SPLIT.value = (tuple(weakref.ref(t) for t in key), split)
+    return split
+
+
+def _split_shared(kv_slots: Tensor, kv_lens: Tensor, kv_shifts: Tensor, plan: _Plan,
+                  block_size: int) -> _SharedSplit:
+    """`_SharedSplit` of the decode rows: host work once per step, shared by every layer."""
+    device = kv_slots.device
+    seqs = torch.tensor(plan.decode, device=device)
+    width = max(plan.lens[s] for s in plan.decode)
+    slots, lens = kv_slots[seqs, :width].long(), kv_lens[seqs].long()
+    positions = torch.arange(width, device=device)
+    valid = positions < lens[:, None]
+    seq, column = torch.nonzero(valid, as_tuple=True)  # every KV position read, row-major
+    slot = slots[seq, column]
+    shift = kv_shifts[seqs, :width][seq, column].long()
+    block, row = slot // block_size, slot % block_size
+    # A reader of a block: one (block, shift, sequence); a block is shared when it has two, or
+    # one at a non-zero shift.
+    pairs, pair_of = torch.unique(torch.stack([block, shift, seq], 1), dim=0,
+                                  return_inverse=True)
+    blocks, block_of_pair, readers = torch.unique_consecutive(
+        pairs[:, 0], return_inverse=True, return_counts=True)
+    shifted = torch.zeros(blocks.numel(), dtype=torch.long, device=device).index_add_(
+        0, block_of_pair, (pairs[:, 1] != 0).long())
+    shared_block = (readers > 1) | (shifted > 0)
+    shared = shared_block[block_of_pair[pair_of]]
+    # Private: each sequence's own rows at shift 0, packed left.
+    private = valid.clone()
+    private[seq[shared], column[shared]] = False
+    count = private.sum(1)
+    private_width = max(1, int(count.max()))
+    private_keep = torch.arange(private_width, device=device) < count[:, None]
+    private_slots = slots[:, :1].expand(-1, private_width).clone()  # padding: a real row
+    private_slots[private_keep] = slots[private]
+    groups = []
+    if bool(shared_block.any()):
+        rank = torch.arange(pairs.shape[0], device=device) - (readers.cumsum(0) - readers)[
+            block_of_pair]  # a pair's index among its block's readers
+        for low, high in _reader_buckets(int(readers[shared_block].max())):
+            members = shared_block & (readers > low) & (readers <= high)
+            if not bool(members.any()):
+                continue
+            index = torch.full((blocks.numel(),), -1, dtype=torch.long, device=device)
+            index[members] = torch.arange(int(members.sum()), device=device)
+            u = index[block_of_pair]
+            taken = u >= 0
+            width_r = int(readers[members].max())
+            reader_seq = torch.zeros(int(members.sum()), width_r, dtype=torch.long,
+                                     device=device)
+            reader_shift = torch.zeros_like(reader_seq)
+            reader_seq[u[taken], rank[taken]] = pairs[taken, 2]
+            reader_shift[u[taken], rank[taken]] = pairs[taken, 1]
+            keep = torch.zeros(*reader_seq.shape, block_size, dtype=torch.bool, device=device)
+            at = u[pair_of]
+            mine = at >= 0
+            keep[at[mine], rank[pair_of[mine]], row[mine]] = True
+            read = keep.any(1)  # [U, block_size]: rows some reader reads
+            first = read.float().argmax(1, keepdim=True)
+            rows = torch.where(read, torch.arange(block_size, device=device), first)
+            group_slots = blocks[members][:, None] * block_size + rows
+            groups.append(_SharedBlocks(group_slots, reader_seq, reader_shift, keep))
+    return _SharedSplit(private_slots, private_keep, groups)
+
+
+def _reader_buckets(most: int) -> list[tuple[int, int]]:
+    """(low, high]: blocks with more than `low` and at most `high` readers share one call, so
+    that padding to the most readers of a call wastes at most half of its queries."""
+    buckets, high = [], 1
+    while True:
+        buckets.append((high // 2 if high > 1 else 0, high))
+        if high >= most:
+            return buckets
+        high *= 2
+
+
+def _decode_shared(q: Tensor, kv_pool: Tensor, layer: int, split: _SharedSplit,
+                   inv_freq: Tensor, scale: float) -> Tensor:
+    """Decode attention where KV is read in place at any number of shifts, each shared block
+    once for all its readers.
+
+    q.R(d)k = (R(-d)q).k: each reader of a shifted block rotates its one query back by its
+    shift, instead of rotating every K of its context at every step. And since a block's
+    readers are batched into one call over its rows, a master copy that 16 readers read is
+    read once, not 16 times (a prefix block several sequences share, too). The private rows
+    and each block are attended apart and merged by their log-sum-exps.
+    q [B, kv_heads, group, D]; returns [B, kv_heads, group, D]."""
     batch, kv_heads, group, dim = q.shape
-    q_main = rotate_by_shift(q.reshape(batch, 1, kv_heads * group, dim), -main, inv_freq)
-    keys, values = k.transpose(1, 2), v.transpose(1, 2)
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []  # (out [P, H, D], lse [P, H], seq [P])
+    kv = _gather_kv(kv_pool, layer, split.private_slots)
+    out, lse = _flash(q, kv[:, :, 0], kv[:, :, 1], split.private_keep[:, None, None, :], scale)
+    parts.append((out.reshape(batch, -1, dim), lse.reshape(batch, -1),
+                  torch.arange(batch, device=q.device)))
+    for blocks in split.shared:
+        units, width = blocks.readers.shape
+        query = q[blocks.readers].reshape(units, width, kv_heads * group, dim)
+        query = rotate_by_shift(query, -blocks.shifts, inv_freq)
+        query = query.view(units, width, kv_heads, group, dim).transpose(1, 2)
+        kv = _gather_kv(kv_pool, layer, blocks.slots)
+        keep = blocks.keep.repeat_interleave(group, dim=1)[:, None]  # [U, 1, R * group, bs]
+        out, lse = _flash(query.reshape(units, kv_heads, width * group, dim),
+                          kv[:, :, 0], kv[:, :, 1], keep, scale)
+        out = out.view(units, kv_heads, width, group, dim).transpose(1, 2)
+        lse = lse.view(units, kv_heads, width, group).transpose(1, 2)
+        parts.append((out.reshape(units * width, -1, dim), lse.reshape(units * width, -1),
+                      blocks.readers.flatten()))
+    out, lse, seq = (torch.cat(x) for x in zip(*parts))
+    top = torch.full((batch, lse.shape[1]), float("-inf"), device=q.device)
+    top = top.scatter_reduce(0, seq[:, None].expand_as(lse), lse, "amax")
+    weight = (lse - top[seq]).exp()  # finite: every sequence reads some key
+    total = torch.zeros(batch, *out.shape[1:], device=q.device)
+    total.index_add_(0, seq, out * weight[..., None])
+    norm = torch.zeros(batch, lse.shape[1], device=q.device).index_add_(0, seq, weight)
+    return (total / norm[..., None]).view(batch, kv_heads, group, dim).to(q.dtype)
 
-    def attend(query: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-        bias = torch.where(keep, 0.0, float("-inf")).to(q.dtype)[:, None, None, :]
-        out, lse = _FLASH_CPU(query, keys, values, 0.0, False, attn_mask=bias, scale=scale)
-        # A row that keeps no key gets output 0 and lse 0 from the op: make it weigh nothing.
-        lse = torch.where(keep.any(1)[:, None, None], lse, float("-inf"))
-        return out.float(), lse[..., None]
 
-    plain, plain_lse = attend(q, valid & ~at_main)
-    shifted, shifted_lse = attend(q_main.view_as(q), valid & at_main)
-    top = torch.maximum(plain_lse, shifted_lse)  # finite: every row sees some key
-    w_plain, w_shifted = (plain_lse - top).exp(), (shifted_lse - top).exp()
-    return ((plain * w_plain + shifted * w_shifted) / (w_plain + w_shifted)).to(q.dtype)
+def _flash(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of q [N, kv_heads, M, D] over k, v [N, W, kv_heads, D] where `keep`
+    (broadcast to [N, 1, M, W]) allows: the output in float32 and each query's log-sum-exp
+    [N, kv_heads, M], -inf for a query that keeps no key."""
+    bias = torch.where(keep, 0.0, float("-inf")).to(q.dtype)
+    out, lse = _FLASH_CPU(q, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias,
+                          scale=scale)
+    # A query that keeps no key (a padding reader) must weigh nothing.
+    some = keep.any(-1)
+    return torch.where(some[..., None], out.float(), 0.0), torch.where(some, lse, float("-inf"))
 
 
 def _prefill_one(

@@ -355,7 +355,6 @@ class Engine:
             segment_requests=reuse.segment_requests,
             segment_tokens=reuse.segment_tokens,
             segment_reused_tokens=reuse.reused_tokens,
-            segment_copied_tokens=reuse.copied_tokens,
             segment_dropped_tokens=reuse.dropped_tokens,
         )
 

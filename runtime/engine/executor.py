@@ -10,7 +10,6 @@ from typing import Protocol
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from kvrt.kernels import rotate_by_shift
 from kvrt.runtime.engine.scheduler import Chunk
 from kvrt.runtime.model.llama import ForwardBatch, LlamaModel
 
@@ -73,15 +72,11 @@ class ModelExecutor:
             q_positions=all_positions if gapped else None,
         )
 
-    def copy(self, source: torch.Tensor, target: torch.Tensor, shift: int) -> None:
-        """KVRows.copy: rows of every layer within the pool, K rotated by `shift` (a segment
-        read at another position, rotated once instead of at every step)."""
+    def copy(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """KVRows.copy: rows of every layer within the pool."""
         block_size = self.kv_pool.shape[3]
         source, target = source.to(self.device), target.to(self.device)
         rows = self.kv_pool[source // block_size, :, :, source % block_size]  # [n, L, 2, H, D]
-        if shift:
-            shifts = torch.full(rows.shape[:2], shift, dtype=torch.int32, device=self.device)
-            rows[:, :, 0] = rotate_by_shift(rows[:, :, 0], shifts, self.model.rotary.inv_freq)
         self.kv_pool[target // block_size, :, :, target % block_size] = rows
 
     def change(self, rows: torch.Tensor, base: torch.Tensor, shift: int) -> torch.Tensor:

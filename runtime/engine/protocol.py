@@ -142,15 +142,13 @@ class EngineStats:
     upload_landing: LandingStats = field(default_factory=LandingStats)
     segment_requests: int = 0  # requests with segments, admitted (with reuse off too)
     segment_tokens: int = 0  # tokens in their segments
-    segment_reused_tokens: int = 0  # of those, read from another copy: not computed ...
-    segment_copied_tokens: int = 0  # ... and of those, copied (stored again), not shared
+    segment_reused_tokens: int = 0  # of those, read from another copy: not computed or stored
     segment_dropped_tokens: int = 0  # recomputed, then read from the master (diff encode)
 
     @property
     def segment_held_tokens(self) -> int:
         """Segment tokens the calls holding them store: all but those read in place."""
-        return (self.segment_tokens - (self.segment_reused_tokens - self.segment_copied_tokens)
-                - self.segment_dropped_tokens)
+        return self.segment_tokens - self.segment_reused_tokens - self.segment_dropped_tokens
 
 
 @dataclass(frozen=True, slots=True)

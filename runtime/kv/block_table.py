@@ -41,19 +41,13 @@ class BlockTableEntry:
 
 @dataclass(frozen=True, slots=True)
 class Splice:
-    """Positions [start, end) read `slots` (one per position) of another copy, at `shift`.
-
-    `copied`: the rows are copied into own rows instead, K rotated by the shift, once, when
-    mapped (a reader's rows at its minority shifts, on both kernel paths: the torch decode
-    would rotate them at every step, at more than the attention's cost): not computed, but
-    stored again."""
+    """Positions [start, end) read `slots` (one per position) of another copy, at `shift`."""
 
     start: int
     end: int
     slots: torch.Tensor  # [end - start] int64
     shift: int
     block_ids: tuple[int, ...]  # the distinct blocks those slots lie in
-    copied: bool = False
 
     def __post_init__(self) -> None:
         assert self.end - self.start == self.slots.numel() > 0, "a splice maps each position"
@@ -127,11 +121,6 @@ class BlockTable:
             self.entries.extend(BlockTableEntry(b, splice.shift) for b in splice.block_ids)
         self.splices = list(splices)
 
-    def drop_copied(self, splice: Splice) -> None:
-        """A copied splice's rows are in own rows now: its blocks are referenced no more."""
-        for block_id in splice.block_ids:
-            self.entries.remove(BlockTableEntry(block_id, splice.shift))
-
     def own_positions(self, start: int, end: int) -> list[tuple[int, int]]:
         """The runs of positions in [start, end) that no splice covers."""
         runs = []
@@ -152,39 +141,27 @@ class BlockTable:
         return next((s for s in self.splices if s.end > position), None)
 
     def own_rows_needed(self, end: int) -> int:
-        """Own rows that mapping every position below `end` still has to allocate (copied
-        splices included, whole: a chunk steps over them)."""
-        start = self.num_mapped
-        # (One that begins at `end` is mapped with it: see map_to.)
-        copied = sum(s.end - s.start for s in self.splices
-                     if s.copied and s.end > start and s.start <= end)
-        return max(0, self.num_own(start, end) + copied - self.spare.numel())
+        """Own rows that mapping every position below `end` still has to allocate."""
+        return max(0, self.num_own(self.num_mapped, end) - self.spare.numel())
 
-    def map_to(self, end: int, new_block_ids: list[int]) -> list[tuple[Splice, torch.Tensor]]:
+    def map_to(self, end: int, new_block_ids: list[int]) -> None:
         """Maps every position below `end` (past the mapped ones): own positions take the spare
         rows, then the rows of `new_block_ids` (own_rows_needed's worth of blocks, which this
         table now references); spliced ones their copy's slots (a splice that begins where the
-        mapping stops is mapped too: its rows exist already), or own rows if copied. Once no
-        splice lies ahead, all remaining own rows are mapped too, ahead of need, as in a table
-        without splices. Returns the copied splices mapped, with the own rows to copy into."""
+        mapping stops is mapped too: its rows exist already). Once no splice lies ahead, all
+        remaining own rows are mapped too, ahead of need, as in a table without splices."""
         self.entries.extend(BlockTableEntry(b) for b in new_block_ids)
         block_rows = torch.arange(self.block_size, dtype=torch.int64)
         fresh = (torch.tensor(new_block_ids, dtype=torch.int64)[:, None] * self.block_size
                  + block_rows).flatten()
         self.spare = torch.cat([self.spare, fresh])
-        pieces, shifts, copies = [self.slots], [], []
+        pieces, shifts = [self.slots], []
         position = self.num_mapped
         while True:
             splice = self.next_splice_from(position)
             if splice is not None and splice.start == position:
-                if splice.copied:
-                    rows = self._take_spare(splice.slots.numel())
-                    copies.append((splice, rows))
-                    pieces.append(rows)
-                    shifts.append((rows.numel(), 0))
-                else:
-                    pieces.append(splice.slots)
-                    shifts.append((splice.slots.numel(), splice.shift))
+                pieces.append(splice.slots)
+                shifts.append((splice.slots.numel(), splice.shift))
                 position = splice.end
                 continue
             if position >= end and splice is not None:
@@ -198,7 +175,7 @@ class BlockTable:
                 break
         if len(pieces) == 1:  # mapped already (a decode step within its last block): no copy
             assert self.num_mapped >= end, "map_to was given too few blocks"
-            return copies
+            return
         self._changed(self.num_mapped)
         self.slots = torch.cat(pieces)
         if self.shifts is not None or any(shift for _, shift in shifts):
@@ -207,7 +184,6 @@ class BlockTable:
                  else torch.zeros(self.num_mapped - sum(n for n, _ in shifts), dtype=torch.int32)]
                 + [torch.full((n,), shift, dtype=torch.int32) for n, shift in shifts])
         assert self.num_mapped >= end, "map_to was given too few blocks"
-        return copies
 
     def share(self, start: int, slots: torch.Tensor, shift: int) -> torch.Tensor:
         """Own positions [start, start + len(slots)), computed, read `slots` of another copy at
@@ -229,16 +205,15 @@ class BlockTable:
 
     def compact(self, start: int, computed: int, freed: torch.Tensor,
                 movable: Callable[[int], bool]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Packs the rows this table stores for positions from `start` on (own positions and
-        copied splices, in `movable` blocks) densely again, with the `freed` rows (`share`'s)
+        """Packs the rows this table stores for positions from `start` on (own positions, in
+        `movable` blocks) densely again, with the `freed` rows (`share`'s)
         and the spare ones, in the table's block order: so the next positions (an output
         that later prompts may quote) fill whole blocks, and the last blocks empty. Returns the
         rows to copy (from, to) for the computed positions that moved, and the blocks left
         with no mapped row, which the table no longer references."""
         shared = torch.zeros(self.num_mapped, dtype=torch.bool)
         for splice in self.splices:
-            if not splice.copied:
-                shared[splice.start:splice.end] = True
+            shared[splice.start:splice.end] = True
         shared[:start] = True
         positions = torch.nonzero(~shared).flatten()
         blocks = self.slots[positions] // self.block_size

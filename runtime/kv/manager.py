@@ -165,8 +165,7 @@ class KVManager:
         match = plan.prefix
         referenced = set(match.block_ids).union(*(s.block_ids for s in splices))
         taken = sum(1 for block_id in referenced if self.pool.is_cached(block_id))
-        spliced = sum(min(s.end, end) - s.start for s in splices
-                      if s.start < end and not s.copied)
+        spliced = sum(min(s.end, end) - s.start for s in splices if s.start < end)
         own = end - plan.computed - spliced
         return self.blocks_for(max(0, own)) <= self.pool.num_allocatable() - taken
 
@@ -182,8 +181,7 @@ class KVManager:
         for splice in splices:
             for block_id in splice.block_ids:
                 self.pool.acquire(block_id)
-            if not splice.copied:  # a copied one's blocks are held only until copied
-                self._claim(table, list(splice.block_ids))
+            self._claim(table, list(splice.block_ids))
         table.add_splices(list(splices))
         self.grow(table, end)
 
@@ -193,13 +191,8 @@ class KVManager:
     def grow(self, table: BlockTable, end: int) -> None:
         """Makes the table cover `end` positions (raises OutOfBlocks if it cannot)."""
         new = self.pool.allocate(self._blocks_needed(table, end))
-        copies = table.map_to(end, new)
+        table.map_to(end, new)
         self._claim(table, new)
-        for splice, rows in copies:  # copied once; the copy is then let go
-            assert self.rows is not None, "a copied splice needs the KV's rows"
-            self.rows.copy(splice.slots, rows, splice.shift)
-            table.drop_copied(splice)
-            self.pool.release(list(splice.block_ids))
 
     def _blocks_needed(self, table: BlockTable, end: int) -> int:
         return self.blocks_for(table.own_rows_needed(end))
@@ -258,7 +251,7 @@ class KVManager:
             min(start for start, _, _ in parts), computed, torch.cat(freed),
             lambda block_id: not self.is_keyed(block_id))
         if source.numel() and self.rows is not None:
-            self.rows.copy(source, target, 0)
+            self.rows.copy(source, target)
         self.pool.release(unused)
         return sum(f.numel() for f in freed)
 

@@ -12,9 +12,9 @@ import torch
 
 
 class KVRows(Protocol):
-    def copy(self, source: torch.Tensor, target: torch.Tensor, shift: int) -> None:
-        """Copies KV rows (slots) of every layer within the pool, K rotated by `shift`. A target
-        may be another pair's source: every source is read before any target is written."""
+    def copy(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Copies KV rows (slots) of every layer within the pool. A target may be another
+        pair's source: every source is read before any target is written."""
         ...
 
     def change(self, rows: torch.Tensor, base: torch.Tensor, shift: int) -> torch.Tensor:

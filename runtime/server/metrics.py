@@ -168,9 +168,6 @@ class ServerMetrics:
             "Prompt tokens in segments (text reusable at any position).", stats.segment_tokens)
         one("kvrt:segment_reused_tokens_total", "counter",
             "Segment tokens read from another copy: not computed.", stats.segment_reused_tokens)
-        one("kvrt:segment_copied_tokens_total", "counter",
-            "Of those, tokens copied (rotated once, stored again) rather than read in place.",
-            stats.segment_copied_tokens)
         one("kvrt:segment_dropped_tokens_total", "counter",
             "Segment tokens recomputed, then read from the master: they changed too little to "
             "keep as a diff.", stats.segment_dropped_tokens)

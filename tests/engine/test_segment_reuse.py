@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from kvrt.kernels import paged_attention
 from kvrt.runtime.engine.protocol import GenerateRequest
 from kvrt.runtime.model.blend import blend_prefill
 from kvrt.runtime.model.dense_forward import dense_forward
@@ -189,28 +190,32 @@ def engine_bytes(folder) -> int:
     return config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4
 
 
-def test_rows_at_a_second_shift_are_copied_once_and_read_the_same(folder):
-    """Two segments from two donors sit at two shifts in the reader. The engine reads the
-    larger one in place and copies the other (K rotated once); reading both in place (K
-    rotated at every step) gives the same logits."""
+def test_rows_at_two_shifts_are_read_in_place(folder, monkeypatch):
+    """Two segments from two donors sit at two shifts in the reader. The torch decode reads
+    both in place, rotating the query back once per shift (kernels/paged_attention.py,
+    `_decode_shared`): the same logits as rotating every K at every step (its fallback), and
+    the diff encode gives back rows of both segments."""
     other = list(range(130, 170))
     donors = [call("a", DONOR, 7),
               GenerateRequest("b", [3] * 20 + other + [4, 4], greedy(4), segments=((20, 60),))]
     reader = GenerateRequest("reader", READER[:12] + SEGMENT + other + READER[52:], greedy(6),
                              segments=((12, 52), (52, 92)))
     seen, stats = {}, {}
-    for mode in ("copied", "in place"):
-        # Every recomputed row kept: the diff encode skips copied rows (they are stored anyway).
-        engine = make_engine(folder, policy="kvrt", policy_options={"diff_keep": "1"})
-        if mode == "in place":  # as the engine read them before both kernel paths copied
-            engine.reuse.copy_other_shifts = False
+    for mode in ("query rotated", "K rotated"):
+        if mode == "K rotated":
+            monkeypatch.setattr(paged_attention, "_FLASH_CPU", None)
+        engine = make_engine(folder, policy="kvrt")
         logits = recording_logits(engine)
         run(engine, donors)
         out = run(engine, [reader])["reader"]
         seen[mode], stats[mode] = (logits["reader"], out.token_ids), engine.stats()
         assert out.final.cached_tokens == 2 * (len(SEGMENT) - FIRST_K)
-    assert stats["copied"].segment_copied_tokens == len(SEGMENT) - FIRST_K
-    assert stats["in place"].segment_copied_tokens == 0
-    assert seen["copied"][1] == seen["in place"][1]
-    for a, b in zip(seen["copied"][0], seen["in place"][0]):
+        assert len(seen[mode][0]) == 6  # the prompt's logits, then five decode steps
+    assert seen["query rotated"][1] == seen["K rotated"][1]
+    for a, b in zip(seen["query rotated"][0], seen["K rotated"][0]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # Each segment's recomputed head (its first 6 positions) is encoded against its own master:
+    # the diff encode keeps 2 of each (a third, rounded up) and gives back the others, but for
+    # rows in a block the prefix index keyed: the first head's 12..15 lie in block 0, so it
+    # gives back 16 and 17; the second head (52..57) gives back 4.
+    assert stats["query rotated"].segment_dropped_tokens == 2 + 4

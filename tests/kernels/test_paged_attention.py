@@ -21,6 +21,7 @@ from torch import Tensor
 
 from kvrt.kernels import (
     _triton_support,
+    paged_attention,
     paged_attention_ref,
     paged_attention_triton,
     triton_available,
@@ -196,7 +197,7 @@ def test_ref_matches_dense(scenario, block_size, group, shifted, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_ref_readers_of_one_copy(scenario, dtype):
-    # One shift a row: decode rotates the query, not K (two attentions merged by log-sum-exp).
+    # One shift a row, as a reader of one master copy sees.
     case = build_case(SCENARIOS[scenario], shifted=True, one_shift=True, group=3, dtype=dtype)
     assert_matches(paged_attention_ref(*case.args()), case.expected, dtype)
 
@@ -329,6 +330,93 @@ def shared_segment_case() -> Case:
 def test_ref_shifted_shared_segment():
     case = shared_segment_case()
     assert_matches(paged_attention_ref(*case.args()), case.expected, torch.float32)
+
+
+def many_readers_case(dtype: torch.dtype = torch.float32) -> Case:
+    """Five decoding readers of a round: a prefix block they all read at shift 0, then their
+    own history (1 to 9 tokens), then two masters' segments (10 and 7 rows, lying in two blocks
+    of which they share one) each at the reader's own shift, then own tokens again."""
+    gen = torch.Generator().manual_seed(11)
+    bs, kv_heads, group, dim = 4, 2, 3, 32
+    inv_freq = inv_freq_for(dim).float()
+    pool = new_pool(40, bs, kv_heads, dim, dtype)
+    prefix_slots = torch.arange(4)  # block 0
+    master_slots = [torch.arange(9 * bs + 1, 9 * bs + 11), torch.arange(11 * bs + 3, 11 * bs + 10)]
+    shared_k = [torch.randn(n, kv_heads, dim, generator=gen) for n in (4, 10, 7)]
+    shared_v = [torch.randn(n, kv_heads, dim, generator=gen) for n in (4, 10, 7)]
+    # The masters computed their segments at positions 30 and 50.
+    for slots, k, v, at in zip([prefix_slots, *master_slots], shared_k, shared_v, (0, 30, 50)):
+        k = rope(k, at + torch.arange(len(slots)), inv_freq)
+        write_kv(pool, slots, k.to(dtype), v.to(dtype))
+    width = 40
+    slots = torch.full((5, width), -1)
+    shifts = torch.zeros(5, width, dtype=torch.int32)
+    qs, expected, lens = [], [], []
+    for s, history in enumerate((1, 4, 9, 2, 6)):
+        free = iter(range((14 + 4 * s) * bs, (18 + 4 * s) * bs))  # its own 4 blocks
+        parts = [("shared", 0, 0), ("own", history), ("shared", 1, 4 + history - 30),
+                 ("own", 2), ("shared", 2, 16 + history - 50), ("own", 3)]
+        k_all, v_all, row_slots, row_shifts = [], [], [], []
+        for part in parts:
+            if part[0] == "own":
+                n = part[1]
+                own = torch.tensor([next(free) for _ in range(n)])
+                k, v = torch.randn(n, kv_heads, dim, generator=gen), torch.randn(
+                    n, kv_heads, dim, generator=gen)
+                at = len(row_slots)
+                write_kv(pool, own, rope(k, at + torch.arange(n), inv_freq).to(dtype), v.to(dtype))
+                row_slots += own.tolist()
+                row_shifts += [0] * n
+            else:
+                _, which, shift = part
+                k, v = shared_k[which], shared_v[which]
+                row_slots += [prefix_slots, *master_slots][which].tolist()
+                row_shifts += [shift] * len(k)
+            k_all.append(k)
+            v_all.append(v)
+        length = len(row_slots)
+        slots[s, :length] = torch.tensor(row_slots)
+        shifts[s, :length] = torch.tensor(row_shifts)
+        lens.append(length)
+        q = rope(torch.randn(1, kv_heads * group, dim, generator=gen), torch.tensor([length - 1]),
+                 inv_freq).to(dtype)
+        qs.append(q)
+        positions = torch.arange(length)
+        expected.append(dense_attention(q, rope(torch.cat(k_all), positions, inv_freq),
+                                        torch.cat(v_all).to(dtype), dim**-0.5))
+    return Case(
+        q=torch.cat(qs), kv_pool=pool, kv_slots=slots,
+        kv_lens=torch.tensor(lens, dtype=torch.int32),
+        q_starts=torch.arange(6, dtype=torch.int32), scale=dim**-0.5, kv_shifts=shifts,
+        inv_freq=inv_freq, expected=torch.cat(expected),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ref_decode_reads_each_shared_block_once(dtype, monkeypatch):
+    """Decode with shifts reads a block that several readers share (the prefix, the masters'
+    segments) once for all of them, each reader's query rotated back by its own shift; only
+    each reader's own rows are gathered per reader. Against the dense reference, and against
+    the fallback that rotates every K."""
+    case = many_readers_case(dtype)
+    bs = case.kv_pool.shape[3]
+    gathered = []
+    real_gather = paged_attention._gather_kv
+
+    def counting(pool, layer, slots):
+        gathered.append(slots.numel())
+        return real_gather(pool, layer, slots)
+
+    monkeypatch.setattr(paged_attention, "_gather_kv", counting)
+    out = paged_attention_ref(*case.args())
+    assert_matches(out, case.expected, dtype)
+    # Own rows: 2 + 3 and the history, padded to the widest reader's (9 + 5 = 14). Shared,
+    # whole: the prefix's block 0 and the masters' blocks 9, 10, 12 and 13, each read by the 5
+    # readers (one call), then block 11, where the first master ends and the second begins,
+    # read by 10 (5 readers at 2 shifts: another call).
+    assert gathered == [5 * 14, 5 * bs, 1 * bs]
+    monkeypatch.setattr(paged_attention, "_FLASH_CPU", None)
+    assert_matches(paged_attention_ref(*case.args()), case.expected, dtype)
 
 
 # ------------------------------------------------------------------ Triton vs the reference

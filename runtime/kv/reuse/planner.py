@@ -34,8 +34,7 @@ manager's segment verbs; it never writes a block table itself.
 from __future__ import annotations
 
 import math
-from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -85,11 +84,10 @@ class _Segment:
 
 class ReusePlanner:
     def __init__(self, kv: KVManager, config: ReuseConfig, rows: KVRows | None = None) -> None:
-        """`rows`: the KV tensor's, to measure how much a reader's rows changed and to copy
-        rows (None in a simulation: no KV, so nothing is copied; see `plan`)."""
+        """`rows`: the KV tensor's, to measure how much a reader's rows changed (None in a
+        simulation: no KV to compare; see `_share_unchanged`)."""
         self.kv, self.config = kv, config
         self.rows = rows
-        self.copy_other_shifts = rows is not None
         self._segments: dict[Reader, list[_Segment]] = {}
         self._producers: dict[bytes, Reader] = {}  # segment key -> the live seq computing it
         # seq -> splice start -> the master's slots for the head the seq recomputes before it.
@@ -99,7 +97,6 @@ class ReusePlanner:
         self.segment_requests = 0
         self.segment_tokens = 0
         self.reused_tokens = 0
-        self.copied_tokens = 0  # of the reused, those copied (stored again) rather than shared
         self.dropped_tokens = 0  # recomputed, then found to change too little to keep
         # Per agent of a run: segment tokens, and of those the ones shared with another copy.
         self.by_owner: dict[Owner, tuple[int, int]] = {}
@@ -136,20 +133,6 @@ class ReusePlanner:
             elif self.config.mode == "collective":
                 self._producers.setdefault(segment.key, seq)
         self._heads[seq] = heads
-        if self.copy_other_shifts and splices:
-            # One rule for both kernel paths, so that both store and read the same rows: the
-            # most common shift's rows are read in place, the others copied (K rotated) once.
-            # The torch decode reads rows of one shift at no cost (it rotates the query back,
-            # `_decode_shifted` in kernels/paged_attention.py) but rows at several shifts only
-            # by rotating every shifted K at every step (twice the step's time on CPU); the
-            # Triton kernel rotates K on load either way. Copied rows are never diff encoded
-            # (`_share_unchanged`), so paths reading different rows would compute different
-            # KV, not just round differently.
-            by_shift: Counter[int] = Counter()
-            for splice in splices:
-                by_shift[splice.shift] += splice.end - splice.start
-            main = by_shift.most_common(1)[0][0]
-            splices = [s if s.shift == main else replace(s, copied=True) for s in splices]
         return splices
 
     def _splice(self, seq: Reader, segment: _Segment) -> tuple[Splice, torch.Tensor] | None:
@@ -186,12 +169,10 @@ class ReusePlanner:
             self.segment_requests += 1
             self.segment_tokens += tokens
             self.reused_tokens += reused
-            copied = sum(s.end - s.start for s in splices if s.copied)
-            self.copied_tokens += copied
             owner = seq.table.owner
             if owner is not None:  # replaced whole: read from the server's thread
                 before = self.by_owner.get(owner, (0, 0))
-                self.by_owner[owner] = (before[0] + tokens, before[1] + reused - copied)
+                self.by_owner[owner] = (before[0] + tokens, before[1] + reused)
         return reused
 
     def on_run_end(self, run: str) -> None:
@@ -242,7 +223,7 @@ class ReusePlanner:
         table, block_size, parts = seq.table, self.kv.block_size, []
         for splice in table.splices:
             head = heads.get(splice.start)
-            if head is None or not head.numel() or splice.copied:
+            if head is None or not head.numel():
                 continue
             start = splice.start - head.numel()
             own = table.slots[start:splice.start]
