@@ -41,13 +41,17 @@ class BlockTableEntry:
 
 @dataclass(frozen=True, slots=True)
 class Splice:
-    """Positions [start, end) read `slots` (one per position) of another copy, at `shift`."""
+    """Positions [start, end) read `slots` (one per position) of another copy, at `shift`.
+
+    `head`: the positions just before it that its reader computes itself, of the same segment
+    (runtime/kv/reuse/planner.py): the segment starts at start - head."""
 
     start: int
     end: int
     slots: torch.Tensor  # [end - start] int64
     shift: int
     block_ids: tuple[int, ...]  # the distinct blocks those slots lie in
+    head: int = 0
 
     def __post_init__(self) -> None:
         assert self.end - self.start == self.slots.numel() > 0, "a splice maps each position"
@@ -78,8 +82,11 @@ class BlockTable:
 
     @property
     def key_limit(self) -> int | None:
-        """The first spliced position: no block from the one holding it on is keyed."""
-        return self.splices[0].start if self.splices else None
+        """The start of the first segment read from another copy: no block from the one
+        holding it on is keyed. Not the first spliced position: the rows its reader computes
+        before it (the head) may be given back for the copy's later (the diff encode), and a
+        keyed block's rows are another prompt's prefix, to stay as they are."""
+        return min(s.start - s.head for s in self.splices) if self.splices else None
 
     def block_ids(self) -> list[int]:
         return [entry.block for entry in self.entries]

@@ -112,6 +112,24 @@ def test_after_its_prompt_a_reader_keeps_only_the_most_changed_rows(folder):
     assert max(later) > 1e-3
 
 
+def test_a_long_segment_after_a_private_prompt_gives_back_its_head(folder):
+    """A segment of 400 tokens after 10 private ones: the reader recomputes its first 60
+    (positions 10..69, blocks 0..4 of 16 rows). None of them lies in a keyed block (the prefix
+    index stops where the segment starts), so the diff encode keeps 20 and gives back 40. (When
+    keying stopped at the first spliced position, 70, blocks 0..3 were keyed: only 64..69 could
+    go.)"""
+    long_segment = [100 + i for i in range(400)]
+    engine = make_engine(folder, policy="kvrt", max_model_len=1024)
+    run(engine, [GenerateRequest("donor", [7, 8, 9] + long_segment + [3] * 13, greedy(2),
+                                 segments=((3, 403),))])
+    reader = list(range(10, 20)) + long_segment + [5, 6]
+    out = run(engine, [GenerateRequest("reader", reader, greedy(2), segments=((10, 410),))])
+    assert out["reader"].final.cached_tokens == 400 - 60
+    assert engine.kv.block_size == 16
+    assert engine.stats().segment_dropped_tokens == 40
+    assert engine.kv.pool.usage().in_use == 0
+
+
 def test_collective_readers_wait_for_one_master(folder):
     engine = make_engine(folder, policy="kvrt")
     readers = [call(f"r{i}", list(range(5 + i, 12 + 2 * i)) + SEGMENT + [99, 98], 7 + i)
@@ -215,7 +233,7 @@ def test_rows_at_two_shifts_are_read_in_place(folder, monkeypatch):
     for a, b in zip(seen["query rotated"][0], seen["K rotated"][0]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     # Each segment's recomputed head (its first 6 positions) is encoded against its own master:
-    # the diff encode keeps 2 of each (a third, rounded up) and gives back the others, but for
-    # rows in a block the prefix index keyed: the first head's 12..15 lie in block 0, so it
-    # gives back 16 and 17; the second head (52..57) gives back 4.
-    assert stats["query rotated"].segment_dropped_tokens == 2 + 4
+    # the diff encode keeps 2 of each (a third, rounded up) and gives back the others (the
+    # first head's 12..15 lie in block 0, not keyed: the prefix index stops at the first reused
+    # segment's start).
+    assert stats["query rotated"].segment_dropped_tokens == 2 * 4

@@ -159,7 +159,7 @@ class ReusePlanner:
         if self.kv.is_moving(block_ids):
             return None  # on its way to the host
         return Splice(segment.start + first, segment.start + last, slots,
-                      segment.start + offset - copy.start, block_ids), head
+                      segment.start + offset - copy.start, block_ids, head=first), head
 
     def count_admission(self, seq: Reader, splices: list[Splice]) -> int:
         """Counts a first admission; returns the positions its splices cover."""
