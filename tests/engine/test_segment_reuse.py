@@ -120,7 +120,9 @@ def test_a_long_segment_after_a_private_prompt_gives_back_its_head(folder):
     go.)"""
     long_segment = [100 + i for i in range(400)]
     engine = make_engine(folder, policy="kvrt", max_model_len=1024)
-    run(engine, [GenerateRequest("donor", [7, 8, 9] + long_segment + [3] * 13, greedy(2),
+    # The segment ends within the donor's last prompt block (400..403): its copy covers the
+    # keyed blocks while the donor runs, then the whole segment once it is done.
+    run(engine, [GenerateRequest("donor", [7, 8, 9] + long_segment + [3], greedy(2),
                                  segments=((3, 403),))])
     reader = list(range(10, 20)) + long_segment + [5, 6]
     out = run(engine, [GenerateRequest("reader", reader, greedy(2), segments=((10, 410),))])

@@ -251,11 +251,19 @@ class ReusePlanner:
     def on_finish(self, seq: Reader) -> None:
         """`seq` is done (finished or aborted), its blocks not yet released: its output (the
         rows decoding gave KV) becomes a copy, kept cached after the call, for a later prompt
-        that quotes it."""
+        that quotes it; and each segment it computed whole, whose copy covered only the blocks
+        the prefix index keyed (`on_computed`), is indexed whole, its last block kept too."""
         self.forget(seq)
-        self._segments.pop(seq, None)
+        segments = self._segments.pop(seq, [])
         if not self.enabled:
             return
+        table = seq.table
+        for segment in segments:
+            length = segment.end - segment.start
+            if segment.end <= seq.num_computed and table.num_own(segment.start,
+                                                                 segment.end) == length:
+                slots = self.kv.keep_cached(table, segment.start, segment.end, seq.salt)
+                self.kv.segments.offer(segment.key, segment.token_ids, segment.start, slots)
         # From the second token: a quote puts other text before the first (a name, a space),
         # so it rarely tokenizes the same there.
         start, end = seq.prompt_len + 1, seq.num_computed
