@@ -201,18 +201,37 @@ def _timeline(run: PolicyRun) -> list[tuple[float, float, float]]:
 
 async def _sweep(args: argparse.Namespace, workload: Workload, config: ServeConfig,
                  make_engine: EngineFactory) -> int | None:
-    """Doubles the workload's scale from 1 while TTFT p99 meets the SLO (a trace has none)."""
-    key, best, scale = _SCALE.get(args.workload), None, 1
+    """The most concurrent agents whose TTFT p99 meets the SLO (a trace has no scale): the
+    workload's scale doubled from 1 while it does (up to twice the given one), then bisected
+    between the last that did and the first that did not, to a step of 1/16 of the scale (or
+    1): so that two policies' figures compare to ~6%, not to a power of two."""
+    key = _SCALE.get(args.workload)
     if key is None:
         return None
-    limit = 2 * getattr(workload.params, key)
-    while scale <= limit:
+
+    async def agents_if_met(scale: int) -> int | None:
         candidate = make_workload(args.workload, **{**asdict(workload.params), key: scale})
         row = summarize(await run_policy(candidate, config, args.time_scale, make_engine))
-        if not row["ttft_p99_ms"] <= args.slo_ttft_ms:
+        return candidate.params.concurrent_agents if row["ttft_p99_ms"] <= args.slo_ttft_ms \
+            else None
+
+    limit = 2 * getattr(workload.params, key)
+    met, failed, best, scale = 0, None, None, 1
+    while scale <= limit:
+        agents = await agents_if_met(scale)
+        if agents is None:
+            failed = scale
             break
-        best = candidate.params.concurrent_agents
-        scale *= 2
+        met, best, scale = scale, agents, scale * 2
+    if not met or failed is None:
+        return best
+    while failed - met > max(1, met // 16):
+        middle = (met + failed) // 2
+        agents = await agents_if_met(middle)
+        if agents is None:
+            failed = middle
+        else:
+            met, best = middle, agents
     return best
 
 

@@ -185,10 +185,11 @@ def test_the_slo_sweep_finds_the_largest_scale_that_meets_it(tiny, tmp_path) -> 
                        max_num_batched_tokens=GPU_MAX_NUM_BATCHED_TOKENS)
         return summarize(run)["ttft_p99_ms"]
 
-    # Between the TTFT of 2 and of 4 mappers: the sweep (1, 2, 4, ...) stops at 2.
-    low, high = ttft_p99(2), ttft_p99(4)
-    assert low < high
-    assert swept((low + high) / 2) == 2 + 1
+    # Between the TTFT of 2 and of 4 mappers: the sweep doubles (1, 2, 4) then tries 3.
+    low, middle, high = ttft_p99(2), ttft_p99(3), ttft_p99(4)
+    assert low < middle < high
+    assert swept((low + middle) / 2) == 2 + 1
+    assert swept((middle + high) / 2) == 3 + 1
 
 
 def test_a_pool_too_small_for_a_prompt_ends_the_run_with_the_daemons_message(tiny) -> None:
