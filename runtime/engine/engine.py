@@ -40,7 +40,7 @@ from kvrt.runtime.engine.sequence import Sequence
 from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.kv.reuse.planner import ReusePlanner
-from kvrt.runtime.kv.shared_blocks import SharedTextMeter, shared_text_blocks
+from kvrt.runtime.kv.shared_blocks import SharedTextMeter
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.policy.base import Policy
 from kvrt.runtime.policy.decisions import Decision
@@ -235,7 +235,7 @@ class Engine:
     def sample_shared_text(self) -> None:
         """Adds the blocks each live agent holds for shared text now (runtime/kv/shared_blocks.py)
         to the mean in the stats. Costs a pass over the running tables: sampled, not per step."""
-        self.shared_text.add(shared_text_blocks(self.scheduler.running, self.kv.block_size))
+        self.shared_text.sample(self.scheduler.running, self.kv.block_size)
 
     def waits_on_moves(self) -> bool:
         """The last step ran nothing and KV moves are in flight: until one lands (or a new

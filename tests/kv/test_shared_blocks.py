@@ -133,7 +133,7 @@ def test_unattributed_calls_are_agents_of_their_own_and_the_meter_waits_for_a_sa
     engine.add(plain)
     engine.step()
     (seq,) = engine.scheduler.running
-    meter.add(shared_text_blocks([seq], BLOCK))
+    meter.sample([seq], BLOCK)
     assert meter.per_agent() == pytest.approx(3.0)
     assert list(shared_text_blocks([seq], BLOCK)) == [seq]
     finish(engine)
