@@ -32,7 +32,7 @@ live table references (cached, or only pinned) is held for no agent and counts f
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -54,14 +54,16 @@ class Holder(Protocol):
     def segments(self) -> tuple[tuple[int, int], ...]: ...
 
 
-def shared_text_blocks(holders: Sequence[Holder], block_size: int) -> dict[Hashable, float]:
+def shared_text_blocks(holders: Sequence[Holder], block_size: int) -> dict[object, float]:
     """Per agent (a call's owner, or the call itself when unattributed) whose live calls hold
     blocks for segments: those blocks, by the module's rule. A few vectorized passes over all
     the tables at once (~1 ms for 16 tables of 1,500 positions on a CPU core): call it when
     sampling, not at every step."""
     pairs: list[int] = []  # (table index, block) of every block a table references, as keys
     spliced: list[int] = []  # ... of the blocks its splices reference
-    slots, bounds, offset = [], [], 0  # (segment spans, as rows of the concatenated slots)
+    slots: list[torch.Tensor] = []
+    bounds: list[tuple[int, int]] = []  # segment spans, as rows of the concatenated slots
+    offset = 0
     width = 1 << 32  # a key is table index * width + block id
     for index, holder in enumerate(holders):
         table, base, mapped = holder.table, index * width, holder.table.num_mapped
@@ -84,7 +86,7 @@ def shared_text_blocks(holders: Sequence[Holder], block_size: int) -> dict[Hasha
     held = torch.isin(keys, torch.tensor(spliced, dtype=torch.int64)).double()
     share = torch.where(rows > 0, seg / rows.clamp(min=1), held) / refs
     by_table = torch.bincount(keys // width, weights=share, minlength=len(holders)).tolist()
-    per_agent: dict[Hashable, float] = {}
+    per_agent: dict[object, float] = {}
     for holder, blocks in zip(holders, by_table):
         if blocks > 0:
             agent = holder.owner if holder.owner is not None else holder
@@ -111,7 +113,7 @@ class SharedTextMeter:
     def __init__(self) -> None:
         self.blocks = 0.0  # summed over samples and agents
         self.agent_samples = 0
-        self._last: tuple[list[tuple[int, int, int]], dict[Hashable, float]] = ([], {})
+        self._last: tuple[list[tuple[int, int, int]], dict[object, float]] = ([], {})
 
     def sample(self, holders: Sequence[Holder], block_size: int) -> None:
         state = [(id(h), h.num_computed, h.table.num_mapped) for h in holders]
