@@ -44,9 +44,11 @@ def markdown(results: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in results["params"].items())
     lines += [f"Parameters: {params}.", ""]
     columns = list(_COLUMNS)
-    if any("shared_kv_bytes_per_agent" in row for row in results["policies"].values()):
-        columns.append(("shared_kv_bytes_per_agent", "shared KV/agent (MiB)", 2**-20,
-                        "{:.2f}"))
+    if any("shared_kv_token_bytes_per_agent" in row for row in results["policies"].values()):
+        # In blocks as the pool holds them, and as the tokens stored (which miss partial blocks).
+        columns += [("shared_kv_bytes_per_agent", "shared KV/agent (MiB)", 2**-20, "{:.2f}"),
+                    ("shared_kv_token_bytes_per_agent", "shared KV/agent, tokens (MiB)", 2**-20,
+                     "{:.2f}")]
     if results.get("slo_ttft_ms") is not None:
         columns.append(("max_agents_within_slo",
                         f"agents within SLO (TTFT p99 <= {results['slo_ttft_ms']:g} ms)", 1,

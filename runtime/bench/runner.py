@@ -4,7 +4,8 @@ The engine is built fresh for each policy (empty KV pool, zeroed counters); the 
 same aiohttp app `kvrt serve` runs, and the workload talks to it through the SDK. Two things
 are observed from inside, since only the process that holds the engine can see them: every
 request's prompt and output token ids (for the ideal), and the KV pool, sampled while the
-workload runs.
+workload runs (with the blocks live agents hold for shared text, which the engine samples when
+asked: its block tables are its own thread's).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.engine.executor import ModelExecutor
 from kvrt.runtime.engine.landing import LandingSample
-from kvrt.runtime.engine.protocol import GenerateOutput, GenerateRequest
+from kvrt.runtime.engine.protocol import EngineStats, GenerateOutput, GenerateRequest
 from kvrt.runtime.policy import options_for
 from kvrt.runtime.server.app import create_app
 from kvrt.runtime.server.serve import start_site
@@ -109,10 +110,6 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         sampler.cancel()
         await runner.cleanup()  # stops the engine
     stats = inner.stats()
-    extra = {}
-    if stats.segment_requests:  # the device KV its segments hold per call: masters + diffs
-        extra["shared_kv_bytes_per_agent"] = (stats.segment_held_tokens / stats.segment_requests
-                                              * block_bytes / config.engine.block_size)
     return PolicyRun(
         policy=config.engine.policy, block_bytes=block_bytes,
         calls=session.calls, jobs=session.jobs, samples=samples, tokens=engine.tokens,
@@ -121,12 +118,29 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         upload_bytes=stats.kv_blocks_uploaded * block_bytes,
         backup_bytes=stats.kv_blocks_backed_up * block_bytes,
         evicted_blocks=stats.kv_blocks_evicted,
-        upload_landings=list(stats.upload_landing.recent), extra=extra)
+        upload_landings=list(stats.upload_landing.recent),
+        extra=shared_kv(stats, block_bytes, config.engine.block_size))
+
+
+def shared_kv(stats: EngineStats, block_bytes: int, block_size: int) -> dict[str, float]:
+    """The device KV a live agent holds for its segments: `shared_kv_bytes_per_agent` in
+    blocks as the pool holds them (masters amortized over their readers, plus each reader's own
+    blocks, partial ones included: runtime/kv/shared_blocks.py), averaged over the sampled
+    moments; beside it `shared_kv_token_bytes_per_agent`, the segment tokens each call stores
+    (masters + kept diffs, per call), which can show savings the pool does not see."""
+    extra = {}
+    if stats.segment_requests:
+        extra["shared_kv_token_bytes_per_agent"] = (
+            stats.segment_held_tokens / stats.segment_requests * block_bytes / block_size)
+    if stats.shared_text_blocks_per_agent is not None:
+        extra["shared_kv_bytes_per_agent"] = stats.shared_text_blocks_per_agent * block_bytes
+    return extra
 
 
 async def _sample(engine: AsyncEngine, out: list[KVSample]) -> None:
     clock, owners = asyncio.get_running_loop().time, engine.engine.kv.owners
     while True:
+        engine.sample_shared_text()  # taken on the engine's side, between two steps
         stats = engine.stats()
         # Released runs leave the ledger: every owner in it is an agent of a live run.
         out.append(KVSample(clock(), stats.kv_blocks_in_use, stats.kv_blocks_cached,

@@ -177,6 +177,12 @@ class AsyncEngine:
                     next_use: Mapping[str, float | None]) -> None:
         self._send("set_outlook", (run, remaining_s, dict(next_use)))
 
+    def sample_shared_text(self) -> None:
+        """Has the engine sample the blocks its live agents hold for shared text, between two
+        steps (it owns the block tables), into `stats().shared_text_blocks_per_agent`. Fire and
+        forget, like `notify`."""
+        self._send("sample_shared_text", None)
+
     async def release_run(self, run: str) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if not self._send("release_run", (run, future)):

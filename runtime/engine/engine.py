@@ -40,6 +40,7 @@ from kvrt.runtime.engine.sequence import Sequence
 from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.kv.reuse.planner import ReusePlanner
+from kvrt.runtime.kv.shared_blocks import SharedTextMeter
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.policy.base import Policy
 from kvrt.runtime.policy.decisions import Decision
@@ -89,6 +90,7 @@ class Engine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.kv_blocks_in_use_peak = 0  # at any step, once scheduled
+        self.shared_text = SharedTextMeter()  # blocks held for segments, when sampled
         self._arrivals = 0
         self._waits_on_moves = False  # the last step ran nothing: its work waits on KV moves
 
@@ -230,6 +232,11 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def sample_shared_text(self) -> None:
+        """Adds the blocks each live agent holds for shared text now (runtime/kv/shared_blocks.py)
+        to the mean in the stats. Costs a pass over the running tables: sampled, not per step."""
+        self.shared_text.sample(self.scheduler.running, self.kv.block_size)
+
     def waits_on_moves(self) -> bool:
         """The last step ran nothing and KV moves are in flight: until one lands (or a new
         command comes) another step would decide the same, so a driver waits instead of
@@ -356,6 +363,7 @@ class Engine:
             segment_tokens=reuse.segment_tokens,
             segment_reused_tokens=reuse.reused_tokens,
             segment_dropped_tokens=reuse.dropped_tokens,
+            shared_text_blocks_per_agent=self.shared_text.per_agent(),
         )
 
     def check_integrity(self) -> None:

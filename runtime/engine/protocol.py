@@ -144,10 +144,15 @@ class EngineStats:
     segment_tokens: int = 0  # tokens in their segments
     segment_reused_tokens: int = 0  # of those, read from another copy: not computed or stored
     segment_dropped_tokens: int = 0  # recomputed, then read from the master (diff encode)
+    # Blocks a live agent holds for its segments, masters amortized over their readers, as the
+    # pool sees them (runtime/kv/shared_blocks.py): the mean over the samples taken so far
+    # (AsyncEngine.sample_shared_text); None before any sample saw one.
+    shared_text_blocks_per_agent: float | None = None
 
     @property
     def segment_held_tokens(self) -> int:
-        """Segment tokens the calls holding them store: all but those read in place."""
+        """Segment tokens the calls holding them store: all but those read in place. Tokens,
+        not blocks: `shared_text_blocks_per_agent` is what the pool holds for them."""
         return self.segment_tokens - self.segment_reused_tokens - self.segment_dropped_tokens
 
 

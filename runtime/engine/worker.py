@@ -2,11 +2,11 @@
 
 A driver runs the worker (runtime/engine/async_engine.py's ThreadDriver on the engine thread;
 kvrt sim's on its simulated-time loop), never two calls at once. Commands (add, abort, notify,
-set_priorities, set_outlook, release_run, abort_all, ping) come from the event loop through
-`send` (and `landed` from the KV mover's thread, to wake a driver waiting on it); outputs,
-errors and run releases go back to the loop through its `LoopSide`, thread-safely. Once the
-worker shuts down the inbox is closed under a lock and drained, so no command is ever left
-unanswered.
+set_priorities, set_outlook, release_run, abort_all, sample_shared_text, ping) come from the
+event loop through `send` (and `landed` from the KV mover's thread, to wake a driver waiting on
+it); outputs, errors and run releases go back to the loop through its `LoopSide`, thread-safely.
+Once the worker shuts down the inbox is closed under a lock and drained, so no command is ever
+left unanswered.
 
 `step` aborts the requests past their `timeout_s` first (RequestTimedOut). A step whose batch
 raises fails the requests that fail alone (StepFailed, Engine._isolate), delivers its
@@ -176,6 +176,11 @@ class EngineWorker:
                 log.exception("the policy failed on the outlook of run %s", payload[0])
         elif kind == "release_run":
             self.release_run(*payload)
+        elif kind == "sample_shared_text":
+            try:
+                self.engine.sample_shared_text()
+            except Exception:  # a measurement must not take the engine thread down
+                log.exception("could not sample the blocks held for shared text")
         elif kind == "abort_all":
             failure, future = payload
             aborted = self.engine.fail_all()

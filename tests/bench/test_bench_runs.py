@@ -81,6 +81,17 @@ def test_map_reduce_mappers_share_the_document(tiny: Path) -> None:
     assert row["prompt_tokens"] == sum(len(p) for p, _ in run.tokens)
 
 
+def test_reuse_reports_the_shared_kv_the_engine_sampled_beside_the_token_figure(
+        tiny: Path) -> None:
+    workload = make_workload("generative-agents", agents=4, rounds=2, persona_words=60,
+                             min_output_tokens=8, max_output_tokens=8)
+    run = asyncio.run(run_policy(workload, config(tiny, "kvrt"), time_scale=0.01))
+    row = summarize(run)
+    # Sampled on the engine's thread, at the sampler's request: some sample saw the segments.
+    assert 0 < row["shared_kv_bytes_per_agent"] <= row["kv_peak_bytes"]
+    assert row["shared_kv_token_bytes_per_agent"] > 0
+
+
 def test_tool_agents_report_tool_calls(tiny: Path) -> None:
     run = play(tiny, "tool-agents", runs=2, min_workers=2, max_workers=2, turns=1,
                system_words=40, tool_median_s=1.0, tool_p95_s=3.0, min_output_tokens=4,

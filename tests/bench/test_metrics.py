@@ -95,3 +95,19 @@ def test_the_report_says_when_the_policies_tie_and_whether_there_was_pressure() 
     assert "tie" not in text and "Nothing to gain" not in text
     text = _report(lru_offload=calm, tokencake={**calm, "jct_mean_s": 10.5})  # 5%: no tie
     assert "tie" not in text
+
+
+def test_the_report_shows_shared_kv_in_blocks_beside_tokens_and_the_kv_peak() -> None:
+    mib = 2**20
+    text = _report(lru={"kv_peak_bytes": 40 * mib, "shared_kv_bytes_per_agent": 3 * mib,
+                        "shared_kv_token_bytes_per_agent": 3 * mib},
+                   kvrt={"kv_peak_bytes": 30 * mib, "shared_kv_bytes_per_agent": 1.5 * mib,
+                         "shared_kv_token_bytes_per_agent": 0.25 * mib})
+    header, _, *rows = [line for line in text.splitlines() if line.startswith("|")][:4]
+    cells = [cell.strip() for cell in header.split("|")]
+    peak = cells.index("KV peak (MiB)")
+    blocks = cells.index("shared KV/agent (MiB)")
+    tokens = cells.index("shared KV/agent, tokens (MiB)")
+    kvrt = [cell.strip() for cell in rows[1].split("|")]
+    assert (kvrt[peak], kvrt[blocks], kvrt[tokens]) == ("30.0", "1.50", "0.25")
+    assert "shared KV" not in _report(lru={"kv_peak_bytes": mib})  # no segments: no columns
