@@ -68,7 +68,7 @@ def shared_text_blocks(holders: Sequence[Holder], block_size: int) -> dict[objec
     for index, holder in enumerate(holders):
         table, base, mapped = holder.table, index * width, holder.table.num_mapped
         pairs.extend(base + entry.block for entry in table.entries)
-        spliced.extend(base + b for s in table.splices if not s.copied for b in s.block_ids)
+        spliced.extend(base + b for s in table.splices for b in s.block_ids)
         slots.append(table.slots)
         bounds.extend((offset + min(a, mapped), offset + min(b, mapped))
                       for a, b in holder.segments)
