@@ -106,16 +106,24 @@ class ReusePlanner:
         return self.config.mode != "off"
 
     def hold(self, seq: Reader) -> bool:
-        """Collective mode: whether `seq` should wait, because another live request is
-        computing one of its segments that the index does not hold yet."""
+        """Collective mode: whether `seq` should wait, because another live request has yet to
+        compute one of its segments to the end. Not just until the index holds a copy: a
+        master whose prefill is chunked leaves a segment's first rows indexed at the end of a
+        step, and a reader admitted then would compute the rest of that segment itself (or
+        all of it, the copy being too short to read) in the step that completes it."""
         if self.config.mode != "collective":
             return False
         for segment in self._of(seq):
             producer = self._producers.get(segment.key)
             if (producer is not None and producer is not seq
-                    and self.kv.segments.find(segment.key, segment.token_ids) is None):
+                    and self._computing(producer, segment.key)):
                 return True
         return False
+
+    def _computing(self, producer: Reader, key: bytes) -> bool:
+        """Whether `producer` has yet to compute its copy of the segment `key` to the end."""
+        end = next(s.end for s in self._of(producer) if s.key == key)
+        return producer.num_computed < end
 
     def plan(self, seq: Reader, computed: int) -> list[Splice]:
         """The splices for `seq`, whose first `computed` positions its exact prefix covers; in
