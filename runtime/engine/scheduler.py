@@ -56,6 +56,7 @@ class BatchScheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         self.waiting.append(seq)
+        self.reuse.on_add(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -2,9 +2,11 @@
 reuse planner, no model (each step's chunks are taken as computed, as in a simulation).
 
 Every agent's prompt: a private prefix of P tokens, then the speakers' messages (segments of L
-tokens, block-aligned), then a tail of 2. A master computes all of it; a reader computes its
-prefix, the first K = ceil(0.15 * L) tokens of each segment and its tail, and reads the rest.
-Each call generates one token and is finished then, so steps hold prefill only.
+tokens, block-aligned, adjacent: one run), then a tail of 2. A master computes all of it; a
+reader computes its prefix, the first K = ceil(0.15 * L) tokens of the run (of its first
+segment: inside the run, each message follows what it followed in the master) and its tail,
+and reads the rest. Each call generates one token and is finished then, so steps hold prefill
+only.
 """
 
 from __future__ import annotations
@@ -67,19 +69,19 @@ def run_round(sched: BatchScheduler, seqs: list[Sequence],
 
 def test_a_chunked_master_finishes_every_segment_before_any_reader_starts() -> None:
     """8 agents hear 3 speakers; a master's 82 tokens take two 64-token steps. Its first step
-    ends inside the third segment: the readers wait for the rest (reading 8 indexed rows is
-    too short, so each would compute that segment whole), then fill every step."""
+    ends inside the run: the readers wait for the rest (each would compute what is not indexed
+    yet), then fill every step."""
     sched = scheduler("kvrt", budget=64)
     seqs = [call(agent, [0, 1, 2]) for agent in range(8)]
     steps = run_round(sched, seqs)
-    master, reader = P + 3 * L + TAIL, P + 3 * K + TAIL  # 82 and 22
+    master, reader = P + 3 * L + TAIL, P + K + TAIL  # 82 and 14
     assert steps[:2] == [{"a0": 64}, {"a0": master - 64}]
     for name in [s.request_id for s in seqs[1:]]:
         assert sum(step.get(name, 0) for step in steps) == reader
-    # The readers' 7 * 22 = 154 tokens in ceil(154 / 64) = 3 steps, the first two full.
-    assert [sum(step.values()) for step in steps[2:]] == [64, 64, 7 * reader - 128]
+    # The readers' 7 * 14 = 98 tokens in ceil(98 / 64) = 2 steps, the first one full.
+    assert [sum(step.values()) for step in steps[2:]] == [64, 7 * reader - 64]
     assert len(steps) == math.ceil(master / 64) + math.ceil(7 * reader / 64)
-    assert sched.reuse.reused_tokens == 7 * 3 * (L - K)
+    assert sched.reuse.reused_tokens == 7 * (3 * L - K)
 
 
 def test_masters_of_different_speakers_share_a_step_and_so_do_their_readers() -> None:
@@ -88,21 +90,22 @@ def test_masters_of_different_speakers_share_a_step_and_so_do_their_readers() ->
     sched = scheduler("kvrt", budget=128)
     seqs = [call(agent, [0, 1] if agent < 4 else [2, 3]) for agent in range(8)]
     steps = run_round(sched, seqs)
-    master, reader = P + 2 * L + TAIL, P + 2 * K + TAIL  # 58 and 18
+    master, reader = P + 2 * L + TAIL, P + K + TAIL  # 58 and 14
     assert steps == [{"a0": master, "a4": master},
                      {f"a{i}": reader for i in (1, 2, 3, 5, 6, 7)}]
 
 
 def test_per_request_reuse_computes_the_shared_text_again_in_the_same_round() -> None:
     """The baseline, unchanged: the same round per request. Calls admitted before a copy is
-    indexed compute every segment; so it computes more than the collective round's 2 * 58 +
-    6 * 18 tokens and takes more steps."""
+    indexed compute every segment, and every other reads each segment apart, recomputing the
+    head of each; so it computes more than the collective round's 2 * 58 + 6 * 14 tokens and
+    takes more steps."""
     collective = run_round(scheduler("kvrt", 128),
                            [call(a, [0, 1] if a < 4 else [2, 3]) for a in range(8)])
     per_request = run_round(scheduler("kvrt-per-request", 128),
                             [call(a, [0, 1] if a < 4 else [2, 3]) for a in range(8)])
     total = [sum(sum(step.values()) for step in steps) for steps in (collective, per_request)]
-    assert total[0] == 2 * (P + 2 * L + TAIL) + 6 * (P + 2 * K + TAIL)
+    assert total[0] == 2 * (P + 2 * L + TAIL) + 6 * (P + K + TAIL)
     assert total[1] > total[0] and len(per_request) > len(collective)
     # In its first step, per request, a0 and a1 both compute the first speakers' text.
     assert per_request[0]["a0"] == per_request[0]["a1"] == P + 2 * L + TAIL
@@ -116,19 +119,18 @@ def test_each_tenant_masters_its_own_round_in_the_first_step() -> None:
     seqs = [call(agent, [0, 1], "a") for agent in range(4)]
     seqs += [call(agent, [0, 1], "b") for agent in range(4, 8)]
     steps = run_round(sched, seqs)
-    master, reader = P + 2 * L + TAIL, P + 2 * K + TAIL
+    master, reader = P + 2 * L + TAIL, P + K + TAIL
     assert steps[0] == {"aa0": master, "ba4": master}
     assert steps[1] == {f"{t}a{i}": reader for t, i in
                         [("a", 1), ("a", 2), ("a", 3), ("b", 5), ("b", 6), ("b", 7)]}
-    assert sched.reuse.reused_tokens == 6 * 2 * (L - K)
+    assert sched.reuse.reused_tokens == 6 * (2 * L - K)
 
 
 def test_a_preempted_master_leaves_no_reader_waiting_for_it() -> None:
     """The master is preempted after its first step: it no longer holds the readers. Admitted
     again first (the policy's order), it finds its first 64 tokens in the prefix cache and
-    completes the round's copies; the reader admitted beside it computes the third segment
-    itself (only 8 rows of it are indexed, and a call re-admitted past a segment's start does
-    not claim it), and every later reader reads all three."""
+    claims the run again, which it is inside of: the readers wait for it to complete the
+    round's copy, then read all of it."""
     sched = scheduler("kvrt", budget=64)
     seqs = [call(agent, [0, 1, 2]) for agent in range(8)]
 
@@ -139,6 +141,36 @@ def test_a_preempted_master_leaves_no_reader_waiting_for_it() -> None:
 
     steps = run_round(sched, seqs, preempt_master)
     assert sched.preemptions == 1
-    assert steps[:2] == [{"a0": 64}, {"a0": P + 3 * L + TAIL - 64, "a1": P + 2 * K + L + TAIL}]
-    assert all(sum(step.get(f"a{i}", 0) for step in steps) == P + 3 * K + TAIL
-               for i in range(2, 8))
+    assert steps[:2] == [{"a0": 64}, {"a0": P + 3 * L + TAIL - 64}]
+    assert all(sum(step.get(f"a{i}", 0) for step in steps) == P + K + TAIL
+               for i in range(1, 8))
+
+
+def test_a_run_is_computed_whole_only_where_the_readers_heads_would_cost_more() -> None:
+    """Each speaker's message has a copy already (computed alone, as a speaker's output is).
+    Read segment by segment, a reader computes K of each of the 3 messages (12 tokens); the run
+    computed whole costs 3 * L = 72 once, then K = 4 for each other reader. 8 readers:
+    8 * 12 = 96 < 72 + 7 * 4 = 100, segment by segment; 12 readers: 12 * 12 = 144 > 72 +
+    11 * 4 = 116, the run."""
+    for readers, whole in ((8, False), (12, True)):
+        sched = scheduler("kvrt", budget=512)
+        run_round(sched, [call(50 + s, [s]) for s in range(3)])  # the speakers' copies
+        steps = run_round(sched, [call(a, [0, 1, 2]) for a in range(readers)])
+        computed = [sum(step.get(f"a{a}", 0) for step in steps) for a in range(readers)]
+        if whole:
+            assert computed == [P + 3 * L + TAIL] + [P + K + TAIL] * (readers - 1)
+        else:
+            assert computed == [P + 3 * K + TAIL] * readers
+
+
+def test_readers_in_another_order_share_no_run() -> None:
+    """Two groups hear the same speakers in two orders: two runs, each mastered once; a call
+    alone with its order reads segment by segment from the copies the masters left."""
+    sched = scheduler("kvrt", budget=512)
+    seqs = [call(a, [0, 1, 2] if a < 4 else [2, 1, 0]) for a in range(8)]
+    steps = run_round(sched, seqs)
+    computed = [sum(step.get(f"a{a}", 0) for step in steps) for a in range(8)]
+    master, reader = P + 3 * L + TAIL, P + K + TAIL
+    assert computed == [master, reader, reader, reader, master, reader, reader, reader]
+    late = run_round(sched, [call(9, [1, 0, 2])])
+    assert sum(late[0].values()) == P + 3 * K + TAIL

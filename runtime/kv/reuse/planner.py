@@ -18,6 +18,17 @@ it (its copy is the round's master), the others wait, then are admitted together
 recomputes run in one batch, and the shared text is computed once per round, whatever the
 number of agents.
 
+Runs (collective mode). A round's messages are adjacent segments, the same text in the same
+order in every prompt: a run. Read segment by segment (from each speaker's output, say), each
+reader recomputes the head of every message, since each copy was computed after other text:
+N readers of N messages recompute ~ratio x N^2 messages' worth, as many per request. Read as
+one copy of the whole run, computed once in the same order, the text inside the run follows
+what it followed in the master, and only the run's start follows the reader's own context:
+the reader recomputes the head of the run's first segment alone. The collective step knows
+the round (the waiting calls that share the run), so it chooses by cost: the run, computed once
+by its first reader, when the readers' heads per segment would cost more than the run plus
+their heads of it (`_run_pays`); else segment by segment.
+
 Reuse of a segment of length L at position s, from a copy computed at position c: the reader
 computes its first k = ceil(recompute_ratio * L) tokens itself, in its own context (EPIC-style:
 they restore the attention to the reader's history that the copy never saw), and reads the rest
@@ -73,6 +84,8 @@ class Reader(Protocol):
     @property
     def segments(self) -> tuple[tuple[int, int], ...]: ...
 
+    admitted_once: bool
+
 
 @dataclass(frozen=True, slots=True)
 class _Segment:
@@ -80,6 +93,17 @@ class _Segment:
     end: int
     key: bytes
     token_ids: tuple[int, ...]
+    # Its text that follows what the reader computed itself, whose head the reader recomputes:
+    # all of a segment; a run's first segment.
+    head_of: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """Adjacent segments, reusable as one copy (collective mode)."""
+
+    whole: _Segment
+    parts: tuple[_Segment, ...]
 
 
 class ReusePlanner:
@@ -88,7 +112,11 @@ class ReusePlanner:
         simulation: no KV to compare; see `_share_unchanged`)."""
         self.kv, self.config = kv, config
         self.rows = rows
-        self._segments: dict[Reader, list[_Segment]] = {}
+        self._segments: dict[Reader, list[_Segment]] = {}  # segments, then runs' wholes
+        self._runs: dict[Reader, list[_Run]] = {}
+        # Collective mode: the calls waiting for their first admission, by the runs they read
+        # (how many readers share a run: `_run_pays`).
+        self._run_readers: dict[bytes, set[Reader]] = {}
         self._producers: dict[bytes, Reader] = {}  # segment key -> the live seq computing it
         # seq -> splice start -> the master's slots for the head the seq recomputes before it.
         self._heads: dict[Reader, dict[int, torch.Tensor]] = {}
@@ -125,23 +153,61 @@ class ReusePlanner:
         end = next(s.end for s in self._of(producer) if s.key == key)
         return producer.num_computed < end
 
+    def on_add(self, seq: Reader) -> None:
+        """`seq` waits for admission: in collective mode, it counts as a reader of its runs."""
+        if self.config.mode == "collective" and not seq.admitted_once:
+            for run in self._runs_of(seq):
+                self._run_readers.setdefault(run.whole.key, set()).add(seq)
+
     def plan(self, seq: Reader, computed: int) -> list[Splice]:
         """The splices for `seq`, whose first `computed` positions its exact prefix covers; in
-        collective mode, it becomes the producer of the segments it will compute itself."""
+        collective mode, it becomes the producer of the segments (or runs) it will compute
+        itself."""
         if not self.enabled:
             return []
-        splices, heads = [], {}
+        splices, heads, covered = [], {}, set()
+        collective = self.config.mode == "collective"
         for segment in self._of(seq):
-            if segment.start < computed:
+            # Its prefix reaches into it (a master preempted, admitted again): it computes the
+            # rest itself, and readers wait for it again.
+            if collective and segment.start < computed < segment.end:
+                self._producers.setdefault(segment.key, seq)
+        for run in self._runs_of(seq):
+            if run.whole.start < computed:
+                continue
+            found = self._splice(seq, run.whole)
+            if found is None and not self._run_pays(seq, run):
+                continue
+            covered.update(run.parts)
+            if found is not None:
+                splices.append(found[0])
+                heads[found[0].start] = found[1]
+            else:  # the round's master: computes the run whole
+                self._producers.setdefault(run.whole.key, seq)
+        for segment in self._of(seq)[:len(seq.segments)]:  # (then the runs' wholes)
+            if segment.start < computed or segment in covered:
                 continue
             found = self._splice(seq, segment)
             if found is not None:
                 splices.append(found[0])
                 heads[found[0].start] = found[1]
-            elif self.config.mode == "collective":
+            elif collective:
                 self._producers.setdefault(segment.key, seq)
         self._heads[seq] = heads
-        return splices
+        return sorted(splices, key=lambda s: s.start)
+
+    def _run_pays(self, seq: Reader, run: _Run) -> bool:
+        """Whether computing `run` whole for its waiting readers costs less than their reading
+        it segment by segment (each reader alike: what `seq` would compute)."""
+        readers = len(self._run_readers.get(run.whole.key, ()))
+        if readers < 2:
+            return False
+        alone = 0
+        for part in run.parts:
+            found = self._splice(seq, part)
+            alone += len(part.token_ids) - (0 if found is None else found[0].end - found[0].start)
+        head = math.ceil(self.config.recompute_ratio * run.whole.head_of)
+        return readers * alone > len(run.whole.token_ids) + (readers - 1) * head
 
     def _splice(self, seq: Reader, segment: _Segment) -> tuple[Splice, torch.Tensor] | None:
         """From a copy of the whole segment, else from an earlier call's output inside it (the
@@ -157,7 +223,7 @@ class ReusePlanner:
                 return None  # it covers part of the segment: better one whole master copy
             copy, offset, length = within.copy, within.offset, within.length
         # Segment offsets [first, last) are read from the copy's rows [first - offset, ...).
-        first = max(offset, math.ceil(self.config.recompute_ratio * len(segment.token_ids)))
+        first = max(offset, math.ceil(self.config.recompute_ratio * segment.head_of))
         last = min(offset + length, seq.prompt_len - 1 - segment.start)
         if last - first < self.config.min_reused_tokens:
             return None
@@ -172,6 +238,7 @@ class ReusePlanner:
     def count_admission(self, seq: Reader, splices: list[Splice]) -> int:
         """Counts a first admission; returns the positions its splices cover."""
         reused = sum(s.end - s.start for s in splices)
+        self._unwait(seq)
         if seq.segments:  # counted with reuse off too: what full copies cost
             tokens = sum(end - start for start, end in seq.segments)
             self.segment_requests += 1
@@ -262,6 +329,8 @@ class ReusePlanner:
         that quotes it; and each segment it computed whole, whose copy covered only the blocks
         the prefix index keyed (`on_computed`), is indexed whole, its last block kept too."""
         self.forget(seq)
+        self._unwait(seq)
+        self._runs.pop(seq, None)
         segments = self._segments.pop(seq, [])
         if not self.enabled:
             return
@@ -288,12 +357,45 @@ class ReusePlanner:
                 del self._producers[segment.key]
 
     def _of(self, seq: Reader) -> list[_Segment]:
+        """Its segments, then (collective mode) its runs' wholes: what it may compute for others."""
         segments = self._segments.get(seq)
         if segments is None:
             ids, salt = seq.token_ids, seq.salt  # (segments lie in the prompt)
             segments = []
             for start, end in seq.segments:
                 tokens = tuple(ids[start:end])
-                segments.append(_Segment(start, end, segment_key(salt, tokens), tokens))
-            self._segments[seq] = segments
-        return segments
+                segments.append(_Segment(start, end, segment_key(salt, tokens), tokens,
+                                         len(tokens)))
+            runs = _runs(segments, salt) if self.config.mode == "collective" else []
+            self._runs[seq] = runs
+            self._segments[seq] = segments + [run.whole for run in runs]
+        return self._segments[seq]
+
+    def _runs_of(self, seq: Reader) -> list[_Run]:
+        self._of(seq)
+        return self._runs[seq]
+
+    def _unwait(self, seq: Reader) -> None:
+        for run in self._runs.get(seq, ()):
+            readers = self._run_readers.get(run.whole.key)
+            if readers is not None:
+                readers.discard(seq)
+                if not readers:
+                    del self._run_readers[run.whole.key]
+
+
+def _runs(segments: list[_Segment], salt: bytes) -> list[_Run]:
+    """The maximal runs of two or more adjacent segments."""
+    groups: list[list[_Segment]] = []
+    for segment in segments:
+        if groups and groups[-1][-1].end == segment.start:
+            groups[-1].append(segment)
+        else:
+            groups.append([segment])
+    runs = []
+    for parts in (g for g in groups if len(g) > 1):
+        tokens = tuple(t for part in parts for t in part.token_ids)
+        whole = _Segment(parts[0].start, parts[-1].end, segment_key(salt, tokens), tokens,
+                         len(parts[0].token_ids))
+        runs.append(_Run(whole, tuple(parts)))
+    return runs
