@@ -6,7 +6,9 @@ message per line, each a segment (as `kvrt bench generative-agents` sends it). E
 asked one question about a planted fact, or, once a round, about its own persona. For each
 ordered pair of the round's personas, the meeting's KV is taken from the donor's prompt and
 reused in the reader's as the runtime does (`reuse_quality.py`'s per-message mode: the first
-`ratio` of each message recomputed, `diff_keep` of those rows kept), and the reader's answer
+`ratio` of each message recomputed, `diff_keep` of those rows kept; with `--reads run`, as a
+collective round reads the meeting, one copy of the run of messages: the first `ratio` of its
+first message recomputed), and the reader's answer
 is generated greedily (up to 24 tokens, to a newline or EOS) from that KV and from full
 prefill. Per ratio:
 - exact match: the two answers equal after strip;
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import random
 import re
 import time
@@ -133,7 +136,7 @@ def ends(tokenizer, token: int) -> bool:
 
 
 def measure(model, tokenizer, rounds: list[Round], ratios: tuple[float, ...],
-            diff_keep: float) -> dict[str, Any]:
+            diff_keep: float, run: bool = False) -> dict[str, Any]:
     rows: dict[float, list[dict[str, Any]]] = {r: [] for r in ratios}
     for number, round_ in enumerate(rounds):
         split = [pieces(tokenizer, p, messages=round_.messages, question=q.text)
@@ -148,8 +151,11 @@ def measure(model, tokenizer, rounds: list[Round], ratios: tuple[float, ...],
             donor_kv = segment_kv(model, d_prefix, segment)
             question, full_text = round_.questions[reader], text_of(tokenizer, reference)
             for ratio in ratios:
-                blend = blend_prefill(model, prefix, segment, donor_kv, suffix, ratio=ratio,
-                                      pieces=split[reader][3], diff_keep=diff_keep)
+                messages = split[reader][3]
+                how = ({"first_k": math.ceil(ratio * messages[0])} if run
+                       else {"ratio": ratio, "pieces": messages})
+                blend = blend_prefill(model, prefix, segment, donor_kv, suffix,
+                                      diff_keep=diff_keep, **how)
                 reused = answer(model, tokenizer, blend.logits[-1], blend.kv)
                 forced = teacher_forced(model, blend, torch.tensor(reference)).argmax(-1)
                 reused_text = text_of(tokenizer, reused)
@@ -194,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--diff-keep", type=float, default=ReuseConfig().diff_keep,
                         help="share of the recomputed rows kept after the prompt")
+    parser.add_argument("--reads", choices=("messages", "run"), default="messages",
+                        help="the meeting read message by message, or as one run")
     parser.add_argument("--out", default=None, help="write the results here (JSON)")
     args = parser.parse_args(argv)
     if not 2 <= args.agents <= len(FACTS):
@@ -204,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     rounds = make_rounds(args.seed, args.rounds, args.agents)
     started = time.perf_counter()
     results = measure(engine.executor.model, engine.tokenizer, rounds, tuple(args.ratios),
-                      args.diff_keep)
+                      args.diff_keep, args.reads == "run")
     results |= {"seconds": time.perf_counter() - started, "seed": args.seed,
-                "diff_keep": args.diff_keep, "rounds": [asdict(r) for r in rounds]}
+                "diff_keep": args.diff_keep, "reads": args.reads,
+                "rounds": [asdict(r) for r in rounds]}
     print(f"{args.rounds} rounds of {args.agents} personas (seed {args.seed}), every ordered "
-          f"pair; answers of up to {MAX_TOKENS} greedy tokens; diff keep {args.diff_keep:.3g}"
-          "\n")
+          f"pair; answers of up to {MAX_TOKENS} greedy tokens; diff keep {args.diff_keep:.3g}; "
+          f"the meeting read by {args.reads}\n")
     print("| recompute ratio | pairs | exact answers (all / fact / persona) | "
           "fact recall, reuse / full | top-1 agreement (mean / min) |")
     print("|---:|---:|---:|---:|---:|")

@@ -64,6 +64,18 @@ def test_full_recompute_answers_exactly_as_full_prefill(tiny_engine) -> None:
     assert row["full"] == tokenizer.decode(tokens[:ends[0] + 1] if ends else tokens).strip()
 
 
+def test_the_meeting_read_as_one_run_recomputes_its_first_message_only(tiny_engine) -> None:
+    """Read as a run, the reader recomputes the first half of the meeting's first message
+    alone: with no recompute the two reads are the same KV, with some they differ."""
+    model, tokenizer = tiny_engine.executor.model, tiny_engine.tokenizer
+    rounds = make_rounds(seed=2, count=1, agents=3)
+    by_message = measure(model, tokenizer, rounds, ratios=(0.0, 0.5), diff_keep=1.0)
+    as_run = measure(model, tokenizer, rounds, ratios=(0.0, 0.5), diff_keep=1.0, run=True)
+    assert by_message["answers"]["0.0"] == as_run["answers"]["0.0"]
+    assert [r["agreement"] for r in by_message["answers"]["0.5"]] != [
+        r["agreement"] for r in as_run["answers"]["0.5"]]
+
+
 def test_the_command_prints_a_table_and_writes_json(tiny_checkpoint_dir, tmp_path,
                                                      capsys) -> None:
     out = tmp_path / "answers.json"
