@@ -33,6 +33,13 @@ device runs each kernel as soon as it is launched, so a step's forward takes the
 launches and its kernels. Which host costs apply is the engine's, not the device's
 (engine_profiles.py); all are 0 but the overhead in the `vllm-class` profile.
 
+Outside the forward, the diff encode of reused segments works on whole KV rows (every layer, K
+and V: kv_bytes_per_token each): it compares a reader's recomputed rows with the master's, and
+a compaction moves rows (runtime/sim/executor.py says which call does what). Both are gathers
+over the pool, as attention's KV reads are, so `rows_time` prices them at the KV bandwidth:
+
+    rows time = (rows read + rows written) * kv_bytes_per_token / KV bandwidth
+
 Left out, being small next to the terms above at these shapes: activations' memory traffic,
 the embedding rows read, norms and RoPE, and attention's repeated KV reads inside a long
 prefill (a prefill that long is compute-bound anyway). The terms are exposed (`StepWork`) so a
@@ -131,6 +138,11 @@ class CostModel:
         """Seconds for one step of these parts; 0 for an empty step (nothing runs)."""
         parts = list(parts)
         return self.time_of(self.work(parts)) if parts else 0.0
+
+    def rows_time(self, rows_read: int, rows_written: int = 0) -> float:
+        """Seconds to read and write whole KV rows within the pool (the diff encode's)."""
+        return (rows_read + rows_written) * self.kv_bytes_per_token / (
+            self.device.effective_kv_bandwidth)
 
     def transfer_time(self, num_bytes: int) -> float:
         """Seconds to copy `num_bytes` one way over the host link (offload or upload)."""
