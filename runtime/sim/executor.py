@@ -77,6 +77,36 @@ def step_parts(chunks: Iterable[Chunk]) -> list[StepPart]:
     ]
 
 
+def kv_rows_read(chunks: Sequence[Chunk]) -> int | None:
+    """The KV rows a step reads on kvrt's torch path (kernels/paged_attention.py): when any
+    sequence in the batch reads spliced rows, the decodes (one new token each) read a block
+    that two of them read, or one at a non-zero shift, once for all (a whole block: the call
+    over it gathers every row); each sequence reads its other rows, and a prefill chunk its
+    whole context. None when no table has spliced rows (every context is read, as priced by
+    default)."""
+    if all(c.seq.table.shifts is None for c in chunks):
+        return None
+    rows, blocks, shifts, readers = 0, [], [], []
+    for index, chunk in enumerate(chunks):
+        if chunk.num_tokens > 1:
+            rows += chunk.end
+            continue
+        table = chunk.seq.table
+        blocks.append(table.slots[:chunk.end] // table.block_size)
+        shifts.append(torch.zeros(chunk.end, dtype=torch.int64) if table.shifts is None
+                      else table.shifts[:chunk.end].long())
+        readers.append(torch.full((chunk.end,), index, dtype=torch.int64))
+    if not blocks:
+        return rows
+    block = torch.cat(blocks)
+    pairs = torch.unique(torch.stack([block, torch.cat(shifts), torch.cat(readers)], 1), dim=0)
+    ids, count = torch.unique(pairs[:, 0], return_counts=True)
+    shifted = torch.unique(pairs[pairs[:, 1] != 0, 0])
+    shared = ids[(count > 1) | torch.isin(ids, shifted)]
+    private = int((~torch.isin(block, shared)).sum())
+    return rows + private + shared.numel() * chunks[0].seq.table.block_size
+
+
 class SimExecutor:
     def __init__(
         self,
@@ -106,7 +136,8 @@ class SimExecutor:
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Float32 logits [chunks that want them, logit_width], in chunk order."""
         parts = step_parts(chunks)
-        seconds = self.cost_model.step_time(parts)
+        read = kv_rows_read(chunks) if self.cost_model.device.shared_reads_once else None
+        seconds = self.cost_model.step_time(parts, read)
         if self.clock is not None:
             self.clock.advance(seconds)
         self.last_step_seconds = seconds
