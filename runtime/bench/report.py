@@ -137,11 +137,14 @@ def _ratio(value: Any, base: Any) -> str:
 
 def comparison_markdown(comparison: dict[str, Any]) -> str:
     lines = [f"## Against `{comparison['against']}` ({comparison['bench_machine']})", "",
-             "| policy | metric | bench (s) | sim (s) | error |", "|---|---|---:|---:|---:|"]
+             "| policy | metric | bench | sim | error |", "|---|---|---:|---:|---:|"]
+    figures = {key: (header, scale, fmt) for key, header, scale, fmt in _COLUMNS}
+    figures.setdefault("shared_kv_bytes_per_agent", ("shared KV/agent (MiB)", 2**-20, "{:.2f}"))
     for policy, row in comparison["policies"].items():
         for key, m in row.items():
-            lines.append(f"| {policy} | {key} | {m['bench']:.2f} | {m['sim']:.2f} | "
-                         f"{m['error']:+.1%} |")
+            header, scale, fmt = figures.get(key, (key, 1, "{:.2f}"))
+            lines.append(f"| {policy} | {header} | {_cell(m['bench'], scale, fmt)} | "
+                         f"{_cell(m['sim'], scale, fmt)} | {m['error']:+.1%} |")
     verdict = "within" if comparison["within_tolerance"] else "NOT within"
     lines += ["", f"Largest error {comparison['max_abs_error']:.1%}: {verdict} "
               f"{comparison['tolerance']:.0%}.", ""]

@@ -38,7 +38,7 @@ from kvrt.runtime.sim.cost_model import CostModel, StepPart
 from kvrt.runtime.sim.hardware import CPU_CALIBRATED, Device
 from kvrt.runtime.sim.measure import DEFAULT_GRID, Sample, measure
 
-FORMAT = 2  # 2: two phases, per-sequence and serving costs
+FORMAT = 3  # 2: two phases, per-sequence and serving costs; 3: the torch path's shared reads
 
 
 class CalibrationError(RuntimeError):
@@ -88,6 +88,7 @@ def fit(
         sequence_overhead=per_sequence,
         host_link_latency=0.0,
         dtype_bytes=dtype_bytes,
+        shared_reads_once=True,  # the CPU engine's attention is the torch path
     )
     return _scored(device, shape, samples)
 

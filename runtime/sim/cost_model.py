@@ -10,7 +10,8 @@ sample, and for each sequence n new tokens ending at context c:
     weight bytes      layer_params (+ the LM head when S > 0), once  linear
     attention FLOPs   4 * layers * heads * head_dim * keys           attention
                       keys = n*c - n*(n-1)/2 (causal: new token i sees c - n + i + 1)
-    KV read bytes     sum of c * kv_bytes_per_token                  attention
+    KV read bytes     sum of c * kv_bytes_per_token (or the rows     attention
+                      the step reads, when given: see below)
     KV write bytes    T * kv_bytes_per_token                         attention
 
     step time = overhead + per-sequence cost * S + per-slot-token cost * C     (the host)
@@ -32,6 +33,18 @@ token), which a serving CPU pays and a GPU engine overlaps with the device. Kern
 device runs each kernel as soon as it is launched, so a step's forward takes the longer of its
 launches and its kernels. Which host costs apply is the engine's, not the device's
 (engine_profiles.py); all are 0 but the overhead in the `vllm-class` profile.
+
+An engine whose decode reads a block shared by several sequences once for all of them
+(`Device.shared_reads_once`: kvrt's torch path, when the batch reads spliced rows) reads fewer
+rows than the contexts add up to; its executor counts them (executor.py) and passes
+`kv_rows_read`. The attention FLOPs stay: every query still sees every key of its context.
+
+Outside the forward, the diff encode of reused segments works on whole KV rows (every layer, K
+and V: kv_bytes_per_token each): it compares a reader's recomputed rows with the master's, and
+a compaction moves rows (runtime/sim/executor.py says which call does what). Both are gathers
+over the pool, as attention's KV reads are, so `rows_time` prices them at the KV bandwidth:
+
+    rows time = (rows read + rows written) * kv_bytes_per_token / KV bandwidth
 
 Left out, being small next to the terms above at these shapes: activations' memory traffic,
 the embedding rows read, norms and RoPE, and attention's repeated KV reads inside a long
@@ -92,7 +105,9 @@ class CostModel:
         self.head_weight_bytes = self.head_params * dtype_bytes
         self.attention_flops_per_key = 4 * shape.num_layers * shape.num_heads * shape.head_dim
 
-    def work(self, parts: Iterable[tuple]) -> StepWork:
+    def work(self, parts: Iterable[tuple], kv_rows_read: int | None = None) -> StepWork:
+        """`kv_rows_read`: the KV rows the step's attention reads (default: every part's
+        context)."""
         tokens = sampling = keys = context = 0
         for part in parts:
             new, ctx, samples = StepPart(*part)
@@ -108,7 +123,8 @@ class CostModel:
             weight_bytes=float(
                 self.layer_weight_bytes + (self.head_weight_bytes if sampling else 0)
             ),
-            kv_read_bytes=float(self.kv_bytes_per_token * context),
+            kv_read_bytes=float(self.kv_bytes_per_token
+                                * (context if kv_rows_read is None else kv_rows_read)),
             kv_write_bytes=float(self.kv_bytes_per_token * tokens),
             sequences=sampling,
             context_tokens=context,
@@ -127,10 +143,15 @@ class CostModel:
                 + d.slot_token_overhead * work.context_tokens + linear + attention
                 + max(0.0, launches - (linear + attention)))
 
-    def step_time(self, parts: Iterable[tuple]) -> float:
+    def step_time(self, parts: Iterable[tuple], kv_rows_read: int | None = None) -> float:
         """Seconds for one step of these parts; 0 for an empty step (nothing runs)."""
         parts = list(parts)
-        return self.time_of(self.work(parts)) if parts else 0.0
+        return self.time_of(self.work(parts, kv_rows_read)) if parts else 0.0
+
+    def rows_time(self, rows_read: int, rows_written: int = 0) -> float:
+        """Seconds to read and write whole KV rows within the pool (the diff encode's)."""
+        return (rows_read + rows_written) * self.kv_bytes_per_token / (
+            self.device.effective_kv_bandwidth)
 
     def transfer_time(self, num_bytes: int) -> float:
         """Seconds to copy `num_bytes` one way over the host link (offload or upload)."""

@@ -32,6 +32,7 @@ from kvrt.runtime.sim.executor import SimClock, SimExecutor
 from kvrt.runtime.sim.hardware import Device
 from kvrt.runtime.sim.link import SimLink
 from kvrt.runtime.sim.model_shapes import kv_bytes_per_token, weight_bytes
+from kvrt.runtime.sim.words import word_token_ids
 
 KV_RESERVE = 0.10
 MAX_BLOCKS = 1 << 20
@@ -83,9 +84,11 @@ def build_sim_engine(
     advance_clock: bool = True,
 ) -> SimEngine:
     """`config.model`, `device`, `dtype` and `kernels` are ignored: the shape and the device
-    stand for them. Simulated outputs are drawn from the tokenizer's first LOGIT_WIDTH ids, never
-    its EOS ids, so an output's length is its request's max_tokens. The Engine reads `clock`;
-    each step advances it unless `advance_clock` is False (see SimExecutor)."""
+    stand for them. Simulated outputs are drawn from the word tokens (words.py) among the
+    tokenizer's first LOGIT_WIDTH ids, never its EOS ids, so an output's length is its request's
+    max_tokens and its text, quoted, re-tokenizes to its ids. The executor is also the KV's row
+    operations, priced (see SimExecutor). The Engine reads `clock`; each step advances it unless
+    `advance_clock` is False (see SimExecutor)."""
     policy = make_policy(config.policy, config.policy_options)
     max_model_len = context_length(config, shape.max_position)
     block_bytes = sim_block_bytes(shape, device, config)
@@ -96,14 +99,14 @@ def build_sim_engine(
         cost_model,
         clock if advance_clock else None,
         tokenizer.vocab_size,
-        exclude_token_ids=tokenizer.eos_token_ids,
+        word_token_ids(tokenizer, LOGIT_WIDTH),
         seed=config.seed,
-        logit_width=LOGIT_WIDTH,
+        logit_width=min(LOGIT_WIDTH, tokenizer.vocab_size),
     )
     engine = assemble_engine(
         config, policy, executor, tokenizer,
         num_blocks=sim_kv_blocks(shape, device, config), max_model_len=max_model_len,
         host=None if link is None else HostSpec(host_blocks, link),
-        rows=None, clock=clock.now,
+        rows=executor, clock=clock.now,
     )
     return SimEngine(engine, executor, link)

@@ -20,6 +20,11 @@ Assumptions (not datasheet figures; a calibration replaces them with fitted valu
 - `kv_bandwidth_efficiency`: decode attention gathers paged KV blocks; ~70% of HBM peak.
 - `host_link_latency`: a fixed cost per host<->device copy (driver call, DMA set-up).
 
+`shared_reads_once` is the engine's attention path too: kvrt's torch path (the CPU's) reads a
+KV block that several decoding sequences read, or one reads at a shift, once for all of them in
+a step whose batch reads spliced rows (kernels/paged_attention.py, `_decode_shared`); a GPU
+kernel (kvrt's Triton path, a vLLM-class engine's) reads each sequence's context.
+
 The host costs (`step_overhead`, `sequence_overhead`, `slot_token_overhead`, `launch_overhead`,
 `layer_launch_overhead`) are the engine's, not the device's: `engine_profiles.py` sets them
 per engine (`--engine-profile`, their sources there). H100 and A100 carry the `vllm-class`
@@ -52,6 +57,7 @@ class Device:
     slot_token_overhead: float = 0.0  # seconds per token of the slot tables built in a step
     launch_overhead: float = 0.0  # seconds of kernel launches per step outside the layers
     layer_launch_overhead: float = 0.0  # seconds of kernel launches per layer per step
+    shared_reads_once: bool = False  # decode reads a shared block once a step (the torch path)
 
     def __post_init__(self) -> None:
         positive = ("peak_flops", "memory_bandwidth", "memory_bytes", "host_link_bandwidth")

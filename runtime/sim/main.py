@@ -11,8 +11,10 @@ Text is tokenized with the default model's tokenizer (`--tokenizer`), whatever t
 measured on this machine, and takes no profile.
 
 `--compare RESULTS` replays the workload, parameters and engine settings of a `kvrt bench`
-report and adds, per policy, how far the simulated completion times are from the measured
-ones: with `--device cpu-calibrated` that is the check of the cost model against this machine.
+report and adds, per policy, how far the simulated figures are from the measured ones: the
+completion times (the cost model) and the reuse figures, prefill tokens and the shared KV per
+agent (the engine's reuse as simulated: masters, readers' diffs). With `--device
+cpu-calibrated` that is the check of the simulation against this machine.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ GPU_SHAPE, CPU_SHAPE = "qwen2.5-7b", "smollm2-135m"  # the default shapes (the C
 # The engine settings of a vLLM-class server on one GPU: 256 sequences, 8k-token steps.
 GPU_MAX_NUM_SEQS, GPU_MAX_NUM_BATCHED_TOKENS = 256, 8192
 GPU_HOST_GIB = 128  # pinned host memory per GPU: a 8-GPU server's 1-2 TB of DRAM, shared
-COMPARED = ("jct_mean_s", "jct_p95_s")  # what --compare checks
+# What --compare checks: completion times, and the reuse figures (the shared KV only where the
+# workload marks segments).
+COMPARED = ("jct_mean_s", "jct_p95_s", "prefill_tokens", "shared_kv_bytes_per_agent")
 TOLERANCE = 0.15  # the issue's bar for cpu-calibrated against the CPU benchmark
 
 
@@ -82,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint whose tokenizer reads the text (default: SmolLM2)")
     p.add_argument("--compare", default=None, metavar="RESULTS",
                    help="a `kvrt bench` results.json: replay its workload and engine settings "
-                        "and report how close the simulated completion times come")
+                        "and report how close the simulated completion times, prefill tokens "
+                        "and shared KV per agent come")
 
 
 def engine_config(args: argparse.Namespace, bench: dict[str, Any] | None) -> EngineConfig:
@@ -137,14 +142,18 @@ def engine_profile(args: argparse.Namespace, device: Device) -> tuple[Device, di
 
 
 def comparison(bench: dict[str, Any], sim: dict[str, Any], source: str) -> dict[str, Any]:
-    """Per policy run in both, each compared metric: measured, simulated, relative error."""
+    """Per policy run in both, each compared metric both report (a figure that is 0 in the
+    bench, e.g. prefill served wholly from cache, has no relative error and is left out):
+    measured, simulated, relative error."""
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for policy, simulated in sim["policies"].items():
         measured = bench["policies"].get(policy)
         if measured is None:
             continue
         rows[policy] = {key: {"bench": measured[key], "sim": simulated[key],
-                              "error": simulated[key] / measured[key] - 1} for key in COMPARED}
+                              "error": simulated[key] / measured[key] - 1}
+                        for key in COMPARED
+                        if measured.get(key) and simulated.get(key) is not None}
     errors = [abs(m["error"]) for row in rows.values() for m in row.values()]
     return {"against": source, "bench_machine": bench["machine"]["description"],
             "policies": rows, "max_abs_error": max(errors, default=float("nan")),

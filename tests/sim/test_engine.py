@@ -132,7 +132,7 @@ def chunk(seq: Sequence, count: int) -> Chunk:
 def test_sim_executor_logits():
     model = CostModel(LLAMA31_8B, H100)
     clock = SimClock(5.0)
-    executor = SimExecutor(model, clock, vocab_size=50, exclude_token_ids=range(40))
+    executor = SimExecutor(model, clock, vocab_size=50, choices=range(40, 50))
     seqs = []
     for i, prompt in enumerate(([1, 2, 3], [1, 2, 3], [4, 5, 6, 7])):
         seq = Sequence(
@@ -154,6 +154,7 @@ def test_sim_executor_logits():
     )
     with pytest.raises(ValueError):
         clock.advance(-1.0)
-    narrow = SimExecutor(model, SimClock(), vocab_size=150_000, logit_width=64)
-    assert narrow.vocab_size == 150_000
+    narrow = SimExecutor(model, SimClock(), vocab_size=150_000, choices=[3, 7], logit_width=64)
     assert narrow.run(chunks).shape == (2, 64)
+    with pytest.raises(ValueError):
+        SimExecutor(model, SimClock(), vocab_size=150_000, choices=[3, 64], logit_width=64)

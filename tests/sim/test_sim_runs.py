@@ -142,12 +142,17 @@ def test_kvrt_sim_writes_the_bench_report_and_compares_with_a_bench(tiny, tmp_pa
     assert sim["params"] == bench["params"]  # the bench's workload, replayed
     assert sim["engine"]["max_num_seqs"] == bench["engine"]["max_num_seqs"] == 32  # its engine
     assert sim["engine"]["kv_cache_memory"] == 1024**3
-    compared = sim["comparison"]["policies"]["lru"]["jct_mean_s"]
-    measured = bench["policies"]["lru"]["jct_mean_s"]
-    simulated = sim["policies"]["lru"]["jct_mean_s"]
-    assert (compared["bench"], compared["sim"]) == (measured, simulated)
-    assert compared["error"] == pytest.approx(simulated / measured - 1)
-    assert "| lru | jct_mean_s |" in (sim_out / "results.md").read_text()
+    # Completion times and the reuse figures, each measured, simulated and its error.
+    compared = sim["comparison"]["policies"]["lru"]
+    assert set(compared) == {"jct_mean_s", "jct_p95_s", "prefill_tokens",
+                             "shared_kv_bytes_per_agent"}
+    for key, figure in compared.items():
+        measured, simulated = bench["policies"]["lru"][key], sim["policies"]["lru"][key]
+        assert (figure["bench"], figure["sim"]) == (measured, simulated)
+        assert figure["error"] == pytest.approx(simulated / measured - 1)
+    report = (sim_out / "results.md").read_text()
+    for header in ("JCT mean (s)", "prefill tokens", "shared KV/agent (MiB)"):
+        assert f"| lru | {header} |" in report
     assert (sim_out / "summary.png").is_file() and (sim_out / "kv_timeline.png").is_file()
 
 
