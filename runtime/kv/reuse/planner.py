@@ -108,8 +108,8 @@ class _Run:
 
 class ReusePlanner:
     def __init__(self, kv: KVManager, config: ReuseConfig, rows: KVRows | None = None) -> None:
-        """`rows`: the KV tensor's, to measure how much a reader's rows changed (None in a
-        simulation: no KV to compare; see `_share_unchanged`)."""
+        """`rows`: the KV tensor's (or the simulation's stand-in), to measure how much a
+        reader's rows changed (None: nothing to compare; see `_share_unchanged`)."""
         self.kv, self.config = kv, config
         self.rows = rows
         self._segments: dict[Reader, list[_Segment]] = {}  # segments, then runs' wholes
@@ -304,7 +304,7 @@ class ReusePlanner:
             own = table.slots[start:splice.start]
             if self.rows is not None:
                 change = self.rows.change(own, head, splice.shift)
-            else:  # a simulation: no KV to compare, keep the first rows
+            else:  # no KV to compare (a planner built without one): keep the first rows
                 change = -torch.arange(head.numel(), dtype=torch.float32)
             # A row in a keyed block stays: the block is another prompt's prefix now.
             keyed = torch.tensor([self.kv.is_keyed(b) for b in (own // block_size).tolist()])
