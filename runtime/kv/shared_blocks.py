@@ -104,15 +104,21 @@ def _within(spans: list[tuple[int, int]], length: int) -> torch.Tensor:
 
 
 class SharedTextMeter:
-    """Samples of `shared_text_blocks`, summed: the mean over sampled moments and the agents
-    holding shared text at each of the blocks one of them holds (a ratio of sums, so a moment
-    with many live agents weighs more than one with a master computing alone). Samples taken
-    while no step ran in between (a step is slower than the sampling period) repeat the last
-    one's figure at no cost: they weigh that moment by its length all the same."""
+    """Samples of `shared_text_blocks`, reported where the most agents held shared text at
+    once: the mean, over the samples with that many agents, of the blocks they held per agent.
+
+    Why there, not averaged over the whole run: a master's blocks are in use as long as any of
+    its readers is, so a time average divides them by the readers still live, fewer and fewer
+    as they finish (a round's outputs differ in length) and one while the master computes
+    alone before its readers are admitted; it would measure how the round's calls end, not
+    what sharing costs. With every agent of a round resident, the figure is what the pool
+    holds per agent: the masters over all their readers, plus each one's own rows, the
+    quantity that decides how many agents fit. Samples taken while no step ran in between (a
+    step is slower than the sampling period) repeat the last one's figure at no cost."""
 
     def __init__(self) -> None:
-        self.blocks = 0.0  # summed over samples and agents
-        self.agent_samples = 0
+        self.agents = 0  # the most agents a sample saw holding shared text
+        self._per_agent: list[float] = []  # each such sample's blocks per agent
         self._last: tuple[list[tuple[int, int, int]], dict[object, float]] = ([], {})
 
     def sample(self, holders: Sequence[Holder], block_size: int) -> None:
@@ -120,9 +126,12 @@ class SharedTextMeter:
         if state != self._last[0]:
             self._last = (state, shared_text_blocks(holders, block_size))
         per_agent = self._last[1]
-        self.blocks += sum(per_agent.values())
-        self.agent_samples += len(per_agent)
+        if not per_agent or len(per_agent) < self.agents:
+            return
+        if len(per_agent) > self.agents:
+            self.agents, self._per_agent = len(per_agent), []
+        self._per_agent.append(sum(per_agent.values()) / len(per_agent))
 
     def per_agent(self) -> float | None:
         """None until a sample saw an agent holding shared text."""
-        return self.blocks / self.agent_samples if self.agent_samples else None
+        return sum(self._per_agent) / len(self._per_agent) if self._per_agent else None

@@ -23,6 +23,7 @@ import math
 import pytest
 
 from kvrt.runtime.engine.protocol import Attribution, GenerateRequest
+from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.shared_blocks import SharedTextMeter, shared_text_blocks
 from kvrt.runtime.model.tiny import init_tiny
 from tests.engine.helpers import greedy, make_engine, run
@@ -137,3 +138,24 @@ def test_unattributed_calls_are_agents_of_their_own_and_the_meter_waits_for_a_sa
     assert meter.per_agent() == pytest.approx(3.0)
     assert list(shared_text_blocks([seq], BLOCK)) == [seq]
     finish(engine)
+
+
+def test_the_meter_reports_the_moment_the_most_agents_shared(monkeypatch):
+    """A master alone (its 3 blocks), then it and 3 readers (a round resident: 1.2 each), then
+    the readers that outlive it (the master's blocks over fewer and fewer): the figure is the
+    round's, not an average that the order the calls end in would set."""
+    import kvrt.runtime.kv.shared_blocks as shared_blocks
+
+    moments = iter([{"m": 3.0}, {"m": 1.5, "a": 1.0, "b": 1.1, "c": 1.2},
+                    {"m": 1.5, "a": 1.0, "b": 1.1, "c": 1.4}, {"a": 2.0, "b": 2.1}, {"c": 4.0}])
+    monkeypatch.setattr(shared_blocks, "shared_text_blocks", lambda holders, size: next(moments))
+    meter = SharedTextMeter()
+
+    class Holder:  # a call that computed one more position at every sample
+        def __init__(self, step):
+            self.num_computed, self.table = step, BlockTable(BLOCK)
+
+    for step in range(5):
+        meter.sample([Holder(step)], BLOCK)
+    assert meter.agents == 4
+    assert meter.per_agent() == pytest.approx((4.8 / 4 + 5.0 / 4) / 2)
