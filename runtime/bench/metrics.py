@@ -58,7 +58,9 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
     first_tokens: dict[str, float] = {}
     for c in calls:
         first_tokens[c.job] = max(first_tokens.get(c.job, c.first_token), c.first_token)
-    job_prefill = [first_tokens[j.name] - j.started for j in run.jobs if j.name in first_tokens]
+    prefill_by_job = {j.name: first_tokens[j.name] - j.started for j in run.jobs
+                      if j.name in first_tokens}
+    job_prefill = list(prefill_by_job.values())
     ttft = [(c.first_token - c.submitted) * 1e3 for c in calls]
     tpot = [(c.finished - c.first_token) * 1e3 / (c.completion_tokens - 1)
             for c in calls if c.completion_tokens > 1]
@@ -71,6 +73,7 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "jct_mean_s": statistics.fmean(jct) if jct else float("nan"),
         "jct_p95_s": percentile(jct, 95),
         "job_prefill_mean_s": statistics.fmean(job_prefill) if job_prefill else float("nan"),
+        "job_prefill_s": prefill_by_job,  # each job's (a round's), by name
         "ttft_p50_ms": percentile(ttft, 50),
         "ttft_p99_ms": percentile(ttft, 99),
         "tpot_ms": percentile(tpot, 50),

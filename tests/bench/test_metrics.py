@@ -6,8 +6,10 @@ import math
 
 import pytest
 
-from kvrt.runtime.bench.metrics import ideal, percentile, upload_landing
+from kvrt.runtime.bench.metrics import ideal, percentile, summarize, upload_landing
 from kvrt.runtime.bench.report import landing_markdown
+from kvrt.runtime.bench.runner import PolicyRun
+from kvrt.runtime.bench.session import CallRecord, JobRecord
 from kvrt.runtime.engine.landing import LandingSample
 
 
@@ -111,3 +113,14 @@ def test_the_report_shows_shared_kv_in_blocks_beside_tokens_and_the_kv_peak() ->
     kvrt = [cell.strip() for cell in rows[1].split("|")]
     assert (kvrt[peak], kvrt[blocks], kvrt[tokens]) == ("30.0", "1.50", "0.25")
     assert "shared KV" not in _report(lru={"kv_peak_bytes": mib})  # no segments: no columns
+
+
+def test_each_jobs_prefill_runs_from_its_start_to_its_last_calls_first_token() -> None:
+    calls = [CallRecord("round 1", "a", 0.0, 2.0, 5.0, 10, 0, 4),
+             CallRecord("round 1", "b", 0.0, 3.5, 6.0, 10, 0, 4),
+             CallRecord("round 2", "a", 6.0, 7.0, 9.0, 20, 10, 4)]
+    run = PolicyRun("lru", 64, calls, [JobRecord("round 1", 0.0, 6.0),
+                                       JobRecord("round 2", 6.0, 9.0)], [], [], 0, 9.0)
+    row = summarize(run)
+    assert row["job_prefill_s"] == {"round 1": 3.5, "round 2": 1.0}
+    assert row["job_prefill_mean_s"] == pytest.approx(2.25)
