@@ -136,6 +136,7 @@ def _decode_batch(
     # (0.75 vs 5.2 ms for 16 x 320 positions, 9/3 heads, one thread); no slower in float32.
     q_rows = q[row_index].view(len(rows), num_kv_heads, -1, head_dim)
     if shifts is not None and _FLASH_CPU is not None and q.device.type == "cpu":
+        assert kv_shifts is not None and inv_freq is not None
         split = _shared_split(kv_slots, kv_lens, kv_shifts, plan, kv_pool.shape[3])
         attn = _decode_shared(q_rows, kv_pool, layer, split, inv_freq, scale)
     else:
@@ -311,6 +312,7 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> tuple
     """Attention of q [N, kv_heads, M, D] over k, v [N, W, kv_heads, D] where `keep`
     (broadcast to [N, 1, M, W]) allows: the output in float32 and each query's log-sum-exp
     [N, kv_heads, M], -inf for a query that keeps no key."""
+    assert _FLASH_CPU is not None, "the caller checks it"
     bias = torch.where(keep, 0.0, float("-inf")).to(q.dtype)
     out, lse = _FLASH_CPU(q, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias,
                           scale=scale)

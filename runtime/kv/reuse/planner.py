@@ -165,7 +165,7 @@ class ReusePlanner:
         itself."""
         if not self.enabled:
             return []
-        splices, heads, covered = [], {}, set()
+        splices, heads, covered = [], {}, set[_Segment]()
         collective = self.config.mode == "collective"
         for segment in self._of(seq):
             # Its prefix reaches into it (a master preempted, admitted again): it computes the
