@@ -196,6 +196,38 @@ def _shared_split(kv_slots: Tensor, kv_lens: Tensor, kv_shifts: Tensor, plan: _P
     return split
 
 
+@dataclass(slots=True)
+class DecodeReads:
+    """Who reads which block in a decode step (`decode_reads`)."""
+
+    pairs: Tensor  # [P, 3] each distinct reader of a block: (block, shift, sequence), sorted
+    pair_of: Tensor  # [N] the pair of each position read
+    blocks: Tensor  # [K] the distinct blocks read, ascending
+    block_of_pair: Tensor  # [P] the index into `blocks` of each pair's block
+    readers: Tensor  # [K] each block's pairs
+    shared_block: Tensor  # [K] bool: read by two pairs, or by one at a non-zero shift
+
+    @property
+    def shared(self) -> Tensor:
+        """[N] bool: the position lies in a shared block."""
+        return self.shared_block[self.block_of_pair[self.pair_of]]
+
+
+def decode_reads(block: Tensor, shift: Tensor, seq: Tensor) -> DecodeReads:
+    """The rule `_decode_shared` reads by, for the positions a decode step reads (the block,
+    shift and sequence of each): a reader of a block is a (block, shift, sequence); a block
+    that two read, or one at a non-zero shift, is read once for all of them, whole. kvrt sim
+    prices the torch path's reads by it (runtime/sim/executor.py)."""
+    pairs, pair_of = torch.unique(torch.stack([block, shift, seq], 1), dim=0,
+                                  return_inverse=True)
+    blocks, block_of_pair, readers = torch.unique_consecutive(
+        pairs[:, 0], return_inverse=True, return_counts=True)
+    shifted = torch.zeros(blocks.numel(), dtype=torch.long, device=block.device).index_add_(
+        0, block_of_pair, (pairs[:, 1] != 0).long())
+    return DecodeReads(pairs, pair_of, blocks, block_of_pair, readers,
+                       (readers > 1) | (shifted > 0))
+
+
 def _split_shared(kv_slots: Tensor, kv_lens: Tensor, kv_shifts: Tensor, plan: _Plan,
                   block_size: int) -> _SharedSplit:
     """`_SharedSplit` of the decode rows: host work once per step, shared by every layer."""
@@ -209,16 +241,10 @@ def _split_shared(kv_slots: Tensor, kv_lens: Tensor, kv_shifts: Tensor, plan: _P
     slot = slots[seq, column]
     shift = kv_shifts[seqs, :width][seq, column].long()
     block, row = slot // block_size, slot % block_size
-    # A reader of a block: one (block, shift, sequence); a block is shared when it has two, or
-    # one at a non-zero shift.
-    pairs, pair_of = torch.unique(torch.stack([block, shift, seq], 1), dim=0,
-                                  return_inverse=True)
-    blocks, block_of_pair, readers = torch.unique_consecutive(
-        pairs[:, 0], return_inverse=True, return_counts=True)
-    shifted = torch.zeros(blocks.numel(), dtype=torch.long, device=device).index_add_(
-        0, block_of_pair, (pairs[:, 1] != 0).long())
-    shared_block = (readers > 1) | (shifted > 0)
-    shared = shared_block[block_of_pair[pair_of]]
+    reads = decode_reads(block, shift, seq)
+    pairs, pair_of, blocks = reads.pairs, reads.pair_of, reads.blocks
+    block_of_pair, readers, shared_block = reads.block_of_pair, reads.readers, reads.shared_block
+    shared = reads.shared
     # Private: each sequence's own rows at shift 0, packed left.
     private = valid.clone()
     private[seq[shared], column[shared]] = False

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvrt.kernels.paged_attention import decode_reads
 from kvrt.runtime.engine.scheduler import Chunk
 from kvrt.runtime.sim.cost_model import CostModel, StepPart
 
@@ -78,11 +79,10 @@ def step_parts(chunks: Iterable[Chunk]) -> list[StepPart]:
 
 
 def kv_rows_read(chunks: Sequence[Chunk]) -> int | None:
-    """The KV rows a step reads on kvrt's torch path (kernels/paged_attention.py): when any
-    sequence in the batch reads spliced rows, the decodes (one new token each) read a block
-    that two of them read, or one at a non-zero shift, once for all (a whole block: the call
-    over it gathers every row); each sequence reads its other rows, and a prefill chunk its
-    whole context. None when no table has spliced rows (every context is read, as priced by
+    """The KV rows a step reads on kvrt's torch path: when any sequence in the batch reads
+    spliced rows, the decodes (one new token each) read the shared blocks once, whole, and
+    each its other rows (`decode_reads`, the kernel's own rule); a prefill chunk reads its whole
+    context. None when no table has spliced rows (every context is read, as priced by
     default)."""
     if all(c.seq.table.shifts is None for c in chunks):
         return None
@@ -98,13 +98,10 @@ def kv_rows_read(chunks: Sequence[Chunk]) -> int | None:
         readers.append(torch.full((chunk.end,), index, dtype=torch.int64))
     if not blocks:
         return rows
-    block = torch.cat(blocks)
-    pairs = torch.unique(torch.stack([block, torch.cat(shifts), torch.cat(readers)], 1), dim=0)
-    ids, count = torch.unique(pairs[:, 0], return_counts=True)
-    shifted = torch.unique(pairs[pairs[:, 1] != 0, 0])
-    shared = ids[(count > 1) | torch.isin(ids, shifted)]
-    private = int((~torch.isin(block, shared)).sum())
-    return rows + private + shared.numel() * chunks[0].seq.table.block_size
+    reads = decode_reads(torch.cat(blocks), torch.cat(shifts), torch.cat(readers))
+    private = int((~reads.shared).sum())
+    shared = int(reads.shared_block.sum())
+    return rows + private + shared * chunks[0].seq.table.block_size
 
 
 class SimExecutor:
