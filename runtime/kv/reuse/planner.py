@@ -44,6 +44,7 @@ manager's segment verbs; it never writes a block table itself.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -167,6 +168,8 @@ class ReusePlanner:
             return []
         splices, heads, covered = [], {}, set[_Segment]()
         collective = self.config.mode == "collective"
+        # Each segment's splice is looked up once (a run's parts for its cost, then to read).
+        splice_of = functools.cache(lambda segment: self._splice(seq, segment))
         for segment in self._of(seq):
             # Its prefix reaches into it (a master preempted, admitted again): it computes the
             # rest itself, and readers wait for it again.
@@ -175,8 +178,8 @@ class ReusePlanner:
         for run in self._runs_of(seq):
             if run.whole.start < computed:
                 continue
-            found = self._splice(seq, run.whole)
-            if found is None and not self._run_pays(seq, run):
+            found = splice_of(run.whole)
+            if found is None and not self._run_pays(run, [splice_of(p) for p in run.parts]):
                 continue
             covered.update(run.parts)
             if found is not None:
@@ -187,7 +190,7 @@ class ReusePlanner:
         for segment in self._of(seq)[:len(seq.segments)]:  # (then the runs' wholes)
             if segment.start < computed or segment in covered:
                 continue
-            found = self._splice(seq, segment)
+            found = splice_of(segment)
             if found is not None:
                 splices.append(found[0])
                 heads[found[0].start] = found[1]
@@ -196,15 +199,16 @@ class ReusePlanner:
         self._heads[seq] = heads
         return sorted(splices, key=lambda s: s.start)
 
-    def _run_pays(self, seq: Reader, run: _Run) -> bool:
+    def _run_pays(self, run: _Run, parts_found: list[tuple[Splice, torch.Tensor] | None]
+                  ) -> bool:
         """Whether computing `run` whole for its waiting readers costs less than their reading
-        it segment by segment (each reader alike: what `seq` would compute)."""
+        it segment by segment (each reader alike: one that would read `parts_found`, the run's
+        parts' splices)."""
         readers = len(self._run_readers.get(run.whole.key, ()))
         if readers < 2:
             return False
         alone = 0
-        for part in run.parts:
-            found = self._splice(seq, part)
+        for part, found in zip(run.parts, parts_found, strict=True):
             alone += len(part.token_ids) - (0 if found is None else found[0].end - found[0].start)
         head = math.ceil(self.config.recompute_ratio * run.whole.head_of)
         return readers * alone > len(run.whole.token_ids) + (readers - 1) * head
