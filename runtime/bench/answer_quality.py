@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import random
 import re
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvrt.runtime.bench.reuse_quality import pieces, segment_kv, teacher_forced
+from kvrt.runtime.bench.reuse_quality import pieces, segment_kv, teacher_forced, write_results
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.executor import ModelExecutor
 from kvrt.runtime.engine.factory import build_engine
@@ -227,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['exact_persona']:.3f} | {row['recall_reused']:.3f} / "
               f"{row['recall_full']:.3f} | {row['top1_agreement']:.3f} / "
               f"{row['min_agreement']:.3f} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     return 0
 
 

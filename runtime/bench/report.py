@@ -23,6 +23,12 @@ _COLUMNS = [  # (key, header, scale, format)
     ("offload_bytes", "offload (MiB)", 2**-20, "{:.1f}"),
     ("upload_bytes", "upload (MiB)", 2**-20, "{:.1f}"),
 ]
+# Where calls mark segments: in blocks as the pool holds them, and as the tokens stored (which
+# miss partial blocks).
+_SHARED_KV_COLUMNS = [
+    ("shared_kv_bytes_per_agent", "shared KV/agent (MiB)", 2**-20, "{:.2f}"),
+    ("shared_kv_token_bytes_per_agent", "shared KV/agent, tokens (MiB)", 2**-20, "{:.2f}"),
+]
 GAIN_BASELINE = "lru-offload"  # the write-through without the graph: what the graph adds to
 TIE = 0.03  # JCT means within this fraction of the baseline's: the policies tie
 
@@ -45,10 +51,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"Parameters: {params}.", ""]
     columns = list(_COLUMNS)
     if any("shared_kv_token_bytes_per_agent" in row for row in results["policies"].values()):
-        # In blocks as the pool holds them, and as the tokens stored (which miss partial blocks).
-        columns += [("shared_kv_bytes_per_agent", "shared KV/agent (MiB)", 2**-20, "{:.2f}"),
-                    ("shared_kv_token_bytes_per_agent", "shared KV/agent, tokens (MiB)", 2**-20,
-                     "{:.2f}")]
+        columns += _SHARED_KV_COLUMNS
     if results.get("slo_ttft_ms") is not None:
         columns.append(("max_agents_within_slo",
                         f"agents within SLO (TTFT p99 <= {results['slo_ttft_ms']:g} ms)", 1,
@@ -138,8 +141,8 @@ def _ratio(value: Any, base: Any) -> str:
 def comparison_markdown(comparison: dict[str, Any]) -> str:
     lines = [f"## Against `{comparison['against']}` ({comparison['bench_machine']})", "",
              "| policy | metric | bench | sim | error |", "|---|---|---:|---:|---:|"]
-    figures = {key: (header, scale, fmt) for key, header, scale, fmt in _COLUMNS}
-    figures.setdefault("shared_kv_bytes_per_agent", ("shared KV/agent (MiB)", 2**-20, "{:.2f}"))
+    figures = {key: (header, scale, fmt)
+               for key, header, scale, fmt in _COLUMNS + _SHARED_KV_COLUMNS}
     for policy, row in comparison["policies"].items():
         for key, m in row.items():
             header, scale, fmt = figures.get(key, (key, 1, "{:.2f}"))

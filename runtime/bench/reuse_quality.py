@@ -205,10 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     for mode, row in results["modes"].items():
         print(f"| {mode} | {row['top1_agreement']:.3f} / {row['min_agreement']:.3f} | "
               f"{row['first_token_kl']:.4f} |")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
     return 0
+
+
+def write_results(out: str | None, results: dict[str, Any]) -> None:
+    """The results as JSON at `out` (--out), if given."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -125,8 +125,8 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
 def shared_kv(stats: EngineStats, block_bytes: int, block_size: int) -> dict[str, float]:
     """The device KV a live agent holds for its segments: `shared_kv_bytes_per_agent` in
     blocks as the pool holds them (masters amortized over their readers, plus each reader's own
-    blocks, partial ones included: runtime/kv/shared_blocks.py), averaged over the sampled
-    moments; beside it `shared_kv_token_bytes_per_agent`, the segment tokens each call stores
+    blocks, partial ones included: runtime/kv/shared_blocks.py), where the most agents shared
+    at once; beside it `shared_kv_token_bytes_per_agent`, the segment tokens each call stores
     (masters + kept diffs, per call), which can show savings the pool does not see."""
     extra = {}
     if stats.segment_requests:
