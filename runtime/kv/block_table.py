@@ -12,8 +12,9 @@ positions to slots, not blocks to blocks:
                                                               goes on filling: no row is lost)
 
 Without splices, position p is own row p (block p // block_size): the prefix index can key the
-table's full blocks, and `grow` maps whole blocks ahead of need. Keying stops at the first
-spliced position (`key_limit`): past it, a block's rows are no longer one run of the prompt.
+table's full blocks, and `grow` maps whole blocks ahead of need. Keying stops where the first
+spliced segment starts (`key_limit`): past it, a block's rows are no longer one run of the
+prompt.
 """
 
 from __future__ import annotations
