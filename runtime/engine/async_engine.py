@@ -206,7 +206,7 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
             raise EngineError("the engine is not running")
         self._queue.enter(request.request_id, len(request.prompt_token_ids))
-        finished = False
+        finished, ended_choices = False, 0
         try:
             while not finished:
                 item = await stream.get()
@@ -214,7 +214,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True  # the engine delivers an error only after dropping the request
                     raise item
-                finished = item.finish_reason is not None
+                ended_choices += item.finish_reason is not None
+                finished = ended_choices == request.params.n  # each choice ends once
                 yield item
         finally:
             self._queue.leave(request.request_id, served=False)

@@ -10,6 +10,11 @@ timing the uploads it plans ahead against the tools' actual returns (runtime/eng
 A step that raises after scheduling aborts the requests of its batch and raises StepFailed
 naming them; the engine stays consistent and serves the others. `expire` aborts the requests
 past their `timeout_s`.
+
+A request of n > 1 choices is one sequence per choice. Choice 0 computes the prompt; its last
+prefill step draws every choice's first token from the prompt's logits (one row each, each
+choice with its own generator), and the other choices then fork the prompt's KV
+(BatchScheduler.fork) and decode beside it: the prompt is computed once.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import NamedTuple
 
 from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.executor import Executor
+from kvrt.runtime.engine.logprobs import token_logprobs
 from kvrt.runtime.engine.landing import UploadLandings
 from kvrt.runtime.engine.output import OutputText
 from kvrt.runtime.engine.priorities import Priorities
@@ -33,10 +39,11 @@ from kvrt.runtime.engine.protocol import (
     GenerateRequest,
     RequestRejected,
     StepFailed,
+    TokenLogprobs,
 )
 from kvrt.runtime.engine.sampler import Sampler
 from kvrt.runtime.engine.scheduler import BatchScheduler, Chunk
-from kvrt.runtime.engine.sequence import Sequence
+from kvrt.runtime.engine.sequence import Sequence, Status
 from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.kv.reuse.planner import ReusePlanner
@@ -51,6 +58,11 @@ class Emitted(NamedTuple):
     output: GenerateOutput  # the request's output increment
 
 
+class Draw(NamedTuple):
+    token_id: int
+    logprobs: TokenLogprobs | None  # when the request asks for them
+
+
 @dataclass(frozen=True, slots=True)
 class RunRelease:
     aborted: list[str]  # ids of the run's requests that were live, now aborted
@@ -59,8 +71,15 @@ class RunRelease:
 
 @dataclass(slots=True)
 class _Live:
+    """A live request: a sequence and an output text per choice. `seq` is choice 0 (its
+    arrival and attribution are every choice's); `unforked`: the choices still waiting for its
+    prompt's logits; `running`: the choices not finished."""
+
     seq: Sequence
-    text: OutputText
+    seqs: list[Sequence]
+    texts: list[OutputText]
+    unforked: list[Sequence]
+    running: int
 
 
 class Engine:
@@ -89,6 +108,7 @@ class Engine:
         self.landings = UploadLandings()  # predictive uploads: landing vs. the tool's return
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.computed_tokens = 0  # positions the forwards computed (prompts and outputs)
         self.kv_blocks_in_use_peak = 0  # at any step, once scheduled
         self.shared_text = SharedTextMeter()  # blocks held for segments, when sampled
         self._arrivals = 0
@@ -102,6 +122,8 @@ class Engine:
             raise RequestRejected("the prompt is empty")
         if max_tokens < 1:
             raise RequestRejected(f"max_tokens must be at least 1, got {max_tokens}")
+        if request.params.n < 1:
+            raise RequestRejected(f"n must be at least 1, got {request.params.n}")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})")
         total = len(prompt) + max_tokens
@@ -121,19 +143,21 @@ class Engine:
         self.validate(request)
         if request.request_id in self._live:
             raise RequestRejected(f"request id {request.request_id!r} is already live")
-        seq = Sequence(
+        arrival, n = self.clock(), request.params.n
+        seqs = [Sequence(
             request=request,
             table=BlockTable(self.kv.block_size, owner=_owner(request.attribution)),
-            arrival=self.clock(),
+            arrival=arrival,
             order=self._arrivals,
             token_ids=list(request.prompt_token_ids),
-            generator=self.sampler.request_generator(request.params),
+            generator=self.sampler.request_generator(request.params, index),
             priorities=self.priorities,
-        )
-        text = OutputText(
-            request.params, self.tokenizer.detokenizer(), self.tokenizer.eos_token_ids
-        )
-        self._live[request.request_id] = _Live(seq, text)
+            index=index,
+        ) for index in range(n)]
+        texts = [OutputText(request.params, self.tokenizer.detokenizer(),
+                            self.tokenizer.eos_token_ids) for _ in range(n)]
+        seq = seqs[0]
+        self._live[request.request_id] = _Live(seq, seqs, texts, seqs[1:], n)
         self._arrivals += 1
         self.prompt_tokens += seq.prompt_len
         self.scheduler.add(seq)
@@ -142,7 +166,9 @@ class Engine:
         live = self._live.pop(request_id, None)
         if live is None:
             return False
-        self.scheduler.finish(live.seq)
+        for seq in live.seqs:
+            if seq.status is not Status.FINISHED and seq not in live.unforked:
+                self.scheduler.finish(seq)
         return True
 
     def expire(self) -> list[str]:
@@ -259,11 +285,11 @@ class Engine:
         self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.kv.usage().in_use)
         failed: list[tuple[Chunk, Exception]] = []
         try:
-            tokens = self._run(chunks)
+            draws = self._run(chunks)
         except Exception as error:
-            chunks, tokens, failed = self._isolate(chunks, error)
+            chunks, draws, failed = self._isolate(chunks, error)
         try:
-            emitted = self._update(chunks, tokens)
+            emitted = self._update(chunks, draws)
         except Exception as error:
             failed += [(chunk, error) for chunk in chunks]
             emitted = []
@@ -279,44 +305,84 @@ class Engine:
         return emitted
 
     def _isolate(self, chunks: list[Chunk], error: Exception
-                 ) -> tuple[list[Chunk], list[int], list[tuple[Chunk, Exception]]]:
+                 ) -> tuple[list[Chunk], list[Draw], list[tuple[Chunk, Exception]]]:
         """The batch's forward or sampling raised: each chunk runs again alone, so that one
         request's failure (its parameters, its data) fails that request only, and a passing
         fault fails none. Re-running writes the same KV to the same slots. Returns the chunks
         that ran, their tokens in order, and the failed chunks with their errors."""
         if len(chunks) == 1:
             return [], [], [(chunks[0], error)]
-        good, tokens, failed = [], [], []
+        good: list[Chunk] = []
+        draws: list[Draw] = []
+        failed: list[tuple[Chunk, Exception]] = []
         for chunk in chunks:
             try:
-                tokens += self._run([chunk])
+                draws += self._run([chunk])
                 good.append(chunk)
             except Exception as alone:
                 failed.append((chunk, alone))
-        return good, tokens, failed
+        return good, draws, failed
 
-    def _run(self, chunks: list[Chunk]) -> list[int]:
-        """One forward over the batch; a token for each chunk that wants one, in order."""
+    def _run(self, chunks: list[Chunk]) -> list[Draw]:
+        """One forward over the batch; a token for each chunk that wants one, in order (for a
+        prompt whose choices fork, one per choice: `_drawing`)."""
         logits = self.executor.run(chunks)
-        sampling = [c.seq for c in chunks if c.wants_logits]
-        return self.sampler.sample(
-            logits, [s.request.params for s in sampling], [s.generator for s in sampling]
-        )
+        sampling, rows = self._drawing(chunks)
+        if len(rows) != logits.shape[0]:
+            logits = logits[rows]
+        params = [s.request.params for s in sampling]
+        tokens = self.sampler.sample(logits, params, [s.generator for s in sampling],
+                                     [(s.token_ids, s.prompt_len) for s in sampling])
+        return [Draw(*d) for d in zip(tokens, token_logprobs(logits, tokens, params))]
 
-    def _update(self, chunks: list[Chunk], tokens: list[int]) -> list[Emitted]:
-        sampled = self.scheduler.update(chunks, tokens)
-        return [self._emit(seq) for seq in sampled]
+    def _drawing(self, chunks: list[Chunk]) -> tuple[list[Sequence], list[int]]:
+        """The sequences that draw a token from this step's logits, and the logits row each
+        reads: each chunk that wants logits, followed by the choices that fork from it."""
+        sampling: list[Sequence] = []
+        rows: list[int] = []
+        for row, seq in enumerate(c.seq for c in chunks if c.wants_logits):
+            group = [seq, *self._unforked(seq)]
+            sampling += group
+            rows += [row] * len(group)
+        return sampling, rows
 
-    def _emit(self, seq: Sequence) -> Emitted:
-        """The output increment of a sequence that got a token; ends it on a stop."""
+    def _unforked(self, seq: Sequence) -> list[Sequence]:
+        """The choices waiting for `seq`'s prompt logits: its request's others, if it is
+        choice 0 and has not drawn its first token yet."""
+        live = self._live.get(seq.request_id)
+        return live.unforked if live is not None and live.seq is seq else []
+
+    def _update(self, chunks: list[Chunk], draws: list[Draw]) -> list[Emitted]:
+        self.computed_tokens += sum(chunk.num_tokens for chunk in chunks)
+        firsts: list[Draw] = []
+        forks: list[tuple[Sequence, Sequence, Draw]] = []
+        taken = iter(draws)
+        for chunk in chunks:
+            if chunk.wants_logits:
+                firsts.append(next(taken))
+                forks += [(chunk.seq, child, next(taken)) for child in self._unforked(chunk.seq)]
+        sampled = self.scheduler.update(chunks, [draw.token_id for draw in firsts])
+        for parent, child, draw in forks:  # before any choice ends and frees the prompt
+            child.token_ids.append(draw.token_id)
+            self.scheduler.fork(parent, child)
+            self._live[parent.request_id].unforked = []
+        return ([self._emit(seq, draw.logprobs) for seq, draw in zip(sampled, firsts)]
+                + [self._emit(child, draw.logprobs) for _, child, draw in forks])
+
+    def _emit(self, seq: Sequence, logprobs: TokenLogprobs | None) -> Emitted:
+        """The output increment of a sequence that got a token; ends it on a stop (and the
+        request with its last choice)."""
         token = seq.token_ids[-1]
         live = self._live[seq.request_id]
         self.generation_tokens += 1
-        text, reason = live.text.add_token(token, seq.num_output)
+        output_text = live.texts[seq.index]
+        text, reason = output_text.add_token(token, seq.num_output)
         if reason is None and len(seq.token_ids) >= self.max_model_len:
-            text, reason = text + live.text.finish_text(), "length"
+            text, reason = text + output_text.finish_text(), "length"
         if reason is not None:
-            del self._live[seq.request_id]
+            live.running -= 1
+            if not live.running:
+                del self._live[seq.request_id]
             self.scheduler.finish(seq)
             self._carry_out(self.policy.on_finish(seq, self.kv))
         output = GenerateOutput(
@@ -326,6 +392,8 @@ class Engine:
             cached_tokens=seq.num_cached,
             completion_tokens=seq.num_output,
             finish_reason=reason,
+            index=seq.index,
+            logprobs=None if logprobs is None else [logprobs],
         )
         return Emitted(seq.request_id, output)
 
@@ -364,6 +432,7 @@ class Engine:
             segment_reused_tokens=reuse.reused_tokens,
             segment_dropped_tokens=reuse.dropped_tokens,
             shared_text_blocks_per_agent=self.shared_text.per_agent(),
+            computed_tokens=self.computed_tokens,
         )
 
     def check_integrity(self) -> None:

@@ -145,6 +145,22 @@ class BatchScheduler:
         carry_out(self.kv, self.policy.on_admit(seq, self.kv))
         return Chunk(seq, count, end)
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child`, another choice of `parent`'s request, whose first token was just drawn from
+        the logits of parent's prompt (child.token_ids: the prompt and that token), reads the
+        prompt's KV from parent's table (kv.fork) and decodes from the next step on, beside
+        it. Where it cannot (no block for the copy, or a table that splices) it waits, and its
+        admission computes what the prefix cache lacks. A child with segments always waits:
+        the reuse planner follows the sequences that compute segments themselves."""
+        child.admitted_once = True  # the request was counted once, by parent's admission
+        child.num_cached = parent.num_cached
+        if not child.segments and self.kv.fork(parent.table, child.table, parent.prompt_len):
+            child.num_computed = parent.prompt_len
+            child.status = Status.RUNNING
+            self.running.append(child)
+        else:
+            self.add(child)
+
     def preempt(self, seq: Sequence) -> None:
         """Gives the sequence's blocks back; it is recomputed later (prompt and output so far)."""
         self.running.remove(seq)

@@ -34,6 +34,7 @@ class Sequence:
     generator: torch.Generator | None = None  # per-request RNG when the request has a seed
     admitted_once: bool = False
     priorities: Priorities = field(default_factory=Priorities)  # the engine's, shared
+    index: int = 0  # which choice of its request (SamplingParams.n) it generates
 
     @property
     def request_id(self) -> str:
