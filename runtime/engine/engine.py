@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.executor import Executor
-from kvrt.runtime.engine.logprobs import token_logprobs
 from kvrt.runtime.engine.landing import UploadLandings
+from kvrt.runtime.engine.logprobs import token_logprobs
 from kvrt.runtime.engine.output import OutputText
 from kvrt.runtime.engine.priorities import Priorities
 from kvrt.runtime.engine.protocol import (
