@@ -55,13 +55,18 @@ def completion_logprobs(entries: Sequence[TokenLogprobs], names: TokenNames, off
                         ) -> tuple[CompletionLogprobs, int]:
     """The legacy shape for `entries`, whose first token starts at `offset` in the choice's
     text; returns it and the offset after the last token. The top dict holds the sampled
-    token too, as OpenAI's does (k + 1 entries when it is not among the k best)."""
+    token too, as OpenAI's does (k + 1 entries when it is not among the k best). Tokens that
+    decode to the same text (parts of one character: U+FFFD) share a key, which keeps the
+    likelier's logprob."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for entry in entries:
         name = names(entry.token_id)
         tokens.append(name)
         token_logprobs.append(entry.logprob)
-        tops.append({names(t): lp for t, lp in entry.top} | {name: entry.logprob})
+        top: dict[str, float] = {}
+        for token_id, logprob in [*entry.top, (entry.token_id, entry.logprob)]:
+            top.setdefault(names(token_id), logprob)  # two tokens one name: the likelier
+        tops.append(top)
         offsets.append(offset)
         offset += len(name)
     return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=tops,
