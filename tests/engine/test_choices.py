@@ -96,3 +96,23 @@ def test_greedy_choices_are_all_the_greedy_answer(tiny):
                 [request("a", prompt, SamplingParams(max_tokens=8, temperature=0.0,
                                                      ignore_eos=True))])["a"]
     assert list(choices.values()) == [alone.token_ids] * 3
+
+
+def test_choices_of_a_call_with_segments_wait_and_are_computed(tiny):
+    """A call with segments does not fork (the reuse planner follows each sequence that
+    computes them): its other choices wait and are admitted, reading what the prefix cache
+    holds; each is still its own seeded request."""
+    prompt, n, max_tokens, seed = _prompt(37), 3, 6, 99
+    engine = make_engine(tiny)
+    req = GenerateRequest(request_id="s", prompt_token_ids=prompt,
+                          params=_sampled(max_tokens, seed, n), segments=((4, 30),))
+    choices = _choices(engine, req)
+    stats = engine.stats()
+    # Choice 0 computes the prompt; the others its partial last block again (the two full
+    # blocks are prefix hits); then every choice its tokens but the last.
+    assert stats.computed_tokens == 37 + (n - 1) * (37 - 32) + n * (max_tokens - 1)
+    assert stats.kv_blocks_in_use == 0
+    for i in range(n):
+        alone = make_engine(tiny, prefix_caching=False)
+        expected = run(alone, [request("a", prompt, _sampled(max_tokens, seed + i))])["a"]
+        assert choices[i] == expected.token_ids, f"choice {i} differs"
