@@ -267,3 +267,26 @@ def test_fields_clients_send_by_default_are_accepted(server) -> None:
                                            "suffix": None, "best_of": 1})
     assert completion.status == 200, completion.body
     wait_released(server)
+
+
+def test_langchain_chat_openai_with_logprobs_and_choices(server) -> None:
+    """What LangChain's ChatOpenAI sends by default (stream false, n, logprobs, and its
+    stream_options when streaming) is accepted, and its results read back."""
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="tiny", max_tokens=3,
+                      logprobs=True, top_logprobs=1, n=2, temperature=0.7, seed=1,
+                      max_retries=0)
+    result = chat.generate([[HumanMessage("Hello there")]])
+    [generations] = result.generations
+    assert len(generations) == 2
+    for generation in generations:
+        content = generation.message.response_metadata["logprobs"]["content"]
+        assert 1 <= len(content) <= 3 and all(len(e["top_logprobs"]) == 1 for e in content)
+    streamed = list(ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model="tiny",
+                               max_tokens=3, stream_usage=True, max_retries=0)
+                    .stream([HumanMessage("Hello there")]))
+    assert sum(chunk.usage_metadata["output_tokens"] for chunk in streamed
+               if chunk.usage_metadata) >= 1
+    wait_released(server)
