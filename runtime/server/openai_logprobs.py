@@ -21,6 +21,14 @@ from kvrt.sdk.protocol.openai_api import (
 if TYPE_CHECKING:
     from kvrt.runtime.model.tokenizer import Tokenizer
 
+# A token the model (or a mask) rules out has logprob -inf, which JSON cannot spell: OpenAI and
+# vLLM send -9999.0 instead.
+_FLOOR = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, _FLOOR)
+
 
 class TokenNames:
     """Each token id's text, decoded once per id and kept (a request's tokens repeat)."""
@@ -40,13 +48,13 @@ class TokenNames:
 def chat_logprobs(entries: Sequence[TokenLogprobs], names: TokenNames) -> ChoiceLogprobs:
     def top(token_id: int, logprob: float) -> TopLogprob:
         name = names(token_id)
-        return TopLogprob(token=name, logprob=logprob, bytes=list(name.encode()))
+        return TopLogprob(token=name, logprob=_finite(logprob), bytes=list(name.encode()))
 
     content = []
     for entry in entries:
         name = names(entry.token_id)
         content.append(ChatTokenLogprob(
-            token=name, logprob=entry.logprob, bytes=list(name.encode()),
+            token=name, logprob=_finite(entry.logprob), bytes=list(name.encode()),
             top_logprobs=[top(t, lp) for t, lp in entry.top]))
     return ChoiceLogprobs(content=content)
 
@@ -62,10 +70,10 @@ def completion_logprobs(entries: Sequence[TokenLogprobs], names: TokenNames, off
     for entry in entries:
         name = names(entry.token_id)
         tokens.append(name)
-        token_logprobs.append(entry.logprob)
+        token_logprobs.append(_finite(entry.logprob))
         top: dict[str, float] = {}
         for token_id, logprob in [*entry.top, (entry.token_id, entry.logprob)]:
-            top.setdefault(names(token_id), logprob)  # two tokens one name: the likelier
+            top.setdefault(names(token_id), _finite(logprob))  # one name: the likelier
         tops.append(top)
         offsets.append(offset)
         offset += len(name)

@@ -116,3 +116,37 @@ def test_choices_of_a_call_with_segments_wait_and_are_computed(tiny):
         alone = make_engine(tiny, prefix_caching=False)
         expected = run(alone, [request("a", prompt, _sampled(max_tokens, seed + i))])["a"]
         assert choices[i] == expected.token_ids, f"choice {i} differs"
+
+
+def _pool(count: int) -> int:
+    """KV memory for `count` blocks of the tiny llama (sized as test_engine.py sizes them)."""
+    return count * 16 * 2 * 3 * 2 * 16 * 4
+
+
+@pytest.mark.parametrize(("blocks", "max_tokens"), [(4, 27), (8, 40)])
+def test_choices_under_a_small_pool_change_no_output(tiny, blocks, max_tokens):
+    """4 blocks: after the prompt's 3, one is left, so one choice forks and the other waits
+    (computed at its admission); 8: every choice forks, and their growth preempts. Either
+    way each choice is its own seeded request, and every block comes back."""
+    prompt, n, seed = _prompt(37), 3, 5
+    engine = make_engine(tiny, kv_cache_memory=_pool(blocks))
+    assert engine.kv.pool.num_blocks == blocks
+    choices = _choices(engine, request("p", prompt, _sampled(max_tokens, seed, n)))
+    assert engine.kv.usage().in_use == 0
+    assert engine.scheduler.preemptions > 0 or blocks == 4
+    # Something was computed twice: a waiting choice's partial block, or a preempted one.
+    assert engine.stats().computed_tokens > 37 + n * (max_tokens - 1)
+    for i in range(n):
+        alone = make_engine(tiny, prefix_caching=False)
+        expected = run(alone, [request("a", prompt, _sampled(max_tokens, seed + i))])["a"]
+        assert choices[i] == expected.token_ids, f"choice {i} differs"
+
+
+def test_abort_before_the_fork_frees_everything(tiny):
+    engine = make_engine(tiny, max_num_batched_tokens=16)
+    engine.add(request("r", _prompt(40), _sampled(5, 1, n=4)))
+    engine.step()  # the first 16 of 40 prompt tokens: no choice has forked yet
+    assert engine.kv.usage().in_use > 0 and len(engine.scheduler.running) == 1
+    assert engine.abort("r")
+    assert not engine.has_work() and engine.kv.usage().in_use == 0
+    engine.check_integrity()
