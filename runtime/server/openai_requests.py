@@ -28,6 +28,16 @@ if TYPE_CHECKING:
     from kvrt.runtime.model.tokenizer import Tokenizer
 
 
+# The most choices one request may ask for (each is a sequence of the running batch).
+MAX_CHOICES = 64
+
+
+# Fields a client may send that kvrt does not serve: a 400 naming the field, never a 200 that
+# quietly ignores what was asked (null, false or the default value asks for nothing).
+REFUSED_FIELDS = ("best_of", "echo", "suffix", "functions", "function_call", "audio",
+                  "modalities", "prediction", "web_search_options")
+
+
 class ServedModel(Protocol):
     """What checking and building a call read of the engine (an EngineClient is one)."""
 
@@ -37,7 +47,8 @@ class ServedModel(Protocol):
 
 
 def check_common(body: SamplingRequest, engine: ServedModel) -> None:
-    """Checks that do not need the prompt: the model name and unsupported options."""
+    """Checks that do not need the prompt: the model name, the number of choices, the fields
+    kvrt does not serve (REFUSED_FIELDS), logprobs and logit_bias."""
     if body.model is not None and body.model != engine.model_name:
         raise APIError(
             404,
@@ -55,10 +66,6 @@ def check_common(body: SamplingRequest, engine: ServedModel) -> None:
             and not body.logprobs):
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
     _logit_bias(body, engine.tokenizer.vocab_size)
-
-
-# The most choices one request may ask for (each is a sequence of the running batch).
-MAX_CHOICES = 64
 
 
 def _refused_value(body: SamplingRequest, name: str) -> str | None:
@@ -81,13 +88,8 @@ def _refused_value(body: SamplingRequest, name: str) -> str | None:
     raise AssertionError(name)
 
 
-# Fields a client may send that kvrt does not serve: a 400 naming the field, never a 200 that
-# quietly ignores what was asked (null, false or the default value asks for nothing).
-REFUSED_FIELDS = ("best_of", "echo", "suffix", "functions", "function_call", "audio",
-                  "modalities", "prediction", "web_search_options")
-
-
 def check_refused(body: SamplingRequest) -> None:
+    """A 400 naming the first field of REFUSED_FIELDS whose value asks for something."""
     for name in REFUSED_FIELDS:
         why = _refused_value(body, name)
         if why is not None:
