@@ -151,7 +151,9 @@ class BatchScheduler:
         prompt's KV from parent's table (kv.fork) and decodes from the next step on, beside
         it. Where it cannot (no block for the copy, or a table that splices) it waits, and its
         admission computes what the prefix cache lacks. A child with segments always waits:
-        the reuse planner follows the sequences that compute segments themselves."""
+        the reuse planner follows the sequences that compute segments themselves. A fork
+        joins the running batch even past max_num_seqs (which then admits nobody new until
+        it is below again): its prompt's KV is held now, and waiting would waste it."""
         child.admitted_once = True  # the request was counted once, by parent's admission
         child.num_cached = parent.num_cached
         if not child.segments and self.kv.fork(parent.table, child.table, parent.prompt_len):
