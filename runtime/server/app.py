@@ -52,7 +52,7 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app[app_keys.ENGINE] = engine
     app[PRIORITY_SYNC] = PrioritySync(engine)
     app[PROMPT_WORKERS] = PromptWorkers(engine)
-    app[app_keys.METRICS] = ServerMetrics()
+    app[app_keys.METRICS] = ServerMetrics(engine.model_name)
     app[app_keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
     app[app_keys.STARTED_AT] = int(time.time())
     app[app_keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
