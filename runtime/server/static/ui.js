@@ -33,7 +33,7 @@ function stateBadge(agent) {
 }
 
 function kvCell(kv, scale) {
-  const width = (n) => Math.max(n ? 2 : 0, Math.round(120 * n / scale)) + "px";
+  const width = (n) => Math.max(n ? 2 : 0, Math.round(90 * n / scale)) + "px";
   const bar = el("span", { class: "kv" });
   const own = kv.device_blocks - kv.shared_blocks;
   for (const [n, color, what] of [[own, "var(--dev)", "device"],
@@ -62,7 +62,7 @@ function runCard(run, graphName, tenant) {
     ` · ${run.event_count} events · critical path left ${run.critical_path_seconds.toFixed(1)} s` +
     (run.critical_path.length ? ": " + run.critical_path.join(" → ") : "")));
   const table = el("table", {}, el("thead", {}, el("tr", {},
-    ...["agent", "state", "priority", "KV blocks", "policy at tool call"].map((h) =>
+    ...["agent", "state", "priority", "KV blocks", "policy"].map((h) =>
       el("th", {}, h)))), el("tbody", {}, ...rows));
   return el("div", { class: "run", "data-run": run.id }, head, table);
 }
@@ -85,6 +85,12 @@ function layers(graph) {
     }
     if (!moved) break;
   }
+  // A loop's member reached only from inside its loop goes after the member that leads to it.
+  const fed = new Set(dag.map((e) => e.to));
+  for (const e of graph.edges.filter((e) => e.in_loop && e.from !== e.to && !fed.has(e.to))) {
+    layer[e.to] = Math.max(layer[e.to], layer[e.from] + 1);
+    fed.add(e.to);
+  }
   return layer;
 }
 
@@ -97,7 +103,7 @@ function graphDrawing(graph) {
   for (const [l, names] of Object.entries(rows)) {
     names.forEach((n, i) => { pos[n] = { x: 10 + l * (W + GX), y: 10 + i * (H + GY) }; });
   }
-  const width = 20 + depth * W + (depth - 1) * GX, tall = 20 + height * H + (height - 1) * GY;
+  const width = 20 + depth * W + (depth - 1) * GX, tall = 44 + height * H + (height - 1) * GY;
   const root = svg("svg", { width, height: tall, viewBox: `0 0 ${width} ${tall}`,
                             role: "img", "aria-label": "graph " + graph.name });
   const marker = svg("marker", { id: "arrow-" + graph.id, viewBox: "0 0 10 10", refX: 10, refY: 5,
@@ -116,9 +122,9 @@ function graphDrawing(graph) {
       root.append(svg("path", { ...common, d: `M${a.x + W * 0.35},${a.y} C${a.x + W * 0.35},${a.y - 14} ${a.x + W * 0.65},${a.y - 14} ${a.x + W * 0.65},${a.y}` }));
     } else if (b.x > a.x) {
       root.append(svg("path", { ...common, d: `M${a.x + W},${a.y + H / 2} C${a.x + W + GX / 2},${a.y + H / 2} ${b.x - GX / 2},${b.y + H / 2} ${b.x},${b.y + H / 2}` }));
-    } else {  // a loop inside one layer (or back): a bend to the right side
-      const x = Math.max(a.x, b.x) + W, dy = b.y > a.y ? 1 : -1;
-      root.append(svg("path", { ...common, d: `M${a.x + W},${a.y + H / 2 + 4 * dy} C${x + 24},${a.y + H / 2} ${x + 24},${b.y + H / 2} ${b.x + W},${b.y + H / 2 - 4 * dy}` }));
+    } else {  // back (a loop) or within a layer: an arc under the two nodes
+      const low = Math.max(a.y, b.y) + H + 22;
+      root.append(svg("path", { ...common, d: `M${a.x + W * 0.4},${a.y + H} C${a.x + W * 0.4},${low} ${b.x + W * 0.6},${low} ${b.x + W * 0.6},${b.y + H}` }));
     }
   }
   for (const agent of graph.agents) {
@@ -155,13 +161,21 @@ function drawPool(pool) {
     return;
   }
   $("pool-section").hidden = false;
-  const W = 480, H = 200, top = Math.max(pool.total_blocks, pool.host_blocks, 1);
-  const samples = pool.samples, span = 300;  // seconds shown: the history kept
+  // Each tier as a share of its own capacity: the host tier is often many times the device's.
+  const W = 480, H = 200, top = Math.max(pool.total_blocks, 1);
+  const hostScale = pool.host_blocks ? top / pool.host_blocks : 0;
+  const samples = pool.samples;
+  // Seconds shown: what has been sampled, from 30 s up to the 5 minutes kept.
+  const span = Math.min(300, Math.max(30, samples.length ? pool.now - samples[0][0] : 0));
   $("pool-total").textContent = `${pool.total_blocks} device blocks` +
     (pool.host_blocks ? ` · ${pool.host_blocks} host blocks` : "");
   const x = (t) => W - (pool.now - t) / span * W, y = (n) => H - 4 - n / top * (H - 8);
-  chart.append(svg("line", { x1: 0, x2: W, y1: y(pool.total_blocks), y2: y(pool.total_blocks),
-                             stroke: "#ced4da", "stroke-dasharray": "4 3" }));
+  for (const share of [0.5, 1]) {
+    chart.append(svg("line", { x1: 0, x2: W, y1: y(top * share), y2: y(top * share),
+                               stroke: "#ced4da", "stroke-dasharray": "4 3" }));
+    chart.append(svg("text", { x: 4, y: y(top * share) + 12, fill: "#868e96" },
+                     `${share * 100}%`));
+  }
   const area = (pick, fill) => {
     if (!samples.length) return;
     const pts = samples.map((s) => `${x(s[0]).toFixed(1)},${y(pick(s)).toFixed(1)}`);
@@ -173,13 +187,13 @@ function drawPool(pool) {
   area((s) => s[1], "var(--dev)");
   area((s) => s[2], "var(--pin)");
   if (pool.host_blocks) {
-    const pts = samples.map((s) => `${x(s[0]).toFixed(1)},${y(s[4]).toFixed(1)}`).join(" ");
+    const pts = samples.map((s) => `${x(s[0]).toFixed(1)},${y(s[4] * hostScale).toFixed(1)}`).join(" ");
     chart.append(svg("polyline", { points: pts, fill: "none", stroke: "var(--host)",
                                    "stroke-width": 2 }));
   }
   const last = samples.at(-1);
   $("pool-note").textContent = last ? `now: ${last[1]} in use (${last[2]} pinned), ${last[3]} ` +
-    `cached, ${last[4]} on the host · last ${span / 60} minutes, sampled each second` : "";
+    `cached, ${last[4]} on the host · the last ${Math.round(span)} s, sampled each second` : "";
 }
 
 // ---- decisions ------------------------------------------------------------------------------
@@ -187,7 +201,7 @@ function drawPool(pool) {
 function drawDecisions(decisions) {
   $("decisions").replaceChildren(...decisions.map((d) => el("tr", {},
     el("td", { class: "mute" }, d.age_s < 60 ? d.age_s.toFixed(1) + " s" : Math.round(d.age_s / 60) + " min"),
-    el("td", {}, d.kind), el("td", {}, d.agent ? `${d.agent} (${d.run})` : "—"),
+    el("td", {}, d.kind), el("td", d.run ? { title: d.run } : {}, d.agent || "—"),
     el("td", { class: "mute" }, d.cause), el("td", { class: "mute" }, d.detail))));
   if (!decisions.length) {
     $("decisions").append(el("tr", {}, el("td", { colspan: 5, class: "mute" }, "None yet.")));
