@@ -44,7 +44,8 @@ def metrics(server: LiveServer) -> Counter[str]:
     for line in server.request("GET", "/metrics").body.decode().splitlines():
         if not line.startswith("#"):
             sample, value = line.rsplit(" ", 1)
-            samples[re.sub(r'model_name="[^"]*",?', "", sample).replace("{}", "")] = float(value)
+            samples[re.sub(r'model_name="[^"]*",?', "", sample).replace(",}", "}")
+                    .replace("{}", "")] = float(value)
     return samples
 
 

@@ -28,6 +28,7 @@ from kvrt.runtime.engine.protocol import (
     EngineStats,
     GenerateOutput,
     GenerateRequest,
+    RecentDecisions,
     RunEnded,
 )
 from kvrt.runtime.engine.queue_meter import QueueMeter
@@ -166,6 +167,9 @@ class AsyncEngine:
 
     def kv_residency(self, run: str) -> dict[str, AgentResidency]:
         return self.engine.kv_residency(run)  # the ledger locks: no trip to the engine thread
+
+    def recent_decisions(self) -> RecentDecisions:
+        return self.engine.decisions.recent()  # the log locks: no trip to the engine thread
 
     def notify(self, event: AgentEvent) -> None:
         self._send("notify", event)  # with the engine down there is no policy left to tell

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from kvrt.runtime.engine.decide import carry_out
+from kvrt.runtime.engine.decision_log import DecisionLog
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.landing import UploadLandings
 from kvrt.runtime.engine.logprobs import token_logprobs
@@ -94,6 +95,7 @@ class Engine:
         tokenizer: Tokenizer,
         max_model_len: int,
         clock: Callable[[], float] = time.monotonic,
+        decisions: DecisionLog | None = None,
     ) -> None:
         """`scheduler` works on the same `kv`, `policy` and `reuse` (runtime/engine/assembly.py
         builds them together)."""
@@ -106,6 +108,8 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self.priorities = Priorities()  # every live call reads its agent's here
         self.landings = UploadLandings()  # predictive uploads: landing vs. the tool's return
+        # The policy's last decisions carried out, for the live view (the scheduler's too).
+        self.decisions = decisions or DecisionLog(clock)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.computed_tokens = 0  # positions the forwards computed (prompts and outputs)
@@ -186,17 +190,17 @@ class Engine:
         now = self.clock()
         if event.kind == "tool_call.finished":
             self.landings.returned((event.run, event.agent), now)
-        self._carry_out(self.policy.on_event(event, self.kv, now))
+        self._carry_out(self.policy.on_event(event, self.kv, now), event.kind)
 
-    def _carry_out(self, decisions: Iterable[Decision]) -> None:
-        carry_out(self.kv, decisions, self.landings)
+    def _carry_out(self, decisions: Iterable[Decision], cause: str) -> None:
+        carry_out(self.kv, self.decisions.recording(decisions, cause), self.landings)
 
     def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None:
         """The run's agents' new graph priorities (agent -> priority; the others keep theirs):
         their calls, waiting or running, are ordered by them from now on, and the policy hears
         of them. Nothing here is per call: the calls read the table."""
         self.priorities.update(run, priorities)
-        self._carry_out(self.policy.on_priorities(run, priorities, self.kv))
+        self._carry_out(self.policy.on_priorities(run, priorities, self.kv), "priorities")
 
     def set_outlook(self, run: str, remaining_s: float,
                     next_use: Mapping[str, float | None]) -> None:
@@ -205,7 +209,8 @@ class Engine:
         self.priorities.set_remaining(run, remaining_s)
         now = self.clock()
         due = {agent: None if s is None else now + s for agent, s in next_use.items()}
-        carry_out(self.kv, self.policy.on_outlook(run, remaining_s, due, self.kv, now))
+        carry_out(self.kv, self.decisions.recording(
+            self.policy.on_outlook(run, remaining_s, due, self.kv, now), "outlook"))
 
     def tick(self) -> None:
         """Completes the KV moves that have landed and lets the policy act on the time (expire
@@ -215,7 +220,7 @@ class Engine:
         now = self.clock()
         for owner in self.kv.take_landed_uploads():
             self.landings.landed(owner, now)
-        self._carry_out(self.policy.on_step(self.kv, now))
+        self._carry_out(self.policy.on_step(self.kv, now), "step")
 
     def close(self) -> None:
         """Lets the KV moves in flight land and stops the mover's thread."""
@@ -280,7 +285,7 @@ class Engine:
         if not chunks:
             if self.scheduler.has_work() and not self.kv.moves_in_flight():
                 # Pins hold the pool and nothing lands: the policy must let something go.
-                self._carry_out(self.policy.on_stall(self.kv, self.clock()))
+                self._carry_out(self.policy.on_stall(self.kv, self.clock()), "stall")
             return []
         self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.kv.usage().in_use)
         failed: list[tuple[Chunk, Exception]] = []
@@ -384,7 +389,7 @@ class Engine:
             if not live.running:
                 del self._live[seq.request_id]
             self.scheduler.finish(seq)
-            self._carry_out(self.policy.on_finish(seq, self.kv))
+            self._carry_out(self.policy.on_finish(seq, self.kv), "finish")
         output = GenerateOutput(
             token_ids=[token],
             text=text,
@@ -406,7 +411,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         usage, scheduler, reuse = self.kv.usage(), self.scheduler, self.reuse
-        moved = self.kv.tier_counts()
+        moved, host = self.kv.tier_counts(), self.kv.host_usage()
         return EngineStats(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting),
@@ -424,6 +429,8 @@ class Engine:
             kv_blocks_uploaded=moved.uploaded,
             kv_blocks_backed_up=moved.backed_up,
             kv_blocks_evicted=self.kv.evicted_blocks(),
+            kv_host_blocks_total=host.total if host else 0,
+            kv_host_blocks_held=host.in_use + host.cached if host else 0,
             kv_move_failures=self.kv.move_failures(),
             kv_decisions=self.policy.kv_decisions(),
             upload_landing=self.landings.stats(),

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-# Part of this seam (kv_residency's and stats' results): the server imports them from here.
+# Part of this seam (the results of kv_residency, recent_decisions and stats): the server
+# imports them from here.
+from kvrt.runtime.engine.decision_log import RecentDecisions
 from kvrt.runtime.engine.landing import LandingStats
 from kvrt.runtime.kv.owners import AgentResidency
 
@@ -161,6 +163,8 @@ class EngineStats:
     kv_blocks_uploaded: int = 0  # moved back from it
     kv_blocks_backed_up: int = 0  # copied to it, and kept on the device
     kv_blocks_evicted: int = 0  # cached device blocks taken for other content since start
+    kv_host_blocks_total: int = 0  # the host tier's blocks (0: no host tier)
+    kv_host_blocks_held: int = 0  # of those, holding KV (read by a move, or cached)
     kv_move_failures: dict[str, int] = field(default_factory=dict)  # failed copies, by direction
     kv_decisions: dict[str, int] = field(default_factory=dict)  # the policy's, at tool calls
     # The policy's predictive uploads: their landing against the tool's actual return.
@@ -226,6 +230,11 @@ class EngineClient(Protocol):
         """Per agent of `run`: the device blocks holding its KV now (in use or cached) and how
         many of them another owner (another agent, or another run's) also holds. Agents holding
         no block are absent. Cheap and safe to call from the event loop."""
+        ...
+
+    def recent_decisions(self) -> RecentDecisions:
+        """The policy's last decisions the engine carried out (a bounded ring, oldest first)
+        and the engine's clock now. Cheap and safe to call from the event loop."""
         ...
 
     def notify(self, event: AgentEvent) -> None:

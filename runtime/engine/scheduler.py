@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvrt.runtime.engine.decide import carry_out
+from kvrt.runtime.engine.decision_log import DecisionLog
 from kvrt.runtime.engine.fair_share import fair_order
 from kvrt.runtime.engine.sequence import Sequence, Status
 from kvrt.runtime.kv.block_table import next_chunk
@@ -43,8 +44,11 @@ class Chunk:
 
 class BatchScheduler:
     def __init__(self, kv: KVManager, policy: Policy, reuse: ReusePlanner, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, decisions: DecisionLog | None = None) -> None:
+        """`decisions`: where the policy's decisions at admission are recorded (the engine's
+        log; its write-through backups at `on_keyed` are counted in the stats, not logged)."""
         self.kv, self.policy, self.reuse = kv, policy, reuse
+        self.decisions = decisions
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.waiting: list[Sequence] = []
@@ -142,7 +146,9 @@ class BatchScheduler:
             self.hit_tokens += seq.num_cached
         seq.status = Status.RUNNING
         self.running.append(seq)
-        carry_out(self.kv, self.policy.on_admit(seq, self.kv))
+        admitted = self.policy.on_admit(seq, self.kv)
+        carry_out(self.kv, admitted if self.decisions is None
+                  else self.decisions.recording(admitted, "admit"))
         return Chunk(seq, count, end)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:

@@ -466,6 +466,10 @@ class KVManager:
         """The owners whose `upload` landed since the last call (completed by `finish_moves`)."""
         return [] if self.host is None else self.host.take_landed_uploads()
 
+    def host_usage(self) -> PoolUsage | None:
+        """The host tier's pool (None without one)."""
+        return None if self.host is None else self.host.tiers.host.usage()
+
     def tier_counts(self) -> TierCounts:
         return TierCounts() if self.host is None else self.host.tiers.counts()
 

@@ -104,9 +104,9 @@ async def metrics(request: web.Request) -> web.Response:
     tenants = {tenant for _, tenant in request.app[app_keys.CONFIG].api_keys}
     per_tenant = ({tenant: control.live_run_count(tenant) for tenant in tenants}
                   if is_operator(request) and tenants else None)
-    text = request.app[app_keys.METRICS].render(engine.stats(), engine.model_name,
-                                                control.live_run_count(), per_tenant)
-    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+    text = request.app[app_keys.METRICS].render(engine.stats(), control.live_run_count(),
+                                                per_tenant)
+    return web.Response(body=text, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 @routes.get("/openapi.json")
