@@ -327,16 +327,28 @@ def test_an_idle_session_expires_and_its_kv_is_released(expiring) -> None:
 
 # ---- the learned duration drives offload and prefetch (tokencake) -----------------------------
 
-POOL_BLOCKS = 48
+POOL_BLOCKS = 96
 
 
 @pytest.fixture(scope="module")
 def tokencake(tiny_model: Path) -> Iterator[LiveServer]:
-    engine = tokencake_engine(tiny_model, POOL_BLOCKS)
-    # Always under pressure: the decision turns on the predicted tool time alone.
-    engine = replace(engine, max_model_len=2048,
-                     policy_options={"pressure_free_fraction": "1.0"})
+    engine = replace(tokencake_engine(tiny_model, POOL_BLOCKS), max_model_len=1024)
     yield from live_server(tiny_model, engine)
+
+
+def fill(server: LiveServer) -> None:
+    """Other calls leave their KV cached in the pool until fewer than a quarter of its blocks
+    are free: the pool is under pressure (tokencake's `pressure_free_fraction`)."""
+    for i in range(60):
+        stats = server.stats()
+        if stats.kv_blocks_total - stats.kv_blocks_in_use - stats.kv_blocks_cached < (
+                stats.kv_blocks_total / 4):
+            return
+        reply = server.post("/v1/completions", {
+            "prompt": f"Helper {uuid.uuid4().hex} number {i} remembers: " + "facts " * 60,
+            "max_tokens": 1})
+        assert reply.status == 200, reply.body
+    raise AssertionError("the pool never came under pressure")
 
 
 def test_a_learned_tool_duration_sends_the_session_s_kv_to_the_host_and_back(tokencake) -> None:
@@ -357,27 +369,29 @@ def test_a_learned_tool_duration_sends_the_session_s_kv_to_the_host_and_back(tok
     tests_tool = {"type": "function", "function": {"name": "run_tests"}}
     body = {"messages": messages, "tools": [tests_tool]}
 
-    def turn() -> tuple[ChatCompletion, ChatCompletion]:
-        """The client's request (with the last call's result, if any), then a reply calling
+    def turn() -> tuple[ChatCompletion, int, ChatCompletion]:
+        """The client's request (with the last call's result, if any) in a pool under
+        pressure, the KV blocks its session then holds on the device, then a reply calling
         run_tests."""
+        fill(server)
         chat = client(server, "unused").chat.completions.create(
             model="tiny", messages=messages, tools=[tests_tool], max_tokens=2,
             prompt_cache_key=key)
+        held = kv()["device_blocks"]
         reply = reply_calling(server, key, body, "run_tests", tenant=DEFAULT_TENANT)
-        return chat, reply
+        return chat, held, reply
 
     def answer(reply: ChatCompletion, result: str) -> None:
         [call] = reply.choices[0].message.tool_calls
         messages.extend([reply.choices[0].message.model_dump(exclude_none=True),
                          {"role": "tool", "tool_call_id": call.id, "content": result}])
 
-    _, first = turn()
+    _, _, first = turn()
     until(lambda: kv()["decision"] is not None)
     assert kv()["decision"] == "keep:short_tool"  # nothing learned: predicted 0 s
     time.sleep(1.5)  # the tests run
     answer(first, "3 passed")
-    chat, second = turn()  # learns ~1.5 s; the reply calls the tool again
-    held = kv()["device_blocks"]
+    chat, held, second = turn()  # learns ~1.5 s; the reply calls the tool again
     assert held > 0
     until(lambda: kv()["decision"] == "offload")
     until(lambda: kv()["host_blocks"] > 0 and kv()["device_blocks"] < held)
