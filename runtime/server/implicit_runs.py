@@ -105,11 +105,12 @@ def chat_formatter(app: web.Application, context: CallContext | None,
     run = None if context is None else context.run
     if not isinstance(run, ImplicitRun) or not body.tools:
         return ChatFormatter
+    session: ImplicitRun = run
     offered = frozenset(tool.function.name for tool in body.tools)
 
     def called(calls: Calls) -> None:
-        if run.status == "live":  # it may have ended (DELETE, expiry) while the call ran
-            _tell(app, run, run.reply_called(calls, offered))
+        if session.status == "live":  # it may have ended (DELETE, expiry) while the call ran
+            _tell(app, session, session.reply_called(calls, offered))
 
     return functools.partial(SessionChatFormatter, on_calls=called)
 
