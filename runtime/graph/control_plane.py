@@ -255,6 +255,10 @@ class ControlPlane:
         group = ("tenant", tenant) if graph_id is None else ("graph", tenant, graph_id)
         return self._runs.page(group, limit, after)
 
+    def is_live(self, run: Run) -> bool:
+        """Whether the run is live still: not ended (DELETE), expired nor interrupted."""
+        return self._runs.get(run.id) is run and run.status == "live"
+
     def live_run_count(self, tenant: str | None = None) -> int:
         """Live runs of the tenant's graphs (None: of every tenant's)."""
         return sum(len(entry.runs) for entry in self.graphs(tenant))

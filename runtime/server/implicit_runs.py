@@ -109,7 +109,9 @@ def chat_formatter(app: web.Application, context: CallContext | None,
     offered = frozenset(tool.function.name for tool in body.tools)
 
     def called(calls: Calls) -> None:
-        if session.status == "live":  # it may have ended (DELETE, expiry) while the call ran
+        # It may have ended (DELETE, expiry) while the call ran: its KV is released, and the
+        # engine must hear nothing more of it.
+        if app[app_keys.CONTROL].is_live(session):
             _tell(app, session, session.reply_called(calls, offered))
 
     return functools.partial(SessionChatFormatter, on_calls=called)

@@ -163,3 +163,13 @@ def test_deleting_the_implicit_graph_makes_a_new_one_for_the_next_session() -> N
     control.delete_graph(graph.id, "t")
     again = control.implicit_run("conv", "t")
     assert again.graph_id != graph.id and [g.id for g in control.graphs("t")] == [again.graph_id]
+
+
+def test_an_ended_or_expired_run_is_no_longer_live() -> None:
+    control, clock = plane(60.0)
+    ended, idle = control.implicit_run("a", "t"), control.implicit_run("b", "t")
+    assert control.is_live(ended) and control.is_live(idle)
+    control.end_run(ended.id, "t")
+    clock.now += 61.0
+    expire_idle(control)
+    assert not control.is_live(ended) and not control.is_live(idle)

@@ -461,3 +461,26 @@ def test_a_lower_vllm_priority_is_served_first(one_at_a_time, priorities) -> Non
 
     assert asyncio.run(scenario()) == sorted(priorities)
     wait_released(server)
+
+
+def test_a_reply_that_ends_after_its_session_was_deleted_starts_no_tool_call(server) -> None:
+    key = new_key()
+    ask(server, key, [{"role": "user", "content": "Hi"}])
+    run_id = session_run(server, key)["id"]
+    body = chat_request_decoder.decode(json.dumps({
+        "messages": [{"role": "user", "content": "Hi"}], "tools": [WEATHER]}))
+
+    async def reply_after_delete() -> tuple[bytes, dict[str, str]]:
+        app = server.app
+        run = app[app_keys.CONTROL].implicit_run(key, "a")
+        formatter = chat_formatter(app, agent_context(run, IMPLICIT_AGENT), body)(
+            "chatcmpl-test", "tiny", False, tool_parser=app[app_keys.TOOL_PARSER])
+        app[app_keys.CONTROL].end_run(run.id, "a")  # DELETE while the call runs
+        text = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+        return msgspec.json.encode(formatter.full(text, "stop", USAGE)), run.open_calls
+
+    reply, open_calls = server.call(reply_after_delete)
+    assert ChatCompletion.model_validate_json(reply).choices[0].message.tool_calls
+    assert open_calls == {}
+    assert_error_shape(server.request("GET", f"/v1/runs/{run_id}", headers=A), 404)
+    wait_released(server)
