@@ -20,7 +20,7 @@ The agent's tool calls follow the conversation, with no event from the client:
                                               prompt is built)          their duration
     the reply asks for tool calls           SessionChatFormatter      reply_called: one tool
       (JSON body: at its end; stream: at       (full / finish)          call per call id
-      its last chunk)
+      each choice's last chunk)                                         (of every choice)
 
 Each start and end goes to the engine's policy as the events of a declared run do
 (`EngineClient.notify`), and the run's priorities and outlook follow (priority_sync.py): the
@@ -36,13 +36,14 @@ from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
-from kvrt.runtime.engine.protocol import AgentEvent
+from kvrt.runtime.engine.protocol import AgentEvent, GenerateOutput
 from kvrt.runtime.graph.errors import Conflict, QuotaExceeded
 from kvrt.runtime.graph.implicit import IMPLICIT_AGENT, ImplicitRun
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.call_context import CallContext, agent_context
 from kvrt.runtime.server.errors import bad_request
-from kvrt.runtime.server.openai_serving import ChatFormatter
+from kvrt.runtime.server.openai_logprobs import TokenNames
+from kvrt.runtime.server.openai_serving import ChatFormatter, ChoiceResult
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
 from kvrt.sdk.protocol.openai_api import (
     ChatCompletion,
@@ -118,36 +119,40 @@ def chat_formatter(app: web.Application, context: CallContext | None,
 
 
 class SessionChatFormatter(ChatFormatter):
-    """A ChatFormatter that hands its reply's tool calls, (id, name) each as the client gets
-    them, to `on_calls` once the reply is whole: with the JSON body, or with the stream's last
-    chunk (a stream the client left early reports none)."""
+    """A ChatFormatter that hands the tool calls its reply asks for, (id, name) each as the
+    client gets them, to `on_calls` once they are whole: every choice's with the JSON body;
+    a choice's with its last chunk in a stream (a stream the client left early reports
+    none)."""
 
     def __init__(self, *args, on_calls: Callable[[Calls], None], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._on_calls = on_calls
-        self._streamed: Calls = []
+        self._streamed: dict[int, Calls] = {}  # choice index -> its calls sent so far
 
-    def full(self, text: str, reason: str | None, usage: Usage) -> ChatCompletion:
-        completion = super().full(text, reason, usage)
-        calls = completion.choices[0].message.tool_calls or []
+    def full(self, choices: list[ChoiceResult], usage: Usage, names: TokenNames
+             ) -> ChatCompletion:
+        completion = super().full(choices, usage, names)
+        calls = [(call.id, call.function.name) for choice in completion.choices
+                 for call in choice.message.tool_calls or []]
         if calls:
-            self._on_calls([(call.id, call.function.name) for call in calls])
+            self._on_calls(calls)
         return completion
 
-    def piece(self, text: str) -> list[ChatCompletionChunk]:
-        return self._seen(super().piece(text))
+    def piece(self, output: GenerateOutput, names: TokenNames) -> list[ChatCompletionChunk]:
+        return self._seen(super().piece(output, names))
 
-    def finish(self, reason: str) -> list[ChatCompletionChunk]:
-        chunks = self._seen(super().finish(reason))
-        if self._streamed:
-            self._on_calls(self._streamed)
+    def finish(self, index: int, reason: str) -> list[ChatCompletionChunk]:
+        chunks = self._seen(super().finish(index, reason))
+        calls = self._streamed.pop(index, [])
+        if calls:
+            self._on_calls(calls)
         return chunks
 
     def _seen(self, chunks: list[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
         for chunk in chunks:
             for choice in chunk.choices:
-                self._streamed += [(call.id, call.function.name)
-                                   for call in choice.delta.tool_calls or []]
+                self._streamed.setdefault(choice.index, []).extend(
+                    (call.id, call.function.name) for call in choice.delta.tool_calls or [])
         return chunks
 
 

@@ -30,10 +30,13 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from kvrt.runtime.config import DEFAULT_TENANT, ControlConfig, EngineConfig
+from kvrt.runtime.engine.protocol import GenerateOutput
 from kvrt.runtime.graph.implicit import IMPLICIT_AGENT
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.call_context import agent_context
 from kvrt.runtime.server.implicit_runs import SESSION_HEADER, SessionChatFormatter, chat_formatter
+from kvrt.runtime.server.openai_logprobs import TokenNames
+from kvrt.runtime.server.openai_serving import ChoiceResult
 from kvrt.runtime.server.tool_parsers import make_tool_parser
 from kvrt.sdk.protocol.openai_api import PromptTokensDetails, Usage, chat_request_decoder
 from tests.server.live_server import (
@@ -58,6 +61,7 @@ WEATHER = {"type": "function", "function": {
 FORECAST = {"type": "function", "function": {"name": "get_forecast"}}
 USAGE = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2,
               prompt_tokens_details=PromptTokensDetails(cached_tokens=0))
+NAMES = TokenNames(None)  # type: ignore[arg-type]  # no logprobs: no token is named
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,8 @@ def reply_calling(server: LiveServer, key: str, body: dict[str, Any], *calls: st
         decoded = chat_request_decoder.decode(json.dumps(body))
         formatter = chat_formatter(app, agent_context(run, IMPLICIT_AGENT), decoded)(
             "chatcmpl-test", "tiny", False, tool_parser=app[app_keys.TOOL_PARSER])
-        return msgspec.json.encode(formatter.full(text, "stop", USAGE))
+        reply = formatter.full([ChoiceResult(0, [text], "stop")], USAGE, NAMES)
+        return msgspec.json.encode(reply)
 
     return ChatCompletion.model_validate_json(server.call(make))
 
@@ -268,24 +273,32 @@ def test_a_session_header_too_long_is_a_400_naming_it(server) -> None:
 
 def test_a_streamed_reply_reports_the_calls_the_client_reads() -> None:
     """SessionChatFormatter's stream: the (id, name) pairs it reports are the calls the openai
-    client assembles from its chunks, once the last chunk is made."""
+    client assembles from its chunks, each choice's once its last chunk is made."""
     reported: list[list[tuple[str, str]]] = []
     formatter = SessionChatFormatter("chatcmpl-1", "tiny", False,
                                      tool_parser=make_tool_parser("hermes"),
                                      on_calls=reported.append)
-    text = ('Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n'
-            '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
-    chunks = [formatter.head()]
-    for i in range(0, len(text), 7):
-        chunks += formatter.piece(text[i:i + 7])
-    assert reported == []  # not before the reply is whole
-    chunks += formatter.finish("stop")
+    texts = [('Let me look.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}'
+              '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'),
+             '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>']
+    chunks = formatter.head(2)
+    for i in range(0, max(map(len, texts)), 7):
+        for index, text in enumerate(texts):  # the two choices' pieces interleaved
+            if text[i:i + 7]:
+                chunks += formatter.piece(GenerateOutput(
+                    token_ids=[], text=text[i:i + 7], prompt_tokens=0, cached_tokens=0,
+                    completion_tokens=0, index=index), NAMES)
+    assert reported == []  # not before a choice is whole
+    chunks += formatter.finish(1, "stop")
+    chunks += formatter.finish(0, "stop")
     state = ChatCompletionStreamState()
     for chunk in chunks:
         state.handle_chunk(ChatCompletionChunk.model_validate_json(msgspec.json.encode(chunk)))
-    calls = state.get_final_completion().choices[0].message.tool_calls
-    assert reported == [[(c.id, c.function.name) for c in calls]]
-    assert [name for _, name in reported[0]] == ["get_weather", "get_time"]
+    choices = sorted(state.get_final_completion().choices, key=lambda c: c.index)
+    assert reported == [[(c.id, c.function.name) for c in choices[i].message.tool_calls]
+                        for i in (1, 0)]
+    assert [[name for _, name in calls] for calls in reported] == [
+        ["get_time"], ["get_weather", "get_time"]]
 
 
 # ---- idle expiry ------------------------------------------------------------------------------
@@ -477,7 +490,8 @@ def test_a_reply_that_ends_after_its_session_was_deleted_starts_no_tool_call(ser
             "chatcmpl-test", "tiny", False, tool_parser=app[app_keys.TOOL_PARSER])
         app[app_keys.CONTROL].end_run(run.id, "a")  # DELETE while the call runs
         text = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
-        return msgspec.json.encode(formatter.full(text, "stop", USAGE)), run.open_calls
+        reply = formatter.full([ChoiceResult(0, [text], "stop")], USAGE, NAMES)
+        return msgspec.json.encode(reply), run.open_calls
 
     reply, open_calls = server.call(reply_after_delete)
     assert ChatCompletion.model_validate_json(reply).choices[0].message.tool_calls
