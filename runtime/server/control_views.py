@@ -58,7 +58,7 @@ def graph_info(entry: GraphEntry) -> GraphInfo:
         edges=edges, critical_path=[graph.agents[i].name for i in criticality.path],
         critical_path_seconds=criticality.length, live_runs=len(entry.runs),
         transitions=_transitions(entry), episodes=learned.episodes,
-        declared_bytes=entry.declared_bytes,
+        declared_bytes=entry.declared_bytes, implicit=entry.implicit,
     )
 
 
@@ -82,7 +82,8 @@ def _transitions(entry: GraphEntry) -> list[Transition]:
 
 def run_info(run: Run) -> RunInfo:
     return RunInfo(id=run.id, graph_id=run.graph_id, created=run.created,
-                   event_count=run.event_count, key=run.key, status=run.status)
+                   event_count=run.event_count, key=run.key, status=run.status,
+                   implicit=run.implicit)
 
 
 def run_list(page: Page[Run]) -> RunList:
@@ -127,7 +128,7 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
     stored = segment_tokens - sum(a.kv.segment_reused_tokens for a in agents)
     return RunState(
         id=run.id, graph_id=run.graph_id, created=run.created, event_count=run.event_count,
-        key=run.key, status=run.status, critical_path=path,
+        key=run.key, status=run.status, implicit=run.implicit, critical_path=path,
         critical_path_seconds=criticality.length, agents=agents, tools=tools,
         segment_kv_compression=segment_tokens / stored if segment_tokens else None,
         transitions=[TransitionCount(source=run.costs.learned.name(s),

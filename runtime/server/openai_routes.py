@@ -13,6 +13,7 @@ from kvrt.runtime.server.auth import is_operator, tenant_of
 from kvrt.runtime.server.call_context import CallContext, call_context
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.http_io import json_response, read_json
+from kvrt.runtime.server.implicit_runs import chat_formatter, implicit_context
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvrt.runtime.server.model_calls import (
     PreparedCall,
@@ -24,7 +25,6 @@ from kvrt.runtime.server.model_calls import (
 )
 from kvrt.runtime.server.openai_requests import chat_tools
 from kvrt.runtime.server.openai_serving import (
-    ChatFormatter,
     CompletionFormatter,
     Formatter,
     respond_json,
@@ -52,9 +52,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
     tools = chat_tools(body)
     check_chat(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
+    context = context or implicit_context(request.app, body, request.headers, tenant)
     call = await build_calls(request, lambda model: chat_call(
         body, tools, context, model, tenant=tenant), _run_of(context))
-    formatter = ChatFormatter(
+    formatter = chat_formatter(request.app, context, body)(
         call.request_id, engine.model_name, _include_usage(body),
         tool_parser=request.app[app_keys.TOOL_PARSER] if tools is not None else None,
         parallel_tool_calls=body.parallel_tool_calls is not False,
@@ -69,6 +70,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
     context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
     check_completion(body, engine)
+    context = context or implicit_context(request.app, body, request.headers, tenant)
     call = await build_calls(
         request, lambda model: completion_call(body, context, model, tenant=tenant),
         _run_of(context))

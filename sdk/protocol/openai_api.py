@@ -88,6 +88,13 @@ class SamplingRequest(Struct, kw_only=True):
     store: bool | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
+    # ---- a conversation's identity and a call's priority, for clients that declare no run ----
+    # OpenAI's field: a call with it (or the X-Session-Id header) and no `kvrt` run belongs to
+    # the implicit run of this key in the caller's tenant (runtime/graph/implicit.py).
+    prompt_cache_key: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    # vLLM's field: lower is served earlier. An unattributed call's kvrt priority is its
+    # negation (higher first: runtime/server/model_calls.py); a run's calls ignore it.
+    priority: Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)] = 0
     # ---- refused (openai_requests.REFUSED_FIELDS) ----
     echo: bool = False  # true is refused
     suffix: str | None = None  # refused
