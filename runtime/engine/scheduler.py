@@ -2,7 +2,8 @@
 
 `schedule()`: running sequences first (oldest admission first; a decode costs one token, a
 prefill continues with as much of its prompt as the budget allows), preempting by the policy
-when the pool runs dry; then waiting sequences in the policy's admission order, interleaved by
+when the pool runs dry; then waiting sequences in the policy's admission order (within the classes
+of vLLM's request `priority`, which unattributed calls carry: Sequence.request_rank), interleaved by
 tenant (engine/fair_share.py), while the budget, the sequence limit and the pool allow,
 skipping those the reuse planner holds (their shared text is being computed by another).
 Sequences join and leave the batch between steps. A prefill chunk steps over the spans its
@@ -79,7 +80,7 @@ class BatchScheduler:
                 continue
             chunks.append(Chunk(seq, count, end))
             budget -= count
-        self.waiting.sort(key=self.policy.admission_key)
+        self.waiting.sort(key=lambda s: (s.request_rank, self.policy.admission_key(s)))
         for seq in fair_order(self.waiting, self.running):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
@@ -118,6 +119,9 @@ class BatchScheduler:
         while not self.kv.can_grow(seq.table, end):
             taken = {id(c.seq) for c in scheduled}
             candidates = [s for s in self.running if id(s) not in taken and s is not seq]
+            if candidates:  # the victim comes from the last-served class (request_rank)
+                last = max(s.request_rank for s in candidates)
+                candidates = [s for s in candidates if s.request_rank == last]
             victim = self.policy.victim(candidates) if candidates else seq
             self.preempt(victim)
             if victim is seq:

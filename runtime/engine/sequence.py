@@ -59,6 +59,13 @@ class Sequence:
         return self.priorities.of(self.table.owner, self.request.attribution.priority)
 
     @property
+    def request_rank(self) -> float:
+        """The class a call is served in before any policy's order, as vLLM's `priority`
+        field ranks requests (lower first): an unattributed call carries it (negated, as its
+        kvrt priority); every call of a run is in class 0, ordered by the policy alone."""
+        return 0.0 if self.table.owner is not None else -self.request.attribution.priority
+
+    @property
     def remaining_s(self) -> float | None:
         """Its run's remaining critical path in seconds, as last pushed (None: unattributed, or
         not pushed yet)."""

@@ -9,11 +9,11 @@ pool ever hold it).
 
 An unattributed call takes its priority from vLLM's `priority` field (lower is served earlier)
 as kvrt's priority, higher first: `-priority` (so vLLM's default 0 is kvrt's 0, the priority
-every unattributed call had before). It orders the engine's waiting calls where the policy
-orders them by priority (`tokencake` and `kvrt` with `cross_run=false`); `lru`, like vLLM's
-"fcfs", admits by arrival, and `cross_run` by runs' remaining work, in which an unattributed
-call is a run of one call. A call of a run (declared or implicit) has its agent's graph
-priority, and the field is ignored.
+every unattributed call had before). Whatever the policy, the engine admits waiting calls class
+by class of that field, as vLLM's "priority" scheduling does, and preempts from the last class
+first; the policy orders the calls within a class (engine/sequence.py's `request_rank`). A call
+of a run (declared or implicit) has its agent's graph priority, is in class 0, and the field is
+ignored.
 """
 
 from __future__ import annotations

@@ -424,11 +424,15 @@ def test_a_learned_tool_duration_sends_the_session_s_kv_to_the_host_and_back(tok
 # ---- vLLM's priority for unattributed calls ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def one_at_a_time(tiny_model: Path) -> Iterator[LiveServer]:
-    # One running call at a time, admitted by descending priority (tokencake within runs).
+@pytest.fixture(scope="module", params=[("lru", {}), ("kvrt", {}),
+                                        ("tokencake", {"cross_run": "false"})],
+                ids=lambda p: p[0] + "".join(f":{k}={v}" for k, v in p[1].items()))
+def one_at_a_time(request, tiny_model: Path) -> Iterator[LiveServer]:
+    # One running call at a time: whatever the policy, the waiting calls' vLLM priorities
+    # decide who is admitted next.
+    policy, options = request.param
     engine = EngineConfig(kv_cache_memory=4 * 1024**2, max_model_len=256, max_num_seqs=1,
-                          policy="tokencake", policy_options={"cross_run": "false"})
+                          policy=policy, policy_options=options)
     yield from live_server(tiny_model, engine)
 
 
