@@ -122,6 +122,8 @@ class Run:
 
     def round(self, shared: Sequence[Message], agents: Mapping[str, Any],
               **options: Any) -> RoundResult:
+        """The async Run.round: each agent's reply is at most ROUND_MAX_TOKENS (256) tokens
+        unless `max_tokens` says otherwise."""
         return self._loop.run(self._run.round(shared, agents, **options))
 
     def close(self) -> RunClosed | None:
