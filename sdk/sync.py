@@ -31,6 +31,7 @@ from kvrt.sdk.protocol.control import (
     RunInfo,
     RunState,
 )
+from kvrt.sdk.protocol.openai_api import Health
 from kvrt.sdk.protocol.rounds import RoundResult
 from kvrt.sdk.run import AgentClient as AsyncAgentClient
 from kvrt.sdk.run import EventType
@@ -79,6 +80,9 @@ class Client:
         if self._loop.loop.is_running():
             self._loop.run(self._client.close())
             self._loop.stop()
+
+    def health(self) -> Health:
+        return self._loop.run(self._client.health())
 
     def create_graph(self, graph: Graph | GraphSpec) -> GraphInfo:
         return self._loop.run(self._client.create_graph(graph))
