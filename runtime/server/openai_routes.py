@@ -96,7 +96,8 @@ async def health(request: web.Request) -> web.Response:
         raise refusal
     if not request.app[app_keys.ENGINE].is_alive():
         raise APIError(503, "the engine is not running", code="engine_dead")
-    return json_response(Health())
+    engine = request.app[app_keys.CONFIG].engine
+    return json_response(Health(policy=engine.policy, host_cache_bytes=engine.host_cache_memory))
 
 
 @routes.get("/metrics")

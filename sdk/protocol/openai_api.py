@@ -336,6 +336,10 @@ class ModelList(Struct, kw_only=True):
 
 class Health(Struct, kw_only=True):
     status: Literal["ok"] = "ok"
+    # kvrt extensions: what the daemon serves with, so an application can say when the server
+    # cannot show what it is about (a round's reuse needs `kvrt`, an offload a host tier).
+    policy: str | None = None  # the engine's KV policy (`kvrt serve --policy`)
+    host_cache_bytes: int | None = None  # the host tier (`--host-cache-memory`); 0: none
 
 
 # Decoders are built once: msgspec compiles the type into a fast validator.
