@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+from kvrt.runtime.engine.constraints import Constraints, Matcher
 from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.landing import UploadLandings
@@ -61,6 +62,7 @@ class RunRelease:
 class _Live:
     seq: Sequence
     text: OutputText
+    matcher: Matcher | None = None  # where its output stands in its grammar, if constrained
 
 
 class Engine:
@@ -84,6 +86,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.clock = clock
         self.vocab_size = executor.vocab_size
+        self.constraints = Constraints(self.vocab_size)
         self._live: dict[str, _Live] = {}
         self.priorities = Priorities()  # every live call reads its agent's here
         self.landings = UploadLandings()  # predictive uploads: landing vs. the tool's return
@@ -110,6 +113,9 @@ class Engine:
                 f"this model's maximum context length is {self.max_model_len} tokens, but "
                 f"{total} were requested ({len(prompt)} in the prompt, {max_tokens} to generate)"
             )
+        grammar = request.params.grammar
+        if grammar is not None and (why := self.constraints.check(grammar)) is not None:
+            raise RequestRejected(why)
         blocks = self.kv.blocks_for(total)
         if blocks > self.kv.num_blocks:
             raise RequestRejected(
@@ -133,7 +139,9 @@ class Engine:
         text = OutputText(
             request.params, self.tokenizer.detokenizer(), self.tokenizer.eos_token_ids
         )
-        self._live[request.request_id] = _Live(seq, text)
+        grammar = request.params.grammar
+        matcher = None if grammar is None else Matcher(grammar)
+        self._live[request.request_id] = _Live(seq, text, matcher)
         self._arrivals += 1
         self.prompt_tokens += seq.prompt_len
         self.scheduler.add(seq)
@@ -296,9 +304,11 @@ class Engine:
         return good, tokens, failed
 
     def _run(self, chunks: list[Chunk]) -> list[int]:
-        """One forward over the batch; a token for each chunk that wants one, in order."""
+        """One forward over the batch; a token for each chunk that wants one, in order. The
+        constrained rows are masked to what their grammars allow first."""
         logits = self.executor.run(chunks)
         sampling = [c.seq for c in chunks if c.wants_logits]
+        self.constraints.mask(logits, [self._live[s.request_id].matcher for s in sampling])
         return self.sampler.sample(
             logits, [s.request.params for s in sampling], [s.generator for s in sampling]
         )
@@ -313,6 +323,9 @@ class Engine:
         live = self._live[seq.request_id]
         self.generation_tokens += 1
         text, reason = live.text.add_token(token, seq.num_output)
+        if live.matcher is not None and live.matcher.accept(token) and live.matcher.terminated \
+                and reason is None:  # the grammar ended on a stop token that ignore_eos skips
+            text, reason = text + live.text.finish_text(), "stop"
         if reason is None and len(seq.token_ids) >= self.max_model_len:
             text, reason = text + live.text.finish_text(), "length"
         if reason is not None:

@@ -14,6 +14,7 @@ from kvrt.runtime.engine.landing import LandingStats
 from kvrt.runtime.kv.owners import AgentResidency
 
 if TYPE_CHECKING:
+    from kvrt.runtime.engine.constraints import Grammar
     from kvrt.runtime.model.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -62,6 +63,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Constrained decoding (runtime/engine/constraints.py): the output follows this grammar,
+    # compiled by the server for the engine's vocabulary. None: free text.
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,119 @@
+"""Constrained decoding: the grammar a request's output must follow, and the one place where
+grammars meet the logits.
+
+A request that asks for structured output (a JSON schema, a tool call) carries a compiled
+`Grammar` in its SamplingParams; the server compiles it (runtime/server/grammars.py, llguidance)
+off the event loop. The engine gives each such sequence its own `Matcher` when it is added, and
+every step:
+
+    logits [N, vocab] --Constraints.mask--> rows of constrained sequences: tokens the grammar
+                                            forbids set to -inf (free rows untouched)
+                      --Sampler.sample--->  tokens
+    token accepted    --Matcher.accept-->   the grammar advances; `terminated` once it accepted
+                                            a stop token (the request then finishes "stop")
+
+A stop token (EOS) is allowed only where the grammar may end, so a constrained reply that stops
+on its own is complete; a grammar that admits nothing more ends the request ("stop") without
+waiting for the EOS. The mask is a packed bitmask (32 tokens per int32), filled by each matcher
+in Rust and applied to the constrained rows in a few tensor operations: no Python loop over the
+vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Grammar:
+    """A grammar compiled for one tokenizer. `compiled` is an llguidance LLMatcher in its
+    initial state, never advanced: each sequence's matcher is a copy of it (cheap; building
+    one parses the grammar). `vocab_size` is the width of the logits it was compiled for;
+    `key` says what it was compiled from (for logs and tests)."""
+
+    compiled: Any
+    vocab_size: int
+    key: str
+
+
+class Matcher:
+    """Where one sequence's output stands in its grammar."""
+
+    __slots__ = ("_matcher",)
+
+    def __init__(self, grammar: Grammar) -> None:
+        self._matcher = grammar.compiled.deep_copy()
+
+    def accept(self, token_id: int) -> bool:
+        """Advances past `token_id`; False if the grammar forbids it (which the mask rules out
+        for a sampled token): the matcher is then in error, and its mask allows nothing."""
+        return bool(self._matcher.consume_token(token_id))
+
+    @property
+    def terminated(self) -> bool:
+        """The output is complete: the grammar took a stop token, or admits nothing more."""
+        return bool(self._matcher.is_stopped())
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        from llguidance.torch import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, bitmask, row)
+
+
+class Constraints:
+    """Applies the masks of a batch's constrained rows to its logits, in place."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._bitmask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32, grown
+
+    def check(self, grammar: Grammar) -> str | None:
+        """Why the engine cannot serve `grammar`, or None."""
+        if grammar.vocab_size != self.vocab_size:
+            return (f"the grammar was compiled for a vocabulary of {grammar.vocab_size} tokens; "
+                    f"the model has {self.vocab_size}")
+        return None
+
+    def mask(self, logits: torch.Tensor, matchers: list[Matcher | None]) -> None:
+        """logits: [N, vocab], row i for the sequence whose matcher is matchers[i] (None: a free
+        row, left as it is)."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return
+        with torch.inference_mode():  # the executor's logits are inference tensors
+            self._mask_rows(logits, matchers, rows)
+
+    def _mask_rows(self, logits: torch.Tensor, matchers: list[Matcher | None],
+                   rows: list[int]) -> None:
+        bitmask = self._bitmask_for(len(rows))
+        for j, i in enumerate(rows):
+            matchers[i].fill(bitmask, j)  # type: ignore[union-attr]
+        words = bitmask[: len(rows)].to(logits.device, non_blocking=True)
+        if len(rows) == len(matchers):
+            _apply(logits, words)
+        else:
+            index = torch.tensor(rows, device=logits.device)
+            constrained = logits.index_select(0, index)
+            _apply(constrained, words)
+            logits.index_copy_(0, index, constrained)
+
+    def _bitmask_for(self, rows: int) -> torch.Tensor:
+        if self._bitmask is None or self._bitmask.shape[0] < rows:
+            words = (self.vocab_size + 31) // 32
+            self._bitmask = torch.zeros(max(rows, 16), words, dtype=torch.int32)
+        return self._bitmask
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def _apply(logits: torch.Tensor, words: torch.Tensor) -> None:
+    """Sets logits[r, t] to -inf where bit t % 32 of words[r, t // 32] is 0 (a forbidden
+    token), in place."""
+    rows, vocab = logits.shape
+    bits = (words.unsqueeze(-1) >> _BITS.to(words.device)) & 1  # [rows, words, 32]
+    allowed = bits.view(rows, -1)[:, :vocab].bool()
+    logits.masked_fill_(~allowed, float("-inf"))
