@@ -55,9 +55,10 @@ class CallForm:
 
     @staticmethod
     def free_text_start(one: bool) -> str:
-        """Text with calls anywhere in it (at most one if `one`), each completed once begun."""
-        calls = "opened call_body" if one else "(opened call_body)+"
-        return f"start: TEXT | {calls} TEXT"
+        """Text with calls in it, each completed once begun; with `one`, the reply ends with
+        its call."""
+        return ("start: TEXT | opened call_body" if one
+                else "start: TEXT | (opened call_body)+ TEXT")
 
 
 def _regex_literal(text: str) -> str:

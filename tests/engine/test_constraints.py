@@ -126,3 +126,75 @@ def test_the_engine_refuses_a_grammar_for_another_vocabulary(engine, grammars) -
     grammar = replace(grammars.json_schema({"type": "object"}, "schema"), vocab_size=7)
     with pytest.raises(RequestRejected, match="vocabulary"):
         engine.validate(request("r", [1, 2], sampled(4, 0, grammar)))
+
+
+# ---- tool calls under "auto": free text, and a call once begun -------------------------------
+
+WEATHER_PARAMETERS = {"type": "object",
+                      "properties": {"city": {"type": "string", "maxLength": 8},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                      "required": ["city", "days"]}
+
+
+def auto_tools_grammar(grammars: Grammars, **fields):
+    from kvrt.runtime.server.grammars import chat_grammar
+    from kvrt.runtime.server.tool_parsers import make_tool_parser
+    from kvrt.sdk.protocol.openai_api import chat_request_decoder
+
+    body = chat_request_decoder.decode(json.dumps({
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+                                                    "parameters": WEATHER_PARAMETERS}},
+                  {"type": "function", "function": {"name": "get_time"}}],
+        **fields}))
+    return chat_grammar(body, make_tool_parser("hermes"), grammars)
+
+
+def sample_to_the_end(engine: Engine, matcher: Matcher, seed: int, limit: int = 300) -> list[int]:
+    """Draws tokens from random logits under the matcher's mask until the grammar ends."""
+    constraints, generator = Constraints(engine.vocab_size), torch.Generator().manual_seed(seed)
+    tokens: list[int] = []
+    while not matcher.terminated and len(tokens) < limit:
+        logits = torch.randn(1, engine.vocab_size, generator=generator)
+        constraints.mask(logits, [matcher])
+        token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        assert matcher.accept(token)
+        tokens.append(token)
+    return tokens
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_call_begun_under_auto_is_completed_validly(engine, grammars, seed) -> None:
+    from kvrt.runtime.server.tool_parsers import make_tool_parser
+
+    matcher = Matcher(auto_tools_grammar(grammars, tool_choice="auto",
+                                         parallel_tool_calls=False))
+    begun = "Let me look that up. <tool_call>"
+    for token in engine.tokenizer.encode_piece(begun):
+        assert matcher.accept(token)  # free text, then the opening
+    tokens = sample_to_the_end(engine, matcher, seed)
+    assert matcher.terminated
+    reply = make_tool_parser("hermes").parse(begun + engine.tokenizer.hf.decode(tokens))
+    assert len(reply.calls) == 1, reply
+    call = reply.calls[0]
+    schema = WEATHER_PARAMETERS if call.name == "get_weather" else {"type": "object"}
+    assert call.name in ("get_weather", "get_time")
+    assert jsonschema_rs.validator_for(schema).is_valid(json.loads(call.arguments))
+
+
+def test_auto_leaves_text_without_an_opening_free(engine, grammars) -> None:
+    matcher = Matcher(auto_tools_grammar(grammars))
+    text = 'Any text at all: {"not": "a call"} <tool> </tool_call> done.'
+    assert all(matcher.accept(t) for t in engine.tokenizer.encode_piece(text))
+    [eos] = sorted(engine.tokenizer.eos_token_ids)[:1]
+    assert matcher.accept(eos) and matcher.terminated
+
+
+def test_a_named_choice_allows_only_that_function(engine, grammars) -> None:
+    grammar = auto_tools_grammar(grammars, tool_choice={"type": "function",
+                                                        "function": {"name": "get_time"}})
+    begun = engine.tokenizer.encode_piece('<tool_call>\n{"name": "get_')
+    for name, allowed in (("time", True), ("weather", False)):
+        matcher = Matcher(grammar)
+        assert all(matcher.accept(t) for t in begun)
+        assert all(matcher.accept(t) for t in engine.tokenizer.encode_piece(name)) == allowed
