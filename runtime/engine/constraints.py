@@ -40,27 +40,23 @@ class Grammar:
 
 
 class Matcher:
-    """Where one sequence's output stands in its grammar."""
+    """Where one sequence's output stands in its grammar. `ll` is llguidance's LLMatcher, for
+    `Constraints` to fill the masks of a batch in one parallel call."""
 
-    __slots__ = ("_matcher",)
+    __slots__ = ("ll",)
 
     def __init__(self, grammar: Grammar) -> None:
-        self._matcher = grammar.compiled.deep_copy()
+        self.ll = grammar.compiled.deep_copy()
 
     def accept(self, token_id: int) -> bool:
         """Advances past `token_id`; False if the grammar forbids it (which the mask rules out
         for a sampled token): the matcher is then in error, and its mask allows nothing."""
-        return bool(self._matcher.consume_token(token_id))
+        return bool(self.ll.consume_token(token_id))
 
     @property
     def terminated(self) -> bool:
         """The output is complete: the grammar took a stop token, or admits nothing more."""
-        return bool(self._matcher.is_stopped())
-
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self._matcher, bitmask, row)
+        return bool(self.ll.is_stopped())
 
 
 class Constraints:
@@ -69,6 +65,7 @@ class Constraints:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self._bitmask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32, grown
+        self._executor: Any = None  # llguidance's thread pool, made on first use
 
     def check(self, grammar: Grammar) -> str | None:
         """Why the engine cannot serve `grammar`, or None."""
@@ -88,9 +85,16 @@ class Constraints:
 
     def _mask_rows(self, logits: torch.Tensor, matchers: list[Matcher | None],
                    rows: list[int]) -> None:
+        from llguidance import LLExecutor
+        from llguidance.torch import fill_next_token_bitmask_par
+
+        if self._executor is None:
+            self._executor = LLExecutor()
         bitmask = self._bitmask_for(len(rows))
-        for j, i in enumerate(rows):
-            matchers[i].fill(bitmask, j)  # type: ignore[union-attr]
+        # The matchers compute their masks on llguidance's threads, the GIL released.
+        fill_next_token_bitmask_par(
+            self._executor, [(matchers[i].ll, j) for j, i in enumerate(rows)],  # type: ignore
+            bitmask[: len(rows)])
         words = bitmask[: len(rows)].to(logits.device, non_blocking=True)
         if len(rows) == len(matchers):
             _apply(logits, words)
