@@ -178,6 +178,19 @@ def test_auto_tool_choice_serves_text_or_valid_calls(client: openai.OpenAI) -> N
         assert "<tool_call>" not in (message.content or "")
 
 
+def test_auto_tools_with_a_response_schema_give_the_json_or_calls(client: openai.OpenAI) -> None:
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="tiny", seed=seed, tools=TOOLS, parallel_tool_calls=False, **chat(
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": "recipe", "schema": RECIPE}}))
+        message = reply.choices[0].message
+        if message.tool_calls:
+            assert_valid_calls(message.tool_calls, set(PARAMETERS))
+        else:
+            assert valid(RECIPE, json.loads(message.content))
+
+
 @pytest.mark.parametrize(("fields", "param"), [
     ({"response_format": {"type": "json_schema",
                           "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
