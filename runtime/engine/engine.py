@@ -323,9 +323,11 @@ class Engine:
         live = self._live[seq.request_id]
         self.generation_tokens += 1
         text, reason = live.text.add_token(token, seq.num_output)
-        if live.matcher is not None and live.matcher.accept(token) and live.matcher.terminated \
-                and reason is None:  # the grammar ended on a stop token that ignore_eos skips
-            text, reason = text + live.text.finish_text(), "stop"
+        if live.matcher is not None:
+            live.matcher.accept(token)
+            if reason is None and live.matcher.terminated:
+                # The grammar admits nothing more (or took a stop token that ignore_eos skips).
+                text, reason = text + live.text.finish_text(), "stop"
         if reason is None and len(seq.token_ids) >= self.max_model_len:
             text, reason = text + live.text.finish_text(), "length"
         if reason is not None:
