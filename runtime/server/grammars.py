@@ -164,8 +164,12 @@ def chat_grammar(body: ChatCompletionRequest, parser: ToolParser,
     for i, tool in enumerate(tools):
         parameters = tool.function.parameters
         schema = ANY_OBJECT if parameters is None else parameters
+        param = f"tools[{i}].function.parameters"
+        if schema.get("type", "object") != "object":  # arguments are an object (OpenAI's rule)
+            raise bad_request(f"{param} must be an object schema (type \"object\"), as a call's "
+                              "arguments are an object", param=param)
         # Each schema alone first, so that a 400 names the tool whose schema fails.
-        grammars.json_schema(schema, f"tools[{i}].function.parameters")
+        grammars.json_schema(schema, param)
         if named is None or tool.function.name == named:
             specs.append((tool.function.name, generated(schema)))
     form = parser.call_form(specs)

@@ -204,6 +204,8 @@ def test_auto_tools_with_a_response_schema_give_the_json_or_calls(client: openai
         "name": "bad", "parameters": {"type": "object", "properties": {
             "zip": {"type": "string", "pattern": "(unclosed"}}}}}]},
      "tools[1].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+      "tool_choice": "required"}, "tools[0].function.parameters"),
 ])
 def test_a_schema_that_cannot_compile_is_a_400_naming_it(server: LiveServer, fields, param):
     error = assert_error_shape(server.post(CHAT, chat(max_tokens=4, **fields)), 400)
