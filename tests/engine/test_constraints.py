@@ -51,6 +51,21 @@ SCHEMAS = {
         "items": {"type": "object", "properties": {"ok": {"type": "boolean"},
                                                    "tag": {"const": "t"}},
                   "required": ["ok", "tag"]}},
+    "oneof_and_formats": {
+        "type": "object",
+        "properties": {
+            "when": {"type": "string", "format": "date"},
+            "pet": {"oneOf": [
+                {"type": "object", "properties": {"cat": {"type": "boolean"}},
+                 "required": ["cat"], "additionalProperties": False},
+                {"type": "object", "properties": {"dog": {"enum": ["rex", "fido"]}},
+                 "required": ["dog"], "additionalProperties": False}]},
+            "score": {"type": "number", "minimum": -1.5, "maximum": 2.5}},
+        "required": ["when", "pet", "score"]},
+    "open_map": {
+        "type": "object", "maxProperties": 3,
+        "patternProperties": {"^[a-z]{1,4}$": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "additionalProperties": False},
 }
 
 
