@@ -213,3 +213,14 @@ def test_a_schema_that_cannot_compile_is_a_400_naming_it(server: LiveServer, fie
     ok = server.post(CHAT, chat(max_tokens=4, response_format={"type": "json_object"}))
     assert ok.status == 200, ok.body  # the server goes on serving
     wait_released(server)
+
+
+def test_a_schema_is_compiled_once(server: LiveServer) -> None:
+    """The grammars' cache is keyed by the schema: the same schema (as another dict) gives the
+    same compiled grammar; another schema, another."""
+    from kvrt.runtime.server.grammars import GRAMMARS
+
+    grammars = server.app[GRAMMARS]
+    first = grammars.json_schema(json.loads(json.dumps(RECIPE)), "schema")
+    assert grammars.json_schema(json.loads(json.dumps(RECIPE)), "schema") is first
+    assert grammars.json_schema({"type": "object"}, "schema") is not first
