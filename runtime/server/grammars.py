@@ -142,11 +142,13 @@ def closed_schema(schema: Any) -> Any:
     return closed
 
 
-# The keywords whose values are schemas: by name, in a list, or one (or a list: old `items`).
+# The keywords whose values are schemas that an output must match (closing them only narrows
+# what is generated): by name, in a list, or one (or a list: old `items`). `not` and `if` are
+# left alone: closing a schema there would widen what passes.
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
-_SCHEMAS = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else",
-            "contains", "unevaluatedItems", "unevaluatedProperties")
+_SCHEMAS = ("items", "additionalProperties", "additionalItems", "then", "else", "contains",
+            "unevaluatedItems", "unevaluatedProperties")
 _OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
 
