@@ -113,8 +113,11 @@ GRAMMARS = web.AppKey("grammars", Grammars)
 
 
 def generated(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema as llguidance compiles it: closed, and written as JSON_OPTIONS say."""
-    return {**closed_schema(schema), "x-guidance": JSON_OPTIONS}
+    """The schema as llguidance compiles it: closed, and written as JSON_OPTIONS say. A schema
+    with a oneOf anywhere stays open: an object that matches one closed branch may match two of
+    the branches as given, which oneOf forbids."""
+    has_one_of = '"oneOf"' in json.dumps(schema)
+    return {**(schema if has_one_of else closed_schema(schema)), "x-guidance": JSON_OPTIONS}
 
 
 def closed_schema(schema: Any) -> Any:
@@ -146,7 +149,7 @@ def closed_schema(schema: Any) -> Any:
 # what is generated): by name, in a list, or one (or a list: old `items`). `not` and `if` are
 # left alone: closing a schema there would widen what passes.
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_LISTS = ("anyOf", "prefixItems")
 _SCHEMAS = ("items", "additionalProperties", "additionalItems", "then", "else", "contains",
             "unevaluatedItems", "unevaluatedProperties")
 _OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")

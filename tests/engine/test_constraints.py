@@ -61,7 +61,8 @@ SCHEMAS = {
                 {"type": "object", "properties": {"dog": {"enum": ["rex", "fido"]}},
                  "required": ["dog"], "additionalProperties": False}]},
             "score": {"type": "number", "minimum": -1.5, "maximum": 2.5}},
-        "required": ["when", "pet", "score"]},
+        # Closed by hand: a schema with a oneOf is generated as given (grammars.generated).
+        "required": ["when", "pet", "score"], "additionalProperties": False},
     "open_map": {
         "type": "object", "maxProperties": 3,
         "patternProperties": {"^[a-z]{1,4}$": {"type": "integer", "minimum": 0, "maximum": 9}},

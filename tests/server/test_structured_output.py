@@ -224,3 +224,20 @@ def test_a_schema_is_compiled_once(server: LiveServer) -> None:
     first = grammars.json_schema(json.loads(json.dumps(RECIPE)), "schema")
     assert grammars.json_schema(json.loads(json.dumps(RECIPE)), "schema") is first
     assert grammars.json_schema({"type": "object"}, "schema") is not first
+
+
+def test_schemas_are_closed_only_where_that_narrows() -> None:
+    from kvrt.runtime.server.grammars import closed_schema, generated
+
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    closed = closed_schema({"type": "object", "properties": {"p": point, "properties": point},
+                            "allOf": [point], "$defs": {"pt": point},
+                            "additionalProperties": True})
+    assert "additionalProperties" not in point  # the schema sent is not changed
+    assert closed["additionalProperties"] is True  # said by the schema: kept
+    assert closed["properties"]["p"]["additionalProperties"] is False
+    assert closed["properties"]["properties"]["additionalProperties"] is False  # a key's name
+    assert closed["$defs"]["pt"]["additionalProperties"] is False
+    assert closed["allOf"] == [point]
+    one_of = {"oneOf": [point, {"type": "object", "properties": {"y": {"type": "string"}}}]}
+    assert {k: v for k, v in generated(one_of).items() if k != "x-guidance"} == one_of
