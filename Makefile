@@ -18,8 +18,20 @@ setup: $(VENV)/.installed
 serve: setup
 	$(VENV)/bin/kvrt serve $(ARGS)
 
+# The live view's browser test (tests/server/test_ui.py) drives Debian's chromium through
+# playwright (no browser download). Installed once, as root (CI), only when missing: a file
+# target, so nothing runs when it is there.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "$@ is missing: run 'sudo apt-get install -y chromium' (tests/server/test_ui.py)"; \
+		exit 1; fi
+	DEBIAN_FRONTEND=noninteractive apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
 # The pytest script, not `python -m pytest`: see PYTHONSAFEPATH below.
-test: setup
+test: setup $(CHROMIUM)
 	$(VENV)/bin/pytest -q $(ARGS)
 
 # PYTHONSAFEPATH: `-m` would put this folder first on sys.path, where kernels/ (kvrt.kernels)

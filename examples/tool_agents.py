@@ -5,7 +5,8 @@ here by a sleep), each test log going back into their conversation; then a revie
 results. Every test run is reported with `agent.tool_call(...)`, so the daemon knows the agent is
 waiting and for how long, and its policy decides what to do with the agent's KV meanwhile (keep
 it, or move it to the host tier and bring it back just before the tool returns). The decisions
-are made by the graph-aware policies and need a host tier to offload to:
+are made by the graph-aware policies and need a host tier to offload to (the example asks the
+daemon's /health, and says first when it cannot show them):
 
     kvrt serve --policy tokencake --host-cache-memory 2GiB &
     python examples/tool_agents.py --url http://127.0.0.1:8400 --tool-seconds 2
@@ -23,6 +24,8 @@ BUGS = {
     "worker_b": "cache.get(key) returns stale values after cache.clear() is called.",
 }
 SYSTEM = "You are a careful software engineer. Answer briefly."
+# The policies that decide, at each tool call, where the waiting agent's KV goes.
+GRAPH_AWARE = ("tokencake", "kvrt", "kvrt-per-request")
 
 
 async def run_tests(agent: str, attempt: int, seconds: float) -> str:
@@ -59,10 +62,24 @@ async def work(worker: AgentClient, steps: int, tool_seconds: float, max_tokens:
     return final.content
 
 
+async def say_what_the_policy_shows(client: Client) -> None:
+    """A note when the daemon cannot show the KV decisions this example is about."""
+    health = await client.health()
+    if health.policy is None:
+        return  # a daemon that does not say
+    if health.policy not in GRAPH_AWARE or not health.host_cache_bytes:
+        why = (f"runs the `{health.policy}` policy, which makes no decision at tool calls"
+               if health.policy not in GRAPH_AWARE else "has no host tier to offload to")
+        print(f"note: this daemon {why}: what a policy does with a waiting agent's KV will not "
+              "show below. To see it, restart the daemon with:\n"
+              "    kvrt serve --policy tokencake --host-cache-memory 2GiB")
+
+
 async def main(url: str, steps: int = 2, tool_seconds: float = 1.0,
                max_tokens: int = 48) -> RunState:
     """Runs both workers concurrently, then the reviewer; returns the run's final state."""
     async with Client(url) as client:
+        await say_what_the_policy_shows(client)
         graph = await client.create_graph(build_graph(tool_seconds))
         async with await client.start_run(graph) as run:
             results = await asyncio.gather(*(

@@ -5,7 +5,8 @@ everyone said in the round before), then the instruction, and speaks; what each 
 of the next round's shared messages. Every agent reads the same shared text at a different
 position (after its own persona), so prefix caching cannot reuse it. A round's shared messages
 are segments, which the daemon's `kvrt` policy computes once per round and reads at every
-agent's position; under the other policies the example runs the same and reports no reuse:
+agent's position; under the other policies the example runs the same, reports no reuse, and
+says so first (it asks the daemon's /health which policy it serves with):
 
     kvrt serve --policy kvrt &
     python examples/town_rounds.py --url http://127.0.0.1:8400 --rounds 3
@@ -17,6 +18,8 @@ import argparse
 import asyncio
 
 from kvrt.sdk import Client, Graph, RunState
+
+REUSING_POLICY = "kvrt"  # the policy that computes a round's shared text once
 
 PERSONAS = {
     "mara": "You are Mara, the town baker. You are practical and worry about flour deliveries.",
@@ -44,10 +47,20 @@ def build_graph(names: list[str]) -> Graph:
     return g
 
 
+async def say_what_the_policy_shows(client: Client) -> None:
+    """A note when the daemon's policy cannot show the reuse this example is about."""
+    policy = (await client.health()).policy
+    if policy is not None and policy != REUSING_POLICY:
+        print(f"note: this daemon runs the `{policy}` policy, which computes the shared text "
+              "for every agent, so no reuse will show below. To see it, restart the daemon "
+              f"with:\n    kvrt serve --policy {REUSING_POLICY}")
+
+
 async def main(url: str, rounds: int = 3, agents: int = 5, max_tokens: int = 48) -> RunState:
     """Plays `rounds` rounds with the first `agents` personas; returns the run's final state."""
     names = list(PERSONAS)[:agents]
     async with Client(url) as client:
+        await say_what_the_policy_shows(client)
         graph = await client.create_graph(build_graph(names))
         async with await client.start_run(graph) as run:
             shared = [{"role": "user", "content": NEWS}]

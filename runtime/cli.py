@@ -21,6 +21,7 @@ from kvrt.runtime.config import (
     EngineConfig,
     ServeConfig,
     ServerLimits,
+    format_size,
     parse_api_key,
     read_api_keys,
 )
@@ -65,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: %(default)s (cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, default=engine["dtype"],
                    help="default: %(default)s (float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--kv-cache-memory", type=size_argument, default=engine["kv_cache_memory"],
+    # A size's default is given as text (argparse parses it with `type`), so help shows 512MiB.
+    p.add_argument("--kv-cache-memory", type=size_argument,
+                   default=format_size(engine["kv_cache_memory"]),
                    metavar="SIZE", help="size of the device KV pool, e.g. 512MiB, 2GiB "
-                   "(default: %(default)s bytes)")
-    p.add_argument("--host-cache-memory", type=size_argument, default=engine["host_cache_memory"],
+                   "(default: %(default)s)")
+    p.add_argument("--host-cache-memory", type=size_argument,
+                   default=format_size(engine["host_cache_memory"]),
                    metavar="SIZE", help="host tier for offloaded KV, e.g. 4GiB (default: 0, none)")
     p.add_argument("--max-model-len", type=int, default=engine["max_model_len"], metavar="N",
                    help="context length in tokens (default: the model's own)")
@@ -119,13 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=limits["request_timeout_s"],
                    metavar="S", help="a request's whole life in seconds; 0: none "
                    "(default: %(default)s)")
-    p.add_argument("--max-body-size", type=size_argument, default=limits["max_body_bytes"],
-                   metavar="SIZE", help="largest request body (default: %(default)s bytes)")
+    p.add_argument("--max-body-size", type=size_argument,
+                   default=format_size(limits["max_body_bytes"]),
+                   metavar="SIZE", help="largest request body (default: %(default)s)")
     p.add_argument("--max-body-rate-per-tenant", type=size_argument,
-                   default=limits["max_body_bytes_per_s_per_tenant"], metavar="SIZE",
+                   default=format_size(limits["max_body_bytes_per_s_per_tenant"]), metavar="SIZE",
                    help="with several tenants, the bytes of request bodies one tenant may send "
                    "a second (bursts of --max-body-size); past it, 429 body_rate_exceeded; 0: "
-                   "no limit (default: %(default)s)")
+                   "no limit (default: %(default)s a second)")
     p.add_argument("--max-messages", type=int, default=limits["max_messages"], metavar="N",
                    help="messages per chat request or round (default: %(default)s)")
     p.add_argument("--max-events-per-second", type=float, default=limits["max_events_per_s"],
@@ -159,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "round for S seconds ends by itself (status expired) and frees its KV; "
                    "0: never (default: %(default)s)")
     p.add_argument("--max-graph-bytes-per-tenant", type=size_argument,
-                   default=control["max_graph_bytes_per_tenant"], metavar="SIZE",
+                   default=format_size(control["max_graph_bytes_per_tenant"]), metavar="SIZE",
                    help="the declarations of one tenant's graphs together, as compact JSON; "
                    "past it a new graph is a 429 quota_exceeded, a 413 if it alone is larger "
-                   "(default: %(default)s bytes)")
+                   "(default: %(default)s)")
     p.add_argument("--max-run-agents-per-tenant", type=int,
                    default=control["max_run_agents_per_tenant"], metavar="N",
                    help="the agents of one tenant's live runs together (each run counts its "

@@ -27,6 +27,15 @@ def parse_size(text: str | int) -> int:
     return int(number * 1024 ** "kmgt".find(unit) * 1024) if unit else int(number)
 
 
+def format_size(size: int) -> str:
+    """Bytes as the README and the flags write them: the largest binary unit that divides them
+    exactly (536870912 -> '512MiB', 1536 -> '1536', 0 -> '0'); parse_size reads it back."""
+    for unit, power in (("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if size and size % 1024**power == 0:
+            return f"{size // 1024**power}{unit}"
+    return str(size)
+
+
 def parse_key_value(text: str) -> tuple[str, str]:
     """'KEY=VALUE' -> (key, value), both stripped."""
     key, sep, value = text.partition("=")

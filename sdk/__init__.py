@@ -10,7 +10,7 @@ kvrt.runtime); `kvrt.sdk.sync.Client` is the same client for code without an eve
 
 from kvrt.sdk.chat import ChatReply, ChatStream, ChatUsage
 from kvrt.sdk.client import Client
-from kvrt.sdk.errors import KvrtConnectionError, KvrtError
+from kvrt.sdk.errors import KvrtConnectionError, KvrtError, KvrtTimeoutError
 from kvrt.sdk.graph import Graph
 from kvrt.sdk.protocol.control import (
     AgentState,
@@ -36,6 +36,7 @@ __all__ = [
     "Graph",
     "KvrtConnectionError",
     "KvrtError",
+    "KvrtTimeoutError",
     "RoundResult",
     "Run",
     "RunInfo",

@@ -31,12 +31,14 @@ from kvrt.sdk.protocol.control import (
     RunSpec,
     RunState,
 )
+from kvrt.sdk.protocol.openai_api import Health
 from kvrt.sdk.run import Run
 
 T = TypeVar("T")
 P = TypeVar("P", GraphList, RunList)
 
 _graph_decoder = msgspec.json.Decoder(GraphInfo)
+_health_decoder = msgspec.json.Decoder(Health)
 _graph_list_decoder = msgspec.json.Decoder(GraphList)
 _deleted_decoder = msgspec.json.Decoder(Deleted)
 _run_decoder = msgspec.json.Decoder(RunInfo)
@@ -92,6 +94,11 @@ class Client:
         await self._transport.close()
 
     # ---- graphs --------------------------------------------------------------------------
+
+    async def health(self) -> Health:
+        """GET /health: the daemon is ready (else KvrtError 503, its code saying why), and the
+        KV policy and host tier it serves with."""
+        return await self._get("/health", _health_decoder)
 
     async def create_graph(self, graph: Graph | GraphSpec) -> GraphInfo:
         spec = graph.spec() if isinstance(graph, Graph) else graph

@@ -1,5 +1,7 @@
-"""The SDK's exceptions: one type for every error the daemon answers, one subclass for a daemon
-that could not be reached.
+"""The SDK's exceptions: one type for every error the daemon answers, and two subclasses for
+no answer: KvrtConnectionError (the daemon could not be reached, or the connection broke) and
+KvrtTimeoutError (the daemon went quiet longer than the client's `timeout`). Catch both, or
+KvrtError, for "no answer came back".
 
 The daemon's errors come in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`);
 `KvrtError` carries those fields and the HTTP status, so callers branch on `status` and `code`
@@ -49,11 +51,22 @@ class KvrtError(Exception):
 
 
 class KvrtConnectionError(KvrtError):
-    """The daemon could not be reached, or the connection broke or timed out before an answer
-    came back (after the retries an idempotent call gets). `status` is 0."""
+    """The daemon could not be reached (refused, unknown host), or the connection broke before
+    an answer came back (after the retries an idempotent call gets). `status` is 0, `code`
+    "connection_error"; the message names the call, its URL and the cause."""
 
     def __init__(self, message: str, *, attempts: int = 1) -> None:
         super().__init__(0, message, code="connection_error", attempts=attempts)
+
+
+class KvrtTimeoutError(KvrtError):
+    """The daemon was reached, or being connected to, but sent nothing for longer than the
+    client's `timeout` (after the retries an idempotent call gets): a daemon overloaded or
+    stuck, or a call queued longer than the client waits. `status` is 0, `code` "timeout";
+    the message names the call, its URL and the timeout."""
+
+    def __init__(self, message: str, *, attempts: int = 1) -> None:
+        super().__init__(0, message, code="timeout", attempts=attempts)
 
 
 def error_from_body(body: ErrorBody, status: int, *, attempts: int = 1) -> KvrtError:

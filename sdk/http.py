@@ -17,13 +17,15 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 
-from kvrt.sdk.errors import KvrtConnectionError, KvrtError, error_from_response
+from kvrt.sdk.errors import KvrtConnectionError, KvrtError, KvrtTimeoutError, error_from_response
 
 T = TypeVar("T")
 
 # What counts as "no answer came back": the connection failed, broke, or went quiet too long.
 TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
 _JSON = {"Content-Type": "application/json"}
+# aiohttp 3.10+ tells a connect timeout from a read timeout; before, both are ServerTimeoutError.
+_CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())
 
 
 class Transport:
@@ -41,6 +43,7 @@ class Transport:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
+        self.timeout = timeout
         # `timeout` bounds connecting and each wait for the next bytes, not a whole response:
         # a long stream is fine as long as tokens keep coming.
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
@@ -68,7 +71,7 @@ class Transport:
         idempotent: bool,
     ) -> T:
         """Sends one call and decodes its 2xx answer with `decoder`; raises KvrtError for an error
-        answer and KvrtConnectionError when none came back."""
+        answer, KvrtTimeoutError or KvrtConnectionError when none came back."""
         data = None if body is None else self._encoder.encode(body)
         attempts = 1 + (self.retries if idempotent else 0)
         failure: BaseException | None = None
@@ -88,7 +91,7 @@ class Transport:
             if not 200 <= status < 300:
                 raise error_from_response(status, raw, attempts=attempt)
             return decode(decoder, raw, status, attempt)
-        raise connection_error(method, self.base_url + path, failure, attempts)
+        raise no_answer(method, self.base_url + path, failure, attempts, self.timeout)
 
     @asynccontextmanager
     async def stream(self, path: str, body: Any) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -102,7 +105,7 @@ class Transport:
                     raise error_from_response(resp.status, await resp.read())
                 yield resp
         except TRANSPORT_ERRORS as exc:
-            raise connection_error("POST", url, exc, 1) from exc
+            raise no_answer("POST", url, exc, 1, self.timeout) from exc
 
 
 def decode(decoder: msgspec.json.Decoder[T], raw: bytes, status: int, attempts: int = 1) -> T:
@@ -113,11 +116,20 @@ def decode(decoder: msgspec.json.Decoder[T], raw: bytes, status: int, attempts: 
                         code="invalid_response", attempts=attempts) from exc
 
 
-def connection_error(
-    method: str, url: str, failure: BaseException | None, attempts: int
-) -> KvrtConnectionError:
-    reason = f"{type(failure).__name__}: {failure}" if failure is not None else "no answer"
-    tries = f" after {attempts} attempts" if attempts > 1 else ""
-    error = KvrtConnectionError(f"{method} {url} failed{tries}: {reason}", attempts=attempts)
+def no_answer(method: str, url: str, failure: BaseException | None, attempts: int,
+              timeout: float) -> KvrtError:
+    """The error for a call that got no answer: KvrtTimeoutError when the last try timed out
+    (aiohttp's connect and read timeouts are TimeoutErrors), else KvrtConnectionError."""
+    tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+    error: KvrtError
+    if isinstance(failure, TimeoutError):
+        what = ("connecting" if isinstance(failure, _CONNECT_TIMEOUT)
+                else "waiting for the daemon's answer")
+        error = KvrtTimeoutError(f"{method} {url} timed out{tries}: nothing for {timeout:g} s "
+                                 f"while {what} (the client's `timeout`)", attempts=attempts)
+    else:
+        reason = f"{type(failure).__name__}: {failure}" if failure is not None else "no answer"
+        error = KvrtConnectionError(f"{method} {url}: connection failed{tries}: {reason}",
+                                    attempts=attempts)
     error.__cause__ = failure
     return error

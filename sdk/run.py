@@ -46,6 +46,13 @@ _ack_decoder = msgspec.json.Decoder(EventAck)
 _closed_decoder = msgspec.json.Decoder(RunClosed)
 _round_decoder = msgspec.json.Decoder(RoundResult)
 
+# A round's reply is one turn of a conversation, and every agent of the round generates it at
+# once: left to the daemon (as an OpenAI chat call without max_tokens is), each would run to
+# the end of the model's context, ~8,000 tokens on the default model, for a round that waits on
+# its slowest agent. 256 tokens is a few paragraphs, as much as a turn takes; ask for more, or
+# None, explicitly.
+ROUND_MAX_TOKENS = 256
+
 
 class Run:
     """A handle to one run: `agent(name)` for its agents, `state()`, `close()`. As an async
@@ -113,14 +120,18 @@ class Run:
         agents: Mapping[str, Sequence[Message] | Mapping[str, Sequence[Message]]],
         *,
         instruction: Sequence[Message] | None = None,
-        max_tokens: int | None = None,
+        max_tokens: int | None = ROUND_MAX_TOKENS,
         temperature: float | None = None,
         **extra: Any,
     ) -> RoundResult:
         """One All-Gather round: each agent reads its own messages, then `shared`, then its
         `after` messages or the common `instruction`, and generates; all at once. `agents` maps
         each agent to its messages, or to `{"messages": [...], "after": [...]}`. An agent's
-        declared system prompt goes first, as in `AgentClient.chat`. Never retried."""
+        declared system prompt goes first, as in `AgentClient.chat`. Never retried.
+
+        `max_tokens` bounds each agent's reply: ROUND_MAX_TOKENS (256) unless given; None
+        leaves it to the daemon, which lets each agent generate up to the model's context
+        (~8,000 tokens on the default model), and the round waits for the longest."""
         specs: dict[str, dict[str, Any]] = {}
         for name, spec in agents.items():
             own = spec if not isinstance(spec, Mapping) else spec.get("messages", [])

@@ -31,6 +31,7 @@ from kvrt.sdk.protocol.control import (
     RunInfo,
     RunState,
 )
+from kvrt.sdk.protocol.openai_api import Health
 from kvrt.sdk.protocol.rounds import RoundResult
 from kvrt.sdk.run import AgentClient as AsyncAgentClient
 from kvrt.sdk.run import EventType
@@ -80,6 +81,9 @@ class Client:
             self._loop.run(self._client.close())
             self._loop.stop()
 
+    def health(self) -> Health:
+        return self._loop.run(self._client.health())
+
     def create_graph(self, graph: Graph | GraphSpec) -> GraphInfo:
         return self._loop.run(self._client.create_graph(graph))
 
@@ -122,6 +126,8 @@ class Run:
 
     def round(self, shared: Sequence[Message], agents: Mapping[str, Any],
               **options: Any) -> RoundResult:
+        """The async Run.round: each agent's reply is at most ROUND_MAX_TOKENS (256) tokens
+        unless `max_tokens` says otherwise."""
         return self._loop.run(self._run.round(shared, agents, **options))
 
     def close(self) -> RunClosed | None:

@@ -21,6 +21,8 @@ from kvrt.runtime.config import (
     EngineConfig,
     ServeConfig,
     ServerLimits,
+    format_size,
+    parse_size,
 )
 
 READY = re.compile(r"^kvrt ready: serving (\S+) at (http://127\.0\.0\.1:(\d+))$")
@@ -30,6 +32,28 @@ def test_serve_defaults_come_from_the_configs() -> None:
     config = serve_config(build_parser().parse_args(["serve"]))
     assert config == ServeConfig()
     assert config.engine == EngineConfig()
+
+
+def test_help_writes_sizes_as_the_readme_does(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag, size in (("--kv-cache-memory", "512MiB"), ("--max-body-size", "64MiB"),
+                       ("--max-body-rate-per-tenant", "32MiB a second"),
+                       ("--max-graph-bytes-per-tenant", "16MiB")):
+        assert f"(default: {size})" in text.split(f"{flag} SIZE", 2)[-1][:400], flag
+    assert "bytes)" not in text and "536870912" not in text
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 256MiB)" in text and "(default: 1GiB)" in text
+
+
+@pytest.mark.parametrize(("size", "text"), [(512 * 1024**2, "512MiB"), (2 * 1024**3, "2GiB"),
+                                            (1536, "1536"), (3 * 1024, "3KiB"), (0, "0"),
+                                            (5 * 1024**4, "5TiB")])
+def test_a_size_is_written_in_its_largest_exact_unit_and_reads_back(size, text) -> None:
+    assert format_size(size) == text and parse_size(text) == size
 
 
 def test_serve_flags_reach_the_config() -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,12 @@ def server(tiny_checkpoint_dir: Callable[..., Path]) -> Iterator[LiveServer]:
     yield from live_server(tiny_checkpoint_dir("llama", 0), EXAMPLE_ENGINE)
 
 
+@pytest.fixture(scope="module")
+def lru_server(tiny_checkpoint_dir: Callable[..., Path]) -> Iterator[LiveServer]:
+    """A daemon whose policy shows neither a round's reuse nor decisions at tool calls."""
+    yield from live_server(tiny_checkpoint_dir("llama", 0), replace(EXAMPLE_ENGINE, policy="lru"))
+
+
 def run_example(name: str, server: LiveServer, *flags: str) -> list[str]:
     """Runs examples/`name` to completion; returns its printed lines."""
     done = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--url", server.url,
@@ -44,7 +51,8 @@ def metrics(server: LiveServer) -> Counter[str]:
     for line in server.request("GET", "/metrics").body.decode().splitlines():
         if not line.startswith("#"):
             sample, value = line.rsplit(" ", 1)
-            samples[re.sub(r'model_name="[^"]*",?', "", sample).replace("{}", "")] = float(value)
+            samples[re.sub(r'model_name="[^"]*",?', "", sample).replace(",}", "}")
+                    .replace("{}", "")] = float(value)
     return samples
 
 
@@ -78,6 +86,7 @@ def test_town_rounds(server: LiveServer) -> None:
     shared = {m[1]: (int(m[2]), int(m[3])) for line in lines
               if (m := re.fullmatch(r"\s*(\w+): (\d+) of (\d+) shared tokens read in .*", line))}
     assert list(shared) == names
+    assert not [line for line in lines if line.startswith("note:")]  # the policy shows it
     assert len({total for _, total in shared.values()}) == 1  # all read the same shared text
     # Each round one agent computes the shared text (the master), the other three read it.
     assert sum(reused > 0 for reused, _ in shared.values()) >= 3
@@ -187,3 +196,17 @@ def test_langgraph_react(server: LiveServer) -> None:
     assert graph["agents"][0]["tools"] == {"search": 2.0}
     assert [(e["from"], e["to"]) for e in graph["edges"]] == [("agent", "agent")]
     assert server.request("GET", "/v1/runs").json()["data"] == []
+
+
+@pytest.mark.parametrize(("example", "flags", "command"), [
+    ("town_rounds.py", ("--rounds", "1", "--agents", "2", "--max-tokens", "2"),
+     "kvrt serve --policy kvrt"),
+    ("tool_agents.py", ("--steps", "1", "--tool-seconds", "0.05", "--max-tokens", "2"),
+     "kvrt serve --policy tokencake --host-cache-memory 2GiB")])
+def test_an_example_says_when_the_policy_cannot_show_it(lru_server: LiveServer, example: str,
+                                                        flags: tuple[str, ...],
+                                                        command: str) -> None:
+    lines = run_example(example, lru_server, *flags)
+    assert lines[0].startswith("note: this daemon runs the `lru` policy"), lines[0]
+    assert lines[1].strip() == command  # the note's command, as a user would paste it
+    assert lru_server.stats().kv_blocks_in_use == 0

@@ -51,10 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
     p.add_argument("--model", default=None, help="checkpoint (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    p.add_argument("--kv-cache-memory", type=size_argument, default=parse_size("256MiB"),
-                   help="device KV pool per policy (default: 256MiB)")
-    p.add_argument("--host-cache-memory", type=size_argument, default=parse_size("1GiB"),
-                   help="host tier for policies that offload (default: 1GiB)")
+    p.add_argument("--kv-cache-memory", type=size_argument, default="256MiB",
+                   help="device KV pool per policy (default: %(default)s)")
+    p.add_argument("--host-cache-memory", type=size_argument, default="1GiB",
+                   help="host tier for policies that offload (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=32)
 
 

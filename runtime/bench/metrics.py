@@ -90,6 +90,9 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "backup_bytes": run.backup_bytes,
         "preemptions": run.preemptions,
         "evicted_blocks": run.evicted_blocks,
+        # The pool filled: cached KV had to go, or a call had to wait for blocks. Without it no
+        # policy has a decision to make, and their figures can differ only by noise.
+        "memory_pressure": bool(run.evicted_blocks or run.preemptions),
         "upload_landing": upload_landing(run.upload_landings),
         "calls": len(calls),
         "jobs": len(jct),

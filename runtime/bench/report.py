@@ -1,5 +1,5 @@
 """Writes a benchmark's report: results.json (one documented shape for `kvrt bench` and `kvrt
-sim`), results.md (a Markdown table) and two PNG plots."""
+sim`), results.md (a Markdown table) and two PNG plots (plots.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from kvrt.runtime.bench.plots import plot
 
 _COLUMNS = [  # (key, header, scale, format)
     ("jct_mean_s", "JCT mean (s)", 1, "{:.2f}"),
@@ -38,7 +40,14 @@ def write_report(out: Path, results: dict[str, Any], timelines: dict[str, list[t
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     (out / "results.md").write_text(markdown(results))
-    plot(out, results, timelines)
+    plot(out, results, timelines, pool_bytes(results))
+
+
+def pool_bytes(results: dict[str, Any]) -> int | None:
+    """The device KV pool each policy had: the simulated device's under `kvrt sim`, else the
+    engine's setting."""
+    return (results.get("sim", {}).get("kv_cache_bytes")
+            or results.get("engine", {}).get("kv_cache_memory"))
 
 
 def _json_default(value: Any) -> Any:
@@ -66,11 +75,31 @@ def markdown(results: dict[str, Any]) -> str:
               f"computed once, wherever it sits), {ideal['kv_bytes'] / 2**20:.1f} MiB of distinct "
               f"KV; exact prefix reuse at best: {ideal['prefill_tokens_prefix_reuse']:,} prefill "
               "tokens.", ""]
+    lines += pressure_markdown(results["policies"], pool_bytes(results))
     lines += landing_markdown(results["policies"])
     lines += gain_markdown(results["policies"])
     if "comparison" in results:
         lines.append(comparison_markdown(results["comparison"]))
     return "\n".join(lines)
+
+
+def pressure_markdown(rows: dict[str, dict[str, Any]], pool: int | None) -> list[str]:
+    """Says which runs had no memory pressure (no cached KV evicted, no call preempted): there
+    the pool never filled, no policy had KV to decide about, and they can differ only by the
+    order of calls and what their moves between tiers cost."""
+    calm = [name for name, row in rows.items() if row.get("memory_pressure") is False]
+    if not calm:
+        return []
+    peak = max(rows[name].get("kv_resident_peak_bytes") or 0 for name in calm)
+    of_pool = f" of the {pool / 2**20:,.0f} MiB pool ({peak / pool:.0%})" if pool else ""
+    if len(calm) == len(rows):
+        return [f"**No memory pressure**: in no run did the KV pool fill (no cached KV evicted, "
+                f"no call preempted; resident KV peaked at {peak / 2**20:,.1f} MiB{of_pool}), so "
+                "the policies had no KV to decide about and could not differ but by the order "
+                "of calls. Lower `--kv-cache-memory` or raise the load to compare them.", ""]
+    names = ", ".join(f"`{name}`" for name in calm)
+    return [f"No memory pressure under {names} (no cached KV evicted, no call preempted; "
+            f"resident KV peaked at {peak / 2**20:,.1f} MiB{of_pool}).", ""]
 
 
 def landing_markdown(rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -159,52 +188,3 @@ def _cell(value: Any, scale: float, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return fmt.format(value * scale)
-
-
-def plot(out: Path, results: dict[str, Any], timelines: dict[str, list[tuple]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    policies = list(results["policies"])
-    rows = results["policies"]
-    figure, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    panels = [
-        ("JCT (s)", [("mean", "jct_mean_s"), ("p95", "jct_p95_s")], 1),
-        ("TTFT (ms)", [("p50", "ttft_p50_ms"), ("p99", "ttft_p99_ms")], 1),
-        ("prompt tokens", [("computed", "prefill_tokens"), ("cached", "cached_tokens")], 1),
-        ("KV (MiB)", [("peak in use", "kv_peak_bytes"),
-                      ("peak resident", "kv_resident_peak_bytes")], 2**-20),
-    ]
-    width = 0.8 / 2
-    for ax, (title, bars, scale) in zip(axes, panels):
-        for i, (label, key) in enumerate(bars):
-            values = [(rows[p].get(key) or 0) * scale for p in policies]
-            ax.bar([x + i * width for x in range(len(policies))], values, width, label=label)
-        if title == "prompt tokens":
-            ax.axhline(results["ideal"]["prefill_tokens"], color="black", linestyle="--",
-                       linewidth=1, label="ideal prefill")
-            ax.axhline(results["ideal"]["prefill_tokens_prefix_reuse"], color="grey",
-                       linestyle=":", linewidth=1, label="prefix reuse at best")
-        ax.set_xticks([x + width / 2 for x in range(len(policies))], policies)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    figure.suptitle(f"{results['workload']} ({results['machine']['description']})", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(out / "summary.png", dpi=110)
-    plt.close(figure)
-
-    figure, ax = plt.subplots(figsize=(8, 3.6))
-    for policy, points in timelines.items():
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"{policy} in use")
-            ax.plot([p[0] for p in points], [p[2] for p in points], linestyle=":",
-                    label=f"{policy} resident")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("device KV (MiB)")
-    ax.set_title(f"{results['workload']}: device KV over time")
-    ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "kv_timeline.png", dpi=110)
-    plt.close(figure)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from kvrt.runtime.config import ConfigError, EngineConfig
+from kvrt.runtime.engine.decision_log import DecisionLog
 from kvrt.runtime.engine.engine import Engine
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.sampler import Sampler
@@ -48,8 +49,9 @@ def assemble_engine(
     model loads. `rows`: the KV tensor's (None: a simulation)."""
     kv = KVManager(num_blocks, config.block_size, config.prefix_caching, host, rows)
     reuse = ReusePlanner(kv, policy.reuse, rows)
+    decisions = DecisionLog(clock)  # the policy's, wherever the engine carries them out
     scheduler = BatchScheduler(kv, policy, reuse, config.max_num_seqs,
-                               config.max_num_batched_tokens)
+                               config.max_num_batched_tokens, decisions)
     sampler = Sampler(config.seed, sampler_device or torch.device("cpu"))
     return Engine(executor, kv, scheduler, policy, reuse, sampler, tokenizer, max_model_len,
-                  clock)
+                  clock, decisions)

@@ -28,6 +28,7 @@ from kvrt.runtime.engine.protocol import (
     EngineStats,
     GenerateOutput,
     GenerateRequest,
+    RecentDecisions,
     RunEnded,
 )
 from kvrt.runtime.engine.queue_meter import QueueMeter
@@ -168,6 +169,9 @@ class AsyncEngine:
     def kv_residency(self, run: str) -> dict[str, AgentResidency]:
         return self.engine.kv_residency(run)  # the ledger locks: no trip to the engine thread
 
+    def recent_decisions(self) -> RecentDecisions:
+        return self.engine.decisions.recent()  # the log locks: no trip to the engine thread
+
     def notify(self, event: AgentEvent) -> None:
         self._send("notify", event)  # with the engine down there is no policy left to tell
 
@@ -207,7 +211,7 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
             raise EngineError("the engine is not running")
         self._queue.enter(request.request_id, len(request.prompt_token_ids))
-        finished = False
+        finished, ended_choices = False, 0
         try:
             while not finished:
                 item = await stream.get()
@@ -215,7 +219,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True  # the engine delivers an error only after dropping the request
                     raise item
-                finished = item.finish_reason is not None
+                ended_choices += item.finish_reason is not None
+                finished = ended_choices == request.params.n  # each choice ends once
                 yield item
         finally:
             self._queue.leave(request.request_id, served=False)

@@ -10,6 +10,11 @@ timing the uploads it plans ahead against the tools' actual returns (runtime/eng
 A step that raises after scheduling aborts the requests of its batch and raises StepFailed
 naming them; the engine stays consistent and serves the others. `expire` aborts the requests
 past their `timeout_s`.
+
+A request of n > 1 choices is one sequence per choice. Choice 0 computes the prompt; its last
+prefill step draws every choice's first token from the prompt's logits (one row each, each
+choice with its own generator), and the other choices then fork the prompt's KV
+(BatchScheduler.fork) and decode beside it: the prompt is computed once.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from typing import NamedTuple
 
 from kvrt.runtime.engine.constraints import Constraints, Matcher
 from kvrt.runtime.engine.decide import carry_out
+from kvrt.runtime.engine.decision_log import DecisionLog
 from kvrt.runtime.engine.executor import Executor
 from kvrt.runtime.engine.landing import UploadLandings
+from kvrt.runtime.engine.logprobs import token_logprobs
 from kvrt.runtime.engine.output import OutputText
 from kvrt.runtime.engine.priorities import Priorities
 from kvrt.runtime.engine.protocol import (
@@ -34,10 +41,11 @@ from kvrt.runtime.engine.protocol import (
     GenerateRequest,
     RequestRejected,
     StepFailed,
+    TokenLogprobs,
 )
 from kvrt.runtime.engine.sampler import Sampler
 from kvrt.runtime.engine.scheduler import BatchScheduler, Chunk
-from kvrt.runtime.engine.sequence import Sequence
+from kvrt.runtime.engine.sequence import Sequence, Status
 from kvrt.runtime.kv.block_table import BlockTable
 from kvrt.runtime.kv.manager import KVManager
 from kvrt.runtime.kv.reuse.planner import ReusePlanner
@@ -52,6 +60,11 @@ class Emitted(NamedTuple):
     output: GenerateOutput  # the request's output increment
 
 
+class Draw(NamedTuple):
+    token_id: int
+    logprobs: TokenLogprobs | None  # when the request asks for them
+
+
 @dataclass(frozen=True, slots=True)
 class RunRelease:
     aborted: list[str]  # ids of the run's requests that were live, now aborted
@@ -60,9 +73,17 @@ class RunRelease:
 
 @dataclass(slots=True)
 class _Live:
+    """A live request: a sequence and an output text per choice. `seq` is choice 0 (its
+    arrival and attribution are every choice's); `unforked`: the choices still waiting for its
+    prompt's logits; `running`: the choices not finished."""
+
     seq: Sequence
-    text: OutputText
-    matcher: Matcher | None = None  # where its output stands in its grammar, if constrained
+    seqs: list[Sequence]
+    texts: list[OutputText]
+    unforked: list[Sequence]
+    running: int
+    # Per choice, where its output stands in the request's grammar; None: unconstrained.
+    matchers: list[Matcher] | None = None
 
 
 class Engine:
@@ -77,6 +98,7 @@ class Engine:
         tokenizer: Tokenizer,
         max_model_len: int,
         clock: Callable[[], float] = time.monotonic,
+        decisions: DecisionLog | None = None,
     ) -> None:
         """`scheduler` works on the same `kv`, `policy` and `reuse` (runtime/engine/assembly.py
         builds them together)."""
@@ -90,8 +112,11 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self.priorities = Priorities()  # every live call reads its agent's here
         self.landings = UploadLandings()  # predictive uploads: landing vs. the tool's return
+        # The policy's last decisions carried out, for the live view (the scheduler's too).
+        self.decisions = decisions or DecisionLog(clock)
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.computed_tokens = 0  # positions the forwards computed (prompts and outputs)
         self.kv_blocks_in_use_peak = 0  # at any step, once scheduled
         self.shared_text = SharedTextMeter()  # blocks held for segments, when sampled
         self._arrivals = 0
@@ -105,6 +130,8 @@ class Engine:
             raise RequestRejected("the prompt is empty")
         if max_tokens < 1:
             raise RequestRejected(f"max_tokens must be at least 1, got {max_tokens}")
+        if request.params.n < 1:
+            raise RequestRejected(f"n must be at least 1, got {request.params.n}")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})")
         total = len(prompt) + max_tokens
@@ -127,21 +154,23 @@ class Engine:
         self.validate(request)
         if request.request_id in self._live:
             raise RequestRejected(f"request id {request.request_id!r} is already live")
-        seq = Sequence(
+        arrival, n = self.clock(), request.params.n
+        seqs = [Sequence(
             request=request,
             table=BlockTable(self.kv.block_size, owner=_owner(request.attribution)),
-            arrival=self.clock(),
+            arrival=arrival,
             order=self._arrivals,
             token_ids=list(request.prompt_token_ids),
-            generator=self.sampler.request_generator(request.params),
+            generator=self.sampler.request_generator(request.params, index),
             priorities=self.priorities,
-        )
-        text = OutputText(
-            request.params, self.tokenizer.detokenizer(), self.tokenizer.eos_token_ids
-        )
+            index=index,
+        ) for index in range(n)]
+        texts = [OutputText(request.params, self.tokenizer.detokenizer(),
+                            self.tokenizer.eos_token_ids) for _ in range(n)]
         grammar = request.params.grammar
-        matcher = None if grammar is None else Matcher(grammar)
-        self._live[request.request_id] = _Live(seq, text, matcher)
+        matchers = None if grammar is None else [Matcher(grammar) for _ in range(n)]
+        seq = seqs[0]
+        self._live[request.request_id] = _Live(seq, seqs, texts, seqs[1:], n, matchers)
         self._arrivals += 1
         self.prompt_tokens += seq.prompt_len
         self.scheduler.add(seq)
@@ -150,7 +179,9 @@ class Engine:
         live = self._live.pop(request_id, None)
         if live is None:
             return False
-        self.scheduler.finish(live.seq)
+        for seq in live.seqs:
+            if seq.status is not Status.FINISHED and seq not in live.unforked:
+                self.scheduler.finish(seq)
         return True
 
     def expire(self) -> list[str]:
@@ -168,17 +199,17 @@ class Engine:
         now = self.clock()
         if event.kind == "tool_call.finished":
             self.landings.returned((event.run, event.agent), now)
-        self._carry_out(self.policy.on_event(event, self.kv, now))
+        self._carry_out(self.policy.on_event(event, self.kv, now), event.kind)
 
-    def _carry_out(self, decisions: Iterable[Decision]) -> None:
-        carry_out(self.kv, decisions, self.landings)
+    def _carry_out(self, decisions: Iterable[Decision], cause: str) -> None:
+        carry_out(self.kv, self.decisions.recording(decisions, cause), self.landings)
 
     def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None:
         """The run's agents' new graph priorities (agent -> priority; the others keep theirs):
         their calls, waiting or running, are ordered by them from now on, and the policy hears
         of them. Nothing here is per call: the calls read the table."""
         self.priorities.update(run, priorities)
-        self._carry_out(self.policy.on_priorities(run, priorities, self.kv))
+        self._carry_out(self.policy.on_priorities(run, priorities, self.kv), "priorities")
 
     def set_outlook(self, run: str, remaining_s: float,
                     next_use: Mapping[str, float | None]) -> None:
@@ -187,7 +218,8 @@ class Engine:
         self.priorities.set_remaining(run, remaining_s)
         now = self.clock()
         due = {agent: None if s is None else now + s for agent, s in next_use.items()}
-        carry_out(self.kv, self.policy.on_outlook(run, remaining_s, due, self.kv, now))
+        carry_out(self.kv, self.decisions.recording(
+            self.policy.on_outlook(run, remaining_s, due, self.kv, now), "outlook"))
 
     def tick(self) -> None:
         """Completes the KV moves that have landed and lets the policy act on the time (expire
@@ -197,7 +229,7 @@ class Engine:
         now = self.clock()
         for owner in self.kv.take_landed_uploads():
             self.landings.landed(owner, now)
-        self._carry_out(self.policy.on_step(self.kv, now))
+        self._carry_out(self.policy.on_step(self.kv, now), "step")
 
     def close(self) -> None:
         """Lets the KV moves in flight land and stops the mover's thread."""
@@ -262,16 +294,16 @@ class Engine:
         if not chunks:
             if self.scheduler.has_work() and not self.kv.moves_in_flight():
                 # Pins hold the pool and nothing lands: the policy must let something go.
-                self._carry_out(self.policy.on_stall(self.kv, self.clock()))
+                self._carry_out(self.policy.on_stall(self.kv, self.clock()), "stall")
             return []
         self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.kv.usage().in_use)
         failed: list[tuple[Chunk, Exception]] = []
         try:
-            tokens = self._run(chunks)
+            draws = self._run(chunks)
         except Exception as error:
-            chunks, tokens, failed = self._isolate(chunks, error)
+            chunks, draws, failed = self._isolate(chunks, error)
         try:
-            emitted = self._update(chunks, tokens)
+            emitted = self._update(chunks, draws)
         except Exception as error:
             failed += [(chunk, error) for chunk in chunks]
             emitted = []
@@ -287,53 +319,98 @@ class Engine:
         return emitted
 
     def _isolate(self, chunks: list[Chunk], error: Exception
-                 ) -> tuple[list[Chunk], list[int], list[tuple[Chunk, Exception]]]:
+                 ) -> tuple[list[Chunk], list[Draw], list[tuple[Chunk, Exception]]]:
         """The batch's forward or sampling raised: each chunk runs again alone, so that one
         request's failure (its parameters, its data) fails that request only, and a passing
         fault fails none. Re-running writes the same KV to the same slots. Returns the chunks
         that ran, their tokens in order, and the failed chunks with their errors."""
         if len(chunks) == 1:
             return [], [], [(chunks[0], error)]
-        good, tokens, failed = [], [], []
+        good: list[Chunk] = []
+        draws: list[Draw] = []
+        failed: list[tuple[Chunk, Exception]] = []
         for chunk in chunks:
             try:
-                tokens += self._run([chunk])
+                draws += self._run([chunk])
                 good.append(chunk)
             except Exception as alone:
                 failed.append((chunk, alone))
-        return good, tokens, failed
+        return good, draws, failed
 
-    def _run(self, chunks: list[Chunk]) -> list[int]:
-        """One forward over the batch; a token for each chunk that wants one, in order. The
-        constrained rows are masked to what their grammars allow first."""
+    def _run(self, chunks: list[Chunk]) -> list[Draw]:
+        """One forward over the batch; a token for each chunk that wants one, in order (for a
+        prompt whose choices fork, one per choice: `_drawing`). The constrained rows are masked
+        to what their grammars allow first (logprobs then describe what was sampled from)."""
         logits = self.executor.run(chunks)
-        sampling = [c.seq for c in chunks if c.wants_logits]
-        self.constraints.mask(logits, [self._live[s.request_id].matcher for s in sampling])
-        return self.sampler.sample(
-            logits, [s.request.params for s in sampling], [s.generator for s in sampling]
-        )
+        sampling, rows = self._drawing(chunks)
+        if len(rows) != logits.shape[0]:
+            logits = logits[rows]
+        self.constraints.mask(logits, [self._matcher(s) for s in sampling])
+        params = [s.request.params for s in sampling]
+        tokens = self.sampler.sample(logits, params, [s.generator for s in sampling],
+                                     [(s.token_ids, s.prompt_len) for s in sampling])
+        return [Draw(*d) for d in zip(tokens, token_logprobs(logits, tokens, params))]
 
-    def _update(self, chunks: list[Chunk], tokens: list[int]) -> list[Emitted]:
-        sampled = self.scheduler.update(chunks, tokens)
-        return [self._emit(seq) for seq in sampled]
+    def _matcher(self, seq: Sequence) -> Matcher | None:
+        matchers = self._live[seq.request_id].matchers
+        return None if matchers is None else matchers[seq.index]
 
-    def _emit(self, seq: Sequence) -> Emitted:
-        """The output increment of a sequence that got a token; ends it on a stop."""
+    def _drawing(self, chunks: list[Chunk]) -> tuple[list[Sequence], list[int]]:
+        """The sequences that draw a token from this step's logits, and the logits row each
+        reads: each chunk that wants logits, followed by the choices that fork from it."""
+        sampling: list[Sequence] = []
+        rows: list[int] = []
+        for row, seq in enumerate(c.seq for c in chunks if c.wants_logits):
+            group = [seq, *self._unforked(seq)]
+            sampling += group
+            rows += [row] * len(group)
+        return sampling, rows
+
+    def _unforked(self, seq: Sequence) -> list[Sequence]:
+        """The choices waiting for `seq`'s prompt logits: its request's others, if it is
+        choice 0 and has not drawn its first token yet."""
+        live = self._live.get(seq.request_id)
+        return live.unforked if live is not None and live.seq is seq else []
+
+    def _update(self, chunks: list[Chunk], draws: list[Draw]) -> list[Emitted]:
+        self.computed_tokens += sum(chunk.num_tokens for chunk in chunks)
+        firsts: list[Draw] = []
+        forks: list[tuple[Sequence, Sequence, Draw]] = []
+        taken = iter(draws)
+        for chunk in chunks:
+            if chunk.wants_logits:
+                firsts.append(next(taken))
+                forks += [(chunk.seq, child, next(taken)) for child in self._unforked(chunk.seq)]
+        sampled = self.scheduler.update(chunks, [draw.token_id for draw in firsts])
+        for parent, child, draw in forks:  # before any choice ends and frees the prompt
+            child.token_ids.append(draw.token_id)
+            self.scheduler.fork(parent, child)
+            self._live[parent.request_id].unforked = []
+        return ([self._emit(seq, draw.logprobs) for seq, draw in zip(sampled, firsts)]
+                + [self._emit(child, draw.logprobs) for _, child, draw in forks])
+
+    def _emit(self, seq: Sequence, logprobs: TokenLogprobs | None) -> Emitted:
+        """The output increment of a sequence that got a token; ends it on a stop (and the
+        request with its last choice)."""
         token = seq.token_ids[-1]
         live = self._live[seq.request_id]
         self.generation_tokens += 1
-        text, reason = live.text.add_token(token, seq.num_output)
-        if live.matcher is not None:
-            live.matcher.accept(token)
-            if reason is None and live.matcher.terminated:
+        output_text = live.texts[seq.index]
+        text, reason = output_text.add_token(token, seq.num_output)
+        matcher = self._matcher(seq)
+        if matcher is not None:
+            matcher.accept(token)
+            if reason is None and matcher.terminated:
                 # The grammar admits nothing more (or took a stop token that ignore_eos skips).
-                text, reason = text + live.text.finish_text(), "stop"
+                text, reason = text + output_text.finish_text(), "stop"
         if reason is None and len(seq.token_ids) >= self.max_model_len:
-            text, reason = text + live.text.finish_text(), "length"
+            text, reason = text + output_text.finish_text(), "length"
         if reason is not None:
-            del self._live[seq.request_id]
+            live.running -= 1
+            if not live.running:
+                del self._live[seq.request_id]
             self.scheduler.finish(seq)
-            self._carry_out(self.policy.on_finish(seq, self.kv))
+            self._carry_out(self.policy.on_finish(seq, self.kv), "finish")
         output = GenerateOutput(
             token_ids=[token],
             text=text,
@@ -341,6 +418,8 @@ class Engine:
             cached_tokens=seq.num_cached,
             completion_tokens=seq.num_output,
             finish_reason=reason,
+            index=seq.index,
+            logprobs=None if logprobs is None else [logprobs],
         )
         return Emitted(seq.request_id, output)
 
@@ -353,7 +432,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         usage, scheduler, reuse = self.kv.usage(), self.scheduler, self.reuse
-        moved = self.kv.tier_counts()
+        moved, host = self.kv.tier_counts(), self.kv.host_usage()
         return EngineStats(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting),
@@ -371,6 +450,8 @@ class Engine:
             kv_blocks_uploaded=moved.uploaded,
             kv_blocks_backed_up=moved.backed_up,
             kv_blocks_evicted=self.kv.evicted_blocks(),
+            kv_host_blocks_total=host.total if host else 0,
+            kv_host_blocks_held=host.in_use + host.cached if host else 0,
             kv_move_failures=self.kv.move_failures(),
             kv_decisions=self.policy.kv_decisions(),
             upload_landing=self.landings.stats(),
@@ -379,6 +460,7 @@ class Engine:
             segment_reused_tokens=reuse.reused_tokens,
             segment_dropped_tokens=reuse.dropped_tokens,
             shared_text_blocks_per_agent=self.shared_text.per_agent(),
+            computed_tokens=self.computed_tokens,
         )
 
     def check_integrity(self) -> None:

@@ -1,7 +1,9 @@
 """Turns a sequence's new tokens into text increments, and decides when it stops.
 
-Stop strings are cut from the text, and text that might be the start of a stop string is held
-back until it is known not to be one, so a streaming client never sees part of a stop string.
+Stop strings are cut from the text (kept, with what comes before them, when the request asks
+`include_stop_str_in_output`, vLLM's field), and text that might be the start of a stop string
+is held back until it is known not to be one, so a streaming client never sees part of a stop
+string it will not get whole.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class OutputText:
         for stop in p.stop:
             cut = self.held.find(stop)
             if cut >= 0:
-                text, self.held = self.held[:cut], ""
+                text, self.held = self.held[: self._end_at(cut, stop)], ""
                 return text, "stop"
         if num_output >= p.max_tokens:
             return self._flush(), "length"
@@ -53,5 +55,9 @@ class OutputText:
         for stop in self.params.stop:  # the flushed tail may complete a stop string
             cut = text.find(stop)
             if cut >= 0:
-                text = text[:cut]
+                text = text[: self._end_at(cut, stop)]
         return text
+
+    def _end_at(self, cut: int, stop: str) -> int:
+        """Where the text ends when `stop` matched at `cut`."""
+        return cut + len(stop) if self.params.include_stop_str_in_output else cut

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-# Part of this seam (kv_residency's and stats' results): the server imports them from here.
+# Part of this seam (the results of kv_residency, recent_decisions and stats): the server
+# imports them from here.
+from kvrt.runtime.engine.decision_log import RecentDecisions
 from kvrt.runtime.engine.landing import LandingStats
 from kvrt.runtime.kv.owners import AgentResidency
 
@@ -63,6 +65,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # -- choices, logprobs, penalties (runtime/engine/penalties.py, logprobs.py) --
+    n: int = 1  # choices; the prompt is computed once, and each choice forks its KV
+    # None: no logprobs; k >= 0: each sampled token's logprob and the k most likely tokens'.
+    # They describe the model's distribution (log-softmax of the logits the sampler is given),
+    # before logit_bias, penalties, temperature, top-k and top-p: vLLM's default.
+    logprobs: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: minus this once per token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this per time a token was generated
+    repetition_penalty: float = 1.0  # HF/vLLM's, over prompt and output: > 1 discourages
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    include_stop_str_in_output: bool = False  # vLLM's: a matched stop string stays in the text
     # Constrained decoding (runtime/engine/constraints.py): the output follows this grammar,
     # compiled by the server for the engine's vocabulary. None: free text.
     grammar: Grammar | None = None
@@ -96,8 +109,19 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A sampled token's logprob and the `SamplingParams.logprobs` most likely tokens' (best
+    first), all from the same distribution (see SamplingParams.logprobs)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class GenerateOutput:
-    """One increment of a request's output. The last one has `finish_reason` set."""
+    """One increment of one choice's output. Each choice's last has `finish_reason` set; the
+    request ends once all `SamplingParams.n` choices have ended."""
 
     token_ids: list[int]  # new tokens since the previous output
     text: str  # new text since the previous output (stop strings already cut)
@@ -105,6 +129,9 @@ class GenerateOutput:
     cached_tokens: int  # prompt tokens served from the prefix cache
     completion_tokens: int  # total so far
     finish_reason: FinishReason | None = None
+    index: int = 0  # which choice (of SamplingParams.n) this output belongs to
+    # One per token of `token_ids` when SamplingParams.logprobs is set, else None.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 AgentEventKind = Literal["tool_call.started", "tool_call.finished", "agent.done"]
@@ -140,6 +167,8 @@ class EngineStats:
     kv_blocks_uploaded: int = 0  # moved back from it
     kv_blocks_backed_up: int = 0  # copied to it, and kept on the device
     kv_blocks_evicted: int = 0  # cached device blocks taken for other content since start
+    kv_host_blocks_total: int = 0  # the host tier's blocks (0: no host tier)
+    kv_host_blocks_held: int = 0  # of those, holding KV (read by a move, or cached)
     kv_move_failures: dict[str, int] = field(default_factory=dict)  # failed copies, by direction
     kv_decisions: dict[str, int] = field(default_factory=dict)  # the policy's, at tool calls
     # The policy's predictive uploads: their landing against the tool's actual return.
@@ -152,6 +181,9 @@ class EngineStats:
     # pool sees them (runtime/kv/shared_blocks.py): the mean over the samples taken so far
     # (AsyncEngine.sample_shared_text); None before any sample saw one.
     shared_text_blocks_per_agent: float | None = None
+    # Positions the forwards computed since start, prompt and output (a choice of n > 1 forks
+    # its prompt's KV: the prompt counts once).
+    computed_tokens: int = 0
 
     @property
     def segment_held_tokens(self) -> int:
@@ -202,6 +234,11 @@ class EngineClient(Protocol):
         """Per agent of `run`: the device blocks holding its KV now (in use or cached) and how
         many of them another owner (another agent, or another run's) also holds. Agents holding
         no block are absent. Cheap and safe to call from the event loop."""
+        ...
+
+    def recent_decisions(self) -> RecentDecisions:
+        """The policy's last decisions the engine carried out (a bounded ring, oldest first)
+        and the engine's clock now. Cheap and safe to call from the event loop."""
         ...
 
     def notify(self, event: AgentEvent) -> None:

@@ -1,9 +1,11 @@
-"""Next-token choice: greedy, or temperature with top-k and top-p, per request."""
+"""Next-token choice: greedy, or temperature with top-k and top-p, per request, after the
+request's logit bias and penalties (runtime/engine/penalties.py)."""
 
 from __future__ import annotations
 
 import torch
 
+from kvrt.runtime.engine.penalties import History, process_logits
 from kvrt.runtime.engine.protocol import SamplingParams
 
 # A temperature this small is greedy in effect, and dividing logits by it overflows to inf
@@ -16,25 +18,34 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def request_generator(self, params: SamplingParams) -> torch.Generator | None:
-        """A seeded request gets its own RNG, so its output does not depend on its batch."""
+    def request_generator(self, params: SamplingParams, index: int = 0
+                          ) -> torch.Generator | None:
+        """A seeded request gets its own RNG, so its output does not depend on its batch; its
+        choice `index` (of n) is seeded with seed + index, as vLLM seeds its choices: choice i
+        of a request is choice 0 of the same request seeded seed + i."""
         if params.seed is None:
             return None
-        return torch.Generator(device=self.device).manual_seed(params.seed)
+        # manual_seed takes any 64-bit pattern: wrap rather than overflow at the top.
+        seed = (params.seed + index) % 2**64
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def sample(
         self,
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        histories: list[History] | None = None,
     ) -> list[int]:
         """logits: float32 [N, vocab], one row per sequence. Returns one token id per row.
+        `histories`: each row's tokens so far and prompt length, which penalties read (needed
+        only where a row has some).
 
         The whole batch is filtered in a few tensor operations (on a GPU, one Python loop per
         row would cost more than the step): greedy rows take the argmax, the rows without a
         seed draw together from the sampler's generator, and each seeded row draws alone from
         its own, so that its output never depends on its batch-mates. One device sync, at the
         end."""
+        logits = process_logits(logits, params, histories)
         tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params)
                 if not (p.temperature < _GREEDY_BELOW or p.top_k == 1)]

@@ -2,7 +2,8 @@
 
 `schedule()`: running sequences first (oldest admission first; a decode costs one token, a
 prefill continues with as much of its prompt as the budget allows), preempting by the policy
-when the pool runs dry; then waiting sequences in the policy's admission order, interleaved by
+when the pool runs dry; then waiting sequences in the policy's admission order (within the classes
+of vLLM's request `priority`, which unattributed calls carry: Sequence.request_rank), interleaved by
 tenant (engine/fair_share.py), while the budget, the sequence limit and the pool allow,
 skipping those the reuse planner holds (their shared text is being computed by another).
 Sequences join and leave the batch between steps. A prefill chunk steps over the spans its
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvrt.runtime.engine.decide import carry_out
+from kvrt.runtime.engine.decision_log import DecisionLog
 from kvrt.runtime.engine.fair_share import fair_order
 from kvrt.runtime.engine.sequence import Sequence, Status
 from kvrt.runtime.kv.block_table import next_chunk
@@ -43,8 +45,11 @@ class Chunk:
 
 class BatchScheduler:
     def __init__(self, kv: KVManager, policy: Policy, reuse: ReusePlanner, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, decisions: DecisionLog | None = None) -> None:
+        """`decisions`: where the policy's decisions at admission are recorded (the engine's
+        log; its write-through backups at `on_keyed` are counted in the stats, not logged)."""
         self.kv, self.policy, self.reuse = kv, policy, reuse
+        self.decisions = decisions
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.waiting: list[Sequence] = []
@@ -75,7 +80,7 @@ class BatchScheduler:
                 continue
             chunks.append(Chunk(seq, count, end))
             budget -= count
-        self.waiting.sort(key=self.policy.admission_key)
+        self.waiting.sort(key=lambda s: (s.request_rank, self.policy.admission_key(s)))
         for seq in fair_order(self.waiting, self.running):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
@@ -114,6 +119,9 @@ class BatchScheduler:
         while not self.kv.can_grow(seq.table, end):
             taken = {id(c.seq) for c in scheduled}
             candidates = [s for s in self.running if id(s) not in taken and s is not seq]
+            if candidates:  # the victim comes from the last-served class (request_rank)
+                last = max(s.request_rank for s in candidates)
+                candidates = [s for s in candidates if s.request_rank == last]
             victim = self.policy.victim(candidates) if candidates else seq
             self.preempt(victim)
             if victim is seq:
@@ -142,8 +150,28 @@ class BatchScheduler:
             self.hit_tokens += seq.num_cached
         seq.status = Status.RUNNING
         self.running.append(seq)
-        carry_out(self.kv, self.policy.on_admit(seq, self.kv))
+        admitted = self.policy.on_admit(seq, self.kv)
+        carry_out(self.kv, admitted if self.decisions is None
+                  else self.decisions.recording(admitted, "admit"))
         return Chunk(seq, count, end)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child`, another choice of `parent`'s request, whose first token was just drawn from
+        the logits of parent's prompt (child.token_ids: the prompt and that token), reads the
+        prompt's KV from parent's table (kv.fork) and decodes from the next step on, beside
+        it. Where it cannot (no block for the copy, or a table that splices) it waits, and its
+        admission computes what the prefix cache lacks. A child with segments always waits:
+        the reuse planner follows the sequences that compute segments themselves. A fork
+        joins the running batch even past max_num_seqs (which then admits nobody new until
+        it is below again): its prompt's KV is held now, and waiting would waste it."""
+        child.admitted_once = True  # the request was counted once, by parent's admission
+        child.num_cached = parent.num_cached
+        if not child.segments and self.kv.fork(parent.table, child.table, parent.prompt_len):
+            child.num_computed = parent.prompt_len
+            child.status = Status.RUNNING
+            self.running.append(child)
+        else:
+            self.add(child)
 
     def preempt(self, seq: Sequence) -> None:
         """Gives the sequence's blocks back; it is recomputed later (prompt and output so far)."""

@@ -34,6 +34,7 @@ class Sequence:
     generator: torch.Generator | None = None  # per-request RNG when the request has a seed
     admitted_once: bool = False
     priorities: Priorities = field(default_factory=Priorities)  # the engine's, shared
+    index: int = 0  # which choice of its request (SamplingParams.n) it generates
 
     @property
     def request_id(self) -> str:
@@ -56,6 +57,13 @@ class Sequence:
         """Its agent's graph priority now: the last the server pushed (engine/priorities.py),
         else the one stamped on the call when it was made."""
         return self.priorities.of(self.table.owner, self.request.attribution.priority)
+
+    @property
+    def request_rank(self) -> float:
+        """The class a call is served in before any policy's order, as vLLM's `priority`
+        field ranks requests (lower first): an unattributed call carries it (negated, as its
+        kvrt priority); every call of a run is in class 0, ordered by the policy alone."""
+        return 0.0 if self.table.owner is not None else -self.request.attribution.priority
 
     @property
     def remaining_s(self) -> float | None:

@@ -22,6 +22,11 @@ ended as a DELETE ends it (written as ended to the store, so a restart does not 
 back), frees its slot in the quotas and its key, and stays readable as "expired" (Conflict
 `run_expired` for events and calls) for as long again, or until deleted, before it is
 forgotten (`forget_expired`).
+
+A call with a session key and no run belongs to the key's implicit run (`implicit_run`,
+runtime/graph/implicit.py), a run of the tenant's implicit graph, both made on first sight and
+kept in memory only (never written to the store). The implicit graph counts against no graph
+quota (the daemon made it); its runs count against the run quotas as any run does.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from kvrt.runtime.engine.protocol import Attribution
 from kvrt.runtime.graph.critical_path import Criticality, critical_path
 from kvrt.runtime.graph.declaration import AgentGraph, declare_graph
 from kvrt.runtime.graph.errors import Conflict, GraphError, NotFound, QuotaExceeded
+from kvrt.runtime.graph.implicit import IMPLICIT_GRAPH, ImplicitRun
 from kvrt.runtime.graph.learning import LearnedGraph
 from kvrt.runtime.graph.listing import Listing, Page
 from kvrt.runtime.graph.listing import new_id as _new_id
@@ -65,6 +71,7 @@ class GraphEntry:
     runs: set[str] = field(default_factory=set)  # live run ids
     interrupted: set[str] = field(default_factory=set)  # interrupted run ids, not yet ended
     expired: set[str] = field(default_factory=set)  # expired run ids, not yet forgotten
+    implicit: bool = False  # the tenant's implicit graph (in memory only)
 
     @property
     def learned(self) -> LearnedGraph:
@@ -92,6 +99,7 @@ class ControlPlane:
         self._runs: Listing[Run] = Listing(_run_groups)  # live and interrupted
         self._keyed: dict[tuple[str, str], str] = {}  # (graph id, key) -> live run id
         self._expired: dict[str, float] = {}  # run id -> clock when it expired, oldest first
+        self._implicit: dict[str, str] = {}  # tenant -> its implicit graph's id
         self._store = store
         if store is not None:
             self._load(store)
@@ -163,8 +171,10 @@ class ControlPlane:
             raise Conflict("graph_in_use", f"graph {graph_id} has {count} run(s), live or "
                            "interrupted; end them (DELETE /v1/runs/{id}) before deleting the "
                            "graph")
-        if self._store is not None:
+        if self._store is not None and not entry.implicit:
             self._store.remove_graph(graph_id)
+        if entry.implicit:  # the tenant's next implicit run makes a new one
+            del self._implicit[entry.tenant]
         for run_id in entry.expired:  # they go with their graph
             del self._runs[run_id], self._expired[run_id]
         del self._graphs[graph_id]
@@ -190,7 +200,7 @@ class ControlPlane:
             raise Conflict("too_many_runs", f"{self.live_run_count()} runs are live, the "
                            "server's limit; end finished runs (DELETE /v1/runs/{id}) first")
         run = self._new_run(entry, _new_id("run"), int(time.time()), key)
-        if self._store is not None:
+        if self._store is not None and not run.implicit:
             self._store.add_run(SavedRun(run.id, entry.id, tenant, key, run.created))
         self._runs[run.id] = run
         entry.runs.add(run.id)
@@ -245,6 +255,10 @@ class ControlPlane:
         group = ("tenant", tenant) if graph_id is None else ("graph", tenant, graph_id)
         return self._runs.page(group, limit, after)
 
+    def is_live(self, run: Run) -> bool:
+        """Whether the run is live still: not ended (DELETE), expired nor interrupted."""
+        return self._runs.get(run.id) is run and run.status == "live"
+
     def live_run_count(self, tenant: str | None = None) -> int:
         """Live runs of the tenant's graphs (None: of every tenant's)."""
         return sum(len(entry.runs) for entry in self.graphs(tenant))
@@ -262,7 +276,7 @@ class ControlPlane:
             entry.expired.discard(run_id)
             return run
         run.end()
-        if self._store is not None:
+        if self._store is not None and not run.implicit:
             self._store.end_run(run_id, int(time.time()))
         del self._runs[run_id]
         if run.status == "interrupted":
@@ -289,7 +303,7 @@ class ControlPlane:
     def expire(self, run: Run) -> None:
         """Ends an idle run as "expired" (see the module docstring); the caller releases its
         KV. A failed write to the store changes nothing."""
-        if self._store is not None:
+        if self._store is not None and not run.implicit:
             self._store.end_run(run.id, int(time.time()))
         run.expire()
         entry = self._graphs[run.graph_id]
@@ -309,6 +323,20 @@ class ControlPlane:
             run = self._runs.pop(run_id)
             del self._expired[run_id]
             self._graphs[run.graph_id].expired.discard(run_id)
+
+    def implicit_run(self, key: str, tenant: str = DEFAULT_TENANT) -> ImplicitRun:
+        """The live implicit run of the session `key` in the tenant, started now if there is
+        none (its graph too, on the tenant's first): QuotaExceeded or Conflict
+        `too_many_runs` as for `start_run`."""
+        graph_id = self._implicit.get(tenant)
+        if graph_id is None:
+            entry = self._declare(_new_id("graph"), tenant, IMPLICIT_GRAPH, int(time.time()),
+                                  0, implicit=True)  # not stored: no bytes to count
+            self._graphs[entry.id] = entry
+            self._implicit[tenant] = graph_id = entry.id
+        run = self.start_run(graph_id, key, tenant)
+        assert isinstance(run, ImplicitRun)
+        return run
 
     def agent_of(self, attribution: Attribution,
                  tenant: str = DEFAULT_TENANT) -> tuple[Run, int] | None:
@@ -349,16 +377,16 @@ class ControlPlane:
                                 "(DELETE /v1/runs/{id}) first")
 
     def _declare(self, graph_id: str, tenant: str, spec: GraphSpec, created: int,
-                 size: int) -> GraphEntry:
+                 size: int, implicit: bool = False) -> GraphEntry:
         graph = declare_graph(spec, self.config.default_output_tokens)
         declared = {(agent.name, tool): seconds
                     for agent in graph.agents for tool, seconds in agent.tools.items()}
         estimates = ToolEstimates(declared)
         learned = LearnedGraph(graph, estimates, self.config.transition_prior_observations,
                                self.config.min_branch_share,
-                               on_fold=lambda: self._save_learning(graph_id))
+                               on_fold=None if implicit else lambda: self._save_learning(graph_id))
         costs = CostModel(self.config.seconds_per_output_token, learned)
-        return GraphEntry(graph_id, tenant, graph, costs, created, size)
+        return GraphEntry(graph_id, tenant, graph, costs, created, size, implicit=implicit)
 
     def _save_learning(self, graph_id: str) -> None:
         if self._store is not None:
@@ -369,9 +397,10 @@ class ControlPlane:
         rate = self.max_events_per_s
         budget = (None if rate is None or interrupted
                   else TokenBucket.full(rate, max(rate, 1.0), self.clock()))
-        return Run(run_id, entry.id, entry.graph, entry.costs, created, self.clock, key,
-                   tenant=entry.tenant, status="interrupted" if interrupted else "live",
-                   event_budget=budget)
+        kind = ImplicitRun if entry.implicit else Run
+        return kind(run_id, entry.id, entry.graph, entry.costs, created, self.clock, key,
+                    tenant=entry.tenant, status="interrupted" if interrupted else "live",
+                    event_budget=budget)
 
     def _load(self, store: StateStore) -> None:
         for saved in store.graphs():

@@ -261,6 +261,8 @@ class Run:
     "expired" one (Conflict `run_expired`; see `idle_deadline`). `event_budget`, if any,
     limits the rate of its events (see `admit_event`)."""
 
+    implicit = False  # a run of a session key, not declared (runtime/graph/implicit.py)
+
     def __init__(self, run_id: str, graph_id: str, graph: AgentGraph, costs: CostModel,
                  created: int, clock: Callable[[], float], key: str | None = None, *,
                  tenant: str = DEFAULT_TENANT, status: RunStatus = "live",

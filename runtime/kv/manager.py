@@ -13,6 +13,8 @@ Contract with the scheduler (the only verbs it uses; a table's fields change onl
     allocate(table, plan, end, splices)    does it (check first: it raises OutOfBlocks otherwise)
     can_grow(table, end) / grow(...)       a running table covers `end` positions (more blocks)
     key_full_blocks(table, ids, n, salt)   keys the blocks that the first n computed positions fill
+    fork(source, target, length)           an empty table reads another's first `length` positions
+                                           (a choice of n > 1 forking its prompt's KV)
     free(table)                            releases every block the table references
 
 Exact prefix hits are seen at shift zero; a splice (runtime/kv/block_table.py) places another
@@ -216,6 +218,31 @@ class KVManager:
                 keyed.append(block_id)
         table.mark_keyed(full, key)
         return keyed
+
+    def fork(self, source: BlockTable, target: BlockTable, length: int) -> bool:
+        """The empty `target` reads the KV of `source`'s first `length` positions (computed),
+        as its own first positions: the full blocks by reference (their ref counts go up;
+        keyed or not, neither table writes them again), and the partly filled last block, which
+        both go on writing, copied now into a block of the target's own (copy on write, the
+        write being the target's next step; copying one block costs less than recomputing
+        it). False, with nothing done, when the pool has no block for the copy, or `source`
+        splices other copies (its rows are then not one run of positions)."""
+        assert not target.entries, "a fork starts from an empty table"
+        full, partial = divmod(length, self.block_size)
+        if source.splices or (partial and self.pool.num_allocatable() < 1):
+            return False
+        shared = [source.block_at(index) for index in range(full)]
+        for block_id in shared:
+            self.pool.acquire(block_id)
+        target.map_to(full * self.block_size, shared)
+        target.mark_keyed(source.num_keyed, source.last_key)  # (at most `full`: computed)
+        self._claim(target, shared)
+        if partial:
+            self.grow(target, length)
+            start = full * self.block_size
+            if self.rows is not None:
+                self.rows.copy(source.slots[start:length], target.slots[start:length])
+        return True
 
     def free(self, table: BlockTable) -> None:
         if table.owner is not None and self.host is not None:
@@ -438,6 +465,10 @@ class KVManager:
     def take_landed_uploads(self) -> list[Owner]:
         """The owners whose `upload` landed since the last call (completed by `finish_moves`)."""
         return [] if self.host is None else self.host.take_landed_uploads()
+
+    def host_usage(self) -> PoolUsage | None:
+        """The host tier's pool (None without one)."""
+        return None if self.host is None else self.host.tiers.host.usage()
 
     def tier_counts(self) -> TierCounts:
         return TierCounts() if self.host is None else self.host.tiers.counts()

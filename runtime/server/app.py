@@ -36,6 +36,7 @@ from kvrt.runtime.server.prompt_workers import PROMPT_WORKERS, PromptWorkers
 from kvrt.runtime.server.round_routes import routes as round_routes
 from kvrt.runtime.server.run_expiry import run_expiry
 from kvrt.runtime.server.tool_parsers import make_tool_parser
+from kvrt.runtime.server.ui_routes import add_ui
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app[PRIORITY_SYNC] = PrioritySync(engine)
     app[PROMPT_WORKERS] = PromptWorkers(engine)
     app[GRAMMARS] = Grammars(engine)  # structured output's compiler, built on first use
-    app[app_keys.METRICS] = ServerMetrics()
+    app[app_keys.METRICS] = ServerMetrics(engine.model_name)
     app[app_keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
     app[app_keys.STARTED_AT] = int(time.time())
     app[app_keys.OPENAPI_JSON] = openapi_json(_kvrt_version())
@@ -64,6 +65,7 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app.add_routes(round_routes)
     app.cleanup_ctx.append(_engine_lifetime)
     app.cleanup_ctx.append(run_expiry)  # inside the engine's lifetime: it releases KV
+    add_ui(app)  # GET /ui, the live view (its pool sampling reads the engine: after it)
     app.on_shutdown.append(drain)
     app.on_cleanup.append(_close_control)
     app.on_cleanup.append(_close_prompt_workers)

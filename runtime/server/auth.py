@@ -20,6 +20,17 @@ server's cache hits learns about the others' traffic):
 
 An admin key (`--admin-key`) is no tenant's: on the model API it gets 403.
 
+The live view (GET /ui and its script) holds no data and is open; its data, /ui/state, is
+every tenant's for an admin key, a tenant's own for its key (runtime/server/ui_state.py):
+
+    keys set          | the caller sends       | /ui/state answers
+    ------------------+------------------------+-------------------------------------------
+    none at all       | anything               | everything (one tenant: the operator's view)
+    admin keys only   | no key                 | the default tenant's view (the API is open)
+    tenant or admin   | an admin key           | everything, each run with its tenant
+    tenant or admin   | a tenant key           | that tenant's graphs, runs and decisions
+    tenant or admin   | an unknown key         | 401 (and no key, with tenant keys: 401)
+
 Keys are compared in constant time (`hmac.compare_digest` against each configured key, all of
 them every time), so the time a refusal takes says nothing about how close a guess was.
 """
@@ -39,8 +50,9 @@ from kvrt.runtime.server.errors import APIError
 # aiohttp 3.13+ types the keys of request storage (and warns on a str); older ones take a str.
 _TENANT: Any = web.RequestKey("tenant", str) if hasattr(web, "RequestKey") else "kvrt.tenant"
 _OPERATOR: Any = web.RequestKey("operator", bool) if hasattr(web, "RequestKey") else "kvrt.op"
-_OPEN_PATHS = frozenset({"/health"})
+_OPEN_PATHS = frozenset({"/health", "/ui", "/ui/ui.js"})  # the view's page and script: no data
 _METRICS_PATH = "/metrics"
+_UI_STATE_PATH = "/ui/state"
 _ADMIN = "(admin)"  # what an admin key maps to in place of a tenant: no tenant has "("
 
 
@@ -49,7 +61,7 @@ def tenant_of(request: web.Request) -> str:
 
 
 def is_operator(request: web.Request) -> bool:
-    """Whether the caller showed an admin key (only /metrics looks)."""
+    """Whether the caller may see every tenant's figures (only /metrics and /ui/state look)."""
     return request.get(_OPERATOR, False)
 
 
@@ -74,6 +86,8 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     header = request.headers.get("Authorization", "")
     if request.path == _METRICS_PATH:
         request[_OPERATOR] = _metrics_caller(header, config)
+    elif request.path == _UI_STATE_PATH:
+        request[_TENANT], request[_OPERATOR] = _ui_caller(header, config)
     elif config.api_keys and request.path not in _OPEN_PATHS:
         owner = _owner_of(header, config)
         if owner == _ADMIN:
@@ -102,6 +116,16 @@ def _metrics_caller(header: str, config: ServeConfig) -> bool:
         return False
     raise APIError(403, "/metrics shows every tenant's figures: it takes an admin key "
                    "(--admin-key), not a tenant's", code="admin_key_required")
+
+
+def _ui_caller(header: str, config: ServeConfig) -> tuple[str, bool]:
+    """The tenant whose view /ui/state shows and whether it is the operator's (see above)."""
+    if not config.api_keys and not config.admin_keys:
+        return DEFAULT_TENANT, True
+    if not config.api_keys and not header:
+        return DEFAULT_TENANT, False
+    owner = _owner_of(header, config)
+    return (DEFAULT_TENANT, True) if owner == _ADMIN else (owner, False)
 
 
 def _owner_of(header: str, config: ServeConfig) -> str:

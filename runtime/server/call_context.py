@@ -5,6 +5,7 @@ A call names its run and agent in the body's `kvrt` object or the X-Kvrt-* heade
 winning field by field; a run needs an agent and an agent a run (400). The run must be the
 caller's tenant's (404 otherwise, as for a run that does not exist) and live (409
 `run_interrupted` for one a restart interrupted), and its graph must declare the agent (404).
+A call that names no run may still belong to its session's implicit run (implicit_runs.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def call_context(control: ControlPlane, options: KvrtOptions | None, headers: Ma
         return None
     run, index = found
     return _context(run, index, run.criticality())
+
+
+def agent_context(run: Run, agent: str) -> CallContext:
+    """The context of a call of the run's `agent` (404 if its graph lacks it)."""
+    return _context(run, run.agent_index(agent), run.criticality())
 
 
 def round_contexts(run: Run, agents: Iterable[str]) -> list[CallContext]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Protocol
 
 from kvrt.runtime.engine.protocol import EngineClient, GenerateOutput, GenerateRequest
@@ -36,15 +37,21 @@ async def observed_outputs(
     the `time.perf_counter()` at which the HTTP request came in."""
     outputs = engine.generate(request)
     first = True
+    completion: dict[int, int] = {}  # tokens of each choice that ended (n > 1: several)
     try:
         async for output in outputs:
             now = time.perf_counter()
             if first:
                 metrics.observe_first_token(now - arrival)
                 first = False
-            # "abort" is the engine's answer to our own close; it is no success to count.
-            if output.finish_reason is not None and output.finish_reason != "abort":
-                metrics.observe_finish(now - arrival, output)
+            if output.finish_reason is not None:
+                completion[output.index] = output.completion_tokens
+            # "abort" is the engine's answer to our own close; it is no success to count. A
+            # call of n choices ends with its last, its tokens summed over them.
+            if (output.finish_reason is not None and output.finish_reason != "abort"
+                    and len(completion) == request.params.n):
+                metrics.observe_finish(now - arrival, replace(
+                    output, completion_tokens=sum(completion.values())))
             if observer is not None:
                 observer.produced(len(output.token_ids))
             yield output

@@ -6,6 +6,14 @@ template turns once and are rendered once for the prompt's ids and segment spans
 (model/chat_prompt.py). The prompt's length is checked once here (`resolve_max_tokens`, a 400
 naming the prompt or max_tokens); admission asks the engine once more (`validate`: can the KV
 pool ever hold it).
+
+An unattributed call takes its priority from vLLM's `priority` field (lower is served earlier)
+as kvrt's priority, higher first: `-priority` (so vLLM's default 0 is kvrt's 0, the priority
+every unattributed call had before). Whatever the policy, the engine admits waiting calls class
+by class of that field, as vLLM's "priority" scheduling does, and preempts from the last class
+first; the policy orders the calls within a class (engine/sequence.py's `request_rank`). A call
+of a run (declared or implicit) has its agent's graph priority, is in class 0, and the field is
+ignored.
 """
 
 from __future__ import annotations
@@ -61,9 +69,11 @@ class PreparedCall:
     salt: bytes  # the tenant's, narrowed by the body's cache_salt
     segments: tuple[Span, ...]
     context: CallContext | None  # None: the call belongs to no run
+    priority: float = 0.0  # kvrt's (higher first) for a call of no run: -(vLLM's priority)
 
     def request(self, timeout_s: float | None) -> GenerateRequest:
-        attribution = Attribution() if self.context is None else self.context.attribution
+        attribution = (Attribution(priority=self.priority) if self.context is None
+                       else self.context.attribution)
         return GenerateRequest(
             request_id=self.request_id, prompt_token_ids=self.prompt_token_ids,
             params=self.params, salt=self.salt, tenant=self.tenant, attribution=attribution,
@@ -179,4 +189,5 @@ def prepare_call(request_id: str, body: SamplingRequest, prompt_ids: list[int],
     resolved = resolve_max_tokens(
         max_tokens, len(prompt_ids), engine.max_model_len, default_max_tokens, prompt_param)
     return PreparedCall(request_id, prompt_ids, sampling_params(body, resolved), tenant,
-                        request_salt(tenant, body.cache_salt), segments, context)
+                        request_salt(tenant, body.cache_salt), segments, context,
+                        priority=float(-body.priority))

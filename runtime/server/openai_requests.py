@@ -28,6 +28,16 @@ if TYPE_CHECKING:
     from kvrt.runtime.model.tokenizer import Tokenizer
 
 
+# The most choices one request may ask for (each is a sequence of the running batch).
+MAX_CHOICES = 64
+
+
+# Fields a client may send that kvrt does not serve: a 400 naming the field, never a 200 that
+# quietly ignores what was asked (null, false or the default value asks for nothing).
+REFUSED_FIELDS = ("best_of", "echo", "suffix", "functions", "function_call", "audio",
+                  "modalities", "prediction", "web_search_options")
+
+
 class ServedModel(Protocol):
     """What checking and building a call read of the engine (an EngineClient is one)."""
 
@@ -37,7 +47,8 @@ class ServedModel(Protocol):
 
 
 def check_common(body: SamplingRequest, engine: ServedModel) -> None:
-    """Checks that do not need the prompt: the model name and unsupported options."""
+    """Checks that do not need the prompt: the model name, the number of choices, the fields
+    kvrt does not serve (REFUSED_FIELDS), logprobs and logit_bias."""
     if body.model is not None and body.model != engine.model_name:
         raise APIError(
             404,
@@ -45,8 +56,59 @@ def check_common(body: SamplingRequest, engine: ServedModel) -> None:
             param="model",
             code="model_not_found",
         )
-    if body.n != 1:
-        raise bad_request(f"n={body.n} is not supported yet; send n=1 (or leave it out)", param="n")
+    if body.n > 1 and not isinstance(body, (ChatCompletionRequest, CompletionRequest)):
+        raise bad_request("n > 1 is served by /v1/chat/completions and /v1/completions only",
+                          param="n")
+    if body.n > MAX_CHOICES:
+        raise bad_request(f"n={body.n} asks for more than {MAX_CHOICES} choices", param="n")
+    check_refused(body)
+    if (isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None
+            and not body.logprobs):
+        raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+    _logit_bias(body, engine.tokenizer.vocab_size)
+
+
+def _refused_value(body: SamplingRequest, name: str) -> str | None:
+    """Why the body's field `name` is refused, or None where its value asks for nothing."""
+    value = getattr(body, name, None)
+    if value is None:
+        return None
+    if isinstance(value, msgspec.Raw):
+        return None if bytes(value).strip() == b"null" else "kvrt does not serve it"
+    if name == "echo":
+        return "kvrt does not echo the prompt" if value else None
+    if name == "suffix":
+        return "kvrt does not insert text (no suffix)" if value else None
+    if name == "modalities":
+        return (f"only text is generated, not {sorted(set(value) - {'text'})}"
+                if value and set(value) - {"text"} else None)
+    if name == "best_of":
+        return ("kvrt does not rank choices; ask for n choices instead"
+                if value > 1 or value != body.n else None)
+    raise AssertionError(name)
+
+
+def check_refused(body: SamplingRequest) -> None:
+    """A 400 naming the first field of REFUSED_FIELDS whose value asks for something."""
+    for name in REFUSED_FIELDS:
+        why = _refused_value(body, name)
+        if why is not None:
+            raise bad_request(f"`{name}` is not supported: {why}", param=name,
+                              code="unsupported_field")
+
+
+def _logit_bias(body: SamplingRequest, vocab: int | None = None
+                ) -> tuple[tuple[int, float], ...]:
+    """The body's logit_bias as (token id, bias) pairs; a 400 for a key that is no token id
+    (below `vocab`, where given: check_common checks that)."""
+    pairs = []
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.isdigit() or (vocab is not None and int(key) >= vocab):
+            raise bad_request("logit_bias keys are token ids as strings"
+                              + (f" (0..{vocab - 1})" if vocab else "") + f"; got {key!r}",
+                              param=f"logit_bias.{key}")
+        pairs.append((int(key), bias))
+    return tuple(pairs)
 
 
 def check_message_count(count: int, max_messages: int, param: str,
@@ -234,6 +296,13 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
     return requested
 
 
+def _logprobs_asked(body: SamplingRequest) -> int | None:
+    """How many top tokens each sampled token's logprobs list (None: no logprobs)."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return getattr(body, "logprobs", None)  # a completion's is the count itself
+
+
 def sampling_params(body: SamplingRequest, max_tokens: int) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(not s for s in stop):
@@ -247,4 +316,11 @@ def sampling_params(body: SamplingRequest, max_tokens: int) -> SamplingParams:
         stop=stop,
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
+        n=body.n,
+        logprobs=_logprobs_asked(body),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=_logit_bias(body),
+        include_stop_str_in_output=body.include_stop_str_in_output,
     )

@@ -14,6 +14,7 @@ from kvrt.runtime.server.call_context import CallContext, call_context
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.grammars import GRAMMARS, chat_grammar
 from kvrt.runtime.server.http_io import json_response, read_json
+from kvrt.runtime.server.implicit_runs import chat_formatter, implicit_context
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvrt.runtime.server.model_calls import (
     PreparedCall,
@@ -25,7 +26,6 @@ from kvrt.runtime.server.model_calls import (
 )
 from kvrt.runtime.server.openai_requests import chat_tools
 from kvrt.runtime.server.openai_serving import (
-    ChatFormatter,
     CompletionFormatter,
     Formatter,
     respond_json,
@@ -53,11 +53,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
     tools = chat_tools(body)
     check_chat(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
+    context = context or implicit_context(request.app, body, request.headers, tenant)
     parser, grammars = request.app[app_keys.TOOL_PARSER], request.app[GRAMMARS]
     call = await build_calls(request, lambda model: chat_call(
         body, tools, context, model, tenant=tenant,
         grammar=lambda: chat_grammar(body, parser, grammars)), _run_of(context))
-    formatter = ChatFormatter(
+    formatter = chat_formatter(request.app, context, body)(
         call.request_id, engine.model_name, _include_usage(body),
         tool_parser=parser if tools is not None else None,
         parallel_tool_calls=body.parallel_tool_calls is not False,
@@ -72,6 +73,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     engine, tenant = request.app[app_keys.ENGINE], tenant_of(request)
     context = call_context(request.app[app_keys.CONTROL], body.kvrt, request.headers, tenant)
     check_completion(body, engine)
+    context = context or implicit_context(request.app, body, request.headers, tenant)
     call = await build_calls(
         request, lambda model: completion_call(body, context, model, tenant=tenant),
         _run_of(context))
@@ -97,7 +99,8 @@ async def health(request: web.Request) -> web.Response:
         raise refusal
     if not request.app[app_keys.ENGINE].is_alive():
         raise APIError(503, "the engine is not running", code="engine_dead")
-    return json_response(Health())
+    engine = request.app[app_keys.CONFIG].engine
+    return json_response(Health(policy=engine.policy, host_cache_bytes=engine.host_cache_memory))
 
 
 @routes.get("/metrics")
@@ -107,9 +110,9 @@ async def metrics(request: web.Request) -> web.Response:
     tenants = {tenant for _, tenant in request.app[app_keys.CONFIG].api_keys}
     per_tenant = ({tenant: control.live_run_count(tenant) for tenant in tenants}
                   if is_operator(request) and tenants else None)
-    text = request.app[app_keys.METRICS].render(engine.stats(), engine.model_name,
-                                                control.live_run_count(), per_tenant)
-    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+    text = request.app[app_keys.METRICS].render(engine.stats(), control.live_run_count(),
+                                                per_tenant)
+    return web.Response(body=text, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 @routes.get("/openapi.json")

@@ -5,7 +5,13 @@ formatter class (`Formatter` is either) and the two drivers below serve both. Th
 output is awaited before any byte is sent, so a request the engine rejects still gets a plain
 400 in the error shape, not a broken stream.
 
-A chat that offers tools reads its reply through a tool parser (`tool_parsers`): the whole
+A request of n choices gets them all in one body, or interleaved in one stream, each chunk
+naming its choice by `index`; usage counts the prompt once and sums the choices' tokens, as
+OpenAI does. Logprobs, when asked, ride with the text of the tokens they describe
+(openai_logprobs.py); a stream whose text is held back (a possible stop string, a tool call
+being read) sends them in a chunk of their own, so none is lost.
+
+A chat that offers tools reads each choice's reply through a tool parser (`tool_parsers`): the whole
 text for a JSON body (`ChatFormatter.full`), piece by piece for a stream (`ChatFormatter.piece`
 and `ChatFormatter.finish`), which then sends each call as one `tool_calls` delta once it is
 complete.
@@ -17,16 +23,23 @@ import logging
 import time
 import uuid
 from contextlib import aclosing
+from dataclasses import dataclass, field
 
 import msgspec
 from aiohttp import web
 from msgspec import UNSET
 
-from kvrt.runtime.engine.protocol import EngineClient, GenerateRequest
+from kvrt.runtime.engine.protocol import (
+    EngineClient,
+    GenerateOutput,
+    GenerateRequest,
+    TokenLogprobs,
+)
 from kvrt.runtime.server.errors import APIError, from_exception
-from kvrt.runtime.server.generation import CallObserver, collect, observed_outputs, usage_of
+from kvrt.runtime.server.generation import CallObserver, observed_outputs
 from kvrt.runtime.server.metrics import ServerMetrics
-from kvrt.runtime.server.tool_parsers import ParsedCall, StreamEvent, ToolParser
+from kvrt.runtime.server.openai_logprobs import TokenNames, chat_logprobs, completion_logprobs
+from kvrt.runtime.server.tool_parsers import ParsedCall, StreamEvent, ToolCallStream, ToolParser
 from kvrt.sdk.protocol.openai_api import (
     AssistantMessage,
     ChatChoice,
@@ -37,6 +50,7 @@ from kvrt.sdk.protocol.openai_api import (
     CompletionChoice,
     Delta,
     FunctionCall,
+    PromptTokensDetails,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -51,11 +65,46 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+@dataclass(slots=True)
+class ChoiceResult:
+    """One choice of a request, whole: its text, why it ended, its logprobs if asked."""
+
+    index: int
+    texts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    completion_tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    def add(self, output: GenerateOutput) -> None:
+        self.texts.append(output.text)
+        if output.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + output.logprobs
+        self.completion_tokens = output.completion_tokens
+        if output.finish_reason is not None:
+            self.finish_reason = output.finish_reason
+
+
+def request_usage(last: GenerateOutput, completion_tokens: int) -> Usage:
+    """The request's usage: its prompt once (from any output), and the tokens of all its
+    choices."""
+    return Usage(
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=last.prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=last.cached_tokens),
+    )
+
+
 class ChatFormatter:
     """`tool_parser` is None for a chat that offers no tools (or whose tool_choice is "none"):
     its text is all content. With `parallel_tool_calls` false only the first call of a reply
     is kept. A reply with calls that ended on its own ("stop") finishes with "tool_calls";
-    one cut short keeps its reason ("length"), so a client sees that it was cut."""
+    one cut short keeps its reason ("length"), so a client sees that it was cut. Each choice
+    of a stream has its own tool parser's stream and call count."""
 
     def __init__(self, request_id: str, model: str, include_usage: bool,
                  tool_parser: ToolParser | None = None, parallel_tool_calls: bool = True) -> None:
@@ -63,21 +112,32 @@ class ChatFormatter:
         self.include_usage = include_usage  # a stream's last chunk carries the usage
         self.usage_field = None if include_usage else UNSET
         self._parser = tool_parser
-        self._stream = tool_parser.stream() if tool_parser is not None else None
+        self._streams: dict[int, ToolCallStream] = {}
         self._max_calls = None if parallel_tool_calls else 1
-        self._calls_sent = 0
+        self._calls_sent: dict[int, int] = {}
 
-    def head(self) -> ChatCompletionChunk | None:
-        return self._chunk(Delta(role="assistant", content=""))
+    def head(self, n: int) -> list[ChatCompletionChunk]:
+        return [self._chunk(i, Delta(role="assistant", content="")) for i in range(n)]
 
-    def piece(self, text: str) -> list[ChatCompletionChunk]:
-        if self._stream is None:
-            return [self._chunk(Delta(content=text))]
-        return self._event_chunks(self._stream.push(text))
+    def piece(self, output: GenerateOutput, names: TokenNames) -> list[ChatCompletionChunk]:
+        index = output.index
+        stream = self._stream(index)
+        if stream is None:
+            chunks = [self._chunk(index, Delta(content=output.text))] if output.text else []
+        else:
+            chunks = self._event_chunks(index, stream.push(output.text)) if output.text else []
+        if output.logprobs is not None:
+            logprobs = chat_logprobs(output.logprobs, names)
+            if not chunks:  # its text is held back: the logprobs go on their own
+                chunks = [self._chunk(index, Delta())]
+            chunks[0].choices[0].logprobs = logprobs
+        return chunks
 
-    def finish(self, reason: str) -> list[ChatCompletionChunk]:
-        chunks = [] if self._stream is None else self._event_chunks(self._stream.finish())
-        final = ChatChunkChoice(delta=Delta(), finish_reason=self._reason(reason, self._calls_sent))
+    def finish(self, index: int, reason: str) -> list[ChatCompletionChunk]:
+        stream = self._stream(index)
+        chunks = [] if stream is None else self._event_chunks(index, stream.finish())
+        final = ChatChunkChoice(index=index, delta=Delta(),
+                                finish_reason=self._reason(reason, self._calls_sent.get(index, 0)))
         return [*chunks, self._chunk_of([final])]
 
     def usage(self, usage: Usage) -> ChatCompletionChunk:
@@ -85,7 +145,13 @@ class ChatFormatter:
             id=self.id, created=self.created, model=self.model, choices=[], usage=usage
         )
 
-    def full(self, text: str, reason: str | None, usage: Usage) -> ChatCompletion:
+    def full(self, choices: list[ChoiceResult], usage: Usage, names: TokenNames
+             ) -> ChatCompletion:
+        return ChatCompletion(id=self.id, created=self.created, model=self.model,
+                              choices=[self._choice(c, names) for c in choices], usage=usage)
+
+    def _choice(self, result: ChoiceResult, names: TokenNames) -> ChatChoice:
+        text, reason = result.text, result.finish_reason
         message = AssistantMessage(content=text)
         if self._parser is not None:
             parsed = self._parser.parse(text)
@@ -96,29 +162,35 @@ class ChatFormatter:
                     tool_calls=[ToolCall(id=new_call_id(), function=_function(c)) for c in calls],
                 )
                 reason = self._reason(reason, len(calls))
-        choice = ChatChoice(message=message, finish_reason=reason)
-        return ChatCompletion(
-            id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage
-        )
+        logprobs = None if result.logprobs is None else chat_logprobs(result.logprobs, names)
+        return ChatChoice(index=result.index, message=message, finish_reason=reason,
+                          logprobs=logprobs)
+
+    def _stream(self, index: int) -> ToolCallStream | None:
+        if self._parser is None:
+            return None
+        if index not in self._streams:
+            self._streams[index] = self._parser.stream()
+        return self._streams[index]
 
     @staticmethod
     def _reason(reason: str | None, calls: int) -> str | None:
         return "tool_calls" if calls and reason == "stop" else reason
 
-    def _event_chunks(self, events: list[StreamEvent]) -> list[ChatCompletionChunk]:
+    def _event_chunks(self, index: int, events: list[StreamEvent]) -> list[ChatCompletionChunk]:
         chunks = []
         for event in events:
+            sent = self._calls_sent.get(index, 0)
             if isinstance(event, str):
-                chunks.append(self._chunk(Delta(content=event)))
-            elif self._max_calls is None or self._calls_sent < self._max_calls:
-                call = ToolCallDelta(index=self._calls_sent, id=new_call_id(),
-                                     function=_function(event))
-                chunks.append(self._chunk(Delta(tool_calls=[call])))
-                self._calls_sent += 1
+                chunks.append(self._chunk(index, Delta(content=event)))
+            elif self._max_calls is None or sent < self._max_calls:
+                call = ToolCallDelta(index=sent, id=new_call_id(), function=_function(event))
+                chunks.append(self._chunk(index, Delta(tool_calls=[call])))
+                self._calls_sent[index] = sent + 1
         return chunks
 
-    def _chunk(self, delta: Delta) -> ChatCompletionChunk:
-        return self._chunk_of([ChatChunkChoice(delta=delta)])
+    def _chunk(self, index: int, delta: Delta) -> ChatCompletionChunk:
+        return self._chunk_of([ChatChunkChoice(index=index, delta=delta)])
 
     def _chunk_of(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -132,26 +204,42 @@ def _function(call: ParsedCall) -> FunctionCall:
 
 
 class CompletionFormatter:
+    """Legacy logprobs carry each token's offset in its choice's text, kept per choice."""
+
     def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
         self.include_usage = include_usage
         self.usage_field = None if include_usage else UNSET
+        self._offsets: dict[int, int] = {}
 
-    def head(self) -> Completion | None:
-        return None
+    def head(self, n: int) -> list[Completion]:
+        return []
 
-    def piece(self, text: str) -> list[Completion]:
-        return [self._completion([CompletionChoice(text=text)], self.usage_field)]
+    def piece(self, output: GenerateOutput, names: TokenNames) -> list[Completion]:
+        if not output.text and output.logprobs is None:
+            return []
+        choice = CompletionChoice(text=output.text, index=output.index,
+                                  logprobs=self._logprobs(output.index, output.logprobs, names))
+        return [self._completion([choice], self.usage_field)]
 
-    def finish(self, reason: str) -> list[Completion]:
-        return [self._completion([CompletionChoice(text="", finish_reason=reason)],
+    def finish(self, index: int, reason: str) -> list[Completion]:
+        return [self._completion([CompletionChoice(text="", index=index, finish_reason=reason)],
                                  self.usage_field)]
 
     def usage(self, usage: Usage) -> Completion:
         return self._completion([], usage)
 
-    def full(self, text: str, reason: str | None, usage: Usage) -> Completion:
-        return self._completion([CompletionChoice(text=text, finish_reason=reason)], usage)
+    def full(self, choices: list[ChoiceResult], usage: Usage, names: TokenNames) -> Completion:
+        return self._completion([CompletionChoice(
+            text=c.text, index=c.index, finish_reason=c.finish_reason,
+            logprobs=self._logprobs(c.index, c.logprobs, names)) for c in choices], usage)
+
+    def _logprobs(self, index: int, entries: list[TokenLogprobs] | None, names: TokenNames):
+        if entries is None:
+            return None
+        logprobs, self._offsets[index] = completion_logprobs(
+            entries, names, self._offsets.get(index, 0))
+        return logprobs
 
     def _completion(self, choices: list[CompletionChoice], usage) -> Completion:
         return Completion(
@@ -162,12 +250,27 @@ class CompletionFormatter:
 Formatter = ChatFormatter | CompletionFormatter
 
 
+async def collect_choices(
+    engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float,
+    observer: CallObserver | None = None,
+) -> tuple[list[ChoiceResult], Usage]:
+    """Runs the request to its end: each choice whole, by index, and the request's usage."""
+    choices = [ChoiceResult(i) for i in range(request.params.n)]
+    last: GenerateOutput | None = None
+    async with aclosing(observed_outputs(engine, request, metrics, arrival, observer)) as outputs:
+        async for last in outputs:
+            choices[last.index].add(last)
+    if last is None:
+        raise APIError(500, "the engine returned no output", code="engine_error")
+    return choices, request_usage(last, sum(c.completion_tokens for c in choices))
+
+
 async def respond_json(
     engine: EngineClient, request: GenerateRequest, metrics: ServerMetrics, arrival: float,
     formatter: Formatter, observer: CallObserver | None,
 ) -> web.Response:
-    text, last = await collect(engine, request, metrics, arrival, observer)
-    body = formatter.full(text, last.finish_reason, usage_of(last))
+    choices, usage = await collect_choices(engine, request, metrics, arrival, observer)
+    body = formatter.full(choices, usage, TokenNames(engine.tokenizer))
     return web.Response(body=_encoder.encode(body), content_type="application/json")
 
 
@@ -185,7 +288,8 @@ async def respond_stream(
         response.charset = "utf-8"
         try:
             await response.prepare(http_request)  # the client may be gone already
-            await _write_events(response, first, outputs, formatter)
+            await _write_events(response, first, outputs, formatter, request.params.n,
+                                TokenNames(engine.tokenizer))
         except ConnectionResetError:
             # The client went away; leaving the `aclosing` block aborts the engine request.
             log.info("client disconnected from %s; request aborted", request.request_id)
@@ -199,21 +303,26 @@ async def respond_stream(
     return response
 
 
-async def _write_events(response, first, outputs, formatter: Formatter) -> None:
-    head = formatter.head()
-    if head is not None:
+async def _write_events(response, first, outputs, formatter: Formatter, n: int,
+                        names: TokenNames) -> None:
+    """Each output's chunks as they come; each choice's finish; then, once all n have ended,
+    the usage (if asked)."""
+    for head in formatter.head(n):
         await _send(response, head)
+    completion: dict[int, int] = {}
     output = first
     while True:
-        if output.text:
-            for event in formatter.piece(output.text):
-                await _send(response, event)
+        for event in formatter.piece(output, names):
+            await _send(response, event)
         if output.finish_reason is not None:
-            for event in formatter.finish(output.finish_reason):
+            for event in formatter.finish(output.index, output.finish_reason):
                 await _send(response, event)
-            if formatter.include_usage:
-                await _send(response, formatter.usage(usage_of(output)))
-            return
+            completion[output.index] = output.completion_tokens
+            if len(completion) == n:
+                if formatter.include_usage:
+                    await _send(response, formatter.usage(
+                        request_usage(output, sum(completion.values()))))
+                return
         output = await anext(outputs, None)
         if output is None:
             raise APIError(500, "the engine ended the stream without a finish reason")

@@ -62,6 +62,9 @@ def _generate_op(summary: str, request: dict, response: dict, chunk: dict, error
             {"name": "X-Kvrt-Run", "in": "header", "required": False, "schema": {"type": "string"}},
             {"name": "X-Kvrt-Agent", "in": "header", "required": False,
              "schema": {"type": "string"}},
+            # A session's key, as the body's prompt_cache_key (server/implicit_runs.py).
+            {"name": "X-Session-Id", "in": "header", "required": False,
+             "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
         ],
         "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
         "responses": {

@@ -65,18 +65,24 @@ class PromptWorkers:
         self._model = model  # for a job run on the loop's own thread (kvrt sim's loop does)
         self._local = threading.local()
         self.threads = threads or min(len(os.sched_getaffinity(0)), MAX_THREADS)
-        models: queue.SimpleQueue[ThreadModel] = queue.SimpleQueue()
+        self._models: queue.SimpleQueue[ThreadModel] = queue.SimpleQueue()
         for _ in range(self.threads):
-            models.put(_own_model(model))
+            self._models.put(_own_model(model))
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kvrt-prompt",
-                                        initializer=self._take, initargs=(models,))
+                                        initializer=self._take, initargs=(self._models,))
 
     async def run(self, build: Callable[[ServedModel], T]) -> T:
         # run_in_executor, not a bare future: kvrt sim's loop stops its clock while it runs.
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._build, build)
 
     def close(self) -> None:
+        """Waits for the jobs running, and lets go of the tokenizer copies: the threads' go
+        with them, and those of threads never started (the pool starts one per job waiting,
+        up to `threads`) leave the queue. The app may outlive its serving (aiohttp caches
+        middleware chains by app), and with it this object."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        while not self._models.empty():
+            self._models.get_nowait()
 
     def _take(self, models: queue.SimpleQueue[ThreadModel]) -> None:
         self._local.model = models.get_nowait()  # one a thread, as each starts

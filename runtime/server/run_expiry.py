@@ -5,7 +5,9 @@ A client that starts a run and goes away without DELETE would hold the run's KV,
 for timeouts under 4 s) the sweeper asks the control plane which live runs were idle past the
 timeout (ControlPlane.idle_runs), ends them as "expired" (ControlPlane.expire), then releases
 each one's KV as DELETE /v1/runs/{id} does: the priority sync forgets it, the engine releases
-it. What fails is logged, and the next sweep tries again.
+it. What fails is logged, and the next sweep tries again. A session's implicit run
+(implicit_runs.py) expires the same way: an OpenAI client never ends its conversations, so
+this is how their KV is given back.
 """
 
 from __future__ import annotations
@@ -65,5 +67,6 @@ async def sweep(app: web.Application) -> None:
     for run in expired:
         sync.forget(run)
         released = await engine.release_run(run.id)
-        log.info("run %s of tenant %s expired after %g s idle; %d KV blocks released",
-                 run.id, run.tenant, control.config.run_idle_timeout_s, released)
+        log.info("%srun %s of tenant %s expired after %g s idle; %d KV blocks released",
+                 "implicit " if run.implicit else "", run.id, run.tenant,
+                 control.config.run_idle_timeout_s, released)

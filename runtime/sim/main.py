@@ -8,7 +8,9 @@ Text is tokenized with the default model's tokenizer (`--tokenizer`), whatever t
 
 `--engine-profile` says whose engine the GPU's step times describe (engine_profiles.py):
 `vllm-class` (the default) or `kvrt`; the report names it. `cpu-calibrated` is kvrt's engine,
-measured on this machine, and takes no profile.
+measured on this machine, and takes no profile. Its first run measures it (calibrate.py, plan
+`--calibration`) before the simulation's loop starts: the measuring serves real workloads on
+loops of its own.
 
 `--compare RESULTS` replays the workload, parameters and engine settings of a `kvrt bench`
 report and adds, per policy, how far the simulated figures are from the measured ones: the
@@ -42,6 +44,7 @@ from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.model.tokenizer import Tokenizer
+from kvrt.runtime.sim.calibrate import DEFAULT_PLAN, PLANS, CalibrationError, cpu_calibrated
 from kvrt.runtime.sim.driver import SimDriver
 from kvrt.runtime.sim.engine import build_sim_engine, kv_cache_bytes, sim_block_bytes
 from kvrt.runtime.sim.engine_profiles import DEFAULT_PROFILE, get_profile, profile_names
@@ -64,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="h100", choices=device_names(),
                    help="simulated accelerator (default: %(default)s); cpu-calibrated: this "
                         "machine, fitted to the real engine (measured once, ~2 min, then cached)")
+    p.add_argument("--calibration", default=DEFAULT_PLAN, choices=sorted(PLANS),
+                   help="how cpu-calibrated measures this machine when no calibration is "
+                        "cached (default: %(default)s, ~2 min; quick: seconds, a rough fit "
+                        "cached apart)")
     p.add_argument("--engine-profile", default=None, choices=profile_names(),
                    help=f"whose engine the GPU's step times describe (default: "
                         f"{DEFAULT_PROFILE}): vllm-class (CUDA graphs, host work overlapped) or "
@@ -161,10 +168,19 @@ def comparison(bench: dict[str, Any], sim: dict[str, Any], source: str) -> dict[
             "within_tolerance": bool(errors) and max(errors) <= TOLERANCE}
 
 
-async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None) -> dict[str, Any]:
+def simulated_device(args: argparse.Namespace) -> Device:
+    """`--device`; cpu-calibrated's calibration is loaded, or measured when none is cached
+    (on event loops of its own: call this before the simulation's loop starts)."""
+    if args.device == CPU_CALIBRATED:
+        return cpu_calibrated(plan=args.calibration)
+    return get_device(args.device)
+
+
+async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None,
+                   device: Device) -> dict[str, Any]:
     from kvrt.runtime.model.checkpoint import load_checkpoint
 
-    device, profile = engine_profile(args, get_device(args.device))
+    device, profile = engine_profile(args, device)
     shape_name = args.model_shape or (CPU_SHAPE if args.device == CPU_CALIBRATED else GPU_SHAPE)
     shape = get_shape(shape_name)
     tokenizer = load_checkpoint(args.tokenizer).tokenizer
@@ -212,8 +228,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("kvrt sim: --engine-profile applies to a GPU device; cpu-calibrated is "
                          "kvrt's own engine, measured on this machine")
     try:
+        device = simulated_device(args)
         with refused_calls_exit("kvrt sim"), asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-            runner.run(simulate(args, bench))
+            runner.run(simulate(args, bench, device))
     except ConfigError as exc:
         raise SystemExit(f"kvrt sim: {exc}") from None
+    except CalibrationError as exc:
+        raise SystemExit(f"kvrt sim: calibrating this machine failed: {exc}. Other work on the "
+                         "machine disturbs the measurements: run it again when it is quieter"
+                         ) from None
     return 0

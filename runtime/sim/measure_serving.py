@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvrt.runtime.bench.main import UNBOUNDED
 from kvrt.runtime.bench.runner import real_engine, run_policy
@@ -23,8 +23,10 @@ from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.engine.engine import Engine
 from kvrt.runtime.sim.measure import Sample, StepRecorder
 
+ServedWorkload = tuple[str, dict]  # a workload's name and parameters
+
 # Batches of 1 to ~12 sequences, prefills and chunks of 100-600 tokens; tools kept short.
-SERVING_WORKLOADS: list[tuple[str, dict]] = [
+SERVING_WORKLOADS: tuple[ServedWorkload, ...] = (
     ("generative-agents", {"agents": 6, "rounds": 2, "persona_words": 150,
                            "min_output_tokens": 16, "max_output_tokens": 48, "seed": 101}),
     ("tool-agents", {"runs": 3, "min_workers": 2, "max_workers": 3, "turns": 1,
@@ -32,7 +34,7 @@ SERVING_WORKLOADS: list[tuple[str, dict]] = [
                      "min_output_tokens": 16, "max_output_tokens": 48, "seed": 102}),
     ("map-reduce", {"agents": 6, "document_words": 400, "min_output_tokens": 16,
                     "max_output_tokens": 48, "seed": 103}),
-]
+)
 
 
 def record_steps(engine: Engine, out: list[Sample]) -> None:
@@ -52,8 +54,11 @@ def record_steps(engine: Engine, out: list[Sample]) -> None:
     engine.step = timed  # type: ignore[method-assign]
 
 
-def measure_serving(config: EngineConfig, progress: Callable[[str], None] = print
-                    ) -> list[Sample]:
+def measure_serving(config: EngineConfig,
+                    workloads: Sequence[ServedWorkload] = SERVING_WORKLOADS,
+                    progress: Callable[[str], None] = print) -> list[Sample]:
+    """Every engine step of `workloads`, each played under `lru` on its own event loop (so
+    not from a coroutine)."""
     samples: list[Sample] = []
 
     def make(engine_config: EngineConfig) -> tuple[AsyncEngine, int]:
@@ -62,7 +67,7 @@ def measure_serving(config: EngineConfig, progress: Callable[[str], None] = prin
         return engine, block_bytes
 
     serve = ServeConfig(served_model_name="calibration", engine=config, limits=UNBOUNDED)
-    for name, params in SERVING_WORKLOADS:
+    for name, params in workloads:
         asyncio.run(run_policy(make_workload(name, **params), serve, 1.0, make))
         progress(f"served {name} ({len(samples)} steps so far)")
     return samples

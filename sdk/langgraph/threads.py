@@ -26,7 +26,12 @@ import httpx
 import msgspec
 
 from kvrt.sdk.client import Client
-from kvrt.sdk.errors import KvrtConnectionError, KvrtError, error_from_response
+from kvrt.sdk.errors import (
+    KvrtConnectionError,
+    KvrtError,
+    KvrtTimeoutError,
+    error_from_response,
+)
 from kvrt.sdk.protocol.control import (
     MAX_PAGE_LIMIT,
     Event,
@@ -70,8 +75,11 @@ class SyncHttp:
         try:
             reply = http.request(method, path, content=content,
                                  headers={"Content-Type": "application/json"})
+        except httpx.TimeoutException as exc:
+            raise KvrtTimeoutError(f"{method} {self.base_url}{path} timed out: nothing for "
+                                   f"{_SYNC_TIMEOUT:g} s ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
-            raise KvrtConnectionError(f"{method} {self.base_url}{path} failed: "
+            raise KvrtConnectionError(f"{method} {self.base_url}{path}: connection failed: "
                                       f"{type(exc).__name__}: {exc}") from exc
         if not 200 <= reply.status_code < 300:
             raise error_from_response(reply.status_code, reply.content)

@@ -134,6 +134,7 @@ class GraphInfo(Struct, kw_only=True):
     # What it counts against --max-graph-bytes-per-tenant: its declaration as compact JSON,
     # every field written (None: an older daemon).
     declared_bytes: int | None = None
+    implicit: bool = False  # the tenant's implicit graph, of its sessions' runs (RunInfo)
 
 
 class GraphList(Struct, kw_only=True):
@@ -215,6 +216,9 @@ class RunInfo(Struct, kw_only=True):
     event_count: int
     key: str | None = None  # the key it was started with (RunSpec.key)
     status: RunStatus = "live"
+    # A session's run, which no client declared: its key is the calls' prompt_cache_key or
+    # X-Session-Id, its graph the tenant's implicit one (README "Any OpenAI agent, unchanged").
+    implicit: bool = False
 
 
 class RunState(Struct, kw_only=True):
@@ -225,6 +229,7 @@ class RunState(Struct, kw_only=True):
     event_count: int
     key: str | None = None
     status: RunStatus = "live"
+    implicit: bool = False  # as RunInfo's
     critical_path: list[str]
     critical_path_seconds: float  # remaining
     agents: list[AgentState]

@@ -6,6 +6,11 @@ Constraints live in the types so that /openapi.json, generated from these Struct
 Responses follow OpenAI's shapes field for field; `UNSET` fields are left out of the JSON
 (OpenAI sends `usage` in stream chunks only when `include_usage` is asked for).
 
+Choices, logprobs and penalties (n, logprobs/top_logprobs, presence/frequency/repetition
+penalties, logit_bias, include_stop_str_in_output) sit in blocks of their own below. Fields
+kvrt does not serve (`REFUSED_FIELDS`) are decoded as raw JSON only to be refused with a 400
+naming them (runtime/server/openai_requests.py), never silently ignored.
+
 Tool calling follows OpenAI's function tools: a request offers `tools` and may steer with
 `tool_choice`; an assistant message carries `tool_calls` (arguments as a JSON string, as OpenAI
 sends them) and a `tool` message answers one by its `tool_call_id`. Checks that span fields
@@ -42,9 +47,15 @@ class KvrtOptions(Struct, kw_only=True):
     agent: str | None = None
 
 
+# A field kvrt refuses: decoded as raw JSON, only to be refused by name.
+Refused = Annotated[msgspec.Raw, Meta(description="Not supported by kvrt: a request that sends "
+                                      "it (other than null) gets a 400 naming the field.")]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+
+
 class SamplingRequest(Struct, kw_only=True):
     """Fields shared by chat and text completions. top_k, stop_token_ids and ignore_eos are
-    extensions; n must be 1 for now."""
+    extensions."""
 
     model: str | None = None
     max_tokens: PositiveInt | None = None
@@ -63,6 +74,36 @@ class SamplingRequest(Struct, kw_only=True):
     # vLLM's field: salts the cache under the caller's own tenant salt, so only requests with
     # the same cache_salt (of the same tenant) share KV. It narrows sharing, never widens it.
     cache_salt: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    # ---- choices, penalties, stop strings (runtime/engine/penalties.py) ----
+    presence_penalty: Penalty | None = None  # OpenAI's, over the generated tokens
+    frequency_penalty: Penalty | None = None  # OpenAI's, over the generated tokens
+    repetition_penalty: Annotated[float, Meta(gt=0, le=10)] | None = None  # vLLM's: prompt too
+    # OpenAI's: token id (as a string) -> bias added to its logit.
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    include_stop_str_in_output: bool = False  # vLLM's: keep a matched stop string in the text
+    best_of: PositiveInt | None = None  # only 1 (with n=1) is served: no best-of ranking
+    # Sent by clients, and harmless: accepted and ignored (kvrt stores nothing, has one tier of
+    # service; reasoning_effort: the model does not reason).
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    # ---- a conversation's identity and a call's priority, for clients that declare no run ----
+    # OpenAI's field: a call with it (or the X-Session-Id header) and no `kvrt` run belongs to
+    # the implicit run of this key in the caller's tenant (runtime/graph/implicit.py).
+    prompt_cache_key: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    # vLLM's field: lower is served earlier. An unattributed call's kvrt priority is its
+    # negation (higher first: runtime/server/model_calls.py); a run's calls ignore it.
+    priority: Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)] = 0
+    # ---- refused (openai_requests.REFUSED_FIELDS) ----
+    echo: bool = False  # true is refused
+    suffix: str | None = None  # refused
+    functions: Refused | None = None
+    function_call: Refused | None = None
+    audio: Refused | None = None
+    modalities: list[str] | None = None  # only ["text"]
+    prediction: Refused | None = None
+    web_search_options: Refused | None = None
 
 
 # OpenAI's rule for function names; the name is also what the model must spell in its call.
@@ -162,13 +203,18 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None  # None: "auto" when tools are given
     parallel_tool_calls: bool | None = None  # None: true
-    response_format: ResponseFormat | None = None  # None: text
+    # ---- logprobs (runtime/engine/logprobs.py): the model's raw distribution ----
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # needs logprobs: true
+    response_format: ResponseFormat | None = None  # None: text (runtime/server/grammars.py)
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
     """`prompt` is one string or one list of token ids; a batch of prompts is rejected."""
 
     prompt: str | list[int | str | list[int]]
+    # ---- logprobs (runtime/engine/logprobs.py): the model's raw distribution ----
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # the sampled token and k more
 
 
 # ---- responses -----------------------------------------------------------------------------
@@ -195,10 +241,41 @@ class AssistantMessage(Struct, kw_only=True):
     tool_calls: list[ToolCall] | UnsetType = UNSET
 
 
+# ---- logprobs in responses: OpenAI's chat shape and the legacy completions shape ----
+
+
+class TopLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's text in UTF-8
+
+
+class ChatTokenLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Struct, kw_only=True):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(Struct, kw_only=True):
+    """Parallel lists, one entry per token; text_offset: where the token starts in the
+    choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class ChatChoice(Struct, kw_only=True):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None
 
 
@@ -231,7 +308,7 @@ class Delta(Struct, kw_only=True):
 class ChatChunkChoice(Struct, kw_only=True):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -248,7 +325,7 @@ class ChatCompletionChunk(Struct, kw_only=True):
 class CompletionChoice(Struct, kw_only=True):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -279,6 +356,10 @@ class ModelList(Struct, kw_only=True):
 
 class Health(Struct, kw_only=True):
     status: Literal["ok"] = "ok"
+    # kvrt extensions: what the daemon serves with, so an application can say when the server
+    # cannot show what it is about (a round's reuse needs `kvrt`, an offload a host tier).
+    policy: str | None = None  # the engine's KV policy (`kvrt serve --policy`)
+    host_cache_bytes: int | None = None  # the host tier (`--host-cache-memory`); 0: none
 
 
 # Decoders are built once: msgspec compiles the type into a fast validator.

@@ -68,6 +68,7 @@ def test_two_agents_two_rounds_under_lru(tiny: Path) -> None:
     assert row["cached_tokens"] == sum(cached)
     assert row["prefill_tokens"] == sum(prompts) - sum(cached)
     assert row["preemptions"] == 0 and row["kv_peak_bytes"] > 0
+    assert row["memory_pressure"] is False  # 16 MiB for a few hundred tokens: nothing evicted
 
 
 def test_map_reduce_mappers_share_the_document(tiny: Path) -> None:
@@ -157,3 +158,27 @@ def test_a_bad_trace_line_is_named(tmp_path: Path) -> None:
                      '"messages": []}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         make_workload("trace", path=str(trace))
+
+
+def test_a_policy_run_lets_go_of_its_engine(tiny: Path) -> None:
+    """`kvrt bench` runs policy after policy in one process: each engine (its KV pool) must be
+    freed when its run ends, though aiohttp keeps the app (its middleware-chain cache)."""
+    import gc
+    import weakref
+
+    from kvrt.runtime.bench.runner import real_engine
+
+    engines: list[weakref.ref] = []
+
+    def make_engine(config: EngineConfig):
+        engine, block_bytes = real_engine(config)
+        engines.append(weakref.ref(engine))
+        return engine, block_bytes
+
+    workload = make_workload("generative-agents", agents=2, rounds=1, persona_words=30,
+                             min_output_tokens=2, max_output_tokens=2)
+    for policy in ("lru", "kvrt"):
+        run = asyncio.run(run_policy(workload, config(tiny, policy), 0.01, make_engine))
+        assert len(run.calls) == 2
+    gc.collect()  # the engine's own reference cycles; nothing outside may hold it
+    assert [ref() for ref in engines] == [None, None]

@@ -124,3 +124,51 @@ def test_each_jobs_prefill_runs_from_its_start_to_its_last_calls_first_token() -
     row = summarize(run)
     assert row["job_prefill_s"] == {"round 1": 3.5, "round 2": 1.0}
     assert row["job_prefill_mean_s"] == pytest.approx(2.25)
+
+
+def test_a_run_had_memory_pressure_when_it_evicted_or_preempted() -> None:
+    def run(**counts: int) -> PolicyRun:
+        return PolicyRun(policy="lru", block_bytes=1024, calls=[], jobs=[], samples=[],
+                         tokens=[], wall_s=1.0, **{"preemptions": 0, **counts})
+
+    assert summarize(run())["memory_pressure"] is False
+    assert summarize(run(evicted_blocks=3))["memory_pressure"] is True
+    assert summarize(run(preemptions=1))["memory_pressure"] is True
+
+
+def test_the_report_says_which_runs_had_no_memory_pressure() -> None:
+    from kvrt.runtime.bench.report import pressure_markdown
+
+    mib = 2**20
+    calm = {"memory_pressure": False, "kv_resident_peak_bytes": 51.2 * mib}
+    pressed = {"memory_pressure": True, "kv_resident_peak_bytes": 512 * mib}
+    [line, _] = pressure_markdown({"lru": calm, "kvrt": calm}, 512 * mib)
+    assert line.startswith("**No memory pressure**: in no run did the KV pool fill")
+    assert "peaked at 51.2 MiB of the 512 MiB pool (10%)" in line
+    assert "could not differ" in line
+    [line, _] = pressure_markdown({"lru": calm, "kvrt": pressed}, None)
+    assert line == ("No memory pressure under `lru` (no cached KV evicted, no call preempted; "
+                    "resident KV peaked at 51.2 MiB).")
+    assert pressure_markdown({"kvrt": pressed}, 512 * mib) == []
+    assert pressure_markdown({"kvrt": {}}, 512 * mib) == []  # not measured: nothing said
+
+
+def test_the_timeline_has_a_panel_per_policy_each_saying_how_full_the_pool_got(
+        tmp_path) -> None:
+    from matplotlib.image import imread
+
+    from kvrt.runtime.bench.plots import panel_note, plot
+
+    names = [f"policy-{i}" for i in range(12)]  # more policies than matplotlib has colours
+    rows = {name: {"memory_pressure": i % 2 == 1, "evicted_blocks": i, "preemptions": 0,
+                   "jct_mean_s": 1.0 + i} for i, name in enumerate(names)}
+    results = {"workload": "w", "machine": {"description": "here"}, "policies": rows,
+               "ideal": {"prefill_tokens": 1, "prefill_tokens_prefix_reuse": 1}}
+    timelines = {name: [(t, 1.0, 2.0 + t) for t in range(5)] for name in names}
+    plot(tmp_path, results, timelines, pool_bytes=8 * 2**20)
+    summary, timeline = imread(tmp_path / "summary.png"), imread(tmp_path / "kv_timeline.png")
+    assert timeline.shape[0] > timeline.shape[1] / 2  # 4 rows of 3 panels, not one crowded plot
+    assert summary.shape[1] > 1000
+    assert panel_note(rows["policy-0"], 6.0, 8.0) == "no memory pressure: at most 75% of the pool"
+    assert panel_note(rows["policy-3"], 8.0, 8.0) == "memory pressure: 3 blocks evicted, " \
+                                                     "0 preemptions"

@@ -4,6 +4,7 @@ times, and the engine (tiny model, `tokencake`, a host tier, a fake clock) timin
 from __future__ import annotations
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvrt.runtime.engine.landing import LANDING_BUCKETS, LandingSample, UploadLandings
 from kvrt.runtime.engine.protocol import AgentEvent, Attribution, EngineStats, GenerateRequest
@@ -50,14 +51,17 @@ def test_metrics_expose_the_landing_histogram() -> None:
         landings.landed(A, landed)
         landings.returned(A, returned)
     stats = EngineStats(0, 0, 10, 0, 0, 0, 0, 0, 0, 0, upload_landing=landings.stats())
-    text = ServerMetrics().render(stats, "m", 0)
-    name, labels = "kvrt:kv_upload_landing_seconds", 'model_name="m"'
-    assert f'{name}_bucket{{{labels},le="-0.025"}} 0' in text
-    assert f'{name}_bucket{{{labels},le="-0.01"}} 1' in text  # 20 ms early
-    assert f'{name}_bucket{{{labels},le="0.0"}} 2' in text  # and the exact landing
-    assert f'{name}_bucket{{{labels},le="0.025"}} 3' in text
-    assert f"{name}_count{{{labels}}} 3" in text
-    assert f"kvrt:kv_upload_early_returns_total{{{labels}}} 0" in text
+    text = ServerMetrics("m").render(stats, 0).decode()
+    samples = {(s.name, s.labels.get("le")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples
+               if s.labels.get("model_name") == "m"}
+    name = "kvrt:kv_upload_landing_seconds"
+    assert samples[f"{name}_bucket", "-0.025"] == 0
+    assert samples[f"{name}_bucket", "-0.01"] == 1  # 20 ms early
+    assert samples[f"{name}_bucket", "0.0"] == 2  # and the exact landing
+    assert samples[f"{name}_bucket", "0.025"] == 3
+    assert samples[f"{name}_count", None] == 3
+    assert samples["kvrt:kv_upload_early_returns_total", None] == 0
 
 
 class Clock:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from kvrt.sdk import Client, Graph, KvrtConnectionError, KvrtError
+from kvrt.sdk import Client, Graph, KvrtConnectionError, KvrtError, KvrtTimeoutError
 from kvrt.sdk.chat import ChatStream, chat_body
 from kvrt.sdk.errors import error_from_response
 from kvrt.sdk.protocol.openai_api import ChatMessage
@@ -106,3 +108,40 @@ def test_an_error_answer_outside_the_error_shape() -> None:
     error = error_from_response(502, b"<html>Bad Gateway</html>", attempts=3)
     assert (error.status, error.code, error.message, error.attempts) == (
         502, None, "<html>Bad Gateway</html>", 3)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers (a daemon stuck)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)  # the kernel completes the handshakes; nothing ever reads or writes
+        yield sock.getsockname()[1]
+
+
+def test_a_timeout_is_told_from_a_connection_failure(silent_port: int, closed_port: int) -> None:
+    async def go(port: int) -> list[KvrtError]:
+        errors: list[KvrtError] = []
+        async with Client(f"http://127.0.0.1:{port}", retries=1, backoff=0.01,
+                          timeout=0.2) as client:
+            for call in (client.list_graphs(), client.chat([{"role": "user", "content": "hi"}])):
+                with pytest.raises(KvrtError) as caught:
+                    await call
+                errors.append(caught.value)
+            with pytest.raises(KvrtError) as caught:
+                async for _ in client.stream([{"role": "user", "content": "hi"}]):
+                    pass
+            errors.append(caught.value)
+        return errors
+
+    timeouts = asyncio.run(go(silent_port))
+    assert [type(e) for e in timeouts] == [KvrtTimeoutError] * 3
+    assert [e.attempts for e in timeouts] == [2, 1, 1]
+    assert all(e.status == 0 and e.code == "timeout" for e in timeouts)
+    assert str(timeouts[0]).startswith(f"[0 timeout] GET http://127.0.0.1:{silent_port}/v1/graphs")
+    assert "timed out (after 2 attempts): nothing for 0.2 s" in str(timeouts[0])
+    assert f"POST http://127.0.0.1:{silent_port}/v1/chat/completions timed out" in str(timeouts[2])
+    failures = asyncio.run(go(closed_port))
+    assert [type(e) for e in failures] == [KvrtConnectionError] * 3
+    assert all(e.code == "connection_error" and "connection failed" in str(e) for e in failures)
+    assert all(not isinstance(e, KvrtTimeoutError) for e in failures)

@@ -271,3 +271,21 @@ def test_every_run_is_listed_past_one_page(server: LiveServer, graph: GraphInfo)
             assert await client.list_runs(graph_id=graph.id) == []
 
     asyncio.run(go())
+
+
+def test_a_round_without_max_tokens_is_a_turn_not_the_whole_context(
+        server: LiveServer, graph: GraphInfo) -> None:
+    """The SDK's default is 256 tokens an agent (documented in Run.round and the README);
+    `max_tokens=None` leaves it to the daemon: the rest of the context (1,024 here)."""
+
+    async def body(client: Client, run: Run) -> None:
+        agents: dict[str, list] = {"planner": [], "writer": []}
+        default = await run.round(QUESTION, agents, temperature=0.0, ignore_eos=True)
+        for output in default.agents.values():
+            assert output.usage.completion_tokens == 256 and output.finish_reason == "length"
+        unbounded = await run.round(QUESTION, agents, max_tokens=None, temperature=0.0,
+                                    ignore_eos=True)
+        for output in unbounded.agents.values():
+            assert output.usage.prompt_tokens + output.usage.completion_tokens == 1024
+
+    with_run(server, graph, body)

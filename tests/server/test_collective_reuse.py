@@ -71,8 +71,8 @@ def test_a_round_computes_its_shared_text_once(kvrt_server) -> None:
     dropped = metric(kvrt_server, "kvrt:segment_dropped_tokens_total")
     assert sum(shared.values()) == sum(cached.values()) + dropped
     stored = 3 * kv["alice"]["segment_tokens"] - sum(shared.values())
-    assert state["segment_kv_compression"] == pytest.approx(
-        3 * kv["alice"]["segment_tokens"] / stored)
+    ratio = 3 * kv["alice"]["segment_tokens"] / stored  # sent to 3 significant digits
+    assert state["segment_kv_compression"] == pytest.approx(ratio, rel=5e-3)
     assert state["segment_kv_compression"] > 1.5
     assert metric(kvrt_server, "kvrt:segment_reused_tokens_total") == sum(cached.values())
     assert kvrt_server.request("DELETE", f"/v1/runs/{run}").status == 200

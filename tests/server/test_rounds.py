@@ -123,7 +123,7 @@ def test_each_call_carries_its_agents_priority_as_the_round_found_the_run(
     # One snapshot for the whole round: b's call revives b, which lengthens the path beside c,
     # but no call of the round sees another's effect.
     got = {r.attribution.agent: r.attribution.priority for r in sent}
-    assert got == before
+    assert got == pytest.approx(before, rel=5e-3)  # the run's state sends 3 digits
 
 
 def test_the_sdk_round_puts_each_agents_declared_system_prompt_first(server) -> None:

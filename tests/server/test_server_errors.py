@@ -46,7 +46,7 @@ CASES = [
      "messages[0].role"),
     ("image-part", CHAT, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, {}, 400, "image_url"),
-    ("n-2", CHAT, chat(n=2), {}, 400, "n=2"),
+    ("n-too-many", CHAT, chat(n=65), {}, 400, "n=65"),
     ("n-0", CHAT, chat(n=0), {}, 400, "n"),
     ("temperature-negative", CHAT, chat(temperature=-1), {}, 400, "temperature"),
     ("top-p-zero", CHAT, chat(top_p=0), {}, 400, "top_p"),

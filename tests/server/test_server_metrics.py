@@ -128,7 +128,9 @@ def test_openapi_names_both_endpoints(server: LiveServer) -> None:
 
 def test_health(server: LiveServer) -> None:
     reply = server.request("GET", "/health")
-    assert reply.status == 200 and reply.json() == {"status": "ok"}
+    engine = server.config.engine  # the policy and host tier it serves with
+    assert reply.status == 200 and reply.json() == {
+        "status": "ok", "policy": engine.policy, "host_cache_bytes": engine.host_cache_memory}
 
 
 def test_control_plane_metrics_move_with_runs_and_events(server: LiveServer) -> None:

@@ -241,3 +241,15 @@ def test_schemas_are_closed_only_where_that_narrows() -> None:
     assert closed["allOf"] == [point]
     one_of = {"oneOf": [point, {"type": "object", "properties": {"y": {"type": "string"}}}]}
     assert {k: v for k, v in generated(one_of).items() if k != "x-guidance"} == one_of
+
+
+def test_each_of_n_choices_follows_the_schema(client: openai.OpenAI) -> None:
+    """Each choice has its own matcher: all validate, and they differ (each its own draw)."""
+    reply = client.chat.completions.create(model="tiny", seed=11, n=3, **chat(
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "recipe", "schema": RECIPE}}))
+    assert len(reply.choices) == 3
+    replies = [json.loads(choice.message.content) for choice in reply.choices]
+    assert all(valid(RECIPE, r) for r in replies)
+    assert all(choice.finish_reason == "stop" for choice in reply.choices)
+    assert len({json.dumps(r) for r in replies}) > 1

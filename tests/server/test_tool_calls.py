@@ -24,11 +24,13 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from transformers import AutoTokenizer
 
+from kvrt.runtime.engine.protocol import GenerateOutput
 from kvrt.runtime.model.chat_prompt import render_prompt
 from kvrt.runtime.model.tokenizer import Tokenizer
 from kvrt.runtime.model.tool_prompt import PromptTools, template_uses_tools
+from kvrt.runtime.server.openai_logprobs import TokenNames
 from kvrt.runtime.server.openai_requests import message_dicts
-from kvrt.runtime.server.openai_serving import ChatFormatter
+from kvrt.runtime.server.openai_serving import ChatFormatter, ChoiceResult
 from kvrt.runtime.server.tool_parsers import make_tool_parser
 from kvrt.sdk.protocol.openai_api import ChatMessage, PromptTokensDetails, Usage
 from tests.server.live_server import (
@@ -322,8 +324,16 @@ def formatter(parallel: bool = True) -> ChatFormatter:
     return ChatFormatter("chatcmpl-1", "tiny", False, make_tool_parser("hermes"), parallel)
 
 
+NAMES = TokenNames(None)  # type: ignore[arg-type]  # no logprobs: no token is named
+
+
+def text_output(text: str) -> GenerateOutput:
+    return GenerateOutput(token_ids=[], text=text, prompt_tokens=0, cached_tokens=0,
+                          completion_tokens=0)
+
+
 def full(text: str, reason: str = "stop", parallel: bool = True) -> ChatCompletion:
-    body = formatter(parallel).full(text, reason, USAGE)
+    body = formatter(parallel).full([ChoiceResult(0, [text], reason)], USAGE, NAMES)
     return ChatCompletion.model_validate_json(msgspec.json.encode(body))
 
 
@@ -332,10 +342,10 @@ def streamed(text: str, reason: str = "stop", parallel: bool = True,
     """The stream of `text` in pieces of `piece` characters, as the openai client reads it: its
     chunks, and the completion the client's own stream accumulator builds from them."""
     chat = formatter(parallel)
-    events = [chat.head()]
+    events = chat.head(1)
     for i in range(0, len(text), piece):
-        events += chat.piece(text[i:i + piece])
-    events += chat.finish(reason)
+        events += chat.piece(text_output(text[i:i + piece]), NAMES)
+    events += chat.finish(0, reason)
     chunks = [ChatCompletionChunk.model_validate_json(msgspec.json.encode(e)) for e in events]
     state = ChatCompletionStreamState()
     for chunk in chunks:
@@ -365,7 +375,8 @@ def test_full_reply_without_calls_is_content_as_generated() -> None:
         [choice] = full(text).choices
         assert choice.message.content == text and choice.message.tool_calls is None
         assert choice.finish_reason == "stop"
-    body = msgspec.json.decode(msgspec.json.encode(formatter().full("hi", "stop", USAGE)))
+    hi = formatter().full([ChoiceResult(0, ["hi"], "stop")], USAGE, NAMES)
+    body = msgspec.json.decode(msgspec.json.encode(hi))
     assert "tool_calls" not in body["choices"][0]["message"]  # left out, as OpenAI does
 
 

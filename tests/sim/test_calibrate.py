@@ -141,3 +141,30 @@ def test_a_saved_file_of_another_format_is_refused(tmp_path):
     path.write_text('{"format": 0, "device": {}}')
     with pytest.raises(CalibrationError, match="format"):
         load_calibration(path)
+
+
+@pytest.mark.slow
+def test_the_first_cpu_calibrated_sim_calibrates_then_simulates(tiny_checkpoint_dir, tmp_path,
+                                                                monkeypatch, default_model_path):
+    """The README's first `kvrt sim --device cpu-calibrated`: no calibration cached, so it
+    measures this machine (the quick plan: seconds), saves it, and the simulation runs on it."""
+    import json
+
+    from kvrt.runtime.cli import main
+    from kvrt.runtime.model.gguf_loader import cache_dir
+
+    converted = cache_dir() / "gguf"  # the default model's converted copy, if made: not refit
+    monkeypatch.setenv("KVRT_CACHE_DIR", str(tmp_path / "cache"))
+    if converted.is_dir():
+        (tmp_path / "cache").mkdir()
+        (tmp_path / "cache" / "gguf").symlink_to(converted)
+    assert not calibration_path("quick").exists()
+    out = tmp_path / "report"
+    assert main(["sim", "map-reduce", "--quick", "--policies", "lru", "--device",
+                 "cpu-calibrated", "--calibration", "quick", "--tokenizer",
+                 str(tiny_checkpoint_dir()), "--out", str(out)]) == 0
+    saved = json.loads(calibration_path("quick").read_text())
+    assert not calibration_path().exists()  # the full plan's file is not a quick fit's
+    results = json.loads((out / "results.json").read_text())
+    assert results["sim"]["device_spec"] == saved["device"]
+    assert results["policies"]["lru"]["calls"] > 0
