@@ -110,6 +110,7 @@ class AsyncEngine:
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.vocab_size  # the logits' width (grammars are compiled for it)
         self.driver = driver or ThreadDriver()
         self._worker: EngineWorker | None = None  # made on the loop, at start
         self._streams: dict[str, asyncio.Queue[GenerateOutput | BaseException]] = {}

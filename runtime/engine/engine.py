@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
+from kvrt.runtime.engine.constraints import Constraints, Matcher
 from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.decision_log import DecisionLog
 from kvrt.runtime.engine.executor import Executor
@@ -81,6 +82,8 @@ class _Live:
     texts: list[OutputText]
     unforked: list[Sequence]
     running: int
+    # Per choice, where its output stands in the request's grammar; None: unconstrained.
+    matchers: list[Matcher] | None = None
 
 
 class Engine:
@@ -105,6 +108,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.clock = clock
         self.vocab_size = executor.vocab_size
+        self.constraints = Constraints(self.vocab_size)
         self._live: dict[str, _Live] = {}
         self.priorities = Priorities()  # every live call reads its agent's here
         self.landings = UploadLandings()  # predictive uploads: landing vs. the tool's return
@@ -136,6 +140,9 @@ class Engine:
                 f"this model's maximum context length is {self.max_model_len} tokens, but "
                 f"{total} were requested ({len(prompt)} in the prompt, {max_tokens} to generate)"
             )
+        grammar = request.params.grammar
+        if grammar is not None and (why := self.constraints.check(grammar)) is not None:
+            raise RequestRejected(why)
         blocks = self.kv.blocks_for(total)
         if blocks > self.kv.num_blocks:
             raise RequestRejected(
@@ -160,8 +167,10 @@ class Engine:
         ) for index in range(n)]
         texts = [OutputText(request.params, self.tokenizer.detokenizer(),
                             self.tokenizer.eos_token_ids) for _ in range(n)]
+        grammar = request.params.grammar
+        matchers = None if grammar is None else [Matcher(grammar) for _ in range(n)]
         seq = seqs[0]
-        self._live[request.request_id] = _Live(seq, seqs, texts, seqs[1:], n)
+        self._live[request.request_id] = _Live(seq, seqs, texts, seqs[1:], n, matchers)
         self._arrivals += 1
         self.prompt_tokens += seq.prompt_len
         self.scheduler.add(seq)
@@ -330,15 +339,21 @@ class Engine:
 
     def _run(self, chunks: list[Chunk]) -> list[Draw]:
         """One forward over the batch; a token for each chunk that wants one, in order (for a
-        prompt whose choices fork, one per choice: `_drawing`)."""
+        prompt whose choices fork, one per choice: `_drawing`). The constrained rows are masked
+        to what their grammars allow first (logprobs then describe what was sampled from)."""
         logits = self.executor.run(chunks)
         sampling, rows = self._drawing(chunks)
         if len(rows) != logits.shape[0]:
             logits = logits[rows]
+        self.constraints.mask(logits, [self._matcher(s) for s in sampling])
         params = [s.request.params for s in sampling]
         tokens = self.sampler.sample(logits, params, [s.generator for s in sampling],
                                      [(s.token_ids, s.prompt_len) for s in sampling])
         return [Draw(*d) for d in zip(tokens, token_logprobs(logits, tokens, params))]
+
+    def _matcher(self, seq: Sequence) -> Matcher | None:
+        matchers = self._live[seq.request_id].matchers
+        return None if matchers is None else matchers[seq.index]
 
     def _drawing(self, chunks: list[Chunk]) -> tuple[list[Sequence], list[int]]:
         """The sequences that draw a token from this step's logits, and the logits row each
@@ -382,6 +397,12 @@ class Engine:
         self.generation_tokens += 1
         output_text = live.texts[seq.index]
         text, reason = output_text.add_token(token, seq.num_output)
+        matcher = self._matcher(seq)
+        if matcher is not None:
+            matcher.accept(token)
+            if reason is None and matcher.terminated:
+                # The grammar admits nothing more (or took a stop token that ignore_eos skips).
+                text, reason = text + output_text.finish_text(), "stop"
         if reason is None and len(seq.token_ids) >= self.max_model_len:
             text, reason = text + output_text.finish_text(), "length"
         if reason is not None:

@@ -16,6 +16,7 @@ from kvrt.runtime.engine.landing import LandingStats
 from kvrt.runtime.kv.owners import AgentResidency
 
 if TYPE_CHECKING:
+    from kvrt.runtime.engine.constraints import Grammar
     from kvrt.runtime.model.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -75,6 +76,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM's, over prompt and output: > 1 discourages
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     include_stop_str_in_output: bool = False  # vLLM's: a matched stop string stays in the text
+    # Constrained decoding (runtime/engine/constraints.py): the output follows this grammar,
+    # compiled by the server for the engine's vocabulary. None: free text.
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True, slots=True)

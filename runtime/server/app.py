@@ -27,6 +27,7 @@ from kvrt.runtime.server.auth import auth_middleware
 from kvrt.runtime.server.body_rate import BODY_RATE, BodyRate
 from kvrt.runtime.server.control_routes import routes as control_routes
 from kvrt.runtime.server.errors import error_middleware
+from kvrt.runtime.server.grammars import GRAMMARS, Grammars
 from kvrt.runtime.server.metrics import ServerMetrics
 from kvrt.runtime.server.openai_routes import routes as openai_routes
 from kvrt.runtime.server.openapi import openapi_json
@@ -53,6 +54,7 @@ def create_app(config: ServeConfig, engine: app_keys.ManagedEngine) -> web.Appli
     app[app_keys.ENGINE] = engine
     app[PRIORITY_SYNC] = PrioritySync(engine)
     app[PROMPT_WORKERS] = PromptWorkers(engine)
+    app[GRAMMARS] = Grammars(engine)  # structured output's compiler, built on first use
     app[app_keys.METRICS] = ServerMetrics(engine.model_name)
     app[app_keys.CONTROL] = ControlPlane.open(config, clock=_loop_time)  # on --state-dir, if any
     app[app_keys.STARTED_AT] = int(time.time())

@@ -19,10 +19,12 @@ ignored.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from jinja2 import TemplateError
 
+from kvrt.runtime.engine.constraints import Grammar
 from kvrt.runtime.engine.protocol import Attribution, GenerateRequest, SamplingParams
 from kvrt.runtime.model.chat_prompt import Span, render_prompt
 from kvrt.runtime.model.tool_prompt import PromptTools
@@ -115,14 +117,21 @@ def check_chat(body: ChatCompletionRequest, engine: ServedModel, max_messages: i
 
 
 def chat_call(body: ChatCompletionRequest, tools: PromptTools | None,
-              context: CallContext | None, engine: ServedModel, *, tenant: str) -> PreparedCall:
+              context: CallContext | None, engine: ServedModel, *, tenant: str,
+              grammar: Callable[[], Grammar | None] | None = None) -> PreparedCall:
     """A call of a body that passed `check_chat`. `tools`: what `chat_tools(body)` returned (the
-    caller also needs it to read the reply). `tenant`: the caller's (auth.tenant_of)."""
+    caller also needs it to read the reply). `tenant`: the caller's (auth.tenant_of).
+    `grammar` compiles the grammar the reply must follow (grammars.chat_grammar), if any: here,
+    off the event loop."""
     approximate = context is not None and context.approximate_reuse
-    return messages_call(
+    compiled = None if grammar is None else grammar()
+    call = messages_call(
         body.messages, segment_marks(body.messages, approximate), body,
         body.max_completion_tokens or body.max_tokens, context, engine,
         request_id=new_request_id("chatcmpl"), param="messages", tenant=tenant, tools=tools)
+    if compiled is None:
+        return call
+    return replace(call, params=replace(call.params, grammar=compiled))
 
 
 def round_agent_call(body: RoundRequest, agent: str, context: CallContext, engine: ServedModel,

@@ -122,9 +122,8 @@ def check_message_count(count: int, max_messages: int, param: str,
 
 def chat_tools(body: ChatCompletionRequest) -> PromptTools | None:
     """The tools the prompt shows, or None (none offered, or tool_choice "none": the reply is
-    then all content). "required" and a named function cannot be enforced without constrained
-    decoding, which kvrt does not have: they become an instruction in the prompt, and the
-    model may still answer in prose."""
+    then all content). "required" and a named function are enforced by the reply's grammar
+    (grammars.py); they are also asked of the model in the prompt, so that it means the call."""
     tools = body.tools or []
     names: set[str] = set()
     for i, tool in enumerate(tools):

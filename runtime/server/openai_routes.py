@@ -12,6 +12,7 @@ from kvrt.runtime.server.admission import ADMISSION
 from kvrt.runtime.server.auth import is_operator, tenant_of
 from kvrt.runtime.server.call_context import CallContext, call_context
 from kvrt.runtime.server.errors import APIError
+from kvrt.runtime.server.grammars import GRAMMARS, chat_grammar
 from kvrt.runtime.server.http_io import json_response, read_json
 from kvrt.runtime.server.implicit_runs import chat_formatter, implicit_context
 from kvrt.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -53,11 +54,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     tools = chat_tools(body)
     check_chat(body, engine, request.app[app_keys.CONFIG].limits.max_messages)
     context = context or implicit_context(request.app, body, request.headers, tenant)
+    parser, grammars = request.app[app_keys.TOOL_PARSER], request.app[GRAMMARS]
     call = await build_calls(request, lambda model: chat_call(
-        body, tools, context, model, tenant=tenant), _run_of(context))
+        body, tools, context, model, tenant=tenant,
+        grammar=lambda: chat_grammar(body, parser, grammars)), _run_of(context))
     formatter = chat_formatter(request.app, context, body)(
         call.request_id, engine.model_name, _include_usage(body),
-        tool_parser=request.app[app_keys.TOOL_PARSER] if tools is not None else None,
+        tool_parser=parser if tools is not None else None,
         parallel_tool_calls=body.parallel_tool_calls is not False,
     )
     return await _respond(request, body, call, formatter, arrival)

@@ -32,6 +32,43 @@ class ParsedReply:
 StreamEvent = str | ParsedCall  # a piece of content, or one whole call
 
 
+@dataclass(frozen=True, slots=True)
+class CallForm:
+    """A parser's calls as llguidance Lark rules: `opening` (the text that begins a call) and,
+    per tool, the grammar of what follows it (`bodies`). `lark(start)` is a whole grammar whose
+    `start` rule may use `call` (one call, opening included) and `opened call_body` (free text
+    up to and including the first opening, then the rest of a call)."""
+
+    opening: str
+    bodies: list[str]
+
+    def lark(self, start: str) -> str:
+        options = " | ".join(f"body_{i}" for i in range(len(self.bodies)))
+        rules = "\n".join(f"body_{i}: {body}" for i, body in enumerate(self.bodies))
+        opening = json.dumps(self.opening)
+        return (f"%llguidance {{}}\n{start}\ncall: {opening} call_body\n"
+                f"call_body: {options}\n{rules}\n"
+                # Lazy: the text ends at the first opening, which a call must then follow.
+                f"opened[lazy]: /(.|\\n)*/ {opening}\n"
+                # Text that holds no opening: a call begun is never left as text.
+                f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{_regex_literal(self.opening)}(.|\\n)*/\n")
+
+    @staticmethod
+    def free_text_start(one: bool) -> str:
+        """Text with calls in it, each completed once begun; with `one`, the reply ends with
+        its call."""
+        return ("start: TEXT | opened call_body" if one
+                else "start: TEXT | (opened call_body)+ TEXT")
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a regex matching itself, inside a Lark /.../."""
+    return "".join(f"\\{c}" if c in _REGEX_META else c for c in text)
+
+
+_REGEX_META = set("\\.+*?()|[]{}^$#&-~/")
+
+
 class ToolCallStream(ABC):
     """One reply, read piece by piece. Text is held back while it may still turn out to be
     part of a call; `finish` gives back whatever is held."""
@@ -48,6 +85,12 @@ class ToolParser(ABC):
 
     @abstractmethod
     def stream(self) -> ToolCallStream: ...
+
+    @abstractmethod
+    def call_form(self, tools: list[tuple[str, dict[str, Any]]]) -> CallForm:
+        """How this parser's calls are written, as grammar rules for constrained decoding
+        (runtime/server/grammars.py), given each tool's name and parameters schema. What the
+        rules generate, this parser reads back as that tool's call."""
 
     def parse(self, text: str) -> ParsedReply:
         """A whole reply: the stream's reading of it in one piece, so the two always agree."""
@@ -99,6 +142,16 @@ class HermesToolParser(ToolParser):
 
     def stream(self) -> ToolCallStream:
         return HermesStream()
+
+    def call_form(self, tools: list[tuple[str, dict[str, Any]]]) -> CallForm:
+        # As tool_prompt.call_text writes a call (json.dumps' separators), its name fixed.
+        def body(name: str, schema: dict[str, Any]) -> str:
+            head = f'\n{{"name": {json.dumps(name)}, "arguments": '
+            tail = f"}}\n{TOOL_CALL_END}"
+            return (f"{json.dumps(head)} %json {json.dumps(schema, ensure_ascii=False)} "
+                    f"{json.dumps(tail)}")
+
+        return CallForm(TOOL_CALL_START, [body(name, schema) for name, schema in tools])
 
 
 class HermesStream(ToolCallStream):

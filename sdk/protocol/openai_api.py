@@ -174,10 +174,29 @@ class ChatMessage(Struct, kw_only=True):
     kvrt: MessageOptions | None = None
 
 
+# ---- response_format (structured output: runtime/server/grammars.py) ----------------------
+
+
+class JsonSchemaFormat(Struct, kw_only=True):
+    """OpenAI's `response_format.json_schema`: the reply's content is JSON valid against
+    `schema`. kvrt always generates strictly (no keys or items the schema does not name), so
+    `strict` changes nothing."""
+
+    name: FunctionName
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatCompletionRequest(SamplingRequest, kw_only=True):
-    """`tool_choice` "required" and a named function are asked of the model in the prompt,
-    not enforced (kvrt has no constrained decoding); `parallel_tool_calls: false` keeps only
-    the first call of a reply."""
+    """`tool_choice` "required" and a named function are enforced by constrained decoding: the
+    reply is then one or more valid calls (one with `parallel_tool_calls: false`); with "auto"
+    a call the model begins is completed validly. `response_format` makes the content JSON."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None  # OpenAI's newer name; wins if both given
@@ -187,6 +206,7 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     # ---- logprobs (runtime/engine/logprobs.py): the model's raw distribution ----
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # needs logprobs: true
+    response_format: ResponseFormat | None = None  # None: text (runtime/server/grammars.py)
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
