@@ -1,7 +1,9 @@
 """The logprobs a request asks for (`SamplingParams.logprobs`): the sampled token's and the k
 most likely tokens', from the log-softmax of the logits the sampler is given, before bias,
 penalties, temperature, top-k and top-p (vLLM's default, "raw" logprobs): what the model thinks,
-whichever way the token was then drawn. Computed for the rows that ask, in one pass, with one
+whichever way the token was then drawn. A request under a grammar (engine/constraints.py) is
+masked before the sampler, so its logprobs are of the masked distribution, the tokens it could
+draw (as vLLM's are under structured output). Computed for the rows that ask, in one pass, with one
 device sync."""
 
 from __future__ import annotations
