@@ -4,9 +4,10 @@ What a chat asks for decides it:
 
     tools offered, tool_choice          reply                                   grammar
     ----------------------------------  --------------------------------------  -------------
-    named function / "required"         calls only: one, or several with        calls
+    named function                      one valid call of it                    call
+    "required"                          calls only: one, or several with        calls
                                         parallel_tool_calls, each a valid call
-                                        of an offered tool (the named one)
+                                        of an offered tool
     "auto" (or unset)                   free text; a call, once the parser's    text, calls
                                         opening is written, completed validly   when opened
     "auto" + response_format json       the JSON, or calls                      json | calls
@@ -178,7 +179,9 @@ def chat_grammar(body: ChatCompletionRequest, parser: ToolParser,
         if named is None or tool.function.name == named:
             specs.append((tool.function.name, generated(schema)))
     form = parser.call_form(specs)
-    one = body.parallel_tool_calls is False
+    # A named function is called once, as vLLM's named tool choice does (a small model would
+    # otherwise repeat the call until max_tokens).
+    one = body.parallel_tool_calls is False or named is not None
     calls = "call" if one else 'call ("\\n" call)*'
     if named is not None or choice == "required":
         start = f"start: {calls}"
