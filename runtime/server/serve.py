@@ -64,8 +64,9 @@ async def _serve(config: ServeConfig, engine: app_keys.ManagedEngine) -> None:
     app = create_app(config, engine)
     runner, url = await start_site(app, config.host, config.port)
     try:
-        # The one line on stdout: scripts and tests wait for it (and read the port from it).
+        # The first line on stdout: scripts and tests wait for it (and read the port from it).
         print(f"kvrt ready: serving {engine.model_name} at {url}", flush=True)
+        print(f"kvrt live view: {url}/ui", flush=True)
         await stop.wait()
         log.info("shutting down")
         await drain(app)  # still listening: new work gets 503 meanwhile
