@@ -90,9 +90,13 @@ def _penalize(logits: torch.Tensor, params: list[SamplingParams], prompt_seen: t
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
 
-    repetition = column([p.repetition_penalty for p in params])
+    # The schema admits any penalty > 0: one that is 0 in this dtype would make a masked -inf
+    # NaN, and a positive logit divided by a tiny one inf (NaN probabilities, a failed step).
+    limits = torch.finfo(dtype)
+    repetition = column([p.repetition_penalty for p in params]).clamp_min(limits.tiny)
     seen = prompt_seen | (output_counts > 0)
-    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
+    repeated = torch.where(logits > 0, (logits / repetition).clamp_max(limits.max),
+                           logits * repetition)
     logits = torch.where(seen, repeated, logits)
     frequency = column([p.frequency_penalty for p in params])
     presence = column([p.presence_penalty for p in params])

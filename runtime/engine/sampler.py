@@ -69,7 +69,10 @@ def _filtered_probabilities(logits: torch.Tensor, params: list[SamplingParams]) 
     rows, vocab = logits.shape
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device)
-    logits = logits / temperature.unsqueeze(1)
+    # Shifted by the row's largest first (the distribution is the same): a huge logit (a
+    # repetition penalty near 0 pushes seen tokens to the dtype's max) over a small
+    # temperature would overflow to inf, and inf - inf is a NaN probability.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature.unsqueeze(1)
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     top_p = [p.top_p for p in params]
     if min(top_k) == vocab and min(top_p) >= 1.0:

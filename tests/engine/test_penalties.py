@@ -86,3 +86,18 @@ def test_greedy_with_a_repetition_penalty_matches_transformers_generate(tiny) ->
         max_tokens=12, temperature=0.0, ignore_eos=True))])["p"].token_ids
     assert got == expected
     assert got != plain  # the penalty changed the answer: the test could fail
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.01])
+def test_the_smallest_repetition_penalty_the_schema_admits_samples_a_seen_token(
+        temperature: float) -> None:
+    # The schema takes any penalty > 0: 1e-300 is 0 in float32, and a positive logit divided by
+    # it was inf (then NaN probabilities, a failed step); a masked -inf times it was NaN.
+    params = [SamplingParams(repetition_penalty=1e-300, temperature=temperature, seed=1)]
+    logits = torch.tensor([[*ROW, float("-inf")]])  # the last token masked by a grammar
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    history = ([0, 1, 2, 2, 4, 5], 2)
+    for _ in range(5):
+        token, = sampler.sample(logits, params, [sampler.request_generator(params[0])],
+                                [history])
+        assert token in (0, 2, 4)  # seen, with a positive logit: pushed to the top
