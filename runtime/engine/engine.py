@@ -77,13 +77,16 @@ class _Live:
     arrival and attribution are every choice's); `unforked`: the choices still waiting for its
     prompt's logits; `running`: the choices not finished."""
 
-    seq: Sequence
     seqs: list[Sequence]
     texts: list[OutputText]
     unforked: list[Sequence]
     running: int
     # Per choice, where its output stands in the request's grammar; None: unconstrained.
     matchers: list[Matcher] | None = None
+
+    @property
+    def seq(self) -> Sequence:
+        return self.seqs[0]
 
 
 class Engine:
@@ -170,7 +173,7 @@ class Engine:
         grammar = request.params.grammar
         matchers = None if grammar is None else [Matcher(grammar) for _ in range(n)]
         seq = seqs[0]
-        self._live[request.request_id] = _Live(seq, seqs, texts, seqs[1:], n, matchers)
+        self._live[request.request_id] = _Live(seqs, texts, seqs[1:], n, matchers)
         self._arrivals += 1
         self.prompt_tokens += seq.prompt_len
         self.scheduler.add(seq)

@@ -13,13 +13,13 @@ this is how their KV is given back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from kvrt.runtime.server import app_keys
+from kvrt.runtime.server.background import in_background
 from kvrt.runtime.server.priority_sync import PRIORITY_SYNC
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,9 @@ async def run_expiry(app: web.Application) -> AsyncIterator[None]:
     if not timeout:
         yield
         return
-    task = asyncio.create_task(_sweep_forever(app, min(_MAX_PERIOD_S, timeout / 4)))
-    try:
+    async with in_background(_sweep_forever(app, min(_MAX_PERIOD_S, timeout / 4)),
+                             "kvrt-run-expiry"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _sweep_forever(app: web.Application, period_s: float) -> None:

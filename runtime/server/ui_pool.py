@@ -10,7 +10,6 @@ into a bounded ring (five minutes), by a task that lives as long as the app.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -19,6 +18,7 @@ from msgspec import Struct
 
 from kvrt.runtime.engine.protocol import EngineStats
 from kvrt.runtime.server import app_keys
+from kvrt.runtime.server.background import in_background
 
 SAMPLE_EVERY_S = 1.0
 KEPT = 300  # samples: five minutes
@@ -62,10 +62,5 @@ async def pool_sampling(app: web.Application) -> AsyncIterator[None]:
                 history.add(engine.stats(), loop.time())
             await asyncio.sleep(SAMPLE_EVERY_S)
 
-    task = asyncio.create_task(sample_forever(), name="kvrt-pool-sampling")
-    try:
+    async with in_background(sample_forever(), "kvrt-pool-sampling"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
