@@ -29,6 +29,8 @@ from kvrt.runtime.engine.protocol import (
     GenerateOutput,
     GenerateRequest,
     RecentDecisions,
+    ReplicaState,
+    ReplicaStatus,
     RunEnded,
 )
 from kvrt.runtime.engine.queue_meter import QueueMeter
@@ -115,6 +117,7 @@ class AsyncEngine:
         self._worker: EngineWorker | None = None  # made on the loop, at start
         self._streams: dict[str, asyncio.Queue[GenerateOutput | BaseException]] = {}
         self._queue = QueueMeter()  # touched on the loop only
+        self.restarts = 0  # as a replica (runtime/replicas/replica.py): one in-process never is
 
     @classmethod
     def create(cls, config: EngineConfig, served_model_name: str | None = None) -> AsyncEngine:
@@ -149,6 +152,18 @@ class AsyncEngine:
 
     def is_alive(self) -> bool:
         return self.driver.is_alive()
+
+    def state(self) -> ReplicaState:
+        """As a replica of a ReplicaSet (runtime/replicas/replica_set.py) sees it."""
+        if self._worker is None:
+            return "starting"
+        return "ready" if self.is_alive() else "down"
+
+    def replicas(self) -> list[ReplicaStatus]:
+        return []  # one engine
+
+    def replica_of(self, run: str) -> list[str]:
+        return []
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -43,6 +43,19 @@ class ShuttingDown(EngineError):
     """The server is shutting down and aborted the request (it did not finish in time)."""
 
 
+class ReplicaUnavailable(EngineError):
+    """The replica holding the request died, or no replica is ready (`kvrt serve --replicas`).
+    The replica's KV is lost and nothing else: the call may be retried after `retry_after_s`
+    seconds, and is then served by a live replica."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses processes (Ray) with its field
+        return (type(self), (str(self), self.retry_after_s))
+
+
 class StepFailed(EngineError):
     """One engine step raised for some of its requests: those were aborted (their KV freed);
     the others go on, and `emitted` holds what the step gave them. `request_ids` are the
@@ -202,6 +215,22 @@ class EngineLoad:
     drain_per_s: float | None  # requests leaving the queue per second lately; None: unknown
 
 
+ReplicaState = Literal["starting", "ready", "down"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """One engine replica behind the daemon (`kvrt serve --replicas`), as the front sees it."""
+
+    name: str
+    state: ReplicaState  # down: died, or failed to start; Ray restarts it (then starting)
+    restarts: int  # times it came back after dying
+    runs: int  # live runs with agents placed on it
+    agents: int  # live agents placed on it
+    load: EngineLoad
+    stats: EngineStats | None  # its latest figures; None before it first reported
+
+
 class EngineClient(Protocol):
     model_name: str
     max_model_len: int
@@ -261,6 +290,15 @@ class EngineClient(Protocol):
         report it as `remaining_s`), and per agent the predicted seconds to its next model call
         (None: it is done; inf: no call is predicted). The policy hears of it (`on_outlook`,
         with the times made absolute on the engine's clock). Fire and forget, like `notify`."""
+        ...
+
+    def replicas(self) -> list[ReplicaStatus]:
+        """The replicas behind this client, one entry each; empty for a single engine."""
+        ...
+
+    def replica_of(self, run: str) -> list[str]:
+        """The replicas holding the run's agents (names; usually one); empty for a single
+        engine, or a run with no agent placed yet."""
         ...
 
     async def release_run(self, run: str) -> int:

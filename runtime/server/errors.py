@@ -15,6 +15,7 @@ from aiohttp import web
 
 from kvrt.runtime.engine.protocol import (
     EngineError,
+    ReplicaUnavailable,
     RequestRejected,
     RequestTimedOut,
     RunEnded,
@@ -116,6 +117,9 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(504, str(exc), code="request_timeout")
     if isinstance(exc, ShuttingDown):
         return APIError(503, str(exc), code="shutting_down", retry_after_s=1)
+    if isinstance(exc, ReplicaUnavailable):
+        return APIError(503, str(exc), code="replica_unavailable",
+                        retry_after_s=exc.retry_after_s)
     if isinstance(exc, EngineError):
         return APIError(500, f"engine error: {exc}", code="engine_error")
     if isinstance(exc, web.HTTPException):
