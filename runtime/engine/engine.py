@@ -89,6 +89,45 @@ class _Live:
         return self.seqs[0]
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """The engine's fixed limits a request is checked against (`Engine.validate`). A value,
+    so that a replica's front side (runtime/replicas/) checks requests with no round trip."""
+
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int  # the device KV pool's
+
+    def validate(self, request: GenerateRequest) -> None:
+        """Raises RequestRejected for a request that can never be served."""
+        prompt = request.prompt_token_ids
+        max_tokens = request.params.max_tokens
+        if not prompt:
+            raise RequestRejected("the prompt is empty")
+        if max_tokens < 1:
+            raise RequestRejected(f"max_tokens must be at least 1, got {max_tokens}")
+        if request.params.n < 1:
+            raise RequestRejected(f"n must be at least 1, got {request.params.n}")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})")
+        total = len(prompt) + max_tokens
+        if total > self.max_model_len:
+            raise RequestRejected(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{total} were requested ({len(prompt)} in the prompt, {max_tokens} to generate)"
+            )
+        grammar = request.params.grammar
+        if grammar is not None and (why := Constraints(self.vocab_size).check(grammar)):
+            raise RequestRejected(why)
+        blocks = -(-total // self.block_size)
+        if blocks > self.num_blocks:
+            raise RequestRejected(
+                f"the request needs {blocks} KV blocks ({total} tokens) but the KV pool holds "
+                f"{self.num_blocks}; start the server with a larger --kv-cache-memory"
+            )
+
+
 class Engine:
     def __init__(
         self,
@@ -127,31 +166,12 @@ class Engine:
 
     def validate(self, request: GenerateRequest) -> None:
         """Raises RequestRejected for a request that can never be served; queues nothing."""
-        prompt = request.prompt_token_ids
-        max_tokens = request.params.max_tokens
-        if not prompt:
-            raise RequestRejected("the prompt is empty")
-        if max_tokens < 1:
-            raise RequestRejected(f"max_tokens must be at least 1, got {max_tokens}")
-        if request.params.n < 1:
-            raise RequestRejected(f"n must be at least 1, got {request.params.n}")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab_size})")
-        total = len(prompt) + max_tokens
-        if total > self.max_model_len:
-            raise RequestRejected(
-                f"this model's maximum context length is {self.max_model_len} tokens, but "
-                f"{total} were requested ({len(prompt)} in the prompt, {max_tokens} to generate)"
-            )
-        grammar = request.params.grammar
-        if grammar is not None and (why := self.constraints.check(grammar)) is not None:
-            raise RequestRejected(why)
-        blocks = self.kv.blocks_for(total)
-        if blocks > self.kv.num_blocks:
-            raise RequestRejected(
-                f"the request needs {blocks} KV blocks ({total} tokens) but the KV pool holds "
-                f"{self.kv.num_blocks}; start the server with a larger --kv-cache-memory"
-            )
+        self.limits().validate(request)
+
+    def limits(self) -> RequestLimits:
+        """What never changes and decides whether a request can ever be served."""
+        return RequestLimits(self.vocab_size, self.max_model_len, self.kv.block_size,
+                             self.kv.num_blocks)
 
     def add(self, request: GenerateRequest) -> None:
         self.validate(request)
