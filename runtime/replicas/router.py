@@ -1,0 +1,312 @@
+"""Which replica serves each call (`kvrt serve --replicas N --router NAME`).
+
+    affinity     kvrt's, by the graph. Every agent of a run has a home replica, where its KV
+                 lives (its prefixes, the round text it reads, its offloaded blocks): its calls
+                 go there, and so do its run's events, priorities and outlook. A run's agents
+                 are placed together when the run starts (the least loaded replica takes them
+                 all), so a round runs on one replica and its shared text is computed once. A
+                 run too big for one replica's fair share is split, evenly, over as few
+                 replicas as balance needs: a round of it computes its text once per replica.
+                 An agent of an overloaded replica moves (see `AffinityRouter._moved`). Calls
+                 without a run go by prefix, as below.
+    prefix       graph-blind, as Ray Serve's prefix-affinity router: each call goes to the
+                 replica that lately saw the longest prefix of its prompt, unless that one has
+                 IMBALANCE more calls in flight than the least busy, which then takes it.
+    round-robin  blind to graph and cache: each call to the next ready replica.
+
+A router sees the replicas as `ReplicaView`s (ready or not, what is in flight and queued) and
+is told of each call's start and end. It runs on the event loop only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvrt.runtime.engine.protocol import GenerateRequest
+from kvrt.runtime.replicas.prefix_index import PrefixIndex, prefix_chain
+
+log = logging.getLogger(__name__)
+
+Agent = tuple[str, str]  # (run, agent)
+
+IMBALANCE = 8  # prefix: calls in flight past the least busy replica that void an affinity
+MATCH_MIN = 0.1  # prefix: the fewest of a prompt's blocks a replica must hold to be preferred
+SLACK = 0.25  # affinity: a run stays whole while its replica holds at most this over the mean
+MIN_GROUP = 16  # affinity: a run of up to this many agents is never split
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    ready: bool
+    in_flight: int  # calls live on it
+    queued_requests: int  # of those, not yet producing output
+    queued_tokens: int  # their prompt tokens: the prefill waiting there
+
+
+class Router(Protocol):
+    name: str
+
+    def route(self, request: GenerateRequest, views: Sequence[ReplicaView]) -> int:
+        """The ready replica to serve the call (there is at least one)."""
+        ...
+
+    def home(self, run: str, agent: str, views: Sequence[ReplicaView]) -> int | None:
+        """Where the agent's KV lives, for its events and priorities: None when the router
+        does not place agents (the caller then uses where its last call went)."""
+        ...
+
+    def plan_run(self, run: str, agents: Iterable[str], views: Sequence[ReplicaView]) -> None:
+        """The run's agents, as its graph declares them, when it starts."""
+        ...
+
+    def started(self, request: GenerateRequest, replica: int) -> None: ...
+
+    def finished(self, request: GenerateRequest, replica: int) -> None: ...
+
+    def agent_done(self, run: str, agent: str) -> None: ...
+
+    def forget_run(self, run: str) -> None: ...
+
+    def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:
+        """The replica died, with its KV: whatever was placed there is placed again."""
+        ...
+
+    def placed(self, replica: int) -> tuple[int, int]:
+        """(runs, agents) placed on the replica."""
+        ...
+
+
+def make_router(name: str, replicas: int) -> Router:
+    if name == "affinity":
+        return AffinityRouter(replicas)
+    if name == "prefix":
+        return PrefixRouter(replicas)
+    if name == "round-robin":
+        return RoundRobinRouter()
+    raise ValueError(f"unknown router {name!r}; choose affinity, prefix or round-robin")
+
+
+ROUTERS = ("affinity", "prefix", "round-robin")
+
+
+def _ready(views: Sequence[ReplicaView]) -> list[int]:
+    return [i for i, view in enumerate(views) if view.ready]
+
+
+class _Blind:
+    """What the graph-blind routers share: they place no agent."""
+
+    def home(self, run: str, agent: str, views: Sequence[ReplicaView]) -> int | None:
+        return None
+
+    def plan_run(self, run: str, agents: Iterable[str], views: Sequence[ReplicaView]) -> None:
+        pass
+
+    def started(self, request: GenerateRequest, replica: int) -> None:
+        pass
+
+    def finished(self, request: GenerateRequest, replica: int) -> None:
+        pass
+
+    def agent_done(self, run: str, agent: str) -> None:
+        pass
+
+    def forget_run(self, run: str) -> None:
+        pass
+
+    def placed(self, replica: int) -> tuple[int, int]:
+        return 0, 0
+
+
+class RoundRobinRouter(_Blind):
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def route(self, request: GenerateRequest, views: Sequence[ReplicaView]) -> int:
+        ready = _ready(views)
+        return ready[next(self._turn) % len(ready)]
+
+    def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:
+        pass
+
+
+class PrefixRouter(_Blind):
+    name = "prefix"
+
+    def __init__(self, replicas: int) -> None:
+        self._index = PrefixIndex(replicas)
+        self._turn = itertools.count()  # breaks ties among equally busy replicas
+
+    def route(self, request: GenerateRequest, views: Sequence[ReplicaView]) -> int:
+        ready = _ready(views)
+        chain = prefix_chain(request)
+        least = min(view.in_flight for i, view in enumerate(views) if i in ready)
+        choice = None
+        if chain:
+            matched = {i: self._index.matched(i, chain) for i in ready}
+            best = max(ready, key=lambda i: (matched[i], -views[i].in_flight))
+            if (matched[best] >= MATCH_MIN * len(chain)
+                    and views[best].in_flight - least <= IMBALANCE):
+                choice = best
+        if choice is None:
+            idle = [i for i in ready if views[i].in_flight == least]
+            choice = idle[next(self._turn) % len(idle)]
+        self._index.add(choice, chain)
+        return choice
+
+    def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:
+        self._index.forget(replica)
+
+
+class AffinityRouter:
+    name = "affinity"
+
+    def __init__(self, replicas: int) -> None:
+        self._prefix = PrefixRouter(replicas)  # calls without a run
+        self._home: dict[str, dict[str, int]] = {}  # run -> agent -> replica
+        self._agents = [0] * replicas  # live agents placed on each replica
+        self._in_flight: dict[Agent, int] = defaultdict(int)
+        self._context: dict[Agent, int] = {}  # prompt tokens of the agent's last call
+
+    # -- placing ---------------------------------------------------------------------------
+
+    def plan_run(self, run: str, agents: Iterable[str], views: Sequence[ReplicaView]) -> None:
+        homes = self._home.setdefault(run, {})
+        new = [agent for agent in agents if agent not in homes]
+        if new and _ready(views):
+            self._place(run, new, views)
+
+    def home(self, run: str, agent: str, views: Sequence[ReplicaView]) -> int | None:
+        homes = self._home.setdefault(run, {})
+        if agent not in homes:
+            if not _ready(views):
+                return None
+            self._place(run, [agent], views)
+        return homes[agent]
+
+    def _place(self, run: str, agents: list[str], views: Sequence[ReplicaView]) -> None:
+        """Whole on the least loaded replica (its run's, for agents joining a run) while that
+        keeps the replicas within SLACK of the mean, or the group is at most MIN_GROUP; else
+        split evenly, filling the least loaded replicas up to the mean."""
+        ready = _ready(views)
+        load = {i: self._agents[i] + views[i].queued_requests for i in ready}
+        mean = (sum(load.values()) + len(agents)) / len(ready)
+        mates = Counter(i for i in self._home[run].values() if i in load)
+        first = (max(mates, key=lambda i: (mates[i], -load[i])) if mates
+                 else min(ready, key=lambda i: (load[i], views[i].queued_tokens, i)))
+        if (load[first] + len(agents) <= mean * (1 + SLACK)
+                or mates[first] + len(agents) <= MIN_GROUP):
+            self._assign(run, agents, [first] * len(agents))
+            return
+        level = math.ceil(mean)
+        targets: list[int] = []
+        for i in sorted(ready, key=lambda i: (load[i], i)):
+            targets += [i] * max(0, min(level - load[i], len(agents) - len(targets)))
+        while len(targets) < len(agents):  # what rounding left over
+            targets.append(min(ready, key=lambda i: (load[i] + targets.count(i), i)))
+        self._assign(run, agents, targets)
+
+    def _assign(self, run: str, agents: list[str], replicas: list[int]) -> None:
+        homes = self._home[run]
+        for agent, replica in zip(agents, replicas, strict=True):
+            homes[agent] = replica
+            self._agents[replica] += 1
+
+    def _unplace(self, run: str, agent: str) -> None:
+        replica = self._home.get(run, {}).pop(agent, None)
+        if replica is not None:
+            self._agents[replica] -= 1
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def route(self, request: GenerateRequest, views: Sequence[ReplicaView]) -> int:
+        run, agent = request.attribution.run, request.attribution.agent or ""
+        if run is None:
+            return self._prefix.route(request, views)
+        replica = self.home(run, agent, views)
+        assert replica is not None  # a ready replica exists: the caller checked
+        if not views[replica].ready:  # not seen down yet: placed again, among the ready
+            self._unplace(run, agent)
+            replica = self.home(run, agent, views)
+            assert replica is not None
+        moved = self._moved((run, agent), replica, len(request.prompt_token_ids), views)
+        if moved is not None:
+            self._unplace(run, agent)
+            self._assign(run, [agent], [moved])
+            replica = moved
+        return replica
+
+    def _moved(self, who: Agent, replica: int, prompt: int,
+               views: Sequence[ReplicaView]) -> int | None:
+        """Where the agent's call would start sooner, KV recomputed, or None to stay. Only an
+        agent with no call in flight moves. Its KV is recomputed there, never copied: a copy
+        through the host tier costs a host round trip of the whole context on both replicas
+        and a transfer between them, while recomputing costs the target one prefill of the
+        context, which queued prompt tokens measure in the same unit as the wait. It moves
+        when the prefill queued ahead of it here exceeds the other replica's by more than what
+        it would recompute there: its cached context, the last call's prompt (at least the
+        new call's, for a first call)."""
+        if self._in_flight[who]:
+            return None
+        here = views[replica].queued_tokens
+        others = [i for i in _ready(views) if i != replica]
+        if not others or not views[replica].queued_requests:
+            return None
+        target = min(others, key=lambda i: (views[i].queued_tokens, self._agents[i], i))
+        cost = max(self._context.get(who, 0), prompt)
+        if here - views[target].queued_tokens <= cost:
+            return None
+        log.info("affinity: agent %s of run %s moves from replica %d to %d: %d prompt tokens "
+                 "queued ahead of it there, %d on %d; recomputing its %d-token context there "
+                 "costs less than the wait", who[1], who[0], replica, target, here,
+                 views[target].queued_tokens, target, cost)
+        return target
+
+    def started(self, request: GenerateRequest, replica: int) -> None:
+        run = request.attribution.run
+        if run is not None:
+            who = (run, request.attribution.agent or "")
+            self._in_flight[who] += 1
+            self._context[who] = len(request.prompt_token_ids)
+
+    def finished(self, request: GenerateRequest, replica: int) -> None:
+        run = request.attribution.run
+        if run is not None:
+            who = (run, request.attribution.agent or "")
+            self._in_flight[who] -= 1
+            if not self._in_flight[who]:
+                del self._in_flight[who]
+
+    # -- ends ------------------------------------------------------------------------------
+
+    def agent_done(self, run: str, agent: str) -> None:
+        self._unplace(run, agent)
+        self._context.pop((run, agent), None)
+
+    def forget_run(self, run: str) -> None:
+        for agent in list(self._home.get(run, {})):
+            self.agent_done(run, agent)
+        self._home.pop(run, None)
+
+    def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:
+        self._prefix.replica_down(replica, views)
+        for run, homes in self._home.items():
+            lost = [agent for agent, home in homes.items() if home == replica]
+            for agent in lost:
+                self._unplace(run, agent)
+                self._context.pop((run, agent), None)  # its KV is gone: nothing to recompute
+            if lost and _ready(views):
+                self._place(run, lost, views)
+
+    def placed(self, replica: int) -> tuple[int, int]:
+        runs = sum(1 for homes in self._home.values() if replica in homes.values())
+        return runs, self._agents[replica]
+

@@ -1,0 +1,153 @@
+"""The routers' decisions, on views made by hand (no engine): where runs, agents and
+unattributed calls go, and what happens when a replica dies or is overloaded."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from kvrt.runtime.engine.protocol import Attribution, GenerateRequest, SamplingParams
+from kvrt.runtime.replicas.router import (
+    AffinityRouter,
+    PrefixRouter,
+    ReplicaView,
+    RoundRobinRouter,
+    make_router,
+)
+
+IDLE = ReplicaView(ready=True, in_flight=0, queued_requests=0, queued_tokens=0)
+DOWN = ReplicaView(ready=False, in_flight=0, queued_requests=0, queued_tokens=0)
+
+
+def call(prompt: list[int], run: str | None = None, agent: str | None = None,
+         salt: bytes = b"") -> GenerateRequest:
+    return GenerateRequest("r", prompt, SamplingParams(), salt=salt,
+                           attribution=Attribution(run=run, agent=agent))
+
+
+def busy(in_flight: int = 0, queued: int = 0, tokens: int = 0) -> ReplicaView:
+    return ReplicaView(True, in_flight, queued, tokens)
+
+
+def test_a_small_run_lives_whole_on_the_least_loaded_replica_and_the_next_run_elsewhere():
+    router = AffinityRouter(4)
+    views = [IDLE] * 4
+    router.plan_run("a", [f"w{i}" for i in range(6)], views)
+    router.plan_run("b", [f"w{i}" for i in range(6)], views)
+    homes_a = {router.home("a", f"w{i}", views) for i in range(6)}
+    homes_b = {router.home("b", f"w{i}", views) for i in range(6)}
+    assert len(homes_a) == 1 and len(homes_b) == 1 and homes_a != homes_b
+    for i in range(6):  # every call of an agent goes to its home
+        assert router.route(call([1] * 40, "a", f"w{i}"), views) in homes_a
+    assert router.placed(homes_a.pop()) == (1, 6)
+
+
+def test_a_run_too_big_for_one_replica_is_split_evenly():
+    router = AffinityRouter(4)
+    views = [IDLE] * 4
+    router.plan_run("town", [f"p{i}" for i in range(100)], views)
+    per_replica = Counter(router.home("town", f"p{i}", views) for i in range(100))
+    assert sorted(per_replica.values()) == [25, 25, 25, 25]
+
+
+def test_a_run_that_would_unbalance_the_replicas_by_more_than_the_slack_is_split():
+    router = AffinityRouter(2)
+    views = [IDLE] * 2
+    router.plan_run("a", [f"x{i}" for i in range(40)], views)  # 20 + 20
+    router.plan_run("b", [f"y{i}" for i in range(10)], views)  # small: kept whole
+    assert len({router.home("b", f"y{i}", views) for i in range(10)}) == 1
+    loads = [router.placed(i)[1] for i in range(2)]
+    assert sorted(loads) == [20, 30]
+
+
+def test_an_agent_that_joins_later_goes_to_its_run_mates():
+    router = AffinityRouter(3)
+    views = [IDLE] * 3
+    router.plan_run("a", ["x", "y"], views)
+    router.plan_run("b", ["z"], views)
+    assert router.route(call([5] * 20, "a", "late"), views) == router.home("a", "x", views)
+
+
+def test_the_agents_of_a_dead_replica_are_placed_again_together_on_the_others():
+    router = AffinityRouter(3)
+    views = [IDLE] * 3
+    router.plan_run("a", ["x", "y", "z"], views)
+    dead = router.home("a", "x", views)
+    after = [DOWN if i == dead else IDLE for i in range(3)]
+    router.replica_down(dead, after)
+    homes = {router.home("a", agent, after) for agent in "xyz"}
+    assert len(homes) == 1 and dead not in homes
+    assert router.placed(dead) == (0, 0)
+
+
+def test_an_agent_moves_off_an_overloaded_replica_only_when_the_queue_outweighs_its_context():
+    router = AffinityRouter(2)
+    views = [IDLE, IDLE]
+    router.plan_run("a", ["x"], views)
+    home = router.home("a", "x", views)
+    other = 1 - home
+    request = call([3] * 100, "a", "x")
+    router.started(request, home)
+    router.finished(request, home)  # its context: 100 tokens
+    # 150 prompt tokens queued ahead of it at home, none on the other replica, where it
+    # would recompute its 100-token context: the wait is the larger, it moves.
+    loaded = [busy(4, 2, 150) if i == home else IDLE for i in range(2)]
+    assert router.route(call([3] * 100, "a", "x"), loaded) == other
+    # Back only when its new home's queue outweighs its context: 90 tokens do not.
+    slightly = [busy(4, 2, 90) if i == other else IDLE for i in range(2)]
+    assert router.route(call([3] * 100, "a", "x"), slightly) == other
+
+
+def test_an_agent_with_a_call_in_flight_never_moves():
+    router = AffinityRouter(2)
+    views = [IDLE, IDLE]
+    home = router.route(call([1] * 10, "a", "x"), views)
+    router.started(call([1] * 10, "a", "x"), home)
+    loaded = [busy(9, 8, 10_000) if i == home else IDLE for i in range(2)]
+    assert router.route(call([1] * 10, "a", "x"), loaded) == home
+
+
+def test_prefix_sends_a_shared_prefix_to_the_same_replica_until_it_is_too_busy():
+    router = PrefixRouter(3)
+    system = list(range(64))
+    first = router.route(call(system + [100, 101]), [IDLE] * 3)
+    views = [busy(in_flight=3) if i == first else IDLE for i in range(3)]
+    assert router.route(call(system + [200] * 20), views) == first
+    swamped = [busy(in_flight=20) if i == first else IDLE for i in range(3)]
+    assert router.route(call(system + [300] * 20), swamped) != first
+
+
+def test_prefix_keeps_tenants_apart():
+    router = PrefixRouter(2)
+    text = list(range(64))
+    first = router.route(call(text, salt=b"tenant-a"), [IDLE, IDLE])
+    # The other tenant's identical prompt matches nothing: the least busy replica, which is
+    # the other one while the first holds a call.
+    views = [busy(in_flight=1) if i == first else IDLE for i in range(2)]
+    assert router.route(call(text, salt=b"tenant-b"), views) == 1 - first
+
+
+def test_prefix_spreads_unrelated_prompts_over_idle_replicas():
+    router = PrefixRouter(3)
+    chosen = {router.route(call([i] * 32), [IDLE] * 3) for i in range(3)}
+    assert chosen == {0, 1, 2}
+
+
+def test_affinity_routes_unattributed_calls_by_prefix():
+    router = AffinityRouter(2)
+    system = list(range(48))
+    first = router.route(call(system + [1]), [IDLE, IDLE])
+    views = [busy(in_flight=2) if i == first else IDLE for i in range(2)]
+    assert router.route(call(system + [2] * 17), views) == first
+
+
+def test_round_robin_cycles_over_the_ready_replicas_only():
+    router = RoundRobinRouter()
+    views = [IDLE, DOWN, IDLE]
+    assert [router.route(call([1]), views) for _ in range(4)] == [0, 2, 0, 2]
+
+
+def test_unknown_router_names_are_refused():
+    with pytest.raises(ValueError, match="unknown router"):
+        make_router("random", 2)
