@@ -26,6 +26,7 @@ from kvrt.runtime.config import (
     read_api_keys,
 )
 from kvrt.runtime.policy import make_policy, policy_names, policy_option_names
+from kvrt.runtime.replicas.router import ROUTERS
 from kvrt.runtime.server.tool_parsers import tool_parser_names
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -180,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-branch-share", type=float, default=control["min_branch_share"],
                    metavar="F", help="the share of its source's departures an edge needs to "
                    "stay in the learned graph (default: %(default)s)")
+    p.add_argument("--replicas", type=int, default=serve["replicas"], metavar="N",
+                   help="engine replicas, each a Ray actor with its own GPU (or CPU), behind "
+                   "this daemon (default: 1, in this process without Ray; with --ray-address, "
+                   "one per GPU of the cluster)")
+    p.add_argument("--ray-address", default=serve["ray_address"], metavar="ADDR",
+                   help="run the replicas on this Ray cluster (auto, or HOST:6379: the head node) "
+                   "instead of a local Ray instance")
+    p.add_argument("--router", choices=ROUTERS, default=serve["router"],
+                   help="which replica a call goes to: affinity (a run's agents on one replica, "
+                   "calls without a run by prompt prefix), prefix, round-robin "
+                   "(default: %(default)s)")
     p.set_defaults(run=_serve, command_parser=p)
 
     bench = commands.add_parser("bench", help="replay a multi-agent workload under several "
@@ -247,7 +259,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                        tool_call_parser=args.tool_call_parser, api_keys=tuple(keys),
                        admin_keys=tuple(args.admin_key), metrics_public=args.metrics_public,
                        state_dir=args.state_dir,
-                       limits=limits, engine=engine, control=control)
+                       limits=limits, engine=engine, control=control,
+                       replicas=args.replicas, ray_address=args.ray_address, router=args.router)
 
 
 def _serve(args: argparse.Namespace) -> int:

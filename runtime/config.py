@@ -236,6 +236,11 @@ class ServeConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    # Engine replicas as Ray actors behind this daemon (runtime/replicas/): None is one, in
+    # this process, without Ray; on a Ray cluster (`ray_address`), one per GPU.
+    replicas: int | None = None
+    ray_address: str | None = None  # join this Ray cluster; None: a local instance if needed
+    router: str = "affinity"  # which replica a call goes to (runtime/replicas/router.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -253,6 +258,10 @@ class ServeConfig:
                                   f"{tenant_of[key]!r}; give the operator a key of its own")
         if len(set(self.admin_keys)) != len(self.admin_keys):
             raise ConfigError("an admin key is given twice")
+        if self.replicas is not None and self.replicas < 1:
+            raise ConfigError(f"replicas must be at least 1, got {self.replicas}")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ConfigError("ray_address is empty (leave it out for a local Ray instance)")
 
 
 def _positive(config: object, *names: str) -> None:

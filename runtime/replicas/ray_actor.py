@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -34,7 +35,6 @@ from kvrt.runtime.engine.protocol import (
     AgentResidency,
     EngineError,
     EngineStats,
-    GenerateOutput,
     GenerateRequest,
     RecentDecisions,
     StepFailed,
@@ -60,7 +60,8 @@ class Snapshot:
     stats: EngineStats
     decisions: RecentDecisions
     residency: dict[str, dict[str, AgentResidency]]  # run -> its agents' (runs it holds)
-    served: dict[str, int]  # run -> generate() calls this actor took for it (live runs)
+    # run -> generate() calls this actor took for it (live runs; "": calls without a run)
+    served: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,17 +93,31 @@ class RemoteError:
 _END = object()  # the pump's end of stream
 
 
+def _search_last(folder: str) -> None:
+    """Ray puts the driver's working directory first on its workers' sys.path. Run from a kvrt
+    checkout, its `kernels/` folder (kvrt.kernels) would shadow the `kernels` distribution
+    that transformers imports: the folder goes last, as the daemon itself has it."""
+    if folder in sys.path:
+        sys.path.remove(folder)
+        sys.path.append(folder)
+
+
 class ReplicaActor:
     """`threads`: torch's intra-op threads when the engine runs on the CPU (None: torch's
     default). `grammar` of generate(): the source a front compiled (llguidance matchers do not
     pickle); the actor compiles it again for its own tokenizer, once per source."""
 
     def __init__(self, config: EngineConfig, served_model_name: str | None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, log_level: str = "info",
+                 driver_dir: str | None = None) -> None:
+        if driver_dir is not None:
+            _search_last(driver_dir)
         import torch
 
         from kvrt.runtime.engine.factory import resolve_device
 
+        # The actor's stderr reaches the daemon's log through Ray (prefixed with the actor).
+        logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
         device = resolve_device(config.device)
         if threads is not None and device.type == "cpu":
             torch.set_num_threads(threads)
@@ -133,8 +148,7 @@ class ReplicaActor:
         if grammar is not None:
             request = replace(request, params=replace(request.params,
                                                       grammar=self._compile(grammar)))
-        if request.attribution.run is not None:
-            self._served[request.attribution.run] += 1
+        self._served[request.attribution.run or ""] += 1
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pump = asyncio.ensure_future(self._pump(request, queue))
         try:
@@ -201,7 +215,7 @@ class ReplicaActor:
     async def snapshot(self) -> Snapshot:
         await self._start()
         engine = self._engine
-        residency = {run: engine.kv_residency(run) for run in self._served}
+        residency = {run: engine.kv_residency(run) for run in self._served if run}
         return Snapshot(self._info.incarnation, engine.stats(), engine.recent_decisions(),
                         {run: agents for run, agents in residency.items() if agents},
                         dict(self._served))

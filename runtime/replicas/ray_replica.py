@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -64,11 +65,12 @@ class RayReplica:
 
     def __init__(self, name: str, config: EngineConfig, *, model_name: str, max_model_len: int,
                  tokenizer: Tokenizer, vocab_size: int, resources: Mapping[str, float],
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, log_level: str = "info") -> None:
         self.name = name
         self.model_name, self.max_model_len = model_name, max_model_len
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._config, self._resources, self._threads = config, dict(resources), threads
+        self._log_level = log_level
         self._actor: Any = None
         self._watcher: asyncio.Task[None] | None = None
         self._state: ReplicaState = "starting"
@@ -87,7 +89,7 @@ class RayReplica:
         actor_class = ray.remote(ReplicaActor)
         self._actor = actor_class.options(
             max_restarts=-1, max_task_retries=0, **self._resources
-        ).remote(self._config, self.model_name, self._threads)
+        ).remote(self._config, self.model_name, self._threads, self._log_level, os.getcwd())
         self._watcher = asyncio.ensure_future(self._watch())
 
     async def stop(self) -> None:
@@ -104,7 +106,8 @@ class RayReplica:
             except (ray.exceptions.RayError, TimeoutError) as error:
                 log.warning("replica %s did not stop cleanly: %s", self.name, error)
         ray.kill(self._actor, no_restart=True)
-        self._set_state("down")
+        self._state = "down"
+        log.info("replica %s stopped", self.name)
 
     def state(self) -> ReplicaState:
         return self._state
@@ -145,10 +148,13 @@ class RayReplica:
                 self._set_state("starting")
             try:
                 return await call
-            except ray.exceptions.RayActorError as error:
-                log.debug("replica %s not ready: %s", self.name, error)
+            except ray.exceptions.ActorUnavailableError:  # Ray is restarting it
+                self._set_state("starting")
+            except ray.exceptions.RayActorError as error:  # dead, or its constructor failed
+                if self._state != "down":
+                    log.warning("replica %s is down: %s", self.name, error)
                 self._set_state("down")
-                await asyncio.sleep(_READY_RETRY_S)
+            await asyncio.sleep(_READY_RETRY_S)
 
     async def _poll(self) -> None:
         """Takes snapshots until the actor fails (or a call saw it fail)."""

@@ -65,6 +65,13 @@ class Router(Protocol):
         """The run's agents, as its graph declares them, when it starts."""
         ...
 
+    def _run_busy_on(self, run: str, replica: int) -> bool:
+        """Another agent of the run has a call in flight on `replica`: a round (its calls
+        arrive together and share its text) or a fan-out stays whole, where its KV is."""
+        homes = self._home.get(run, {})
+        return any(count and r == run and homes.get(agent) == replica
+                   for (r, agent), count in self._in_flight.items())
+
     def started(self, request: GenerateRequest, replica: int) -> None: ...
 
     def finished(self, request: GenerateRequest, replica: int) -> None: ...
@@ -107,6 +114,13 @@ class _Blind:
 
     def plan_run(self, run: str, agents: Iterable[str], views: Sequence[ReplicaView]) -> None:
         pass
+
+    def _run_busy_on(self, run: str, replica: int) -> bool:
+        """Another agent of the run has a call in flight on `replica`: a round (its calls
+        arrive together and share its text) or a fan-out stays whole, where its KV is."""
+        homes = self._home.get(run, {})
+        return any(count and r == run and homes.get(agent) == replica
+                   for (r, agent), count in self._in_flight.items())
 
     def started(self, request: GenerateRequest, replica: int) -> None:
         pass
@@ -254,7 +268,7 @@ class AffinityRouter:
         when the prefill queued ahead of it here exceeds the other replica's by more than what
         it would recompute there: its cached context, the last call's prompt (at least the
         new call's, for a first call)."""
-        if self._in_flight[who]:
+        if self._in_flight[who] or self._run_busy_on(who[0], replica):
             return None
         here = views[replica].queued_tokens
         others = [i for i in _ready(views) if i != replica]
@@ -269,6 +283,13 @@ class AffinityRouter:
                  "costs less than the wait", who[1], who[0], replica, target, here,
                  views[target].queued_tokens, target, cost)
         return target
+
+    def _run_busy_on(self, run: str, replica: int) -> bool:
+        """Another agent of the run has a call in flight on `replica`: a round (its calls
+        arrive together and share its text) or a fan-out stays whole, where its KV is."""
+        homes = self._home.get(run, {})
+        return any(count and r == run and homes.get(agent) == replica
+                   for (r, agent), count in self._in_flight.items())
 
     def started(self, request: GenerateRequest, replica: int) -> None:
         run = request.attribution.run

@@ -26,12 +26,29 @@ def run_server(config: ServeConfig) -> None:
     # Imported here so that `kvrt --help` and the SDK never pay for torch.
     from kvrt.runtime.engine.async_engine import AsyncEngine
     from kvrt.runtime.graph.store import StateStore
+    from kvrt.runtime.replicas.ray_cluster import import_ray, uses_ray
 
     if config.state_dir is not None:  # a bad state dir fails now, not after the model loaded
         StateStore.open(config.state_dir).close()
+    if uses_ray(config):
+        import_ray()  # not installed: a clear error before anything starts
+        _serve_replicas(config)
+        return
     log.info("loading model %s", config.engine.model or "(default SmolLM2-135M-Instruct)")
     engine = AsyncEngine.create(config.engine, config.served_model_name)  # no loop yet: may block
     _run(_serve(config, engine))
+
+
+def _serve_replicas(config: ServeConfig) -> None:
+    """Engine replicas on Ray behind this daemon: it serves as soon as it listens, and a call
+    gets 503 with Retry-After until a replica is ready."""
+    from kvrt.runtime.replicas.ray_cluster import RayCluster
+
+    cluster = RayCluster(config)
+    try:
+        _run(_serve(config, cluster.replica_set(config)))
+    finally:
+        cluster.close()
 
 
 async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:

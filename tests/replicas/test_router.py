@@ -151,3 +151,15 @@ def test_round_robin_cycles_over_the_ready_replicas_only():
 def test_unknown_router_names_are_refused():
     with pytest.raises(ValueError, match="unknown router"):
         make_router("random", 2)
+
+
+def test_an_agent_stays_while_another_agent_of_its_run_has_a_call_in_flight_there():
+    """A round's calls arrive together: the queue they build is the round's own, and the
+    round stays whole where its shared text is."""
+    router = AffinityRouter(2)
+    views = [IDLE, IDLE]
+    router.plan_run("a", ["x", "y"], views)
+    home = router.home("a", "x", views)
+    router.started(call([3] * 100, "a", "x"), home)
+    loaded = [busy(4, 2, 1_000) if i == home else IDLE for i in range(2)]
+    assert router.route(call([3] * 10, "a", "y"), loaded) == home
