@@ -8,6 +8,7 @@ replicas are shared), and it ends with every replica back and its KV accounting 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -158,6 +159,19 @@ def test_calls_without_a_run_follow_their_prefix(server: LiveServer) -> None:
             chat(client, f"question {turn}", system=system)
         moved = delta(before, served(server), "")
         assert sorted(moved) == [0, 4], moved
+    assert_kv_released(server)
+
+
+def test_a_grammar_crosses_to_the_replica(server: LiveServer) -> None:
+    """llguidance's matchers do not pickle: the replica compiles the front's grammar again."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    reply = openai_client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=32, seed=1,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "ok", "schema": schema, "strict": True}})
+    assert reply.choices[0].finish_reason == "stop"
+    answer = json.loads(reply.choices[0].message.content)
+    assert set(answer) == {"ok"} and isinstance(answer["ok"], bool)
     assert_kv_released(server)
 
 
