@@ -65,6 +65,14 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class StopReport:
+    held: int  # KV blocks still held by requests: 0 when all were released
+    cached: int
+    pinned: int
+    broken: str | None  # why the KV pool's integrity check failed; None: it holds
+
+
+@dataclass(frozen=True, slots=True)
 class RemoteError:
     """An engine error, as it crosses to the front: some EngineErrors (StepFailed) do not
     pickle through their args, so the class and the fields the front needs cross instead."""
@@ -229,7 +237,17 @@ class ReplicaActor:
             return str(error) or "integrity check failed"
         return None
 
-    async def stop(self) -> None:
-        """Stops the engine: what is live fails, and the KV check logs (in the actor's log)."""
-        if self._started:
-            await self._engine.stop()
+    async def stop(self) -> StopReport | None:
+        """Stops the engine (what is live fails) and says what it left: the front logs it
+        (the actor's own log may not reach the daemon's before Ray is shut down)."""
+        if not self._started:
+            return None
+        await self._engine.stop()
+        stats = self._engine.engine.stats()
+        try:
+            self._engine.engine.check_integrity()
+            broken = None
+        except AssertionError as error:
+            broken = str(error) or "integrity check failed"
+        return StopReport(stats.kv_blocks_in_use - stats.kv_blocks_pinned,
+                          stats.kv_blocks_cached, stats.kv_blocks_pinned, broken)

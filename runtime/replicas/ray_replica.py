@@ -43,7 +43,13 @@ from kvrt.runtime.engine.protocol import (
 )
 from kvrt.runtime.engine.queue_meter import QueueMeter
 from kvrt.runtime.model.tokenizer import Tokenizer
-from kvrt.runtime.replicas.ray_actor import RemoteError, ReplicaActor, ReplicaInfo, Snapshot
+from kvrt.runtime.replicas.ray_actor import (
+    RemoteError,
+    ReplicaActor,
+    ReplicaInfo,
+    Snapshot,
+    StopReport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +106,16 @@ class RayReplica:
             self._watcher.cancel()
         if self._actor is None:
             return
+        report = None
         if self._state == "ready":
             try:
-                await asyncio.wait_for(_awaited(self._actor.stop.remote()), _STOP_TIMEOUT_S)
+                report = await asyncio.wait_for(_awaited(self._actor.stop.remote()),
+                                                _STOP_TIMEOUT_S)
             except (ray.exceptions.RayError, TimeoutError) as error:
                 log.warning("replica %s did not stop cleanly: %s", self.name, error)
         ray.kill(self._actor, no_restart=True)
         self._state = "down"
-        log.info("replica %s stopped", self.name)
+        _log_stop(self.name, report)
 
     def state(self) -> ReplicaState:
         return self._state
@@ -319,6 +327,19 @@ class RayReplica:
         done = asyncio.ensure_future(_quietly(getattr(self._actor, method).remote(*args)))
         self._pending.add(done)
         done.add_done_callback(self._pending.discard)
+
+
+def _log_stop(name: str, report: StopReport | None) -> None:
+    if report is None:
+        log.info("replica %s stopped (it was not serving)", name)
+    elif report.broken is not None:
+        log.error("replica %s stopped; its KV pool is inconsistent: %s", name, report.broken)
+    elif report.held:
+        log.error("replica %s stopped; %d KV blocks are still held by requests", name,
+                  report.held)
+    else:
+        log.info("replica %s stopped; all request KV released (%d blocks cached, %d pinned)",
+                 name, report.cached, report.pinned)
 
 
 async def _awaited(ref: Awaitable[T]) -> T:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -27,7 +28,13 @@ from kvrt.runtime.replicas.ray_replica import RayReplica
 from kvrt.runtime.replicas.replica_set import ReplicaSet
 from kvrt.runtime.replicas.router import make_router
 from kvrt.sdk import Client, Graph
-from tests.server.live_server import SMALL_ENGINE, LiveServer, assert_error_shape, start_run
+from tests.server.live_server import (
+    SMALL_ENGINE,
+    LiveServer,
+    assert_error_shape,
+    sse_events,
+    start_run,
+)
 
 ray = pytest.importorskip("ray")
 
@@ -173,6 +180,31 @@ def test_a_grammar_crosses_to_the_replica(server: LiveServer) -> None:
     answer = json.loads(reply.choices[0].message.content)
     assert set(answer) == {"ok"} and isinstance(answer["ok"], bool)
     assert_kv_released(server)
+
+
+def test_a_client_gone_mid_stream_stops_the_call_on_its_replica(server: LiveServer) -> None:
+    """Closing the stream cancels the actor's generator: the replica aborts the call (it
+    generates far fewer than max_tokens) and frees its KV."""
+
+    def generated() -> int:
+        return sum(r.stats().generation_tokens for r in members(server))
+
+    served(server)  # fresh snapshots
+    before = generated()
+
+    async def read_a_little_then_leave() -> None:
+        async with aiohttp.ClientSession() as session, session.post(
+                server.url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "go on"}], "max_tokens": 240,
+                      "ignore_eos": True, "stream": True}) as resp:
+            assert resp.status == 200
+            events = sse_events(resp)
+            await anext(events)
+            await anext(events)
+
+    asyncio.run(read_a_little_then_leave())
+    assert_kv_released(server)  # waits until the replica has no work: aborted, or done
+    assert 1 <= generated() - before < 120, generated() - before
 
 
 def test_placement_plans() -> None:
