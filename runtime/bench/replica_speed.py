@@ -55,8 +55,8 @@ def _engine_config(model: str | None, prompt_tokens: int, max_tokens: int,
 def _engines(engine: EngineConfig) -> dict[str, Any]:
     import torch
 
-    from kvrt.runtime.engine.async_engine import AsyncEngine
     from kvrt.runtime.engine.assembly import context_length
+    from kvrt.runtime.engine.async_engine import AsyncEngine
     from kvrt.runtime.model.facts import read_model_facts
     from kvrt.runtime.replicas.ray_replica import RayReplica
     from kvrt.runtime.replicas.replica_set import ReplicaSet
