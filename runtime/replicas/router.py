@@ -175,6 +175,8 @@ class AffinityRouter:
         self._agents = [0] * replicas  # live agents placed on each replica
         self._in_flight: dict[Agent, int] = defaultdict(int)
         self._context: dict[Agent, int] = {}  # prompt tokens of the agent's last call
+        # (run, replica) -> prompt tokens of the run's calls in flight there
+        self._run_tokens: dict[tuple[str, int], int] = defaultdict(int)
 
     # -- placing ---------------------------------------------------------------------------
 
@@ -253,10 +255,11 @@ class AffinityRouter:
         context, which queued prompt tokens measure in the same unit as the wait. It moves
         when the prefill queued ahead of it here exceeds the other replica's by more than what
         it would recompute there: its cached context, the last call's prompt (at least the
-        new call's, for a first call)."""
+        new call's, for a first call). Its own run's calls do not count as queued ahead: a
+        round's calls arrive together, and splitting them would compute its text twice."""
         if self._in_flight[who]:
             return None
-        here = views[replica].queued_tokens
+        here = views[replica].queued_tokens - self._run_tokens[(who[0], replica)]
         others = [i for i in _ready(views) if i != replica]
         if not others or not views[replica].queued_requests:
             return None
@@ -276,6 +279,7 @@ class AffinityRouter:
             who = (run, request.attribution.agent or "")
             self._in_flight[who] += 1
             self._context[who] = len(request.prompt_token_ids)
+            self._run_tokens[(run, replica)] += len(request.prompt_token_ids)
 
     def finished(self, request: GenerateRequest, replica: int) -> None:
         run = request.attribution.run
@@ -284,6 +288,9 @@ class AffinityRouter:
             self._in_flight[who] -= 1
             if not self._in_flight[who]:
                 del self._in_flight[who]
+            self._run_tokens[(run, replica)] -= len(request.prompt_token_ids)
+            if not self._run_tokens[(run, replica)]:
+                del self._run_tokens[(run, replica)]
 
     # -- ends ------------------------------------------------------------------------------
 

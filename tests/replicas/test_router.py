@@ -151,3 +151,17 @@ def test_round_robin_cycles_over_the_ready_replicas_only():
 def test_unknown_router_names_are_refused():
     with pytest.raises(ValueError, match="unknown router"):
         make_router("random", 2)
+
+
+def test_a_rounds_own_queued_calls_never_push_its_agents_apart():
+    router = AffinityRouter(2)
+    router.plan_run("a", ["x", "y", "z"], [IDLE, IDLE])
+    home = router.home("a", "x", [IDLE, IDLE])
+    queued = 0
+    for agent in "xyz":  # the round's calls, submitted together, queue at home
+        views = [busy(queued // 40, queued // 40, queued) if i == home else IDLE
+                 for i in range(2)]
+        request = call([7] * 40, "a", agent)
+        assert router.route(request, views) == home
+        router.started(request, home)
+        queued += 40
