@@ -172,7 +172,11 @@ class AffinityRouter:
     def __init__(self, replicas: int) -> None:
         self._prefix = PrefixRouter(replicas)  # calls without a run
         self._home: dict[str, dict[str, int]] = {}  # run -> agent -> replica
-        self._agents = [0] * replicas  # live agents placed on each replica
+        self._agents = [0] * replicas  # live agents placed on each replica, done ones not
+        # Agents reported done keep their home (LangGraph reports every node done at the end
+        # of an invocation; the next one calls them again, and their KV is there) but no
+        # longer count as load.
+        self._done: set[Agent] = set()
         self._in_flight: dict[Agent, int] = defaultdict(int)
         self._context: dict[Agent, int] = {}  # prompt tokens of the agent's last call
         # (run, replica) -> prompt tokens of the run's calls in flight there
@@ -221,11 +225,13 @@ class AffinityRouter:
         for agent, replica in zip(agents, replicas, strict=True):
             homes[agent] = replica
             self._agents[replica] += 1
+            self._done.discard((run, agent))
 
     def _unplace(self, run: str, agent: str) -> None:
         replica = self._home.get(run, {}).pop(agent, None)
-        if replica is not None:
+        if replica is not None and (run, agent) not in self._done:
             self._agents[replica] -= 1
+        self._done.discard((run, agent))
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -235,6 +241,9 @@ class AffinityRouter:
             return self._prefix.route(request, views)
         replica = self.home(run, agent, views)
         assert replica is not None  # a ready replica exists: the caller checked
+        if (run, agent) in self._done:  # called again: it counts again
+            self._done.discard((run, agent))
+            self._agents[replica] += 1
         if not views[replica].ready:  # not seen down yet: placed again, among the ready
             self._unplace(run, agent)
             replica = self.home(run, agent, views)
@@ -295,12 +304,15 @@ class AffinityRouter:
     # -- ends ------------------------------------------------------------------------------
 
     def agent_done(self, run: str, agent: str) -> None:
-        self._unplace(run, agent)
-        self._context.pop((run, agent), None)
+        replica = self._home.get(run, {}).get(agent)
+        if replica is not None and (run, agent) not in self._done:
+            self._done.add((run, agent))
+            self._agents[replica] -= 1
 
     def forget_run(self, run: str) -> None:
         for agent in list(self._home.get(run, {})):
-            self.agent_done(run, agent)
+            self._unplace(run, agent)
+            self._context.pop((run, agent), None)
         self._home.pop(run, None)
 
     def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:

@@ -165,3 +165,19 @@ def test_a_rounds_own_queued_calls_never_push_its_agents_apart():
         assert router.route(request, views) == home
         router.started(request, home)
         queued += 40
+
+
+def test_a_done_agent_keeps_its_home_but_no_longer_counts_as_load():
+    router = AffinityRouter(2)
+    views = [IDLE, IDLE]
+    router.plan_run("thread", ["agent", "tools"], views)
+    home = router.home("thread", "agent", views)
+    for agent in ("agent", "tools"):  # the end of a LangGraph invocation
+        router.agent_done("thread", agent)
+    assert router.placed(home) == (1, 0)
+    router.plan_run("other", ["x"], views)  # placed by load: both replicas are empty
+    assert router.route(call([1] * 20, "thread", "agent"), views) == home  # the next one
+    assert router.placed(home)[1] == 1 + (router.home("other", "x", views) == home)
+    router.forget_run("thread")
+    router.forget_run("other")
+    assert [router.placed(i) for i in range(2)] == [(0, 0), (0, 0)]
