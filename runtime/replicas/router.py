@@ -65,13 +65,6 @@ class Router(Protocol):
         """The run's agents, as its graph declares them, when it starts."""
         ...
 
-    def _run_busy_on(self, run: str, replica: int) -> bool:
-        """Another agent of the run has a call in flight on `replica`: a round (its calls
-        arrive together and share its text) or a fan-out stays whole, where its KV is."""
-        homes = self._home.get(run, {})
-        return any(count and r == run and homes.get(agent) == replica
-                   for (r, agent), count in self._in_flight.items())
-
     def started(self, request: GenerateRequest, replica: int) -> None: ...
 
     def finished(self, request: GenerateRequest, replica: int) -> None: ...
@@ -114,13 +107,6 @@ class _Blind:
 
     def plan_run(self, run: str, agents: Iterable[str], views: Sequence[ReplicaView]) -> None:
         pass
-
-    def _run_busy_on(self, run: str, replica: int) -> bool:
-        """Another agent of the run has a call in flight on `replica`: a round (its calls
-        arrive together and share its text) or a fan-out stays whole, where its KV is."""
-        homes = self._home.get(run, {})
-        return any(count and r == run and homes.get(agent) == replica
-                   for (r, agent), count in self._in_flight.items())
 
     def started(self, request: GenerateRequest, replica: int) -> None:
         pass
@@ -186,9 +172,15 @@ class AffinityRouter:
     def __init__(self, replicas: int) -> None:
         self._prefix = PrefixRouter(replicas)  # calls without a run
         self._home: dict[str, dict[str, int]] = {}  # run -> agent -> replica
-        self._agents = [0] * replicas  # live agents placed on each replica
+        self._agents = [0] * replicas  # live agents placed on each replica, done ones not
+        # Agents reported done keep their home (LangGraph reports every node done at the end
+        # of an invocation; the next one calls them again, and their KV is there) but no
+        # longer count as load.
+        self._done: set[Agent] = set()
         self._in_flight: dict[Agent, int] = defaultdict(int)
         self._context: dict[Agent, int] = {}  # prompt tokens of the agent's last call
+        # (run, replica) -> prompt tokens of the run's calls in flight there
+        self._run_tokens: dict[tuple[str, int], int] = defaultdict(int)
 
     # -- placing ---------------------------------------------------------------------------
 
@@ -233,11 +225,13 @@ class AffinityRouter:
         for agent, replica in zip(agents, replicas, strict=True):
             homes[agent] = replica
             self._agents[replica] += 1
+            self._done.discard((run, agent))
 
     def _unplace(self, run: str, agent: str) -> None:
         replica = self._home.get(run, {}).pop(agent, None)
-        if replica is not None:
+        if replica is not None and (run, agent) not in self._done:
             self._agents[replica] -= 1
+        self._done.discard((run, agent))
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -247,6 +241,9 @@ class AffinityRouter:
             return self._prefix.route(request, views)
         replica = self.home(run, agent, views)
         assert replica is not None  # a ready replica exists: the caller checked
+        if (run, agent) in self._done:  # called again: it counts again
+            self._done.discard((run, agent))
+            self._agents[replica] += 1
         if not views[replica].ready:  # not seen down yet: placed again, among the ready
             self._unplace(run, agent)
             replica = self.home(run, agent, views)
@@ -267,10 +264,11 @@ class AffinityRouter:
         context, which queued prompt tokens measure in the same unit as the wait. It moves
         when the prefill queued ahead of it here exceeds the other replica's by more than what
         it would recompute there: its cached context, the last call's prompt (at least the
-        new call's, for a first call)."""
-        if self._in_flight[who] or self._run_busy_on(who[0], replica):
+        new call's, for a first call). Its own run's calls do not count as queued ahead: a
+        round's calls arrive together, and splitting them would compute its text twice."""
+        if self._in_flight[who]:
             return None
-        here = views[replica].queued_tokens
+        here = views[replica].queued_tokens - self._run_tokens[(who[0], replica)]
         others = [i for i in _ready(views) if i != replica]
         if not others or not views[replica].queued_requests:
             return None
@@ -284,19 +282,13 @@ class AffinityRouter:
                  views[target].queued_tokens, target, cost)
         return target
 
-    def _run_busy_on(self, run: str, replica: int) -> bool:
-        """Another agent of the run has a call in flight on `replica`: a round (its calls
-        arrive together and share its text) or a fan-out stays whole, where its KV is."""
-        homes = self._home.get(run, {})
-        return any(count and r == run and homes.get(agent) == replica
-                   for (r, agent), count in self._in_flight.items())
-
     def started(self, request: GenerateRequest, replica: int) -> None:
         run = request.attribution.run
         if run is not None:
             who = (run, request.attribution.agent or "")
             self._in_flight[who] += 1
             self._context[who] = len(request.prompt_token_ids)
+            self._run_tokens[(run, replica)] += len(request.prompt_token_ids)
 
     def finished(self, request: GenerateRequest, replica: int) -> None:
         run = request.attribution.run
@@ -305,16 +297,22 @@ class AffinityRouter:
             self._in_flight[who] -= 1
             if not self._in_flight[who]:
                 del self._in_flight[who]
+            self._run_tokens[(run, replica)] -= len(request.prompt_token_ids)
+            if not self._run_tokens[(run, replica)]:
+                del self._run_tokens[(run, replica)]
 
     # -- ends ------------------------------------------------------------------------------
 
     def agent_done(self, run: str, agent: str) -> None:
-        self._unplace(run, agent)
-        self._context.pop((run, agent), None)
+        replica = self._home.get(run, {}).get(agent)
+        if replica is not None and (run, agent) not in self._done:
+            self._done.add((run, agent))
+            self._agents[replica] -= 1
 
     def forget_run(self, run: str) -> None:
         for agent in list(self._home.get(run, {})):
-            self.agent_done(run, agent)
+            self._unplace(run, agent)
+            self._context.pop((run, agent), None)
         self._home.pop(run, None)
 
     def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:

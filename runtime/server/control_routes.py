@@ -87,8 +87,8 @@ async def list_runs(request: web.Request) -> web.Response:
 @routes.get("/v1/runs/{run_id}")
 async def get_run(request: web.Request) -> web.Response:
     run = request.app[app_keys.CONTROL].run(request.match_info["run_id"], tenant_of(request))
-    residency = request.app[app_keys.ENGINE].kv_residency(run.id)
-    return json_response(run_state(run, residency))
+    engine = request.app[app_keys.ENGINE]
+    return json_response(run_state(run, engine.kv_residency(run.id), engine.replica_of(run.id)))
 
 
 @routes.post("/v1/runs/{run_id}/events")

@@ -9,7 +9,7 @@ out as they are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol, overload
 
 from kvrt.runtime.graph.control_plane import GraphEntry
@@ -122,8 +122,10 @@ def _listed(data: list, has_more: bool) -> dict:
             "last_id": data[-1].id if data else None, "has_more": has_more}
 
 
-def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
-    """`residency`: the engine's per-agent KV accounting of this run (agents absent hold none)."""
+def run_state(run: Run, residency: Mapping[str, Residency],
+              replicas: Sequence[str] = ()) -> RunState:
+    """`residency`: the engine's per-agent KV accounting of this run (agents absent hold none);
+    `replicas`: the engine replicas holding it (none with one engine)."""
     criticality, now = run.criticality(), run.clock()
     agents = []
     for i, (agent, activity) in enumerate(zip(run.graph.agents, run.agents)):
@@ -161,5 +163,5 @@ def run_state(run: Run, residency: Mapping[str, Residency]) -> RunState:
         transitions=[TransitionCount(source=run.costs.learned.name(s),
                                      target=run.costs.learned.name(t), count=n)
                      for (s, t), n in sorted(run.episodes.transitions.items())],
-        episodes=run.episodes.count,
+        episodes=run.episodes.count, replicas=list(replicas),
     )

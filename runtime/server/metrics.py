@@ -36,7 +36,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from kvrt.runtime.config import DEFAULT_TENANT
-from kvrt.runtime.engine.protocol import EngineStats, GenerateOutput
+from kvrt.runtime.engine.protocol import EngineStats, GenerateOutput, ReplicaStatus
 from kvrt.runtime.server.engine_metrics import EngineFamilies, TenantLiveRuns, kv_cache_usage
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics", "kv_cache_usage"]
@@ -123,12 +123,13 @@ class ServerMetrics:
         self.event_seconds.observe(seconds)
 
     def render(self, stats: EngineStats, live_runs: int,
-               tenant_live_runs: Mapping[str, int] | None = None) -> bytes:
+               tenant_live_runs: Mapping[str, int] | None = None,
+               replicas: list[ReplicaStatus] | None = None) -> bytes:
         """The exposition; per-tenant families only with `tenant_live_runs` (the operator's
         view: each tenant's live runs). A tenant with live runs and no finished call yet is
-        listed with zeros."""
-        sources: list[Collector] = [EngineFamilies(stats, self.model_name, live_runs),
-                                    self.registry]
+        listed with zeros. `replicas`: each replica's own figures, labelled."""
+        sources: list[Collector] = [
+            EngineFamilies(stats, self.model_name, live_runs, replicas), self.registry]
         if tenant_live_runs is not None:
             for tenant in tenant_live_runs:
                 for counter in self._tenant_counters.values():

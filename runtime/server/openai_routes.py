@@ -11,6 +11,7 @@ from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
 from kvrt.runtime.server.auth import is_operator, tenant_of
 from kvrt.runtime.server.call_context import CallContext, call_context
+from kvrt.runtime.server.engine_metrics import kv_cache_usage
 from kvrt.runtime.server.errors import APIError
 from kvrt.runtime.server.grammars import GRAMMARS, chat_grammar
 from kvrt.runtime.server.http_io import json_response, read_json
@@ -37,6 +38,7 @@ from kvrt.sdk.protocol.openai_api import (
     Health,
     ModelCard,
     ModelList,
+    ReplicaHealth,
     SamplingRequest,
     chat_request_decoder,
     completion_request_decoder,
@@ -93,14 +95,25 @@ async def models(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    """200 when ready; 503 while starting or draining (the error's code says which)."""
+    """200 when ready; 503 while starting or draining (the error's code says which). Behind
+    replicas: 200 while one of them serves, with each one's state."""
     refusal = request.app[ADMISSION].unavailable()
     if refusal is not None:
         raise refusal
-    if not request.app[app_keys.ENGINE].is_alive():
+    engine = request.app[app_keys.ENGINE]
+    if not engine.is_alive():
         raise APIError(503, "the engine is not running", code="engine_dead")
-    engine = request.app[app_keys.CONFIG].engine
-    return json_response(Health(policy=engine.policy, host_cache_bytes=engine.host_cache_memory))
+    replicas = [ReplicaHealth(
+        name=r.name, state=r.state, restarts=r.restarts, runs=r.runs, agents=r.agents,
+        requests_in_flight=r.load.in_flight,
+        kv_cache_usage=None if r.stats is None else round(kv_cache_usage(r.stats), 4))
+        for r in engine.replicas()]
+    if replicas and not any(r.state == "ready" for r in replicas):
+        raise APIError(503, "no engine replica is ready: " + ", ".join(
+            f"{r.name} {r.state}" for r in replicas), code="no_replica_ready", retry_after_s=5)
+    config = request.app[app_keys.CONFIG].engine
+    return json_response(Health(policy=config.policy, host_cache_bytes=config.host_cache_memory,
+                                replicas=replicas or None))
 
 
 @routes.get("/metrics")
@@ -111,7 +124,7 @@ async def metrics(request: web.Request) -> web.Response:
     per_tenant = ({tenant: control.live_run_count(tenant) for tenant in tenants}
                   if is_operator(request) and tenants else None)
     text = request.app[app_keys.METRICS].render(engine.stats(), control.live_run_count(),
-                                                per_tenant)
+                                                per_tenant, engine.replicas() or None)
     return web.Response(body=text, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

@@ -239,6 +239,9 @@ class RunState(Struct, kw_only=True):
     segment_kv_compression: float | None = None
     transitions: list[TransitionCount] = []  # observed in this run, over all its episodes
     episodes: int = 0  # its passes through the graph that have ended
+    # The engine replicas holding its agents' KV (`kvrt serve --replicas N`): one, unless
+    # the run is larger than one replica's share, or an agent moved; empty with one engine.
+    replicas: list[str] = []
 
 
 class RunClosed(Struct, kw_only=True):

@@ -354,12 +354,25 @@ class ModelList(Struct, kw_only=True):
     data: list[ModelCard]
 
 
+class ReplicaHealth(Struct, kw_only=True):
+    """One engine replica behind the daemon (`kvrt serve --replicas N`)."""
+
+    name: str
+    state: Literal["starting", "ready", "down"]  # down: died; Ray restarts it
+    restarts: int = 0  # times it came back after dying
+    runs: int = 0  # live runs with agents placed on it
+    agents: int = 0  # live agents placed on it
+    requests_in_flight: int = 0
+    kv_cache_usage: float | None = None  # fraction of its KV blocks live calls hold
+
+
 class Health(Struct, kw_only=True):
     status: Literal["ok"] = "ok"
     # kvrt extensions: what the daemon serves with, so an application can say when the server
     # cannot show what it is about (a round's reuse needs `kvrt`, an offload a host tier).
     policy: str | None = None  # the engine's KV policy (`kvrt serve --policy`)
     host_cache_bytes: int | None = None  # the host tier (`--host-cache-memory`); 0: none
+    replicas: list[ReplicaHealth] | None = None  # each engine replica; None: one engine
 
 
 # Decoders are built once: msgspec compiles the type into a fast validator.

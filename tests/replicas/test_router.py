@@ -153,13 +153,31 @@ def test_unknown_router_names_are_refused():
         make_router("random", 2)
 
 
-def test_an_agent_stays_while_another_agent_of_its_run_has_a_call_in_flight_there():
-    """A round's calls arrive together: the queue they build is the round's own, and the
-    round stays whole where its shared text is."""
+def test_a_rounds_own_queued_calls_never_push_its_agents_apart():
+    router = AffinityRouter(2)
+    router.plan_run("a", ["x", "y", "z"], [IDLE, IDLE])
+    home = router.home("a", "x", [IDLE, IDLE])
+    queued = 0
+    for agent in "xyz":  # the round's calls, submitted together, queue at home
+        views = [busy(queued // 40, queued // 40, queued) if i == home else IDLE
+                 for i in range(2)]
+        request = call([7] * 40, "a", agent)
+        assert router.route(request, views) == home
+        router.started(request, home)
+        queued += 40
+
+
+def test_a_done_agent_keeps_its_home_but_no_longer_counts_as_load():
     router = AffinityRouter(2)
     views = [IDLE, IDLE]
-    router.plan_run("a", ["x", "y"], views)
-    home = router.home("a", "x", views)
-    router.started(call([3] * 100, "a", "x"), home)
-    loaded = [busy(4, 2, 1_000) if i == home else IDLE for i in range(2)]
-    assert router.route(call([3] * 10, "a", "y"), loaded) == home
+    router.plan_run("thread", ["agent", "tools"], views)
+    home = router.home("thread", "agent", views)
+    for agent in ("agent", "tools"):  # the end of a LangGraph invocation
+        router.agent_done("thread", agent)
+    assert router.placed(home) == (1, 0)
+    router.plan_run("other", ["x"], views)  # placed by load: both replicas are empty
+    assert router.route(call([1] * 20, "thread", "agent"), views) == home  # the next one
+    assert router.placed(home)[1] == 1 + (router.home("other", "x", views) == home)
+    router.forget_run("thread")
+    router.forget_run("other")
+    assert [router.placed(i) for i in range(2)] == [(0, 0), (0, 0)]

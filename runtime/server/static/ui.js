@@ -59,6 +59,7 @@ function runCard(run, graphName, tenant) {
     el("td", { class: "mute" }, a.kv.decision || "")));
   const head = el("h3", {}, run.id + " ", el("span", { class: "mute" },
     `${graphName}${tenant ? " · tenant " + tenant : ""}${run.key ? " · key " + run.key : ""}` +
+    (run.replicas.length ? ` · replica ${run.replicas.join(", ")}` : "") +
     ` · ${run.event_count} events · critical path left ${run.critical_path_seconds.toFixed(1)} s` +
     (run.critical_path.length ? ": " + run.critical_path.join(" → ") : "")));
   const table = el("table", {}, el("thead", {}, el("tr", {},
