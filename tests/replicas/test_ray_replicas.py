@@ -207,6 +207,29 @@ def test_a_client_gone_mid_stream_stops_the_call_on_its_replica(server: LiveServ
     assert 1 <= generated() - before < 120, generated() - before
 
 
+def test_ending_a_run_mid_call_ends_the_call_with_run_ended(server: LiveServer) -> None:
+    """RunEnded crosses from the actor as itself (not as a bare engine error): 409 run_ended
+    in the stream, and the replica freed the call's KV."""
+    run = start_run(server, "solo")
+
+    async def go() -> list[Any]:
+        async with aiohttp.ClientSession() as session, session.post(
+                server.url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "go on"}], "max_tokens": 240,
+                      "ignore_eos": True, "stream": True,
+                      "kvrt": {"run": run, "agent": "solo"}}) as resp:
+            assert resp.status == 200
+            events = sse_events(resp)
+            await anext(events)
+            async with session.delete(f"{server.url}/v1/runs/{run}") as deleted:
+                assert deleted.status == 200
+            return [event async for event in events]
+
+    rest = asyncio.run(go())
+    assert rest[-1] == "[DONE]" and rest[-2]["error"]["code"] == "run_ended", rest[-2:]
+    assert_kv_released(server)
+
+
 def test_placement_plans() -> None:
     config = ServeConfig(replicas=3)
     assert plan_placement(config, {"CPU": 2.0}, local=True).resources == {"num_cpus": 1}
