@@ -97,9 +97,17 @@ class RayReplica:
             max_restarts=-1, max_task_retries=0, **self._resources
         ).remote(self._config, self.model_name, self._threads, self._log_level, os.getcwd())
         self._watcher = asyncio.ensure_future(self._watch())
+        self._watcher.add_done_callback(self._watch_ended)
+
+    def _watch_ended(self, watcher: asyncio.Task[None]) -> None:
+        if not watcher.cancelled() and watcher.exception() is not None:  # a bug: say so
+            log.error("replica %s: its watcher failed; it is down from now on", self.name,
+                      exc_info=watcher.exception())
+            self._state = "down"
 
     async def stop(self) -> None:
-        """Stops the actor's engine (its KV check logs in the actor's log), then kills it."""
+        """Stops the actor's engine (what it left in its KV pool is logged here), then kills
+        the actor."""
         import ray
 
         if self._watcher is not None:
@@ -127,11 +135,6 @@ class RayReplica:
     def is_alive(self) -> bool:
         return self._state == "ready"
 
-    @property
-    def actor(self) -> Any:
-        """The Ray actor handle (tests kill it)."""
-        return self._actor
-
     def pid(self) -> int | None:
         """The actor's process id, as its latest ready() said."""
         return None if self._info is None else self._info.pid
@@ -158,7 +161,7 @@ class RayReplica:
                 return await call
             except ray.exceptions.ActorUnavailableError:  # Ray is restarting it
                 self._set_state("starting")
-            except ray.exceptions.RayActorError as error:  # dead, or its constructor failed
+            except ray.exceptions.RayError as error:  # dead, or its constructor failed
                 if self._state != "down":
                     log.warning("replica %s is down: %s", self.name, error)
                 self._set_state("down")
@@ -171,7 +174,7 @@ class RayReplica:
         while self._state == "ready":
             try:
                 snapshot: Snapshot = await _awaited(self._actor.snapshot.remote())
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayError:
                 return
             self._count_restart(snapshot.incarnation)  # it died and came back between polls
             self._snapshot = snapshot
@@ -260,12 +263,12 @@ class RayReplica:
                     finished = ended_choices == request.params.n
                     yield item
             finished = True
-        except ray.exceptions.RayActorError as error:
-            finished = True
-            raise self._lost(error) from None
         except ray.exceptions.RayTaskError as error:  # a bug in the actor's generate
             finished = True
             raise EngineError(f"replica {self.name} failed: {error}") from None
+        except ray.exceptions.RayError as error:  # the actor, or its process, went away
+            finished = True
+            raise self._lost(error) from None
         finally:
             self._queue.leave(rid, served=False)
             self._in_flight -= 1
@@ -315,7 +318,9 @@ class RayReplica:
             return if_down
         try:
             return await _awaited(getattr(self._actor, method).remote(*args))
-        except ray.exceptions.RayActorError as error:
+        except ray.exceptions.RayTaskError as error:  # a bug in the actor's method
+            raise EngineError(f"replica {self.name} failed in {method}: {error}") from None
+        except ray.exceptions.RayError as error:
             self._lost(error)
             return if_down
 
