@@ -4,8 +4,8 @@ behind one ReplicaSet.
     --replicas N            a local Ray instance, N replicas (one GPU each when there are
                             GPUs and the engine may use them, else one CPU each, torch's
                             threads split among them)
-    --ray-address ADDR      join that cluster: one replica per GPU in it, unless --replicas
-                            says how many
+    --ray-address ADDR      join that cluster: one replica per GPU in it (one on a CPU if it
+                            has none), unless --replicas says how many
 
 The front daemon never loads the weights: the model's facts (name, context, tokenizer,
 vocabulary) come from the checkpoint's config and tokenizer (runtime/model/facts.py).
@@ -58,8 +58,6 @@ def plan_placement(config: ServeConfig, cluster: dict[str, Any], local: bool) ->
     if config.engine.device == "cuda" and not gpus:
         raise ConfigError("--device cuda was asked for, but the Ray cluster has no GPU")
     replicas = config.replicas or (gpus if on_gpu and not local else 1)
-    if replicas < 1:
-        raise ConfigError("the Ray cluster has no GPU: pass --replicas N for CPU replicas")
     if on_gpu:
         if replicas > gpus:
             message = f"{replicas} replicas need {replicas} GPUs; the Ray cluster has {gpus}"

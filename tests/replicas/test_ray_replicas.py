@@ -23,7 +23,7 @@ import pytest
 
 from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig
 from kvrt.runtime.model.facts import read_model_facts
-from kvrt.runtime.replicas.ray_cluster import plan_placement
+from kvrt.runtime.replicas.ray_cluster import Placement, plan_placement
 from kvrt.runtime.replicas.ray_replica import RayReplica
 from kvrt.runtime.replicas.replica_set import ReplicaSet
 from kvrt.runtime.replicas.router import make_router
@@ -242,6 +242,8 @@ def test_placement_plans() -> None:
     with pytest.raises(ConfigError, match="no GPU"):
         plan_placement(replace(cluster, engine=EngineConfig(device="cuda")), {"CPU": 64.0},
                        local=False)
+    assert plan_placement(cluster, {"CPU": 64.0}, local=False) == Placement(
+        1, {"num_cpus": 1}, None)  # no GPU: one CPU replica, torch threads as Ray sets them
     cpu = ServeConfig(ray_address="auto", engine=EngineConfig(device="cpu"))
     assert plan_placement(cpu, {"CPU": 64.0, "GPU": 8.0}, local=False).resources == {
         "num_cpus": 1}
