@@ -151,6 +151,8 @@ class Engine:
         self.clock = clock
         self.vocab_size = executor.vocab_size
         self.constraints = Constraints(self.vocab_size)
+        # What never changes and decides whether a request can ever be served.
+        self.limits = RequestLimits(self.vocab_size, max_model_len, kv.block_size, kv.num_blocks)
         self._live: dict[str, _Live] = {}
         self.priorities = Priorities()  # every live call reads its agent's here
         self.landings = UploadLandings()  # predictive uploads: landing vs. the tool's return
@@ -166,12 +168,7 @@ class Engine:
 
     def validate(self, request: GenerateRequest) -> None:
         """Raises RequestRejected for a request that can never be served; queues nothing."""
-        self.limits().validate(request)
-
-    def limits(self) -> RequestLimits:
-        """What never changes and decides whether a request can ever be served."""
-        return RequestLimits(self.vocab_size, self.max_model_len, self.kv.block_size,
-                             self.kv.num_blocks)
+        self.limits.validate(request)
 
     def add(self, request: GenerateRequest) -> None:
         self.validate(request)

@@ -130,7 +130,7 @@ class ReplicaActor:
         if threads is not None and device.type == "cpu":
             torch.set_num_threads(threads)
         self._engine = AsyncEngine.create(config, served_model_name)
-        self._info = ReplicaInfo(self._engine.model_name, self._engine.engine.limits(),
+        self._info = ReplicaInfo(self._engine.model_name, self._engine.engine.limits,
                                  uuid.uuid4().hex, os.getpid(), str(device))
         self._started = False
         self._served: Counter[str] = Counter()
