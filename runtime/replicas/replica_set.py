@@ -111,8 +111,9 @@ class ReplicaSet:
         return views
 
     def validate(self, request: GenerateRequest) -> None:
+        self._ready_views()  # none ready: the 503 says so, with when to retry
         ready = [r for r in self.members if r.state() == "ready"]
-        (ready or self.members)[0].validate(request)  # the replicas serve one model alike
+        ready[0].validate(request)  # the replicas serve one model alike
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         index = self.router.route(request, self._ready_views())
