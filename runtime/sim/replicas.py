@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 
 from kvrt.runtime.bench.main import Column, compared_policies
-from kvrt.runtime.bench.runner import EngineFactory, ReplicaRecorder, with_policy
-from kvrt.runtime.config import ServeConfig
+from kvrt.runtime.bench.runner import EngineFactory, ReplicaRecorder, Served, with_policy
+from kvrt.runtime.config import EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.replicas.replica_set import ReplicaSet
 from kvrt.runtime.replicas.router import ROUTERS, make_router
@@ -68,7 +68,7 @@ def check_replica_arguments(args: argparse.Namespace, command: str) -> None:
 
 def replica_set_factory(one_engine: EngineFactory, replicas: int, router: str) -> EngineFactory:
     """Each call builds `replicas` engines with `one_engine` and a fresh router over them."""
-    def make(config):  # type: ignore[no-untyped-def]
+    def make(config: EngineConfig) -> tuple[Served, int]:
         built = [one_engine(config) for _ in range(replicas)]
         engines = [engine for engine, _ in built]
         assert all(isinstance(engine, AsyncEngine) for engine in engines)
