@@ -4,9 +4,13 @@
                  lives (its prefixes, the round text it reads, its offloaded blocks): its calls
                  go there, and so do its run's events, priorities and outlook. A run's agents
                  are placed together when the run starts (the least loaded replica takes them
-                 all), so a round runs on one replica and its shared text is computed once. A
-                 run too big for one replica's fair share is split, evenly, over as few
-                 replicas as balance needs: a round of it computes its text once per replica.
+                 all), so a round runs on one replica and its shared text is computed once.
+                 Runs share text too (runs of one graph, its agents' system prompts): at a
+                 whole run's first call it moves, before any of its KV exists, to the replica
+                 that holds the longest prefix of that call's prompt, if that one stays within
+                 the balance SLACK (see `AffinityRouter._kin`). A run too big for one
+                 replica's fair share is split, evenly, over as few replicas as balance
+                 needs: a round of it computes its text once per replica.
                  An agent of an overloaded replica moves (see `AffinityRouter._moved`). Calls
                  without a run go by prefix, as below.
     prefix       graph-blind, as Ray Serve's prefix-affinity router: each call goes to the
@@ -175,6 +179,8 @@ class AffinityRouter:
         self._agents = [0] * replicas  # live agents placed on each replica
         self._in_flight: dict[Agent, int] = defaultdict(int)
         self._context: dict[Agent, int] = {}  # prompt tokens of the agent's last call
+        self._index = PrefixIndex(replicas)  # what each replica was sent, calls with a run
+        self._unstarted: set[str] = set()  # runs placed whole that have made no call yet
 
     # -- placing ---------------------------------------------------------------------------
 
@@ -182,6 +188,8 @@ class AffinityRouter:
         homes = self._home.setdefault(run, {})
         new = [agent for agent in agents if agent not in homes]
         if new and _ready(views):
+            if not homes:
+                self._unstarted.add(run)
             self._place(run, new, views)
 
     def home(self, run: str, agent: str, views: Sequence[ReplicaView]) -> int | None:
@@ -189,6 +197,8 @@ class AffinityRouter:
         if agent not in homes:
             if not _ready(views):
                 return None
+            if not homes:
+                self._unstarted.add(run)
             self._place(run, [agent], views)
         return homes[agent]
 
@@ -237,12 +247,52 @@ class AffinityRouter:
             self._unplace(run, agent)
             replica = self.home(run, agent, views)
             assert replica is not None
+        chain = prefix_chain(request)
+        if run in self._unstarted:
+            self._unstarted.discard(run)
+            kin = self._kin(run, replica, chain, views)
+            if kin is not None:
+                self._move_run(run, kin)
+                replica = kin
         moved = self._moved((run, agent), replica, len(request.prompt_token_ids), views)
         if moved is not None:
             self._unplace(run, agent)
             self._assign(run, [agent], [moved])
             replica = moved
+        self._index.add(replica, chain)
         return replica
+
+    def _kin(self, run: str, replica: int, chain: list[int],
+             views: Sequence[ReplicaView]) -> int | None:
+        """Where a run placed whole on `replica` goes at its first call, or None to stay: the
+        replica holding the longest prefix of that call's prompt (at least MATCH_MIN of it, and
+        more than `replica` holds), among those that take the whole run and stay within SLACK
+        of the mean load, or no more loaded than `replica` is with it (so a move never makes
+        the busiest replica busier than placing it did). Runs of one graph share their agents'
+        system prompts, which prefix-blind placement computes on every replica; no call of the
+        run has run on `replica` yet, so the move recomputes nothing (the priorities already
+        sent there are sent again to the new replica with the run's next push)."""
+        homes = self._home.get(run, {})
+        if not chain or set(homes.values()) != {replica}:
+            return None
+        ready = _ready(views)
+        load = {i: self._agents[i] + views[i].queued_requests for i in ready}
+        bound = max(sum(load.values()) / len(ready) * (1 + SLACK), load[replica])
+        size = len(homes)
+        fits = [i for i in ready if i != replica and load[i] + size <= bound]
+        if not fits:
+            return None
+        matched = {i: self._index.matched(i, chain) for i in [replica, *fits]}
+        best = max(fits, key=lambda i: (matched[i], -load[i], -i))
+        if matched[best] <= matched[replica] or matched[best] < MATCH_MIN * len(chain):
+            return None
+        return best
+
+    def _move_run(self, run: str, replica: int) -> None:
+        agents = list(self._home[run])
+        for agent in agents:
+            self._unplace(run, agent)
+        self._assign(run, agents, [replica] * len(agents))
 
     def _moved(self, who: Agent, replica: int, prompt: int,
                views: Sequence[ReplicaView]) -> int | None:
@@ -295,9 +345,11 @@ class AffinityRouter:
         for agent in list(self._home.get(run, {})):
             self.agent_done(run, agent)
         self._home.pop(run, None)
+        self._unstarted.discard(run)
 
     def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:
         self._prefix.replica_down(replica, views)
+        self._index.forget(replica)
         for run, homes in self._home.items():
             lost = [agent for agent, home in homes.items() if home == replica]
             for agent in lost:

@@ -151,3 +151,38 @@ def test_round_robin_cycles_over_the_ready_replicas_only():
 def test_unknown_router_names_are_refused():
     with pytest.raises(ValueError, match="unknown router"):
         make_router("random", 2)
+
+
+def test_a_runs_first_call_takes_it_to_the_replica_that_holds_its_prompts_prefix():
+    router = AffinityRouter(2)
+    shared = list(range(100, 164))  # four blocks: a graph's system prompt
+    router.plan_run("a", ["solo"], [IDLE] * 2)
+    assert router.route(call(shared + [1] * 16, "a", "solo"), [IDLE] * 2) == 0
+    router.forget_run("a")  # done: its replica is empty, its prefix still cached there
+    # Replica 0 is busy when "b" starts: placed on 1. At its first call, before any KV of it
+    # exists, the run (all its agents) goes where its prompt's prefix is.
+    router.plan_run("b", ["solo", "helper"], [busy(queued=3), IDLE])
+    assert router.home("b", "helper", [IDLE] * 2) == 1
+    assert router.route(call(shared + [2] * 16, "b", "solo"), [IDLE] * 2) == 0
+    assert router.home("b", "helper", [IDLE] * 2) == 0
+    assert router.placed(0) == (1, 2) and router.placed(1) == (0, 0)
+
+
+def test_a_run_stays_put_when_its_prefix_is_nowhere_or_its_first_call_is_past():
+    router = AffinityRouter(2)
+    router.plan_run("a", ["solo"], [IDLE] * 2)
+    assert router.route(call(list(range(64)), "a", "solo"), [IDLE] * 2) == 0
+    router.plan_run("b", ["solo"], [IDLE] * 2)
+    assert router.route(call(list(range(500, 564)), "b", "solo"), [IDLE] * 2) == 1  # no match
+    # Its second call matches replica 0's prefix, but the run has started where it is.
+    assert router.route(call(list(range(64)), "b", "solo"), [IDLE] * 2) == 1
+
+
+def test_a_run_does_not_follow_its_prefix_onto_a_replica_it_would_overload():
+    router = AffinityRouter(2)
+    shared = list(range(100, 164))
+    router.plan_run("a", [f"w{i}" for i in range(8)], [IDLE] * 2)
+    assert router.route(call(shared, "a", "w0"), [IDLE] * 2) == 0  # 8 agents live on 0
+    router.plan_run("b", [f"w{i}" for i in range(8)], [IDLE] * 2)
+    # 16 agents on one replica, none on the other: past the slack and busier than 8 on 1.
+    assert router.route(call(shared, "b", "w0"), [IDLE] * 2) == 1
