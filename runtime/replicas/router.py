@@ -8,7 +8,8 @@
                  Runs share text too (runs of one graph, its agents' system prompts): at a
                  whole run's first call it moves, before any of its KV exists, to the replica
                  that holds the longest prefix of that call's prompt, if that one stays within
-                 the balance SLACK (see `AffinityRouter._kin`). A run too big for one
+                 the balance SLACK, and so does each agent at its own first call (see
+                 `AffinityRouter._kin`). A run too big for one
                  replica's fair share is split, evenly, over as few replicas as balance
                  needs: a round of it computes its text once per replica.
                  An agent of an overloaded replica moves (see `AffinityRouter._moved`). Calls
@@ -248,11 +249,16 @@ class AffinityRouter:
             replica = self.home(run, agent, views)
             assert replica is not None
         chain = prefix_chain(request)
-        if run in self._unstarted:
+        first = (run, agent) not in self._context and not self._in_flight[(run, agent)]
+        if run in self._unstarted or first:  # nothing of it has run where it is placed
+            homes = self._home[run]
+            movers = list(homes) if run in self._unstarted else [agent]
             self._unstarted.discard(run)
-            kin = self._kin(run, replica, chain, views)
+            kin = self._kin(movers, homes, replica, chain, views)
             if kin is not None:
-                self._move_run(run, kin)
+                for mover in movers:
+                    self._unplace(run, mover)
+                self._assign(run, movers, [kin] * len(movers))
                 replica = kin
         moved = self._moved((run, agent), replica, len(request.prompt_token_ids), views)
         if moved is not None:
@@ -262,24 +268,23 @@ class AffinityRouter:
         self._index.add(replica, chain)
         return replica
 
-    def _kin(self, run: str, replica: int, chain: list[int],
+    def _kin(self, movers: list[str], homes: dict[str, int], replica: int, chain: list[int],
              views: Sequence[ReplicaView]) -> int | None:
-        """Where a run placed whole on `replica` goes at its first call, or None to stay: the
-        replica holding the longest prefix of that call's prompt (at least MATCH_MIN of it, and
-        more than `replica` holds), among those that take the whole run and stay within SLACK
-        of the mean load, or no more loaded than `replica` is with it (so a move never makes
-        the busiest replica busier than placing it did). Runs of one graph share their agents'
-        system prompts, which prefix-blind placement computes on every replica; no call of the
-        run has run on `replica` yet, so the move recomputes nothing (the priorities already
-        sent there are sent again to the new replica with the run's next push)."""
-        homes = self._home.get(run, {})
-        if not chain or set(homes.values()) != {replica}:
+        """Where `movers` (a whole run at its first call, or one agent at its own), all placed
+        on `replica` and none having made a call, go, or None to stay: the replica holding the
+        longest prefix of the call's prompt (at least MATCH_MIN of it, and more than `replica`
+        holds), among those that take them and stay within SLACK of the mean load, or no more
+        loaded than `replica` is with them (a move never makes the busiest replica busier than
+        placing did). Runs of one graph share their agents' system prompts, which prefix-blind
+        placement computes on every replica; no call of the movers has run yet, so the move
+        recomputes nothing (priorities already sent for them go again with the run's next
+        push)."""
+        if not chain or any(homes[mover] != replica for mover in movers):
             return None
         ready = _ready(views)
         load = {i: self._agents[i] + views[i].queued_requests for i in ready}
         bound = max(sum(load.values()) / len(ready) * (1 + SLACK), load[replica])
-        size = len(homes)
-        fits = [i for i in ready if i != replica and load[i] + size <= bound]
+        fits = [i for i in ready if i != replica and load[i] + len(movers) <= bound]
         if not fits:
             return None
         matched = {i: self._index.matched(i, chain) for i in [replica, *fits]}
@@ -287,12 +292,6 @@ class AffinityRouter:
         if matched[best] <= matched[replica] or matched[best] < MATCH_MIN * len(chain):
             return None
         return best
-
-    def _move_run(self, run: str, replica: int) -> None:
-        agents = list(self._home[run])
-        for agent in agents:
-            self._unplace(run, agent)
-        self._assign(run, agents, [replica] * len(agents))
 
     def _moved(self, who: Agent, replica: int, prompt: int,
                views: Sequence[ReplicaView]) -> int | None:
