@@ -13,7 +13,7 @@ import os
 import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,36 +146,56 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return await compare_policies(args, workload_from(args), config_from(args), machine())
 
 
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One column of a report: its name, its config, and how its engine is built (a policy
+    over one engine, or under `kvrt sim --replicas`, a router over the replicas)."""
+
+    name: str
+    config: ServeConfig
+    make_engine: EngineFactory
+
+
+def compared_policies(args: argparse.Namespace) -> list[str]:
+    return [p.strip() for p in args.policies.split(",") if p.strip()]
+
+
 async def compare_policies(args: argparse.Namespace, workload: Workload, config: ServeConfig,
                            machine: dict[str, Any], make_engine: EngineFactory = real_engine,
                            extra: dict[str, Any] | None = None,
-                           annotate: Callable[[dict[str, Any]], None] | None = None
+                           annotate: Callable[[dict[str, Any]], None] | None = None,
+                           columns: list[Column] | None = None, compared: str = "policy"
                            ) -> dict[str, Any]:
-    """Runs the workload once per policy, then the SLO sweep if asked; `annotate` may add to
-    the results (kvrt sim's comparison) before the report is written."""
+    """Runs the workload once per column (by default one per policy, each with
+    `make_engine`), then the SLO sweep if asked; `annotate` may add to the results (kvrt sim's
+    comparison) before the report is written. `compared` names what the columns are (the
+    results' "compared": "policy", or "router"); the rows stay under "policies" either way."""
     from tqdm import tqdm  # the `bench` extra
 
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if columns is None:
+        columns = [Column(p, with_policy(config, p), make_engine)
+                   for p in compared_policies(args)]
     runs: dict[str, PolicyRun] = {}
-    progress = tqdm(policies, desc=args.workload, unit="policy")
-    for policy in progress:
-        progress.set_postfix_str(policy)
-        runs[policy] = await run_policy(workload, with_policy(config, policy), args.time_scale,
-                                        make_engine)
+    progress = tqdm(columns, desc=args.workload, unit=compared)
+    for column in progress:
+        progress.set_postfix_str(column.name)
+        runs[column.name] = await run_policy(workload, column.config, args.time_scale,
+                                             column.make_engine)
     results = {
         "workload": args.workload,
         "params": {**asdict(workload.params), "time_scale": args.time_scale},
         "machine": machine,
         "engine": {k: v for k, v in asdict(config.engine).items() if k != "policy"},
+        "compared": compared,
         "ideal": _ideal(runs),
         "policies": {p: summarize(run) for p, run in runs.items()},
         **(extra or {}),
     }
     if args.slo_ttft_ms is not None:
         results["slo_ttft_ms"] = args.slo_ttft_ms
-        for policy in policies:
-            results["policies"][policy]["max_agents_within_slo"] = await _sweep(
-                args, workload, with_policy(config, policy), make_engine)
+        for column in columns:
+            results["policies"][column.name]["max_agents_within_slo"] = await _sweep(
+                args, workload, column.config, column.make_engine)
     if annotate is not None:
         annotate(results)
     out = Path(args.out or f"bench-out/{args.workload}")

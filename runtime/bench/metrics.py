@@ -22,6 +22,11 @@ Definitions (the README repeats them):
   landing minus the predicted return (`vs_predicted_in_time_fraction`: at or before it,
   `vs_predicted_p50_ms`, `vs_predicted_p95_ms`): what the upload's lead controls, without the
   prediction's error (a tool that returns exactly on time). None when there were none.
+- replicas (with `kvrt sim --replicas N` only): per replica, the calls routed to it, their
+  prompt and prefill tokens (these add up to the run's), the distinct agents it served, its own
+  KV peak, preemptions and evictions; `agents_on_several_replicas` counts the agents whose
+  calls went to more than one replica (0 when every agent stayed home), and `calls_imbalance`
+  is the busiest replica's calls over the mean (1: even).
 - ideal: prefill tokens if every distinct text were computed once, wherever it sits in a
   prompt: only tokens that no run of 16 tokens seen before (in a prompt, or generated) covers,
   nor an earlier prompt's prefix; and the KV bytes of that distinct content (those tokens plus
@@ -99,6 +104,27 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "wall_s": run.wall_s,
         "max_agents_within_slo": None,
         **run.extra,
+        **(replica_figures(run) if run.replicas else {}),
+    }
+
+
+def replica_figures(run: PolicyRun) -> dict[str, Any]:
+    """Each replica's share of the run, and how evenly and stickily the calls were spread."""
+    bb = run.block_bytes
+    homes: dict[tuple[str, str], int] = {}
+    for replica in run.replicas:
+        for agent in replica.agents:
+            homes[agent] = homes.get(agent, 0) + 1
+    calls = [replica.calls for replica in run.replicas]
+    mean = statistics.fmean(calls)
+    return {
+        "replicas": [{"calls": r.calls, "prompt_tokens": r.prompt_tokens,
+                      "prefill_tokens": r.prefill_tokens, "agents": len(r.agents),
+                      "kv_peak_bytes": r.kv_peak_blocks * bb, "preemptions": r.preemptions,
+                      "evicted_blocks": r.evicted_blocks} for r in run.replicas],
+        "agents_served": len(homes),
+        "agents_on_several_replicas": sum(1 for n in homes.values() if n > 1),
+        "calls_imbalance": max(calls) / mean if mean else float("nan"),
     }
 
 

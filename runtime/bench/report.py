@@ -65,7 +65,12 @@ def markdown(results: dict[str, Any]) -> str:
         columns.append(("max_agents_within_slo",
                         f"agents within SLO (TTFT p99 <= {results['slo_ttft_ms']:g} ms)", 1,
                         "{:.0f}"))
-    lines.append("| policy | " + " | ".join(h for _, h, _, _ in columns) + " |")
+    compared = results.get("compared", "policy")
+    if compared == "router":
+        setup = results["replicas"]
+        lines += [f"{setup['replicas']} replicas, each a whole device; the routers compared "
+                  f"under the `{setup['policy']}` policy.", ""]
+    lines.append(f"| {compared} | " + " | ".join(h for _, h, _, _ in columns) + " |")
     lines.append("|---|" + "---:|" * len(columns))
     for name, row in results["policies"].items():
         cells = [_cell(row.get(key), scale, fmt) for key, _, scale, fmt in columns]
@@ -77,7 +82,10 @@ def markdown(results: dict[str, Any]) -> str:
               "tokens.", ""]
     lines += pressure_markdown(results["policies"], pool_bytes(results))
     lines += landing_markdown(results["policies"])
-    lines += gain_markdown(results["policies"])
+    if compared == "router":
+        lines += router_markdown(results["policies"])
+    else:
+        lines += gain_markdown(results["policies"])
     if "comparison" in results:
         lines.append(comparison_markdown(results["comparison"]))
     return "\n".join(lines)
@@ -139,6 +147,38 @@ def gain_markdown(rows: dict[str, dict[str, Any]]) -> list[str]:
                  for key in ("jct_mean_s", "prefill_tokens")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*lines, "", *verdict(rows), ""]
+
+
+ROUTER_BASELINES = ("round-robin", "prefix")  # the graph-blind routers affinity is held to
+
+
+def router_markdown(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Each router against the graph-blind ones (JCT mean and prefill tokens as fractions of
+    theirs), then each router's spread over the replicas: calls and prefill per replica, the
+    agents served on more than one, the busiest replica's calls over the mean."""
+    lines = []
+    for base_name in ROUTER_BASELINES:
+        base = rows.get(base_name)
+        others = [name for name in rows if name != base_name]
+        if base is None or not others:
+            continue
+        lines += [f"Against `{base_name}` (below 1: better):", "",
+                  "| router | JCT mean | prefill tokens |", "|---|---:|---:|"]
+        for name in others:
+            cells = [_ratio(rows[name].get(key), base.get(key))
+                     for key in ("jct_mean_s", "prefill_tokens")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Per replica (calls / prefill tokens / KV peak MiB):", "",
+              "| router | replicas | agents on several replicas | calls max/mean |",
+              "|---|---|---:|---:|"]
+    for name, row in rows.items():
+        spread = ", ".join(f"{r['calls']:,} / {r['prefill_tokens']:,} / "
+                           f"{r['kv_peak_bytes'] / 2**20:,.0f}" for r in row.get("replicas", []))
+        lines.append(f"| {name} | {spread} | {row.get('agents_on_several_replicas', 0):,} of "
+                     f"{row.get('agents_served', 0):,} | "
+                     f"{_cell(row.get('calls_imbalance'), 1, '{:.2f}')} |")
+    return [*lines, ""]
 
 
 def verdict(rows: dict[str, dict[str, Any]]) -> list[str]:

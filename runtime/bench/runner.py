@@ -6,6 +6,10 @@ are observed from inside, since only the process that holds the engine can see t
 request's prompt and output token ids (for the ideal), and the KV pool, sampled while the
 workload runs (with the blocks live agents hold for shared text, which the engine samples when
 asked: its block tables are its own thread's).
+
+The engine may be a ReplicaSet of engines (`kvrt sim --replicas N`): the KV pool sampled is then
+the sum of its members' pools, and each member that is a `ReplicaRecorder` says which calls it
+served, for the per-replica figures (`PolicyRun.replicas`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from kvrt.runtime.engine.executor import ModelExecutor
 from kvrt.runtime.engine.landing import LandingSample
 from kvrt.runtime.engine.protocol import EngineStats, GenerateOutput, GenerateRequest
 from kvrt.runtime.policy import options_for
+from kvrt.runtime.replicas.replica_set import ReplicaSet
 from kvrt.runtime.server.app import create_app
 from kvrt.runtime.server.serve import start_site
 from kvrt.sdk import Client
@@ -38,6 +43,19 @@ class KVSample:
     in_use_blocks: int  # referenced by live requests (or pinned)
     cached_blocks: int  # unreferenced, still indexed
     agent_blocks: list[int]  # device blocks of each agent holding any, over live runs
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaFigures:
+    """One replica's share of a run: the calls routed to it and its own KV pool's figures."""
+
+    calls: int
+    prompt_tokens: int
+    prefill_tokens: int  # prompt tokens it computed: prompt minus cached, as the run's total
+    agents: frozenset[tuple[str, str]]  # (run, agent) of the calls it served
+    kv_peak_blocks: int
+    preemptions: int
+    evicted_blocks: int
 
 
 @dataclass(slots=True)
@@ -58,6 +76,7 @@ class PolicyRun:
     # The policy's predictive uploads: landing minus the tool's return (the engine's last ones).
     upload_landings: list[LandingSample] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
+    replicas: list[ReplicaFigures] = field(default_factory=list)  # with a ReplicaSet only
 
 
 class RecordingEngine:
@@ -69,8 +88,8 @@ class RecordingEngine:
     app is cleaned up, lets go of the engine (its KV pool and weights: ~0.5 GB a policy with
     a 512 MiB pool) that the app still reaches through this object."""
 
-    def __init__(self, inner: AsyncEngine) -> None:
-        self._inner: AsyncEngine | None = inner
+    def __init__(self, inner: Served) -> None:
+        self._inner: Served | None = inner
         self.tokens: list[tuple[list[int], list[int]]] = []
 
     def __getattr__(self, name: str):
@@ -91,8 +110,50 @@ class RecordingEngine:
                 yield item
 
 
+class ReplicaRecorder:
+    """A replica as its ReplicaSet sees it, counting the calls the set routed to it."""
+
+    def __init__(self, inner: AsyncEngine) -> None:
+        self.inner = inner
+        self.calls = self.prompt_tokens = self.cached_tokens = 0
+        self.agents: set[tuple[str, str]] = set()
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        self.calls += 1
+        if request.attribution.run is not None:
+            self.agents.add((request.attribution.run, request.attribution.agent or ""))
+        last = None
+        try:
+            async with aclosing(self.inner.generate(request)) as outputs:
+                async for last in outputs:
+                    yield last
+        finally:
+            if last is not None:  # the call's usage is its last output's, as the server's
+                self.prompt_tokens += last.prompt_tokens
+                self.cached_tokens += last.cached_tokens
+
+    def figures(self) -> ReplicaFigures:
+        stats = self.inner.stats()
+        return ReplicaFigures(self.calls, self.prompt_tokens,
+                              self.prompt_tokens - self.cached_tokens, frozenset(self.agents),
+                              stats.kv_blocks_in_use_peak, stats.preemptions,
+                              stats.kv_blocks_evicted)
+
+
+Served = AsyncEngine | ReplicaSet
 # Builds the engine for a config (blocking: called off the loop) and says its KV block's bytes.
-EngineFactory = Callable[[EngineConfig], tuple[AsyncEngine, int]]
+EngineFactory = Callable[[EngineConfig], tuple[Served, int]]
+
+
+def members(engine: Served) -> list[AsyncEngine]:
+    """The engines whose KV pools make up the served one's (one, or a ReplicaSet's)."""
+    if isinstance(engine, ReplicaSet):
+        return [m.inner if isinstance(m, ReplicaRecorder) else m  # type: ignore[misc]
+                for m in engine.members]
+    return [engine]
 
 
 def real_engine(config: EngineConfig) -> tuple[AsyncEngine, int]:
@@ -116,7 +177,7 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
     app = create_app(config, engine)  # type: ignore[arg-type]
     runner, url = await start_site(app, "127.0.0.1", 0)
     samples: list[KVSample] = []
-    sampler = asyncio.create_task(_sample(inner, samples))
+    sampler = asyncio.create_task(_sample(inner, members(inner), samples))
     started = loop.time()
     try:
         # No read timeout: a call may wait long in the queue, and on a simulated clock hours pass.
@@ -129,6 +190,8 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         await runner.cleanup()  # stops the engine
         engine.release()
     stats = inner.stats()
+    recorders = [m for m in inner.members if isinstance(m, ReplicaRecorder)] \
+        if isinstance(inner, ReplicaSet) else []
     return PolicyRun(
         policy=config.engine.policy, block_bytes=block_bytes,
         calls=session.calls, jobs=session.jobs, samples=samples, tokens=engine.tokens,
@@ -138,7 +201,8 @@ async def run_policy(workload: Workload, config: ServeConfig, time_scale: float,
         backup_bytes=stats.kv_blocks_backed_up * block_bytes,
         evicted_blocks=stats.kv_blocks_evicted,
         upload_landings=list(stats.upload_landing.recent),
-        extra=shared_kv(stats, block_bytes, config.engine.block_size))
+        extra=shared_kv(stats, block_bytes, config.engine.block_size),
+        replicas=[recorder.figures() for recorder in recorders])
 
 
 def shared_kv(stats: EngineStats, block_bytes: int, block_size: int) -> dict[str, float]:
@@ -156,14 +220,16 @@ def shared_kv(stats: EngineStats, block_bytes: int, block_size: int) -> dict[str
     return extra
 
 
-async def _sample(engine: AsyncEngine, out: list[KVSample]) -> None:
-    clock, owners = asyncio.get_running_loop().time, engine.engine.kv.owners
+async def _sample(engine: Served, pools: list[AsyncEngine], out: list[KVSample]) -> None:
+    """`pools`: the engines whose KV ledgers make up `engine`'s (see `members`)."""
+    clock, ledgers = asyncio.get_running_loop().time, [pool.engine.kv.owners for pool in pools]
     while True:
         engine.sample_shared_text()  # taken on the engine's side, between two steps
         stats = engine.stats()
-        # Released runs leave the ledger: every owner in it is an agent of a live run.
+        # Released runs leave the ledger: every owner in it is an agent of a live run. An agent
+        # that moved between replicas holds blocks in two ledgers: counted once in each.
         out.append(KVSample(clock(), stats.kv_blocks_in_use, stats.kv_blocks_cached,
-                            owners.held_counts()))
+                            [n for ledger in ledgers for n in ledger.held_counts()]))
         await asyncio.sleep(SAMPLE_EVERY_S)
 
 

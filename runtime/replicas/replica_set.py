@@ -67,6 +67,7 @@ class ReplicaSet:
         self._heard: dict[str, set[int]] = defaultdict(set)  # run -> replicas that saw it
         self._last: dict[tuple[str, str], int] = {}  # (run, agent) -> its last call's replica
         self._down: set[int] = set()  # replicas the router was told are down
+        self._priorities: dict[str, dict[str, float]] = defaultdict(dict)  # run -> last pushed
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -116,11 +117,14 @@ class ReplicaSet:
         ready[0].validate(request)  # the replicas serve one model alike
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        index = self.router.route(request, self._ready_views())
+        views = self._ready_views()
+        index = self.router.route(request, views)
         run, agent = request.attribution.run, request.attribution.agent or ""
         if run is not None:
-            self._heard[run].add(index)
             self._last[(run, agent)] = index
+            if index not in self._heard[run]:  # new there (placed, moved): it learns the run
+                self._heard[run].add(index)
+                self._resend_priorities(run, index, views)
         self.router.started(request, index)
         try:
             async with aclosing(self.members[index].generate(request)) as outputs:
@@ -161,6 +165,7 @@ class ReplicaSet:
             self.router.agent_done(event.run, event.agent)
 
     def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None:
+        self._priorities[run].update(priorities)
         views = self._control_views()
         if views is None:
             return
@@ -174,6 +179,14 @@ class ReplicaSet:
             self._heard[run].add(index)
             self.members[index].set_priorities(run, part)
 
+    def _resend_priorities(self, run: str, index: int, views: list[ReplicaView]) -> None:
+        """The run's last priorities of its agents that now live on `index`: the daemon pushes
+        only changes, and these went to where the agents were before."""
+        part = {agent: priority for agent, priority in self._priorities.get(run, {}).items()
+                if self._agent_replica(run, agent, views) == index}
+        if part:
+            self.members[index].set_priorities(run, part)
+
     def set_outlook(self, run: str, remaining_s: float,
                     next_use: Mapping[str, float | None]) -> None:
         for index in self._holding(run):
@@ -184,6 +197,7 @@ class ReplicaSet:
 
     async def release_run(self, run: str) -> int:
         heard = self._heard.pop(run, set())
+        self._priorities.pop(run, None)
         self.router.forget_run(run)
         self._last = {who: i for who, i in self._last.items() if who[0] != run}
         counts = await asyncio.gather(*(self._release_on(i, run) for i in sorted(heard)))

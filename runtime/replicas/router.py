@@ -4,9 +4,14 @@
                  lives (its prefixes, the round text it reads, its offloaded blocks): its calls
                  go there, and so do its run's events, priorities and outlook. A run's agents
                  are placed together when the run starts (the least loaded replica takes them
-                 all), so a round runs on one replica and its shared text is computed once. A
-                 run too big for one replica's fair share is split, evenly, over as few
-                 replicas as balance needs: a round of it computes its text once per replica.
+                 all), so a round runs on one replica and its shared text is computed once.
+                 Runs share text too (runs of one graph, its agents' system prompts): at a
+                 whole run's first call it moves, before any of its KV exists, to the replica
+                 that holds the longest prefix of that call's prompt, if that one stays within
+                 the balance SLACK, and so does each agent at its own first call (see
+                 `AffinityRouter._kin`). A run too big for one
+                 replica's fair share is split, evenly, over as few replicas as balance
+                 needs: a round of it computes its text once per replica.
                  An agent of an overloaded replica moves (see `AffinityRouter._moved`). Calls
                  without a run go by prefix, as below.
     prefix       graph-blind, as Ray Serve's prefix-affinity router: each call goes to the
@@ -181,6 +186,8 @@ class AffinityRouter:
         self._context: dict[Agent, int] = {}  # prompt tokens of the agent's last call
         # (run, replica) -> prompt tokens of the run's calls in flight there
         self._run_tokens: dict[tuple[str, int], int] = defaultdict(int)
+        self._index = PrefixIndex(replicas)  # what each replica was sent, calls with a run
+        self._unstarted: set[str] = set()  # runs placed whole that have made no call yet
 
     # -- placing ---------------------------------------------------------------------------
 
@@ -188,6 +195,8 @@ class AffinityRouter:
         homes = self._home.setdefault(run, {})
         new = [agent for agent in agents if agent not in homes]
         if new and _ready(views):
+            if not homes:
+                self._unstarted.add(run)
             self._place(run, new, views)
 
     def home(self, run: str, agent: str, views: Sequence[ReplicaView]) -> int | None:
@@ -195,6 +204,8 @@ class AffinityRouter:
         if agent not in homes:
             if not _ready(views):
                 return None
+            if not homes:
+                self._unstarted.add(run)
             self._place(run, [agent], views)
         return homes[agent]
 
@@ -248,12 +259,49 @@ class AffinityRouter:
             self._unplace(run, agent)
             replica = self.home(run, agent, views)
             assert replica is not None
+        chain = prefix_chain(request)
+        first = (run, agent) not in self._context and not self._in_flight[(run, agent)]
+        if run in self._unstarted or first:  # nothing of it has run where it is placed
+            homes = self._home[run]
+            movers = list(homes) if run in self._unstarted else [agent]
+            self._unstarted.discard(run)
+            kin = self._kin(movers, homes, replica, chain, views)
+            if kin is not None:
+                for mover in movers:
+                    self._unplace(run, mover)
+                self._assign(run, movers, [kin] * len(movers))
+                replica = kin
         moved = self._moved((run, agent), replica, len(request.prompt_token_ids), views)
         if moved is not None:
             self._unplace(run, agent)
             self._assign(run, [agent], [moved])
             replica = moved
+        self._index.add(replica, chain)
         return replica
+
+    def _kin(self, movers: list[str], homes: dict[str, int], replica: int, chain: list[int],
+             views: Sequence[ReplicaView]) -> int | None:
+        """Where `movers` (a whole run at its first call, or one agent at its own), all placed
+        on `replica` and none having made a call, go, or None to stay: the replica holding the
+        longest prefix of the call's prompt (at least MATCH_MIN of it, and more than `replica`
+        holds), among those that take them and stay within SLACK of the mean load, or no more
+        loaded than `replica` is with them (a move never makes the busiest replica busier than
+        placing did). Runs of one graph share their agents' system prompts, which prefix-blind
+        placement computes on every replica; no call of the movers has run yet, so the move
+        recomputes nothing (the ReplicaSet sends their priorities to where they went)."""
+        if not chain or any(homes[mover] != replica for mover in movers):
+            return None
+        ready = _ready(views)
+        load = {i: self._agents[i] + views[i].queued_requests for i in ready}
+        bound = max(sum(load.values()) / len(ready) * (1 + SLACK), load[replica])
+        fits = [i for i in ready if i != replica and load[i] + len(movers) <= bound]
+        if not fits:
+            return None
+        matched = {i: self._index.matched(i, chain) for i in [replica, *fits]}
+        best = max(fits, key=lambda i: (matched[i], -load[i], -i))
+        if matched[best] <= matched[replica] or matched[best] < MATCH_MIN * len(chain):
+            return None
+        return best
 
     def _moved(self, who: Agent, replica: int, prompt: int,
                views: Sequence[ReplicaView]) -> int | None:
@@ -314,9 +362,11 @@ class AffinityRouter:
             self._unplace(run, agent)
             self._context.pop((run, agent), None)
         self._home.pop(run, None)
+        self._unstarted.discard(run)
 
     def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:
         self._prefix.replica_down(replica, views)
+        self._index.forget(replica)
         for run, homes in self._home.items():
             lost = [agent for agent, home in homes.items() if home == replica]
             for agent in lost:

@@ -17,6 +17,9 @@ report and adds, per policy, how far the simulated figures are from the measured
 completion times (the cost model) and the reuse figures, prefill tokens and the shared KV per
 agent (the engine's reuse as simulated: masters, readers' diffs). With `--device
 cpu-calibrated` that is the check of the simulation against this machine.
+
+`--replicas N` serves the workload from N simulated engines behind one daemon and compares the
+routers (`--router`) side by side instead of the policies (replicas.py).
 """
 
 from __future__ import annotations
@@ -44,12 +47,19 @@ from kvrt.runtime.config import ConfigError, EngineConfig, ServeConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
 from kvrt.runtime.model.config import ModelConfig
 from kvrt.runtime.model.tokenizer import Tokenizer
+from kvrt.runtime.policy import policy_names
 from kvrt.runtime.sim.calibrate import DEFAULT_PLAN, PLANS, CalibrationError, cpu_calibrated
 from kvrt.runtime.sim.driver import SimDriver
 from kvrt.runtime.sim.engine import build_sim_engine, kv_cache_bytes, sim_block_bytes
 from kvrt.runtime.sim.engine_profiles import DEFAULT_PROFILE, get_profile, profile_names
 from kvrt.runtime.sim.hardware import CPU_CALIBRATED, Device, device_names, get_device
 from kvrt.runtime.sim.model_shapes import get_shape, shape_names
+from kvrt.runtime.sim.replicas import (
+    add_replica_arguments,
+    check_replica_arguments,
+    replicas_summary,
+    router_columns,
+)
 from kvrt.runtime.sim.virtual_loop import VirtualTimeLoop
 
 GPU_SHAPE, CPU_SHAPE = "qwen2.5-7b", "smollm2-135m"  # the default shapes (the CPU's: measured)
@@ -95,6 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a `kvrt bench` results.json: replay its workload and engine settings "
                         "and report how close the simulated completion times, prefill tokens "
                         "and shared KV per agent come")
+    add_replica_arguments(p)
+    # The policies' default depends on --replicas (check_replica_arguments).
+    p.set_defaults(policies=None)
 
 
 def engine_config(args: argparse.Namespace, bench: dict[str, Any] | None) -> EngineConfig:
@@ -130,9 +143,11 @@ def sim_engine_factory(shape: ModelConfig, device: Device, tokenizer: Tokenizer,
     return make
 
 
-def simulated_machine(device: Device, profile: str, shape_name: str) -> dict[str, Any]:
+def simulated_machine(device: Device, profile: str, shape_name: str,
+                      replicas: int = 1) -> dict[str, Any]:
     host = machine()
-    return {"description": f"simulated {device.name} ({profile} engine), {shape_name} "
+    devices = device.name if replicas == 1 else f"{replicas} x {device.name}"
+    return {"description": f"simulated {devices} ({profile} engine), {shape_name} "
                            f"(on {host['cpu']})",
             "simulated": True, "device": device.name, "engine_profile": profile,
             "model_shape": shape_name, "host": host}
@@ -195,18 +210,25 @@ async def simulate(args: argparse.Namespace, bench: dict[str, Any] | None,
     loop = asyncio.get_running_loop()
     assert isinstance(loop, VirtualTimeLoop)
     make_engine = sim_engine_factory(shape, device, tokenizer, loop)
-    extra = {"sim": {"device": device.name, "engine_profile": profile,
-                     "model_shape": shape_name,
-                     "kv_cache_bytes": kv_cache_bytes(shape, device, config.engine),
-                     "device_spec": asdict(device)}}
+    pool = kv_cache_bytes(shape, device, config.engine)
+    extra: dict[str, Any] = {"sim": {"device": device.name, "engine_profile": profile,
+                                     "model_shape": shape_name,
+                                     "kv_cache_bytes": pool * args.replicas,
+                                     "kv_cache_bytes_per_replica": pool,
+                                     "device_spec": asdict(device)}}
+    machine = simulated_machine(device, profile["name"], shape_name, args.replicas)
+    if args.replicas > 1:
+        extra["replicas"] = replicas_summary(args)
+        return await compare_policies(args, workload, config, machine, extra=extra,
+                                      columns=router_columns(args, config, make_engine),
+                                      compared="router")
 
     def compare(results: dict[str, Any]) -> None:
         assert bench is not None
         results["comparison"] = comparison(bench, results, args.compare)
 
-    return await compare_policies(args, workload, config,
-                                  simulated_machine(device, profile["name"], shape_name),
-                                  make_engine, extra, compare if bench is not None else None)
+    return await compare_policies(args, workload, config, machine, make_engine, extra,
+                                  compare if bench is not None else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,6 +245,9 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"kvrt sim: {args.compare} is a simulation; compare against a "
                              "`kvrt bench` report")
         args.time_scale = bench["params"].get("time_scale", args.time_scale)
+    check_replica_arguments(args, "kvrt sim")
+    if args.policies is None:
+        args.policies = ",".join(policy_names())
     check_arguments(args, "kvrt sim")
     if args.engine_profile is not None and args.device == CPU_CALIBRATED:
         raise SystemExit("kvrt sim: --engine-profile applies to a GPU device; cpu-calibrated is "

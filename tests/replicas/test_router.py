@@ -181,3 +181,63 @@ def test_a_done_agent_keeps_its_home_but_no_longer_counts_as_load():
     router.forget_run("thread")
     router.forget_run("other")
     assert [router.placed(i) for i in range(2)] == [(0, 0), (0, 0)]
+def test_a_runs_first_call_takes_it_to_the_replica_that_holds_its_prompts_prefix():
+    router = AffinityRouter(2)
+    shared = list(range(100, 164))  # four blocks: a graph's system prompt
+    router.plan_run("a", ["solo"], [IDLE] * 2)
+    assert router.route(call(shared + [1] * 16, "a", "solo"), [IDLE] * 2) == 0
+    router.forget_run("a")  # done: its replica is empty, its prefix still cached there
+    # Replica 0 is busy when "b" starts: placed on 1. At its first call, before any KV of it
+    # exists, the run (all its agents) goes where its prompt's prefix is.
+    router.plan_run("b", ["solo", "helper"], [busy(queued=3), IDLE])
+    assert router.home("b", "helper", [IDLE] * 2) == 1
+    assert router.route(call(shared + [2] * 16, "b", "solo"), [IDLE] * 2) == 0
+    assert router.home("b", "helper", [IDLE] * 2) == 0
+    assert router.placed(0) == (1, 2) and router.placed(1) == (0, 0)
+
+
+def routed(router: AffinityRouter, request: GenerateRequest, views: list[ReplicaView]) -> int:
+    """As the ReplicaSet does: route, then the call starts there and ends."""
+    replica = router.route(request, views)
+    router.started(request, replica)
+    router.finished(request, replica)
+    return replica
+
+
+def test_an_agent_stays_put_when_its_prefix_is_nowhere_or_its_first_call_is_past():
+    router = AffinityRouter(2)
+    router.plan_run("a", ["solo"], [IDLE] * 2)
+    assert routed(router, call(list(range(64)), "a", "solo"), [IDLE] * 2) == 0
+    router.forget_run("a")
+    router.plan_run("b", ["solo"], [busy(queued=3), IDLE])
+    assert routed(router, call(list(range(500, 564)), "b", "solo"), [IDLE] * 2) == 1  # no match
+    # Its second call matches replica 0's prefix, but its KV is where it is now.
+    assert routed(router, call(list(range(64)), "b", "solo"), [IDLE] * 2) == 1
+
+
+def test_an_agent_at_its_first_call_goes_where_its_prompts_prefix_is():
+    router = AffinityRouter(2)
+    own = [list(range(100 * k, 100 * k + 64)) for k in range(2)]  # two agents' system prompts
+    agents = ["first", "second", "third", "fourth"]
+    router.plan_run("a", agents, [IDLE] * 2)  # all on 0
+    router.plan_run("b", agents, [IDLE] * 2)  # all on 1
+    assert routed(router, call(own[0], "a", "first"), [IDLE] * 2) == 0
+    assert routed(router, call(own[1], "b", "second"), [IDLE] * 2) == 1
+    # The runs have started: each agent's first call follows its own prefix, within balance.
+    assert routed(router, call(own[1], "a", "second"), [IDLE] * 2) == 1
+    assert routed(router, call(own[0], "b", "first"), [IDLE] * 2) == 0
+    assert router.home("a", "second", [IDLE] * 2) == 1
+    assert [router.placed(i)[1] for i in range(2)] == [4, 4]
+    # A fifth agent on 0 stays within the slack (1.25x the mean of 4), a sixth would not.
+    assert routed(router, call(own[0], "b", "third"), [IDLE] * 2) == 0
+    assert routed(router, call(own[0], "b", "fourth"), [IDLE] * 2) == 1
+
+
+def test_a_run_does_not_follow_its_prefix_onto_a_replica_it_would_overload():
+    router = AffinityRouter(2)
+    shared = list(range(100, 164))
+    router.plan_run("a", [f"w{i}" for i in range(8)], [IDLE] * 2)
+    assert router.route(call(shared, "a", "w0"), [IDLE] * 2) == 0  # 8 agents live on 0
+    router.plan_run("b", [f"w{i}" for i in range(8)], [IDLE] * 2)
+    # 16 agents on one replica, none on the other: past the slack and busier than 8 on 1.
+    assert router.route(call(shared, "b", "w0"), [IDLE] * 2) == 1

@@ -1,0 +1,66 @@
+"""The ReplicaSet over two in-process engines (tiny model), driven directly: the priorities of
+agents the router moves before their first call follow them to their new replica."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from kvrt.runtime.config import EngineConfig
+from kvrt.runtime.engine.async_engine import AsyncEngine
+from kvrt.runtime.engine.protocol import Attribution, GenerateRequest, SamplingParams
+from kvrt.runtime.replicas.replica_set import ReplicaSet
+from kvrt.runtime.replicas.router import AffinityRouter
+
+
+class Told(AsyncEngine):
+    """A real engine that also keeps the priorities it was sent."""
+
+    told: list[tuple[str, dict[str, float]]]
+
+    def set_priorities(self, run: str, priorities: Mapping[str, float]) -> None:
+        self.told.append((run, dict(priorities)))
+        super().set_priorities(run, priorities)
+
+
+def test_agents_moved_to_where_their_prompt_is_take_their_priorities_along(tiny_checkpoint_dir):
+    config = EngineConfig(model=str(tiny_checkpoint_dir()), kv_cache_memory=4 * 1024**2,
+                          max_model_len=256)
+    members = []
+    for _ in range(2):
+        engine = AsyncEngine.create(config, "tiny")
+        told = Told(engine.engine, "tiny")
+        told.told = []
+        members.append(told)
+    replicas = ReplicaSet(members, AffinityRouter(2), model_name="tiny",
+                          max_model_len=members[0].max_model_len,
+                          tokenizer=members[0].tokenizer, vocab_size=members[0].vocab_size)
+    system = list(range(5, 69))  # four blocks every run's agent starts with
+
+    async def call(run: str, agent: str) -> None:
+        request = GenerateRequest(f"{run}-{agent}", system + [1, 2, 3],
+                                  SamplingParams(max_tokens=2, temperature=0),
+                                  attribution=Attribution(run, agent))
+        async for _ in replicas.generate(request):
+            pass
+
+    async def scenario() -> None:
+        await replicas.start()
+        try:
+            replicas.set_priorities("a", {"x": 1.0})  # placed on replica 0
+            replicas.set_priorities("b", {"y": 2.0})  # on replica 1 (the less loaded)
+            await call("b", "y")  # replica 1 now holds the system prompt
+            replicas.set_priorities("c", {"z": 3.0})  # placed on 0, sent there
+            assert ("c", {"z": 3.0}) in members[0].told
+            await call("c", "z")  # moves to replica 1, where its prompt's prefix is
+            assert replicas.replica_of("c") == ["0", "1"]
+            assert ("c", {"z": 3.0}) in members[1].told
+            for run in "abc":
+                await replicas.release_run(run)
+        finally:
+            await replicas.stop()
+
+    asyncio.run(scenario())
+    for member in members:
+        member.engine.check_integrity()
+        assert member.stats().kv_blocks_in_use == 0
