@@ -130,7 +130,8 @@ def test_health(server: LiveServer) -> None:
     reply = server.request("GET", "/health")
     engine = server.config.engine  # the policy and host tier it serves with
     assert reply.status == 200 and reply.json() == {
-        "status": "ok", "policy": engine.policy, "host_cache_bytes": engine.host_cache_memory}
+        "status": "ok", "policy": engine.policy, "host_cache_bytes": engine.host_cache_memory,
+        "replicas": None}  # one engine: no replicas to list
 
 
 def test_control_plane_metrics_move_with_runs_and_events(server: LiveServer) -> None:
