@@ -59,6 +59,14 @@ class Matcher:
         return bool(self.ll.is_stopped())
 
 
+def grammar_mismatch(grammar: Grammar, vocab_size: int) -> str | None:
+    """Why a model of `vocab_size` tokens cannot serve `grammar`, or None."""
+    if grammar.vocab_size != vocab_size:
+        return (f"the grammar was compiled for a vocabulary of {grammar.vocab_size} tokens; "
+                f"the model has {vocab_size}")
+    return None
+
+
 class Constraints:
     """Applies the masks of a batch's constrained rows to its logits, in place."""
 
@@ -67,13 +75,6 @@ class Constraints:
         self._bitmask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32, grown
         self._executor: Any = None  # llguidance's thread pool, made on first use
         self._byte_masks: dict[torch.device, ByteMask] = {}
-
-    def check(self, grammar: Grammar) -> str | None:
-        """Why the engine cannot serve `grammar`, or None."""
-        if grammar.vocab_size != self.vocab_size:
-            return (f"the grammar was compiled for a vocabulary of {grammar.vocab_size} tokens; "
-                    f"the model has {self.vocab_size}")
-        return None
 
     def mask(self, logits: torch.Tensor, matchers: list[Matcher | None]) -> None:
         """logits: [N, vocab], row i for the sequence whose matcher is matchers[i] (None: a free

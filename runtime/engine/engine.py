@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-from kvrt.runtime.engine.constraints import Constraints, Matcher
+from kvrt.runtime.engine.constraints import Constraints, Matcher, grammar_mismatch
 from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.decision_log import DecisionLog
 from kvrt.runtime.engine.executor import Executor
@@ -118,7 +118,7 @@ class RequestLimits:
                 f"{total} were requested ({len(prompt)} in the prompt, {max_tokens} to generate)"
             )
         grammar = request.params.grammar
-        if grammar is not None and (why := Constraints(self.vocab_size).check(grammar)):
+        if grammar is not None and (why := grammar_mismatch(grammar, self.vocab_size)):
             raise RequestRejected(why)
         blocks = -(-total // self.block_size)
         if blocks > self.num_blocks:
