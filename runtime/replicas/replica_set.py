@@ -107,14 +107,14 @@ class ReplicaSet:
     def _ready_views(self) -> list[ReplicaView]:
         views = self._views()
         if not any(view.ready for view in views):
-            raise ReplicaUnavailable("no engine replica is ready (starting or restarting); "
-                                     "retry shortly", retry_after_s=NO_REPLICA_RETRY_S)
+            raise _none_ready()
         return views
 
     def validate(self, request: GenerateRequest) -> None:
-        self._ready_views()  # none ready: the 503 says so, with when to retry
-        ready = [r for r in self.members if r.state() == "ready"]
-        ready[0].validate(request)  # the replicas serve one model alike
+        ready = next((r for r in self.members if r.state() == "ready"), None)
+        if ready is None:
+            raise _none_ready()
+        ready.validate(request)  # the replicas serve one model alike
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         views = self._ready_views()
@@ -245,3 +245,8 @@ class ReplicaSet:
 
     def _name(self, index: int) -> str:
         return str(index)
+
+
+def _none_ready() -> ReplicaUnavailable:
+    return ReplicaUnavailable("no engine replica is ready (starting or restarting); retry "
+                              "shortly", retry_after_s=NO_REPLICA_RETRY_S)

@@ -88,16 +88,9 @@ class Router(Protocol):
 
 
 def make_router(name: str, replicas: int) -> Router:
-    if name == "affinity":
-        return AffinityRouter(replicas)
-    if name == "prefix":
-        return PrefixRouter(replicas)
-    if name == "round-robin":
-        return RoundRobinRouter()
-    raise ValueError(f"unknown router {name!r}; choose affinity, prefix or round-robin")
-
-
-ROUTERS = ("affinity", "prefix", "round-robin")
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose {', '.join(ROUTERS)}")
+    return _FACTORIES[name](replicas)
 
 
 def _ready(views: Sequence[ReplicaView]) -> list[int]:
@@ -146,8 +139,9 @@ class RoundRobinRouter(_Blind):
 class PrefixRouter(_Blind):
     name = "prefix"
 
-    def __init__(self, replicas: int) -> None:
-        self._index = PrefixIndex(replicas)
+    def __init__(self, replicas: int, index: PrefixIndex | None = None) -> None:
+        """`index`: what each replica was sent, when the caller keeps it (see AffinityRouter)."""
+        self._index = index or PrefixIndex(replicas)
         self._turn = itertools.count()  # breaks ties among equally busy replicas
 
     def route(self, request: GenerateRequest, views: Sequence[ReplicaView]) -> int:
@@ -175,7 +169,9 @@ class AffinityRouter:
     name = "affinity"
 
     def __init__(self, replicas: int) -> None:
-        self._prefix = PrefixRouter(replicas)  # calls without a run
+        # What each replica was sent, calls with a run and without: one picture of its cache.
+        self._index = PrefixIndex(replicas)
+        self._prefix = PrefixRouter(replicas, self._index)  # calls without a run
         self._home: dict[str, dict[str, int]] = {}  # run -> agent -> replica
         self._agents = [0] * replicas  # live agents placed on each replica, done ones not
         # Agents reported done keep their home (LangGraph reports every node done at the end
@@ -186,7 +182,6 @@ class AffinityRouter:
         self._context: dict[Agent, int] = {}  # prompt tokens of the agent's last call
         # (run, replica) -> prompt tokens of the run's calls in flight there
         self._run_tokens: dict[tuple[str, int], int] = defaultdict(int)
-        self._index = PrefixIndex(replicas)  # what each replica was sent, calls with a run
         self._unstarted: set[str] = set()  # runs placed whole that have made no call yet
 
     # -- placing ---------------------------------------------------------------------------
@@ -213,8 +208,7 @@ class AffinityRouter:
         """Whole on the least loaded replica (its run's, for agents joining a run) while that
         keeps the replicas within SLACK of the mean, or the group is at most MIN_GROUP; else
         split evenly, filling the least loaded replicas up to the mean."""
-        ready = _ready(views)
-        load = {i: self._agents[i] + views[i].queued_requests for i in ready}
+        ready, load = self._load(views)
         mean = (sum(load.values()) + len(agents)) / len(ready)
         mates = Counter(i for i in self._home[run].values() if i in load)
         first = (max(mates, key=lambda i: (mates[i], -load[i])) if mates
@@ -230,6 +224,11 @@ class AffinityRouter:
         while len(targets) < len(agents):  # what rounding left over
             targets.append(min(ready, key=lambda i: (load[i] + targets.count(i), i)))
         self._assign(run, agents, targets)
+
+    def _load(self, views: Sequence[ReplicaView]) -> tuple[list[int], dict[int, int]]:
+        """The ready replicas, and each one's load: its live agents placed, its calls queued."""
+        ready = _ready(views)
+        return ready, {i: self._agents[i] + views[i].queued_requests for i in ready}
 
     def _assign(self, run: str, agents: list[str], replicas: list[int]) -> None:
         homes = self._home[run]
@@ -291,8 +290,7 @@ class AffinityRouter:
         recomputes nothing (the ReplicaSet sends their priorities to where they went)."""
         if not chain or any(homes[mover] != replica for mover in movers):
             return None
-        ready = _ready(views)
-        load = {i: self._agents[i] + views[i].queued_requests for i in ready}
+        ready, load = self._load(views)
         bound = max(sum(load.values()) / len(ready) * (1 + SLACK), load[replica])
         fits = [i for i in ready if i != replica and load[i] + len(movers) <= bound]
         if not fits:
@@ -365,8 +363,7 @@ class AffinityRouter:
         self._unstarted.discard(run)
 
     def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:
-        self._prefix.replica_down(replica, views)
-        self._index.forget(replica)
+        self._index.forget(replica)  # the prefix router's too
         for run, homes in self._home.items():
             lost = [agent for agent, home in homes.items() if home == replica]
             for agent in lost:
@@ -379,3 +376,8 @@ class AffinityRouter:
         runs = sum(1 for homes in self._home.values() if replica in homes.values())
         return runs, self._agents[replica]
 
+
+
+_FACTORIES = {"affinity": AffinityRouter, "prefix": PrefixRouter,
+              "round-robin": lambda replicas: RoundRobinRouter()}
+ROUTERS = tuple(_FACTORIES)
