@@ -76,7 +76,7 @@ def test_queue_time_counts(server: LiveServer) -> None:
     error = assert_error_shape(reply, 504)
     assert error["code"] == "request_timeout"
     wait_released(server)
-    reply = server.post("/v1/chat/completions", good_chat(max_tokens=2))
+    reply = server.post("/v1/chat/completions", good_chat(max_tokens=2, ignore_eos=True))
     assert reply.status == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
 
 
