@@ -128,7 +128,11 @@ class ReplicaSet:
         self.router.started(request, index)
         try:
             async with aclosing(self.members[index].generate(request)) as outputs:
+                first = True
                 async for item in outputs:
+                    if first:
+                        self.router.prefilled(request, index)
+                        first = False
                     yield item
         except ReplicaUnavailable:
             self._views(dead=index)

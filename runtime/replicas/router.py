@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvrt.runtime.engine.protocol import GenerateRequest
-from kvrt.runtime.replicas.prefix_index import PrefixIndex, prefix_chain
+from kvrt.runtime.replicas.prefix_index import BLOCK_TOKENS, PrefixIndex, prefix_chain
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class Router(Protocol):
         ...
 
     def started(self, request: GenerateRequest, replica: int) -> None: ...
+
+    def prefilled(self, request: GenerateRequest, replica: int) -> None:
+        """The call's first output came: its prompt no longer waits there."""
+        ...
 
     def finished(self, request: GenerateRequest, replica: int) -> None: ...
 
@@ -109,6 +113,9 @@ class _Blind:
     def started(self, request: GenerateRequest, replica: int) -> None:
         pass
 
+    def prefilled(self, request: GenerateRequest, replica: int) -> None:
+        pass
+
     def finished(self, request: GenerateRequest, replica: int) -> None:
         pass
 
@@ -145,8 +152,14 @@ class PrefixRouter(_Blind):
         self._turn = itertools.count()  # breaks ties among equally busy replicas
 
     def route(self, request: GenerateRequest, views: Sequence[ReplicaView]) -> int:
-        ready = _ready(views)
         chain = prefix_chain(request)
+        choice = self.choose(chain, views)
+        self._index.add(choice, chain)
+        return choice
+
+    def choose(self, chain: list[int], views: Sequence[ReplicaView]) -> int:
+        """Where a prompt of this chain goes (not yet noted as sent there)."""
+        ready = _ready(views)
         least = min(view.in_flight for i, view in enumerate(views) if i in ready)
         choice = None
         if chain:
@@ -158,7 +171,6 @@ class PrefixRouter(_Blind):
         if choice is None:
             idle = [i for i in ready if views[i].in_flight == least]
             choice = idle[next(self._turn) % len(idle)]
-        self._index.add(choice, chain)
         return choice
 
     def replica_down(self, replica: int, views: Sequence[ReplicaView]) -> None:
@@ -180,8 +192,14 @@ class AffinityRouter:
         self._done: set[Agent] = set()
         self._in_flight: dict[Agent, int] = defaultdict(int)
         self._context: dict[Agent, int] = {}  # prompt tokens of the agent's last call
-        # (run, replica) -> prompt tokens of the run's calls in flight there
-        self._run_tokens: dict[tuple[str, int], int] = defaultdict(int)
+        # The prefill waiting on each replica: the calls sent there with no output yet, each
+        # by the tokens it computes there (its prompt less the prefix the index says the
+        # replica holds). A replica's own queued_tokens count whole prompts, most of which a
+        # warm cache holds.
+        self._fresh = [0] * replicas
+        self._run_fresh: dict[tuple[str, int], int] = defaultdict(int)  # of a run's calls
+        self._waiting: dict[int, tuple[int, str | None, int]] = {}  # id(call): where, run, fresh
+        self._routed: tuple[GenerateRequest, int] | None = None  # the last call routed, fresh
         self._unstarted: set[str] = set()  # runs placed whole that have made no call yet
 
     # -- placing ---------------------------------------------------------------------------
@@ -247,8 +265,15 @@ class AffinityRouter:
 
     def route(self, request: GenerateRequest, views: Sequence[ReplicaView]) -> int:
         run, agent = request.attribution.run, request.attribution.agent or ""
-        if run is None:
-            return self._prefix.route(request, views)
+        chain = prefix_chain(request)
+        replica = (self._prefix.choose(chain, views) if run is None
+                   else self._route_agent(request, run, agent, chain, views))
+        self._routed = request, self._uncached(replica, len(request.prompt_token_ids), chain)
+        self._index.add(replica, chain)
+        return replica
+
+    def _route_agent(self, request: GenerateRequest, run: str, agent: str, chain: list[int],
+                     views: Sequence[ReplicaView]) -> int:
         replica = self.home(run, agent, views)
         assert replica is not None  # a ready replica exists: the caller checked
         if (run, agent) in self._done:  # called again: it counts again
@@ -258,7 +283,6 @@ class AffinityRouter:
             self._unplace(run, agent)
             replica = self.home(run, agent, views)
             assert replica is not None
-        chain = prefix_chain(request)
         first = (run, agent) not in self._context and not self._in_flight[(run, agent)]
         if run in self._unstarted or first:  # nothing of it has run where it is placed
             homes = self._home[run]
@@ -270,13 +294,16 @@ class AffinityRouter:
                     self._unplace(run, mover)
                 self._assign(run, movers, [kin] * len(movers))
                 replica = kin
-        moved = self._moved((run, agent), replica, len(request.prompt_token_ids), views)
+        moved = self._moved((run, agent), replica, request, chain, views)
         if moved is not None:
             self._unplace(run, agent)
             self._assign(run, [agent], [moved])
             replica = moved
-        self._index.add(replica, chain)
         return replica
+
+    def _uncached(self, replica: int, tokens: int, chain: list[int]) -> int:
+        """What the replica computes of a prompt of `tokens` tokens with this chain."""
+        return max(0, tokens - self._index.matched(replica, chain) * BLOCK_TOKENS)
 
     def _kin(self, movers: list[str], homes: dict[str, int], replica: int, chain: list[int],
              views: Sequence[ReplicaView]) -> int | None:
@@ -301,51 +328,74 @@ class AffinityRouter:
             return None
         return best
 
-    def _moved(self, who: Agent, replica: int, prompt: int,
+    def _moved(self, who: Agent, replica: int, request: GenerateRequest, chain: list[int],
                views: Sequence[ReplicaView]) -> int | None:
-        """Where the agent's call would start sooner, KV recomputed, or None to stay. Only an
-        agent with no call in flight moves. Its KV is recomputed there, never copied: a copy
-        through the host tier costs a host round trip of the whole context on both replicas
-        and a transfer between them, while recomputing costs the target one prefill of the
-        context, which queued prompt tokens measure in the same unit as the wait. It moves
-        when the prefill queued ahead of it here exceeds the other replica's by more than what
-        it would recompute there: its cached context, the last call's prompt (at least the
-        new call's, for a first call). Its own run's calls do not count as queued ahead: a
-        round's calls arrive together, and splitting them would compute its text twice."""
+        """Where the agent's call would start sooner, or None to stay. Only an agent with no
+        call in flight moves. A call's wait on a replica is the prefill queued there (the
+        fresh tokens of the calls with no output yet) plus what the call computes there: at
+        home what its prompt adds to its cached context; elsewhere its whole context (its last
+        call's prompt, at least this one's) less the prefix that replica holds. Its KV is
+        recomputed there, never copied: a copy through the host tier costs a host round trip
+        of the context on both replicas and a transfer between them, while recomputing costs
+        one prefill, measured in the same unit as the wait. Its own run's calls do not count
+        as queued ahead: a round's calls arrive together, and splitting them would compute
+        its text twice."""
         if self._in_flight[who]:
             return None
-        here = views[replica].queued_tokens - self._run_tokens[(who[0], replica)]
         others = [i for i in _ready(views) if i != replica]
-        if not others or not views[replica].queued_requests:
+        prompt = len(request.prompt_token_ids)
+        context = max(self._context.get(who, 0), prompt)
+
+        def ahead(i: int) -> int:
+            return self._fresh[i] - self._run_fresh.get((who[0], i), 0)
+
+        def wait(i: int) -> int:
+            return ahead(i) + self._uncached(i, prompt if i == replica else context, chain)
+
+        if not others or ahead(replica) <= 0:
             return None
-        target = min(others, key=lambda i: (views[i].queued_tokens, self._agents[i], i))
-        cost = max(self._context.get(who, 0), prompt)
-        if here - views[target].queued_tokens <= cost:
+        here = wait(replica)
+        target = min(others, key=lambda i: (wait(i), self._agents[i], i))
+        if wait(target) >= here:
             return None
-        log.info("affinity: agent %s of run %s moves from replica %d to %d: %d prompt tokens "
-                 "queued ahead of it there, %d on %d; recomputing its %d-token context there "
-                 "costs less than the wait", who[1], who[0], replica, target, here,
-                 views[target].queued_tokens, target, cost)
+        log.info("affinity: agent %s of run %s moves from replica %d to %d: its call would "
+                 "wait there for %d tokens of prefill, its own included, and for %d on %d, "
+                 "its context recomputed", who[1], who[0], replica, target, here,
+                 wait(target), target)
         return target
 
     def started(self, request: GenerateRequest, replica: int) -> None:
+        routed, self._routed = self._routed, None
+        fresh = (routed[1] if routed is not None and routed[0] is request
+                 else len(request.prompt_token_ids))
         run = request.attribution.run
+        self._waiting[id(request)] = replica, run, fresh
+        self._fresh[replica] += fresh
         if run is not None:
             who = (run, request.attribution.agent or "")
             self._in_flight[who] += 1
             self._context[who] = len(request.prompt_token_ids)
-            self._run_tokens[(run, replica)] += len(request.prompt_token_ids)
+            self._run_fresh[(run, replica)] += fresh
+
+    def prefilled(self, request: GenerateRequest, replica: int) -> None:
+        waiting = self._waiting.pop(id(request), None)
+        if waiting is None:
+            return
+        replica, run, fresh = waiting
+        self._fresh[replica] -= fresh
+        if run is not None:
+            self._run_fresh[(run, replica)] -= fresh
+            if not self._run_fresh[(run, replica)]:
+                del self._run_fresh[(run, replica)]
 
     def finished(self, request: GenerateRequest, replica: int) -> None:
+        self.prefilled(request, replica)  # a call that failed before its first output
         run = request.attribution.run
         if run is not None:
             who = (run, request.attribution.agent or "")
             self._in_flight[who] -= 1
             if not self._in_flight[who]:
                 del self._in_flight[who]
-            self._run_tokens[(run, replica)] -= len(request.prompt_token_ids)
-            if not self._run_tokens[(run, replica)]:
-                del self._run_tokens[(run, replica)]
 
     # -- ends ------------------------------------------------------------------------------
 

@@ -81,22 +81,65 @@ def test_the_agents_of_a_dead_replica_are_placed_again_together_on_the_others():
     assert router.placed(dead) == (0, 0)
 
 
-def test_an_agent_moves_off_an_overloaded_replica_only_when_the_queue_outweighs_its_context():
+def two_runs_on_one_replica() -> tuple[AffinityRouter, int]:
+    """Runs "a" (agent x) and "b" (agent y) live on one replica (returned); x has made one
+    call, a 96-token context, now cached there."""
     router = AffinityRouter(2)
-    views = [IDLE, IDLE]
-    router.plan_run("a", ["x"], views)
-    home = router.home("a", "x", views)
-    other = 1 - home
-    request = call([3] * 100, "a", "x")
-    router.started(request, home)
-    router.finished(request, home)  # its context: 100 tokens
-    # 150 prompt tokens queued ahead of it at home, none on the other replica, where it
-    # would recompute its 100-token context: the wait is the larger, it moves.
-    loaded = [busy(4, 2, 150) if i == home else IDLE for i in range(2)]
-    assert router.route(call([3] * 100, "a", "x"), loaded) == other
-    # Back only when its new home's queue outweighs its context: 90 tokens do not.
-    slightly = [busy(4, 2, 90) if i == other else IDLE for i in range(2)]
-    assert router.route(call([3] * 100, "a", "x"), slightly) == other
+    router.plan_run("a", ["x"], [IDLE, IDLE])
+    home = router.home("a", "x", [IDLE, IDLE])
+    router.plan_run("b", ["y"], [IDLE if i == home else busy(queued=5) for i in range(2)])
+    assert router.home("b", "y", [IDLE, IDLE]) == home
+    served(router, call(list(range(1000, 1096)), "a", "x"), [IDLE, IDLE])
+    return router, home
+
+
+def served(router: AffinityRouter, request: GenerateRequest, views: list[ReplicaView]) -> int:
+    """As the ReplicaSet does: routed, started, first output, end."""
+    replica = router.route(request, views)
+    router.started(request, replica)
+    router.prefilled(request, replica)
+    router.finished(request, replica)
+    return replica
+
+
+def queue(router: AffinityRouter, request: GenerateRequest) -> int:
+    """Routed and started, with no output yet: its prompt waits there."""
+    replica = router.route(request, [IDLE, IDLE])
+    router.started(request, replica)
+    return replica
+
+
+def test_an_agent_moves_when_the_prefill_waiting_at_home_outweighs_recomputing_its_context():
+    router, home = two_runs_on_one_replica()
+    x_next = list(range(1000, 1096)) + [7] * 16  # its context and 16 new tokens
+    # 160 fresh tokens queued ahead of x at home: 160 + its 16 new ones there against its
+    # 112-token prompt computed whole on the idle replica: it moves, once y's call has had
+    # no output yet; after its first output nothing of it waits.
+    y_call = call(list(range(2000, 2160)), "b", "y")
+    assert queue(router, y_call) == home
+    router.prefilled(y_call, home)
+    assert router.route(call(x_next, "a", "x"), [IDLE, IDLE]) == home
+    router.finished(y_call, home)
+    assert queue(router, call(list(range(3000, 3160)), "b", "y")) == home
+    assert router.route(call(x_next, "a", "x"), [IDLE, IDLE]) == 1 - home
+
+
+def test_an_agent_stays_when_recomputing_its_context_elsewhere_costs_more_than_the_wait():
+    router, home = two_runs_on_one_replica()
+    x_next = list(range(1000, 1096)) + [7] * 16
+    # 80 fresh tokens ahead: 80 + 16 at home, 112 elsewhere.
+    assert queue(router, call(list(range(2000, 2080)), "b", "y")) == home
+    assert router.route(call(x_next, "a", "x"), [IDLE, IDLE]) == home
+
+
+def test_what_a_replica_has_cached_of_a_queued_prompt_is_not_a_wait():
+    router, home = two_runs_on_one_replica()
+    y_context = list(range(2000, 2320))
+    served(router, call(y_context, "b", "y"), [IDLE, IDLE])
+    # y's next call queues 336 prompt tokens at home, 320 of them cached there: 16 to compute.
+    assert queue(router, call(y_context + [9] * 16, "b", "y")) == home
+    x_next = list(range(1000, 1096)) + [7] * 16
+    assert router.route(call(x_next, "a", "x"), [IDLE, IDLE]) == home
 
 
 def test_an_agent_with_a_call_in_flight_never_moves():
