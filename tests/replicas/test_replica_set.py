@@ -23,9 +23,8 @@ class Told(AsyncEngine):
         super().set_priorities(run, priorities)
 
 
-def test_agents_moved_to_where_their_prompt_is_take_their_priorities_along(tiny_checkpoint_dir):
-    config = EngineConfig(model=str(tiny_checkpoint_dir()), kv_cache_memory=4 * 1024**2,
-                          max_model_len=256)
+def two_replicas(checkpoint: str) -> tuple[ReplicaSet, list[Told]]:
+    config = EngineConfig(model=checkpoint, kv_cache_memory=4 * 1024**2, max_model_len=256)
     members = []
     for _ in range(2):
         engine = AsyncEngine.create(config, "tiny")
@@ -35,6 +34,17 @@ def test_agents_moved_to_where_their_prompt_is_take_their_priorities_along(tiny_
     replicas = ReplicaSet(members, AffinityRouter(2), model_name="tiny",
                           max_model_len=members[0].max_model_len,
                           tokenizer=members[0].tokenizer, vocab_size=members[0].vocab_size)
+    return replicas, members
+
+
+def settled(members: list[Told]) -> None:
+    for member in members:
+        member.engine.check_integrity()
+        assert member.stats().kv_blocks_in_use == 0
+
+
+def test_agents_moved_to_where_their_prompt_is_take_their_priorities_along(tiny_checkpoint_dir):
+    replicas, members = two_replicas(str(tiny_checkpoint_dir()))
     system = list(range(5, 69))  # four blocks every run's agent starts with
 
     async def call(run: str, agent: str) -> None:
@@ -61,6 +71,39 @@ def test_agents_moved_to_where_their_prompt_is_take_their_priorities_along(tiny_
             await replicas.stop()
 
     asyncio.run(scenario())
-    for member in members:
-        member.engine.check_integrity()
-        assert member.stats().kv_blocks_in_use == 0
+    settled(members)
+
+
+def test_a_call_past_its_first_output_is_no_wait_that_moves_an_agent(tiny_checkpoint_dir):
+    """The router hears of each call's first output from the set: a long call decoding on an
+    agent's home is not prefill queued ahead of the agent's next call, which stays home."""
+    replicas, members = two_replicas(str(tiny_checkpoint_dir()))
+
+    def request(run: str, agent: str, prompt: list[int], tokens: int) -> GenerateRequest:
+        return GenerateRequest(f"{run}-{agent}-{tokens}", prompt,
+                               SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True),
+                               attribution=Attribution(run, agent))
+
+    async def scenario() -> None:
+        await replicas.start()
+        try:
+            replicas.set_priorities("a", {"x": 1.0})  # on replica 0
+            replicas.set_priorities("c", {"w": 1.0})  # on 1
+            replicas.set_priorities("b", {"y": 1.0})  # on 0 again: the loads are even
+            context = list(range(300, 364))  # the tiny vocabulary has 512 tokens
+            async for _ in replicas.generate(request("a", "x", context, 1)):
+                pass
+            # y's 160-token prompt, fresh, on x's replica: far more than x's context.
+            long = replicas.generate(request("b", "y", list(range(100, 260)), 60))
+            await anext(long)  # its prefill is done: it decodes
+            async for _ in replicas.generate(request("a", "x", context + [7] * 16, 1)):
+                pass
+            assert replicas.replica_of("a") == ["0"] and replicas.replica_of("b") == ["0"]
+            await long.aclose()
+            for run in "abc":
+                await replicas.release_run(run)
+        finally:
+            await replicas.stop()
+
+    asyncio.run(scenario())
+    settled(members)
