@@ -72,7 +72,8 @@ def _engines(engine: EngineConfig) -> dict[str, Any]:
     def replica_set(count: int, first: int) -> ReplicaSet:
         replicas = [RayReplica(str(first + i), engine, resources={"num_cpus": 1}, threads=1,
                                **model) for i in range(count)]  # type: ignore[arg-type]
-        return ReplicaSet(replicas, make_router("affinity", count), **model)  # type: ignore[arg-type]
+        router = make_router("affinity", count, step_tokens=engine.max_num_batched_tokens)
+        return ReplicaSet(replicas, router, **model)  # type: ignore[arg-type]
 
     return {"in-process": local, "ray x1": replica_set(1, 0), "ray x2": replica_set(2, 1)}
 

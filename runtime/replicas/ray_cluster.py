@@ -103,8 +103,9 @@ class RayCluster:
                  ", ".join(f"{k}={v}" for k, v in placement.resources.items()),
                  f", {placement.threads} torch threads" if placement.threads else "",
                  config.router)
-        return ReplicaSet(replicas, make_router(config.router, placement.replicas),
-                          model_name=name, max_model_len=max_model_len,
+        router = make_router(config.router, placement.replicas,
+                             step_tokens=config.engine.max_num_batched_tokens)
+        return ReplicaSet(replicas, router, model_name=name, max_model_len=max_model_len,
                           tokenizer=facts.tokenizer, vocab_size=facts.config.vocab_size)
 
     def close(self) -> None:

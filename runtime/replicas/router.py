@@ -91,10 +91,14 @@ class Router(Protocol):
         ...
 
 
-def make_router(name: str, replicas: int) -> Router:
+def make_router(name: str, replicas: int, *, step_tokens: int) -> Router:
+    """`step_tokens`: the replicas' per-step token budget (EngineConfig.max_num_batched_tokens),
+    the unit in which the affinity router weighs a wait."""
     if name not in ROUTERS:
         raise ValueError(f"unknown router {name!r}; choose {', '.join(ROUTERS)}")
-    return _FACTORIES[name](replicas)
+    if name == "affinity":
+        return AffinityRouter(replicas, step_tokens=step_tokens)
+    return PrefixRouter(replicas) if name == "prefix" else RoundRobinRouter()
 
 
 def _ready(views: Sequence[ReplicaView]) -> list[int]:
@@ -180,7 +184,10 @@ class PrefixRouter(_Blind):
 class AffinityRouter:
     name = "affinity"
 
-    def __init__(self, replicas: int) -> None:
+    def __init__(self, replicas: int, *, step_tokens: int) -> None:
+        """`step_tokens`: the tokens a replica's step computes at most (its chunked prefill
+        budget): prefill queued within one step's budget costs no wait but that step."""
+        self._step_tokens = step_tokens
         # What each replica was sent, calls with a run and without: one picture of its cache.
         self._index = PrefixIndex(replicas)
         self._prefix = PrefixRouter(replicas, self._index)  # calls without a run
@@ -330,16 +337,17 @@ class AffinityRouter:
 
     def _moved(self, who: Agent, replica: int, request: GenerateRequest, chain: list[int],
                views: Sequence[ReplicaView]) -> int | None:
-        """Where the agent's call would start sooner, or None to stay. Only an agent with no
-        call in flight moves. A call's wait on a replica is the prefill queued there (the
-        fresh tokens of the calls with no output yet) plus what the call computes there: at
-        home what its prompt adds to its cached context; elsewhere its whole context (its last
-        call's prompt, at least this one's) less the prefix that replica holds. Its KV is
-        recomputed there, never copied: a copy through the host tier costs a host round trip
-        of the context on both replicas and a transfer between them, while recomputing costs
-        one prefill, measured in the same unit as the wait. Its own run's calls do not count
-        as queued ahead: a round's calls arrive together, and splitting them would compute
-        its text twice."""
+        """Where the agent's call would start at least one step sooner, or None to stay. Only
+        an agent with no call in flight moves, and only off a replica where prefill of other
+        runs waits. A call waits on a replica for the steps that compute the prefill queued
+        there (the fresh tokens of the calls with no output yet) and its own: at home what
+        its prompt adds to its cached context; elsewhere its whole context (its last call's
+        prompt, at least this one's) less the prefix that replica holds. A call takes one
+        step at least, and prefill within the step budget costs no more. Its KV is recomputed
+        there, never copied: a copy through the host tier costs a host round trip of the
+        context on both replicas and a transfer between them, while recomputing costs one
+        prefill, counted in the wait. Its own run's calls do not count as queued ahead: a
+        round's calls arrive together, and splitting them would compute its text twice."""
         if self._in_flight[who]:
             return None
         others = [i for i in _ready(views) if i != replica]
@@ -349,19 +357,20 @@ class AffinityRouter:
         def ahead(i: int) -> int:
             return self._fresh[i] - self._run_fresh.get((who[0], i), 0)
 
-        def wait(i: int) -> int:
-            return ahead(i) + self._uncached(i, prompt if i == replica else context, chain)
+        def steps(i: int) -> int:
+            own = self._uncached(i, prompt if i == replica else context, chain)
+            return max(1, math.ceil((ahead(i) + own) / self._step_tokens))
 
         if not others or ahead(replica) <= 0:
             return None
-        here = wait(replica)
-        target = min(others, key=lambda i: (wait(i), self._agents[i], i))
-        if wait(target) >= here:
+        here = steps(replica)
+        target = min(others, key=lambda i: (steps(i), self._agents[i], i))
+        if steps(target) >= here:
             return None
         log.info("affinity: agent %s of run %s moves from replica %d to %d: its call would "
-                 "wait there for %d tokens of prefill, its own included, and for %d on %d, "
+                 "wait there for %d steps of prefill, its own included, and for %d on %d, "
                  "its context recomputed", who[1], who[0], replica, target, here,
-                 wait(target), target)
+                 steps(target), target)
         return target
 
     def started(self, request: GenerateRequest, replica: int) -> None:
@@ -428,6 +437,4 @@ class AffinityRouter:
 
 
 
-_FACTORIES = {"affinity": AffinityRouter, "prefix": PrefixRouter,
-              "round-robin": lambda replicas: RoundRobinRouter()}
-ROUTERS = tuple(_FACTORIES)
+ROUTERS = ("affinity", "prefix", "round-robin")

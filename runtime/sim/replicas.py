@@ -74,7 +74,8 @@ def replica_set_factory(one_engine: EngineFactory, replicas: int, router: str) -
         assert all(isinstance(engine, AsyncEngine) for engine in engines)
         first = engines[0]
         members = [ReplicaRecorder(engine) for engine in engines]  # type: ignore[arg-type]
-        served = ReplicaSet(members, make_router(router, replicas),  # type: ignore[arg-type]
+        routing = make_router(router, replicas, step_tokens=config.max_num_batched_tokens)
+        served = ReplicaSet(members, routing,  # type: ignore[arg-type]
                             model_name=first.model_name, max_model_len=first.max_model_len,
                             tokenizer=first.tokenizer, vocab_size=first.vocab_size)
         return served, built[0][1]

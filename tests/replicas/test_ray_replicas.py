@@ -54,7 +54,8 @@ def server(tiny_checkpoint_dir) -> Iterator[LiveServer]:
     replicas = [RayReplica(str(i), engine, resources={"num_cpus": 1}, threads=1, **facts_kw)
                 for i in range(2)]
     config = ServeConfig(host="127.0.0.1", port=0, served_model_name="tiny", engine=engine)
-    live = LiveServer(ReplicaSet(replicas, make_router("affinity", 2), **facts_kw),  # type: ignore[arg-type]
+    router = make_router("affinity", 2, step_tokens=engine.max_num_batched_tokens)
+    live = LiveServer(ReplicaSet(replicas, router, **facts_kw),  # type: ignore[arg-type]
                       config).start()
     try:
         wait_for(lambda: all(r.state() == "ready" for r in replicas), READY_TIMEOUT_S)

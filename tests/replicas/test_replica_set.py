@@ -23,7 +23,7 @@ class Told(AsyncEngine):
         super().set_priorities(run, priorities)
 
 
-def two_replicas(checkpoint: str) -> tuple[ReplicaSet, list[Told]]:
+def two_replicas(checkpoint: str, step_tokens: int = 512) -> tuple[ReplicaSet, list[Told]]:
     config = EngineConfig(model=checkpoint, kv_cache_memory=4 * 1024**2, max_model_len=256)
     members = []
     for _ in range(2):
@@ -31,7 +31,7 @@ def two_replicas(checkpoint: str) -> tuple[ReplicaSet, list[Told]]:
         told = Told(engine.engine, "tiny")
         told.told = []
         members.append(told)
-    replicas = ReplicaSet(members, AffinityRouter(2), model_name="tiny",
+    replicas = ReplicaSet(members, AffinityRouter(2, step_tokens=step_tokens), model_name="tiny",
                           max_model_len=members[0].max_model_len,
                           tokenizer=members[0].tokenizer, vocab_size=members[0].vocab_size)
     return replicas, members
@@ -77,7 +77,8 @@ def test_agents_moved_to_where_their_prompt_is_take_their_priorities_along(tiny_
 def test_a_call_past_its_first_output_is_no_wait_that_moves_an_agent(tiny_checkpoint_dir):
     """The router hears of each call's first output from the set: a long call decoding on an
     agent's home is not prefill queued ahead of the agent's next call, which stays home."""
-    replicas, members = two_replicas(str(tiny_checkpoint_dir()))
+    # Steps of 16 tokens: a 160-token prompt waiting would be ten steps ahead of it.
+    replicas, members = two_replicas(str(tiny_checkpoint_dir()), step_tokens=16)
 
     def request(run: str, agent: str, prompt: list[int], tokens: int) -> GenerateRequest:
         return GenerateRequest(f"{run}-{agent}-{tokens}", prompt,

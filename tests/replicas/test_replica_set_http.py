@@ -26,7 +26,8 @@ def serve(model: Path, router: str = "affinity") -> LiveServer:
                          engine=replace(ENGINE, model=str(model)))
     members = [AsyncEngine.create(config.engine, "tiny") for _ in range(2)]
     first = members[0]
-    engine = ReplicaSet(members, make_router(router, 2), model_name="tiny",
+    engine = ReplicaSet(members, make_router(router, 2, step_tokens=ENGINE.max_num_batched_tokens),
+                        model_name="tiny",
                         max_model_len=first.max_model_len, tokenizer=first.tokenizer,
                         vocab_size=first.vocab_size)
     return LiveServer(engine, config).start()  # type: ignore[arg-type]

@@ -26,12 +26,19 @@ def call(prompt: list[int], run: str | None = None, agent: str | None = None,
                            attribution=Attribution(run=run, agent=agent))
 
 
+STEP = 64  # the replicas' step budget, in tokens
+
+
+def affinity(replicas: int) -> AffinityRouter:
+    return AffinityRouter(replicas, step_tokens=STEP)
+
+
 def busy(in_flight: int = 0, queued: int = 0, tokens: int = 0) -> ReplicaView:
     return ReplicaView(True, in_flight, queued, tokens)
 
 
 def test_a_small_run_lives_whole_on_the_least_loaded_replica_and_the_next_run_elsewhere():
-    router = AffinityRouter(4)
+    router = affinity(4)
     views = [IDLE] * 4
     router.plan_run("a", [f"w{i}" for i in range(6)], views)
     router.plan_run("b", [f"w{i}" for i in range(6)], views)
@@ -44,7 +51,7 @@ def test_a_small_run_lives_whole_on_the_least_loaded_replica_and_the_next_run_el
 
 
 def test_a_run_too_big_for_one_replica_is_split_evenly():
-    router = AffinityRouter(4)
+    router = affinity(4)
     views = [IDLE] * 4
     router.plan_run("town", [f"p{i}" for i in range(100)], views)
     per_replica = Counter(router.home("town", f"p{i}", views) for i in range(100))
@@ -52,7 +59,7 @@ def test_a_run_too_big_for_one_replica_is_split_evenly():
 
 
 def test_a_run_that_would_unbalance_the_replicas_by_more_than_the_slack_is_split():
-    router = AffinityRouter(2)
+    router = affinity(2)
     views = [IDLE] * 2
     router.plan_run("a", [f"x{i}" for i in range(40)], views)  # 20 + 20
     router.plan_run("b", [f"y{i}" for i in range(10)], views)  # small: kept whole
@@ -62,7 +69,7 @@ def test_a_run_that_would_unbalance_the_replicas_by_more_than_the_slack_is_split
 
 
 def test_an_agent_that_joins_later_goes_to_its_run_mates():
-    router = AffinityRouter(3)
+    router = affinity(3)
     views = [IDLE] * 3
     router.plan_run("a", ["x", "y"], views)
     router.plan_run("b", ["z"], views)
@@ -70,7 +77,7 @@ def test_an_agent_that_joins_later_goes_to_its_run_mates():
 
 
 def test_the_agents_of_a_dead_replica_are_placed_again_together_on_the_others():
-    router = AffinityRouter(3)
+    router = affinity(3)
     views = [IDLE] * 3
     router.plan_run("a", ["x", "y", "z"], views)
     dead = router.home("a", "x", views)
@@ -84,7 +91,7 @@ def test_the_agents_of_a_dead_replica_are_placed_again_together_on_the_others():
 def two_runs_on_one_replica() -> tuple[AffinityRouter, int]:
     """Runs "a" (agent x) and "b" (agent y) live on one replica (returned); x has made one
     call, a 96-token context, now cached there."""
-    router = AffinityRouter(2)
+    router = affinity(2)
     router.plan_run("a", ["x"], [IDLE, IDLE])
     home = router.home("a", "x", [IDLE, IDLE])
     router.plan_run("b", ["y"], [IDLE if i == home else busy(queued=5) for i in range(2)])
@@ -112,9 +119,9 @@ def queue(router: AffinityRouter, request: GenerateRequest) -> int:
 def test_an_agent_moves_when_the_prefill_waiting_at_home_outweighs_recomputing_its_context():
     router, home = two_runs_on_one_replica()
     x_next = list(range(1000, 1096)) + [7] * 16  # its context and 16 new tokens
-    # 160 fresh tokens queued ahead of x at home: 160 + its 16 new ones there against its
-    # 112-token prompt computed whole on the idle replica: it moves, once y's call has had
-    # no output yet; after its first output nothing of it waits.
+    # 160 fresh tokens queued ahead of x at home: 160 + its 16 new ones there, three steps,
+    # against its 112-token prompt computed whole on the idle replica, two: it moves, while
+    # y's call has had no output; after its first output nothing of it waits.
     y_call = call(list(range(2000, 2160)), "b", "y")
     assert queue(router, y_call) == home
     router.prefilled(y_call, home)
@@ -127,7 +134,7 @@ def test_an_agent_moves_when_the_prefill_waiting_at_home_outweighs_recomputing_i
 def test_an_agent_stays_when_recomputing_its_context_elsewhere_costs_more_than_the_wait():
     router, home = two_runs_on_one_replica()
     x_next = list(range(1000, 1096)) + [7] * 16
-    # 80 fresh tokens ahead: 80 + 16 at home, 112 elsewhere.
+    # 80 fresh tokens ahead: 80 + 16 at home, 112 elsewhere: two steps either way.
     assert queue(router, call(list(range(2000, 2080)), "b", "y")) == home
     assert router.route(call(x_next, "a", "x"), [IDLE, IDLE]) == home
 
@@ -143,7 +150,7 @@ def test_what_a_replica_has_cached_of_a_queued_prompt_is_not_a_wait():
 
 
 def test_an_agent_with_a_call_in_flight_never_moves():
-    router = AffinityRouter(2)
+    router = affinity(2)
     views = [IDLE, IDLE]
     home = router.route(call([1] * 10, "a", "x"), views)
     router.started(call([1] * 10, "a", "x"), home)
@@ -178,7 +185,7 @@ def test_prefix_spreads_unrelated_prompts_over_idle_replicas():
 
 
 def test_affinity_routes_unattributed_calls_by_prefix():
-    router = AffinityRouter(2)
+    router = affinity(2)
     system = list(range(48))
     first = router.route(call(system + [1]), [IDLE, IDLE])
     views = [busy(in_flight=2) if i == first else IDLE for i in range(2)]
@@ -193,11 +200,11 @@ def test_round_robin_cycles_over_the_ready_replicas_only():
 
 def test_unknown_router_names_are_refused():
     with pytest.raises(ValueError, match="unknown router"):
-        make_router("random", 2)
+        make_router("random", 2, step_tokens=STEP)
 
 
 def test_a_rounds_own_queued_calls_never_push_its_agents_apart():
-    router = AffinityRouter(2)
+    router = affinity(2)
     router.plan_run("a", ["x", "y", "z"], [IDLE, IDLE])
     home = router.home("a", "x", [IDLE, IDLE])
     queued = 0
@@ -211,7 +218,7 @@ def test_a_rounds_own_queued_calls_never_push_its_agents_apart():
 
 
 def test_a_done_agent_keeps_its_home_but_no_longer_counts_as_load():
-    router = AffinityRouter(2)
+    router = affinity(2)
     views = [IDLE, IDLE]
     router.plan_run("thread", ["agent", "tools"], views)
     home = router.home("thread", "agent", views)
@@ -225,7 +232,7 @@ def test_a_done_agent_keeps_its_home_but_no_longer_counts_as_load():
     router.forget_run("other")
     assert [router.placed(i) for i in range(2)] == [(0, 0), (0, 0)]
 def test_a_runs_first_call_takes_it_to_the_replica_that_holds_its_prompts_prefix():
-    router = AffinityRouter(2)
+    router = affinity(2)
     shared = list(range(100, 164))  # four blocks: a graph's system prompt
     router.plan_run("a", ["solo"], [IDLE] * 2)
     assert router.route(call(shared + [1] * 16, "a", "solo"), [IDLE] * 2) == 0
@@ -248,7 +255,7 @@ def routed(router: AffinityRouter, request: GenerateRequest, views: list[Replica
 
 
 def test_an_agent_stays_put_when_its_prefix_is_nowhere_or_its_first_call_is_past():
-    router = AffinityRouter(2)
+    router = affinity(2)
     router.plan_run("a", ["solo"], [IDLE] * 2)
     assert routed(router, call(list(range(64)), "a", "solo"), [IDLE] * 2) == 0
     router.forget_run("a")
@@ -259,7 +266,7 @@ def test_an_agent_stays_put_when_its_prefix_is_nowhere_or_its_first_call_is_past
 
 
 def test_an_agent_at_its_first_call_goes_where_its_prompts_prefix_is():
-    router = AffinityRouter(2)
+    router = affinity(2)
     own = [list(range(100 * k, 100 * k + 64)) for k in range(2)]  # two agents' system prompts
     agents = ["first", "second", "third", "fourth"]
     router.plan_run("a", agents, [IDLE] * 2)  # all on 0
@@ -277,7 +284,7 @@ def test_an_agent_at_its_first_call_goes_where_its_prompts_prefix_is():
 
 
 def test_a_run_does_not_follow_its_prefix_onto_a_replica_it_would_overload():
-    router = AffinityRouter(2)
+    router = affinity(2)
     shared = list(range(100, 164))
     router.plan_run("a", [f"w{i}" for i in range(8)], [IDLE] * 2)
     assert router.route(call(shared, "a", "w0"), [IDLE] * 2) == 0  # 8 agents live on 0
