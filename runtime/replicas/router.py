@@ -317,16 +317,21 @@ class AffinityRouter:
         """Where `movers` (a whole run at its first call, or one agent at its own), all placed
         on `replica` and none having made a call, go, or None to stay: the replica holding the
         longest prefix of the call's prompt (at least MATCH_MIN of it, and more than `replica`
-        holds), among those that take them and stay within SLACK of the mean load, or no more
+        holds), among those whose load stays within SLACK over the mean load, or no more
         loaded than `replica` is with them (a move never makes the busiest replica busier than
-        placing did). Runs of one graph share their agents' system prompts, which prefix-blind
+        placing did), and that leave `replica` within SLACK under the mean, or no emptier than
+        they are. Runs of one graph share their agents' system prompts, which prefix-blind
         placement computes on every replica; no call of the movers has run yet, so the move
-        recomputes nothing (the ReplicaSet sends their priorities to where they went)."""
+        recomputes nothing (the ReplicaSet sends their priorities to where they went). The
+        lower bound keeps a replica that has not yet computed a prefix every run shares from
+        losing every run to the replicas that have: it computes it once and stays warm."""
         if not chain or any(homes[mover] != replica for mover in movers):
             return None
         ready, load = self._load(views)
-        bound = max(sum(load.values()) / len(ready) * (1 + SLACK), load[replica])
-        fits = [i for i in ready if i != replica and load[i] + len(movers) <= bound]
+        mean, count = sum(load.values()) / len(ready), len(movers)
+        bound = max(mean * (1 + SLACK), load[replica])
+        fits = [i for i in ready if i != replica and load[i] + count <= bound
+                and load[replica] - count >= min(mean * (1 - SLACK), load[i])]
         if not fits:
             return None
         matched = {i: self._index.matched(i, chain) for i in [replica, *fits]}

@@ -291,3 +291,19 @@ def test_a_run_does_not_follow_its_prefix_onto_a_replica_it_would_overload():
     router.plan_run("b", [f"w{i}" for i in range(8)], [IDLE] * 2)
     # 16 agents on one replica, none on the other: past the slack and busier than 8 on 1.
     assert router.route(call(shared, "b", "w0"), [IDLE] * 2) == 1
+
+
+def test_runs_following_a_prefix_every_run_shares_leave_no_replica_below_the_slack():
+    """The first replica to compute a prefix every run shares (a graph's system prompt) would
+    draw every run whose first call comes while it has room; the replicas that have not yet
+    computed it keep at least (1 - SLACK) of the mean load, and compute it once."""
+    router = affinity(4)
+    shared = list(range(100, 164))
+    runs = [f"r{k}" for k in range(16)]
+    for run in runs:  # four runs of two agents on each replica
+        router.plan_run(run, ["planner", "worker"], [IDLE] * 4)
+    assert [router.placed(i)[1] for i in range(4)] == [8, 8, 8, 8]
+    for run in runs:
+        routed(router, call(shared + [len(run)] * 16, run, "planner"), [IDLE] * 4)
+    loads = [router.placed(i)[1] for i in range(4)]
+    assert sum(loads) == 32 and min(loads) >= 6 and max(loads) <= 10, loads
