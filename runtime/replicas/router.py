@@ -320,7 +320,8 @@ class AffinityRouter:
         holds), among those whose load stays within SLACK over the mean load, or no more
         loaded than `replica` is with them (a move never makes the busiest replica busier than
         placing did), and that leave `replica` within SLACK under the mean, or no emptier than
-        they are. Runs of one graph share their agents' system prompts, which prefix-blind
+        they are; and, as the prefix router, none with IMBALANCE more calls in flight than the
+        least busy (placed agents are not all busy: a DAG's wait for their predecessors). Runs of one graph share their agents' system prompts, which prefix-blind
         placement computes on every replica; no call of the movers has run yet, so the move
         recomputes nothing (the ReplicaSet sends their priorities to where they went). The
         lower bound keeps a replica that has not yet computed a prefix every run shares from
@@ -330,8 +331,10 @@ class AffinityRouter:
         ready, load = self._load(views)
         mean, count = sum(load.values()) / len(ready), len(movers)
         bound = max(mean * (1 + SLACK), load[replica])
+        least = min(views[i].in_flight for i in ready)
         fits = [i for i in ready if i != replica and load[i] + count <= bound
-                and load[replica] - count >= min(mean * (1 - SLACK), load[i])]
+                and load[replica] - count >= min(mean * (1 - SLACK), load[i])
+                and views[i].in_flight - least <= IMBALANCE]
         if not fits:
             return None
         matched = {i: self._index.matched(i, chain) for i in [replica, *fits]}
