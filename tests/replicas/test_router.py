@@ -307,3 +307,19 @@ def test_runs_following_a_prefix_every_run_shares_leave_no_replica_below_the_sla
         routed(router, call(shared + [len(run)] * 16, run, "planner"), [IDLE] * 4)
     loads = [router.placed(i)[1] for i in range(4)]
     assert sum(loads) == 32 and min(loads) >= 6 and max(loads) <= 10, loads
+
+
+@pytest.mark.parametrize(("in_flight", "goes_to"), [(8, 0), (9, 1)])
+def test_a_run_follows_its_prefix_only_to_a_replica_within_the_imbalance_in_calls(
+        in_flight: int, goes_to: int):
+    """Placed agents are not all busy (a DAG's agents wait for their predecessors): the
+    replica holding the prefix must also be within IMBALANCE (8) calls in flight of the least
+    busy, as the prefix router's rule."""
+    router = affinity(2)
+    shared = list(range(100, 164))
+    router.plan_run("a", ["solo"], [IDLE] * 2)
+    assert routed(router, call(shared + [1] * 16, "a", "solo"), [IDLE] * 2) == 0
+    router.forget_run("a")
+    router.plan_run("b", ["solo", "helper"], [busy(queued=3), IDLE])  # placed on 1
+    views = [busy(in_flight=in_flight), IDLE]  # calls without a run, say
+    assert routed(router, call(shared + [2] * 16, "b", "solo"), views) == goes_to
