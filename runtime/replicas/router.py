@@ -317,15 +317,18 @@ class AffinityRouter:
         """Where `movers` (a whole run at its first call, or one agent at its own), all placed
         on `replica` and none having made a call, go, or None to stay: the replica holding the
         longest prefix of the call's prompt (at least MATCH_MIN of it, and more than `replica`
-        holds), among those whose load stays within SLACK over the mean load, or no more
-        loaded than `replica` is with them (a move never makes the busiest replica busier than
-        placing did), and that leave `replica` within SLACK under the mean, or no emptier than
-        they are; and, as the prefix router, none with IMBALANCE more calls in flight than the
-        least busy (placed agents are not all busy: a DAG's wait for their predecessors). Runs of one graph share their agents' system prompts, which prefix-blind
-        placement computes on every replica; no call of the movers has run yet, so the move
-        recomputes nothing (the ReplicaSet sends their priorities to where they went). The
-        lower bound keeps a replica that has not yet computed a prefix every run shares from
-        losing every run to the replicas that have: it computes it once and stays warm."""
+        holds), among those that keep the balance. Runs of one graph share their agents'
+        system prompts, which prefix-blind placement computes on every replica; no call of the
+        movers has run yet, so the move recomputes nothing (the ReplicaSet sends their
+        priorities to where they went). The balance, three bounds:
+          - the target stays within SLACK over the mean load, or no more loaded than `replica`
+            is with them: a move never makes the busiest replica busier than placing did;
+          - `replica` stays within SLACK under the mean, or no emptier than the target was: a
+            replica yet to compute a prefix every run shares would otherwise lose every run to
+            the replicas that have (it computes it once and stays warm);
+          - the target has at most IMBALANCE calls in flight more than the least busy, as the
+            prefix router: placed agents are not all busy (a DAG's wait for their
+            predecessors), so the load by agents misses where the calls are."""
         if not chain or any(homes[mover] != replica for mover in movers):
             return None
         ready, load = self._load(views)
