@@ -4,7 +4,7 @@ agents the router moves before their first call follow them to their new replica
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from kvrt.runtime.config import EngineConfig
 from kvrt.runtime.engine.async_engine import AsyncEngine
@@ -37,7 +37,20 @@ def two_replicas(checkpoint: str, step_tokens: int = 512) -> tuple[ReplicaSet, l
     return replicas, members
 
 
-def settled(members: list[Told]) -> None:
+def play(replicas: ReplicaSet, members: list[Told],
+         scenario: Callable[[], Awaitable[None]]) -> None:
+    """Runs `scenario` on the started set, releases runs a, b and c, and checks every replica
+    holds no KV after."""
+    async def main() -> None:
+        await replicas.start()
+        try:
+            await scenario()
+            for run in "abc":
+                await replicas.release_run(run)
+        finally:
+            await replicas.stop()
+
+    asyncio.run(main())
     for member in members:
         member.engine.check_integrity()
         assert member.stats().kv_blocks_in_use == 0
@@ -55,23 +68,16 @@ def test_agents_moved_to_where_their_prompt_is_take_their_priorities_along(tiny_
             pass
 
     async def scenario() -> None:
-        await replicas.start()
-        try:
-            replicas.set_priorities("a", {"x": 1.0})  # placed on replica 0
-            replicas.set_priorities("b", {"y": 2.0})  # on replica 1 (the less loaded)
-            await call("b", "y")  # replica 1 now holds the system prompt
-            replicas.set_priorities("c", {"z": 3.0})  # placed on 0, sent there
-            assert ("c", {"z": 3.0}) in members[0].told
-            await call("c", "z")  # moves to replica 1, where its prompt's prefix is
-            assert replicas.replica_of("c") == ["0", "1"]
-            assert ("c", {"z": 3.0}) in members[1].told
-            for run in "abc":
-                await replicas.release_run(run)
-        finally:
-            await replicas.stop()
+        replicas.set_priorities("a", {"x": 1.0})  # placed on replica 0
+        replicas.set_priorities("b", {"y": 2.0})  # on replica 1 (the less loaded)
+        await call("b", "y")  # replica 1 now holds the system prompt
+        replicas.set_priorities("c", {"z": 3.0})  # placed on 0, sent there
+        assert ("c", {"z": 3.0}) in members[0].told
+        await call("c", "z")  # moves to replica 1, where its prompt's prefix is
+        assert replicas.replica_of("c") == ["0", "1"]
+        assert ("c", {"z": 3.0}) in members[1].told
 
-    asyncio.run(scenario())
-    settled(members)
+    play(replicas, members, scenario)
 
 
 def test_a_call_past_its_first_output_is_no_wait_that_moves_an_agent(tiny_checkpoint_dir):
@@ -86,25 +92,18 @@ def test_a_call_past_its_first_output_is_no_wait_that_moves_an_agent(tiny_checkp
                                attribution=Attribution(run, agent))
 
     async def scenario() -> None:
-        await replicas.start()
-        try:
-            replicas.set_priorities("a", {"x": 1.0})  # on replica 0
-            replicas.set_priorities("c", {"w": 1.0})  # on 1
-            replicas.set_priorities("b", {"y": 1.0})  # on 0 again: the loads are even
-            context = list(range(300, 364))  # the tiny vocabulary has 512 tokens
-            async for _ in replicas.generate(request("a", "x", context, 1)):
-                pass
-            # y's 160-token prompt, fresh, on x's replica: far more than x's context.
-            long = replicas.generate(request("b", "y", list(range(100, 260)), 60))
-            await anext(long)  # its prefill is done: it decodes
-            async for _ in replicas.generate(request("a", "x", context + [7] * 16, 1)):
-                pass
-            assert replicas.replica_of("a") == ["0"] and replicas.replica_of("b") == ["0"]
-            await long.aclose()
-            for run in "abc":
-                await replicas.release_run(run)
-        finally:
-            await replicas.stop()
+        replicas.set_priorities("a", {"x": 1.0})  # on replica 0
+        replicas.set_priorities("c", {"w": 1.0})  # on 1
+        replicas.set_priorities("b", {"y": 1.0})  # on 0 again: the loads are even
+        context = list(range(300, 364))  # the tiny vocabulary has 512 tokens
+        async for _ in replicas.generate(request("a", "x", context, 1)):
+            pass
+        # y's 160-token prompt, fresh, on x's replica: far more than x's context.
+        long = replicas.generate(request("b", "y", list(range(100, 260)), 60))
+        await anext(long)  # its prefill is done: it decodes
+        async for _ in replicas.generate(request("a", "x", context + [7] * 16, 1)):
+            pass
+        assert replicas.replica_of("a") == ["0"] and replicas.replica_of("b") == ["0"]
+        await long.aclose()
 
-    asyncio.run(scenario())
-    settled(members)
+    play(replicas, members, scenario)
