@@ -178,7 +178,7 @@ class ReusePlanner:
         for run in self._runs_of(seq):
             if run.whole.start < computed:
                 continue
-            found = splice_of(run.whole)
+            found = self._run_splice(run, splice_of(run.whole))
             if found is None and not self._run_pays(run, [splice_of(p) for p in run.parts]):
                 continue
             covered.update(run.parts)
@@ -198,6 +198,17 @@ class ReusePlanner:
                 self._producers.setdefault(segment.key, seq)
         self._heads[seq] = heads
         return sorted(splices, key=lambda s: s.start)
+
+    def _run_splice(self, run: _Run, found: tuple[Splice, torch.Tensor] | None
+                    ) -> tuple[Splice, torch.Tensor] | None:
+        """`found`, the splice from the run's copy, if that copy is the run's: it reaches the
+        block holding the run's end (which may still be filling). A shorter one is the start
+        of the run only, which a call that read the rest from other copies left (its rows
+        before its first splice are a prefix's, indexed as they are keyed): read as the run,
+        each reader would compute all the rest itself, and nobody would wait for a master."""
+        if found is None or found[0].end > run.whole.end - self.kv.block_size:
+            return found
+        return None
 
     def _run_pays(self, run: _Run, parts_found: list[tuple[Splice, torch.Tensor] | None]
                   ) -> bool:
