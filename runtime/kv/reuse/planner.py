@@ -27,7 +27,10 @@ what it followed in the master, and only the run's start follows the reader's ow
 the reader recomputes the head of the run's first segment alone. The collective step knows
 the round (the waiting calls that share the run), so it chooses by cost: the run, computed once
 by its first reader, when the readers' heads per segment would cost more than the run plus
-their heads of it (`_run_pays`); else segment by segment.
+their heads of it (`_run_pays`); else segment by segment. Only a copy of the whole run is read
+as the run (`_run_splice`): a call that read a run segment by segment leaves a copy of its start
+(its rows before its first splice are a prefix's), and read as the run, that start would leave
+every reader computing the rest of the run itself.
 
 Reuse of a segment of length L at position s, from a copy computed at position c: the reader
 computes its first k = ceil(recompute_ratio * L) tokens itself, in its own context (EPIC-style:
