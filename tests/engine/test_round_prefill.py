@@ -174,3 +174,25 @@ def test_readers_in_another_order_share_no_run() -> None:
     assert computed == [master, reader, reader, reader, master, reader, reader, reader]
     late = run_round(sched, [call(9, [1, 0, 2])])
     assert sum(late[0].values()) == P + 3 * K + TAIL
+
+
+def test_a_copy_of_only_the_start_of_a_run_leaves_its_readers_reading_each_message() -> None:
+    """The round's first call arrives alone: no run pays for one reader, so it reads speakers
+    1 and 2 from their copies and computes speaker 0's message itself. Its rows up to its
+    first splice are a prefix's, so the index holds a copy of the run's start: speaker 0's
+    message alone (L rows, to where the next message starts). The readers arriving
+    after it read the run message by message from the copies there are, or the run computed
+    whole by one of them: never that start alone, computing the rest of the run each."""
+    for readers, whole in ((3, False), (12, True)):
+        sched = scheduler("kvrt", budget=512)
+        run_round(sched, [call(50 + s, [s]) for s in (1, 2)])  # speakers 1 and 2's copies
+        first = run_round(sched, [call(0, [0, 1, 2])])
+        assert sum(first[0].values()) == P + L + 2 * K + TAIL
+        late = [call(a, [0, 1, 2]) for a in range(1, readers + 1)]
+        steps = run_round(sched, late)
+        computed = [sum(step.get(s.request_id, 0) for step in steps) for s in late]
+        # 3 readers: 3 * 3K = 36 < 3L + 2K = 80, message by message; 12: 144 > 3L + 11K = 116.
+        if whole:
+            assert computed == [P + 3 * L + TAIL] + [P + K + TAIL] * (readers - 1)
+        else:
+            assert computed == [P + 3 * K + TAIL] * readers

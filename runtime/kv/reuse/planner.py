@@ -27,7 +27,10 @@ what it followed in the master, and only the run's start follows the reader's ow
 the reader recomputes the head of the run's first segment alone. The collective step knows
 the round (the waiting calls that share the run), so it chooses by cost: the run, computed once
 by its first reader, when the readers' heads per segment would cost more than the run plus
-their heads of it (`_run_pays`); else segment by segment.
+their heads of it (`_run_pays`); else segment by segment. Only a copy of the whole run is read
+as the run (`_run_splice`): a call that read a run segment by segment leaves a copy of its start
+(its rows before its first splice are a prefix's), and read as the run, that start would leave
+every reader computing the rest of the run itself.
 
 Reuse of a segment of length L at position s, from a copy computed at position c: the reader
 computes its first k = ceil(recompute_ratio * L) tokens itself, in its own context (EPIC-style:
@@ -178,7 +181,7 @@ class ReusePlanner:
         for run in self._runs_of(seq):
             if run.whole.start < computed:
                 continue
-            found = splice_of(run.whole)
+            found = self._run_splice(run, splice_of(run.whole))
             if found is None and not self._run_pays(run, [splice_of(p) for p in run.parts]):
                 continue
             covered.update(run.parts)
@@ -198,6 +201,17 @@ class ReusePlanner:
                 self._producers.setdefault(segment.key, seq)
         self._heads[seq] = heads
         return sorted(splices, key=lambda s: s.start)
+
+    def _run_splice(self, run: _Run, found: tuple[Splice, torch.Tensor] | None
+                    ) -> tuple[Splice, torch.Tensor] | None:
+        """`found`, the splice from the run's copy, if that copy is the run's: it reaches the
+        block holding the run's end (which may still be filling). A shorter one is the start
+        of the run only, which a call that read the rest from other copies left (its rows
+        before its first splice are a prefix's, indexed as they are keyed): read as the run,
+        each reader would compute all the rest itself, and nobody would wait for a master."""
+        if found is None or found[0].end > run.whole.end - self.kv.block_size:
+            return found
+        return None
 
     def _run_pays(self, run: _Run, parts_found: list[tuple[Splice, torch.Tensor] | None]
                   ) -> bool:
