@@ -105,6 +105,22 @@ def _ready(views: Sequence[ReplicaView]) -> list[int]:
     return [i for i, view in enumerate(views) if view.ready]
 
 
+def _interleaved(targets: list[int]) -> list[int]:
+    """The same replicas, as many times each, dealt out in turn: agents are called in about
+    the order they are declared (a round's calls go out in that order), and dealt out so, every
+    replica's share of a run starts with its first calls; in blocks, the last replicas would
+    wait idle for the run's last calls while the first ones queue the rest."""
+    quota = Counter(targets)
+    dealt: list[int] = []
+    while quota:
+        for replica in list(quota):
+            dealt.append(replica)
+            quota[replica] -= 1
+            if not quota[replica]:
+                del quota[replica]
+    return dealt
+
+
 class _Blind:
     """What the graph-blind routers share: they place no agent."""
 
@@ -232,7 +248,8 @@ class AffinityRouter:
     def _place(self, run: str, agents: list[str], views: Sequence[ReplicaView]) -> None:
         """Whole on the least loaded replica (its run's, for agents joining a run) while that
         keeps the replicas within SLACK of the mean, or the group is at most MIN_GROUP; else
-        split evenly, filling the least loaded replicas up to the mean."""
+        split evenly, filling the least loaded replicas up to the mean, the agents dealt out
+        in turn (see _interleaved)."""
         ready, load = self._load(views)
         mean = (sum(load.values()) + len(agents)) / len(ready)
         mates = Counter(i for i in self._home[run].values() if i in load)
@@ -248,7 +265,7 @@ class AffinityRouter:
             targets += [i] * max(0, min(level - load[i], len(agents) - len(targets)))
         while len(targets) < len(agents):  # what rounding left over
             targets.append(min(ready, key=lambda i: (load[i] + targets.count(i), i)))
-        self._assign(run, agents, targets)
+        self._assign(run, agents, _interleaved(targets))
 
     def _load(self, views: Sequence[ReplicaView]) -> tuple[list[int], dict[int, int]]:
         """The ready replicas, and each one's load: its live agents placed, its calls queued."""

@@ -56,6 +56,9 @@ def test_a_run_too_big_for_one_replica_is_split_evenly():
     router.plan_run("town", [f"p{i}" for i in range(100)], views)
     per_replica = Counter(router.home("town", f"p{i}", views) for i in range(100))
     assert sorted(per_replica.values()) == [25, 25, 25, 25]
+    # Dealt out in turn: a round's calls, in declaration order, reach every replica at once.
+    first = [router.home("town", f"p{i}", views) for i in range(8)]
+    assert Counter(first) == {0: 2, 1: 2, 2: 2, 3: 2}
 
 
 def test_a_run_that_would_unbalance_the_replicas_by_more_than_the_slack_is_split():
