@@ -43,6 +43,9 @@ class ShuttingDown(EngineError):
     """The server is shutting down and aborted the request (it did not finish in time)."""
 
 
+NO_REPLICA_RETRY_S = 5  # Retry-After when no replica is ready (one is starting, or restarting)
+
+
 class ReplicaUnavailable(EngineError):
     """The replica holding the request died, or no replica is ready (`kvrt serve --replicas`).
     The replica's KV is lost and nothing else: the call may be retried after `retry_after_s`

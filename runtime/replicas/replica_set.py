@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 
 from kvrt.runtime.engine.protocol import (
+    NO_REPLICA_RETRY_S,
     AgentEvent,
     AgentResidency,
     EngineError,
@@ -47,9 +48,6 @@ from kvrt.runtime.replicas.replica import Replica
 from kvrt.runtime.replicas.router import ReplicaView, Router
 
 log = logging.getLogger(__name__)
-
-NO_REPLICA_RETRY_S = 5  # Retry-After when no replica is ready (one is starting, or restarting)
-
 
 class ReplicaSet:
     """Implements ManagedEngine (runtime/server/app_keys.py) over `replicas`."""

@@ -6,6 +6,7 @@ import time
 
 from aiohttp import web
 
+from kvrt.runtime.engine.protocol import NO_REPLICA_RETRY_S
 from kvrt.runtime.graph.runs import Run
 from kvrt.runtime.server import app_keys
 from kvrt.runtime.server.admission import ADMISSION
@@ -110,7 +111,8 @@ async def health(request: web.Request) -> web.Response:
         for r in engine.replicas()]
     if replicas and not any(r.state == "ready" for r in replicas):
         raise APIError(503, "no engine replica is ready: " + ", ".join(
-            f"{r.name} {r.state}" for r in replicas), code="no_replica_ready", retry_after_s=5)
+            f"{r.name} {r.state}" for r in replicas), code="no_replica_ready",
+            retry_after_s=NO_REPLICA_RETRY_S)
     config = request.app[app_keys.CONFIG].engine
     return json_response(Health(policy=config.policy, host_cache_bytes=config.host_cache_memory,
                                 replicas=replicas or None))
