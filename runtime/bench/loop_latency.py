@@ -55,18 +55,23 @@ class Poller:
     """Polls /health every POLL_S from a process of its own, so that this one's work (sending
     64 MiB costs Python 3.11's asyncio transport seconds of copying) cannot delay a poll;
     `window(start, end)` gives the latencies (ms) of the polls sent between two
-    time.monotonic() readings (one clock for both processes)."""
+    time.monotonic() readings (one clock for both processes). Entering waits for the first
+    poll's answer: a spawned process takes seconds to import aiohttp on a busy machine."""
 
     def __init__(self, url: str) -> None:
         context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
+        self._stop, self._polling = context.Event(), context.Event()
         self._results, sender = context.Pipe(duplex=False)
-        self._process = context.Process(target=_poll, args=(url, self._stop, sender))
+        self._process = context.Process(target=_poll,
+                                        args=(url, self._stop, self._polling, sender))
         self.polls: list[tuple[float, float]] = []  # (sent at, latency in ms)
         self.errors = 0
 
     def __enter__(self) -> Poller:
         self._process.start()
+        if not self._polling.wait(120):
+            self._process.kill()
+            raise RuntimeError("the poller's process did not answer a poll in 120 s")
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -84,7 +89,7 @@ class Poller:
         return [ms for sent, ms in self.polls if start <= sent < end]
 
 
-def _poll(url: str, stop: Any, results: Any) -> None:
+def _poll(url: str, stop: Any, polling: Any, results: Any) -> None:
     async def go() -> tuple[list[tuple[float, float]], int]:
         polls, errors = [], 0
         async with aiohttp.ClientSession() as session:
@@ -95,6 +100,7 @@ def _poll(url: str, stop: Any, results: Any) -> None:
                     errors += resp.status != 200
                 took = time.monotonic() - sent
                 polls.append((sent, took * 1e3))
+                polling.set()
                 await asyncio.sleep(max(POLL_S - took, 0.0))
         return polls, errors
 
@@ -167,7 +173,6 @@ async def run_phases(url: str, body_bytes: int, agents: int, baseline_s: float
             under = chat_body(limit - 64)
             runs = [await start_round_run(session, url, names) for _ in range(2)]
             rounds = [f"{url}/v1/runs/{run}/rounds" for run in runs]
-            await asyncio.sleep(2.0)  # the poller's process is up
             start = time.monotonic()
             await asyncio.sleep(baseline_s)
             windows["baseline"] = (start, time.monotonic(), {})
