@@ -5,7 +5,8 @@ prefill continues with as much of its prompt as the budget allows), preempting b
 when the pool runs dry; then waiting sequences in the policy's admission order (within the classes
 of vLLM's request `priority`, which unattributed calls carry: Sequence.request_rank), interleaved by
 tenant (engine/fair_share.py), while the budget, the sequence limit and the pool allow,
-skipping those the reuse planner holds (their shared text is being computed by another).
+skipping those the reuse planner holds (their shared text is being computed by another) and
+those whose prompt prefix a running prefill is computing (engine/shared_prefill.py).
 Sequences join and leave the batch between steps. A prefill chunk steps over the spans its
 sequence reads from another copy (splices).
 
@@ -25,8 +26,9 @@ from kvrt.runtime.engine.decide import carry_out
 from kvrt.runtime.engine.decision_log import DecisionLog
 from kvrt.runtime.engine.fair_share import fair_order
 from kvrt.runtime.engine.sequence import Sequence, Status
+from kvrt.runtime.engine.shared_prefill import SharedPrefill
 from kvrt.runtime.kv.block_table import next_chunk
-from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.kv.manager import AdmissionPlan, KVManager
 from kvrt.runtime.kv.reuse.planner import ReusePlanner
 from kvrt.runtime.policy.base import Policy
 
@@ -52,6 +54,7 @@ class BatchScheduler:
         self.decisions = decisions
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
+        self.shared_prefill = SharedPrefill(kv)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -86,7 +89,12 @@ class BatchScheduler:
                 break
             if self.reuse.hold(seq):  # its shared text is being computed by another
                 continue
-            chunk = self._admit(seq, budget)
+            plan = self.kv.plan_admission(seq.token_ids, seq.salt, budget, seq.table.owner)
+            if plan.wait:  # its KV is on its way up: admitted once it has landed
+                break
+            if self.shared_prefill.hold(seq, plan):  # its prefix is being computed
+                continue
+            chunk = self._admit(seq, plan, budget)
             if chunk is None:
                 break
             self.waiting.remove(seq)
@@ -107,6 +115,7 @@ class BatchScheduler:
             new = self.kv.key_full_blocks(seq.table, seq.token_ids, seq.num_computed, seq.salt)
             if prefill or new:  # a decode step that keys no block grows no segment copy
                 self.reuse.on_computed(seq)
+            self.shared_prefill.keyed(seq)
             keyed += new
         if keyed:
             carry_out(self.kv, self.policy.on_keyed(keyed, self.kv))
@@ -129,10 +138,7 @@ class BatchScheduler:
         self.kv.grow(seq.table, end)
         return True
 
-    def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
-        plan = self.kv.plan_admission(seq.token_ids, seq.salt, budget, seq.table.owner)
-        if plan.wait:
-            return None  # its KV is on its way up: admitted once it has landed
+    def _admit(self, seq: Sequence, plan: AdmissionPlan, budget: int) -> Chunk | None:
         splices = self.reuse.plan(seq, plan.computed)
         end, count = next_chunk(splices, plan.computed, budget, len(seq.token_ids))
         # Checked before allocating, so a refused admission leaves the cached blocks untouched
@@ -150,6 +156,7 @@ class BatchScheduler:
             self.hit_tokens += seq.num_cached
         seq.status = Status.RUNNING
         self.running.append(seq)
+        self.shared_prefill.admitted(seq)
         admitted = self.policy.on_admit(seq, self.kv)
         carry_out(self.kv, admitted if self.decisions is None
                   else self.decisions.recording(admitted, "admit"))
@@ -178,6 +185,7 @@ class BatchScheduler:
         self.running.remove(seq)
         self.kv.free(seq.table)
         self.reuse.forget(seq)
+        self.shared_prefill.forget(seq)
         seq.num_computed = 0
         self.preemptions += 1
         self.add(seq)
@@ -189,5 +197,6 @@ class BatchScheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.reuse.on_finish(seq)
+        self.shared_prefill.forget(seq)
         self.kv.free(seq.table)
         seq.status = Status.FINISHED

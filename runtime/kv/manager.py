@@ -38,7 +38,7 @@ when a run's release leaves a shared block to its other owners (or to none: then
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -311,6 +311,16 @@ class KVManager:
         found, _, missing = self._chain(tiers.host, token_ids, salt, match.num_blocks,
                                         match.last_key)
         return HostMatch(found, missing is not None and tiers.is_arriving(missing))
+
+    def block_keys(self, token_ids: list[int], salt: bytes, start: int, parent: bytes,
+                   stop: int) -> Iterator[bytes]:
+        """The keys of `token_ids`' full blocks `start` to `stop` (excluded), the key of block
+        `start - 1` being `parent`: what keying them once computed will register."""
+        for index in range(start, min(stop, len(token_ids) // self.block_size)):
+            parent = block_key(parent, salt,
+                               tuple(token_ids[index * self.block_size:
+                                               (index + 1) * self.block_size]))
+            yield parent
 
     def _chain(self, pool: BlockPool, token_ids: list[int], salt: bytes, start: int,
                parent: bytes) -> tuple[list[int], bytes, bytes | None]:

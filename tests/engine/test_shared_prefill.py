@@ -1,0 +1,142 @@
+"""Calls arriving together with one prompt prefix: the first computes it, the others wait for
+its blocks to be keyed and adopt them (engine/shared_prefill.py).
+
+The scheduler's tests step sequences by hand (no model; `update` keys what a step computed);
+the engine's run the tiny model and compare each output with the prompt served alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrt.runtime.engine.protocol import GenerateRequest, SamplingParams
+from kvrt.runtime.engine.scheduler import BatchScheduler, Chunk
+from kvrt.runtime.engine.sequence import Sequence, Status
+from kvrt.runtime.kv.block_table import BlockTable
+from kvrt.runtime.kv.manager import KVManager
+from kvrt.runtime.kv.reuse.planner import ReusePlanner
+from kvrt.runtime.model.tiny import init_tiny
+from kvrt.runtime.policy import make_policy
+from tests.engine.helpers import greedy, make_engine, request, run
+
+BLOCK = 16
+PREFIX = list(range(1000, 1400))  # 400 tokens: 25 blocks
+
+
+def sequence(name: str, prompt: list[int], order: int, salt: bytes = b"") -> Sequence:
+    req = GenerateRequest(name, prompt, SamplingParams(max_tokens=4), salt=salt)
+    return Sequence(request=req, table=BlockTable(BLOCK), order=order, arrival=0.0,
+                    token_ids=list(prompt))
+
+
+def scheduler(budget: int) -> BatchScheduler:
+    policy = make_policy("lru")
+    kv = KVManager(1024, BLOCK)
+    return BatchScheduler(kv, policy, ReusePlanner(kv, policy.reuse), 16, budget)
+
+
+def step(sched: BatchScheduler) -> list[Chunk]:
+    chunks = sched.schedule()
+    sched.update(chunks, [7] * sum(chunk.wants_logits for chunk in chunks))
+    return chunks
+
+
+def computing(chunks: list[Chunk]) -> dict[str, tuple[int, int]]:
+    """Each scheduled sequence's span of positions computed in the step."""
+    return {c.seq.request_id: (c.end - c.num_tokens, c.end) for c in chunks}
+
+
+def test_a_call_waits_for_the_prefix_another_is_computing_and_adopts_it() -> None:
+    sched = scheduler(budget=4096)
+    a = sequence("a", PREFIX + list(range(1, 41)), 0)
+    b = sequence("b", PREFIX + list(range(2000, 2030)), 1)
+    sched.add(a)
+    sched.add(b)
+    assert computing(step(sched)) == {"a": (0, 440)}  # b waits: a computes its prefix
+    assert b.status is Status.WAITING
+    # a keyed its 25 prefix blocks (and 2 more of its own): b starts at the end of the prefix.
+    assert computing(step(sched)) == {"a": (440, 441), "b": (400, 430)}
+    assert b.num_cached == 400
+
+
+def test_a_chunked_prefill_holds_the_call_until_the_shared_part_is_keyed() -> None:
+    sched = scheduler(budget=256)
+    long_prefix = list(range(3000, 3800))  # 800 tokens: a computes them in 4 steps
+    a = sequence("a", long_prefix + [1, 2, 3], 0)
+    b = sequence("b", long_prefix[:600] + [9] * 50, 1)  # shares a's first 600 tokens
+    for seq in (a, b):
+        sched.add(seq)
+    assert computing(step(sched)) == {"a": (0, 256)}
+    assert computing(step(sched)) == {"a": (256, 512)}
+    # 96 shared tokens are left to key after this step: less than the hold's minimum, so b
+    # computes them itself, in the budget a leaves.
+    assert computing(step(sched)) == {"a": (512, 768)}
+    chunks = computing(step(sched))
+    assert chunks["b"][0] == 592  # a keyed 37 full blocks of the shared 600 tokens
+    assert chunks["a"] == (768, 803)
+
+
+def test_a_short_shared_prefix_is_computed_by_both() -> None:
+    """Holding a call costs it a step; below 256 shared tokens the step costs more."""
+    sched = scheduler(budget=4096)
+    short = PREFIX[:240]  # 15 blocks
+    a = sequence("a", short + [1, 2, 3], 0)
+    b = sequence("b", short + [4, 5, 6], 1)
+    sched.add(a)
+    sched.add(b)
+    assert computing(step(sched)) == {"a": (0, 243), "b": (0, 243)}
+
+
+def test_another_tenants_prefix_holds_nobody() -> None:
+    """The tenant salt is in every block key: the same tokens are not the same KV."""
+    sched = scheduler(budget=4096)
+    a = sequence("a", PREFIX + [1], 0, salt=b"tenant-a")
+    b = sequence("b", PREFIX + [2], 1, salt=b"tenant-b")
+    sched.add(a)
+    sched.add(b)
+    assert computing(step(sched)) == {"a": (0, 401), "b": (0, 401)}
+
+
+def test_a_producer_that_leaves_releases_the_calls_it_held() -> None:
+    sched = scheduler(budget=4096)
+    a = sequence("a", PREFIX + [1], 0)
+    b = sequence("b", PREFIX + [2], 1)
+    sched.add(a)
+    sched.add(b)
+    assert computing(sched.schedule()) == {"a": (0, 401)}
+    sched.finish(a)  # aborted before its step ran: nothing of it was keyed
+    assert computing(sched.schedule()) == {"b": (0, 401)}
+
+
+def test_a_preempted_producer_computes_the_prefix_again_and_still_holds_the_rest() -> None:
+    sched = scheduler(budget=4096)
+    a = sequence("a", PREFIX + [1], 0)
+    b = sequence("b", PREFIX + [2], 1)
+    sched.add(a)
+    sched.add(b)
+    assert computing(sched.schedule()) == {"a": (0, 401)}
+    sched.preempt(a)  # back to waiting, first again by its arrival
+    assert computing(step(sched)) == {"a": (0, 401)}
+    assert computing(step(sched)) == {"a": (401, 402), "b": (400, 401)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return init_tiny(tmp_path_factory.mktemp("tiny") / "llama", arch="llama", seed=3)
+
+
+def test_calls_sharing_a_system_prompt_compute_it_once_and_answer_as_alone(tiny) -> None:
+    gen = torch.Generator().manual_seed(0)
+    system = torch.randint(3, 500, (300,), generator=gen).tolist()
+    prompts = [system + torch.randint(3, 500, (n,), generator=gen).tolist()
+               for n in (5, 17, 40, 9)]
+    alone = []
+    for i, prompt in enumerate(prompts):
+        engine = make_engine(tiny, prefix_caching=False)
+        alone.append(run(engine, [request(f"r{i}", prompt, greedy(6))])[f"r{i}"].token_ids)
+    engine = make_engine(tiny)
+    together = run(engine, [request(f"r{i}", p, greedy(6)) for i, p in enumerate(prompts)])
+    assert [together[f"r{i}"].token_ids for i in range(4)] == alone
+    # The first computes the 18 full blocks of the system prompt; the others adopt them.
+    assert [together[f"r{i}"].final.cached_tokens for i in range(4)] == [0, 288, 288, 288]
+    assert engine.kv.usage().in_use == 0
