@@ -97,24 +97,25 @@ def test_another_tenants_prefix_holds_nobody() -> None:
     assert computing(step(sched)) == {"a": (0, 401), "b": (0, 401)}
 
 
-def test_a_producer_that_leaves_releases_the_calls_it_held() -> None:
+def producer_and_held() -> tuple[BatchScheduler, Sequence]:
+    """a admitted, computing the 400-token prefix it shares with b, who waits; a's step has
+    not run."""
     sched = scheduler(budget=4096)
     a = sequence("a", PREFIX + [1], 0)
-    b = sequence("b", PREFIX + [2], 1)
     sched.add(a)
-    sched.add(b)
+    sched.add(sequence("b", PREFIX + [2], 1))
     assert computing(sched.schedule()) == {"a": (0, 401)}
+    return sched, a
+
+
+def test_a_producer_that_leaves_releases_the_calls_it_held() -> None:
+    sched, a = producer_and_held()
     sched.finish(a)  # aborted before its step ran: nothing of it was keyed
     assert computing(sched.schedule()) == {"b": (0, 401)}
 
 
 def test_a_preempted_producer_computes_the_prefix_again_and_still_holds_the_rest() -> None:
-    sched = scheduler(budget=4096)
-    a = sequence("a", PREFIX + [1], 0)
-    b = sequence("b", PREFIX + [2], 1)
-    sched.add(a)
-    sched.add(b)
-    assert computing(sched.schedule()) == {"a": (0, 401)}
+    sched, a = producer_and_held()
     sched.preempt(a)  # back to waiting, first again by its arrival
     assert computing(step(sched)) == {"a": (0, 401)}
     assert computing(step(sched)) == {"a": (401, 402), "b": (400, 401)}
