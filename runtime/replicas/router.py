@@ -8,8 +8,8 @@
                  Runs share text too (runs of one graph, its agents' system prompts): at a
                  whole run's first call it moves, before any of its KV exists, to the replica
                  that holds the longest prefix of that call's prompt, if that one stays within
-                 the balance SLACK, and so does each agent at its own first call (see
-                 `AffinityRouter._kin`). A run too big for one
+                 the balance SLACK (else the caller alone does), and so does each agent at
+                 its own first call (see `AffinityRouter._kin`). A run too big for one
                  replica's fair share is split, evenly, over as few replicas as balance
                  needs: a round of it computes its text once per replica.
                  An agent of an overloaded replica moves (see `AffinityRouter._moved`). Calls
@@ -313,6 +313,12 @@ class AffinityRouter:
             movers = list(homes) if run in self._unstarted else [agent]
             self._unstarted.discard(run)
             kin = self._kin(movers, homes, replica, chain, views)
+            if kin is None and len(movers) > 1 and first:
+                # The run would break the balance: the caller alone, as at its own first call
+                # in a started run (its run-mates' prompts may lie elsewhere: a workflow's
+                # agents each have their own).
+                movers = [agent]
+                kin = self._kin(movers, homes, replica, chain, views)
             if kin is not None:
                 for mover in movers:
                     self._unplace(run, mover)

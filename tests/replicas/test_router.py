@@ -286,14 +286,21 @@ def test_an_agent_at_its_first_call_goes_where_its_prompts_prefix_is():
     assert routed(router, call(own[0], "b", "fourth"), [IDLE] * 2) == 1
 
 
-def test_a_run_does_not_follow_its_prefix_onto_a_replica_it_would_overload():
+def test_a_run_does_not_follow_its_prefix_onto_a_replica_it_would_overload_its_caller_does():
     router = affinity(2)
     shared = list(range(100, 164))
     router.plan_run("a", [f"w{i}" for i in range(8)], [IDLE] * 2)
     assert router.route(call(shared, "a", "w0"), [IDLE] * 2) == 0  # 8 agents live on 0
-    router.plan_run("b", [f"w{i}" for i in range(8)], [IDLE] * 2)
-    # 16 agents on one replica, none on the other: past the slack and busier than 8 on 1.
-    assert router.route(call(shared, "b", "w0"), [IDLE] * 2) == 1
+    router.plan_run("b", [f"w{i}" for i in range(8)], [IDLE] * 2)  # 8 on 1
+    # All 8 on 0 would leave 16 there and none on 1. The caller alone keeps 9 and 7, within
+    # the slack (1.25x the mean of 8): it goes, and its run mates stay where they are.
+    assert router.route(call(shared, "b", "w0"), [IDLE] * 2) == 0
+    assert router.home("b", "w1", [IDLE] * 2) == 1
+    assert router.placed(0) == (2, 9) and router.placed(1) == (1, 7)
+    # w1's own first call follows the same prefix (10 and 6: still within the slack); w2's
+    # would leave 5 on 1, below 0.75x the mean: it stays.
+    assert router.route(call(shared, "b", "w1"), [IDLE] * 2) == 0
+    assert router.route(call(shared, "b", "w2"), [IDLE] * 2) == 1
 
 
 def test_runs_following_a_prefix_every_run_shares_leave_no_replica_below_the_slack():
