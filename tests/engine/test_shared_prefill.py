@@ -59,21 +59,29 @@ def test_a_call_waits_for_the_prefix_another_is_computing_and_adopts_it() -> Non
     assert b.num_cached == 400
 
 
-def test_a_chunked_prefill_holds_the_call_until_the_shared_part_is_keyed() -> None:
-    sched = scheduler(budget=256)
-    long_prefix = list(range(3000, 3800))  # 800 tokens: a computes them in 4 steps
-    a = sequence("a", long_prefix + [1, 2, 3], 0)
-    b = sequence("b", long_prefix[:600] + [9] * 50, 1)  # shares a's first 600 tokens
+def test_a_chunked_prefill_holds_the_call_while_its_last_chunk_computes_the_shared_part() -> None:
+    sched = scheduler(budget=512)
+    long_prefix = list(range(3000, 3800))  # 800 tokens: a computes them in 2 steps
+    a = sequence("a", long_prefix + [1], 0)
+    b = sequence("b", long_prefix + [9] * 20, 1)
     for seq in (a, b):
         sched.add(seq)
-    assert computing(step(sched)) == {"a": (0, 256)}
-    assert computing(step(sched)) == {"a": (256, 512)}
-    # 96 shared tokens are left to key after this step: less than the hold's minimum, so b
-    # computes them itself, in the budget a leaves.
-    assert computing(step(sched)) == {"a": (512, 768)}
-    chunks = computing(step(sched))
-    assert chunks["b"][0] == 592  # a keyed 37 full blocks of the shared 600 tokens
-    assert chunks["a"] == (768, 803)
+    assert computing(step(sched)) == {"a": (0, 512)}
+    # a's last chunk (289 tokens) leaves 223 of the budget, but computes the 288 shared tokens
+    # after the 512 keyed: b waits rather than computing them beside it.
+    assert computing(step(sched)) == {"a": (512, 801)}
+    assert computing(step(sched)) == {"a": (801, 802), "b": (800, 820)}
+
+
+def test_a_call_is_not_held_for_less_than_256_shared_tokens_left() -> None:
+    sched = scheduler(budget=512)
+    long_prefix = list(range(3000, 3800))
+    a = sequence("a", long_prefix + [1], 0)
+    b = sequence("b", long_prefix[:700] + [9] * 20, 1)  # 188 shared tokens past the 512 keyed
+    for seq in (a, b):
+        sched.add(seq)
+    assert computing(step(sched)) == {"a": (0, 512)}
+    assert computing(step(sched)) == {"a": (512, 801), "b": (512, 720)}
 
 
 def test_a_short_shared_prefix_is_computed_by_both() -> None:
