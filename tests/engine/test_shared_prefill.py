@@ -23,9 +23,10 @@ BLOCK = 16
 PREFIX = list(range(1000, 1400))  # 400 tokens: 25 blocks
 
 
-def sequence(name: str, prompt: list[int], order: int, salt: bytes = b"") -> Sequence:
+def sequence(name: str, prompt: list[int], order: int, salt: bytes = b"",
+             block: int = BLOCK) -> Sequence:
     req = GenerateRequest(name, prompt, SamplingParams(max_tokens=4), salt=salt)
-    return Sequence(request=req, table=BlockTable(BLOCK), order=order, arrival=0.0,
+    return Sequence(request=req, table=BlockTable(block), order=order, arrival=0.0,
                     token_ids=list(prompt))
 
 
@@ -149,3 +150,26 @@ def test_calls_sharing_a_system_prompt_compute_it_once_and_answer_as_alone(tiny)
     # The first computes the 18 full blocks of the system prompt; the others adopt them.
     assert [together[f"r{i}"].final.cached_tokens for i in range(4)] == [0, 288, 288, 288]
     assert engine.kv.usage().in_use == 0
+
+
+def test_a_reader_that_splices_holds_nobody_for_the_text_it_reads_from_a_master(
+        monkeypatch) -> None:
+    """A reader of a round keys no block from its first spliced segment on (the rows are not
+    one run of its prompt): a call sharing its prompt past there is held only for what it
+    keys. Held for the rest, the call would wait until the reader finished."""
+    from kvrt.runtime.engine import shared_prefill
+    from tests.engine import test_round_prefill as rounds
+
+    monkeypatch.setattr(shared_prefill, "HOLD_MIN_TOKENS", rounds.BLOCK)
+    sched = rounds.scheduler("kvrt", budget=256)
+    master, reader = rounds.call(0, [0]), rounds.call(1, [0])  # (never finished here)
+    sched.add(master)
+    sched.add(reader)
+    step(sched)  # the master computes the round's text; the reader waits for it
+    plain = sequence("plain", reader.token_ids[: rounds.P + rounds.L] + [9] * 8, 9,
+                     salt=reader.salt, block=rounds.BLOCK)
+    sched.add(plain)
+    chunks = computing(step(sched))  # the reader computes its own 8 tokens, splices the rest
+    assert reader.table.key_limit == rounds.P and "plain" not in chunks
+    # The reader keyed its private prefix; the segment after it the plain call computes.
+    assert computing(step(sched))["plain"] == (rounds.P, rounds.P + rounds.L + 8)
