@@ -209,14 +209,14 @@ class KVManager:
         limit = table.key_limit
         full = (num_computed if limit is None else min(num_computed, limit)) // self.block_size
         keyed: list[int] = []
-        key = table.last_key
-        for index in range(table.num_keyed, full):
-            tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
-            key = block_key(key, salt, tokens)
+        last = table.last_key
+        for index, key, tokens in self._keyed_blocks(token_ids, salt, table.num_keyed, last,
+                                                     full):
             block_id = table.block_at(index)
             if self.pool.register(block_id, key, tokens, index):
                 keyed.append(block_id)
-        table.mark_keyed(full, key)
+            last = key
+        table.mark_keyed(full, last)
         return keyed
 
     def fork(self, source: BlockTable, target: BlockTable, length: int) -> bool:
@@ -316,11 +316,16 @@ class KVManager:
                    stop: int) -> Iterator[bytes]:
         """The keys of `token_ids`' full blocks `start` to `stop` (excluded), the key of block
         `start - 1` being `parent`: what keying them once computed will register."""
+        return (key for _, key, _ in self._keyed_blocks(token_ids, salt, start, parent, stop))
+
+    def _keyed_blocks(self, token_ids: list[int], salt: bytes, start: int, parent: bytes,
+                      stop: int) -> Iterator[tuple[int, bytes, tuple[int, ...]]]:
+        """(index, key, tokens) of `token_ids`' full blocks `start` to `stop` (excluded), each
+        key chained on the one before, the first on `parent`."""
         for index in range(start, min(stop, len(token_ids) // self.block_size)):
-            parent = block_key(parent, salt,
-                               tuple(token_ids[index * self.block_size:
-                                               (index + 1) * self.block_size]))
-            yield parent
+            tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
+            parent = block_key(parent, salt, tokens)
+            yield index, parent, tokens
 
     def _chain(self, pool: BlockPool, token_ids: list[int], salt: bytes, start: int,
                parent: bytes) -> tuple[list[int], bytes, bytes | None]:
@@ -329,9 +334,7 @@ class KVManager:
         the first block it lacks (None when the usable blocks ran out first)."""
         usable = (len(token_ids) - 1) // self.block_size if self.prefix_caching else 0
         found: list[int] = []
-        for index in range(start, usable):
-            tokens = tuple(token_ids[index * self.block_size : (index + 1) * self.block_size])
-            key = block_key(parent, salt, tokens)
+        for _, key, tokens in self._keyed_blocks(token_ids, salt, start, parent, usable):
             block_id = pool.lookup(key, tokens)
             if block_id is None:
                 return found, parent, key
