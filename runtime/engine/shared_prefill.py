@@ -22,22 +22,26 @@ HOLD_MIN_TOKENS = 256
 
 
 class SharedPrefill:
+    """The blocks running prefills will key, by key. A prefill's keys are listed only when a
+    waiting call is checked against them: with nobody waiting, admitting costs no hashing."""
+
     def __init__(self, kv: KVManager) -> None:
         self.kv = kv
+        self._unlisted: dict[int, Sequence] = {}  # id -> admitted, its keys not listed yet
+        # id -> (the block index its prompt's keying stops at, its keys not yet keyed)
+        self._pending: dict[int, tuple[int, list[bytes]]] = {}
         self._producers: Counter[bytes] = Counter()  # key -> running prefills that will key it
-        self._pending: dict[int, list[bytes]] = {}  # id(seq) -> its keys not yet keyed, in order
-        self._first: dict[int, int] = {}  # id(seq) -> the block index of its first pending key
 
     def hold(self, seq: Sequence, plan: AdmissionPlan) -> bool:
         """Whether `seq` (waiting, its device prefix `plan`) waits: a running prefill computes
         at least HOLD_MIN_TOKENS of the prompt right after what the cache holds."""
+        self._list_unlisted()
         if not self._producers:
             return False
         shared = 0
-        start = plan.prefix.num_blocks
         usable = (len(seq.token_ids) - 1) // self.kv.block_size  # one token left to compute
-        for key in self.kv.block_keys(seq.token_ids, seq.salt, start, plan.prefix.last_key,
-                                      usable):
+        for key in self.kv.block_keys(seq.token_ids, seq.salt, plan.prefix.num_blocks,
+                                      plan.prefix.last_key, usable):
             if not self._producers[key]:
                 break
             shared += self.kv.block_size
@@ -47,37 +51,42 @@ class SharedPrefill:
 
     def admitted(self, seq: Sequence) -> None:
         """`seq` was admitted: the prompt blocks its prefill will key are being computed."""
-        if not self.kv.prefix_caching:
-            return
-        table = seq.table
-        limit = seq.prompt_len if table.key_limit is None else min(seq.prompt_len,
-                                                                   table.key_limit)
-        keys = list(self.kv.block_keys(seq.token_ids, seq.salt, table.num_keyed,
-                                       table.last_key, limit // self.kv.block_size))
-        if keys:
-            self._pending[id(seq)], self._first[id(seq)] = keys, table.num_keyed
-            self._producers.update(keys)
+        if self.kv.prefix_caching:
+            self._unlisted[id(seq)] = seq
 
     def keyed(self, seq: Sequence) -> None:
         """`seq`'s step keyed its blocks up to table.num_keyed."""
-        keys = self._pending.get(id(seq))
-        if keys is None:
+        pending = self._pending.get(id(seq))
+        if pending is None:
             return
-        done = seq.table.num_keyed - self._first[id(seq)]
-        if done <= 0:
-            return
-        self._release(keys[:done])
-        del keys[:done]
-        self._first[id(seq)] += done
+        end, keys = pending
+        done = seq.table.num_keyed - (end - len(keys))
+        if done > 0:
+            self._release(keys[:done])
+            del keys[:done]
         if not keys:
-            self.forget(seq)
+            del self._pending[id(seq)]
 
     def forget(self, seq: Sequence) -> None:
         """`seq` left the running batch (finished, aborted or preempted)."""
-        keys = self._pending.pop(id(seq), None)
-        self._first.pop(id(seq), None)
-        if keys:
-            self._release(keys)
+        self._unlisted.pop(id(seq), None)
+        pending = self._pending.pop(id(seq), None)
+        if pending is not None:
+            self._release(pending[1])
+
+    def _list_unlisted(self) -> None:
+        for seq in self._unlisted.values():
+            table = seq.table
+            # A spliced table keys nothing from its first segment read from another copy on.
+            limit = seq.prompt_len if table.key_limit is None else min(seq.prompt_len,
+                                                                       table.key_limit)
+            end = limit // self.kv.block_size
+            keys = list(self.kv.block_keys(seq.token_ids, seq.salt, table.num_keyed,
+                                           table.last_key, end))
+            if keys:
+                self._pending[id(seq)] = end, keys
+                self._producers.update(keys)
+        self._unlisted.clear()
 
     def _release(self, keys: list[bytes]) -> None:
         for key in keys:
